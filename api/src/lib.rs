@@ -1,0 +1,30 @@
+//! forkd's public API as Rust: the gRPC code generated from `proto/`, the
+//! encoded descriptor set (for server reflection and REST transcoding), and the
+//! validated names that every path on the host is built from.
+
+pub mod names;
+
+/// `forkd.v1`: messages and the tonic clients and servers of every service.
+pub mod v1 {
+    tonic::include_proto!("forkd.v1");
+}
+
+/// `google.api`: the HTTP annotation messages.
+pub mod google_api {
+    tonic::include_proto!("google.api");
+}
+
+/// Encoded `FileDescriptorSet` of every forkd proto and its imports.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/forkd_descriptor.bin"));
+
+/// The fully qualified names of the public services.
+pub const SERVICES: &[&str] = &[
+    "forkd.v1.SnapshotService",
+    "forkd.v1.SandboxService",
+    "forkd.v1.WorkspaceService",
+    "forkd.v1.SystemService",
+];
+
+/// Version of this build, reported by `/version` and `forkd version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,1261 @@
+//! The command line: every command, flag and its help text.
+//!
+//! Names are checked here with the same validators the daemon uses, so a bad
+//! tag or id is a usage error (exit 2) before anything is sent.
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use forkd_api::names::{SandboxId, Tag, WorkspaceName};
+
+use crate::exit::EXIT_CODES_HELP;
+
+pub const DEFAULT_URL: &str = "http://127.0.0.1:8889";
+
+const ABOUT: &str = "Run code in microVMs and fork copy-on-write children from snapshots";
+
+const LONG_ABOUT: &str = "\
+forkd is the command-line client of forkd-server. It boots an image once, \
+snapshots the warm VM, and forks copy-on-write sandboxes from that snapshot \
+in milliseconds.
+
+Typical session:
+  forkd snapshot --tag py --image python      # boot, warm and snapshot
+  forkd fork --tag py -n 3                     # three sandboxes from it
+  forkd exec sb-abc123 -- python3 -c 'print(1)'
+  forkd eval sb-abc123 '2 + 2'
+  forkd kill --tag py
+
+Listing and get commands print aligned tables; add --json for \
+machine-readable output with the API's field names.";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "forkd",
+    version = forkd_api::VERSION,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = EXIT_CODES_HELP,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Global options")]
+pub struct GlobalArgs {
+    /// Daemon address (http:// or https://).
+    #[arg(
+        long,
+        env = "FORKD_URL", hide_env_values = true,
+        default_value = DEFAULT_URL,
+        global = true,
+        value_name = "URL"
+    )]
+    pub url: String,
+
+    /// Bearer token sent with every call. Wins over --token-file.
+    #[arg(
+        long,
+        env = "FORKD_TOKEN",
+        global = true,
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+
+    /// File holding the bearer token (surrounding whitespace is ignored).
+    #[arg(
+        long,
+        env = "FORKD_TOKEN_FILE",
+        hide_env_values = true,
+        global = true,
+        value_name = "PATH"
+    )]
+    pub token_file: Option<PathBuf>,
+
+    /// PEM file of the CA that signed the daemon's certificate (https URLs).
+    /// Without it the system's trusted roots are used.
+    #[arg(
+        long,
+        env = "FORKD_CA_CERT",
+        hide_env_values = true,
+        global = true,
+        value_name = "PATH"
+    )]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Give up on any single call to the daemon after this long
+    /// (e.g. 30, 30s, 2m). Goes before the command name. Default: no limit.
+    #[arg(long = "timeout", value_name = "DURATION", value_parser = parse_duration)]
+    pub rpc_timeout: Option<std::time::Duration>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show the client's and the daemon's versions.
+    #[command(
+        long_about = "Show the client's version and the daemon's version, API, \
+        VMM backend and accelerator (with the reason it was chosen)."
+    )]
+    Version,
+
+    /// Show which daemon this client talks to and what it holds.
+    #[command(
+        long_about = "Show the daemon URL in use, the server version, backend, \
+        accelerator, data directory, and how many sandboxes and ready snapshots it has."
+    )]
+    Where,
+
+    /// List snapshots.
+    #[command(
+        visible_alias = "snapshots",
+        long_about = "List snapshots, oldest first, as a table: \
+            TAG STATUS KIND PARENT IMAGE MEM SIZE CREATED. SIZE is the space the \
+            snapshot's own files take on disk.",
+        after_help = "Examples:\n  forkd images\n  forkd images --status ready --json"
+    )]
+    Images(ImagesArgs),
+
+    /// Create a snapshot from an image, or branch a running sandbox.
+    #[command(
+        long_about = "Create a snapshot.\n\n\
+            With --image, the daemon boots the image, waits until its runtime is warm \
+            (optionally running --warm-eval code), pauses it and saves it under --tag. \
+            The command shows progress until the snapshot is ready and exits non-zero \
+            with the reason if it fails. --no-wait returns at once.\n\n\
+            With --from-sandbox, the running sandbox is branched into a new snapshot \
+            while it keeps running: --diff (default) saves only the pages written since \
+            its parent, --full writes a flat copy.",
+        after_help = "Examples:\n  \
+            forkd snapshot --tag py --image python\n  \
+            forkd snapshot --tag py-np --image python --mem-mib 512 --warm-eval 'import numpy'\n  \
+            forkd snapshot --tag tiny --image /srv/images/tiny.ext4 --no-wait\n  \
+            forkd snapshot --from-sandbox sb-abc123 --tag after-setup\n  \
+            forkd snapshot --from-sandbox sb-abc123 --full"
+    )]
+    Snapshot(SnapshotArgs),
+
+    /// Show everything about one snapshot.
+    #[command(
+        long_about = "Show one snapshot: status, kind, image, its chain (parent_tag, \
+            ancestors, chain_depth), dependents, sizes, digests and more.",
+        after_help = "Examples:\n  forkd snapshot-info py\n  forkd snapshot-info py --json"
+    )]
+    SnapshotInfo(TagArg),
+
+    /// Delete snapshots.
+    #[command(
+        long_about = "Delete one or more snapshots. A snapshot that other snapshots \
+            depend on is refused (exit 4) unless --cascade deletes them too, or --force \
+            orphans them (they become \"failed\").",
+        after_help = "Examples:\n  forkd rmi old-tag\n  forkd rmi base --cascade"
+    )]
+    Rmi(RmiArgs),
+
+    /// Write a flat copy of a (diff) snapshot.
+    #[command(
+        long_about = "Write a flat, parentless copy of a snapshot under a new tag, so it \
+            no longer depends on its chain.",
+        after_help = "Example:\n  forkd compact py-step3 --to py-flat"
+    )]
+    Compact(CompactArgs),
+
+    /// Derive a snapshot by running a command in a child of another.
+    #[command(
+        long_about = "Fork a transient sandbox from --from, run a command in it, save the \
+            result as a diff snapshot --tag (parent --from) and kill the sandbox.\n\n\
+            The command is given with --exec as one string, split like a shell would \
+            (quotes work; pipes and redirections need --sh), or after --.",
+        after_help = "Examples:\n  \
+            forkd snapshot-diff --from py --tag py-req --exec 'pip install requests'\n  \
+            forkd snapshot-diff --from py --tag py-data --sh --exec 'echo hi > /tmp/x'\n  \
+            forkd snapshot-diff --from py --tag py-x -- touch /tmp/x"
+    )]
+    SnapshotDiff(SnapshotDiffArgs),
+
+    /// Fork sandboxes from a snapshot.
+    #[command(
+        visible_alias = "spawn",
+        long_about = "Fork N copy-on-write sandboxes from a ready snapshot. All or \
+            nothing: if one fails, the others are killed. Prints a table of the new \
+            sandboxes; --quiet prints only their ids, one per line.",
+        after_help = "Examples:\n  \
+            forkd fork --tag py\n  \
+            forkd fork --tag py -n 10 --memory-limit-mib 512 --ttl 10m\n  \
+            forkd fork --tag py --network nat --allow 10.0.0.0/8:443 --label team=ml\n  \
+            ID=$(forkd fork --tag py --quiet)"
+    )]
+    Fork(ForkArgs),
+
+    /// List sandboxes.
+    #[command(
+        long_about = "List live sandboxes as a table: \
+            ID SNAPSHOT STATUS PID CREATED MEM_LIMIT.",
+        after_help = "Examples:\n  forkd ls\n  forkd ls --tag py --json"
+    )]
+    Ls(LsArgs),
+
+    /// Kill sandboxes.
+    #[command(
+        long_about = "Kill sandboxes by id, every child of a snapshot (--tag), or all \
+            of them (--all). Killing a sandbox that is already gone succeeds.",
+        after_help = "Examples:\n  forkd kill sb-abc123 sb-def456\n  forkd kill --tag py\n  forkd kill --all"
+    )]
+    Kill(KillArgs),
+
+    /// Run a command in a sandbox, streaming its output.
+    #[command(
+        long_about = "Run a command in a sandbox. Its stdout and stderr are streamed to \
+            this process's stdout and stderr as they are produced, and forkd exits with \
+            the command's exit status (128+N when signal N ended it, 124 when it timed \
+            out). Options for forkd go before the command; everything from the command \
+            on is passed through untouched (use -- if the command starts with '-').",
+        after_help = "Examples:\n  \
+            forkd exec sb-abc123 -- ls -la /\n  \
+            forkd exec sb-abc123 --env DEBUG=1 --cwd /tmp -- python3 script.py\n  \
+            echo hello | forkd exec -i sb-abc123 -- cat\n  \
+            forkd exec sb-abc123 --timeout 5 -- sleep 60; echo $?   # 124"
+    )]
+    Exec(ExecArgs),
+
+    /// Evaluate Python in a sandbox's warm interpreter.
+    #[command(
+        long_about = "Evaluate Python code in the sandbox's persistent interpreter \
+            namespace. Anything the code printed is shown first, then the value of the \
+            last expression. On an exception the traceback goes to stderr and forkd \
+            exits 1. Pass - as the code to read it from stdin.",
+        after_help = "Examples:\n  \
+            forkd eval sb-abc123 '2 + 2'\n  \
+            forkd eval sb-abc123 'import sys; sys.version'\n  \
+            forkd eval sb-abc123 - < script.py"
+    )]
+    Eval(EvalArgs),
+
+    /// Measure a round trip to a sandbox's guest agent.
+    #[command(after_help = "Example:\n  forkd ping sb-abc123")]
+    Ping(IdArg),
+
+    /// Manage workspaces: named sandboxes that suspend and resume.
+    #[command(
+        subcommand,
+        visible_alias = "ws",
+        long_about = "Manage workspaces: long-lived named sandboxes. Suspend saves a \
+            workspace's state into a snapshot and stops it; resume forks it back. \
+            Settings survive suspend, resume and daemon restarts.",
+        after_help = "Examples:\n  \
+            forkd workspace create dev --tag py\n  \
+            forkd workspace suspend dev\n  \
+            forkd workspace resume dev\n  \
+            forkd workspace list --json"
+    )]
+    Workspace(WorkspaceCommand),
+
+    /// Print a shell completion script.
+    #[command(
+        long_about = "Print a completion script for a shell to stdout. Needs no daemon.",
+        after_help = "Examples:\n  \
+            forkd completions bash > /etc/bash_completion.d/forkd\n  \
+            forkd completions zsh > \"${fpath[1]}/_forkd\"\n  \
+            forkd completions fish > ~/.config/fish/completions/forkd.fish"
+    )]
+    Completions(CompletionsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ImagesArgs {
+    /// Only snapshots with this status (writing, ready, failed, deleting).
+    #[arg(long, value_name = "STATUS")]
+    pub status: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    /// Tag of the new snapshot. Optional with --from-sandbox (the daemon
+    /// picks one).
+    #[arg(
+        long,
+        short = 't',
+        value_name = "TAG",
+        required_unless_present = "from_sandbox"
+    )]
+    pub tag: Option<Tag>,
+
+    /// Image to boot: python, minimal, or the path of an image file.
+    #[arg(
+        long,
+        value_name = "python|minimal|PATH",
+        value_parser = parse_image,
+        required_unless_present = "from_sandbox",
+        conflicts_with = "from_sandbox"
+    )]
+    pub image: Option<String>,
+
+    /// vCPUs of the VM (daemon default: 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "from_sandbox")]
+    pub vcpus: Option<u32>,
+
+    /// Guest memory in MiB (daemon default: 256).
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "from_sandbox")]
+    pub mem_mib: Option<u32>,
+
+    /// Python code run in the warm interpreter before the snapshot is taken.
+    #[arg(long, value_name = "CODE", conflicts_with = "from_sandbox")]
+    pub warm_eval: Option<String>,
+
+    /// How long the daemon waits for the runtime to become ready
+    /// (daemon default: 5m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_secs, conflicts_with = "from_sandbox")]
+    pub warm_timeout: Option<u32>,
+
+    /// A file every child sees: HOST_FILE:GUEST_PATH[:ro]. Repeatable.
+    #[arg(
+        long = "volume",
+        short = 'v',
+        value_name = "HOST_FILE:GUEST_PATH[:ro]",
+        value_parser = parse_volume,
+        conflicts_with = "from_sandbox"
+    )]
+    pub volumes: Vec<String>,
+
+    /// A label KEY=VALUE. Repeatable.
+    #[arg(
+        long = "label",
+        short = 'l',
+        value_name = "KEY=VALUE",
+        value_parser = parse_key_value,
+        conflicts_with = "from_sandbox"
+    )]
+    pub labels: Vec<(String, String)>,
+
+    /// Return as soon as the daemon accepted the request.
+    #[arg(long)]
+    pub no_wait: bool,
+
+    /// Branch this running sandbox instead of booting an image.
+    #[arg(long, value_name = "ID")]
+    pub from_sandbox: Option<SandboxId>,
+
+    /// Save only the pages written since the sandbox's snapshot (default).
+    #[arg(long, requires = "from_sandbox", conflicts_with_all = ["full", "image"])]
+    pub diff: bool,
+
+    /// Save a flat copy of the sandbox's whole memory.
+    #[arg(long, requires = "from_sandbox", conflicts_with = "image")]
+    pub full: bool,
+
+    /// Only report how many bytes a diff branch would hold; take no branch.
+    #[arg(long, requires = "from_sandbox", conflicts_with_all = ["full", "tag", "image"])]
+    pub measure: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TagArg {
+    /// Snapshot tag.
+    #[arg(value_name = "TAG")]
+    pub tag: Tag,
+}
+
+#[derive(Args, Debug)]
+pub struct IdArg {
+    /// Sandbox id (sb-…).
+    #[arg(value_name = "ID")]
+    pub id: SandboxId,
+}
+
+#[derive(Args, Debug)]
+pub struct RmiArgs {
+    /// Snapshots to delete.
+    #[arg(value_name = "TAG", required = true)]
+    pub tags: Vec<Tag>,
+
+    /// Also delete every snapshot that depends on these.
+    #[arg(long, conflicts_with = "force")]
+    pub cascade: bool,
+
+    /// Delete even if others depend on it; they are left "failed".
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CompactArgs {
+    /// Snapshot to copy.
+    #[arg(value_name = "TAG")]
+    pub tag: Tag,
+
+    /// Tag of the flat copy.
+    #[arg(long, value_name = "NEW")]
+    pub to: Tag,
+}
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("command").required(true).args(["exec", "argv"])))]
+pub struct SnapshotDiffArgs {
+    /// Snapshot the transient sandbox is forked from (the new one's parent).
+    #[arg(long, value_name = "TAG")]
+    pub from: Tag,
+
+    /// Tag of the new snapshot.
+    #[arg(long, short = 't', value_name = "TAG")]
+    pub tag: Tag,
+
+    /// Command to run, as one string split like a shell would.
+    #[arg(long, value_name = "CMD")]
+    pub exec: Option<String>,
+
+    /// Run --exec through `sh -c` (pipes, redirections, globbing).
+    #[arg(long, requires = "exec")]
+    pub sh: bool,
+
+    /// How long the command may run (daemon default applies otherwise).
+    #[arg(long = "exec-timeout", value_name = "DURATION", value_parser = parse_secs)]
+    pub exec_timeout: Option<u32>,
+
+    /// The command as separate arguments, after --.
+    #[arg(last = true, value_name = "CMD")]
+    pub argv: Vec<String>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Network {
+    /// No network device.
+    None,
+    /// Outbound through NAT, limited to --allow entries.
+    Nat,
+}
+
+impl Network {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Network::None => "none",
+            Network::Nat => "nat",
+        }
+    }
+}
+
+/// Settings a sandbox or workspace is started with.
+#[derive(Args, Debug, Default)]
+pub struct Resources {
+    /// Memory limit per sandbox in MiB.
+    #[arg(long, value_name = "MIB")]
+    pub memory_limit_mib: Option<u32>,
+
+    /// CPU quota in cores per sandbox (0.5 = half a core).
+    #[arg(long, value_name = "CORES", value_parser = parse_cpu_quota)]
+    pub cpu_quota: Option<f64>,
+
+    /// Networking: none (default) or nat.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub network: Option<Network>,
+
+    /// Kill after this long (e.g. 300, 10m, 1h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_secs)]
+    pub ttl: Option<u32>,
+
+    /// Kill after this long without activity.
+    #[arg(long, value_name = "DURATION", value_parser = parse_secs)]
+    pub idle_timeout: Option<u32>,
+
+    /// A label KEY=VALUE. Repeatable.
+    #[arg(long = "label", short = 'l', value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+
+    /// A host file to mount: HOST_FILE:GUEST_PATH[:ro]. Repeatable.
+    #[arg(
+        long = "volume",
+        short = 'v',
+        value_name = "HOST_FILE:GUEST_PATH[:ro]",
+        value_parser = parse_volume
+    )]
+    pub volumes: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ForkArgs {
+    /// Snapshot to fork from.
+    #[arg(long, short = 't', value_name = "TAG")]
+    pub tag: Tag,
+
+    /// How many sandboxes (1-1000).
+    #[arg(
+        short = 'n',
+        long = "count",
+        value_name = "N",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..=1000)
+    )]
+    pub n: u32,
+
+    #[command(flatten)]
+    pub resources: Resources,
+
+    /// Maximum number of processes in each sandbox.
+    #[arg(long, value_name = "N")]
+    pub pids_limit: Option<u32>,
+
+    /// Egress allow-list entry for --network nat: CIDR[:PORT]. Repeatable.
+    #[arg(long, value_name = "CIDR[:PORT]")]
+    pub allow: Vec<String>,
+
+    /// Give each sandbox its own network namespace (implied by nat).
+    #[arg(long)]
+    pub per_child_netns: bool,
+
+    /// Start VMM processes ahead of time so later forks only load state.
+    #[arg(long)]
+    pub prewarm: bool,
+
+    /// Back guest memory with huge pages.
+    #[arg(long)]
+    pub hugepages: bool,
+
+    /// Fork from the live parent without a saved snapshot (backend permitting).
+    #[arg(long)]
+    pub live_fork: bool,
+
+    /// Print only the new ids, one per line.
+    #[arg(long, short = 'q', conflicts_with = "json")]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    /// Only children of this snapshot.
+    #[arg(long, short = 't', value_name = "TAG")]
+    pub tag: Option<Tag>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("which").required(true).args(["ids", "tag", "all"])))]
+pub struct KillArgs {
+    /// Sandboxes to kill.
+    #[arg(value_name = "ID")]
+    pub ids: Vec<SandboxId>,
+
+    /// Kill every child of this snapshot.
+    #[arg(long, short = 't', value_name = "TAG")]
+    pub tag: Option<Tag>,
+
+    /// Kill every sandbox.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// Sandbox id (sb-…).
+    #[arg(value_name = "ID")]
+    pub id: SandboxId,
+
+    /// Kill the command after this long (daemon default: 60s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_secs)]
+    pub timeout: Option<u32>,
+
+    /// An environment variable KEY=VALUE. Repeatable.
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub env: Vec<(String, String)>,
+
+    /// Working directory in the guest.
+    #[arg(long, short = 'w', value_name = "DIR")]
+    pub cwd: Option<String>,
+
+    /// Read this process's stdin to the end and feed it to the command.
+    #[arg(long = "stdin", short = 'i')]
+    pub stdin: bool,
+
+    /// The command and its arguments.
+    #[arg(
+        value_name = "CMD",
+        required = true,
+        num_args = 1..,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Sandbox id (sb-…).
+    #[arg(value_name = "ID")]
+    pub id: SandboxId,
+
+    /// Python code, or - to read it from stdin.
+    #[arg(value_name = "CODE", allow_hyphen_values = true)]
+    pub code: String,
+
+    /// Give up on the evaluation after this long.
+    #[arg(long, value_name = "DURATION", value_parser = parse_secs)]
+    pub timeout: Option<u32>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WorkspaceCommand {
+    /// Create a workspace and start its sandbox.
+    #[command(
+        after_help = "Example:\n  forkd workspace create dev --tag py --memory-limit-mib 1024"
+    )]
+    Create(WorkspaceCreateArgs),
+    /// Show one workspace.
+    Get(NameArg),
+    /// List workspaces.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Save a workspace's state and stop its sandbox.
+    Suspend(NameArg),
+    /// Start a suspended workspace again from its saved state.
+    Resume(NameArg),
+    /// Kill a workspace's sandbox and delete its saved state.
+    #[command(visible_alias = "rm")]
+    Delete(NameArg),
+}
+
+#[derive(Args, Debug)]
+pub struct NameArg {
+    /// Workspace name.
+    #[arg(value_name = "NAME")]
+    pub name: WorkspaceName,
+}
+
+#[derive(Args, Debug)]
+pub struct WorkspaceCreateArgs {
+    /// Workspace name: letters, digits, '_' and '-', at most 64.
+    #[arg(value_name = "NAME")]
+    pub name: WorkspaceName,
+
+    /// Snapshot the workspace starts from.
+    #[arg(long, short = 't', value_name = "TAG")]
+    pub tag: Tag,
+
+    #[command(flatten)]
+    pub resources: Resources,
+}
+
+#[derive(Args, Debug)]
+pub struct CompletionsArgs {
+    /// Shell to generate completions for.
+    #[arg(value_enum, value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+/// `KEY=VALUE`, with a non-empty key.
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// A duration in whole seconds: `90`, `90s`, `5m`, `1h30m`.
+pub fn parse_secs(s: &str) -> Result<u32, String> {
+    let d = parse_duration(s)?;
+    if d.subsec_nanos() != 0 {
+        return Err(format!("{s:?}: use whole seconds"));
+    }
+    u32::try_from(d.as_secs()).map_err(|_| format!("{s:?} is too long"))
+}
+
+/// A duration: a bare number is seconds (fractions allowed), otherwise a
+/// humantime string such as `500ms`, `30s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return std::time::Duration::try_from_secs_f64(secs).map_err(|e| e.to_string());
+        }
+        return Err(format!("{s:?} is not a duration"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); try 30, 30s or 5m"))
+}
+
+fn parse_cpu_quota(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number of cores")),
+    }
+}
+
+/// `python`, `minimal`, or a path. Paths are made absolute because the
+/// daemon resolves them itself and has its own working directory.
+pub fn parse_image(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("the image must not be empty".into());
+    }
+    if s.contains('/') || s.starts_with('.') {
+        let abs = std::path::absolute(s).map_err(|e| format!("{s:?}: {e}"))?;
+        return abs
+            .to_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("{s:?}: path is not valid UTF-8"));
+    }
+    Ok(s.to_string())
+}
+
+/// `HOST_FILE:GUEST_PATH[:ro]`. A relative host path is made absolute for
+/// the same reason as image paths.
+pub fn parse_volume(s: &str) -> Result<String, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let (host, guest, mode) = match parts.as_slice() {
+        [h, g] => (*h, *g, None),
+        [h, g, m] => (*h, *g, Some(*m)),
+        _ => return Err(format!("expected HOST_FILE:GUEST_PATH[:ro], got {s:?}")),
+    };
+    if host.is_empty() {
+        return Err(format!("{s:?}: the host file is empty"));
+    }
+    if !guest.starts_with('/') {
+        return Err(format!("{s:?}: the guest path must be absolute"));
+    }
+    if let Some(m) = mode.filter(|m| !matches!(*m, "ro" | "rw")) {
+        return Err(format!("{s:?}: the mode must be ro or rw, not {m:?}"));
+    }
+    let host = std::path::absolute(host).map_err(|e| format!("{s:?}: {e}"))?;
+    let host = host
+        .to_str()
+        .ok_or_else(|| format!("{s:?}: path is not valid UTF-8"))?;
+    Ok(match mode {
+        Some(m) => format!("{host}:{guest}:{m}"),
+        None => format!("{host}:{guest}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("forkd").chain(args.iter().copied()))
+    }
+
+    fn ok(args: &[&str]) -> Cli {
+        parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    fn usage_error(args: &[&str]) -> clap::Error {
+        match parse(args) {
+            Ok(cli) => panic!("{args:?} parsed: {cli:?}"),
+            Err(e) => {
+                assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
+                e
+            }
+        }
+    }
+
+    #[test]
+    fn command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn globals() {
+        let cli = ok(&[
+            "--url",
+            "https://h:1",
+            "--token",
+            "t",
+            "--timeout",
+            "2.5",
+            "ls",
+            "--json",
+        ]);
+        assert_eq!(cli.global.url, "https://h:1");
+        assert_eq!(cli.global.token.as_deref(), Some("t"));
+        assert_eq!(
+            cli.global.rpc_timeout,
+            Some(std::time::Duration::from_millis(2500))
+        );
+        assert!(cli.global.json);
+        // Globals are accepted after the command too.
+        let cli = ok(&["images", "--url", "http://x:2", "--ca-cert", "/ca.pem"]);
+        assert_eq!(cli.global.url, "http://x:2");
+        assert_eq!(
+            cli.global.ca_cert.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+    }
+
+    #[test]
+    fn help_and_version_are_not_errors() {
+        for args in [&["--help"][..], &["--version"], &["fork", "--help"]] {
+            let e = parse(args).unwrap_err();
+            assert_eq!(e.exit_code(), 0, "{args:?}");
+        }
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("Exit codes:"));
+        assert!(help.contains("daemon unreachable"));
+    }
+
+    #[test]
+    fn missing_command_is_a_usage_error() {
+        usage_error(&[]);
+        usage_error(&["frobnicate"]);
+    }
+
+    #[test]
+    fn version_and_where() {
+        assert!(matches!(ok(&["version"]).command, Command::Version));
+        assert!(matches!(ok(&["where"]).command, Command::Where));
+    }
+
+    #[test]
+    fn images() {
+        let Command::Images(a) = ok(&["images"]).command else {
+            panic!()
+        };
+        assert_eq!(a.status, None);
+        let Command::Images(a) = ok(&["snapshots", "--status", "ready"]).command else {
+            panic!()
+        };
+        assert_eq!(a.status.as_deref(), Some("ready"));
+    }
+
+    #[test]
+    fn snapshot_create() {
+        let Command::Snapshot(a) = ok(&[
+            "snapshot",
+            "--tag",
+            "py",
+            "--image",
+            "python",
+            "--vcpus",
+            "2",
+            "--mem-mib",
+            "512",
+            "--warm-eval",
+            "import numpy",
+            "--warm-timeout",
+            "2m",
+            "-v",
+            "/data/x:/mnt/x:ro",
+            "--label",
+            "a=b",
+            "--no-wait",
+        ])
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.tag.unwrap().as_str(), "py");
+        assert_eq!(a.image.as_deref(), Some("python"));
+        assert_eq!(a.vcpus, Some(2));
+        assert_eq!(a.mem_mib, Some(512));
+        assert_eq!(a.warm_eval.as_deref(), Some("import numpy"));
+        assert_eq!(a.warm_timeout, Some(120));
+        assert_eq!(a.volumes, vec!["/data/x:/mnt/x:ro"]);
+        assert_eq!(a.labels, vec![("a".into(), "b".into())]);
+        assert!(a.no_wait);
+        assert!(a.from_sandbox.is_none());
+    }
+
+    #[test]
+    fn snapshot_image_paths_become_absolute() {
+        let Command::Snapshot(a) = ok(&["snapshot", "-t", "x", "--image", "./img.ext4"]).command
+        else {
+            panic!()
+        };
+        let image = a.image.unwrap();
+        assert!(image.starts_with('/'), "{image}");
+        assert!(image.ends_with("img.ext4"), "{image}");
+    }
+
+    #[test]
+    fn snapshot_create_needs_tag_and_image() {
+        usage_error(&["snapshot", "--image", "python"]);
+        usage_error(&["snapshot", "--tag", "py"]);
+        usage_error(&["snapshot"]);
+        let e = usage_error(&["snapshot", "--tag", "../etc", "--image", "python"]);
+        assert_eq!(e.kind(), ErrorKind::ValueValidation);
+        assert!(e.to_string().contains("tag"), "{e}");
+        usage_error(&[
+            "snapshot", "--tag", "x", "--image", "python", "--vcpus", "0",
+        ]);
+    }
+
+    #[test]
+    fn snapshot_branch() {
+        let Command::Snapshot(a) = ok(&["snapshot", "--from-sandbox", "sb-abc"]).command else {
+            panic!()
+        };
+        assert_eq!(a.from_sandbox.unwrap().as_str(), "sb-abc");
+        assert!(a.tag.is_none());
+        assert!(!a.full && !a.diff);
+        let Command::Snapshot(a) = ok(&[
+            "snapshot",
+            "--from-sandbox",
+            "sb-abc",
+            "--tag",
+            "b",
+            "--full",
+        ])
+        .command
+        else {
+            panic!()
+        };
+        assert!(a.full);
+        assert_eq!(a.tag.unwrap().as_str(), "b");
+        ok(&["snapshot", "--from-sandbox", "sb-abc", "--diff"]);
+        ok(&["snapshot", "--from-sandbox", "sb-abc", "--measure"]);
+        usage_error(&["snapshot", "--from-sandbox", "sb-abc", "--diff", "--full"]);
+        usage_error(&["snapshot", "--from-sandbox", "sb-abc", "--image", "python"]);
+        usage_error(&["snapshot", "--from-sandbox", "nope"]);
+        // clap skips `requires` when the required arg conflicts with one
+        // present, so these rely on the explicit conflicts.
+        usage_error(&["snapshot", "--tag", "x", "--image", "python", "--full"]);
+        usage_error(&["snapshot", "--tag", "x", "--image", "python", "--diff"]);
+        usage_error(&["snapshot", "--tag", "x", "--image", "python", "--measure"]);
+        usage_error(&["snapshot", "--tag", "x", "--full"]);
+    }
+
+    #[test]
+    fn snapshot_info_rmi_compact() {
+        let Command::SnapshotInfo(a) = ok(&["snapshot-info", "py"]).command else {
+            panic!()
+        };
+        assert_eq!(a.tag.as_str(), "py");
+        usage_error(&["snapshot-info"]);
+        usage_error(&["snapshot-info", "a/b"]);
+
+        let Command::Rmi(a) = ok(&["rmi", "a", "b", "--cascade"]).command else {
+            panic!()
+        };
+        assert_eq!(a.tags.len(), 2);
+        assert!(a.cascade && !a.force);
+        usage_error(&["rmi"]);
+        usage_error(&["rmi", "a", "--cascade", "--force"]);
+
+        let Command::Compact(a) = ok(&["compact", "x", "--to", "y"]).command else {
+            panic!()
+        };
+        assert_eq!((a.tag.as_str(), a.to.as_str()), ("x", "y"));
+        usage_error(&["compact", "x"]);
+    }
+
+    #[test]
+    fn snapshot_diff() {
+        let Command::SnapshotDiff(a) = ok(&[
+            "snapshot-diff",
+            "--from",
+            "py",
+            "--tag",
+            "py2",
+            "--exec",
+            "pip install 'a b'",
+            "--exec-timeout",
+            "90",
+        ])
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.from.as_str(), "py");
+        assert_eq!(a.exec.as_deref(), Some("pip install 'a b'"));
+        assert_eq!(a.exec_timeout, Some(90));
+        let Command::SnapshotDiff(a) = ok(&[
+            "snapshot-diff",
+            "--from",
+            "py",
+            "--tag",
+            "t",
+            "--",
+            "touch",
+            "-a",
+            "/x",
+        ])
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.argv, vec!["touch", "-a", "/x"]);
+        usage_error(&["snapshot-diff", "--from", "py", "--tag", "t"]);
+        usage_error(&["snapshot-diff", "--from", "py", "--tag", "t", "--sh"]);
+        usage_error(&[
+            "snapshot-diff",
+            "--from",
+            "py",
+            "--tag",
+            "t",
+            "--exec",
+            "x",
+            "--",
+            "y",
+        ]);
+    }
+
+    #[test]
+    fn fork() {
+        let Command::Fork(a) = ok(&[
+            "fork",
+            "--tag",
+            "py",
+            "-n",
+            "3",
+            "--memory-limit-mib",
+            "512",
+            "--cpu-quota",
+            "0.5",
+            "--pids-limit",
+            "64",
+            "--network",
+            "nat",
+            "--allow",
+            "10.0.0.0/8",
+            "--allow",
+            "1.1.1.1/32:53",
+            "--ttl",
+            "10m",
+            "--idle-timeout",
+            "30",
+            "--label",
+            "k=v=w",
+            "--volume",
+            "/a:/b",
+        ])
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.tag.as_str(), "py");
+        assert_eq!(a.n, 3);
+        assert_eq!(a.resources.memory_limit_mib, Some(512));
+        assert_eq!(a.resources.cpu_quota, Some(0.5));
+        assert_eq!(a.pids_limit, Some(64));
+        assert_eq!(a.resources.network, Some(Network::Nat));
+        assert_eq!(a.allow.len(), 2);
+        assert_eq!(a.resources.ttl, Some(600));
+        assert_eq!(a.resources.idle_timeout, Some(30));
+        assert_eq!(a.resources.labels, vec![("k".into(), "v=w".into())]);
+        assert_eq!(a.resources.volumes, vec!["/a:/b"]);
+
+        let Command::Fork(a) = ok(&["spawn", "-t", "py", "--quiet"]).command else {
+            panic!()
+        };
+        assert_eq!(a.n, 1);
+        assert!(a.quiet);
+        usage_error(&["fork"]);
+        usage_error(&["fork", "--tag", "py", "-n", "0"]);
+        usage_error(&["fork", "--tag", "py", "-n", "1001"]);
+        usage_error(&["fork", "--tag", "py", "--network", "bridge"]);
+        usage_error(&["fork", "--tag", "py", "--cpu-quota", "-1"]);
+        usage_error(&["fork", "--tag", "py", "--label", "novalue"]);
+        usage_error(&["fork", "--tag", "py", "--volume", "/a:relative"]);
+        usage_error(&["fork", "--tag", "py", "--ttl", "soon"]);
+        usage_error(&["fork", "--tag", "py", "--quiet", "--json"]);
+    }
+
+    #[test]
+    fn ls_and_kill() {
+        let Command::Ls(a) = ok(&["ls"]).command else {
+            panic!()
+        };
+        assert!(a.tag.is_none());
+        let Command::Ls(a) = ok(&["ls", "--tag", "py"]).command else {
+            panic!()
+        };
+        assert_eq!(a.tag.unwrap().as_str(), "py");
+
+        let Command::Kill(a) = ok(&["kill", "sb-a", "sb-b"]).command else {
+            panic!()
+        };
+        assert_eq!(a.ids.len(), 2);
+        let Command::Kill(a) = ok(&["kill", "--tag", "py"]).command else {
+            panic!()
+        };
+        assert!(a.tag.is_some());
+        let Command::Kill(a) = ok(&["kill", "--all"]).command else {
+            panic!()
+        };
+        assert!(a.all);
+        usage_error(&["kill"]);
+        usage_error(&["kill", "sb-a", "--all"]);
+        usage_error(&["kill", "--tag", "py", "--all"]);
+        usage_error(&["kill", "not-an-id"]);
+    }
+
+    #[test]
+    fn exec() {
+        let Command::Exec(a) = ok(&[
+            "exec",
+            "sb-a",
+            "--timeout",
+            "5",
+            "-e",
+            "A=1",
+            "--cwd",
+            "/tmp",
+            "-i",
+            "--",
+            "ls",
+            "-la",
+            "--json",
+        ])
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.id.as_str(), "sb-a");
+        assert_eq!(a.timeout, Some(5));
+        assert_eq!(a.env, vec![("A".into(), "1".into())]);
+        assert_eq!(a.cwd.as_deref(), Some("/tmp"));
+        assert!(a.stdin);
+        assert_eq!(a.command, vec!["ls", "-la", "--json"]);
+
+        // Without --, everything from the command on belongs to it.
+        let cli = ok(&[
+            "exec",
+            "sb-a",
+            "python3",
+            "-c",
+            "print(1)",
+            "--timeout",
+            "9",
+        ]);
+        let Command::Exec(a) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            a.command,
+            vec!["python3", "-c", "print(1)", "--timeout", "9"]
+        );
+        assert_eq!(a.timeout, None);
+        assert!(!cli.global.json);
+
+        usage_error(&["exec", "sb-a"]);
+        usage_error(&["exec", "sb-a", "--"]);
+        usage_error(&["exec", "bad", "ls"]);
+        usage_error(&["exec", "sb-a", "--env", "=x", "ls"]);
+    }
+
+    #[test]
+    fn global_timeout_is_separate_from_exec_timeout() {
+        let cli = ok(&["--timeout", "30s", "exec", "sb-a", "--timeout", "5", "true"]);
+        assert_eq!(
+            cli.global.rpc_timeout,
+            Some(std::time::Duration::from_secs(30))
+        );
+        let Command::Exec(a) = cli.command else {
+            panic!()
+        };
+        assert_eq!(a.timeout, Some(5));
+    }
+
+    #[test]
+    fn eval_and_ping() {
+        let Command::Eval(a) = ok(&["eval", "sb-a", "1 + 1"]).command else {
+            panic!()
+        };
+        assert_eq!(a.code, "1 + 1");
+        let Command::Eval(a) = ok(&["eval", "sb-a", "-"]).command else {
+            panic!()
+        };
+        assert_eq!(a.code, "-");
+        let Command::Eval(a) = ok(&["eval", "sb-a", "-1"]).command else {
+            panic!()
+        };
+        assert_eq!(a.code, "-1");
+        usage_error(&["eval", "sb-a"]);
+
+        let Command::Ping(a) = ok(&["ping", "sb-a"]).command else {
+            panic!()
+        };
+        assert_eq!(a.id.as_str(), "sb-a");
+        usage_error(&["ping"]);
+    }
+
+    #[test]
+    fn workspace() {
+        let Command::Workspace(WorkspaceCommand::Create(a)) = ok(&[
+            "workspace",
+            "create",
+            "dev",
+            "--tag",
+            "py",
+            "--memory-limit-mib",
+            "1024",
+            "--network",
+            "none",
+            "--ttl",
+            "1h",
+        ])
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.name.as_str(), "dev");
+        assert_eq!(a.tag.as_str(), "py");
+        assert_eq!(a.resources.memory_limit_mib, Some(1024));
+        assert_eq!(a.resources.ttl, Some(3600));
+        for (sub, alias) in [
+            ("get", None),
+            ("suspend", None),
+            ("resume", None),
+            ("delete", Some("rm")),
+        ] {
+            ok(&["workspace", sub, "dev"]);
+            ok(&["ws", sub, "dev"]);
+            if let Some(alias) = alias {
+                ok(&["ws", alias, "dev"]);
+            }
+            usage_error(&["workspace", sub]);
+            usage_error(&["workspace", sub, "bad.name"]);
+        }
+        assert!(matches!(
+            ok(&["workspace", "list", "--json"]).command,
+            Command::Workspace(WorkspaceCommand::List)
+        ));
+        ok(&["ws", "ls"]);
+        usage_error(&["workspace"]);
+        usage_error(&["workspace", "create", "dev"]);
+    }
+
+    #[test]
+    fn completions() {
+        for shell in ["bash", "zsh", "fish"] {
+            let Command::Completions(_) = ok(&["completions", shell]).command else {
+                panic!()
+            };
+        }
+        usage_error(&["completions", "cmd.exe"]);
+    }
+
+    #[test]
+    fn value_parsers() {
+        assert_eq!(parse_secs("90"), Ok(90));
+        assert_eq!(parse_secs("2m"), Ok(120));
+        assert_eq!(parse_secs("1h 30m"), Ok(5400));
+        assert!(parse_secs("1.5").is_err());
+        assert!(parse_secs("-3").is_err());
+        assert_eq!(
+            parse_duration("0.25"),
+            Ok(std::time::Duration::from_millis(250))
+        );
+        assert_eq!(
+            parse_duration("500ms"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        assert!(parse_duration("nan").is_err());
+        assert_eq!(parse_key_value("a="), Ok(("a".into(), String::new())));
+        assert!(parse_key_value("=a").is_err());
+        assert_eq!(parse_image("python"), Ok("python".into()));
+        assert_eq!(parse_image("/x/y.img"), Ok("/x/y.img".into()));
+        assert!(parse_image("").is_err());
+        assert_eq!(parse_volume("/h:/g:rw"), Ok("/h:/g:rw".into()));
+        assert!(parse_volume("/h").is_err());
+        assert!(parse_volume(":/g").is_err());
+        assert!(parse_volume("/h:/g:rx").is_err());
+        assert!(parse_volume("/h:/g:ro:x").is_err());
+        assert!(parse_volume("h:/g").unwrap().starts_with('/'));
+    }
+}

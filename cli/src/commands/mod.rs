@@ -1,0 +1,67 @@
+//! One module per area of the API; `run` picks the command.
+
+mod exec;
+mod sandboxes;
+mod snapshots;
+mod system;
+mod workspaces;
+
+use clap::CommandFactory;
+
+use crate::args::{Cli, Command};
+use crate::client::Conn;
+
+/// Runs a parsed command line and returns the process exit status.
+pub async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let Cli { global, command } = cli;
+    let json = global.json;
+    match command {
+        Command::Completions(a) => {
+            // Needs no daemon: completions are installed before one runs.
+            let mut cmd = Cli::command();
+            clap_complete::generate(a.shell, &mut cmd, "forkd", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::Version => system::version(&global).await,
+        command => {
+            let conn = Conn::connect(&global).await?;
+            match command {
+                Command::Where => system::where_(&conn, json).await,
+                Command::Images(a) => snapshots::images(&conn, a, json).await,
+                Command::Snapshot(a) => snapshots::snapshot(&conn, a, json).await,
+                Command::SnapshotInfo(a) => snapshots::info(&conn, a, json).await,
+                Command::Rmi(a) => snapshots::rmi(&conn, a, json).await,
+                Command::Compact(a) => snapshots::compact(&conn, a, json).await,
+                Command::SnapshotDiff(a) => snapshots::derive(&conn, a, json).await,
+                Command::Fork(a) => sandboxes::fork(&conn, a, json).await,
+                Command::Ls(a) => sandboxes::ls(&conn, a, json).await,
+                Command::Kill(a) => sandboxes::kill(&conn, a, json).await,
+                Command::Eval(a) => sandboxes::eval(&conn, a, json).await,
+                Command::Ping(a) => sandboxes::ping(&conn, a, json).await,
+                Command::Exec(a) => exec::exec(&conn, a).await,
+                Command::Workspace(c) => workspaces::run(&conn, c, json).await,
+                Command::Completions(_) | Command::Version => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+/// Follows page tokens until the listing is complete. A token that repeats
+/// would loop forever, so it ends the listing too.
+async fn collect_pages<T, F, Fut>(mut fetch: F) -> anyhow::Result<Vec<T>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(Vec<T>, String)>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let (items, next) = fetch(token).await?;
+        all.extend(items);
+        if next.is_empty() || !seen.insert(next.clone()) {
+            return Ok(all);
+        }
+        token = next;
+    }
+}

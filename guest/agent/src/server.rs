@@ -1,0 +1,249 @@
+//! Request dispatch and the frame reader/writer.
+
+use crate::exec::{self, ExecHandle};
+use crate::runtime::Runtime;
+use crate::{files, log, reinit, sys};
+use forkd_agent_protocol::v1::{
+    agent_error::Kind, request::Body as Req, response::Body as Resp, Ack, AgentError, Pong, Request,
+    Response,
+};
+use forkd_agent_protocol::{encode_frame, FrameDecoder};
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long one frame may wait for the host to drain the channel before it is
+/// dropped. A host that went away must not wedge every request thread.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serialises whole frames onto the channel.
+#[derive(Default)]
+pub struct Writer {
+    fd: Mutex<Option<Arc<OwnedFd>>>,
+}
+
+impl Writer {
+    pub fn set(&self, fd: Option<Arc<OwnedFd>>) {
+        if let Ok(mut g) = self.fd.lock() {
+            *g = fd;
+        }
+    }
+
+    pub fn send(&self, msg: &Response) {
+        let frame = encode_frame(msg);
+        let Ok(g) = self.fd.lock() else { return };
+        let Some(fd) = g.as_ref() else { return };
+        if let Err(e) = sys::write_all(fd.as_raw_fd(), &frame, Some(Instant::now() + WRITE_TIMEOUT)) {
+            // A partial frame may have gone out; the host resynchronises on
+            // the next magic.
+            log::info(&format!("dropped a response frame: {e}"));
+        }
+    }
+}
+
+/// An in-flight request that Cancel can reach.
+pub enum Running {
+    Exec(Arc<ExecHandle>),
+    Eval,
+}
+
+pub struct Agent {
+    pub writer: Writer,
+    pub runtime: Arc<Runtime>,
+    pub sandbox_id: Mutex<String>,
+    /// Where the agent publishes state files (sandbox-id).
+    pub run_dir: String,
+    running: Mutex<HashMap<u64, Running>>,
+}
+
+pub type Reply = Result<Resp, AgentError>;
+
+pub fn error(kind: Kind, message: impl Into<String>) -> AgentError {
+    AgentError { kind: kind as i32, message: message.into() }
+}
+
+/// Maps an OS error onto the protocol's error kinds.
+pub fn io_error(context: &str, e: &io::Error) -> AgentError {
+    let kind = match e.raw_os_error() {
+        Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ENODEV) | Some(libc::ENXIO) => Kind::NotFound,
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => Kind::Permission,
+        Some(libc::EEXIST) | Some(libc::EBUSY) => Kind::Exists,
+        Some(libc::EINVAL) | Some(libc::EISDIR) | Some(libc::ENOTEMPTY) | Some(libc::ENAMETOOLONG) | Some(libc::ELOOP) => Kind::Invalid,
+        Some(libc::EFBIG) | Some(libc::ENOSPC) | Some(libc::E2BIG) | Some(libc::EDQUOT) => Kind::TooLarge,
+        Some(libc::ETIMEDOUT) => Kind::Timeout,
+        _ => match e.kind() {
+            io::ErrorKind::NotFound => Kind::NotFound,
+            io::ErrorKind::PermissionDenied => Kind::Permission,
+            io::ErrorKind::AlreadyExists => Kind::Exists,
+            io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData => Kind::Invalid,
+            io::ErrorKind::TimedOut => Kind::Timeout,
+            _ => Kind::Internal,
+        },
+    };
+    error(kind, format!("{context}: {e}"))
+}
+
+impl Agent {
+    pub fn new(runtime: Arc<Runtime>, run_dir: &str) -> Arc<Agent> {
+        Arc::new(Agent {
+            writer: Writer::default(),
+            runtime,
+            sandbox_id: Mutex::new(String::new()),
+            run_dir: run_dir.to_string(),
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn send(&self, id: u64, body: Resp) {
+        self.writer.send(&Response { id, body: Some(body) });
+    }
+
+    pub fn reply(&self, id: u64, r: Reply) {
+        self.send(id, r.unwrap_or_else(Resp::Error));
+    }
+
+    pub fn register(&self, id: u64, r: Running) {
+        if let Ok(mut g) = self.running.lock() {
+            g.insert(id, r);
+        }
+    }
+
+    pub fn unregister(&self, id: u64) {
+        if let Ok(mut g) = self.running.lock() {
+            g.remove(&id);
+        }
+    }
+
+    fn pong(&self) -> Pong {
+        let up = sys::clock(libc::CLOCK_BOOTTIME);
+        Pong {
+            runtime_ready: self.runtime.ready(),
+            runtime: self.runtime.kind().to_string(),
+            uptime_secs: up.tv_sec as f64 + up.tv_nsec as f64 / 1e9,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            sandbox_id: self.sandbox_id.lock().map(|s| s.clone()).unwrap_or_default(),
+        }
+    }
+
+    fn cancel(&self, target: u64) -> Reply {
+        let g = self.running.lock().map_err(|_| error(Kind::Internal, "lock poisoned"))?;
+        match g.get(&target) {
+            Some(Running::Exec(h)) => {
+                h.cancel();
+                Ok(Resp::Ack(Ack {}))
+            }
+            Some(Running::Eval) => {
+                self.runtime.interrupt();
+                Ok(Resp::Ack(Ack {}))
+            }
+            None => Err(error(Kind::NotFound, format!("no running request {target}"))),
+        }
+    }
+
+    /// Handles one request. Cheap ones are answered on the reader thread;
+    /// everything that may block gets its own thread.
+    pub fn dispatch(self: &Arc<Self>, req: Request) {
+        let id = req.id;
+        let Some(body) = req.body else {
+            self.reply(id, Err(error(Kind::Invalid, "request without a body")));
+            return;
+        };
+        match body {
+            Req::Ping(_) => self.send(id, Resp::Pong(self.pong())),
+            Req::Cancel(c) => {
+                let r = self.cancel(c.target_id);
+                self.reply(id, r);
+            }
+            other => {
+                let me = self.clone();
+                let spawned = std::thread::Builder::new()
+                    .stack_size(512 * 1024)
+                    .spawn(move || me.handle(id, other));
+                if let Err(e) = spawned {
+                    self.reply(id, Err(io_error("starting a request thread", &e)));
+                }
+            }
+        }
+    }
+
+    fn handle(self: Arc<Self>, id: u64, body: Req) {
+        let r = match body {
+            Req::Reinit(r) => reinit::reinit(&self, r).map(Resp::ReinitDone),
+            Req::Exec(e) => {
+                // Exec streams its own frames and ends with ExecExit or Error.
+                exec::run(&self, id, e);
+                return;
+            }
+            Req::Eval(e) => {
+                self.register(id, Running::Eval);
+                let r = self.runtime.eval(&e.code, e.timeout_ms);
+                self.unregister(id);
+                Ok(Resp::EvalResult(r))
+            }
+            Req::ReadFile(r) => files::read_file(&r).map(Resp::FileData),
+            Req::WriteFile(w) => files::write_file(&w).map(|_| Resp::Ack(Ack {})),
+            Req::ListDir(l) => files::list_dir(&l.path).map(Resp::DirListing),
+            Req::Stat(s) => files::stat(&s.path).map(Resp::FileStat),
+            Req::Remove(r) => files::remove(&r).map(|_| Resp::Ack(Ack {})),
+            Req::Mount(m) => files::mount(&m).map(|_| Resp::Ack(Ack {})),
+            Req::Ping(_) | Req::Cancel(_) => unreachable!("answered inline"),
+        };
+        self.reply(id, r);
+    }
+}
+
+/// Reads frames from `fd` and dispatches them.
+///
+/// With `reconnecting` (a virtio-serial port) a hang-up only means the host
+/// side is not connected right now: partial input is dropped and the loop
+/// waits for the next connection. Otherwise end of input returns.
+pub fn serve(agent: &Arc<Agent>, fd: RawFd, reconnecting: bool) {
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut idle = Duration::from_millis(1);
+    loop {
+        let rev = match sys::poll_one(fd, libc::POLLIN, None) {
+            Ok(r) => r,
+            Err(e) => {
+                log::error(&format!("poll on the agent channel: {e}"));
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let mut disconnected = false;
+        if rev & libc::POLLIN != 0 {
+            match sys::read(fd, &mut buf) {
+                Ok(0) => disconnected = true,
+                Ok(n) => {
+                    idle = Duration::from_millis(1);
+                    decoder.push(&buf[..n]);
+                    loop {
+                        match decoder.next::<Request>() {
+                            Ok(Some(req)) => agent.dispatch(req),
+                            Ok(None) => break,
+                            Err(e) => log::info(&format!("{e}")),
+                        }
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+                Err(e) => {
+                    log::info(&format!("read from the agent channel: {e}"));
+                    disconnected = true;
+                }
+            }
+        } else if rev & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+            disconnected = true;
+        }
+        if disconnected {
+            if !reconnecting {
+                return;
+            }
+            // A new connection starts from a clean frame boundary.
+            decoder = FrameDecoder::new();
+            std::thread::sleep(idle);
+            idle = (idle * 2).min(Duration::from_millis(20));
+        }
+    }
+}

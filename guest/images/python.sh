@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Recipe of the "python" image: a Debian bookworm root (essential variant)
+# with python3, numpy and busybox, built with mmdebstrap from the Debian
+# archive. No container runtime and no loop mounts.
+#
+#   guest/images/python.sh ROOTDIR
+#
+# Inputs that change the result (and so the cache key): this file, common.sh
+# and FORKD_DEBIAN_MIRROR.
+set -euo pipefail
+root=$1
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/common.sh"
+
+suite=bookworm
+mirror=${FORKD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+packages=python3,python3-numpy,busybox
+
+# Documentation, manuals and translations are dead weight in a sandbox image.
+# stdin is closed: without a mirror argument mmdebstrap would read sources from it.
+mmdebstrap --variant=essential --mode=root --format=directory \
+  --include="$packages" \
+  --dpkg-opt='path-exclude=/usr/share/man/*' \
+  --dpkg-opt='path-exclude=/usr/share/doc/*' \
+  --dpkg-opt='path-include=/usr/share/doc/*/copyright' \
+  --dpkg-opt='path-exclude=/usr/share/locale/*' \
+  --dpkg-opt='path-exclude=/usr/share/info/*' \
+  "$suite" "$root" "deb $mirror $suite main" </dev/null
+
+forkd_base_files "$root"
+# Busybox fills the gaps of the essential set (ps, ip, vi, wget, ...), without
+# shadowing any real tool.
+chroot "$root" /bin/busybox --list | while read -r applet; do
+  found=
+  for d in usr/local/bin usr/bin bin usr/sbin sbin; do
+    if [ -e "$root/$d/$applet" ] || [ -L "$root/$d/$applet" ]; then found=1; break; fi
+  done
+  [ -n "$found" ] || ln -s /bin/busybox "$root/usr/local/bin/$applet"
+done
+rm -rf "$root"/var/cache/apt/*.bin "$root"/var/lib/apt/lists/* "$root"/var/log/*.log

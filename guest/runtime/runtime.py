@@ -1,0 +1,254 @@
+"""forkd warm runtime.
+
+Started once per guest by forkd-agent (``python3 -u -B runtime.py REQ_FD RESP_FD``).
+It imports the modules named in FORKD_WARM, reports ready, and then evaluates
+code on request in one persistent namespace, so a snapshot taken after warm-up
+hands every child an interpreter with those imports already done.
+
+Protocol: one JSON object per line. Requests arrive on REQ_FD, replies leave on
+RESP_FD; the process's own stdout/stderr are never used for it, so anything the
+evaluated code prints cannot corrupt a reply.
+
+  -> {"op": "eval", "id": N, "code": "...", "timeout": seconds}   (0 = none)
+  <- {"id": N, "result": repr-or-"", "error": traceback-or-"", "exit_code": 0|1|124,
+      "stdout": "...", "stderr": "..."}
+  -> {"op": "reseed", "seed": "<hex>"}      <- {"ok": true}
+  -> {"op": "ping"}                         <- {"ok": true}
+
+The first line written is {"ready": true, "warm_ms": ..., "warm_error": ...}.
+"""
+
+import ast
+import builtins
+import io
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+
+# Common short names bound next to the module itself, as users expect them.
+ALIASES = {"numpy": "np", "pandas": "pd", "matplotlib.pyplot": "plt"}
+# Each captured text is cut at this many characters so one reply stays far
+# below the agent channel's frame limit.
+MAX_TEXT = 1 << 20
+THIS_FILE = os.path.abspath(__file__)
+
+
+class EvalTimeout(BaseException):
+    """Raised inside evaluated code when its time is up (not an Exception,
+    so a bare ``except Exception`` in user code cannot swallow it)."""
+
+
+_active = False
+
+
+def _on_alarm(signum, frame):
+    if _active:
+        raise EvalTimeout()
+
+
+def _on_interrupt(signum, frame):
+    # SIGINT is how the agent cancels an eval; between evals it is ignored.
+    if _active:
+        raise KeyboardInterrupt()
+
+
+def clip(text):
+    if len(text) > MAX_TEXT:
+        text = text[:MAX_TEXT] + "\n[... %d characters cut]\n" % (len(text) - MAX_TEXT)
+    # Lone surrogates cannot travel as UTF-8 JSON.
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def warm(namespace, modules):
+    """Imports each module into the namespace; returns error text or ""."""
+    errors = []
+    for name in modules:
+        name = name.strip()
+        if not name:
+            continue
+        try:
+            exec("import " + name, namespace)
+            alias = ALIASES.get(name)
+            if alias:
+                exec("import %s as %s" % (name, alias), namespace)
+        except BaseException:
+            errors.append(traceback.format_exc())
+    return "".join(errors)
+
+
+class FdCapture:
+    """Catches output written straight to file descriptors 1 and 2 (child
+    processes, C extensions) while code runs, in anonymous memory files."""
+
+    def __enter__(self):
+        self.saved = []
+        self.files = []
+        try:
+            for fd in (1, 2):
+                mem = os.memfd_create("forkd-capture-%d" % fd)
+                self.saved.append(os.dup(fd))
+                self.files.append(mem)
+                os.dup2(mem, fd)
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        self.texts = []
+        for fd, (saved, mem) in enumerate(zip(self.saved, self.files), start=1):
+            os.dup2(saved, fd)
+            os.close(saved)
+            os.lseek(mem, 0, os.SEEK_SET)
+            chunks = []
+            while True:
+                b = os.read(mem, 1 << 16)
+                if not b:
+                    break
+                chunks.append(b)
+            os.close(mem)
+            self.texts.append(b"".join(chunks).decode("utf-8", "replace"))
+        while len(self.texts) < 2:
+            self.texts.append("")
+        return False
+
+
+def format_error(exc):
+    """Traceback text without the runtime's own frames."""
+    if isinstance(exc, SyntaxError):
+        return "".join(traceback.format_exception_only(type(exc), exc))
+    tb = exc.__traceback__
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) == THIS_FILE:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def split_code(code):
+    """Compiles code as (statements, trailing expression or None), the way an
+    interactive prompt shows the value of a last expression."""
+    tree = ast.parse(code, "<eval>", "exec")
+    tail = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        tail = ast.Expression(tree.body.pop().value)
+    body = compile(tree, "<eval>", "exec")
+    return body, (compile(tail, "<eval>", "eval") if tail is not None else None)
+
+
+def evaluate(namespace, code, timeout):
+    global _active
+    reply = {"result": "", "error": "", "exit_code": 0, "stdout": "", "stderr": ""}
+    try:
+        body, tail = split_code(code)
+    except (SyntaxError, ValueError, OverflowError, RecursionError) as e:
+        reply.update(error=format_error(e), exit_code=1)
+        return reply
+    out, err = io.StringIO(), io.StringIO()
+    saved_streams = sys.stdout, sys.stderr
+    capture = FdCapture()
+    try:
+        with capture:
+            sys.stdout, sys.stderr = out, err
+            try:
+                _active = True
+                if timeout and timeout > 0:
+                    signal.setitimer(signal.ITIMER_REAL, timeout)
+                exec(body, namespace)
+                if tail is not None:
+                    value = eval(tail, namespace)
+                    if value is not None:
+                        namespace["_"] = value
+                        reply["result"] = repr(value)
+            except EvalTimeout:
+                reply.update(error="TimeoutError: evaluation exceeded %gs\n" % timeout, exit_code=124)
+            except BaseException as e:  # SystemExit and KeyboardInterrupt included
+                reply.update(error=format_error(e), exit_code=1)
+            finally:
+                _active = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                sys.stdout, sys.stderr = saved_streams
+    except EvalTimeout:
+        # The alarm landed in the cleanup itself.
+        sys.stdout, sys.stderr = saved_streams
+        reply.update(error="TimeoutError: evaluation exceeded %gs\n" % timeout, exit_code=124)
+    texts = getattr(capture, "texts", ["", ""])
+    reply["stdout"] = clip(out.getvalue() + texts[0])
+    reply["stderr"] = clip(err.getvalue() + texts[1])
+    reply["result"] = clip(reply["result"])
+    reply["error"] = clip(reply["error"])
+    return reply
+
+
+def reseed(seed_hex):
+    """Gives this interpreter's generators fresh state: after a restore every
+    child would otherwise continue the template's sequences."""
+    seed = bytes.fromhex(seed_hex)
+    import random
+
+    random.seed(seed)
+    np = sys.modules.get("numpy")
+    if np is not None:
+        words = [int.from_bytes(seed[i : i + 4], "little") for i in range(0, len(seed), 4)]
+        np.random.seed(words or [0])
+    tempfile = sys.modules.get("tempfile")
+    if tempfile is not None and hasattr(tempfile, "_name_sequence"):
+        tempfile._name_sequence = None
+
+
+def send(fd, obj):
+    data = (json.dumps(obj) + "\n").encode()
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def main(argv):
+    req_fd = int(argv[1]) if len(argv) > 1 else 0
+    resp_fd = int(argv[2]) if len(argv) > 2 else 1
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGINT, _on_interrupt)
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    t0 = time.monotonic()
+    warm_error = warm(namespace, os.environ.get("FORKD_WARM", "").split(","))
+    send(
+        resp_fd,
+        {
+            "ready": True,
+            "warm_ms": int((time.monotonic() - t0) * 1000),
+            "warm_error": clip(warm_error),
+            "python": sys.version.split()[0],
+        },
+    )
+    reader = os.fdopen(req_fd, "rb")
+    while True:
+        try:
+            line = reader.readline()
+        except KeyboardInterrupt:
+            continue
+        if not line:
+            return 0
+        try:
+            req = json.loads(line)
+        except ValueError:
+            send(resp_fd, {"error": "bad request line", "exit_code": 1})
+            continue
+        op = req.get("op")
+        try:
+            if op == "eval":
+                reply = evaluate(namespace, str(req.get("code", "")), float(req.get("timeout") or 0))
+                reply["id"] = req.get("id")
+            elif op == "reseed":
+                reseed(str(req.get("seed", "")))
+                reply = {"ok": True}
+            elif op == "ping":
+                reply = {"ok": True}
+            else:
+                reply = {"error": "unknown op %r" % (op,), "exit_code": 1}
+        except BaseException as e:
+            reply = {"ok": False, "error": format_error(e), "exit_code": 1}
+        send(resp_fd, reply)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,246 @@
+//! Test harness: starts a real `forkd-server` process on an ephemeral port and
+//! hands out real gRPC and HTTP clients to it. Dropping a `Daemon` stops it
+//! and kills every VM it left behind, so a failing test leaks nothing.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use forkd_api::v1::{
+    sandbox_service_client::SandboxServiceClient, snapshot_service_client::SnapshotServiceClient,
+    system_service_client::SystemServiceClient, workspace_service_client::WorkspaceServiceClient,
+};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// Where cargo put the workspace binaries (next to the test executable's deps dir).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("deps dir");
+    if deps.ends_with("deps") { deps.parent().unwrap().to_path_buf() } else { deps.to_path_buf() }
+}
+
+pub fn server_bin() -> PathBuf {
+    let p = bin_dir().join("forkd-server");
+    assert!(p.exists(), "{} missing: run `cargo build --workspace` first", p.display());
+    p
+}
+
+pub fn cli_bin() -> PathBuf {
+    let p = bin_dir().join("forkd");
+    assert!(p.exists(), "{} missing: run `cargo build --workspace` first", p.display());
+    p
+}
+
+/// Guest assets built by scripts/build-guest.sh.
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("FORKD_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib/forkd/guest"))
+}
+
+/// Options for a test daemon.
+#[derive(Default, Clone)]
+pub struct Options {
+    pub token: Option<String>,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub audit_log: Option<PathBuf>,
+    pub extra_args: Vec<String>,
+    /// Reuse this data dir (restart tests); a fresh temp dir otherwise.
+    pub data_dir: Option<PathBuf>,
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub token: Option<String>,
+    pub tls: bool,
+}
+
+/// A test token that passes the daemon's strength checks.
+pub const TEST_TOKEN: &str = "tKq2r9VfX81mWz4LcN7pHs0dJy5uBe3a";
+
+impl Daemon {
+    pub fn start(opts: Options) -> Self {
+        let (tmp, data_dir) = match &opts.data_dir {
+            Some(d) => (None, d.clone()),
+            None => {
+                let t = tempfile::Builder::new().prefix("forkd-it-").tempdir_in("/tmp").expect("temp dir");
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        let mut cmd = Command::new(server_bin());
+        cmd.arg("--bind")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--guest-dir")
+            .arg(guest_dir())
+            .arg("--log")
+            .arg("warn")
+            .args(&opts.extra_args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(tok) = &opts.token {
+            let f = data_dir.join("test-token");
+            std::fs::write(&f, tok).unwrap();
+            cmd.arg("--token-file").arg(&f);
+        }
+        if let Some((c, k)) = &opts.tls {
+            cmd.arg("--tls-cert").arg(c).arg("--tls-key").arg(k);
+        }
+        if let Some(a) = &opts.audit_log {
+            cmd.arg("--audit-log").arg(a);
+        }
+        let mut child = cmd.spawn().expect("start forkd-server");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(l)) => {
+                    if let Some(rest) = l.strip_prefix("forkd-server listening on ") {
+                        break rest.split("://").nth(1).unwrap().to_string();
+                    }
+                }
+                _ => {
+                    let status = child.wait();
+                    panic!("forkd-server exited before listening: {status:?}");
+                }
+            }
+            assert!(Instant::now() < deadline, "forkd-server did not start");
+        };
+        // Keep draining stdout so the daemon never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Daemon { child: Some(child), addr, data_dir, _tmp: tmp, token: opts.token, tls: opts.tls.is_some() }
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
+    }
+
+    /// A plain HTTP client (no token attached).
+    pub fn http(&self) -> reqwest::Client {
+        reqwest::Client::builder().timeout(Duration::from_secs(600)).build().unwrap()
+    }
+
+    /// `Authorization` header value, if the daemon has a token.
+    pub fn bearer(&self) -> Option<String> {
+        self.token.as_ref().map(|t| format!("Bearer {t}"))
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.auth(self.http().get(format!("{}{path}", self.http_url())))
+    }
+
+    pub fn post(&self, path: &str, body: serde_json::Value) -> reqwest::RequestBuilder {
+        self.auth(self.http().post(format!("{}{path}", self.http_url())).json(&body))
+    }
+
+    pub fn delete(&self, path: &str) -> reqwest::RequestBuilder {
+        self.auth(self.http().delete(format!("{}{path}", self.http_url())))
+    }
+
+    fn auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.bearer() {
+            Some(b) => rb.header("authorization", b),
+            None => rb,
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.expect("gRPC connect")
+    }
+
+    pub async fn snapshots(&self) -> SnapshotServiceClient<InterceptedService<Channel, Auth>> {
+        SnapshotServiceClient::with_interceptor(self.channel().await, Auth(self.bearer()))
+    }
+    pub async fn sandboxes(&self) -> SandboxServiceClient<InterceptedService<Channel, Auth>> {
+        SandboxServiceClient::with_interceptor(self.channel().await, Auth(self.bearer()))
+            .max_decoding_message_size(64 << 20)
+    }
+    pub async fn workspaces(&self) -> WorkspaceServiceClient<InterceptedService<Channel, Auth>> {
+        WorkspaceServiceClient::with_interceptor(self.channel().await, Auth(self.bearer()))
+    }
+    pub async fn system(&self) -> SystemServiceClient<InterceptedService<Channel, Auth>> {
+        SystemServiceClient::with_interceptor(self.channel().await, Auth(self.bearer()))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILLs the daemon (VMs keep running), for restart tests.
+    pub fn crash(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the daemon with SIGTERM.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+        // Whatever VMs this daemon's data dir still has must not outlive the test.
+        kill_vmms_under(&self.data_dir);
+    }
+}
+
+/// Pids of VMM processes whose command line mentions `dir`.
+pub fn vmms_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
+    let mut out = vec![];
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains("qemu-system") && cmd.contains(&needle) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+pub fn kill_vmms_under(dir: &Path) {
+    for pid in vmms_under(dir) {
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+}
+
+/// Adds the bearer token to every gRPC call.
+#[derive(Clone)]
+pub struct Auth(pub Option<String>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(b) = &self.0 {
+            req.metadata_mut().insert("authorization", b.parse().unwrap());
+        }
+        Ok(req)
+    }
+}

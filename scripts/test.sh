@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs forkd's whole test suite on this machine: prepares the host, builds
+# the workspace and the guest assets, then runs unit tests and the
+# integration tests, which start real daemons and boot real microVMs.
+# Needs root (QEMU, image building). Fails, never skips, when no accelerator
+# can run the guest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "test.sh: run as root (sudo scripts/test.sh)" >&2
+  exit 1
+fi
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "host setup"
+scripts/setup-host.sh
+
+step "build"
+cargo build --workspace --all-targets --locked
+
+step "guest assets"
+scripts/build-guest.sh
+
+step "accelerator"
+target_dir="${CARGO_TARGET_DIR:-target}"
+"$target_dir/debug/forkd-server" --help >/dev/null
+if ! qemu-system-x86_64 -accel help 2>/dev/null | grep -qx tcg && [ ! -r /dev/kvm ]; then
+  echo "test.sh: FAIL: neither KVM nor TCG is available to run the guest" >&2
+  exit 1
+fi
+
+step "tests"
+cargo test --workspace --locked

@@ -1,0 +1,72 @@
+//! Domain records → protobuf messages.
+
+use forkd_api::v1 as api;
+
+use crate::core::sandboxes::Sandbox;
+use crate::core::snapshots::SnapshotView;
+use crate::core::store::SandboxRecord;
+
+pub fn snapshot(v: &SnapshotView) -> api::Snapshot {
+    let r = &v.record;
+    api::Snapshot {
+        tag: r.tag.clone(),
+        status: r.status.as_str().into(),
+        status_reason: r.status_reason.clone(),
+        image: r.image.clone(),
+        vcpus: r.vcpus,
+        mem_mib: r.mem_mib,
+        kind: r.kind.clone(),
+        parent_tag: r.parent_tag.clone().unwrap_or_default(),
+        ancestors: v.ancestors.clone(),
+        dependents: v.dependents.clone(),
+        chain_depth: v.ancestors.len() as u32,
+        logical_size_bytes: r.mem_mib as u64 * 1024 * 1024,
+        physical_size_bytes: r.physical_size_bytes,
+        memory_digest: r.memory_digest.clone(),
+        state_digest: r.state_digest.clone(),
+        parent_memory_digest: r.parent_memory_digest.clone(),
+        created_at_unix: r.created_at_unix,
+        branched_from: r.branched_from.clone(),
+        pause_ms: r.pause_ms,
+        dirty_bytes: r.dirty_bytes,
+        backend: r.backend.clone(),
+        accel: r.accel.clone(),
+        volumes: r.volumes.clone(),
+        labels: r.labels.clone().into_iter().collect(),
+        live_sandboxes: v.live_sandboxes,
+        warm_ms: r.warm_ms,
+        runtime: r.runtime.clone(),
+    }
+}
+
+pub fn sandbox(r: &SandboxRecord, last_active: i64) -> api::Sandbox {
+    let s = &r.settings;
+    api::Sandbox {
+        id: r.id.clone(),
+        snapshot_tag: r.snapshot_tag.clone(),
+        pid: r.pid,
+        created_at_unix: r.created_at_unix,
+        status: r.status.clone(),
+        status_reason: r.status_reason.clone(),
+        hostname: r.hostname.clone(),
+        memory_limit_mib: s.memory_limit_mib,
+        cpu_quota: s.cpu_quota,
+        pids_limit: s.pids_limit,
+        network: if s.network.is_empty() { "none".into() } else { s.network.clone() },
+        allow: s.allow.clone(),
+        volumes: s.volumes.clone(),
+        labels: s.labels.clone().into_iter().collect(),
+        ttl_secs: s.ttl_secs,
+        idle_timeout_secs: s.idle_timeout_secs,
+        expires_at_unix: if s.ttl_secs > 0 { r.created_at_unix + s.ttl_secs as i64 } else { 0 },
+        spawn_ms: r.spawn_ms,
+        workspace: r.workspace.clone(),
+        backend: r.backend.clone(),
+        accel: r.accel.clone(),
+        last_active_unix: last_active,
+    }
+}
+
+pub fn live_sandbox(sb: &Sandbox) -> api::Sandbox {
+    sandbox(&sb.snapshot(), sb.last_active())
+}

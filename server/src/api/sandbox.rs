@@ -1,0 +1,444 @@
+//! SandboxService.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use forkd_agent_protocol::v1 as pb;
+use forkd_api::names::{SandboxId, Tag};
+use forkd_api::v1::{self as api, sandbox_service_server::SandboxService};
+use futures::Stream;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Services;
+use super::convert;
+use super::status::not_yet;
+use crate::agent::ExecEvent;
+use crate::core::Error;
+use crate::core::sandboxes::CreateSandboxes;
+use crate::core::store::SandboxSettings;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Default and largest exec timeouts.
+const DEFAULT_EXEC_SECS: u32 = 60;
+const MAX_EXEC_SECS: u32 = 24 * 3600;
+/// Largest file moved through the files API.
+pub const MAX_FILE_BYTES: u64 = 1 << 30;
+const FILE_CHUNK: u32 = 1 << 20;
+const FILE_OP_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn sandbox_id(v: &str) -> Result<SandboxId, Status> {
+    Ok(SandboxId::parse(v).map_err(Error::from)?)
+}
+
+fn guest_path(field: &str, p: &str) -> Result<String, Status> {
+    if p.is_empty() {
+        return Err(Error::invalid(field, "must not be empty").into());
+    }
+    if !p.starts_with('/') {
+        return Err(Error::invalid(field, format!("{p:?} must be an absolute guest path")).into());
+    }
+    if p.contains('\0') || p.len() > 4096 {
+        return Err(Error::invalid(field, "contains NUL or is longer than 4096 bytes").into());
+    }
+    Ok(p.to_string())
+}
+
+fn exec_request(r: &api::ExecRequest) -> Result<(SandboxId, pb::ExecRequest), Status> {
+    let id = sandbox_id(&r.id)?;
+    if r.args.is_empty() {
+        return Err(Error::invalid("args", "must name a command").into());
+    }
+    if r.timeout_secs > MAX_EXEC_SECS {
+        return Err(Error::invalid("timeout_secs", format!("{} exceeds {MAX_EXEC_SECS}", r.timeout_secs)).into());
+    }
+    let secs = if r.timeout_secs == 0 { DEFAULT_EXEC_SECS } else { r.timeout_secs };
+    Ok((
+        id,
+        pb::ExecRequest {
+            args: r.args.clone(),
+            env: r.env.clone(),
+            cwd: r.cwd.clone(),
+            timeout_ms: secs * 1000,
+            stdin: r.stdin.clone(),
+        },
+    ))
+}
+
+fn exit_response(x: &pb::ExecExit, stdout: String, stderr: String) -> api::ExecResponse {
+    api::ExecResponse {
+        stdout,
+        stderr,
+        exit_code: x.exit_code,
+        signal: x.signal,
+        timed_out: x.timed_out,
+        duration_ms: x.duration_us as f64 / 1000.0,
+    }
+}
+
+#[tonic::async_trait]
+impl SandboxService for Services {
+    async fn create_sandboxes(&self, r: Request<api::CreateSandboxesRequest>) -> Result<Response<api::CreateSandboxesResponse>, Status> {
+        let r = r.into_inner();
+        let tag = Tag::parse_field(&r.snapshot_tag, "snapshot_tag").map_err(Error::from)?;
+        for (set, what) in [
+            (r.memory_limit_mib > 0, "memory_limit_mib"),
+            (r.cpu_quota > 0.0, "cpu_quota"),
+            (r.pids_limit > 0, "pids_limit"),
+            (!r.volumes.is_empty(), "volumes"),
+            (r.prewarm, "prewarm"),
+            (r.hugepages, "hugepages"),
+            (r.per_child_netns, "per_child_netns"),
+            (!r.allow.is_empty(), "allow"),
+            (r.ttl_secs > 0, "ttl_secs"),
+            (r.idle_timeout_secs > 0, "idle_timeout_secs"),
+        ] {
+            if set {
+                return Err(not_yet(what));
+            }
+        }
+        if r.live_fork {
+            return Err(Status::unimplemented("live_fork is not supported by the QEMU backend: fork from a snapshot"));
+        }
+        match r.network.as_str() {
+            "" | "none" => {}
+            "nat" => return Err(not_yet("network \"nat\"")),
+            other => return Err(Error::invalid("network", format!("{other:?}: use \"none\" or \"nat\"")).into()),
+        }
+        let settings = SandboxSettings {
+            network: "none".into(),
+            labels: r.labels.into_iter().collect(),
+            ..Default::default()
+        };
+        let recs = self.rt.create_sandboxes(CreateSandboxes { tag, n: r.n.unwrap_or(1), settings }).await?;
+        let sandboxes = recs.iter().map(|r| convert::sandbox(r, r.created_at_unix)).collect();
+        Ok(Response::new(api::CreateSandboxesResponse { sandboxes }))
+    }
+
+    async fn list_sandboxes(&self, r: Request<api::ListSandboxesRequest>) -> Result<Response<api::ListSandboxesResponse>, Status> {
+        let r = r.into_inner();
+        let tag = if r.snapshot_tag.is_empty() {
+            None
+        } else {
+            Some(Tag::parse_field(&r.snapshot_tag, "snapshot_tag").map_err(Error::from)?)
+        };
+        let sandboxes = self
+            .rt
+            .list_sandboxes(tag.as_ref().map(|t| t.as_str()))
+            .await
+            .iter()
+            .map(|r| convert::sandbox(r, 0))
+            .collect();
+        Ok(Response::new(api::ListSandboxesResponse { sandboxes, next_page_token: String::new() }))
+    }
+
+    async fn get_sandbox(&self, r: Request<api::GetSandboxRequest>) -> Result<Response<api::Sandbox>, Status> {
+        let id = sandbox_id(&r.get_ref().id)?;
+        let sb = self.rt.sandbox(&id).await?;
+        Ok(Response::new(convert::live_sandbox(&sb)))
+    }
+
+    async fn delete_sandbox(&self, r: Request<api::DeleteSandboxRequest>) -> Result<Response<api::DeleteSandboxesResponse>, Status> {
+        let id = sandbox_id(&r.get_ref().id)?;
+        let deleted = self.rt.delete_sandboxes(&[id], None, false).await?;
+        Ok(Response::new(api::DeleteSandboxesResponse { deleted }))
+    }
+
+    async fn delete_sandboxes(&self, r: Request<api::DeleteSandboxesRequest>) -> Result<Response<api::DeleteSandboxesResponse>, Status> {
+        let r = r.into_inner();
+        let ids = r.ids.iter().map(|i| sandbox_id(i)).collect::<Result<Vec<_>, _>>()?;
+        let tag = if r.snapshot_tag.is_empty() {
+            None
+        } else {
+            Some(Tag::parse_field(&r.snapshot_tag, "snapshot_tag").map_err(Error::from)?)
+        };
+        if ids.is_empty() && tag.is_none() && !r.all {
+            return Err(Error::InvalidArgument("invalid ids: name sandboxes, a snapshot_tag, or set all".into()).into());
+        }
+        let deleted = self.rt.delete_sandboxes(&ids, tag.as_ref(), r.all).await?;
+        Ok(Response::new(api::DeleteSandboxesResponse { deleted }))
+    }
+
+    async fn exec(&self, r: Request<api::ExecRequest>) -> Result<Response<api::ExecResponse>, Status> {
+        let (id, req) = exec_request(r.get_ref())?;
+        let mut stream = self.rt.exec(&id, req).await?;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        loop {
+            match stream.next().await.map_err(Error::from)? {
+                Some(ExecEvent::Stdout(d)) => out.extend(d),
+                Some(ExecEvent::Stderr(d)) => err.extend(d),
+                Some(ExecEvent::Exit(x)) => {
+                    return Ok(Response::new(exit_response(
+                        &x,
+                        String::from_utf8_lossy(&out).into_owned(),
+                        String::from_utf8_lossy(&err).into_owned(),
+                    )));
+                }
+                None => return Err(Status::internal("exec ended without an exit status")),
+            }
+        }
+    }
+
+    type ExecStreamStream = BoxStream<api::ExecEvent>;
+
+    async fn exec_stream(&self, r: Request<api::ExecRequest>) -> Result<Response<Self::ExecStreamStream>, Status> {
+        let (id, req) = exec_request(r.get_ref())?;
+        let mut stream = self.rt.exec(&id, req).await?;
+        let out = async_stream(move |tx| async move {
+            loop {
+                let ev = match stream.next().await {
+                    Ok(Some(ExecEvent::Stdout(d))) => api::exec_event::Event::Stdout(d),
+                    Ok(Some(ExecEvent::Stderr(d))) => api::exec_event::Event::Stderr(d),
+                    Ok(Some(ExecEvent::Exit(x))) => api::exec_event::Event::Exit(exit_response(&x, String::new(), String::new())),
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(Error::from(e)))).await;
+                        break;
+                    }
+                };
+                if tx.send(Ok(api::ExecEvent { event: Some(ev) })).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(out))
+    }
+
+    type ExecInteractiveStream = BoxStream<api::ExecEvent>;
+
+    async fn exec_interactive(&self, _r: Request<Streaming<api::ExecInput>>) -> Result<Response<Self::ExecInteractiveStream>, Status> {
+        Err(not_yet("ExecInteractive"))
+    }
+
+    async fn eval(&self, r: Request<api::EvalRequest>) -> Result<Response<api::EvalResponse>, Status> {
+        let r = r.into_inner();
+        let id = sandbox_id(&r.id)?;
+        if r.timeout_secs > MAX_EXEC_SECS {
+            return Err(Error::invalid("timeout_secs", format!("{} exceeds {MAX_EXEC_SECS}", r.timeout_secs)).into());
+        }
+        let secs = if r.timeout_secs == 0 { DEFAULT_EXEC_SECS } else { r.timeout_secs };
+        let res = self.rt.eval(&id, r.code, Duration::from_secs(secs as u64)).await?;
+        Ok(Response::new(api::EvalResponse {
+            result: res.result,
+            error: res.error,
+            exit_code: res.exit_code,
+            stdout: res.stdout,
+            stderr: res.stderr,
+        }))
+    }
+
+    async fn ping(&self, r: Request<api::PingRequest>) -> Result<Response<api::PingResponse>, Status> {
+        let id = sandbox_id(&r.get_ref().id)?;
+        let (p, took) = self.rt.ping(&id).await?;
+        Ok(Response::new(api::PingResponse {
+            ok: true,
+            latency_ms: took.as_secs_f64() * 1000.0,
+            uptime_secs: p.uptime_secs,
+            runtime_ready: p.runtime_ready,
+        }))
+    }
+
+    async fn branch(&self, r: Request<api::BranchRequest>) -> Result<Response<api::Snapshot>, Status> {
+        sandbox_id(&r.get_ref().id)?;
+        Err(not_yet("Branch"))
+    }
+
+    type ReadFileStream = BoxStream<api::DataChunk>;
+
+    async fn read_file(&self, r: Request<api::ReadFileRequest>) -> Result<Response<Self::ReadFileStream>, Status> {
+        let r = r.into_inner();
+        let id = sandbox_id(&r.id)?;
+        let path = guest_path("path", &r.path)?;
+        let sb = self.rt.agent_of(&id).await?;
+        // Fail before streaming when the file is missing or too large.
+        let st = sb.agent.stat(path.clone(), FILE_OP_TIMEOUT).await.map_err(Error::from)?;
+        if st.is_dir {
+            return Err(Error::invalid("path", format!("{path} is a directory")).into());
+        }
+        if st.size > MAX_FILE_BYTES {
+            return Err(Status::resource_exhausted(format!("{path} is {} bytes, more than the {MAX_FILE_BYTES} limit", st.size)));
+        }
+        let out = async_stream(move |tx| async move {
+            let mut offset = 0u64;
+            loop {
+                let req = pb::ReadFileRequest { path: path.clone(), offset, length: FILE_CHUNK };
+                match sb.agent.read_file(req, FILE_OP_TIMEOUT).await {
+                    Ok(d) => {
+                        offset += d.data.len() as u64;
+                        let eof = d.eof || d.data.is_empty();
+                        if !d.data.is_empty() && tx.send(Ok(api::DataChunk { data: d.data })).await.is_err() {
+                            break;
+                        }
+                        if eof {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(Error::from(e)))).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(out))
+    }
+
+    async fn write_file(&self, r: Request<Streaming<api::WriteFileRequest>>) -> Result<Response<api::FileInfo>, Status> {
+        let mut input = r.into_inner();
+        let first = input
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("invalid request: empty stream, the first message must carry id and path"))?;
+        let id = sandbox_id(&first.id)?;
+        let path = guest_path("path", &first.path)?;
+        let sb = self.rt.agent_of(&id).await?;
+        let upload_id = crate::core::ids::nonce();
+        let mode = if first.mode == 0 { 0o644 } else { first.mode };
+        let mut offset = 0u64;
+        let mut hasher = Sha256::new();
+        let mut pending = Some(first.data);
+        let mut is_first = true;
+        loop {
+            let data = match pending.take() {
+                Some(d) => d,
+                None => match input.message().await? {
+                    Some(m) => m.data,
+                    None => break,
+                },
+            };
+            if offset + data.len() as u64 > MAX_FILE_BYTES {
+                return Err(Status::resource_exhausted(format!("file exceeds the {MAX_FILE_BYTES}-byte limit")));
+            }
+            for chunk in data.chunks(FILE_CHUNK as usize) {
+                hasher.update(chunk);
+                sb.agent
+                    .write_file(
+                        pb::WriteFileRequest {
+                            path: path.clone(),
+                            offset,
+                            data: chunk.to_vec(),
+                            first: is_first,
+                            last: false,
+                            mode,
+                            upload_id: upload_id.clone(),
+                        },
+                        FILE_OP_TIMEOUT,
+                    )
+                    .await
+                    .map_err(Error::from)?;
+                is_first = false;
+                offset += chunk.len() as u64;
+            }
+        }
+        sb.agent
+            .write_file(
+                pb::WriteFileRequest {
+                    path: path.clone(),
+                    offset,
+                    data: vec![],
+                    first: is_first,
+                    last: true,
+                    mode,
+                    upload_id,
+                },
+                FILE_OP_TIMEOUT,
+            )
+            .await
+            .map_err(Error::from)?;
+        let st = sb.agent.stat(path, FILE_OP_TIMEOUT).await.map_err(Error::from)?;
+        let mut info = file_info(st);
+        info.digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+        Ok(Response::new(info))
+    }
+
+    async fn list_files(&self, r: Request<api::ListFilesRequest>) -> Result<Response<api::ListFilesResponse>, Status> {
+        let r = r.into_inner();
+        let id = sandbox_id(&r.id)?;
+        let path = guest_path("path", if r.path.is_empty() { "/" } else { &r.path })?;
+        let sb = self.rt.agent_of(&id).await?;
+        let l = sb.agent.list_dir(path, FILE_OP_TIMEOUT).await.map_err(Error::from)?;
+        Ok(Response::new(api::ListFilesResponse { entries: l.entries.into_iter().map(file_info).collect() }))
+    }
+
+    async fn stat_file(&self, r: Request<api::StatFileRequest>) -> Result<Response<api::FileInfo>, Status> {
+        let r = r.into_inner();
+        let id = sandbox_id(&r.id)?;
+        let path = guest_path("path", &r.path)?;
+        let sb = self.rt.agent_of(&id).await?;
+        let st = sb.agent.stat(path, FILE_OP_TIMEOUT).await.map_err(Error::from)?;
+        Ok(Response::new(file_info(st)))
+    }
+
+    async fn remove_file(&self, r: Request<api::RemoveFileRequest>) -> Result<Response<api::RemoveFileResponse>, Status> {
+        let r = r.into_inner();
+        let id = sandbox_id(&r.id)?;
+        let path = guest_path("path", &r.path)?;
+        if path == "/" {
+            return Err(Error::invalid("path", "refusing to remove /").into());
+        }
+        let sb = self.rt.agent_of(&id).await?;
+        sb.agent.remove(path, r.recursive, FILE_OP_TIMEOUT).await.map_err(Error::from)?;
+        Ok(Response::new(api::RemoveFileResponse {}))
+    }
+
+    type WatchEventsStream = BoxStream<api::Event>;
+
+    async fn watch_events(&self, r: Request<api::WatchEventsRequest>) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let f = r.into_inner();
+        let mut rx = self.rt.events.subscribe();
+        let out = async_stream(move |tx| async move {
+            loop {
+                let ev = match rx.recv().await {
+                    Ok(ev) => ev,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => break,
+                };
+                let keep = (f.sandbox_id.is_empty() || f.sandbox_id == ev.sandbox_id)
+                    && (f.workspace.is_empty() || f.workspace == ev.workspace)
+                    && (f.snapshot_tag.is_empty() || f.snapshot_tag == ev.snapshot_tag);
+                if !keep {
+                    continue;
+                }
+                let msg = api::Event {
+                    kind: ev.kind.into(),
+                    sandbox_id: ev.sandbox_id,
+                    workspace: ev.workspace,
+                    snapshot_tag: ev.snapshot_tag,
+                    reason: ev.reason,
+                    at_unix_ms: ev.at_unix_ms,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(out))
+    }
+}
+
+fn file_info(s: pb::FileStat) -> api::FileInfo {
+    api::FileInfo {
+        name: s.name,
+        path: s.path,
+        size: s.size,
+        mode: s.mode,
+        is_dir: s.is_dir,
+        is_symlink: s.is_symlink,
+        mtime_unix: s.mtime_unix,
+        digest: String::new(),
+    }
+}
+
+/// A response stream fed by a task; the task stops when the client goes away.
+fn async_stream<T, F, Fut>(f: F) -> BoxStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+

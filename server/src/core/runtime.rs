@@ -1,0 +1,187 @@
+//! The runtime ties the store, the VMM backend, the guest assets and the live
+//! sandboxes together. The API layer holds one `Arc<Runtime>`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::RwLock;
+
+use super::events::Events;
+use super::sandboxes::Sandbox;
+use super::store::Store;
+use super::{Error, Result};
+use crate::memory::Layout;
+use crate::vmm::Backend;
+use crate::vmm::accel::AccelDecision;
+
+/// The guest kernel, initramfs and images produced by scripts/build-guest.sh.
+#[derive(Debug, Clone)]
+pub struct GuestAssets {
+    pub dir: PathBuf,
+}
+
+/// How a named image is run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageInfo {
+    pub path: PathBuf,
+    pub runtime: String,
+    pub warm: String,
+}
+
+impl GuestAssets {
+    pub fn kernel(&self) -> PathBuf {
+        self.dir.join("vmlinux")
+    }
+    pub fn initrd(&self) -> PathBuf {
+        self.dir.join("initramfs.img")
+    }
+
+    /// Resolves `image` ("python", "minimal" or an absolute path to an image
+    /// file) to a file and the runtime it carries.
+    pub fn image(&self, image: &str) -> Result<ImageInfo> {
+        if image.is_empty() {
+            return Err(Error::invalid("image", "must not be empty (use \"python\", \"minimal\" or a path)"));
+        }
+        if image.starts_with('/') {
+            let path = Path::new(image);
+            if path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                return Err(Error::invalid("image", "path must not contain '..'"));
+            }
+            let meta = std::fs::metadata(path)
+                .map_err(|e| Error::invalid("image", format!("{image}: {e}")))?;
+            if !meta.is_file() {
+                return Err(Error::invalid("image", format!("{image} is not a regular file")));
+            }
+            return Ok(ImageInfo { path: path.to_path_buf(), runtime: "auto".into(), warm: String::new() });
+        }
+        let (runtime, warm) = match image {
+            "python" => ("python", "numpy"),
+            "minimal" => ("none", ""),
+            _ => {
+                return Err(Error::invalid(
+                    "image",
+                    format!("{image:?}: use \"python\", \"minimal\" or an absolute path to an image file"),
+                ));
+            }
+        };
+        let path = self.dir.join("images").join(format!("{image}.ext4"));
+        if !path.is_file() {
+            return Err(Error::FailedPrecondition(format!(
+                "image {image:?} is not built: {} is missing (run scripts/build-guest.sh)",
+                path.display()
+            )));
+        }
+        Ok(ImageInfo { path, runtime: runtime.into(), warm: warm.into() })
+    }
+
+    pub fn check(&self) -> Result<()> {
+        for f in [self.kernel(), self.initrd()] {
+            if !f.is_file() {
+                return Err(Error::FailedPrecondition(format!(
+                    "guest asset {} is missing (run scripts/build-guest.sh)",
+                    f.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Tunables of the runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Concurrent VMM starts while forking many children.
+    pub spawn_concurrency: usize,
+    /// Host TSC frequency passed to the guest kernel (kHz).
+    pub tsc_khz: u64,
+}
+
+pub struct Runtime {
+    pub layout: Layout,
+    pub store: Store,
+    pub backend: Arc<dyn Backend>,
+    pub accel: AccelDecision,
+    pub guest: GuestAssets,
+    pub config: RuntimeConfig,
+    pub events: Events,
+    pub(crate) sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
+    /// Snapshot tags with a deletion in progress.
+    pub(crate) busy_tags: std::sync::Mutex<std::collections::HashSet<String>>,
+    live_count_cache: std::sync::atomic::AtomicUsize,
+}
+
+impl Runtime {
+    pub async fn open(
+        data_dir: PathBuf,
+        guest: GuestAssets,
+        backend: Arc<dyn Backend>,
+        accel: AccelDecision,
+        config: RuntimeConfig,
+    ) -> Result<Arc<Self>> {
+        let layout = Layout::new(data_dir);
+        layout
+            .create()
+            .map_err(|e| Error::internal(&format!("create data dir {}", layout.root().display()), e))?;
+        let store = Store::open(&layout.db())?;
+        let rt = Arc::new(Runtime {
+            layout,
+            store,
+            backend,
+            accel,
+            guest,
+            config,
+            events: Events::default(),
+            sandboxes: RwLock::new(HashMap::new()),
+            busy_tags: Default::default(),
+            live_count_cache: Default::default(),
+        });
+        rt.recover().await?;
+        Ok(rt)
+    }
+
+    /// Brings the store and the host back in agreement after a (re)start:
+    /// snapshots caught mid-write are failed and their staging removed, live
+    /// VMMs are adopted, dead ones reaped, unknown work dirs removed.
+    async fn recover(self: &Arc<Self>) -> Result<()> {
+        for mut snap in self.store.list_snapshots()? {
+            if snap.status == super::store::SnapshotStatus::Writing {
+                snap.status = super::store::SnapshotStatus::Failed;
+                snap.status_reason = "the daemon stopped while the snapshot was being written".into();
+                self.store.update_snapshot(&snap)?;
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(self.layout.staging_dir()) {
+            for e in rd.flatten() {
+                let _ = self.layout.remove_dir(&e.path());
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(self.layout.trash_dir()) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        self.adopt_sandboxes().await
+    }
+
+    pub fn snapshot_count(&self) -> usize {
+        self.store.list_snapshots().map(|v| v.len()).unwrap_or(0)
+    }
+
+    pub async fn live_sandbox_count(&self) -> usize {
+        self.sandboxes.read().await.len()
+    }
+
+    /// The live sandbox count without waiting (for metric callbacks, which
+    /// cannot await): the last known value while the map is being changed.
+    pub fn live_sandbox_count_now(&self) -> usize {
+        use std::sync::atomic::Ordering;
+        match self.sandboxes.try_read() {
+            Ok(m) => {
+                self.live_count_cache.store(m.len(), Ordering::Relaxed);
+                m.len()
+            }
+            Err(_) => self.live_count_cache.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,442 @@
+//! Sandboxes: forking children from a ready snapshot, giving each its own
+//! identity, running work inside them, and killing them without leaving
+//! anything behind.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use forkd_agent_protocol::v1 as pb;
+use forkd_api::names::{SandboxId, Tag};
+use futures::stream::{self, StreamExt};
+use tokio::sync::Mutex;
+
+use super::runtime::Runtime;
+use super::store::{SandboxRecord, SandboxSettings, SnapshotStatus};
+use super::{Error, Result, ids, now_unix};
+use crate::agent::{AgentClient, ExecStream};
+use crate::vmm::{VmControl, VmDir, VmProcess, process};
+
+/// Most children one CreateSandboxes call may fork.
+pub const MAX_CHILDREN: u32 = 1000;
+const AGENT_CONNECT: Duration = Duration::from_secs(10);
+const REINIT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A live child VM.
+pub struct Sandbox {
+    pub id: SandboxId,
+    pub pid: u32,
+    pub start_time: u64,
+    pub dir: VmDir,
+    pub record: std::sync::Mutex<SandboxRecord>,
+    pub agent: AgentClient,
+    pub control: Mutex<Box<dyn VmControl>>,
+    /// Set once a kill was requested, so the exit watcher does not report
+    /// an intentional kill as an unexpected exit.
+    killing: AtomicBool,
+    last_active: AtomicI64,
+}
+
+impl Sandbox {
+    pub fn snapshot(&self) -> SandboxRecord {
+        self.record.lock().unwrap().clone()
+    }
+
+    fn touch(&self) {
+        self.last_active.store(now_unix(), Ordering::Relaxed);
+    }
+
+    pub fn last_active(&self) -> i64 {
+        self.last_active.load(Ordering::Relaxed)
+    }
+
+    /// The agent, if the sandbox is running.
+    fn live_agent(&self) -> Result<&AgentClient> {
+        let rec = self.record.lock().unwrap();
+        if rec.status != "running" {
+            return Err(Error::FailedPrecondition(format!(
+                "sandbox {} is {}{}",
+                rec.id,
+                rec.status,
+                if rec.status_reason.is_empty() { String::new() } else { format!(": {}", rec.status_reason) }
+            )));
+        }
+        drop(rec);
+        self.touch();
+        Ok(&self.agent)
+    }
+}
+
+/// Validated arguments of CreateSandboxes.
+pub struct CreateSandboxes {
+    pub tag: Tag,
+    pub n: u32,
+    pub settings: SandboxSettings,
+}
+
+impl Runtime {
+    pub async fn create_sandboxes(self: &Arc<Self>, req: CreateSandboxes) -> Result<Vec<SandboxRecord>> {
+        if req.n == 0 || req.n > MAX_CHILDREN {
+            return Err(Error::invalid("n", format!("{} is outside 1..={MAX_CHILDREN}", req.n)));
+        }
+        let snap = self.get_snapshot(&req.tag)?;
+        if snap.status != SnapshotStatus::Ready {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {:?} is {}, only ready snapshots can be forked{}",
+                snap.tag,
+                snap.status.as_str(),
+                if snap.status_reason.is_empty() { String::new() } else { format!(" ({})", snap.status_reason) }
+            )));
+        }
+        if self.busy_tags.lock().unwrap().contains(&snap.tag) {
+            return Err(Error::FailedPrecondition(format!("snapshot {:?} is being deleted", snap.tag)));
+        }
+        let spec = snap
+            .vm
+            .clone()
+            .ok_or_else(|| Error::FailedPrecondition(format!("snapshot {:?} has no VM configuration", snap.tag)))?;
+        let state = self.layout.snapshot_dir(&req.tag).join("state");
+        let results: Vec<Result<Arc<Sandbox>>> = stream::iter(0..req.n)
+            .map(|_| {
+                let spec = spec.clone();
+                let state = state.clone();
+                let settings = req.settings.clone();
+                let tag = snap.tag.clone();
+                async move { self.spawn_one(&tag, &spec, &state, settings).await }
+            })
+            .buffer_unordered(self.config.spawn_concurrency.max(1))
+            .collect()
+            .await;
+        let mut ok = vec![];
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(sb) => ok.push(sb),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            // All or nothing.
+            for sb in ok {
+                self.kill_sandbox(&sb).await;
+            }
+            return Err(match e {
+                Error::Internal(m) => Error::Internal(format!("forking from {:?} failed: {m}", snap.tag)),
+                other => other,
+            });
+        }
+        let mut map = self.sandboxes.write().await;
+        let mut out = vec![];
+        for sb in ok {
+            out.push(sb.snapshot());
+            map.insert(sb.id.to_string(), sb);
+        }
+        Ok(out)
+    }
+
+    async fn spawn_one(
+        self: &Arc<Self>,
+        tag: &str,
+        spec: &crate::vmm::VmSpec,
+        state: &std::path::Path,
+        settings: SandboxSettings,
+    ) -> Result<Arc<Sandbox>> {
+        let started = Instant::now();
+        let id = ids::new_sandbox_id();
+        let dir = VmDir(self.layout.sandbox_dir(&id));
+        let dir_key = dir.path().display().to_string();
+        self.store.ledger_add("workdir", &dir_key, id.as_str())?;
+        if let Err(e) = std::fs::create_dir_all(dir.path()) {
+            let _ = self.store.ledger_remove("workdir", &dir_key);
+            return Err(Error::internal("create sandbox dir", e));
+        }
+        let vm = match self.backend.restore(spec, state, &dir).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                self.remove_workdir(&dir);
+                return Err(e.into());
+            }
+        };
+        let hostname = id.as_str().to_string();
+        let record = SandboxRecord {
+            id: id.to_string(),
+            snapshot_tag: tag.to_string(),
+            pid: vm.pid,
+            pid_start: vm.start_time,
+            created_at_unix: now_unix(),
+            status: "starting".into(),
+            status_reason: String::new(),
+            hostname: hostname.clone(),
+            settings,
+            workspace: String::new(),
+            spawn_ms: 0.0,
+            workdir: dir_key.clone(),
+            backend: self.backend.name().into(),
+            accel: self.accel.accel.as_str().into(),
+        };
+        self.store.ledger_add("vmm", &format!("{}:{}", vm.pid, vm.start_time), id.as_str())?;
+        self.store.put_sandbox(&record)?;
+        let VmProcess { pid, start_time, control, child, .. } = vm;
+        let setup = async {
+            let agent = AgentClient::connect(&dir.agent_socket(), AGENT_CONNECT).await?;
+            let mut control = control;
+            control.resume().await?;
+            let mut entropy = vec![0u8; 64];
+            rand::fill(&mut entropy[..]);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or(0);
+            agent
+                .reinit(
+                    pb::ReinitRequest {
+                        sandbox_id: id.to_string(),
+                        hostname: hostname.clone(),
+                        entropy,
+                        unix_nanos: now,
+                        network: None,
+                    },
+                    REINIT_TIMEOUT,
+                )
+                .await?;
+            Ok::<_, Error>((agent, control))
+        };
+        let (agent, control) = match setup.await {
+            Ok(v) => v,
+            Err(e) => {
+                process::kill(pid, start_time, Duration::from_secs(5)).await;
+                if let Some(mut c) = child {
+                    let _ = c.wait().await;
+                }
+                let _ = self.store.ledger_remove("vmm", &format!("{pid}:{start_time}"));
+                let _ = self.store.delete_sandbox(id.as_str());
+                self.remove_workdir(&dir);
+                return Err(e);
+            }
+        };
+        let mut record = record;
+        record.status = "running".into();
+        record.spawn_ms = started.elapsed().as_secs_f64() * 1000.0;
+        self.store.put_sandbox(&record)?;
+        let sb = Arc::new(Sandbox {
+            id: id.clone(),
+            pid,
+            start_time,
+            dir,
+            record: std::sync::Mutex::new(record),
+            agent,
+            control: Mutex::new(control),
+            killing: AtomicBool::new(false),
+            last_active: AtomicI64::new(now_unix()),
+        });
+        if let Some(child) = child {
+            self.watch_exit(sb.clone(), child);
+        }
+        self.events.emit("created", id.as_str(), tag, "");
+        self.events.emit("ready", id.as_str(), tag, "");
+        Ok(sb)
+    }
+
+    /// Marks the sandbox exited with a reason when its VMM dies on its own.
+    fn watch_exit(self: &Arc<Self>, sb: Arc<Sandbox>, mut child: tokio::process::Child) {
+        let rt = self.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            if sb.killing.load(Ordering::SeqCst) {
+                return;
+            }
+            let reason = match status {
+                Ok(s) => format!("the VMM exited on its own ({s})"),
+                Err(e) => format!("the VMM could not be waited for: {e}"),
+            };
+            let rec = {
+                let mut rec = sb.record.lock().unwrap();
+                rec.status = "exited".into();
+                rec.status_reason = reason.clone();
+                rec.clone()
+            };
+            let _ = rt.store.put_sandbox(&rec);
+            let _ = rt.store.ledger_remove("vmm", &format!("{}:{}", sb.pid, sb.start_time));
+            rt.events.emit("exited", sb.id.as_str(), &rec.snapshot_tag, &reason);
+        });
+    }
+
+    fn remove_workdir(&self, dir: &VmDir) {
+        let key = dir.path().display().to_string();
+        if self.layout.remove_dir(dir.path()).is_ok() {
+            let _ = self.store.ledger_remove("workdir", &key);
+        }
+    }
+
+    /// Kills the VMM and removes every trace of the sandbox. Idempotent.
+    async fn kill_sandbox(&self, sb: &Sandbox) {
+        sb.killing.store(true, Ordering::SeqCst);
+        process::kill(sb.pid, sb.start_time, Duration::from_secs(5)).await;
+        let _ = self.store.ledger_remove("vmm", &format!("{}:{}", sb.pid, sb.start_time));
+        self.remove_workdir(&sb.dir);
+        let _ = self.store.delete_sandbox(sb.id.as_str());
+        let tag = sb.record.lock().unwrap().snapshot_tag.clone();
+        self.events.emit("killed", sb.id.as_str(), &tag, "");
+    }
+
+    pub async fn sandbox(&self, id: &SandboxId) -> Result<Arc<Sandbox>> {
+        self.sandboxes
+            .read()
+            .await
+            .get(id.as_str())
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("sandbox {} not found", id.as_str())))
+    }
+
+    pub async fn sandboxes_of(&self, tag: &str) -> Vec<String> {
+        let map = self.sandboxes.read().await;
+        let mut ids: Vec<String> = map
+            .values()
+            .filter(|s| s.record.lock().unwrap().snapshot_tag == tag)
+            .map(|s| s.id.to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    pub async fn list_sandboxes(&self, tag: Option<&str>) -> Vec<SandboxRecord> {
+        let map = self.sandboxes.read().await;
+        let mut out: Vec<SandboxRecord> = map
+            .values()
+            .map(|s| s.snapshot())
+            .filter(|r| tag.is_none_or(|t| r.snapshot_tag == t))
+            .collect();
+        out.sort_by(|a, b| (a.created_at_unix, &a.id).cmp(&(b.created_at_unix, &b.id)));
+        out
+    }
+
+    /// Deletes the given sandboxes; unknown ids are skipped (idempotent).
+    pub async fn delete_sandboxes(&self, ids: &[SandboxId], tag: Option<&Tag>, all: bool) -> Result<Vec<String>> {
+        let victims: Vec<Arc<Sandbox>> = {
+            let mut map = self.sandboxes.write().await;
+            let keys: Vec<String> = map
+                .iter()
+                .filter(|(k, s)| {
+                    all || ids.iter().any(|i| i.as_str() == k.as_str())
+                        || tag.is_some_and(|t| s.record.lock().unwrap().snapshot_tag == t.as_str())
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| map.remove(k)).collect()
+        };
+        let mut deleted: Vec<String> = stream::iter(victims)
+            .map(|sb| async move {
+                self.kill_sandbox(&sb).await;
+                sb.id.to_string()
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        deleted.sort();
+        Ok(deleted)
+    }
+
+    pub async fn exec(&self, id: &SandboxId, req: pb::ExecRequest) -> Result<ExecStream> {
+        if req.args.is_empty() {
+            return Err(Error::invalid("args", "must name a command"));
+        }
+        let sb = self.sandbox(id).await?;
+        Ok(sb.live_agent()?.exec(req).await?)
+    }
+
+    pub async fn eval(&self, id: &SandboxId, code: String, timeout: Duration) -> Result<pb::EvalResult> {
+        let sb = self.sandbox(id).await?;
+        let r = sb
+            .live_agent()?
+            .eval(pb::EvalRequest { code, timeout_ms: timeout.as_millis() as u32 }, timeout + Duration::from_secs(5))
+            .await?;
+        Ok(r)
+    }
+
+    pub async fn ping(&self, id: &SandboxId) -> Result<(pb::Pong, Duration)> {
+        let sb = self.sandbox(id).await?;
+        let t = Instant::now();
+        let p = sb.live_agent()?.ping(Duration::from_secs(10)).await?;
+        Ok((p, t.elapsed()))
+    }
+
+    /// The live agent of a sandbox (for file operations).
+    pub async fn agent_of(&self, id: &SandboxId) -> Result<Arc<Sandbox>> {
+        let sb = self.sandbox(id).await?;
+        sb.live_agent()?;
+        Ok(sb)
+    }
+
+    /// After a restart: reattach to VMMs that are still running, reap the
+    /// records of those that are gone, remove work dirs nobody owns.
+    pub(crate) async fn adopt_sandboxes(self: &Arc<Self>) -> Result<()> {
+        let mut known = std::collections::HashSet::new();
+        for rec in self.store.list_sandboxes()? {
+            let Ok(id) = SandboxId::parse(&rec.id) else {
+                let _ = self.store.delete_sandbox(&rec.id);
+                continue;
+            };
+            let dir = VmDir(self.layout.sandbox_dir(&id));
+            let adopted = if rec.status == "running" && process::is_alive(rec.pid, rec.pid_start) {
+                self.adopt_one(&rec, &id, &dir).await
+            } else {
+                Err(Error::Unavailable("not running".into()))
+            };
+            match adopted {
+                Ok(sb) => {
+                    known.insert(rec.id.clone());
+                    self.sandboxes.write().await.insert(rec.id.clone(), sb);
+                    tracing::info!(id = %rec.id, pid = rec.pid, "adopted sandbox");
+                }
+                Err(e) => {
+                    tracing::info!(id = %rec.id, "reaping sandbox: {e}");
+                    process::kill(rec.pid, rec.pid_start, Duration::from_secs(5)).await;
+                    let _ = self.store.ledger_remove("vmm", &format!("{}:{}", rec.pid, rec.pid_start));
+                    self.remove_workdir(&dir);
+                    let _ = self.store.delete_sandbox(&rec.id);
+                }
+            }
+        }
+        // Ledgered VMMs that no sandbox record owns (a crash between spawn
+        // and record): kill them.
+        for entry in self.store.ledger_entries()? {
+            if entry.kind == "vmm" && !known.contains(&entry.owner) {
+                if let Some((pid, start)) = entry.key.split_once(':')
+                    && let (Ok(pid), Ok(start)) = (pid.parse(), start.parse())
+                {
+                    process::kill(pid, start, Duration::from_secs(5)).await;
+                }
+                let _ = self.store.ledger_remove("vmm", &entry.key);
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(self.layout.sandboxes_dir()) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !known.contains(&name) {
+                    let _ = self.layout.remove_dir(&e.path());
+                    let _ = self.store.ledger_remove("workdir", &e.path().display().to_string());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn adopt_one(self: &Arc<Self>, rec: &SandboxRecord, id: &SandboxId, dir: &VmDir) -> Result<Arc<Sandbox>> {
+        let vm = self.backend.attach(rec.pid, rec.pid_start, dir).await?;
+        let agent = AgentClient::connect(&dir.agent_socket(), Duration::from_secs(2)).await?;
+        agent.ping(Duration::from_secs(5)).await?;
+        Ok(Arc::new(Sandbox {
+            id: id.clone(),
+            pid: rec.pid,
+            start_time: rec.pid_start,
+            dir: dir.clone(),
+            record: std::sync::Mutex::new(rec.clone()),
+            agent,
+            control: Mutex::new(vm.control),
+            killing: AtomicBool::new(false),
+            last_active: AtomicI64::new(now_unix()),
+        }))
+    }
+}

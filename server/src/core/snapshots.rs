@@ -1,0 +1,311 @@
+//! Snapshots: booting and warming a base snapshot, reading chain information,
+//! and deleting (with dependents and live children taken into account).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forkd_api::names::Tag;
+
+use super::runtime::{ImageInfo, Runtime};
+use super::store::{SnapshotRecord, SnapshotStatus};
+use super::{Error, Result, ids, now_unix};
+use crate::agent::AgentClient;
+use crate::memory::{digest, layout};
+use crate::vmm::{VmDir, VmSpec, process};
+
+/// Kernel command line flags that make a microVM boot fast and reliably
+/// under TCG (see QEMU-NOTES.md): quiet console, a fixed TSC frequency, and
+/// slow initcalls skipped.
+const BASE_CMDLINE: &str = "console=ttyS0 quiet tsc=reliable no_timer_check nowatchdog \
+cryptomgr.notests audit=0 \
+initcall_blacklist=jent_mod_init,load_system_certificate_list,bpf_tcp_ca_kfunc_init,\
+bpf_dummy_struct_ops_init,init_encrypted,crypto_kdf108_init";
+
+pub fn kernel_cmdline(tsc_khz: u64, image: &ImageInfo) -> String {
+    let mut s = format!("{BASE_CMDLINE} tsc_early_khz={tsc_khz} forkd.runtime={}", image.runtime);
+    if !image.warm.is_empty() {
+        s.push_str(&format!(" forkd.warm={}", image.warm));
+    }
+    s
+}
+
+/// Validated arguments of CreateSnapshot.
+pub struct CreateSnapshot {
+    pub tag: Tag,
+    pub image: String,
+    pub vcpus: u32,
+    pub mem_mib: u32,
+    pub warm_timeout: Duration,
+    pub warm_eval: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// What GetSnapshot reports beyond the stored record.
+pub struct SnapshotView {
+    pub record: SnapshotRecord,
+    pub ancestors: Vec<String>,
+    pub dependents: Vec<String>,
+    pub live_sandboxes: u32,
+}
+
+impl Runtime {
+    pub async fn create_snapshot(self: &Arc<Self>, req: CreateSnapshot) -> Result<SnapshotRecord> {
+        if !(1..=64).contains(&req.vcpus) {
+            return Err(Error::invalid("vcpus", format!("{} is outside 1..=64", req.vcpus)));
+        }
+        if !(64..=65536).contains(&req.mem_mib) {
+            return Err(Error::invalid("mem_mib", format!("{} is outside 64..=65536", req.mem_mib)));
+        }
+        self.guest.check()?;
+        let image = self.guest.image(&req.image)?;
+        let final_dir = self.layout.snapshot_dir(&req.tag);
+        let staging = self.layout.staging_for(&req.tag, &ids::nonce());
+        let spec = VmSpec {
+            kernel: self.guest.kernel(),
+            initrd: self.guest.initrd(),
+            cmdline: kernel_cmdline(self.config.tsc_khz, &image),
+            rootfs: image.path.clone(),
+            mem_mib: req.mem_mib,
+            vcpus: req.vcpus,
+            accel: self.accel.accel,
+            mem_file: final_dir.join("mem"),
+            drives: vec![],
+        };
+        let rec = SnapshotRecord {
+            tag: req.tag.to_string(),
+            status: SnapshotStatus::Writing,
+            status_reason: String::new(),
+            image: req.image.clone(),
+            vcpus: req.vcpus,
+            mem_mib: req.mem_mib,
+            kind: "base".into(),
+            parent_tag: None,
+            created_at_unix: now_unix(),
+            memory_digest: String::new(),
+            state_digest: String::new(),
+            parent_memory_digest: String::new(),
+            branched_from: String::new(),
+            pause_ms: 0.0,
+            dirty_bytes: 0,
+            backend: self.backend.name().into(),
+            accel: self.accel.accel.as_str().into(),
+            volumes: vec![],
+            labels: req.labels.clone(),
+            warm_ms: 0.0,
+            runtime: if image.runtime == "none" { String::new() } else { image.runtime.clone() },
+            physical_size_bytes: 0,
+            vm: Some(spec.clone()),
+        };
+        if final_dir.exists() {
+            return Err(Error::AlreadyExists(format!("snapshot {:?} already exists on disk", rec.tag)));
+        }
+        self.store.insert_snapshot(&rec)?;
+        self.store.ledger_add("staging", &staging.display().to_string(), rec.tag.as_str())?;
+        let rt = self.clone();
+        let mut bg = rec.clone();
+        tokio::spawn(async move {
+            let outcome = rt.bake(&mut bg, spec, &staging, &req).await;
+            if let Err(e) = outcome {
+                tracing::warn!(tag = %bg.tag, "snapshot failed: {e}");
+                let _ = rt.layout.remove_dir(&staging);
+                bg.status = SnapshotStatus::Failed;
+                bg.status_reason = e.to_string();
+            }
+            let _ = rt.store.ledger_remove("staging", &staging.display().to_string());
+            if let Err(e) = rt.store.update_snapshot(&bg) {
+                tracing::error!(tag = %bg.tag, "recording snapshot outcome: {e}");
+            }
+            rt.events.emit(if bg.status == SnapshotStatus::Ready { "snapshot_ready" } else { "snapshot_failed" }, "", &bg.tag, &bg.status_reason);
+        });
+        Ok(rec)
+    }
+
+    /// Boots the parent in `staging`, waits for its runtime, saves it, and
+    /// renames the staging dir into the store.
+    async fn bake(&self, rec: &mut SnapshotRecord, spec: VmSpec, staging: &std::path::Path, req: &CreateSnapshot) -> Result<()> {
+        std::fs::create_dir_all(staging).map_err(|e| Error::internal("create staging dir", e))?;
+        let mem = staging.join("mem");
+        let f = std::fs::File::create(&mem).map_err(|e| Error::internal("create memory file", e))?;
+        f.set_len(spec.mem_mib as u64 * 1024 * 1024).map_err(|e| Error::internal("size memory file", e))?;
+        drop(f);
+        let boot_spec = VmSpec { mem_file: mem.clone(), ..spec.clone() };
+        let dir = VmDir(staging.join("vm"));
+        std::fs::create_dir_all(dir.path()).map_err(|e| Error::internal("create vm dir", e))?;
+        let started = Instant::now();
+        let mut vm = self.backend.boot(&boot_spec, &dir).await?;
+        self.store.ledger_add("vmm", &format!("{}:{}", vm.pid, vm.start_time), &rec.tag)?;
+        let result: Result<()> = async {
+            let agent = AgentClient::connect(&dir.agent_socket(), Duration::from_secs(10)).await?;
+            let deadline = Instant::now() + req.warm_timeout;
+            loop {
+                if let Some(child) = vm.child.as_mut()
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    let console = std::fs::read_to_string(dir.console_log()).unwrap_or_default();
+                    let tail: String = console.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+                    return Err(Error::Internal(format!("the VM exited during warm-up ({status}); console: {tail}")));
+                }
+                match agent.ping(Duration::from_millis(500)).await {
+                    Ok(p) if p.runtime_ready || rec.runtime.is_empty() => break,
+                    _ => {}
+                }
+                if Instant::now() > deadline {
+                    return Err(Error::DeadlineExceeded(format!(
+                        "the guest runtime was not ready after {} s",
+                        req.warm_timeout.as_secs()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if !req.warm_eval.is_empty() {
+                let r = agent
+                    .eval(
+                        forkd_agent_protocol::v1::EvalRequest { code: req.warm_eval.clone(), timeout_ms: 0 },
+                        req.warm_timeout,
+                    )
+                    .await?;
+                if r.exit_code != 0 {
+                    return Err(Error::InvalidArgument(format!("warm_eval failed: {}", r.error)));
+                }
+            }
+            rec.warm_ms = started.elapsed().as_secs_f64() * 1000.0;
+            vm.control.pause().await?;
+            vm.control.save_state(&staging.join("state")).await?;
+            Ok(())
+        }
+        .await;
+        process::kill(vm.pid, vm.start_time, Duration::from_secs(5)).await;
+        if let Some(mut c) = vm.child.take() {
+            let _ = c.wait().await;
+        }
+        let _ = self.store.ledger_remove("vmm", &format!("{}:{}", vm.pid, vm.start_time));
+        result?;
+        let _ = std::fs::remove_dir_all(dir.path());
+        let (mem_d, state_d) = tokio::task::spawn_blocking({
+            let mem = mem.clone();
+            let state = staging.join("state");
+            move || Ok::<_, std::io::Error>((digest::sha256_file(&mem)?, digest::sha256_file(&state)?))
+        })
+        .await
+        .map_err(|e| Error::internal("digest", e))?
+        .map_err(|e| Error::internal("digest", e))?;
+        rec.memory_digest = mem_d;
+        rec.state_digest = state_d;
+        rec.physical_size_bytes = layout::disk_usage(staging);
+        let final_dir = spec.mem_file.parent().expect("snapshot dir").to_path_buf();
+        std::fs::rename(staging, &final_dir).map_err(|e| Error::internal("rename snapshot into place", e))?;
+        rec.status = SnapshotStatus::Ready;
+        Ok(())
+    }
+
+    pub fn get_snapshot(&self, tag: &Tag) -> Result<SnapshotRecord> {
+        self.store
+            .get_snapshot(tag.as_str())?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {:?} not found", tag.as_str())))
+    }
+
+    pub async fn snapshot_view(&self, tag: &Tag) -> Result<SnapshotView> {
+        let record = self.get_snapshot(tag)?;
+        let mut ancestors = vec![];
+        let mut cur = record.parent_tag.clone();
+        while let Some(p) = cur {
+            if ancestors.contains(&p) || ancestors.len() > 1024 {
+                break;
+            }
+            ancestors.push(p.clone());
+            cur = self.store.get_snapshot(&p)?.and_then(|r| r.parent_tag);
+        }
+        ancestors.reverse();
+        let dependents = self.store.snapshot_children(tag.as_str())?;
+        let live_sandboxes = self.sandboxes_of(tag.as_str()).await.len() as u32;
+        Ok(SnapshotView { record, ancestors, dependents, live_sandboxes })
+    }
+
+    pub async fn list_snapshot_views(&self) -> Result<Vec<SnapshotView>> {
+        let mut out = vec![];
+        for rec in self.store.list_snapshots()? {
+            let tag = Tag::parse(&rec.tag)?;
+            out.push(self.snapshot_view(&tag).await?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes a snapshot; returns (deleted tags, orphaned tags).
+    pub async fn delete_snapshot(&self, tag: &Tag, cascade: bool, force: bool) -> Result<(Vec<String>, Vec<String>)> {
+        if cascade && force {
+            return Err(Error::InvalidArgument(
+                "invalid cascade/force: choose one of cascade (delete dependents) and force (orphan them)".into(),
+            ));
+        }
+        let rec = self.get_snapshot(tag)?;
+        if rec.status == SnapshotStatus::Writing {
+            return Err(Error::FailedPrecondition(format!("snapshot {:?} is still being written", rec.tag)));
+        }
+        if !self.busy_tags.lock().unwrap().insert(rec.tag.clone()) {
+            return Err(Error::FailedPrecondition(format!("snapshot {:?} is being deleted", rec.tag)));
+        }
+        let result = self.delete_snapshot_locked(&rec, cascade, force).await;
+        self.busy_tags.lock().unwrap().remove(&rec.tag);
+        result
+    }
+
+    async fn delete_snapshot_locked(&self, rec: &SnapshotRecord, cascade: bool, force: bool) -> Result<(Vec<String>, Vec<String>)> {
+        // The subtree in post-order (children before parents).
+        let mut order = vec![];
+        let mut stack = vec![(rec.tag.clone(), false)];
+        while let Some((t, expanded)) = stack.pop() {
+            if expanded {
+                order.push(t);
+                continue;
+            }
+            stack.push((t.clone(), true));
+            for c in self.store.snapshot_children(&t)? {
+                stack.push((c, false));
+            }
+        }
+        let dependents = self.store.snapshot_children(&rec.tag)?;
+        if !dependents.is_empty() && !cascade && !force {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {:?} has dependents: {}; pass cascade=true to delete them or force=true to orphan them",
+                rec.tag,
+                dependents.join(", ")
+            )));
+        }
+        let doomed: Vec<String> = if cascade { order } else { vec![rec.tag.clone()] };
+        if !force {
+            for t in &doomed {
+                let users = self.sandboxes_of(t).await;
+                if !users.is_empty() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "snapshot {t:?} is used by {} live sandbox(es): {}; kill them first or pass force=true",
+                        users.len(),
+                        users.join(", ")
+                    )));
+                }
+            }
+        }
+        let mut orphaned = vec![];
+        if !cascade {
+            for d in dependents {
+                if let Some(mut child) = self.store.get_snapshot(&d)? {
+                    child.status = SnapshotStatus::Failed;
+                    child.status_reason = format!("parent snapshot {:?} was deleted", rec.tag);
+                    self.store.update_snapshot(&child)?;
+                    orphaned.push(d);
+                }
+            }
+        }
+        for t in &doomed {
+            let tag = Tag::parse(t)?;
+            if let Some(mut r) = self.store.get_snapshot(t)? {
+                r.status = SnapshotStatus::Deleting;
+                self.store.update_snapshot(&r)?;
+            }
+            self.layout
+                .remove_dir(&self.layout.snapshot_dir(&tag))
+                .map_err(|e| Error::internal("remove snapshot files", e))?;
+            self.store.delete_snapshot(t)?;
+        }
+        Ok((doomed, orphaned))
+    }
+}

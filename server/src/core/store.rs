@@ -1,0 +1,382 @@
+//! Durable state: snapshots, sandboxes, workspaces and the resource ledger in
+//! SQLite (WAL mode). Every change is one transaction, so a crash at any
+//! moment leaves either the old or the new record, never a torn one.
+//!
+//! Records are stored as JSON documents next to the few columns that queries
+//! need (status, parent, owner), which keeps schema changes cheap while the
+//! columns stay indexable.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use super::{Error, Result};
+use crate::vmm::VmSpec;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotStatus {
+    Writing,
+    Ready,
+    Failed,
+    Deleting,
+}
+
+impl SnapshotStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Writing => "writing",
+            Self::Ready => "ready",
+            Self::Failed => "failed",
+            Self::Deleting => "deleting",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub tag: String,
+    pub status: SnapshotStatus,
+    #[serde(default)]
+    pub status_reason: String,
+    pub image: String,
+    pub vcpus: u32,
+    pub mem_mib: u32,
+    /// "base", "full" or "diff".
+    pub kind: String,
+    #[serde(default)]
+    pub parent_tag: Option<String>,
+    pub created_at_unix: i64,
+    #[serde(default)]
+    pub memory_digest: String,
+    #[serde(default)]
+    pub state_digest: String,
+    #[serde(default)]
+    pub parent_memory_digest: String,
+    #[serde(default)]
+    pub branched_from: String,
+    #[serde(default)]
+    pub pause_ms: f64,
+    #[serde(default)]
+    pub dirty_bytes: u64,
+    pub backend: String,
+    pub accel: String,
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub warm_ms: f64,
+    #[serde(default)]
+    pub runtime: String,
+    #[serde(default)]
+    pub physical_size_bytes: u64,
+    /// The VM configuration children must be restored with, identical to
+    /// the one the snapshot was taken from.
+    #[serde(default)]
+    pub vm: Option<VmSpec>,
+}
+
+/// Limits and settings a sandbox is created with.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SandboxSettings {
+    pub memory_limit_mib: u32,
+    pub cpu_quota: f64,
+    pub pids_limit: u32,
+    pub network: String,
+    pub allow: Vec<String>,
+    pub volumes: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub ttl_secs: u32,
+    pub idle_timeout_secs: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub snapshot_tag: String,
+    pub pid: u32,
+    /// Process start time (clock ticks since boot, /proc/PID/stat field 22):
+    /// with the pid it identifies the VMM even after pid reuse.
+    pub pid_start: u64,
+    pub created_at_unix: i64,
+    pub status: String,
+    #[serde(default)]
+    pub status_reason: String,
+    pub hostname: String,
+    pub settings: SandboxSettings,
+    #[serde(default)]
+    pub workspace: String,
+    #[serde(default)]
+    pub spawn_ms: f64,
+    pub workdir: String,
+    pub backend: String,
+    pub accel: String,
+}
+
+/// One host resource forkd owns: recorded before it is created, removed after
+/// it is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEntry {
+    pub kind: String,
+    pub key: String,
+    pub owner: String,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS snapshots (
+    tag TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    parent_tag TEXT,
+    created_at INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_tag);
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id TEXT PRIMARY KEY,
+    snapshot_tag TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sandboxes_tag ON sandboxes(snapshot_tag);
+CREATE TABLE IF NOT EXISTS workspaces (
+    name TEXT PRIMARY KEY,
+    data TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+CREATE INDEX IF NOT EXISTS ledger_owner ON ledger(owner);
+"#;
+
+fn to_json<T: Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::internal("encode record", e))
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| Error::internal("decode record", e))
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut conn)
+    }
+
+    // ---- snapshots ----
+
+    /// Inserts a new snapshot; ALREADY_EXISTS if the tag is taken.
+    pub fn insert_snapshot(&self, rec: &SnapshotRecord) -> Result<()> {
+        let data = to_json(rec)?;
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT OR IGNORE INTO snapshots (tag, status, parent_tag, created_at, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![rec.tag, rec.status.as_str(), rec.parent_tag, rec.created_at_unix, data],
+            )?;
+            if n == 0 {
+                return Err(Error::AlreadyExists(format!("snapshot {:?} already exists", rec.tag)));
+            }
+            Ok(())
+        })
+    }
+
+    pub fn update_snapshot(&self, rec: &SnapshotRecord) -> Result<()> {
+        let data = to_json(rec)?;
+        self.with(|c| {
+            c.execute(
+                "UPDATE snapshots SET status = ?2, parent_tag = ?3, data = ?4 WHERE tag = ?1",
+                params![rec.tag, rec.status.as_str(), rec.parent_tag, data],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn get_snapshot(&self, tag: &str) -> Result<Option<SnapshotRecord>> {
+        self.with(|c| {
+            let data: Option<String> = c
+                .query_row("SELECT data FROM snapshots WHERE tag = ?1", [tag], |r| r.get(0))
+                .optional()?;
+            data.map(|d| from_json(&d)).transpose()
+        })
+    }
+
+    pub fn list_snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT data FROM snapshots ORDER BY created_at, tag")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            let mut out = vec![];
+            for row in rows {
+                out.push(from_json(&row?)?);
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn snapshot_children(&self, tag: &str) -> Result<Vec<String>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT tag FROM snapshots WHERE parent_tag = ?1 ORDER BY created_at, tag")?;
+            let rows = stmt.query_map([tag], |r| r.get::<_, String>(0))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+
+    pub fn delete_snapshot(&self, tag: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM snapshots WHERE tag = ?1", [tag])?;
+            Ok(())
+        })
+    }
+
+    // ---- sandboxes ----
+
+    pub fn put_sandbox(&self, rec: &SandboxRecord) -> Result<()> {
+        let data = to_json(rec)?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO sandboxes (id, snapshot_tag, status, created_at, data) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(id) DO UPDATE SET status = excluded.status, data = excluded.data",
+                params![rec.id, rec.snapshot_tag, rec.status, rec.created_at_unix, data],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn list_sandboxes(&self) -> Result<Vec<SandboxRecord>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT data FROM sandboxes ORDER BY created_at, id")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            let mut out = vec![];
+            for row in rows {
+                out.push(from_json(&row?)?);
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn delete_sandbox(&self, id: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+            Ok(())
+        })
+    }
+
+    // ---- ledger ----
+
+    /// Records a resource before it is created.
+    pub fn ledger_add(&self, kind: &str, key: &str, owner: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO ledger (kind, key, owner, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![kind, key, owner, super::now_unix()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Forgets a resource after it is gone.
+    pub fn ledger_remove(&self, kind: &str, key: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM ledger WHERE kind = ?1 AND key = ?2", [kind, key])?;
+            Ok(())
+        })
+    }
+
+    pub fn ledger_entries(&self) -> Result<Vec<LedgerEntry>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT kind, key, owner FROM ledger ORDER BY created_at")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(LedgerEntry { kind: r.get(0)?, key: r.get(1)?, owner: r.get(2)? })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(tag: &str, parent: Option<&str>) -> SnapshotRecord {
+        SnapshotRecord {
+            tag: tag.into(),
+            status: SnapshotStatus::Writing,
+            status_reason: String::new(),
+            image: "python".into(),
+            vcpus: 1,
+            mem_mib: 256,
+            kind: "base".into(),
+            parent_tag: parent.map(Into::into),
+            created_at_unix: 1,
+            memory_digest: String::new(),
+            state_digest: String::new(),
+            parent_memory_digest: String::new(),
+            branched_from: String::new(),
+            pause_ms: 0.0,
+            dirty_bytes: 0,
+            backend: "qemu".into(),
+            accel: "tcg".into(),
+            volumes: vec![],
+            labels: Default::default(),
+            warm_ms: 0.0,
+            runtime: "python".into(),
+            physical_size_bytes: 0,
+            vm: None,
+        }
+    }
+
+    #[test]
+    fn snapshots_insert_get_children_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        store.insert_snapshot(&snap("a", None)).unwrap();
+        store.insert_snapshot(&snap("b", Some("a"))).unwrap();
+        assert!(matches!(store.insert_snapshot(&snap("a", None)), Err(Error::AlreadyExists(_))));
+        assert_eq!(store.snapshot_children("a").unwrap(), vec!["b".to_string()]);
+        let mut a = store.get_snapshot("a").unwrap().unwrap();
+        a.status = SnapshotStatus::Ready;
+        store.update_snapshot(&a).unwrap();
+        assert_eq!(store.get_snapshot("a").unwrap().unwrap().status, SnapshotStatus::Ready);
+        store.delete_snapshot("b").unwrap();
+        assert!(store.get_snapshot("b").unwrap().is_none());
+        assert_eq!(store.list_snapshots().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            let store = Store::open(&path).unwrap();
+            store.insert_snapshot(&snap("keep", None)).unwrap();
+            store.ledger_add("workdir", "/x", "sb-1").unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert!(store.get_snapshot("keep").unwrap().is_some());
+        assert_eq!(store.ledger_entries().unwrap().len(), 1);
+        store.ledger_remove("workdir", "/x").unwrap();
+        assert!(store.ledger_entries().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,161 @@
+//! The audit log and request metrics: one JSON line per request, written when
+//! the response body ends (so streaming calls are logged with their final
+//! gRPC status and full latency).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use bytes::Bytes;
+use http::header;
+use http_body::Frame;
+
+use super::metrics::Metrics;
+use super::rest::transcode::RpcName;
+
+/// Where audit lines go.
+pub struct AuditLog {
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl AuditLog {
+    pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self { out: Mutex::new(Box::new(std::io::LineWriter::new(f))) })
+    }
+
+    fn write(&self, line: &serde_json::Value) {
+        let mut s = serde_json::to_vec(line).unwrap_or_default();
+        s.push(b'\n');
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = out.write_all(&s);
+    }
+}
+
+/// The peer of a connection, attached to each request by the accept loop.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+#[derive(Clone)]
+pub struct Observe {
+    pub audit: Option<Arc<AuditLog>>,
+    pub metrics: Arc<Metrics>,
+}
+
+struct Record {
+    observe: Observe,
+    started: Instant,
+    method: String,
+    path: String,
+    rpc: String,
+    grpc: bool,
+    http_status: u16,
+    grpc_status: Option<i32>,
+    user_agent: String,
+    peer: String,
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        let latency_us = self.started.elapsed().as_micros() as u64;
+        let code = if self.grpc { self.grpc_status.unwrap_or(0) } else { -1 };
+        self.observe.metrics.record_request(
+            &self.rpc,
+            if self.grpc { "grpc" } else { "rest" },
+            if self.grpc { code.to_string() } else { self.http_status.to_string() },
+            latency_us as f64 / 1e6,
+        );
+        if let Some(a) = &self.observe.audit {
+            let ts = time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            a.write(&serde_json::json!({
+                "ts": ts,
+                "protocol": if self.grpc { "grpc" } else { "rest" },
+                "method": self.method,
+                "path": self.path,
+                "rpc": self.rpc,
+                "status": if self.grpc { code as i64 } else { self.http_status as i64 },
+                "http_status": self.http_status,
+                "latency_us": latency_us,
+                "user_agent": self.user_agent,
+                "peer": self.peer,
+            }));
+        }
+    }
+}
+
+/// Middleware: times the request and logs it once its body is done.
+pub async fn observe(State(o): State<Observe>, req: Request, next: Next) -> Response {
+    let grpc = super::auth::is_grpc(&req);
+    let path = req.uri().path().to_string();
+    let mut rec = Record {
+        observe: o,
+        started: Instant::now(),
+        method: req.method().to_string(),
+        rpc: if grpc { path.trim_start_matches('/').replace('/', ".") } else { String::new() },
+        path,
+        grpc,
+        http_status: 0,
+        grpc_status: None,
+        user_agent: req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
+        peer: req.extensions().get::<Peer>().map(|p| p.0.to_string()).unwrap_or_default(),
+    };
+    let resp = next.run(req).await;
+    rec.http_status = resp.status().as_u16();
+    if let Some(r) = resp.extensions().get::<RpcName>() {
+        rec.rpc = r.0.clone();
+    }
+    if rec.rpc.is_empty() {
+        rec.rpc = rec.path.clone();
+    }
+    if let Some(s) = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse().ok()) {
+        rec.grpc_status = Some(s);
+    }
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, Body::new(ObservedBody { inner: body, record: rec }))
+}
+
+/// Passes the body through, noting the gRPC status from the trailers; the
+/// record is written when the body is dropped.
+struct ObservedBody {
+    inner: Body,
+    record: Record,
+}
+
+impl http_body::Body for ObservedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(t) = frame.trailers_ref()
+            && let Some(s) = t.get("grpc-status").and_then(|v| v.to_str().ok()?.parse().ok())
+        {
+            this.record.grpc_status = Some(s);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

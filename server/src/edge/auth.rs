@@ -1,0 +1,123 @@
+//! Bearer-token authentication, the same for gRPC and REST. Health probes
+//! (`/healthz`, `grpc.health.v1`) are the only endpoints open without a token.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use http::{HeaderValue, StatusCode, header};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::rest::codes;
+
+/// Shortest token accepted.
+pub const MIN_TOKEN_BYTES: usize = 16;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TokenError {
+    #[error("the token is empty")]
+    Empty,
+    #[error("the token is shorter than {MIN_TOKEN_BYTES} bytes")]
+    TooShort,
+    #[error("the token looks like a placeholder ({0:?}); generate one, e.g. `head -c 32 /dev/urandom | base64`")]
+    Placeholder(String),
+}
+
+/// The daemon's token, kept only as a digest so comparisons take the same
+/// time whatever the length of the presented token.
+#[derive(Clone)]
+pub struct Token {
+    digest: [u8; 32],
+}
+
+impl Token {
+    /// Validates a token read from `--token-file` (surrounding whitespace is ignored).
+    pub fn parse(raw: &str) -> Result<Self, TokenError> {
+        let t = raw.trim();
+        if t.is_empty() {
+            return Err(TokenError::Empty);
+        }
+        let lower = t.to_ascii_lowercase();
+        let placeholders = ["changeme", "change-me", "placeholder", "secret", "password", "token", "example", "replace"];
+        let one_char = t.bytes().all(|b| b == t.as_bytes()[0]);
+        if one_char || placeholders.iter().any(|p| lower.contains(p)) {
+            return Err(TokenError::Placeholder(t.chars().take(12).collect()));
+        }
+        if t.len() < MIN_TOKEN_BYTES {
+            return Err(TokenError::TooShort);
+        }
+        Ok(Self { digest: Sha256::digest(t.as_bytes()).into() })
+    }
+
+    pub fn matches(&self, presented: &str) -> bool {
+        let d: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        d.ct_eq(&self.digest).into()
+    }
+}
+
+pub fn is_grpc(req: &Request) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+fn is_open(path: &str) -> bool {
+    path == "/healthz" || path.starts_with("/grpc.health.v1.Health/")
+}
+
+/// Middleware: rejects requests without the right bearer token.
+pub async fn require_token(State(token): State<Option<Arc<Token>>>, req: Request, next: Next) -> Response {
+    let Some(token) = token else {
+        return next.run(req).await;
+    };
+    if is_open(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+    match presented {
+        Some(p) if token.matches(p.trim()) => next.run(req).await,
+        _ => {
+            let msg = if presented.is_some() { "invalid bearer token" } else { "missing bearer token (authorization: Bearer <token>)" };
+            if is_grpc(&req) {
+                tonic::Status::unauthenticated(msg).into_http::<Body>()
+            } else {
+                let mut r = Response::new(Body::from(
+                    serde_json::to_vec(&codes::error_body(tonic::Code::Unauthenticated, msg)).unwrap_or_default(),
+                ));
+                *r.status_mut() = StatusCode::UNAUTHORIZED;
+                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                r
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weak_tokens_are_refused() {
+        assert_eq!(Token::parse("  ").err(), Some(TokenError::Empty));
+        assert_eq!(Token::parse("abc123").err(), Some(TokenError::TooShort));
+        assert!(matches!(Token::parse("changeme-changeme-123"), Err(TokenError::Placeholder(_))));
+        assert!(matches!(Token::parse(&"a".repeat(40)), Err(TokenError::Placeholder(_))));
+    }
+
+    #[test]
+    fn matching_is_exact() {
+        let t = Token::parse("q3U9vZ1xL0pT7sWm\n").unwrap();
+        assert!(t.matches("q3U9vZ1xL0pT7sWm"));
+        assert!(!t.matches("q3U9vZ1xL0pT7sW"));
+        assert!(!t.matches(""));
+    }
+}

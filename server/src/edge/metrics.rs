@@ -1,0 +1,68 @@
+//! Prometheus metrics through OpenTelemetry: build info, snapshot and
+//! sandbox gauges, and a latency histogram per RPC.
+
+use std::sync::Arc;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Histogram, MeterProvider};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use prometheus::{Encoder, TextEncoder};
+
+use crate::core::Runtime;
+
+pub struct Metrics {
+    registry: prometheus::Registry,
+    _provider: SdkMeterProvider,
+    latency: Histogram<f64>,
+}
+
+impl Metrics {
+    pub fn new(rt: Arc<Runtime>) -> anyhow::Result<Self> {
+        let registry = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .without_target_info()
+            .build()?;
+        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let meter = provider.meter("forkd");
+        let latency = meter
+            .f64_histogram("forkd_request_duration")
+            .with_unit("s")
+            .with_description("Latency of each RPC, gRPC or REST, through auth, audit and dispatch")
+            .with_boundaries(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ])
+            .build();
+        meter
+            .u64_observable_gauge("forkd_build_info")
+            .with_description("Build of the running daemon")
+            .with_callback(|o| o.observe(1, &[KeyValue::new("version", forkd_api::VERSION)]))
+            .build();
+        let r1 = rt.clone();
+        meter
+            .u64_observable_gauge("forkd_snapshots_total")
+            .with_description("Snapshots in the store")
+            .with_callback(move |o| o.observe(r1.snapshot_count() as u64, &[]))
+            .build();
+        let r2 = rt;
+        meter
+            .u64_observable_gauge("forkd_sandboxes_active")
+            .with_description("Live sandboxes")
+            .with_callback(move |o| o.observe(r2.live_sandbox_count_now() as u64, &[]))
+            .build();
+        Ok(Self { registry, _provider: provider, latency })
+    }
+
+    pub fn record_request(&self, rpc: &str, protocol: &'static str, code: String, secs: f64) {
+        self.latency.record(
+            secs,
+            &[KeyValue::new("rpc", rpc.to_string()), KeyValue::new("protocol", protocol), KeyValue::new("code", code)],
+        );
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = vec![];
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,171 @@
+//! The daemon's one port: gRPC (HTTP/2, `application/grpc*`) and REST
+//! (HTTP/1.1 or HTTP/2, JSON) side by side, optionally behind TLS, with the
+//! same auth, audit and metrics layers in front of both.
+
+pub mod audit;
+pub mod auth;
+pub mod metrics;
+pub mod rest;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use forkd_api::v1::{
+    sandbox_service_server::SandboxServiceServer, snapshot_service_server::SnapshotServiceServer,
+    system_service_server::SystemServiceServer, workspace_service_server::WorkspaceServiceServer,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+use crate::api::Services;
+
+/// How the edge is configured.
+pub struct EdgeConfig {
+    pub token: Option<Arc<auth::Token>>,
+    pub audit: Option<Arc<audit::AuditLog>>,
+    pub max_body: usize,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Largest gRPC message accepted (file chunks, packed snapshots).
+const MAX_GRPC_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// The gRPC services, reflection and health as one router.
+pub async fn grpc_router(services: Services) -> anyhow::Result<Router> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<SandboxServiceServer<Services>>()
+        .await;
+    health_reporter
+        .set_serving::<SnapshotServiceServer<Services>>()
+        .await;
+    health_reporter
+        .set_serving::<WorkspaceServiceServer<Services>>()
+        .await;
+    // Keep the reporter alive for the life of the process.
+    std::mem::forget(health_reporter);
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(forkd_api::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(forkd_api::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let routes = tonic::service::Routes::new(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(
+            SnapshotServiceServer::new(services.clone())
+                .max_decoding_message_size(MAX_GRPC_MESSAGE),
+        )
+        .add_service(
+            SandboxServiceServer::new(services.clone())
+                .max_decoding_message_size(MAX_GRPC_MESSAGE),
+        )
+        .add_service(WorkspaceServiceServer::new(services.clone()))
+        .add_service(SystemServiceServer::new(services));
+    Ok(routes.prepare().into_axum_router())
+}
+
+/// The whole application: dispatch by content type, behind the layers.
+pub async fn app(services: Services, cfg: &EdgeConfig) -> anyhow::Result<Router> {
+    let rt = services.rt.clone();
+    let grpc = grpc_router(services).await?;
+    let transcoder = Arc::new(rest::Transcoder::new(grpc.clone(), cfg.max_body)?);
+    let metrics = Arc::new(metrics::Metrics::new(rt)?);
+    let m2 = metrics.clone();
+    let rest_router = Router::new()
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({ "ok": true })) }))
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m2.clone();
+                async move {
+                    (
+                        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        m.render(),
+                    )
+                        .into_response()
+                }
+            }),
+        )
+        .fallback(move |req: Request| {
+            let t = transcoder.clone();
+            async move { t.handle(req).await }
+        });
+    let dispatch = tower::service_fn(move |req: Request| {
+        let grpc = grpc.clone();
+        let rest = rest_router.clone();
+        async move {
+            if auth::is_grpc(&req) {
+                grpc.oneshot(req).await
+            } else {
+                rest.oneshot(req).await
+            }
+        }
+    });
+    let observe = audit::Observe { audit: cfg.audit.clone(), metrics };
+    Ok(Router::new()
+        .fallback_service(dispatch)
+        .layer(axum::middleware::from_fn_with_state(cfg.token.clone(), auth::require_token))
+        .layer(axum::middleware::from_fn_with_state(observe, audit::observe)))
+}
+
+/// Accepts connections until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(audit::Peer(peer));
+                let app = app.clone();
+                async move { app.oneshot(req.map(Body::new)).await }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let result = match tls {
+                Some(acc) => match acc.accept(stream).await {
+                    Ok(s) => builder.serve_connection(TokioIo::new(s), svc).await,
+                    Err(e) => {
+                        tracing::debug!(%peer, "TLS handshake: {e}");
+                        return;
+                    }
+                },
+                None => builder.serve_connection(TokioIo::new(stream), svc).await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, "connection: {e}");
+            }
+        });
+    }
+}
+
+/// True for loopback addresses.
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+

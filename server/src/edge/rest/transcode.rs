@@ -1,0 +1,351 @@
+//! REST → gRPC transcoding driven by the descriptor set.
+
+use std::convert::Infallible;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use prost::Message;
+use prost_reflect::{
+    DescriptorPool, DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, SerializeOptions,
+    Value,
+};
+use tonic::Code;
+use tower::ServiceExt;
+
+use super::codes;
+use super::grpc_frames;
+use super::routes::{self, Route};
+
+/// The RPC a request was served by, attached to responses for the audit log
+/// and the latency histogram.
+#[derive(Debug, Clone)]
+pub struct RpcName(pub String);
+
+pub struct Transcoder {
+    routes: Vec<Route>,
+    grpc: axum::Router,
+    max_body: usize,
+}
+
+type Resp = Response<Body>;
+
+/// A REST error with its gRPC code.
+struct RestError(Code, String);
+
+impl RestError {
+    fn into_response(self) -> Resp {
+        // An oversize body is the one error whose HTTP status is more
+        // specific than its gRPC code's.
+        let status = if self.0 == Code::ResourceExhausted && self.1.starts_with(TOO_LARGE) {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            codes::http_status(self.0)
+        };
+        json_response(status, &codes::error_body(self.0, &self.1))
+    }
+}
+
+const TOO_LARGE: &str = "request body exceeds";
+
+fn json_response(status: StatusCode, v: &serde_json::Value) -> Resp {
+    let mut body = serde_json::to_vec(v).unwrap_or_default();
+    body.push(b'\n');
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn serialize_options() -> SerializeOptions {
+    SerializeOptions::new()
+        .use_proto_field_name(true)
+        .stringify_64_bit_integers(false)
+        .skip_default_fields(false)
+}
+
+fn to_json(msg: &DynamicMessage) -> serde_json::Value {
+    msg.serialize_with_options(serde_json::value::Serializer, &serialize_options())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+impl Transcoder {
+    pub fn new(grpc: axum::Router, max_body: usize) -> Result<Self, routes::RouteError> {
+        let pool = DescriptorPool::decode(forkd_api::FILE_DESCRIPTOR_SET)
+            .map_err(|e| routes::RouteError::Descriptor(e.to_string()))?;
+        let routes = routes::load(&pool, forkd_api::SERVICES)?;
+        Ok(Self { routes, grpc, max_body })
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    pub async fn handle(&self, req: Request<Body>) -> Result<Resp, Infallible> {
+        let segments: Vec<String> = req
+            .uri()
+            .path()
+            .trim_start_matches('/')
+            .split('/')
+            .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned())
+            .collect();
+        let mut path_known = false;
+        for route in &self.routes {
+            let Some(vars) = route.match_path(&segments) else { continue };
+            path_known = true;
+            if route.method != req.method() {
+                continue;
+            }
+            let rpc = RpcName(route.rpc.full_name().to_string());
+            let mut resp = match self.call(route, vars, req).await {
+                Ok(r) => r,
+                Err(e) => e.into_response(),
+            };
+            resp.extensions_mut().insert(rpc);
+            return Ok(resp);
+        }
+        let (code, status, msg) = if path_known {
+            (Code::Unimplemented, StatusCode::METHOD_NOT_ALLOWED, format!("method {} is not allowed on {}", req.method(), req.uri().path()))
+        } else {
+            (Code::NotFound, StatusCode::NOT_FOUND, format!("no route for {} {}", req.method(), req.uri().path()))
+        };
+        Ok(json_response(status, &codes::error_body(code, &msg)))
+    }
+
+    async fn call(&self, route: &Route, vars: Vec<(String, String)>, req: Request<Body>) -> Result<Resp, RestError> {
+        let input = route.rpc.input();
+        if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            && len > self.max_body
+        {
+            return Err(too_large(self.max_body));
+        }
+        let query = req.uri().query().unwrap_or("").to_string();
+        let body = axum::body::to_bytes(req.into_body(), self.max_body)
+            .await
+            .map_err(|_| too_large(self.max_body))?;
+        let mut msg = DynamicMessage::new(input.clone());
+        let body_text = std::str::from_utf8(&body)
+            .map_err(|_| RestError(Code::InvalidArgument, "request body is not UTF-8 JSON".into()))?
+            .trim();
+        match route.body.as_str() {
+            "" => {
+                if !body_text.is_empty() {
+                    return Err(RestError(Code::InvalidArgument, format!("{} takes no request body", route.rpc.name())));
+                }
+            }
+            "*" => {
+                if !body_text.is_empty() {
+                    msg = parse_json(input.clone(), body_text)?;
+                }
+            }
+            field => {
+                if !body_text.is_empty() {
+                    let wrapped = format!("{{\"{field}\":{body_text}}}");
+                    msg = parse_json(input.clone(), &wrapped)?;
+                }
+            }
+        }
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            let field = input
+                .get_field_by_name(&k)
+                .ok_or_else(|| RestError(Code::InvalidArgument, format!("unknown query parameter {k:?}")))?;
+            set_from_str(&mut msg, &field, &v)?;
+        }
+        for (k, v) in vars {
+            let field = input.get_field_by_name(&k).expect("checked when routes were loaded");
+            set_from_str(&mut msg, &field, &v)?;
+        }
+
+        let svc = route.rpc.parent_service();
+        let uri = format!("/{}/{}", svc.full_name(), route.rpc.name());
+        let grpc_req = Request::builder()
+            .method(http::Method::POST)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header("te", "trailers")
+            .body(Body::from(grpc_frames::encode(&msg.encode_to_vec())))
+            .map_err(|e| RestError(Code::Internal, e.to_string()))?;
+        let resp = self.grpc.clone().oneshot(grpc_req).await.unwrap_or_else(|e| match e {});
+        let output = route.rpc.output();
+        let (parts, body) = resp.into_parts();
+        let mut reader = GrpcReader { body, dec: grpc_frames::Decoder::default(), status: header_status(&parts.headers) };
+
+        if !route.rpc.is_server_streaming() {
+            let first = reader.next_message().await?;
+            let status = reader.finish().await;
+            if let Some((code, m)) = status.filter(|(c, _)| *c != Code::Ok) {
+                return Err(RestError(code, m));
+            }
+            let bytes = first.ok_or_else(|| RestError(Code::Internal, "empty gRPC response".into()))?;
+            let out = DynamicMessage::decode(output, bytes).map_err(|e| RestError(Code::Internal, e.to_string()))?;
+            let mut json = to_json(&out);
+            if !route.response_body.is_empty() {
+                json = json
+                    .get_mut(&route.response_body)
+                    .map(serde_json::Value::take)
+                    .unwrap_or(serde_json::Value::Array(vec![]));
+            }
+            return Ok(json_response(StatusCode::OK, &json));
+        }
+
+        // Server streaming: hold the headers until the first message or the
+        // final status, so an immediate error gets its proper HTTP code.
+        let first = reader.next_message().await?;
+        let Some(first) = first else {
+            let status = reader.finish().await;
+            if let Some((code, m)) = status.filter(|(c, _)| *c != Code::Ok) {
+                return Err(RestError(code, m));
+            }
+            return Ok(ndjson_response(Body::empty()));
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(16);
+        tokio::spawn(async move {
+            let mut next = Some(first);
+            loop {
+                let bytes = match next.take() {
+                    Some(b) => b,
+                    None => match reader.next_message().await {
+                        Ok(Some(b)) => b,
+                        Ok(None) => break,
+                        Err(RestError(code, m)) => {
+                            let _ = tx.send(Ok(ndjson_line(&codes::error_body(code, &m)))).await;
+                            return;
+                        }
+                    },
+                };
+                let line = match DynamicMessage::decode(output.clone(), bytes) {
+                    Ok(m) => ndjson_line(&to_json(&m)),
+                    Err(e) => ndjson_line(&codes::error_body(Code::Internal, &e.to_string())),
+                };
+                if tx.send(Ok(line)).await.is_err() {
+                    return;
+                }
+            }
+            if let Some((code, m)) = reader.finish().await.filter(|(c, _)| *c != Code::Ok) {
+                let _ = tx.send(Ok(ndjson_line(&codes::error_body(code, &m)))).await;
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(ndjson_response(Body::from_stream(stream)))
+    }
+}
+
+fn too_large(limit: usize) -> RestError {
+    RestError(Code::ResourceExhausted, format!("{TOO_LARGE} the {limit}-byte limit"))
+}
+
+fn ndjson_line(v: &serde_json::Value) -> Bytes {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    Bytes::from(b)
+}
+
+fn ndjson_response(body: Body) -> Resp {
+    let mut r = Response::new(body);
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    r
+}
+
+fn parse_json(desc: prost_reflect::MessageDescriptor, text: &str) -> Result<DynamicMessage, RestError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let opts = DeserializeOptions::new().deny_unknown_fields(true);
+    let msg = DynamicMessage::deserialize_with_options(desc, &mut de, &opts)
+        .map_err(|e| RestError(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
+    de.end()
+        .map_err(|e| RestError(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
+    Ok(msg)
+}
+
+/// Sets a field from a path or query string value.
+fn set_from_str(msg: &mut DynamicMessage, field: &FieldDescriptor, raw: &str) -> Result<(), RestError> {
+    let bad = |what: &str| RestError(Code::InvalidArgument, format!("invalid {}: {raw:?} is not {what}", field.name()));
+    let v = match field.kind() {
+        Kind::String => Value::String(raw.to_string()),
+        Kind::Bool => Value::Bool(match raw {
+            "true" | "1" | "" => true,
+            "false" | "0" => false,
+            _ => return Err(bad("a boolean")),
+        }),
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => Value::I32(raw.parse().map_err(|_| bad("an integer"))?),
+        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => Value::I64(raw.parse().map_err(|_| bad("an integer"))?),
+        Kind::Uint32 | Kind::Fixed32 => Value::U32(raw.parse().map_err(|_| bad("a non-negative integer"))?),
+        Kind::Uint64 | Kind::Fixed64 => Value::U64(raw.parse().map_err(|_| bad("a non-negative integer"))?),
+        Kind::Float => Value::F32(raw.parse().map_err(|_| bad("a number"))?),
+        Kind::Double => Value::F64(raw.parse().map_err(|_| bad("a number"))?),
+        Kind::Enum(e) => match e.get_value_by_name(raw) {
+            Some(v) => Value::EnumNumber(v.number()),
+            None => Value::EnumNumber(raw.parse().map_err(|_| bad("a known enum value"))?),
+        },
+        Kind::Bytes | Kind::Message(_) => {
+            return Err(RestError(Code::InvalidArgument, format!("{} cannot be set from the URL", field.name())));
+        }
+    };
+    if field.is_list() {
+        let mut list = match msg.get_field(field).into_owned() {
+            Value::List(l) => l,
+            _ => vec![],
+        };
+        list.push(v);
+        msg.set_field(field, Value::List(list));
+    } else {
+        msg.set_field(field, v);
+    }
+    Ok(())
+}
+
+fn header_status(h: &http::HeaderMap) -> Option<(Code, String)> {
+    let code = h.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    let msg = h
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .map(|m| percent_encoding::percent_decode_str(m).decode_utf8_lossy().into_owned())
+        .unwrap_or_default();
+    Some((Code::from_i32(code), msg))
+}
+
+/// Reads gRPC messages and the final status out of a response body.
+struct GrpcReader {
+    body: Body,
+    dec: grpc_frames::Decoder,
+    status: Option<(Code, String)>,
+}
+
+impl GrpcReader {
+    async fn next_message(&mut self) -> Result<Option<Bytes>, RestError> {
+        loop {
+            if let Some(m) = self.dec.next().map_err(|e| RestError(Code::Internal, e.into()))? {
+                return Ok(Some(m));
+            }
+            if self.status.is_some() {
+                return Ok(None);
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(RestError(Code::Internal, format!("gRPC body: {e}"))),
+                Some(Ok(frame)) => {
+                    if let Some(t) = frame.trailers_ref() {
+                        self.status = header_status(t);
+                    } else if let Ok(data) = frame.into_data() {
+                        self.dec.push(&data);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drains the body and returns the final status.
+    async fn finish(&mut self) -> Option<(Code, String)> {
+        while self.status.is_none() {
+            match self.next_message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => break,
+                Err(RestError(c, m)) => return Some((c, m)),
+            }
+        }
+        self.status.clone()
+    }
+}
+

@@ -1,0 +1,15 @@
+//! forkd-server: runs untrusted code in microVMs and forks copy-on-write
+//! children from warmed snapshots.
+//!
+//! Layers, outside in: `edge` (one port for gRPC and REST, auth, audit,
+//! metrics) → `api` (protobuf ↔ domain) → `core` (runtime, store, ledger)
+//! → `vmm` (QEMU backend), `memory` (snapshot files), `agent` (channel to
+//! the guest).
+
+pub mod agent;
+pub mod api;
+pub mod core;
+pub mod edge;
+pub mod memory;
+pub mod vmm;
+pub mod probe;

@@ -1,0 +1,136 @@
+//! forkd-server: the daemon.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use forkd_server::api::Services;
+use forkd_server::core::Runtime;
+use forkd_server::core::runtime::{GuestAssets, RuntimeConfig};
+use forkd_server::edge::{self, EdgeConfig, audit::AuditLog, auth::Token};
+use forkd_server::probe;
+use forkd_server::vmm::accel::AccelChoice;
+use forkd_server::vmm::qemu::QemuBackend;
+
+/// The forkd daemon: one port serving gRPC and REST /v1 for forking
+/// copy-on-write microVM sandboxes from warmed snapshots.
+#[derive(Parser, Debug)]
+#[command(name = "forkd-server", version, about, long_about = None)]
+struct Args {
+    /// Address to listen on (gRPC and REST share it). A non-loopback address
+    /// needs --token-file and TLS, or --insecure-bind.
+    #[arg(long, env = "FORKD_BIND", default_value = "127.0.0.1:8889")]
+    bind: SocketAddr,
+    /// All state lives here: the state store, snapshots, work dirs, sockets.
+    #[arg(long, env = "FORKD_DATA_DIR", default_value = "/var/lib/forkd")]
+    data_dir: PathBuf,
+    /// Guest kernel, initramfs and images (from scripts/build-guest.sh).
+    /// Default: <data-dir>/guest, else /var/lib/forkd/guest.
+    #[arg(long, env = "FORKD_GUEST_DIR")]
+    guest_dir: Option<PathBuf>,
+    /// File holding the bearer token clients must present (≥ 16 bytes).
+    #[arg(long, env = "FORKD_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM certificate chain for TLS.
+    #[arg(long, env = "FORKD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, env = "FORKD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Append one JSON line per request to this file.
+    #[arg(long, env = "FORKD_AUDIT_LOG")]
+    audit_log: Option<PathBuf>,
+    /// Allow a non-loopback --bind without token and TLS.
+    #[arg(long, env = "FORKD_INSECURE_BIND")]
+    insecure_bind: bool,
+    /// Accelerator: auto uses KVM only when it can run the guest.
+    #[arg(long, env = "FORKD_ACCEL", value_enum, default_value = "auto")]
+    accel: AccelChoice,
+    /// QEMU binary (default: qemu-system-x86_64 on PATH).
+    #[arg(long, env = "FORKD_QEMU")]
+    qemu: Option<PathBuf>,
+    /// Largest REST request body in bytes.
+    #[arg(long, env = "FORKD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    max_body_bytes: usize,
+    /// VMM processes started at once while forking many children.
+    #[arg(long, env = "FORKD_SPAWN_CONCURRENCY", default_value_t = 8)]
+    spawn_concurrency: usize,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "FORKD_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+
+    let token = match &args.token_file {
+        Some(p) => {
+            let raw = std::fs::read_to_string(p).with_context(|| format!("read --token-file {}", p.display()))?;
+            Some(Arc::new(Token::parse(&raw).map_err(|e| anyhow::anyhow!("--token-file {}: {e}", p.display()))?))
+        }
+        None => None,
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(edge::tls::acceptor(c, k)?),
+        _ => None,
+    };
+    if !edge::is_loopback(&args.bind) && !args.insecure_bind && (token.is_none() || tls.is_none()) {
+        bail!(
+            "refusing to listen on non-loopback {} without --token-file and --tls-cert/--tls-key (pass --insecure-bind to override)",
+            args.bind
+        );
+    }
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("create --data-dir {}", args.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let guest_dir = args.guest_dir.clone().unwrap_or_else(|| {
+        let own = data_dir.join("guest");
+        if own.join("vmlinux").exists() { own } else { PathBuf::from("/var/lib/forkd/guest") }
+    });
+    let guest = GuestAssets { dir: guest_dir };
+    let qemu = args
+        .qemu
+        .clone()
+        .or_else(QemuBackend::find_binary)
+        .context("qemu-system-x86_64 not found on PATH (run scripts/setup-host.sh)")?;
+    let accel = probe::choose_accel(args.accel, &qemu, &guest, &data_dir).await?;
+    tracing::info!(accel = accel.accel.as_str(), reason = %accel.reason, "accelerator chosen");
+    let backend = Arc::new(QemuBackend::new(qemu, accel.accel));
+    let rt = Runtime::open(
+        data_dir.clone(),
+        guest,
+        backend,
+        accel,
+        RuntimeConfig { spawn_concurrency: args.spawn_concurrency, tsc_khz: probe::tsc_khz() },
+    )
+    .await?;
+    let audit = match &args.audit_log {
+        Some(p) => Some(Arc::new(AuditLog::open(p).with_context(|| format!("open --audit-log {}", p.display()))?)),
+        None => None,
+    };
+    let cfg = EdgeConfig { token, audit, max_body: args.max_body_bytes, tls };
+    let services = Services { rt, data_dir: data_dir.display().to_string() };
+    let app = edge::app(services, &cfg).await?;
+    let listener = tokio::net::TcpListener::bind(args.bind)
+        .await
+        .with_context(|| format!("bind {}", args.bind))?;
+    let local = listener.local_addr()?;
+    // One machine-readable line so scripts and tests can find an ephemeral port.
+    println!("forkd-server listening on {}://{local}", if cfg.tls.is_some() { "https" } else { "http" });
+    tracing::info!(%local, tls = cfg.tls.is_some(), auth = cfg.token.is_some(), "serving gRPC and REST");
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        tracing::info!("shutting down; sandboxes keep running and are adopted on the next start");
+    };
+    edge::serve(listener, app, cfg.tls.clone(), shutdown).await
+}

@@ -1,0 +1,108 @@
+//! The VMM boundary. A `Backend` boots a parent VM whose RAM is a shared file,
+//! saves device state without RAM, and restores children that map that file
+//! copy-on-write. QEMU (KVM or TCG) is the backend built here; the trait is
+//! shaped so that Firecracker (snapshot/load with a File memory backend) is a
+//! second module, not a rewrite.
+
+pub mod accel;
+pub mod process;
+pub mod qemu;
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use accel::Accel;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("failed to start the VMM: {0}")]
+    Spawn(String),
+    #[error("VMM control channel: {0}")]
+    Control(String),
+    #[error("VMM exited: {0}")]
+    Exited(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// An extra block device (a volume).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Drive {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// Everything that determines a VM's hardware. A child must be restored with
+/// exactly the spec its snapshot was taken with (only `mem_file` moves when a
+/// snapshot's files are renamed into the store).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    pub rootfs: PathBuf,
+    pub mem_mib: u32,
+    pub vcpus: u32,
+    pub accel: Accel,
+    /// File backing guest RAM: shared by a parent, mapped private by children.
+    pub mem_file: PathBuf,
+    #[serde(default)]
+    pub drives: Vec<Drive>,
+}
+
+/// Where one VM keeps its sockets and logs.
+#[derive(Debug, Clone)]
+pub struct VmDir(pub PathBuf);
+
+impl VmDir {
+    pub fn agent_socket(&self) -> PathBuf {
+        self.0.join("agent.sock")
+    }
+    pub fn control_socket(&self) -> PathBuf {
+        self.0.join("control.sock")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.0.join("console.log")
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+/// Control of one running VMM process.
+#[async_trait]
+pub trait VmControl: Send {
+    /// Stops the vCPUs.
+    async fn pause(&mut self) -> Result<(), VmmError>;
+    /// Starts the vCPUs again.
+    async fn resume(&mut self) -> Result<(), VmmError>;
+    /// Writes device and CPU state (never RAM) of the paused VM to `path`.
+    async fn save_state(&mut self, path: &Path) -> Result<(), VmmError>;
+}
+
+/// A started VMM process.
+pub struct VmProcess {
+    pub pid: u32,
+    pub start_time: u64,
+    pub dir: VmDir,
+    pub control: Box<dyn VmControl>,
+    /// Set when this daemon started the process (it can wait for it).
+    pub child: Option<tokio::process::Child>,
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn accel(&self) -> Accel;
+    /// Boots a parent VM whose RAM is `spec.mem_file`, mapped shared.
+    async fn boot(&self, spec: &VmSpec, dir: &VmDir) -> Result<VmProcess, VmmError>;
+    /// Starts a child from `state`, RAM mapped private from `spec.mem_file`.
+    /// The child is left paused; call `resume` once its identity is set.
+    async fn restore(&self, spec: &VmSpec, state: &Path, dir: &VmDir) -> Result<VmProcess, VmmError>;
+    /// Reopens control of a VMM started by an earlier daemon.
+    async fn attach(&self, pid: u32, start_time: u64, dir: &VmDir) -> Result<VmProcess, VmmError>;
+}
