@@ -110,7 +110,8 @@ log "agent: $(du -h "$agent" | cut -f1) static binary"
 # ---- 3. initramfs --------------------------------------------------------------
 # Uncompressed newc: QEMU copies it into guest RAM at host speed, while a
 # gzip archive would be inflated by the guest kernel under TCG.
-ikey=$(cat "$agent" "$kdir/modules.list" "$kdir"/modules/*.ko | sha256sum | cut -d' ' -f1)
+# This script is an input too: it decides how the archive is laid out.
+ikey=$(cat "$agent" "$kdir/modules.list" "$kdir"/modules/*.ko "$0" | sha256sum | cut -d" " -f1)
 if [ -f "$out/initramfs.img" ] && [ "$(old_key initramfs.img)" = "$ikey" ]; then
   log "initramfs: unchanged"
 else
@@ -122,6 +123,12 @@ else
   find "$stage" -exec touch -h -d @0 {} +
   (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort \
     | cpio -o -H newc --owner=0:0 --reproducible --quiet) > "$out/.initramfs.img.tmp"
+  # QEMU's PVH loader puts the initrd flush against the top of RAM, where the
+  # firmware keeps the ACPI tables (microvm reserves no room for them): only
+  # the slack left by page-aligning the start protects the tables. Zero
+  # padding to a whole page makes that slack a full 4 KiB; the kernel skips
+  # trailing zeros in an initramfs.
+  truncate -s %4096 "$out/.initramfs.img.tmp"
   mv -f "$out/.initramfs.img.tmp" "$out/initramfs.img"
   log "initramfs: $(du -h "$out/initramfs.img" | cut -f1) -> $out/initramfs.img"
 fi

@@ -20,11 +20,11 @@ packages=python3,python3-numpy,busybox
 # stdin is closed: without a mirror argument mmdebstrap would read sources from it.
 mmdebstrap --variant=essential --mode=root --format=directory \
   --include="$packages" \
-  --dpkg-opt='path-exclude=/usr/share/man/*' \
-  --dpkg-opt='path-exclude=/usr/share/doc/*' \
-  --dpkg-opt='path-include=/usr/share/doc/*/copyright' \
-  --dpkg-opt='path-exclude=/usr/share/locale/*' \
-  --dpkg-opt='path-exclude=/usr/share/info/*' \
+  --dpkgopt='path-exclude=/usr/share/man/*' \
+  --dpkgopt='path-exclude=/usr/share/doc/*' \
+  --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+  --dpkgopt='path-exclude=/usr/share/locale/*' \
+  --dpkgopt='path-exclude=/usr/share/info/*' \
   "$suite" "$root" "deb $mirror $suite main" </dev/null
 
 forkd_base_files "$root"

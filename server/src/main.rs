@@ -57,6 +57,9 @@ struct Args {
     /// VMM processes started at once while forking many children.
     #[arg(long, env = "FORKD_SPAWN_CONCURRENCY", default_value_t = 8)]
     spawn_concurrency: usize,
+    /// Branches of running sandboxes allowed in flight at once.
+    #[arg(long, env = "FORKD_BRANCH_CONCURRENCY", default_value_t = 4)]
+    branch_concurrency: usize,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "FORKD_LOG", default_value = "info")]
     log: String,
@@ -107,7 +110,11 @@ async fn main() -> anyhow::Result<()> {
         guest,
         backend,
         accel,
-        RuntimeConfig { spawn_concurrency: args.spawn_concurrency, tsc_khz: probe::tsc_khz() },
+        RuntimeConfig {
+            spawn_concurrency: args.spawn_concurrency,
+            tsc_khz: probe::tsc_khz(),
+            branch_concurrency: args.branch_concurrency,
+        },
     )
     .await?;
     let audit = match &args.audit_log {

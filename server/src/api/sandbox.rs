@@ -15,6 +15,7 @@ use super::convert;
 use super::status::not_yet;
 use crate::agent::ExecEvent;
 use crate::core::Error;
+use crate::core::branch::{BranchMode, BranchRequest};
 use crate::core::sandboxes::CreateSandboxes;
 use crate::core::store::SandboxSettings;
 
@@ -240,8 +241,27 @@ impl SandboxService for Services {
     }
 
     async fn branch(&self, r: Request<api::BranchRequest>) -> Result<Response<api::Snapshot>, Status> {
-        sandbox_id(&r.get_ref().id)?;
-        Err(not_yet("Branch"))
+        let r = r.into_inner();
+        let id = sandbox_id(&r.id)?;
+        let tag = if r.tag.is_empty() { None } else { Some(Tag::parse(&r.tag).map_err(Error::from)?) };
+        let mode = BranchMode::parse(&r.mode, r.diff)?;
+        let rec = self
+            .rt
+            .branch(BranchRequest { id, tag, mode, measure_only: r.measure_diff, wait: r.wait.unwrap_or(true) })
+            .await?;
+        if r.measure_diff {
+            return Ok(Response::new(convert::snapshot(&crate::core::snapshots::SnapshotView {
+                record: rec,
+                ancestors: vec![],
+                dependents: vec![],
+                live_sandboxes: 0,
+            })));
+        }
+        let mut view = self.rt.snapshot_view(&Tag::parse(&rec.tag).map_err(Error::from)?).await?;
+        // The capture figures of this call, also when the snapshot is still being written.
+        view.record.pause_ms = rec.pause_ms;
+        view.record.dirty_bytes = rec.dirty_bytes;
+        Ok(Response::new(convert::snapshot(&view)))
     }
 
     type ReadFileStream = BoxStream<api::DataChunk>;

@@ -79,14 +79,21 @@ impl SnapshotService for Services {
     }
 
     async fn compact_snapshot(&self, r: Request<api::CompactSnapshotRequest>) -> Result<Response<api::Snapshot>, Status> {
-        tag("tag", &r.get_ref().tag)?;
-        tag("to", &r.get_ref().to)?;
-        Err(not_yet("CompactSnapshot"))
+        let from = tag("tag", &r.get_ref().tag)?;
+        let to = tag("to", &r.get_ref().to)?;
+        let rec = self.rt.compact(&from, &to).await?;
+        let view = self.rt.snapshot_view(&Tag::parse(&rec.tag).map_err(Error::from)?).await?;
+        Ok(Response::new(convert::snapshot(&view)))
     }
 
     async fn derive_snapshot(&self, r: Request<api::DeriveSnapshotRequest>) -> Result<Response<api::Snapshot>, Status> {
-        tag("from_tag", &r.get_ref().from_tag)?;
-        Err(not_yet("DeriveSnapshot"))
+        let r = r.into_inner();
+        let from = tag("from_tag", &r.from_tag)?;
+        let to = tag("tag", &r.tag)?;
+        let secs = if r.timeout_secs == 0 { 300 } else { r.timeout_secs.min(24 * 3600) };
+        let rec = self.rt.derive(&from, &to, r.exec, Duration::from_secs(secs as u64)).await?;
+        let view = self.rt.snapshot_view(&Tag::parse(&rec.tag).map_err(Error::from)?).await?;
+        Ok(Response::new(convert::snapshot(&view)))
     }
 
     type ExportSnapshotStream = ChunkStream;

@@ -2,6 +2,7 @@
 //! store and the resource ledger. Everything here speaks domain types; the
 //! `api` layer translates to and from protobuf.
 
+pub mod branch;
 pub mod error;
 pub mod events;
 pub mod ids;

@@ -95,6 +95,8 @@ pub struct RuntimeConfig {
     pub spawn_concurrency: usize,
     /// Host TSC frequency passed to the guest kernel (kHz).
     pub tsc_khz: u64,
+    /// Branches allowed in flight at once (more → RESOURCE_EXHAUSTED).
+    pub branch_concurrency: usize,
 }
 
 pub struct Runtime {
@@ -109,6 +111,8 @@ pub struct Runtime {
     /// Snapshot tags with a deletion in progress.
     pub(crate) busy_tags: std::sync::Mutex<std::collections::HashSet<String>>,
     live_count_cache: std::sync::atomic::AtomicUsize,
+    /// Branches allowed in flight at once.
+    pub(crate) branch_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Runtime {
@@ -130,11 +134,12 @@ impl Runtime {
             backend,
             accel,
             guest,
-            config,
             events: Events::default(),
             sandboxes: RwLock::new(HashMap::new()),
             busy_tags: Default::default(),
             live_count_cache: Default::default(),
+            branch_slots: Arc::new(tokio::sync::Semaphore::new(config.branch_concurrency.max(1))),
+            config,
         });
         rt.recover().await?;
         Ok(rt)

@@ -52,6 +52,13 @@ impl Sandbox {
 
     /// The agent, if the sandbox is running.
     fn live_agent(&self) -> Result<&AgentClient> {
+        self.ensure_running()?;
+        self.touch();
+        Ok(&self.agent)
+    }
+
+    /// FAILED_PRECONDITION unless the sandbox is running.
+    pub fn ensure_running(&self) -> Result<()> {
         let rec = self.record.lock().unwrap();
         if rec.status != "running" {
             return Err(Error::FailedPrecondition(format!(
@@ -61,9 +68,7 @@ impl Sandbox {
                 if rec.status_reason.is_empty() { String::new() } else { format!(": {}", rec.status_reason) }
             )));
         }
-        drop(rec);
-        self.touch();
-        Ok(&self.agent)
+        Ok(())
     }
 }
 

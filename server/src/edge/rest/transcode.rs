@@ -122,6 +122,26 @@ impl Transcoder {
             return Err(too_large(self.max_body));
         }
         let query = req.uri().query().unwrap_or("").to_string();
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let wants_raw = req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains(OCTET));
+        let raw_upload = route.rpc.is_client_streaming() && content_type.starts_with(OCTET) && has_bytes_data(&input);
+        if raw_upload {
+            // A raw body streams into the `data` field of successive messages;
+            // the other fields come from the path and the query string.
+            let mut first = DynamicMessage::new(input.clone());
+            apply_query_and_path(&mut first, &input, &query, vars)?;
+            let frames = raw_body_frames(first, input.clone(), req.into_body());
+            return self.dispatch(route, Body::from_stream(frames), wants_raw).await;
+        }
         let body = axum::body::to_bytes(req.into_body(), self.max_body)
             .await
             .map_err(|_| too_large(self.max_body))?;
@@ -147,17 +167,17 @@ impl Transcoder {
                 }
             }
         }
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            let field = input
-                .get_field_by_name(&k)
-                .ok_or_else(|| RestError(Code::InvalidArgument, format!("unknown query parameter {k:?}")))?;
-            set_from_str(&mut msg, &field, &v)?;
+        if !query.is_empty() && route.body == "*" && !route.rpc.is_client_streaming() {
+            // AIP: with body "*" every field comes from the body.
+            return Err(RestError(Code::InvalidArgument, format!("{} takes its fields in the JSON body, not the query string", route.rpc.name())));
         }
-        for (k, v) in vars {
-            let field = input.get_field_by_name(&k).expect("checked when routes were loaded");
-            set_from_str(&mut msg, &field, &v)?;
-        }
+        apply_query_and_path(&mut msg, &input, &query, vars)?;
+        self.dispatch(route, Body::from(grpc_frames::encode(&msg.encode_to_vec())), wants_raw).await
+    }
 
+    /// Sends an encoded gRPC request body through the in-process gRPC
+    /// services and turns the answer into REST.
+    async fn dispatch(&self, route: &Route, grpc_body: Body, wants_raw: bool) -> Result<Resp, RestError> {
         let svc = route.rpc.parent_service();
         let uri = format!("/{}/{}", svc.full_name(), route.rpc.name());
         let grpc_req = Request::builder()
@@ -165,7 +185,7 @@ impl Transcoder {
             .uri(uri)
             .header(header::CONTENT_TYPE, "application/grpc")
             .header("te", "trailers")
-            .body(Body::from(grpc_frames::encode(&msg.encode_to_vec())))
+            .body(grpc_body)
             .map_err(|e| RestError(Code::Internal, e.to_string()))?;
         let resp = self.grpc.clone().oneshot(grpc_req).await.unwrap_or_else(|e| match e {});
         let output = route.rpc.output();
@@ -200,6 +220,9 @@ impl Transcoder {
             }
             return Ok(ndjson_response(Body::empty()));
         };
+        if wants_raw && has_bytes_data(&output) {
+            return Ok(raw_download(first, output, reader));
+        }
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(16);
         tokio::spawn(async move {
             let mut next = Some(first);
@@ -230,6 +253,113 @@ impl Transcoder {
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(ndjson_response(Body::from_stream(stream)))
     }
+}
+
+const OCTET: &str = "application/octet-stream";
+/// Raw uploads are cut into messages of at most this size.
+const RAW_CHUNK: usize = 1 << 20;
+
+fn has_bytes_data(m: &prost_reflect::MessageDescriptor) -> bool {
+    m.get_field_by_name("data").is_some_and(|f| matches!(f.kind(), Kind::Bytes) && !f.is_list())
+}
+
+fn apply_query_and_path(
+    msg: &mut DynamicMessage,
+    input: &prost_reflect::MessageDescriptor,
+    query: &str,
+    vars: Vec<(String, String)>,
+) -> Result<(), RestError> {
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        let field = input
+            .get_field_by_name(&k)
+            .ok_or_else(|| RestError(Code::InvalidArgument, format!("unknown query parameter {k:?}")))?;
+        set_from_str(msg, &field, &v)?;
+    }
+    for (k, v) in vars {
+        let field = input.get_field_by_name(&k).expect("checked when routes were loaded");
+        set_from_str(msg, &field, &v)?;
+    }
+    Ok(())
+}
+
+/// gRPC frames for a raw upload: `first` (path fields, no data), then the
+/// body in chunks of at most RAW_CHUNK bytes as `data`.
+fn raw_body_frames(
+    first: DynamicMessage,
+    input: prost_reflect::MessageDescriptor,
+    body: Body,
+) -> impl futures::Stream<Item = Result<Bytes, axum::Error>> + Send {
+    use futures::StreamExt;
+    let head = futures::stream::once(async move { Ok(grpc_frames::encode(&first.encode_to_vec())) });
+    let data_field = input.get_field_by_name("data").expect("checked by has_bytes_data");
+    let chunks = futures::stream::unfold(
+        (body.into_data_stream(), bytes::BytesMut::new(), false),
+        move |(mut stream, mut buf, done)| {
+            let input = input.clone();
+            let data_field = data_field.clone();
+            async move {
+                if done && buf.is_empty() {
+                    return None;
+                }
+                let mut finished = done;
+                while !finished && buf.len() < RAW_CHUNK {
+                    match stream.next().await {
+                        Some(Ok(b)) => buf.extend_from_slice(&b),
+                        Some(Err(e)) => return Some((Err(e), (stream, buf, true))),
+                        None => finished = true,
+                    }
+                }
+                if buf.is_empty() {
+                    return None;
+                }
+                let take = buf.len().min(RAW_CHUNK);
+                let chunk = buf.split_to(take).freeze();
+                let mut m = DynamicMessage::new(input);
+                m.set_field(&data_field, Value::Bytes(chunk));
+                Some((Ok(grpc_frames::encode(&m.encode_to_vec())), (stream, buf, finished)))
+            }
+        },
+    );
+    head.chain(chunks)
+}
+
+/// Streams the `data` field of each message as raw bytes. An error after
+/// the first byte aborts the body, so the client sees a broken transfer
+/// rather than a short file.
+fn raw_download(first: Bytes, output: prost_reflect::MessageDescriptor, mut reader: GrpcReader) -> Resp {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(async move {
+        let mut next = Some(first);
+        loop {
+            let bytes = match next.take() {
+                Some(b) => b,
+                None => match reader.next_message().await {
+                    Ok(Some(b)) => b,
+                    Ok(None) => break,
+                    Err(RestError(_, m)) => {
+                        let _ = tx.send(Err(std::io::Error::other(m))).await;
+                        return;
+                    }
+                },
+            };
+            let data = match DynamicMessage::decode(output.clone(), bytes) {
+                Ok(m) => m.get_field_by_name("data").and_then(|v| v.as_bytes().cloned()).unwrap_or_default(),
+                Err(e) => {
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    return;
+                }
+            };
+            if tx.send(Ok(data)).await.is_err() {
+                return;
+            }
+        }
+        if let Some((_, m)) = reader.finish().await.filter(|(c, _)| *c != Code::Ok) {
+            let _ = tx.send(Err(std::io::Error::other(m))).await;
+        }
+    });
+    let mut r = Response::new(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(OCTET));
+    r
 }
 
 fn too_large(limit: usize) -> RestError {

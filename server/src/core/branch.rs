@@ -1,0 +1,333 @@
+//! Branching a running sandbox into a new snapshot (the sandbox keeps
+//! running), compacting chains, and deriving snapshots from a command.
+//!
+//! The pause window only covers: stop the vCPUs, read pagemap, copy the
+//! dirty pages into a buffer faulted in beforehand, save device state, resume.
+//! Writing the layer and materializing the flat memory file happen after the
+//! source runs again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forkd_api::names::{SandboxId, Tag};
+
+use super::runtime::Runtime;
+use super::store::{SnapshotRecord, SnapshotStatus};
+use super::{Error, Result, ids, now_unix};
+use crate::memory::dirty::{self, CaptureBuffer, PAGE};
+use crate::memory::{digest, layer, layout};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BranchMode {
+    /// A layer of the pages written since the parent snapshot.
+    Diff,
+    /// A flat, parentless memory file.
+    Full,
+}
+
+impl BranchMode {
+    pub fn parse(mode: &str, legacy_diff: bool) -> Result<Self> {
+        match mode {
+            "" if legacy_diff => Ok(BranchMode::Diff),
+            "" | "diff" => Ok(BranchMode::Diff),
+            "full" => Ok(BranchMode::Full),
+            other => Err(Error::invalid("mode", format!("{other:?}: use \"diff\" or \"full\""))),
+        }
+    }
+}
+
+pub struct BranchRequest {
+    pub id: SandboxId,
+    pub tag: Option<Tag>,
+    pub mode: BranchMode,
+    pub measure_only: bool,
+    pub wait: bool,
+}
+
+/// Slack added to the capture buffer over the dirty size seen before the
+/// pause: the guest keeps writing until it is stopped.
+const CAPTURE_SLACK: usize = 64 << 20;
+
+impl Runtime {
+    pub async fn branch(self: &Arc<Self>, req: BranchRequest) -> Result<SnapshotRecord> {
+        let sb = self.sandbox(&req.id).await?;
+        sb.ensure_running()?;
+        let source_tag = sb.snapshot().snapshot_tag;
+        let parent = self.store.get_snapshot(&source_tag)?.ok_or_else(|| {
+            Error::FailedPrecondition(format!("sandbox {}'s snapshot {source_tag:?} no longer exists", req.id))
+        })?;
+        let parent_tag = Tag::parse(&parent.tag)?;
+        let parent_mem = std::fs::canonicalize(self.layout.snapshot_dir(&parent_tag).join("mem"))
+            .map_err(|e| Error::internal("parent memory file", e))?;
+        let mapping = dirty::find_mapping(sb.pid, &parent_mem).map_err(|e| Error::internal("locate guest memory", e))?;
+        let before = dirty::dirty_pages(sb.pid, &mapping).map_err(|e| Error::internal("read pagemap", e))?;
+        if req.measure_only {
+            let mut rec = parent.clone();
+            rec.tag = String::new();
+            rec.status_reason = "measured only; no snapshot was taken".into();
+            rec.dirty_bytes = before.len() as u64 * PAGE;
+            rec.branched_from = req.id.to_string();
+            return Ok(rec);
+        }
+        let _permit = self
+            .branch_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::ResourceExhausted("too many branches in flight; retry shortly (--branch-concurrency)".into()))?;
+        let tag = req.tag.clone().unwrap_or_else(|| ids::branch_tag(&req.id));
+        let final_dir = self.layout.snapshot_dir(&tag);
+        if final_dir.exists() {
+            return Err(Error::AlreadyExists(format!("snapshot {:?} already exists", tag.as_str())));
+        }
+        let mut spec = parent
+            .vm
+            .clone()
+            .ok_or_else(|| Error::FailedPrecondition(format!("snapshot {:?} has no VM configuration", parent.tag)))?;
+        spec.mem_file = final_dir.join("mem");
+        let (kind, parent_field) = match req.mode {
+            BranchMode::Diff => ("diff", Some(parent.tag.clone())),
+            BranchMode::Full => ("full", None),
+        };
+        let mut rec = SnapshotRecord {
+            tag: tag.to_string(),
+            status: SnapshotStatus::Writing,
+            status_reason: String::new(),
+            image: parent.image.clone(),
+            vcpus: parent.vcpus,
+            mem_mib: parent.mem_mib,
+            kind: kind.into(),
+            parent_tag: parent_field,
+            created_at_unix: now_unix(),
+            memory_digest: String::new(),
+            state_digest: String::new(),
+            parent_memory_digest: if req.mode == BranchMode::Diff { parent.memory_digest.clone() } else { String::new() },
+            branched_from: req.id.to_string(),
+            pause_ms: 0.0,
+            dirty_bytes: 0,
+            backend: parent.backend.clone(),
+            accel: parent.accel.clone(),
+            volumes: parent.volumes.clone(),
+            labels: parent.labels.clone(),
+            warm_ms: 0.0,
+            runtime: parent.runtime.clone(),
+            physical_size_bytes: 0,
+            vm: Some(spec),
+        };
+        self.store.insert_snapshot(&rec)?;
+        let staging = self.layout.staging_for(&tag, &ids::nonce());
+        let staging_key = staging.display().to_string();
+        self.store.ledger_add("staging", &staging_key, tag.as_str())?;
+        let cleanup = {
+            let (staging, key, tag) = (staging.clone(), staging_key.clone(), tag.to_string());
+            move |rt: &Runtime| {
+                let _ = rt.layout.remove_dir(&staging);
+                let _ = rt.store.ledger_remove("staging", &key);
+                let _ = rt.store.delete_snapshot(&tag);
+            }
+        };
+        let captured = async {
+            std::fs::create_dir_all(&staging).map_err(|e| Error::internal("create staging dir", e))?;
+            let mut buf = CaptureBuffer::new(before.len() * PAGE as usize + CAPTURE_SLACK)
+                .map_err(|e| Error::internal("capture buffer", e))?;
+            let mut control = sb.control.lock().await;
+            let t0 = Instant::now();
+            control.pause().await?;
+            let inside = (|| -> Result<(Vec<u64>, usize)> {
+                let pages = dirty::dirty_pages(sb.pid, &mapping).map_err(|e| Error::internal("read pagemap", e))?;
+                let runs = dirty::runs(&pages);
+                let n = buf.copy_from(sb.pid, &mapping, &runs).map_err(|e| Error::internal("copy dirty pages", e))?;
+                Ok((pages, n))
+            })();
+            let saved = match &inside {
+                Ok(_) => control.save_state(&staging.join("state")).await.map_err(Error::from),
+                Err(_) => Ok(()),
+            };
+            // Whatever happened, the source runs again.
+            let resumed = control.resume().await;
+            let pause = t0.elapsed();
+            drop(control);
+            resumed?;
+            let (pages, n) = inside?;
+            saved?;
+            Ok::<_, Error>((pages, n, buf, pause))
+        }
+        .await;
+        let (pages, n, buf, pause) = match captured {
+            Ok(v) => v,
+            Err(e) => {
+                cleanup(self);
+                return Err(e);
+            }
+        };
+        rec.pause_ms = pause.as_secs_f64() * 1000.0;
+        rec.dirty_bytes = n as u64;
+        let rt = self.clone();
+        let parent_dir = self.layout.snapshot_dir(&parent_tag);
+        let mode = req.mode;
+        let staging2 = staging.clone();
+        let finish = tokio::task::spawn_blocking(move || -> Result<SnapshotRecord> {
+            let data = buf.as_slice(n);
+            let mem = staging2.join("mem");
+            layer::clone_or_copy(&parent_dir.join("mem"), &mem).map_err(|e| Error::internal("copy parent memory", e))?;
+            let f = std::fs::OpenOptions::new().write(true).open(&mem).map_err(|e| Error::internal("open memory", e))?;
+            use std::os::unix::fs::FileExt;
+            for (i, p) in pages.iter().enumerate() {
+                let chunk = &data[i * PAGE as usize..(i + 1) * PAGE as usize];
+                f.write_all_at(chunk, p * PAGE).map_err(|e| Error::internal("write memory", e))?;
+            }
+            f.sync_all().map_err(|e| Error::internal("sync memory", e))?;
+            drop(f);
+            rec.memory_digest = match mode {
+                BranchMode::Diff => layer::write_layer(&staging2.join("layer"), &pages, data)
+                    .map_err(|e| Error::internal("write diff layer", e))?,
+                BranchMode::Full => digest::sha256_file(&mem).map_err(|e| Error::internal("digest", e))?,
+            };
+            rec.state_digest = digest::sha256_file(&staging2.join("state")).map_err(|e| Error::internal("digest", e))?;
+            rec.physical_size_bytes = layout::disk_usage(&staging2);
+            Ok(rec)
+        });
+        let cleanup_later = cleanup.clone();
+        let finish = async move {
+            let cleanup = cleanup_later;
+            let result = finish.await.map_err(|e| Error::internal("branch writer", e)).and_then(|r| r);
+            match result {
+                Ok(mut rec) => {
+                    let final_dir = rt.layout.snapshot_dir(&Tag::parse(&rec.tag)?);
+                    if let Err(e) = std::fs::rename(&staging, &final_dir) {
+                        cleanup(&rt);
+                        return Err(Error::internal("rename snapshot into place", e));
+                    }
+                    let _ = rt.store.ledger_remove("staging", &staging_key);
+                    rec.status = SnapshotStatus::Ready;
+                    rt.store.update_snapshot(&rec)?;
+                    rt.events.emit("branch_done", rec.branched_from.as_str(), &rec.tag, "");
+                    Ok(rec)
+                }
+                Err(e) => {
+                    cleanup(&rt);
+                    Err(e)
+                }
+            }
+        };
+        if req.wait {
+            finish.await
+        } else {
+            let pending = self
+                .store
+                .get_snapshot(tag.as_str())?
+                .ok_or_else(|| Error::Internal(format!("branch {:?} vanished", tag.as_str())))?;
+            tokio::spawn(async move {
+                if let Err(e) = finish.await {
+                    tracing::warn!("branch failed after capture: {e}");
+                }
+            });
+            let mut p = pending;
+            p.pause_ms = pause.as_secs_f64() * 1000.0;
+            p.dirty_bytes = n as u64;
+            Ok(p)
+        }
+    }
+
+    /// Writes a flat, parentless copy of `tag` as `to`.
+    pub async fn compact(self: &Arc<Self>, tag: &Tag, to: &Tag) -> Result<SnapshotRecord> {
+        let src = self.get_snapshot(tag)?;
+        if src.status != SnapshotStatus::Ready {
+            return Err(Error::FailedPrecondition(format!("snapshot {:?} is {}, not ready", src.tag, src.status.as_str())));
+        }
+        let final_dir = self.layout.snapshot_dir(to);
+        let mut spec = src.vm.clone().ok_or_else(|| Error::FailedPrecondition("snapshot has no VM configuration".into()))?;
+        spec.mem_file = final_dir.join("mem");
+        let mut rec = src.clone();
+        rec.tag = to.to_string();
+        rec.status = SnapshotStatus::Writing;
+        rec.kind = "full".into();
+        rec.parent_tag = None;
+        rec.parent_memory_digest = String::new();
+        rec.created_at_unix = now_unix();
+        rec.vm = Some(spec);
+        if final_dir.exists() {
+            return Err(Error::AlreadyExists(format!("snapshot {:?} already exists", to.as_str())));
+        }
+        self.store.insert_snapshot(&rec)?;
+        let staging = self.layout.staging_for(to, &ids::nonce());
+        let src_dir = self.layout.snapshot_dir(tag);
+        let st = staging.clone();
+        let result = tokio::task::spawn_blocking(move || -> std::io::Result<(String, String, u64)> {
+            std::fs::create_dir_all(&st)?;
+            layer::clone_or_copy(&src_dir.join("mem"), &st.join("mem"))?;
+            std::fs::copy(src_dir.join("state"), st.join("state"))?;
+            Ok((digest::sha256_file(&st.join("mem"))?, digest::sha256_file(&st.join("state"))?, layout::disk_usage(&st)))
+        })
+        .await
+        .map_err(|e| Error::internal("compact", e))?;
+        match result.and_then(|v| std::fs::rename(&staging, &final_dir).map(|_| v)) {
+            Ok((m, s, size)) => {
+                rec.memory_digest = m;
+                rec.state_digest = s;
+                rec.physical_size_bytes = size;
+                rec.status = SnapshotStatus::Ready;
+                self.store.update_snapshot(&rec)?;
+                Ok(rec)
+            }
+            Err(e) => {
+                let _ = self.layout.remove_dir(&staging);
+                let _ = self.store.delete_snapshot(to.as_str());
+                Err(Error::internal("compact", e))
+            }
+        }
+    }
+
+    /// Spawns from `from`, runs `args`, diff-branches into `tag`, and kills
+    /// the transient sandbox on every path.
+    pub async fn derive(self: &Arc<Self>, from: &Tag, tag: &Tag, args: Vec<String>, timeout: Duration) -> Result<SnapshotRecord> {
+        if args.is_empty() {
+            return Err(Error::invalid("exec", "must name a command"));
+        }
+        if self.store.get_snapshot(tag.as_str())?.is_some() {
+            return Err(Error::AlreadyExists(format!("snapshot {:?} already exists", tag.as_str())));
+        }
+        let kids = self
+            .create_sandboxes(super::sandboxes::CreateSandboxes { tag: from.clone(), n: 1, settings: Default::default() })
+            .await?;
+        let id = SandboxId::parse(&kids[0].id)?;
+        let result = async {
+            let mut stream = self
+                .exec(
+                    &id,
+                    forkd_agent_protocol::v1::ExecRequest {
+                        args,
+                        timeout_ms: timeout.as_millis() as u32,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            let mut stderr = vec![];
+            loop {
+                match stream.next().await? {
+                    Some(crate::agent::ExecEvent::Stderr(d)) => stderr.extend(d),
+                    Some(crate::agent::ExecEvent::Stdout(_)) => {}
+                    Some(crate::agent::ExecEvent::Exit(x)) => {
+                        if x.timed_out {
+                            return Err(Error::DeadlineExceeded(format!("the command ran longer than {} s", timeout.as_secs())));
+                        }
+                        if x.exit_code != 0 {
+                            return Err(Error::FailedPrecondition(format!(
+                                "the command exited {}: {}",
+                                x.exit_code,
+                                String::from_utf8_lossy(&stderr).trim()
+                            )));
+                        }
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            self.branch(BranchRequest { id: id.clone(), tag: Some(tag.clone()), mode: BranchMode::Diff, measure_only: false, wait: true })
+                .await
+        }
+        .await;
+        let _ = self.delete_sandboxes(&[id], None, false).await;
+        result
+    }
+}
+
