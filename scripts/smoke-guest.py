@@ -418,6 +418,8 @@ def main():
     ap.add_argument("--boot-timeout", type=float, default=300)
     ap.add_argument("--workdir", help="where VM files go (default: a new temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--ping-first", action="store_true",
+                    help="send a Ping before Reinit to time the bare restore separately")
     args = ap.parse_args()
 
     guest = os.path.abspath(args.guest_dir)
@@ -511,6 +513,9 @@ def main():
                 time.sleep(0.001)
             loaded = time.monotonic()
             qmp.cmd("cont")
+            if args.ping_first:
+                c["agent"].call(req_ping(), timeout=30)
+                print("%s: Ping answered %.1f ms after migrate-incoming" % (c["id"], (time.monotonic() - t) * 1000))
             name, done = c["agent"].call(
                 req_reinit(c["id"], c["id"], os.urandom(32), time.time_ns()), timeout=30
             )
@@ -564,6 +569,29 @@ def main():
             name, msg = b.call(req_stat("/root/only-in-child0"))
             checks.check("%s does not see it" % children[1]["id"],
                          name == "error" and msg.get("kind_name") == "NOT_FOUND", (name, msg))
+
+        last = children[-1]
+        a = last["agent"]
+        if runtime:
+            r = a.eval("while True:\n    pass", timeout=1)
+            checks.check("%s eval timeout -> 124" % last["id"], r["exit_code"] == 124, r)
+            r = a.eval("x")
+            checks.check("%s state survives the timeout" % last["id"], r["result"] == "41", r)
+        out, err, ex = a.exec(["sleep", "10"], timeout=0.5)
+        checks.check("%s exec timeout kills" % last["id"], ex["timed_out"] and ex["signal"] == 9, ex)
+        out, err, ex = a.exec(["cat"], stdin=b"fed through stdin\n")
+        checks.check("%s exec stdin" % last["id"], out == "fed through stdin\n" and ex["exit_code"] == 0, (out, ex))
+        # A host that drops the connection mid-frame: the agent must discard
+        # the fragment and answer on the next connection.
+        a.sock.sendall(MAGIC + struct.pack("<I", 50) + b"partial")
+        time.sleep(0.2)
+        a.close()
+        a = last["agent"] = Agent(os.path.join(last["dir"], "agent.sock"), time.monotonic() + 10)
+        try:
+            name, pong = a.call(req_ping(), timeout=10)
+            checks.check("%s answers after a reconnect" % last["id"], name == "pong", pong)
+        except Exception as e:
+            checks.check("%s answers after a reconnect" % last["id"], False, e)
 
         for c in children:
             c["agent"].close()

@@ -132,9 +132,12 @@ async fn branch_chains_compaction_and_deletion() {
     let r = d.delete("/v1/snapshots/b1?cascade=true&force=true").send().await.unwrap();
     assert_eq!(r.status(), 400);
     // Live sandboxes using a snapshot block its deletion unless forced.
-    let r = d.delete("/v1/snapshots/b2?cascade=true").send().await.unwrap();
-    assert_eq!(r.status(), 409, "grandchild {} still uses b1/b2? {}", grand[0], r.text().await.unwrap());
-    d.post("/v1/sandboxes/delete", json!({ "snapshot_tag": "b1" })).send().await.unwrap();
+    let r = d.delete("/v1/snapshots/b1?cascade=true").send().await.unwrap();
+    assert_eq!(r.status(), 409);
+    let body = r.text().await.unwrap();
+    assert!(body.contains(&grand[1]), "the refusal names the live sandboxes: {body}");
+    let r = d.post("/v1/sandboxes/delete", json!({ "snapshot_tag": "b1" })).send().await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["deleted"].as_array().unwrap().len(), 3);
 
     // cascade removes exactly the subtree (b2 under b2), leaving b1, b2-flat, base.
     let r = d.delete("/v1/snapshots/b2?cascade=true").send().await.unwrap();

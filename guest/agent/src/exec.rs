@@ -148,24 +148,21 @@ fn start_and_stream(
         if open.iter().all(Option::is_none) && status.is_some() {
             break;
         }
-        if let Some(t) = exited_at {
-            if t.elapsed() >= DRAIN_AFTER_EXIT {
+        if let Some(t) = exited_at
+            && t.elapsed() >= DRAIN_AFTER_EXIT {
                 break;
             }
-        }
         let now = Instant::now();
-        if let Some(d) = deadline {
-            if !timed_out && now >= d {
+        if let Some(d) = deadline
+            && !timed_out && now >= d {
                 timed_out = true;
                 unsafe { libc::kill(-child.pid, libc::SIGKILL) };
             }
-        }
         let mut wait = None;
-        if let Some(d) = deadline {
-            if !timed_out {
+        if let Some(d) = deadline
+            && !timed_out {
                 wait = Some(d.saturating_duration_since(now));
             }
-        }
         if let Some(t) = exited_at {
             let left = DRAIN_AFTER_EXIT.saturating_sub(t.elapsed());
             wait = Some(wait.map_or(left, |w: Duration| w.min(left)));
@@ -188,7 +185,7 @@ fn start_and_stream(
             }
             let slot = open.iter_mut().find(|s| matches!(s, Some((fd, _)) if *fd == p.fd));
             let Some(slot) = slot else { continue };
-            let (fd, stream) = slot.unwrap();
+            let Some((fd, stream)) = *slot else { continue };
             match sys::read(fd, &mut buf) {
                 Ok(0) | Err(_) => *slot = None,
                 Ok(n) => agent.send(

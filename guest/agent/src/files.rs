@@ -41,7 +41,8 @@ pub fn read_file(req: &ReadFileRequest) -> Result<FileData, AgentError> {
     // Short reads are normal for pipes and /proc files: keep reading until
     // the chunk is full or the file ends.
     while got < want {
-        match f.read_at(&mut data[got..], req.offset + got as u64) {
+        let Some(at) = req.offset.checked_add(got as u64) else { break };
+        match f.read_at(&mut data[got..], at) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -50,7 +51,7 @@ pub fn read_file(req: &ReadFileRequest) -> Result<FileData, AgentError> {
     }
     data.truncate(got);
     let size = md.len();
-    let eof = got < want || (md.is_file() && req.offset + got as u64 >= size);
+    let eof = got < want || (md.is_file() && req.offset.saturating_add(got as u64) >= size);
     Ok(FileData { data, eof, size })
 }
 

@@ -28,10 +28,16 @@ pub fn boot() -> ! {
         // Keep serving from the initramfs so the host can see what went wrong.
         Err(e) => log::error(&format!("switching to the root image failed: {e}")),
     }
+    // A runtime the image cannot run is reported as none (Pong.runtime ""),
+    // so the host does not wait for a warm-up that will never finish.
+    let has_python = proc::resolve_program("python3", crate::exec::DEFAULT_PATH).is_some();
     let kind = match cfg.runtime.as_str() {
-        "auto" if proc::resolve_program("python3", crate::exec::DEFAULT_PATH).is_some() => "python",
-        "auto" => "",
-        other => other,
+        "auto" | "python" if has_python => "python",
+        "auto" | "" => "",
+        other => {
+            log::error(&format!("runtime {other:?} is not available in this image"));
+            ""
+        }
     };
     let runtime = Runtime::new(kind, cfg.warm.clone(), RUN_DIR);
     runtime.start_background();
@@ -50,11 +56,10 @@ fn early_mounts() {
     ] {
         let _ = sys::mkdir_p(target, 0o755);
         let flags = libc::MS_NOSUID | if fstype == "devtmpfs" { 0 } else { libc::MS_NODEV | libc::MS_NOEXEC };
-        if let Err(e) = sys::mount(src, target, fstype, flags, data) {
-            if e.raw_os_error() != Some(libc::EBUSY) {
+        if let Err(e) = sys::mount(src, target, fstype, flags, data)
+            && e.raw_os_error() != Some(libc::EBUSY) {
                 log::error(&format!("mount {target}: {e}"));
             }
-        }
     }
 }
 

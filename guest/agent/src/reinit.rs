@@ -74,8 +74,8 @@ pub fn set_hostname(name: &str) -> Result<(), AgentError> {
     }
     sys::check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
         .map_err(|e| io_error("sethostname", &e))?;
-    // Some tools read the name from /etc/hostname; best effort.
-    let _ = write_atomic("/etc/hostname", format!("{name}\n").as_bytes());
+    // /etc/hostname is left alone: rewriting it would copy /etc up into the
+    // overlay on every restore, and the kernel's name is what tools report.
     Ok(())
 }
 

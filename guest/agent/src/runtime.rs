@@ -115,11 +115,10 @@ impl Runtime {
         }
         let me = self.clone();
         let r = std::thread::Builder::new().name("runtime-start".into()).stack_size(256 * 1024).spawn(move || {
-            if let Ok(mut g) = me.inner.lock() {
-                if g.is_none() {
+            if let Ok(mut g) = me.inner.lock()
+                && g.is_none() {
                     *g = me.start();
                 }
-            }
         });
         if let Err(e) = r {
             log::error(&format!("cannot start the runtime thread: {e}"));

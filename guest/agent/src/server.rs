@@ -7,21 +7,31 @@ use forkd_agent_protocol::v1::{
     agent_error::Kind, request::Body as Req, response::Body as Resp, Ack, AgentError, Pong, Request,
     Response,
 };
-use forkd_agent_protocol::{encode_frame, FrameDecoder};
+use forkd_agent_protocol::{encode_frame, FrameDecoder, MAGIC};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long one frame may wait for the host to drain the channel before it is
 /// dropped. A host that went away must not wedge every request thread.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Silence after which a chunk that starts with the magic is taken as the
+/// start of a new frame even if a fragment is pending.
+const RESYNC_GAP: Duration = Duration::from_millis(20);
+
+/// After one frame timed out, later frames wait only this long until the
+/// host is heard from again: a port whose host side is gone blocks writes,
+/// and every response would otherwise sit out the full timeout.
+const STALLED_WRITE_TIMEOUT: Duration = Duration::from_millis(50);
 
 /// Serialises whole frames onto the channel.
 #[derive(Default)]
 pub struct Writer {
     fd: Mutex<Option<Arc<OwnedFd>>>,
+    stalled: AtomicBool,
 }
 
 impl Writer {
@@ -31,14 +41,27 @@ impl Writer {
         }
     }
 
+    /// The host sent something: it is connected and reading again.
+    pub fn host_active(&self) {
+        self.stalled.store(false, Ordering::Relaxed);
+    }
+
     pub fn send(&self, msg: &Response) {
         let frame = encode_frame(msg);
         let Ok(g) = self.fd.lock() else { return };
         let Some(fd) = g.as_ref() else { return };
-        if let Err(e) = sys::write_all(fd.as_raw_fd(), &frame, Some(Instant::now() + WRITE_TIMEOUT)) {
-            // A partial frame may have gone out; the host resynchronises on
-            // the next magic.
-            log::info(&format!("dropped a response frame: {e}"));
+        let stalled = self.stalled.load(Ordering::Relaxed);
+        let wait = if stalled { STALLED_WRITE_TIMEOUT } else { WRITE_TIMEOUT };
+        match sys::write_all(fd.as_raw_fd(), &frame, Some(Instant::now() + wait)) {
+            Ok(()) => self.stalled.store(false, Ordering::Relaxed),
+            Err(e) => {
+                // A partial frame may have gone out; the host resynchronises
+                // on the next magic.
+                if !stalled {
+                    log::info(&format!("dropping response frames until the host reads again: {e}"));
+                }
+                self.stalled.store(true, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -49,8 +72,72 @@ pub enum Running {
     Eval,
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Request threads started ahead of time. A template's threads survive into
+/// every restored child, where creating a fresh thread means running cold
+/// kernel and libc paths through TCG (tens of milliseconds); a job only gets
+/// a new thread when every pooled one is busy (e.g. with long execs).
+pub struct Pool {
+    tx: Mutex<mpsc::Sender<Job>>,
+    idle: Arc<AtomicUsize>,
+}
+
+impl Pool {
+    pub fn new(workers: usize) -> Pool {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let idle = Arc::new(AtomicUsize::new(0));
+        for i in 0..workers {
+            let (rx, free) = (rx.clone(), idle.clone());
+            let started = std::thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .stack_size(STACK)
+                .spawn(move || loop {
+                    let job = match rx.lock() {
+                        Ok(r) => r.recv(),
+                        Err(_) => return,
+                    };
+                    match job {
+                        Ok(job) => {
+                            job();
+                            free.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(_) => return,
+                    }
+                });
+            if started.is_ok() {
+                idle.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        Pool { tx: Mutex::new(tx), idle }
+    }
+
+    pub fn run(&self, job: Job) -> io::Result<()> {
+        // Reserve an idle worker first, so a queued job never waits behind
+        // a busy one.
+        let reserved = self.idle.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        if reserved {
+            if let Ok(tx) = self.tx.lock() {
+                match tx.send(job) {
+                    Ok(()) => return Ok(()),
+                    Err(mpsc::SendError(job)) => {
+                        self.idle.fetch_add(1, Ordering::SeqCst);
+                        return std::thread::Builder::new().stack_size(STACK).spawn(job).map(|_| ());
+                    }
+                }
+            }
+            self.idle.fetch_add(1, Ordering::SeqCst);
+        }
+        std::thread::Builder::new().stack_size(STACK).spawn(job).map(|_| ())
+    }
+}
+
+const STACK: usize = 512 * 1024;
+
 pub struct Agent {
     pub writer: Writer,
+    pool: Pool,
     pub runtime: Arc<Runtime>,
     pub sandbox_id: Mutex<String>,
     /// Where the agent publishes state files (sandbox-id).
@@ -89,6 +176,7 @@ impl Agent {
     pub fn new(runtime: Arc<Runtime>, run_dir: &str) -> Arc<Agent> {
         Arc::new(Agent {
             writer: Writer::default(),
+            pool: Pool::new(4),
             runtime,
             sandbox_id: Mutex::new(String::new()),
             run_dir: run_dir.to_string(),
@@ -158,10 +246,7 @@ impl Agent {
             }
             other => {
                 let me = self.clone();
-                let spawned = std::thread::Builder::new()
-                    .stack_size(512 * 1024)
-                    .spawn(move || me.handle(id, other));
-                if let Err(e) = spawned {
+                if let Err(e) = self.pool.run(Box::new(move || me.handle(id, other))) {
                     self.reply(id, Err(io_error("starting a request thread", &e)));
                 }
             }
@@ -203,6 +288,7 @@ pub fn serve(agent: &Arc<Agent>, fd: RawFd, reconnecting: bool) {
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut idle = Duration::from_millis(1);
+    let mut last_rx = Instant::now();
     loop {
         let rev = match sys::poll_one(fd, libc::POLLIN, None) {
             Ok(r) => r,
@@ -218,6 +304,16 @@ pub fn serve(agent: &Arc<Agent>, fd: RawFd, reconnecting: bool) {
                 Ok(0) => disconnected = true,
                 Ok(n) => {
                     idle = Duration::from_millis(1);
+                    // A host that dropped the connection mid-frame and came
+                    // straight back may leave no hang-up for us to see. Its
+                    // next frame then arrives, after a pause, starting with
+                    // the magic: drop whatever fragment is still buffered
+                    // instead of letting it swallow the new frame.
+                    if buf[..n].starts_with(MAGIC) && last_rx.elapsed() >= RESYNC_GAP {
+                        decoder = FrameDecoder::new();
+                    }
+                    last_rx = Instant::now();
+                    agent.writer.host_active();
                     decoder.push(&buf[..n]);
                     loop {
                         match decoder.next::<Request>() {

@@ -86,7 +86,8 @@ pub fn write_all(fd: RawFd, mut data: &[u8], deadline: Option<Instant>) -> io::R
 pub fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
     let ms = match timeout {
         None => -1,
-        Some(d) => d.as_millis().min(i32::MAX as u128) as i32 + if d.subsec_nanos() % 1_000_000 != 0 { 1 } else { 0 },
+        // Rounded up, so a short wait never becomes a busy zero-timeout poll.
+        Some(d) => (d.as_micros().div_ceil(1000)).min(i32::MAX as u128) as i32,
     };
     let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
     if n < 0 {
@@ -150,8 +151,8 @@ pub fn fd_is_open(fd: RawFd) -> bool {
 /// so no later pipe or file lands on a standard stream number.
 pub fn ensure_std_fds() {
     for fd in 0..3 {
-        if !fd_is_open(fd) {
-            if let Ok(null) = open("/dev/null", libc::O_RDWR, 0) {
+        if !fd_is_open(fd)
+            && let Ok(null) = open("/dev/null", libc::O_RDWR, 0) {
                 if null.as_raw_fd() != fd {
                     unsafe { libc::dup2(null.as_raw_fd(), fd) };
                 } else {
@@ -159,7 +160,6 @@ pub fn ensure_std_fds() {
                     std::mem::forget(null);
                 }
             }
-        }
     }
 }
 

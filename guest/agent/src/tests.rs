@@ -198,6 +198,14 @@ fn files_round_trip_and_garbage_is_skipped() {
 }
 
 #[test]
+fn a_stale_fragment_does_not_swallow_the_next_frame() {
+    let mut c = Client::start(Runtime::new("", vec![], "/nonexistent"));
+    c.sock.write_all(b"FKD1\x32\x00\x00\x00partial").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(matches!(c.call(Req::Ping(PingRequest {})), Resp::Pong(_)));
+}
+
+#[test]
 fn reinit_without_privileged_parts() {
     let mut c = Client::start(Runtime::new("", vec![], "/nonexistent"));
     match c.call(Req::Reinit(ReinitRequest { sandbox_id: "sb-1".into(), ..Default::default() })) {

@@ -183,6 +183,9 @@ impl Runtime {
                 BranchMode::Full => digest::sha256_file(&mem).map_err(|e| Error::internal("digest", e))?,
             };
             rec.state_digest = digest::sha256_file(&staging2.join("state")).map_err(|e| Error::internal("digest", e))?;
+            if let Some(spec) = &rec.vm {
+                super::snapshots::write_vm_json(&staging2, spec)?;
+            }
             rec.physical_size_bytes = layout::disk_usage(&staging2);
             Ok(rec)
         });
@@ -252,10 +255,14 @@ impl Runtime {
         let staging = self.layout.staging_for(to, &ids::nonce());
         let src_dir = self.layout.snapshot_dir(tag);
         let st = staging.clone();
+        let spec_for_json = rec.vm.clone();
         let result = tokio::task::spawn_blocking(move || -> std::io::Result<(String, String, u64)> {
             std::fs::create_dir_all(&st)?;
             layer::clone_or_copy(&src_dir.join("mem"), &st.join("mem"))?;
             std::fs::copy(src_dir.join("state"), st.join("state"))?;
+            if let Some(spec) = &spec_for_json {
+                std::fs::write(st.join("vm.json"), serde_json::to_vec_pretty(spec).unwrap_or_default())?;
+            }
             Ok((digest::sha256_file(&st.join("mem"))?, digest::sha256_file(&st.join("state"))?, layout::disk_usage(&st)))
         })
         .await

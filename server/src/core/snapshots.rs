@@ -191,6 +191,7 @@ impl Runtime {
         .map_err(|e| Error::internal("digest", e))?;
         rec.memory_digest = mem_d;
         rec.state_digest = state_d;
+        write_vm_json(staging, &spec)?;
         rec.physical_size_bytes = layout::disk_usage(staging);
         let final_dir = spec.mem_file.parent().expect("snapshot dir").to_path_buf();
         std::fs::rename(staging, &final_dir).map_err(|e| Error::internal("rename snapshot into place", e))?;
@@ -308,4 +309,11 @@ impl Runtime {
         }
         Ok((doomed, orphaned))
     }
+}
+
+/// Writes the VM configuration next to the snapshot's files, so tools on the
+/// host (benchmarks, export) can restore it without the daemon's store.
+pub fn write_vm_json(dir: &std::path::Path, spec: &VmSpec) -> Result<()> {
+    let text = serde_json::to_vec_pretty(spec).map_err(|e| Error::internal("encode vm.json", e))?;
+    std::fs::write(dir.join("vm.json"), text).map_err(|e| Error::internal("write vm.json", e))
 }

@@ -68,8 +68,12 @@ impl Layout {
         }
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let target = self.trash_dir().join(format!("{name}.{}", crate::core::ids::nonce()));
-        std::fs::rename(dir, &target)?;
-        std::fs::remove_dir_all(&target)
+        match std::fs::rename(dir, &target) {
+            Ok(()) => std::fs::remove_dir_all(&target),
+            // Another filesystem (e.g. a mount over the staging dir): delete in place.
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => std::fs::remove_dir_all(dir),
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -116,11 +116,6 @@ impl Transcoder {
 
     async fn call(&self, route: &Route, vars: Vec<(String, String)>, req: Request<Body>) -> Result<Resp, RestError> {
         let input = route.rpc.input();
-        if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-            && len > self.max_body
-        {
-            return Err(too_large(self.max_body));
-        }
         let query = req.uri().query().unwrap_or("").to_string();
         let content_type = req
             .headers()
@@ -134,6 +129,12 @@ impl Transcoder {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains(OCTET));
         let raw_upload = route.rpc.is_client_streaming() && content_type.starts_with(OCTET) && has_bytes_data(&input);
+        if !raw_upload
+            && let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            && len > self.max_body
+        {
+            return Err(too_large(self.max_body));
+        }
         if raw_upload {
             // A raw body streams into the `data` field of successive messages;
             // the other fields come from the path and the query string.

@@ -1,0 +1,56 @@
+"""Python client for forkd: fork copy-on-write microVM sandboxes from warmed
+snapshots, run commands and Python in them, move files, branch and kill.
+
+    import forkd
+
+    client = forkd.Client()            # $FORKD_URL, $FORKD_TOKEN
+    with client.fork("py", n=3) as sandboxes:
+        for sb in sandboxes:
+            print(sb.exec(["hostname"]).stdout)
+
+The asyncio flavour is :mod:`forkd.aio`.
+"""
+
+from .client import Client, ExecStream, Files, Sandbox, SandboxGroup, Sandboxes, Snapshots, Workspaces
+from .errors import (
+    AuthenticationError,
+    CommandError,
+    ConflictError,
+    DeadlineExceededError,
+    ForkdError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    SnapshotFailedError,
+    UnavailableError,
+    UnimplementedError,
+)
+from .types import EvalResult, ExecResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Sandbox",
+    "SandboxGroup",
+    "Snapshots",
+    "Sandboxes",
+    "Workspaces",
+    "Files",
+    "ExecStream",
+    "ExecResult",
+    "EvalResult",
+    "ForkdError",
+    "NotFoundError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "InvalidArgumentError",
+    "ConflictError",
+    "ResourceExhaustedError",
+    "UnimplementedError",
+    "UnavailableError",
+    "DeadlineExceededError",
+    "SnapshotFailedError",
+    "CommandError",
+]

@@ -1,0 +1,1 @@
+"""Generated from proto/ by scripts/gen-clients.sh; do not edit."""

@@ -1,0 +1,475 @@
+"""The asyncio forkd client (grpc.aio), mirroring :mod:`forkd.client`.
+
+Every method that talks to the daemon is a coroutine. ``client.fork`` and
+``client.sandbox`` can be awaited or used directly with ``async with``::
+
+    async with forkd.aio.Client() as client:
+        async with client.fork("py", n=3) as sandboxes:
+            results = await asyncio.gather(*(sb.exec(["hostname"]) for sb in sandboxes))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import (
+    Any,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Generic,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
+
+import grpc
+import grpc.aio
+
+from . import _common as c
+from ._gen.forkd.v1 import (
+    sandbox_pb2,
+    sandbox_pb2_grpc,
+    snapshot_pb2,
+    snapshot_pb2_grpc,
+    system_pb2,
+    system_pb2_grpc,
+    workspace_pb2,
+    workspace_pb2_grpc,
+)
+from .errors import DeadlineExceededError, ForkdError, NotFoundError, SnapshotFailedError, from_rpc_error
+from .types import (
+    DeleteSnapshotResult,
+    DeleteWorkspaceResult,
+    EvalResult,
+    Event,
+    ExecResult,
+    FileInfo,
+    PingResult,
+    PushResult,
+    SandboxInfo,
+    SnapshotInfo,
+    VersionInfo,
+    WorkspaceInfo,
+)
+
+__all__ = ["Client", "Sandbox", "SandboxGroup", "Files", "ExecStream", "Snapshots", "Sandboxes", "Workspaces"]
+
+T = TypeVar("T")
+C = TypeVar("C", "Sandbox", "SandboxGroup")
+
+
+class _Rpc:
+    def __init__(self, token: Optional[str], timeout: Optional[float]) -> None:
+        self.metadata = c.metadata(token)
+        self.timeout = timeout
+
+    async def __call__(self, method: Callable[..., Awaitable[T]], request: Any, timeout: Optional[float] = None) -> T:
+        try:
+            return await method(request, metadata=self.metadata, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+
+    def stream(self, method: Callable[..., Any], request: Any, timeout: Optional[float] = None) -> "_Typed":
+        return _Typed(method(request, metadata=self.metadata, timeout=timeout if timeout is not None else self.timeout))
+
+
+class _Typed:
+    """A server stream whose errors surface as ForkdError while iterating."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self._it: Optional[AsyncIterator[Any]] = None
+
+    def __aiter__(self) -> "_Typed":
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._it is None:
+            self._it = self.call.__aiter__()
+        try:
+            return await self._it.__anext__()
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+class _Spawn(Generic[C]):
+    """What ``fork``/``sandbox`` return: await it for the result, or use it
+    with ``async with`` to have the sandboxes killed on exit."""
+
+    def __init__(self, make: Callable[[], Awaitable[C]]) -> None:
+        self._make = make
+        self._value: Optional[C] = None
+
+    def __await__(self) -> Generator[Any, None, C]:
+        return self._make().__await__()
+
+    async def __aenter__(self) -> C:
+        self._value = await self._make()
+        return self._value
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._value is not None:
+            await self._value.kill()
+
+
+class Client:
+    """An asyncio connection to a forkd daemon; see :class:`forkd.Client`
+    for the arguments. Create it inside a running event loop."""
+
+    def __init__(
+        self,
+        url: Optional[str] = None,
+        token: Optional[str] = None,
+        *,
+        ca_cert: Union[None, bytes, c.PathLike] = None,
+        timeout: Optional[float] = None,
+    ) -> None:
+        target = c.parse_url(url if url is not None else os.environ.get("FORKD_URL", "") or c.DEFAULT_URL)
+        self.url = target.url
+        creds = c.channel_credentials(target, c.resolve_ca(ca_cert))
+        if creds is None:
+            self._channel = grpc.aio.insecure_channel(target.address, options=c.CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(target.address, creds, options=c.CHANNEL_OPTIONS)
+        self._rpc = _Rpc(c.resolve_token(token), timeout)
+        self._snap = snapshot_pb2_grpc.SnapshotServiceStub(self._channel)
+        self._sb = sandbox_pb2_grpc.SandboxServiceStub(self._channel)
+        self._ws = workspace_pb2_grpc.WorkspaceServiceStub(self._channel)
+        self._sys = system_pb2_grpc.SystemServiceStub(self._channel)
+        self.snapshots = Snapshots(self)
+        self.sandboxes = Sandboxes(self)
+        self.workspaces = Workspaces(self)
+
+    def __repr__(self) -> str:
+        return f"forkd.aio.Client({self.url!r})"
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def version(self) -> VersionInfo:
+        return await self._rpc(self._sys.GetVersion, system_pb2.GetVersionRequest())
+
+    def fork(self, tag: str, n: int = 1, **opts: Any) -> "_Spawn[SandboxGroup]":
+        """Forks ``n`` children of ``tag``; ``await`` it, or ``async with`` it
+        to kill them all on exit."""
+        req = c.fork_request(tag, n, opts)
+
+        async def make() -> SandboxGroup:
+            resp = await self._rpc(self._sb.CreateSandboxes, req)
+            return SandboxGroup(Sandbox(self, info) for info in resp.sandboxes)
+
+        return _Spawn(make)
+
+    def sandbox(self, tag: str, **opts: Any) -> "_Spawn[Sandbox]":
+        """Forks one child; ``async with client.sandbox(tag) as sb:`` kills it on exit."""
+        req = c.fork_request(tag, 1, opts)
+
+        async def make() -> Sandbox:
+            resp = await self._rpc(self._sb.CreateSandboxes, req)
+            return Sandbox(self, resp.sandboxes[0])
+
+        return _Spawn(make)
+
+
+class Snapshots:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    async def create(
+        self,
+        tag: str,
+        image: str = "python",
+        *,
+        wait: bool = True,
+        vcpus: int = 0,
+        mem_mib: int = 0,
+        warm_timeout: Optional[float] = None,
+        warm_eval: str = "",
+        volumes: Optional[Sequence[str]] = None,
+        labels: Optional[Mapping[str, str]] = None,
+        timeout: Optional[float] = None,
+        poll_interval: float = 0.5,
+    ) -> SnapshotInfo:
+        req = c.create_snapshot_request(tag, image, vcpus, mem_mib, warm_timeout, warm_eval, volumes, labels)
+        snap = await self._c._rpc(self._c._snap.CreateSnapshot, req)
+        return await self.wait(tag, timeout=timeout, poll_interval=poll_interval) if wait else snap
+
+    async def wait(self, tag: str, *, timeout: Optional[float] = None, poll_interval: float = 0.5) -> SnapshotInfo:
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            snap = await self.get(tag)
+            if snap.status == "ready":
+                return snap
+            if snap.status != "writing":
+                raise SnapshotFailedError(tag, snap.status_reason or f"status {snap.status!r}")
+            if end is not None and time.monotonic() >= end:
+                raise DeadlineExceededError(f"snapshot {tag!r} still writing after {timeout}s")
+            await asyncio.sleep(poll_interval)
+
+    async def list(self, status: str = "") -> List[SnapshotInfo]:
+        resp = await self._c._rpc(self._c._snap.ListSnapshots, snapshot_pb2.ListSnapshotsRequest(status=status))
+        return list(resp.snapshots)
+
+    async def get(self, tag: str) -> SnapshotInfo:
+        return await self._c._rpc(self._c._snap.GetSnapshot, snapshot_pb2.GetSnapshotRequest(tag=tag))
+
+    async def delete(self, tag: str, *, cascade: bool = False, force: bool = False) -> DeleteSnapshotResult:
+        req = snapshot_pb2.DeleteSnapshotRequest(tag=tag, cascade=cascade, force=force)
+        return await self._c._rpc(self._c._snap.DeleteSnapshot, req)
+
+    async def compact(self, tag: str, to: str) -> SnapshotInfo:
+        return await self._c._rpc(self._c._snap.CompactSnapshot, snapshot_pb2.CompactSnapshotRequest(tag=tag, to=to))
+
+    async def derive(self, from_tag: str, tag: str, args: c.Args, *, timeout: Optional[float] = None) -> SnapshotInfo:
+        req = snapshot_pb2.DeriveSnapshotRequest(
+            from_tag=from_tag, tag=tag, exec=c.argv(args), timeout_secs=c.whole_seconds(timeout)
+        )
+        return await self._c._rpc(self._c._snap.DeriveSnapshot, req, timeout=c.deadline(self._c._rpc.timeout, timeout))
+
+    async def export(self, tag: str, *, layer_only: bool = False) -> AsyncIterator[bytes]:
+        req = snapshot_pb2.ExportSnapshotRequest(tag=tag, layer_only=layer_only)
+        async for chunk in self._c._rpc.stream(self._c._snap.ExportSnapshot, req):
+            yield chunk.data
+
+    async def import_(self, tag: str, chunks: Iterable[bytes]) -> SnapshotInfo:
+        return await self._c._rpc(self._c._snap.ImportSnapshot, c.import_requests(tag, chunks))
+
+    async def push(self, tag: str, remote: str) -> PushResult:
+        return await self._c._rpc(self._c._snap.PushSnapshot, snapshot_pb2.PushSnapshotRequest(tag=tag, remote=remote))
+
+    async def pull(self, remote: str, tag: str = "") -> SnapshotInfo:
+        return await self._c._rpc(self._c._snap.PullSnapshot, snapshot_pb2.PullSnapshotRequest(remote=remote, tag=tag))
+
+
+class Sandboxes:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    async def list(self, snapshot_tag: str = "") -> List["Sandbox"]:
+        req = sandbox_pb2.ListSandboxesRequest(snapshot_tag=snapshot_tag)
+        resp = await self._c._rpc(self._c._sb.ListSandboxes, req)
+        return [Sandbox(self._c, info) for info in resp.sandboxes]
+
+    async def get(self, sandbox_id: str) -> "Sandbox":
+        info = await self._c._rpc(self._c._sb.GetSandbox, sandbox_pb2.GetSandboxRequest(id=sandbox_id))
+        return Sandbox(self._c, info)
+
+    async def kill(
+        self, ids: Optional[Iterable[str]] = None, *, snapshot_tag: Optional[str] = None, all: bool = False
+    ) -> List[str]:
+        resp = await self._c._rpc(self._c._sb.DeleteSandboxes, c.kill_request(ids, snapshot_tag, all))
+        return list(resp.deleted)
+
+    async def events(self, *, sandbox_id: str = "", workspace: str = "", snapshot_tag: str = "") -> AsyncIterator[Event]:
+        req = sandbox_pb2.WatchEventsRequest(sandbox_id=sandbox_id, workspace=workspace, snapshot_tag=snapshot_tag)
+        stream = self._c._rpc.stream(self._c._sb.WatchEvents, req, timeout=None)
+        try:
+            async for ev in stream:
+                yield ev
+        finally:
+            stream.cancel()
+
+
+class Sandbox:
+    """A running child VM; ``async with`` kills it on exit."""
+
+    def __init__(self, client: Client, info: SandboxInfo) -> None:
+        self._c = client
+        self.info = info
+        self.id: str = info.id
+        self.files = Files(self)
+
+    def __repr__(self) -> str:
+        return f"<forkd.aio.Sandbox {self.id} of {self.info.snapshot_tag!r}>"
+
+    async def __aenter__(self) -> "Sandbox":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.kill()
+
+    async def refresh(self) -> SandboxInfo:
+        self.info = await self._c._rpc(self._c._sb.GetSandbox, sandbox_pb2.GetSandboxRequest(id=self.id))
+        return self.info
+
+    async def exec(
+        self,
+        args: c.Args,
+        timeout: Optional[float] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        *,
+        stdin: Optional[c.Data] = None,
+        check: bool = False,
+    ) -> ExecResult:
+        req = c.exec_request(self.id, args, timeout, env, cwd, stdin)
+        resp = await self._c._rpc(self._c._sb.Exec, req, timeout=c.deadline(self._c._rpc.timeout, timeout or 60))
+        res = ExecResult._from_pb(resp)
+        return res.check() if check else res
+
+    def exec_stream(
+        self,
+        args: c.Args,
+        timeout: Optional[float] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        *,
+        stdin: Optional[c.Data] = None,
+    ) -> "ExecStream":
+        """``async for stream, data in sb.exec_stream(...)``; ``.result`` afterwards."""
+        req = c.exec_request(self.id, args, timeout, env, cwd, stdin)
+        return ExecStream(
+            self._c._rpc.stream(self._c._sb.ExecStream, req, timeout=c.deadline(self._c._rpc.timeout, timeout or 60))
+        )
+
+    async def eval(self, code: str, timeout: Optional[float] = None, *, check: bool = False) -> EvalResult:
+        req = sandbox_pb2.EvalRequest(id=self.id, code=code, timeout_secs=c.whole_seconds(timeout))
+        resp = await self._c._rpc(self._c._sb.Eval, req, timeout=c.deadline(self._c._rpc.timeout, timeout or 60))
+        res = EvalResult._from_pb(resp)
+        return res.check() if check else res
+
+    async def ping(self) -> PingResult:
+        return await self._c._rpc(self._c._sb.Ping, sandbox_pb2.PingRequest(id=self.id))
+
+    async def branch(self, tag: Optional[str] = None, mode: str = "diff", *, wait: bool = True) -> SnapshotInfo:
+        return await self._c._rpc(self._c._sb.Branch, c.branch_request(self.id, tag, mode, wait))
+
+    async def kill(self) -> None:
+        await self._c._rpc(self._c._sb.DeleteSandbox, sandbox_pb2.DeleteSandboxRequest(id=self.id))
+
+
+class SandboxGroup(List[Sandbox]):
+    """Sandboxes forked together; ``async with`` kills them all on exit."""
+
+    async def __aenter__(self) -> "SandboxGroup":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.kill()
+
+    async def kill(self) -> List[str]:
+        if not self:
+            return []
+        return await self[0]._c.sandboxes.kill([sb.id for sb in self])
+
+
+class ExecStream:
+    """``async for stream, data in ...`` yields ("stdout"|"stderr", bytes)."""
+
+    def __init__(self, stream: _Typed) -> None:
+        self._stream = stream
+        self.result: Optional[ExecResult] = None
+
+    async def __aiter__(self) -> AsyncIterator[Tuple[str, bytes]]:
+        out: List[bytes] = []
+        err: List[bytes] = []
+        async for ev in self._stream:
+            kind, value = c.exec_event(ev)
+            if kind == "stdout":
+                out.append(value)
+                yield kind, value
+            elif kind == "stderr":
+                err.append(value)
+                yield kind, value
+            elif kind == "exit":
+                self.result = ExecResult._from_pb(
+                    value,
+                    stdout=b"".join(out).decode(errors="replace"),
+                    stderr=b"".join(err).decode(errors="replace"),
+                )
+        if self.result is None:
+            raise ForkdError("exec stream ended without an exit status")
+
+    async def wait(self) -> ExecResult:
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    @property
+    def exit_code(self) -> Optional[int]:
+        return None if self.result is None else self.result.exit_code
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+
+class Files:
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    async def read(self, path: str) -> bytes:
+        c_ = self._sb._c
+        req = sandbox_pb2.ReadFileRequest(id=self._sb.id, path=path)
+        parts = [chunk.data async for chunk in c_._rpc.stream(c_._sb.ReadFile, req)]
+        return b"".join(parts)
+
+    async def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return (await self.read(path)).decode(encoding)
+
+    async def write(self, path: str, data: c.Data, mode: int = 0o644) -> FileInfo:
+        c_ = self._sb._c
+        return await c_._rpc(c_._sb.WriteFile, c.write_requests(self._sb.id, path, data, mode))
+
+    async def list(self, path: str = "/") -> List[FileInfo]:
+        c_ = self._sb._c
+        resp = await c_._rpc(c_._sb.ListFiles, sandbox_pb2.ListFilesRequest(id=self._sb.id, path=path))
+        return list(resp.entries)
+
+    async def stat(self, path: str) -> FileInfo:
+        c_ = self._sb._c
+        return await c_._rpc(c_._sb.StatFile, sandbox_pb2.StatFileRequest(id=self._sb.id, path=path))
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.stat(path)
+            return True
+        except NotFoundError:
+            return False
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        c_ = self._sb._c
+        req = sandbox_pb2.RemoveFileRequest(id=self._sb.id, path=path, recursive=recursive)
+        await c_._rpc(c_._sb.RemoveFile, req)
+
+
+class Workspaces:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    async def create(self, name: str, snapshot_tag: str, **opts: Any) -> WorkspaceInfo:
+        return await self._c._rpc(self._c._ws.CreateWorkspace, c.workspace_request(name, snapshot_tag, opts))
+
+    async def get(self, name: str) -> WorkspaceInfo:
+        return await self._c._rpc(self._c._ws.GetWorkspace, workspace_pb2.GetWorkspaceRequest(name=name))
+
+    async def list(self) -> List[WorkspaceInfo]:
+        resp = await self._c._rpc(self._c._ws.ListWorkspaces, workspace_pb2.ListWorkspacesRequest())
+        return list(resp.workspaces)
+
+    async def suspend(self, name: str) -> WorkspaceInfo:
+        return await self._c._rpc(self._c._ws.SuspendWorkspace, workspace_pb2.SuspendWorkspaceRequest(name=name))
+
+    async def resume(self, name: str) -> WorkspaceInfo:
+        return await self._c._rpc(self._c._ws.ResumeWorkspace, workspace_pb2.ResumeWorkspaceRequest(name=name))
+
+    async def delete(self, name: str) -> DeleteWorkspaceResult:
+        return await self._c._rpc(self._c._ws.DeleteWorkspace, workspace_pb2.DeleteWorkspaceRequest(name=name))

@@ -1,0 +1,76 @@
+"""The asyncio client against a real daemon (no VM needed). Each test runs
+its own event loop with asyncio.run, so no pytest plugin is required."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable
+
+import pytest
+
+import forkd
+import forkd.aio
+
+from .conftest import Daemon
+
+
+def run(daemon: Daemon, body: Callable[[forkd.aio.Client], Awaitable[Any]], **kw: Any) -> Any:
+    async def main() -> Any:
+        kw.setdefault("token", daemon.token)
+        async with forkd.aio.Client(daemon.url, **kw) as c:
+            return await body(c)
+
+    return asyncio.run(main())
+
+
+def test_version_and_lists(daemon: Daemon) -> None:
+    async def body(c: forkd.aio.Client) -> None:
+        v = await c.version()
+        assert v.api == "v1"
+        assert await c.snapshots.list() == []
+        assert await c.sandboxes.list() == []
+        assert await c.workspaces.list() == []
+        # Calls run concurrently on one channel.
+        got = await asyncio.gather(*(c.version() for _ in range(8)))
+        assert {g.api for g in got} == {"v1"}
+
+    run(daemon, body)
+
+
+def test_typed_errors(daemon: Daemon) -> None:
+    async def body(c: forkd.aio.Client) -> None:
+        with pytest.raises(forkd.NotFoundError):
+            await c.snapshots.get("nope")
+        with pytest.raises(forkd.InvalidArgumentError):
+            await c.snapshots.create("../etc", wait=False)
+        with pytest.raises(forkd.UnimplementedError, match="CreateWorkspace"):
+            await c.workspaces.create("w1", "py")
+        with pytest.raises(forkd.UnimplementedError, match="ExportSnapshot"):
+            async for _ in c.snapshots.export("py"):
+                pass  # pragma: no cover
+        with pytest.raises(forkd.NotFoundError):
+            await c.fork("nope", n=2)
+        with pytest.raises(forkd.NotFoundError):
+            async with c.sandbox("nope"):
+                pass  # pragma: no cover
+        with pytest.raises(forkd.UnimplementedError, match="ttl_secs"):
+            await c.fork("nope", ttl_secs=3)
+
+    run(daemon, body)
+
+
+def test_wrong_token(daemon: Daemon) -> None:
+    async def body(c: forkd.aio.Client) -> None:
+        with pytest.raises(forkd.AuthenticationError):
+            await c.snapshots.list()
+
+    run(daemon, body, token="wrong-but-long-enough-0123456789")
+
+
+def test_deadline(daemon: Daemon) -> None:
+    async def body(c: forkd.aio.Client) -> None:
+        with pytest.raises(forkd.DeadlineExceededError):
+            async for _ in c.sandboxes.events():
+                pass  # pragma: no cover
+
+    run(daemon, body, timeout=0.5)

@@ -1,0 +1,204 @@
+"""The sync client against a real daemon, for everything that needs no VM."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+
+import grpc
+import pytest
+
+import forkd
+from forkd import _common
+
+from .conftest import TOKEN, Daemon
+
+
+def test_version(client: forkd.Client, daemon: Daemon) -> None:
+    v = client.version()
+    assert v.api == "v1"
+    assert v.backend == "qemu"
+    assert v.accel in ("kvm", "tcg")
+    assert v.version
+    assert v.data_dir == str(daemon.data_dir.resolve())
+    assert v.sandboxes == 0
+
+
+def test_list_snapshots_empty(client: forkd.Client) -> None:
+    assert client.snapshots.list() == []
+    assert client.snapshots.list(status="ready") == []
+
+
+def test_list_sandboxes_and_workspaces_empty(client: forkd.Client) -> None:
+    assert client.sandboxes.list() == []
+    assert client.workspaces.list() == []
+    assert client.sandboxes.kill(all=True) == []
+
+
+def test_wrong_token_is_an_authentication_error(daemon: Daemon) -> None:
+    with forkd.Client(daemon.url, token="wrong-but-long-enough-0123456789") as c:
+        with pytest.raises(forkd.AuthenticationError) as ei:
+            c.snapshots.list()
+    assert ei.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert ei.value.code_name == "UNAUTHENTICATED"
+    assert "invalid bearer token" in ei.value.message
+
+
+def test_missing_token_is_an_authentication_error(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FORKD_TOKEN", raising=False)
+    monkeypatch.delenv("FORKD_TOKEN_FILE", raising=False)
+    with forkd.Client(daemon.url) as c:
+        with pytest.raises(forkd.AuthenticationError, match="missing bearer token"):
+            c.version()
+
+
+def test_health_is_open_without_token(daemon: Daemon) -> None:
+    with urllib.request.urlopen(f"{daemon.url}/healthz", timeout=10) as r:
+        assert json.load(r) == {"ok": True}
+
+
+def test_get_missing_snapshot_is_not_found(client: forkd.Client) -> None:
+    with pytest.raises(forkd.NotFoundError) as ei:
+        client.snapshots.get("nope")
+    assert ei.value.code_name == "NOT_FOUND"
+    assert '"nope"' in ei.value.message
+    assert isinstance(ei.value, forkd.ForkdError)
+
+
+def test_bad_tag_is_invalid_argument(client: forkd.Client) -> None:
+    with pytest.raises(forkd.InvalidArgumentError, match="invalid tag"):
+        client.snapshots.create("../etc", image="python", wait=False)
+    with pytest.raises(forkd.InvalidArgumentError):
+        client.snapshots.get("../etc")
+    # It is also a ValueError, for callers that validate generically.
+    with pytest.raises(ValueError):
+        client.snapshots.delete("..")
+
+
+def test_workspaces_are_unimplemented(client: forkd.Client) -> None:
+    with pytest.raises(forkd.UnimplementedError, match="CreateWorkspace"):
+        client.workspaces.create("w1", "py")
+    with pytest.raises(forkd.UnimplementedError):
+        client.workspaces.get("w1")
+    with pytest.raises(forkd.InvalidArgumentError):
+        client.workspaces.get("bad/name")
+
+
+def test_streaming_errors_are_typed(client: forkd.Client) -> None:
+    # The error of a server stream arrives while iterating, not at the call.
+    chunks = client.snapshots.export("anything")
+    with pytest.raises(forkd.UnimplementedError, match="ExportSnapshot"):
+        list(chunks)
+
+
+def test_client_streaming_errors_are_typed(client: forkd.Client) -> None:
+    with pytest.raises(forkd.UnimplementedError, match="ImportSnapshot"):
+        client.snapshots.import_("t", [b"abc", b"def"])
+
+
+def test_fork_of_missing_snapshot_is_not_found(client: forkd.Client) -> None:
+    with pytest.raises(forkd.NotFoundError, match="nope"):
+        client.fork("nope", n=2)
+    with pytest.raises(forkd.NotFoundError):
+        with client.sandbox("nope"):
+            pass  # pragma: no cover
+
+
+def test_fork_options_reach_the_daemon(client: forkd.Client) -> None:
+    # The daemon refuses options it does not implement yet, naming them:
+    # proof that the keyword became the request field.
+    with pytest.raises(forkd.UnimplementedError, match="ttl_secs"):
+        client.fork("nope", ttl_secs=5)
+    with pytest.raises(forkd.InvalidArgumentError, match="network"):
+        client.fork("nope", network="bogus")
+
+
+def test_fork_arguments_are_checked_locally(client: forkd.Client) -> None:
+    with pytest.raises(TypeError, match="no_such_option"):
+        client.fork("py", no_such_option=1)
+    with pytest.raises(ValueError):
+        client.fork("py", n=0)
+
+
+def test_sandbox_calls_on_unknown_ids(client: forkd.Client) -> None:
+    with pytest.raises(forkd.NotFoundError):
+        client.sandboxes.get("sb-aaaaaaaaaaaa")
+    with pytest.raises(forkd.InvalidArgumentError, match="sb-"):
+        client.sandboxes.get("nope")
+
+
+def test_environment_configuration(daemon: Daemon, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("FORKD_URL", daemon.url)
+    monkeypatch.setenv("FORKD_TOKEN", TOKEN)
+    with forkd.Client() as c:
+        assert c.url == daemon.url
+        assert c.version().api == "v1"
+    monkeypatch.delenv("FORKD_TOKEN")
+    tf = tmp_path / "token"
+    tf.write_text(TOKEN + "\n")
+    monkeypatch.setenv("FORKD_TOKEN_FILE", str(tf))
+    with forkd.Client() as c:
+        assert c.snapshots.list() == []
+    # An explicit argument wins over the environment.
+    with forkd.Client(token="another-token-that-is-long-enough") as c:
+        with pytest.raises(forkd.AuthenticationError):
+            c.snapshots.list()
+
+
+def test_empty_token_file_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.delenv("FORKD_TOKEN", raising=False)
+    tf = tmp_path / "token"
+    tf.write_text("  \n")
+    monkeypatch.setenv("FORKD_TOKEN_FILE", str(tf))
+    with pytest.raises(forkd.ForkdError, match="empty"):
+        forkd.Client("http://127.0.0.1:1")
+
+
+def test_unreachable_daemon_is_unavailable() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connections are refused
+        with forkd.Client(f"http://127.0.0.1:{port}", token=TOKEN, timeout=10) as c:
+            with pytest.raises(forkd.UnavailableError):
+                c.version()
+
+
+def test_timeout_is_deadline_exceeded(daemon: Daemon) -> None:
+    # The event stream never ends by itself, so the client's default
+    # deadline is what stops it.
+    with daemon.client(timeout=0.5) as c:
+        events = c.sandboxes.events()
+        with pytest.raises(forkd.DeadlineExceededError):
+            for _ in events:
+                pass  # pragma: no cover
+
+
+@pytest.mark.parametrize(
+    "raw,address,secure",
+    [
+        ("http://127.0.0.1:8889", "127.0.0.1:8889", False),
+        ("127.0.0.1:9000", "127.0.0.1:9000", False),
+        ("https://forkd.example:8443/", "forkd.example:8443", True),
+        ("https://forkd.example", "forkd.example:443", True),
+        ("http://[::1]:8889", "[::1]:8889", False),
+    ],
+)
+def test_parse_url(raw: str, address: str, secure: bool) -> None:
+    t = _common.parse_url(raw)
+    assert (t.address, t.secure) == (address, secure)
+
+
+@pytest.mark.parametrize("raw", ["", "ftp://host:1", "http://host:1/v1", "http://:80", "http://h:notaport"])
+def test_parse_url_refuses(raw: str) -> None:
+    with pytest.raises(forkd.ForkdError):
+        _common.parse_url(raw)
+
+
+def test_ca_cert_needs_https(tmp_path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    with pytest.raises(forkd.ForkdError, match="not an https"):
+        forkd.Client("http://127.0.0.1:1", ca_cert=ca)
+    with pytest.raises(forkd.ForkdError, match="CA certificate"):
+        forkd.Client("https://127.0.0.1:1", ca_cert=tmp_path / "missing.pem")

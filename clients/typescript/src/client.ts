@@ -1,0 +1,668 @@
+// The forkd client: gRPC over HTTP/2 (Connect's gRPC transport for Node),
+// with an ergonomic layer over the generated service descriptors.
+
+import { readFileSync } from "node:fs";
+
+import { createClient, type CallOptions, type Client as RpcClient, type Interceptor } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+
+import type { Sandbox as SandboxMsg, Snapshot } from "./gen/forkd/v1/common_pb.js";
+import { SandboxService, type ExecEvent, type ExecResponse, type EvalResponse, type FileInfo } from "./gen/forkd/v1/sandbox_pb.js";
+import { SnapshotService } from "./gen/forkd/v1/snapshot_pb.js";
+import { SystemService } from "./gen/forkd/v1/system_pb.js";
+import { WorkspaceService } from "./gen/forkd/v1/workspace_pb.js";
+import { CommandError, DeadlineExceededError, ForkdError, NotFoundError, SnapshotFailedError, toForkdError } from "./errors.js";
+import type {
+  DeleteSnapshotResult,
+  DeleteWorkspaceResult,
+  EvalResult,
+  Event,
+  ExecResult,
+  OutputChunk,
+  PingResult,
+  PushResult,
+  SnapshotInfo,
+  VersionInfo,
+  WorkspaceInfo,
+} from "./types.js";
+
+export const DEFAULT_URL = "http://127.0.0.1:8889";
+
+/** Bytes per WriteFile message; well under the daemon's 16 MiB message limit. */
+export const WRITE_CHUNK = 1 << 20;
+
+/** Extra time a call's deadline gets beyond the command timeout it carries,
+ * so the daemon's own timeout (and its clean result) wins the race. */
+const DEADLINE_GRACE_MS = 30_000;
+
+export interface ClientOptions {
+  /** Default: $FORKD_URL, else http://127.0.0.1:8889. A bare HOST:PORT means http. */
+  url?: string;
+  /** Default: $FORKD_TOKEN, else the contents of $FORKD_TOKEN_FILE. */
+  token?: string;
+  /** PEM (string/Buffer) or a path to the CA that signed the daemon's
+   * certificate, for https URLs. Default: $FORKD_CA_CERT, else system roots. */
+  caCert?: string | Uint8Array;
+  /** Per-call limit in milliseconds for calls with no longer natural duration. */
+  timeoutMs?: number;
+}
+
+/** Options of `fork`: CreateSandboxesRequest fields, camelCased. */
+export interface ForkOptions {
+  n?: number;
+  labels?: Record<string, string>;
+  network?: string;
+  allow?: string[];
+  memoryLimitMib?: number;
+  cpuQuota?: number;
+  pidsLimit?: number;
+  perChildNetns?: boolean;
+  ttlSecs?: number;
+  idleTimeoutSecs?: number;
+  volumes?: string[];
+  prewarm?: boolean;
+  liveFork?: boolean;
+  hugepages?: boolean;
+}
+
+export interface ExecOptions {
+  /** Seconds; the daemon's default is 60. */
+  timeout?: number;
+  env?: Record<string, string>;
+  cwd?: string;
+  stdin?: string | Uint8Array;
+  /** Throw CommandError when the command fails (exec only). */
+  check?: boolean;
+  signal?: AbortSignal;
+}
+
+export interface CreateSnapshotOptions {
+  image?: string;
+  /** Return only once ready (default true). */
+  wait?: boolean;
+  vcpus?: number;
+  memMib?: number;
+  /** Seconds the daemon waits for the runtime to become ready. */
+  warmTimeout?: number;
+  warmEval?: string;
+  volumes?: string[];
+  labels?: Record<string, string>;
+  /** Milliseconds to wait for "ready" before DeadlineExceededError. */
+  timeoutMs?: number;
+  pollIntervalMs?: number;
+}
+
+type Args = string | readonly string[];
+
+interface Normalised {
+  baseUrl: string;
+  secure: boolean;
+}
+
+/** Accepts http://HOST:PORT, https://HOST:PORT or a bare HOST:PORT (http). */
+export function parseUrl(raw: string): Normalised {
+  const s = raw.trim();
+  if (!s) throw new ForkdError("the daemon URL is empty");
+  const withScheme = s.includes("://") ? s : `http://${s}`;
+  let u: URL;
+  try {
+    u = new URL(withScheme);
+  } catch {
+    throw new ForkdError(`invalid URL ${JSON.stringify(raw)}`);
+  }
+  if (u.protocol !== "http:" && u.protocol !== "https:") {
+    throw new ForkdError(`unsupported URL ${JSON.stringify(raw)}: use http://HOST:PORT or https://HOST:PORT`);
+  }
+  if (!u.hostname) throw new ForkdError(`URL ${JSON.stringify(raw)} names no host`);
+  if ((u.pathname !== "/" && u.pathname !== "") || u.search || u.hash) {
+    throw new ForkdError(`URL ${JSON.stringify(raw)} must not have a path: gRPC is served at the root`);
+  }
+  return { baseUrl: `${u.protocol}//${u.host}`, secure: u.protocol === "https:" };
+}
+
+function resolveToken(token: string | undefined): string | undefined {
+  if (token !== undefined) return token.trim() || undefined;
+  const env = process.env.FORKD_TOKEN?.trim();
+  if (env) return env;
+  const file = process.env.FORKD_TOKEN_FILE?.trim();
+  if (file) {
+    let text: string;
+    try {
+      text = readFileSync(file, "utf8").trim();
+    } catch (e) {
+      throw new ForkdError(`FORKD_TOKEN_FILE ${file}: ${(e as Error).message}`);
+    }
+    // An empty token file is a mistake worth reporting, not "no auth".
+    if (!text) throw new ForkdError(`FORKD_TOKEN_FILE ${file} is empty`);
+    return text;
+  }
+  return undefined;
+}
+
+function resolveCa(ca: string | Uint8Array | undefined): Uint8Array | string | undefined {
+  if (ca instanceof Uint8Array) return ca;
+  if (ca !== undefined && ca.includes("-----BEGIN")) return ca;
+  const path = ca ?? process.env.FORKD_CA_CERT?.trim();
+  if (!path) return undefined;
+  try {
+    return readFileSync(path);
+  } catch (e) {
+    throw new ForkdError(`CA certificate ${path}: ${(e as Error).message}`);
+  }
+}
+
+/** A string is a shell command line (run with `sh -c`); an array is argv. */
+export function argv(args: Args): string[] {
+  if (typeof args === "string") return ["sh", "-c", args];
+  const out = [...args];
+  if (out.length === 0 || !out.every((a) => typeof a === "string")) {
+    throw new TypeError("args must be a non-empty array of strings, or a shell command string");
+  }
+  return out;
+}
+
+function wholeSeconds(timeout: number | undefined): number {
+  if (timeout === undefined) return 0;
+  if (!(timeout > 0)) throw new RangeError("timeout must be positive");
+  return Math.ceil(timeout);
+}
+
+function toBytes(data: string | Uint8Array): Uint8Array {
+  return typeof data === "string" ? new TextEncoder().encode(data) : data;
+}
+
+const decoder = new TextDecoder();
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let off = 0;
+  for (const p of parts) {
+    out.set(p, off);
+    off += p.length;
+  }
+  return out;
+}
+
+function execResult(r: ExecResponse, stdout?: string, stderr?: string): ExecResult {
+  return {
+    stdout: stdout ?? r.stdout,
+    stderr: stderr ?? r.stderr,
+    exitCode: r.exitCode,
+    signal: r.signal,
+    timedOut: r.timedOut,
+    durationMs: r.durationMs,
+    ok: r.exitCode === 0 && !r.timedOut,
+  };
+}
+
+function checkExec(r: ExecResult): ExecResult {
+  if (!r.ok) {
+    const why = r.timedOut ? "timed out" : r.signal ? `was killed by signal ${r.signal}` : `exited with ${r.exitCode}`;
+    const tail = r.stderr.trim().slice(-500);
+    throw new CommandError(`command ${why}${tail ? `: ${tail}` : ""}`, r);
+  }
+  return r;
+}
+
+function evalResult(r: EvalResponse): EvalResult {
+  return {
+    result: r.result,
+    error: r.error,
+    exitCode: r.exitCode,
+    stdout: r.stdout,
+    stderr: r.stderr,
+    ok: !r.error && r.exitCode === 0,
+  };
+}
+
+const sleep = (ms: number) => new Promise((res) => setTimeout(res, ms));
+
+/** Awaits a unary call, rethrowing its error as a ForkdError. */
+async function call<T>(p: Promise<T>): Promise<T> {
+  try {
+    return await p;
+  } catch (e) {
+    throw toForkdError(e);
+  }
+}
+
+/** Iterates a server stream, rethrowing its error as a ForkdError. */
+async function* typed<T>(it: AsyncIterable<T>): AsyncGenerator<T> {
+  try {
+    yield* it;
+  } catch (e) {
+    throw toForkdError(e);
+  }
+}
+
+/** A connection to a forkd daemon. */
+export class Client {
+  readonly url: string;
+  readonly snapshots: Snapshots;
+  readonly sandboxes: Sandboxes;
+  readonly workspaces: Workspaces;
+  /** @internal */ readonly rpc: {
+    snap: RpcClient<typeof SnapshotService>;
+    sb: RpcClient<typeof SandboxService>;
+    ws: RpcClient<typeof WorkspaceService>;
+    sys: RpcClient<typeof SystemService>;
+  };
+  /** @internal */ readonly timeoutMs: number | undefined;
+
+  constructor(opts: ClientOptions = {}) {
+    const target = parseUrl(opts.url ?? (process.env.FORKD_URL?.trim() || DEFAULT_URL));
+    this.url = target.baseUrl;
+    const token = resolveToken(opts.token);
+    const ca = resolveCa(opts.caCert);
+    if (ca !== undefined && !target.secure) {
+      throw new ForkdError(`a CA certificate was given but ${this.url} is not an https:// URL`);
+    }
+    const auth: Interceptor = (next) => (req) => {
+      if (token) req.header.set("authorization", `Bearer ${token}`);
+      return next(req);
+    };
+    const transport = createGrpcTransport({
+      baseUrl: this.url,
+      interceptors: [auth],
+      nodeOptions: ca !== undefined ? { ca: typeof ca === "string" ? ca : Buffer.from(ca) } : {},
+      readMaxBytes: 64 << 20,
+      writeMaxBytes: 16 << 20,
+    });
+    this.rpc = {
+      snap: createClient(SnapshotService, transport),
+      sb: createClient(SandboxService, transport),
+      ws: createClient(WorkspaceService, transport),
+      sys: createClient(SystemService, transport),
+    };
+    this.timeoutMs = opts.timeoutMs;
+    this.snapshots = new Snapshots(this);
+    this.sandboxes = new Sandboxes(this);
+    this.workspaces = new Workspaces(this);
+  }
+
+  /** @internal Call options: the client default, stretched for a command timeout. */
+  opts(commandTimeoutSecs?: number, signal?: AbortSignal): CallOptions {
+    let timeoutMs = this.timeoutMs;
+    if (commandTimeoutSecs !== undefined) {
+      const need = commandTimeoutSecs * 1000 + DEADLINE_GRACE_MS;
+      timeoutMs = timeoutMs === undefined ? need : Math.max(timeoutMs, need);
+    }
+    return { timeoutMs, signal };
+  }
+
+  /** The daemon's version, backend, accelerator and counts. */
+  version(): Promise<VersionInfo> {
+    return call(this.rpc.sys.getVersion({}, this.opts()));
+  }
+
+  /** Forks `n` (default 1) copy-on-write children of the ready snapshot `tag`.
+   * All or nothing: on error no child is left running. */
+  async fork(tag: string, opts: ForkOptions = {}): Promise<SandboxGroup> {
+    const n = opts.n ?? 1;
+    if (!Number.isInteger(n) || n < 1) throw new RangeError("n must be an integer of at least 1");
+    const resp = await call(this.rpc.sb.createSandboxes({ ...opts, snapshotTag: tag, n }, this.opts()));
+    return SandboxGroup.from(resp.sandboxes.map((info) => new Sandbox(this, info))) as SandboxGroup;
+  }
+
+  /** Forks one child. */
+  async sandbox(tag: string, opts: Omit<ForkOptions, "n"> = {}): Promise<Sandbox> {
+    return (await this.fork(tag, { ...opts, n: 1 }))[0]!;
+  }
+
+  /** Forks children, runs `fn` with them and kills them however `fn` ends. */
+  async withSandboxes<T>(tag: string, opts: ForkOptions, fn: (sandboxes: SandboxGroup) => Promise<T>): Promise<T> {
+    const group = await this.fork(tag, opts);
+    try {
+      return await fn(group);
+    } finally {
+      await group.kill();
+    }
+  }
+
+  /** Forks one child, runs `fn` with it and kills it however `fn` ends. */
+  async withSandbox<T>(tag: string, fn: (sandbox: Sandbox) => Promise<T>, opts: Omit<ForkOptions, "n"> = {}): Promise<T> {
+    return this.withSandboxes(tag, { ...opts, n: 1 }, (g) => fn(g[0]!));
+  }
+}
+
+/** `client.snapshots`: create, inspect and manage snapshots. */
+export class Snapshots {
+  constructor(private readonly c: Client) {}
+
+  /** Boots `image` (default "python"), warms it and saves it as `tag`; by
+   * default waits until it is ready (SnapshotFailedError if it fails). */
+  async create(tag: string, opts: CreateSnapshotOptions = {}): Promise<SnapshotInfo> {
+    const snap = await call(
+      this.c.rpc.snap.createSnapshot(
+        {
+          tag,
+          image: opts.image ?? "python",
+          vcpus: opts.vcpus ?? 0,
+          memMib: opts.memMib ?? 0,
+          warmTimeoutSecs: wholeSeconds(opts.warmTimeout),
+          warmEval: opts.warmEval ?? "",
+          volumes: opts.volumes ?? [],
+          labels: opts.labels ?? {},
+        },
+        this.c.opts(),
+      ),
+    );
+    if (opts.wait === false) return snap;
+    return this.wait(tag, opts);
+  }
+
+  /** Polls until `tag` leaves "writing"; resolves once it is "ready". */
+  async wait(tag: string, opts: { timeoutMs?: number; pollIntervalMs?: number } = {}): Promise<SnapshotInfo> {
+    const end = opts.timeoutMs === undefined ? undefined : Date.now() + opts.timeoutMs;
+    for (;;) {
+      const snap = await this.get(tag);
+      if (snap.status === "ready") return snap;
+      if (snap.status !== "writing") throw new SnapshotFailedError(tag, snap.statusReason || `status "${snap.status}"`);
+      if (end !== undefined && Date.now() >= end) {
+        throw new DeadlineExceededError(`snapshot "${tag}" still writing after ${opts.timeoutMs} ms`);
+      }
+      await sleep(opts.pollIntervalMs ?? 500);
+    }
+  }
+
+  /** All snapshots, oldest first; `status` filters ("ready", ...). */
+  async list(status = ""): Promise<SnapshotInfo[]> {
+    return (await call(this.c.rpc.snap.listSnapshots({ status }, this.c.opts()))).snapshots;
+  }
+
+  get(tag: string): Promise<SnapshotInfo> {
+    return call(this.c.rpc.snap.getSnapshot({ tag }, this.c.opts()));
+  }
+
+  /** Deletes `tag`; with dependents only when `cascade` or `force`. */
+  delete(tag: string, opts: { cascade?: boolean; force?: boolean } = {}): Promise<DeleteSnapshotResult> {
+    return call(this.c.rpc.snap.deleteSnapshot({ tag, cascade: !!opts.cascade, force: !!opts.force }, this.c.opts()));
+  }
+
+  /** Writes a flat, parentless copy of `tag` named `to`. */
+  compact(tag: string, to: string): Promise<SnapshotInfo> {
+    return call(this.c.rpc.snap.compactSnapshot({ tag, to }, this.c.opts()));
+  }
+
+  /** Runs a command in a child of `fromTag` and saves the result as `tag`. */
+  derive(fromTag: string, tag: string, args: Args, opts: { timeout?: number } = {}): Promise<SnapshotInfo> {
+    const req = { fromTag, tag, exec: argv(args), timeoutSecs: wholeSeconds(opts.timeout) };
+    return call(this.c.rpc.snap.deriveSnapshot(req, this.c.opts(opts.timeout ?? 300)));
+  }
+
+  /** The packed snapshot as a stream of byte chunks. */
+  async *export(tag: string, opts: { layerOnly?: boolean } = {}): AsyncGenerator<Uint8Array> {
+    for await (const chunk of typed(this.c.rpc.snap.exportSnapshot({ tag, layerOnly: !!opts.layerOnly }, this.c.opts()))) {
+      yield chunk.data;
+    }
+  }
+
+  /** Stores a packed snapshot (as produced by `export`) as `tag`. */
+  import(tag: string, chunks: AsyncIterable<Uint8Array> | Iterable<Uint8Array>): Promise<SnapshotInfo> {
+    async function* requests() {
+      let first = true;
+      for await (const data of chunks) {
+        yield { tag: first ? tag : "", data };
+        first = false;
+      }
+      if (first) yield { tag, data: new Uint8Array() };
+    }
+    return call(this.c.rpc.snap.importSnapshot(requests(), this.c.opts()));
+  }
+
+  push(tag: string, remote: string): Promise<PushResult> {
+    return call(this.c.rpc.snap.pushSnapshot({ tag, remote }, this.c.opts()));
+  }
+
+  pull(remote: string, tag = ""): Promise<SnapshotInfo> {
+    return call(this.c.rpc.snap.pullSnapshot({ remote, tag }, this.c.opts()));
+  }
+}
+
+/** `client.sandboxes`: find and kill running sandboxes. */
+export class Sandboxes {
+  constructor(private readonly c: Client) {}
+
+  async list(snapshotTag = ""): Promise<Sandbox[]> {
+    const resp = await call(this.c.rpc.sb.listSandboxes({ snapshotTag }, this.c.opts()));
+    return resp.sandboxes.map((info) => new Sandbox(this.c, info));
+  }
+
+  async get(id: string): Promise<Sandbox> {
+    return new Sandbox(this.c, await call(this.c.rpc.sb.getSandbox({ id }, this.c.opts())));
+  }
+
+  /** Kills sandboxes by id, every child of `snapshotTag`, or `all`; resolves to the ids killed. */
+  async kill(opts: { ids?: string[]; snapshotTag?: string; all?: boolean }): Promise<string[]> {
+    const req = { ids: opts.ids ?? [], snapshotTag: opts.snapshotTag ?? "", all: !!opts.all };
+    return (await call(this.c.rpc.sb.deleteSandboxes(req, this.c.opts()))).deleted;
+  }
+
+  /** Lifecycle events as they happen; abort `signal` (or break) to stop. */
+  events(
+    filter: { sandboxId?: string; workspace?: string; snapshotTag?: string } = {},
+    signal?: AbortSignal,
+  ): AsyncGenerator<Event> {
+    return typed(this.c.rpc.sb.watchEvents(filter, this.c.opts(undefined, signal)));
+  }
+}
+
+/** A running child VM. */
+export class Sandbox {
+  readonly id: string;
+  readonly files: Files;
+
+  constructor(
+    /** @internal */ readonly client: Client,
+    public info: SandboxMsg,
+  ) {
+    this.id = info.id;
+    this.files = new Files(this);
+  }
+
+  /** Fetches the sandbox's current record. */
+  async refresh(): Promise<SandboxMsg> {
+    this.info = await call(this.client.rpc.sb.getSandbox({ id: this.id }, this.client.opts()));
+    return this.info;
+  }
+
+  private execRequest(args: Args, o: ExecOptions) {
+    return {
+      id: this.id,
+      args: argv(args),
+      timeoutSecs: wholeSeconds(o.timeout),
+      env: o.env ?? {},
+      cwd: o.cwd ?? "",
+      stdin: o.stdin === undefined ? new Uint8Array() : toBytes(o.stdin),
+    };
+  }
+
+  /** Runs a command to completion. `args` is argv, or a string run with `sh -c`. */
+  async exec(args: Args, opts: ExecOptions = {}): Promise<ExecResult> {
+    const resp = await call(this.client.rpc.sb.exec(this.execRequest(args, opts), this.client.opts(opts.timeout ?? 60, opts.signal)));
+    const r = execResult(resp);
+    return opts.check ? checkExec(r) : r;
+  }
+
+  /** Runs a command and yields its output as it arrives:
+   * `for await (const { stream, data } of sb.execStream(...))`. */
+  execStream(args: Args, opts: ExecOptions = {}): ExecStream {
+    const events = this.client.rpc.sb.execStream(this.execRequest(args, opts), this.client.opts(opts.timeout ?? 60, opts.signal));
+    return new ExecStream(typed(events));
+  }
+
+  /** Evaluates Python in the warm interpreter; names persist between calls. */
+  async eval(code: string, opts: { timeout?: number; check?: boolean; signal?: AbortSignal } = {}): Promise<EvalResult> {
+    const req = { id: this.id, code, timeoutSecs: wholeSeconds(opts.timeout) };
+    const r = evalResult(await call(this.client.rpc.sb.eval(req, this.client.opts(opts.timeout ?? 60, opts.signal))));
+    if (opts.check && !r.ok) throw new CommandError(`evaluation failed: ${r.error.trim().slice(-500) || `exit code ${r.exitCode}`}`, r);
+    return r;
+  }
+
+  ping(): Promise<PingResult> {
+    return call(this.client.rpc.sb.ping({ id: this.id }, this.client.opts()));
+  }
+
+  /** Snapshots this running sandbox (it keeps running). */
+  branch(opts: { tag?: string; mode?: "diff" | "full"; wait?: boolean } = {}): Promise<Snapshot> {
+    const mode = opts.mode ?? "diff";
+    if (mode !== "diff" && mode !== "full") throw new RangeError(`mode must be "diff" or "full", not ${JSON.stringify(mode)}`);
+    return call(this.client.rpc.sb.branch({ id: this.id, tag: opts.tag ?? "", mode, wait: opts.wait ?? true }, this.client.opts()));
+  }
+
+  /** Kills the sandbox. Killing one that is already gone succeeds. */
+  async kill(): Promise<void> {
+    await call(this.client.rpc.sb.deleteSandbox({ id: this.id }, this.client.opts()));
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.kill();
+  }
+}
+
+/** Sandboxes forked together. */
+export class SandboxGroup extends Array<Sandbox> {
+  /** Kills every sandbox of the group; resolves to the ids killed. */
+  async kill(): Promise<string[]> {
+    if (this.length === 0) return [];
+    return this[0]!.client.sandboxes.kill({ ids: this.map((s) => s.id) });
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.kill();
+  }
+}
+
+/** Output of a streaming exec. Iterate it once; afterwards `result` holds the exit. */
+export class ExecStream implements AsyncIterable<OutputChunk> {
+  result: ExecResult | undefined;
+  private consumed = false;
+
+  constructor(private readonly events: AsyncGenerator<ExecEvent>) {}
+
+  async *[Symbol.asyncIterator](): AsyncGenerator<OutputChunk> {
+    if (this.consumed) throw new ForkdError("an exec stream can be iterated only once");
+    this.consumed = true;
+    const out: Uint8Array[] = [];
+    const err: Uint8Array[] = [];
+    for await (const ev of this.events) {
+      switch (ev.event.case) {
+        case "stdout":
+          out.push(ev.event.value);
+          yield { stream: "stdout", data: ev.event.value };
+          break;
+        case "stderr":
+          err.push(ev.event.value);
+          yield { stream: "stderr", data: ev.event.value };
+          break;
+        case "exit":
+          this.result = execResult(ev.event.value, decoder.decode(concat(out)), decoder.decode(concat(err)));
+          break;
+      }
+    }
+    if (this.result === undefined) throw new ForkdError("exec stream ended without an exit status");
+  }
+
+  /** Consumes the rest of the stream and resolves to the result. */
+  async wait(): Promise<ExecResult> {
+    for await (const _ of this) {
+      // Draining: the output is collected into the result.
+    }
+    return this.result!;
+  }
+}
+
+/** `sandbox.files`: the guest's filesystem (absolute paths). */
+export class Files {
+  constructor(private readonly sb: Sandbox) {}
+
+  async read(path: string): Promise<Uint8Array> {
+    const c = this.sb.client;
+    const parts: Uint8Array[] = [];
+    for await (const chunk of typed(c.rpc.sb.readFile({ id: this.sb.id, path }, c.opts()))) parts.push(chunk.data);
+    return concat(parts);
+  }
+
+  async readText(path: string): Promise<string> {
+    return decoder.decode(await this.read(path));
+  }
+
+  /** Writes the whole file (staged, then renamed into place); strings are UTF-8. */
+  write(path: string, data: string | Uint8Array, mode = 0o644): Promise<FileInfo> {
+    const c = this.sb.client;
+    const blob = toBytes(data);
+    const id = this.sb.id;
+    async function* requests() {
+      yield { id, path, mode, data: blob.subarray(0, WRITE_CHUNK) };
+      for (let off = WRITE_CHUNK; off < blob.length; off += WRITE_CHUNK) {
+        yield { data: blob.subarray(off, off + WRITE_CHUNK) };
+      }
+    }
+    return call(c.rpc.sb.writeFile(requests(), c.opts()));
+  }
+
+  async list(path = "/"): Promise<FileInfo[]> {
+    const c = this.sb.client;
+    return (await call(c.rpc.sb.listFiles({ id: this.sb.id, path }, c.opts()))).entries;
+  }
+
+  stat(path: string): Promise<FileInfo> {
+    const c = this.sb.client;
+    return call(c.rpc.sb.statFile({ id: this.sb.id, path }, c.opts()));
+  }
+
+  async exists(path: string): Promise<boolean> {
+    try {
+      await this.stat(path);
+      return true;
+    } catch (e) {
+      if (e instanceof NotFoundError) return false;
+      throw e;
+    }
+  }
+
+  async remove(path: string, opts: { recursive?: boolean } = {}): Promise<void> {
+    const c = this.sb.client;
+    await call(c.rpc.sb.removeFile({ id: this.sb.id, path, recursive: !!opts.recursive }, c.opts()));
+  }
+}
+
+/** Options of `workspaces.create`: CreateWorkspaceRequest fields, camelCased. */
+export interface WorkspaceOptions {
+  memoryLimitMib?: number;
+  cpuQuota?: number;
+  network?: string;
+  volumes?: string[];
+  labels?: Record<string, string>;
+  ttlSecs?: number;
+  idleTimeoutSecs?: number;
+}
+
+/** `client.workspaces`: long-lived named sandboxes that suspend and resume. */
+export class Workspaces {
+  constructor(private readonly c: Client) {}
+
+  create(name: string, snapshotTag: string, opts: WorkspaceOptions = {}): Promise<WorkspaceInfo> {
+    return call(this.c.rpc.ws.createWorkspace({ ...opts, name, snapshotTag }, this.c.opts()));
+  }
+
+  get(name: string): Promise<WorkspaceInfo> {
+    return call(this.c.rpc.ws.getWorkspace({ name }, this.c.opts()));
+  }
+
+  async list(): Promise<WorkspaceInfo[]> {
+    return (await call(this.c.rpc.ws.listWorkspaces({}, this.c.opts()))).workspaces;
+  }
+
+  suspend(name: string): Promise<WorkspaceInfo> {
+    return call(this.c.rpc.ws.suspendWorkspace({ name }, this.c.opts()));
+  }
+
+  resume(name: string): Promise<WorkspaceInfo> {
+    return call(this.c.rpc.ws.resumeWorkspace({ name }, this.c.opts()));
+  }
+
+  delete(name: string): Promise<DeleteWorkspaceResult> {
+    return call(this.c.rpc.ws.deleteWorkspace({ name }, this.c.opts()));
+  }
+}
