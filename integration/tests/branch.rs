@@ -192,6 +192,7 @@ async fn branch_chains_compaction_and_deletion() {
     let r = d.post(&format!("/v1/sandboxes/{child}/branch"), json!({ "tag": "doomed", "mode": "diff" })).send().await.unwrap();
     let status = r.status();
     let body = r.text().await.unwrap();
+    eprintln!("branch onto a full disk: {status} {body}");
     let left: Vec<_> = std::fs::read_dir(&staging).unwrap().collect();
     std::process::Command::new("umount").arg(&staging).status().unwrap();
     assert!(status.is_server_error() || status == 409, "branch onto a full disk must fail: {status} {body}");

@@ -522,6 +522,11 @@ export class Sandbox {
 
 /** Sandboxes forked together. */
 export class SandboxGroup extends Array<Sandbox> {
+  // map/filter/slice of a group give plain arrays (a group of ids is no group of sandboxes).
+  static override get [Symbol.species]() {
+    return Array;
+  }
+
   /** Kills every sandbox of the group; resolves to the ids killed. */
   async kill(): Promise<string[]> {
     if (this.length === 0) return [];

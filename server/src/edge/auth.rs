@@ -81,7 +81,11 @@ pub async fn require_token(State(token): State<Option<Arc<Token>>>, req: Request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+        .and_then(|v| {
+            // The scheme name is case-insensitive (RFC 7235).
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(rest)
+        });
     match presented {
         Some(p) if token.matches(p.trim()) => next.run(req).await,
         _ => {

@@ -49,13 +49,18 @@ pub async fn grpc_router(services: Services) -> anyhow::Result<Router> {
     health_reporter
         .set_serving::<WorkspaceServiceServer<Services>>()
         .await;
+    health_reporter
+        .set_serving::<SystemServiceServer<Services>>()
+        .await;
     // Keep the reporter alive for the life of the process.
     std::mem::forget(health_reporter);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(forkd_api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let reflection_alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(forkd_api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let routes = tonic::service::Routes::new(health)
         .add_service(reflection)

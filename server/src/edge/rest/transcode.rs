@@ -133,6 +133,15 @@ impl Transcoder {
             && let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
             && len > self.max_body
         {
+            // Read (and drop) a bounded amount of the body so an HTTP/1.1
+            // client that is still sending sees the 413 instead of a reset.
+            if len <= DRAIN_LIMIT {
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    axum::body::to_bytes(req.into_body(), DRAIN_LIMIT),
+                )
+                .await;
+            }
             return Err(too_large(self.max_body));
         }
         if raw_upload {
@@ -257,6 +266,8 @@ impl Transcoder {
 }
 
 const OCTET: &str = "application/octet-stream";
+/// Oversize bodies up to this size are read and discarded before the 413.
+const DRAIN_LIMIT: usize = 16 << 20;
 /// Raw uploads are cut into messages of at most this size.
 const RAW_CHUNK: usize = 1 << 20;
 

@@ -54,8 +54,14 @@ impl QemuBackend {
             .map_err(|e| VmmError::Spawn(format!("{}: {e}", self.binary.display())))?;
         let pid = child.id().ok_or_else(|| VmmError::Spawn("no pid".into()))?;
         let start_time = process::start_time(pid).unwrap_or(0);
-        let started = Started { pid, start_time, child };
-        match Qmp::connect(&dir.control_socket(), QMP_TIMEOUT).await {
+        let mut started = Started { pid, start_time, child };
+        // Fail fast when QEMU exits before its control socket answers.
+        let control = dir.control_socket();
+        let connected = tokio::select! {
+            r = Qmp::connect(&control, QMP_TIMEOUT) => r,
+            status = started.child.wait() => Err(VmmError::Exited(format!("qemu exited at start ({})", status.map(|s| s.to_string()).unwrap_or_default()))),
+        };
+        match connected {
             Ok(q) => Ok((started, q)),
             Err(e) => {
                 let why = std::fs::read_to_string(dir.path().join("vmm.stderr")).unwrap_or_default();
