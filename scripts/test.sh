@@ -31,5 +31,9 @@ if ! qemu-system-x86_64 -accel help 2>/dev/null | grep -qx tcg && [ ! -r /dev/kv
   exit 1
 fi
 
+step "guest runtime unit tests"
+python3 -m unittest discover -s guest/runtime -v 2>&1 | tail -n 3
+
 step "tests"
-cargo test --workspace --locked
+# Integration tests boot real VMs; two at a time is what two cores sustain.
+cargo test --workspace --locked -- --test-threads=2

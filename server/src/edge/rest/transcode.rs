@@ -135,7 +135,13 @@ impl Transcoder {
         {
             // Read (and drop) a bounded amount of the body so an HTTP/1.1
             // client that is still sending sees the 413 instead of a reset.
-            if len <= DRAIN_LIMIT {
+            // A client that sent `Expect: 100-continue` has not sent the body
+            // yet: answer at once, without asking for it.
+            let expects_continue = req
+                .headers()
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            if len <= DRAIN_LIMIT && !expects_continue {
                 let _ = tokio::time::timeout(
                     std::time::Duration::from_secs(5),
                     axum::body::to_bytes(req.into_body(), DRAIN_LIMIT),
