@@ -260,6 +260,18 @@ pub enum Command {
     )]
     Workspace(WorkspaceCommand),
 
+    /// Measure spawn, exec, fan-out, cleanup and memory per child, next to
+    /// bare VMM restores of the same snapshot (run on the daemon's host).
+    #[command(
+        long_about = "Measure forkd against bare VMM restores, in one run. Steps: spawn(1), \
+            exec round trip (`true`), fan-out of n children for each --fanout value (time \
+            until all answer), PSS per idle child, cleanup. The same fan-outs are then \
+            done as bare QEMU restores of the same snapshot files (no daemon, no identity \
+            re-init) and the ratio is reported. Must run on the daemon's host, as root.",
+        after_help = "Example:\n  forkd bench --tag py --fanout 10,30,100"
+    )]
+    Bench(BenchArgs),
+
     /// Print a shell completion script.
     #[command(
         long_about = "Print a completion script for a shell to stdout. Needs no daemon.",
@@ -269,6 +281,25 @@ pub enum Command {
             forkd completions fish > ~/.config/fish/completions/forkd.fish"
     )]
     Completions(CompletionsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Snapshot to fork from (must be ready).
+    #[arg(long, value_name = "TAG")]
+    pub tag: Tag,
+    /// Fan-out sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "10,30,100")]
+    pub fanout: Vec<u32>,
+    /// Exec round trips to time.
+    #[arg(long, default_value_t = 20)]
+    pub execs: u32,
+    /// Skip the bare-restore comparison.
+    #[arg(long)]
+    pub no_bare: bool,
+    /// Bare restores started at once (match the daemon's --spawn-concurrency).
+    #[arg(long, default_value_t = 8)]
+    pub bare_concurrency: usize,
 }
 
 #[derive(Args, Debug)]

@@ -1,5 +1,6 @@
 //! One module per area of the API; `run` picks the command.
 
+mod bench;
 mod exec;
 mod sandboxes;
 mod snapshots;
@@ -40,6 +41,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Command::Ping(a) => sandboxes::ping(&conn, a, json).await,
                 Command::Exec(a) => exec::exec(&conn, a).await,
                 Command::Workspace(c) => workspaces::run(&conn, c, json).await,
+                Command::Bench(a) => bench::run(&conn, a, json).await,
                 Command::Completions(_) | Command::Version => unreachable!("handled above"),
             }
         }

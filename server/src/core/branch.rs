@@ -129,23 +129,36 @@ impl Runtime {
             std::fs::create_dir_all(&staging).map_err(|e| Error::internal("create staging dir", e))?;
             let mut buf = CaptureBuffer::new(before.len() * PAGE as usize + CAPTURE_SLACK)
                 .map_err(|e| Error::internal("capture buffer", e))?;
+            let mut pagemap = dirty::PagemapReader::new(sb.pid, &mapping).map_err(|e| Error::internal("open pagemap", e))?;
             let mut control = sb.control.lock().await;
             let t0 = Instant::now();
             control.pause().await?;
+            let t_stop = t0.elapsed();
             let inside = (|| -> Result<(Vec<u64>, usize)> {
-                let pages = dirty::dirty_pages(sb.pid, &mapping).map_err(|e| Error::internal("read pagemap", e))?;
+                let pages = pagemap.dirty_pages().map_err(|e| Error::internal("read pagemap", e))?;
                 let runs = dirty::runs(&pages);
                 let n = buf.copy_from(sb.pid, &mapping, &runs).map_err(|e| Error::internal("copy dirty pages", e))?;
                 Ok((pages, n))
             })();
+            let t_copy = t0.elapsed();
             let saved = match &inside {
                 Ok(_) => control.save_state(&staging.join("state")).await.map_err(Error::from),
                 Err(_) => Ok(()),
             };
+            let t_save = t0.elapsed();
             // Whatever happened, the source runs again.
             let resumed = control.resume().await;
             let pause = t0.elapsed();
             drop(control);
+            tracing::info!(
+                sandbox = %req.id,
+                stop_ms = ms(t_stop),
+                capture_ms = ms(t_copy - t_stop),
+                save_ms = ms(t_save - t_copy),
+                resume_ms = ms(pause - t_save),
+                "branch pause window {:.2} ms",
+                ms(pause)
+            );
             resumed?;
             let (pages, n) = inside?;
             saved?;
@@ -338,3 +351,7 @@ impl Runtime {
     }
 }
 
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -64,29 +64,50 @@ pub fn find_mapping(pid: u32, file: &Path) -> Result<Mapping, DirtyError> {
 
 /// Page numbers (relative to the file) that the process has written.
 pub fn dirty_pages(pid: u32, m: &Mapping) -> Result<Vec<u64>, DirtyError> {
-    let pagemap = File::open(format!("/proc/{pid}/pagemap")).map_err(|e| DirtyError::Io("open pagemap", e))?;
-    let pages = (m.len / PAGE) as usize;
-    let mut raw = vec![0u8; pages * 8];
-    let mut done = 0;
-    while done < raw.len() {
-        let n = pagemap
-            .read_at(&mut raw[done..], (m.start / PAGE) * 8 + done as u64)
-            .map_err(|e| DirtyError::Io("read pagemap", e))?;
-        if n == 0 {
-            break;
-        }
-        done += n;
+    PagemapReader::new(pid, m)?.dirty_pages()
+}
+
+/// Reads one mapping's pagemap entries. The file is opened and the buffer
+/// allocated and touched up front, so a read inside a pause does no setup.
+pub struct PagemapReader {
+    file: File,
+    raw: Vec<u8>,
+    start_page: u64,
+    base: u64,
+}
+
+impl PagemapReader {
+    pub fn new(pid: u32, m: &Mapping) -> Result<Self, DirtyError> {
+        let file = File::open(format!("/proc/{pid}/pagemap")).map_err(|e| DirtyError::Io("open pagemap", e))?;
+        let pages = (m.len / PAGE) as usize;
+        // vec![1; n] writes every byte, faulting the buffer in now.
+        let raw = vec![1u8; pages * 8];
+        Ok(Self { file, raw, start_page: m.start / PAGE, base: m.file_offset / PAGE })
     }
-    let base = m.file_offset / PAGE;
-    Ok(raw
-        .chunks_exact(8)
-        .enumerate()
-        .filter_map(|(i, c)| {
-            let e = u64::from_le_bytes(c.try_into().unwrap());
-            let written = (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0;
-            written.then_some(base + i as u64)
-        })
-        .collect())
+
+    pub fn dirty_pages(&mut self) -> Result<Vec<u64>, DirtyError> {
+        let mut done = 0;
+        while done < self.raw.len() {
+            let n = self
+                .file
+                .read_at(&mut self.raw[done..], self.start_page * 8 + done as u64)
+                .map_err(|e| DirtyError::Io("read pagemap", e))?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        let base = self.base;
+        Ok(self.raw[..done]
+            .chunks_exact(8)
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let e = u64::from_le_bytes(c.try_into().unwrap());
+                let written = (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0;
+                written.then_some(base + i as u64)
+            })
+            .collect())
+    }
 }
 
 /// Consecutive page runs: (first page, count).

@@ -1,0 +1,218 @@
+//! `forkd bench`: forkd's spawn path measured next to bare VMM restores of
+//! the same snapshot on the same host, in one run.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use forkd_api::v1 as api;
+use forkd_server::agent::AgentClient;
+use forkd_server::vmm::qemu::QemuBackend;
+use forkd_server::vmm::{Backend, VmDir, VmSpec, process};
+use futures::stream::{self, StreamExt};
+use serde_json::json;
+
+use crate::args::BenchArgs;
+use crate::client::Conn;
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+struct FanOut {
+    n: u32,
+    forkd_ms: f64,
+    cleanup_ms: f64,
+    pss_mib: f64,
+    bare_ms: Option<f64>,
+    bare_pss_mib: Option<f64>,
+}
+
+pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8> {
+    let version = conn.call(conn.system().get_version(api::GetVersionRequest {})).await?;
+    let snap = conn
+        .call(conn.snapshots().get_snapshot(api::GetSnapshotRequest { tag: a.tag.to_string() }))
+        .await?;
+    if snap.status != "ready" {
+        bail!("snapshot {} is {}, not ready", snap.tag, snap.status);
+    }
+    let mut sb = conn.sandboxes();
+    let progress = |msg: &str| {
+        if !json_out {
+            eprintln!("bench: {msg}");
+        }
+    };
+
+    // spawn(1) and the exec round trip.
+    progress("spawn(1)");
+    let t = Instant::now();
+    let one = conn
+        .call(sb.create_sandboxes(api::CreateSandboxesRequest { snapshot_tag: a.tag.to_string(), n: Some(1), ..Default::default() }))
+        .await?
+        .sandboxes;
+    let spawn1 = ms(t.elapsed());
+    let id = one[0].id.clone();
+    progress("exec round trips");
+    let mut execs = vec![];
+    for _ in 0..=a.execs {
+        let req = api::ExecRequest { id: id.clone(), args: vec!["true".into()], ..Default::default() };
+        let t = Instant::now();
+        conn.call(sb.exec(req)).await?;
+        execs.push(ms(t.elapsed()));
+    }
+    // The first exec in a fresh child pays for cold code paths.
+    let first_exec = execs.remove(0);
+    let t = Instant::now();
+    conn.call(sb.delete_sandbox(api::DeleteSandboxRequest { id: id.clone() })).await?;
+    let cleanup1 = ms(t.elapsed());
+
+    let mut rows = vec![];
+    for &n in &a.fanout {
+        progress(&format!("fan-out {n} through forkd"));
+        let t = Instant::now();
+        let kids = conn
+            .call(sb.create_sandboxes(api::CreateSandboxesRequest { snapshot_tag: a.tag.to_string(), n: Some(n), ..Default::default() }))
+            .await?
+            .sandboxes;
+        let forkd_ms = ms(t.elapsed());
+        // Let the children settle before measuring what they cost at rest.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let pss: u64 = kids.iter().filter_map(|k| process::pss_bytes(k.pid)).sum();
+        let t = Instant::now();
+        conn.call(sb.delete_sandboxes(api::DeleteSandboxesRequest { ids: kids.iter().map(|k| k.id.clone()).collect(), ..Default::default() }))
+            .await?;
+        let cleanup_ms = ms(t.elapsed());
+        let (bare_ms, bare_pss_mib) = if a.no_bare {
+            (None, None)
+        } else {
+            progress(&format!("fan-out {n} as bare restores"));
+            let (t, pss) = bare_fanout(&version.data_dir, &a.tag.to_string(), n, a.bare_concurrency, &snap.accel).await?;
+            (Some(t), Some(pss))
+        };
+        rows.push(FanOut {
+            n,
+            forkd_ms,
+            cleanup_ms,
+            pss_mib: pss as f64 / n as f64 / 1048576.0,
+            bare_ms,
+            bare_pss_mib,
+        });
+    }
+
+    if json_out {
+        let out = json!({
+            "snapshot": a.tag.to_string(),
+            "accel": snap.accel,
+            "spawn1_ms": spawn1,
+            "exec_first_ms": first_exec,
+            "exec_median_ms": median(execs.clone()),
+            "cleanup1_ms": cleanup1,
+            "fanout": rows.iter().map(|r| json!({
+                "n": r.n, "forkd_ms": r.forkd_ms, "bare_ms": r.bare_ms,
+                "ratio": r.bare_ms.map(|b| r.forkd_ms / b),
+                "cleanup_ms": r.cleanup_ms, "pss_mib_per_child": r.pss_mib,
+                "bare_pss_mib_per_child": r.bare_pss_mib,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(0);
+    }
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(vec!["step", "ms"]);
+    t.add_row(vec!["spawn(1), to answering".to_string(), format!("{spawn1:.1}")]);
+    t.add_row(vec!["exec `true`, first".to_string(), format!("{first_exec:.1}")]);
+    t.add_row(vec![format!("exec `true`, median of {}", a.execs), format!("{:.1}", median(execs))]);
+    t.add_row(vec!["cleanup(1)".to_string(), format!("{cleanup1:.1}")]);
+    println!("snapshot {} ({}, {})\n{t}", a.tag, snap.backend, snap.accel);
+    let mut f = Table::new();
+    f.load_preset(UTF8_FULL_CONDENSED);
+    f.set_header(vec!["fan-out", "forkd ms", "bare ms", "ratio", "cleanup ms", "PSS/child MiB", "bare PSS/child MiB"]);
+    for r in &rows {
+        f.add_row(vec![
+            r.n.to_string(),
+            format!("{:.0}", r.forkd_ms),
+            r.bare_ms.map(|b| format!("{b:.0}")).unwrap_or("-".into()),
+            r.bare_ms.map(|b| format!("{:.2}", r.forkd_ms / b)).unwrap_or("-".into()),
+            format!("{:.0}", r.cleanup_ms),
+            format!("{:.1}", r.pss_mib),
+            r.bare_pss_mib.map(|p| format!("{p:.1}")).unwrap_or("-".into()),
+        ]);
+    }
+    println!("{f}");
+    Ok(0)
+}
+
+/// Restores `n` children of the snapshot straight from its files with the
+/// QEMU backend (no daemon, no identity re-init) and times until every agent
+/// answers a ping. Returns (ms, PSS MiB per child).
+async fn bare_fanout(data_dir: &str, tag: &str, n: u32, concurrency: usize, accel: &str) -> anyhow::Result<(f64, f64)> {
+    let snap_dir = PathBuf::from(data_dir).join("snapshots").join(tag);
+    let spec: VmSpec = serde_json::from_slice(
+        &std::fs::read(snap_dir.join("vm.json")).with_context(|| format!("read {}/vm.json (run bench on the daemon's host)", snap_dir.display()))?,
+    )?;
+    let qemu = QemuBackend::find_binary().context("qemu-system-x86_64 not on PATH")?;
+    let accel = if accel == "kvm" { forkd_server::vmm::Accel::Kvm } else { forkd_server::vmm::Accel::Tcg };
+    let backend = QemuBackend::new(qemu, accel);
+    let root = tempfile_dir()?;
+    let state = snap_dir.join("state");
+    let t = Instant::now();
+    let results: Vec<anyhow::Result<(u32, u64, Option<tokio::process::Child>)>> = stream::iter(0..n)
+        .map(|i| {
+            let dir = VmDir(root.join(format!("vm{i}")));
+            let (backend, spec, state) = (&backend, &spec, &state);
+            async move {
+                std::fs::create_dir_all(dir.path())?;
+                let mut vm = backend.restore(spec, state, &dir).await?;
+                let agent = AgentClient::connect(&dir.agent_socket(), Duration::from_secs(10)).await?;
+                vm.control.resume().await?;
+                agent.ping(Duration::from_secs(30)).await?;
+                Ok((vm.pid, vm.start_time, vm.child.take()))
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let elapsed = ms(t.elapsed());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut pss = 0u64;
+    let mut first_err = None;
+    let mut procs = vec![];
+    for r in results {
+        match r {
+            Ok((pid, start, child)) => {
+                pss += process::pss_bytes(pid).unwrap_or(0);
+                procs.push((pid, start, child));
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    for (pid, start, child) in procs {
+        process::kill(pid, start, Duration::from_secs(5)).await;
+        if let Some(mut c) = child {
+            let _ = c.wait().await;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    if let Some(e) = first_err {
+        return Err(e.context("bare restore"));
+    }
+    Ok((elapsed, pss as f64 / n as f64 / 1048576.0))
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let p = std::env::temp_dir().join(format!("forkd-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&p)?;
+    Ok(p)
+}

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Tests the language clients against a real forkd-server:
+#   1. installs what they need: a Python venv under $FORKD_CACHE_DIR/venv
+#      (grpcio-tools pinned, pytest, the forkd package itself) and the
+#      TypeScript toolchain from clients/typescript/package-lock.json (npm ci)
+#   2. checks that the generated code (clients) and docs/api.md match proto/
+#   3. runs pytest (clients/python) and tsc + node --test (clients/typescript)
+#
+# The daemon binary is $FORKD_SERVER_BIN, else $CARGO_TARGET_DIR/debug or
+# target/debug (built with cargo when missing). FORKD_E2E=1 adds the tests
+# that fork real microVMs (guest assets from scripts/build-guest.sh; the
+# snapshot image is $FORKD_E2E_IMAGE, default python).
+#
+# Every step runs even when an earlier one failed, so one run shows all
+# failures; the exit status is non-zero if any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+cache_dir="${FORKD_CACHE_DIR:-/var/cache/forkd}"
+venv="$cache_dir/venv"
+failed=()
+
+step() { printf '\n==> %s\n' "$*"; }
+fail() { echo "test-clients.sh: FAILED: $*" >&2; failed+=("$*"); }
+
+step "forkd-server binary"
+if [ -z "${FORKD_SERVER_BIN:-}" ]; then
+  FORKD_SERVER_BIN="${CARGO_TARGET_DIR:-$root/target}/debug/forkd-server"
+  if [ ! -x "$FORKD_SERVER_BIN" ]; then
+    cargo build -p forkd-server --locked || { echo "test-clients.sh: cannot build forkd-server" >&2; exit 1; }
+  fi
+fi
+if [ ! -x "$FORKD_SERVER_BIN" ]; then
+  echo "test-clients.sh: forkd-server not found at $FORKD_SERVER_BIN" >&2
+  exit 1
+fi
+export FORKD_SERVER_BIN
+echo "$FORKD_SERVER_BIN"
+
+step "python environment ($venv)"
+mkdir -p "$cache_dir"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv" || { echo "test-clients.sh: cannot create $venv" >&2; exit 1; }
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    -r clients/python/requirements-gen.txt "pytest>=8" \
+  || { echo "test-clients.sh: pip install failed" >&2; exit 1; }
+# A real (non-editable) install, so the tests exercise the package as users
+# get it: generated modules included, nothing imported from the source tree.
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps ./clients/python \
+  && "$venv/bin/python" -m pip install --quiet --disable-pip-version-check ./clients/python \
+  || { echo "test-clients.sh: pip install ./clients/python failed" >&2; exit 1; }
+
+step "typescript environment (npm ci)"
+(cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error) \
+  || { echo "test-clients.sh: npm ci failed" >&2; exit 1; }
+
+step "generated code and docs are up to date"
+FORKD_PYTHON="$venv/bin/python" scripts/gen-clients.sh --check || fail "gen-clients.sh --check"
+"$venv/bin/python" scripts/gen-docs.py --check || fail "gen-docs.py --check"
+
+step "python client: pytest"
+(
+  cd clients/python
+  # Run from the tests' parent with the installed package; -p no:cacheprovider
+  # keeps the source tree clean.
+  "$venv/bin/python" -m pytest -ra -p no:cacheprovider tests
+)
+rc=$?
+case $rc in
+  0) ;;
+  5) fail "pytest collected no tests (exit 5)" ;;
+  *) fail "pytest (exit $rc)" ;;
+esac
+
+step "typescript client: tsc"
+(cd clients/typescript && npm run --silent build) || fail "tsc"
+
+step "typescript client: node --test"
+(cd clients/typescript && npm run --silent test) || fail "node --test"
+
+echo
+if [ ${#failed[@]} -ne 0 ]; then
+  printf 'test-clients.sh: %d step(s) failed:\n' "${#failed[@]}" >&2
+  printf '  - %s\n' "${failed[@]}" >&2
+  exit 1
+fi
+echo "test-clients.sh: all client checks passed"
