@@ -3,7 +3,8 @@
 An example is a ```sh block preceded by ``<!-- rest-test: always -->`` (runs
 against any daemon) or ``<!-- rest-test: e2e -->`` (needs a forked sandbox,
 FORKD_E2E=1), and followed by a ```json block with the documented answer
-(NDJSON: one object per line). The ``<!-- rest-test: setup -->`` block is
+(NDJSON: one object per line) or a ```text block (raw output, compared
+exactly). The ``<!-- rest-test: setup -->`` block is
 run first, with its URL and token replaced by the test daemon's.
 
 Answers carry timestamps, digests and ids, so they are compared by shape:
@@ -27,13 +28,14 @@ import forkd
 from .conftest import E2E_TAG, Daemon
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "rest.md"
-EXAMPLE = re.compile(r"<!-- rest-test: (\w+) -->\n```sh\n(.*?)\n```\n(?:```json\n(.*?)\n```)?", re.S)
+EXAMPLE = re.compile(r"<!-- rest-test: (\w+) -->\n```sh\n(.*?)\n```\n(?:```(json|text)\n(.*?)\n```)?", re.S)
 DOC_URL = "FORKD_URL=http://127.0.0.1:8889"
 DOC_TOKEN = "FORKD_TOKEN=$(cat /etc/forkd/token)"
 
 
-def examples() -> List[Tuple[str, str, str]]:
-    return [(k, cmd, resp or "") for k, cmd, resp in EXAMPLE.findall(DOC.read_text())]
+def examples() -> List[Tuple[str, str, Tuple[str, str]]]:
+    """(kind, command, (answer format "json"|"text", documented answer))."""
+    return [(k, cmd, (fmt, resp)) for k, cmd, fmt, resp in EXAMPLE.findall(DOC.read_text())]
 
 
 def setup_block(url: str, token: str) -> str:
@@ -77,13 +79,18 @@ def same_shape(doc: Any, got: Any, where: str = "$") -> None:
         assert got == doc, f"{where}: {got!r} != {doc!r}"
 
 
-def run_example(cmd: str, documented: str, url: str, token: str, extra_env: dict) -> None:
+def run_example(cmd: str, answer: Tuple[str, str], url: str, token: str, extra_env: dict) -> None:
+    fmt, documented = answer
     assert shutil.which("curl"), "curl is needed to run the REST examples"
     script = "set -eu\n" + setup_block(url, token) + "\n" + cmd + "\n"
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", **extra_env}
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, f"exit {out.returncode}: {out.stderr}"
-    assert documented, "a tested example needs a documented ```json answer"
+    assert documented, "a tested example needs a documented ```json or ```text answer"
+    if fmt == "text":
+        # Raw output (file bytes): compared exactly, up to trailing newlines.
+        assert out.stdout.rstrip("\n") == documented.rstrip("\n"), out.stdout
+        return
     got_lines, doc_lines = parse_lines(out.stdout), parse_lines(documented)
     assert got_lines, f"no answer: {out.stderr}"
     if len(doc_lines) == 1:

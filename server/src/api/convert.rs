@@ -58,7 +58,7 @@ pub fn sandbox(r: &SandboxRecord, last_active: i64) -> api::Sandbox {
         labels: s.labels.clone().into_iter().collect(),
         ttl_secs: s.ttl_secs,
         idle_timeout_secs: s.idle_timeout_secs,
-        expires_at_unix: if s.ttl_secs > 0 { r.created_at_unix + s.ttl_secs as i64 } else { 0 },
+        expires_at_unix: r.expires_at_unix,
         spawn_ms: r.spawn_ms,
         workspace: r.workspace.clone(),
         backend: r.backend.clone(),

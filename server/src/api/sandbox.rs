@@ -92,8 +92,6 @@ impl SandboxService for Services {
             (r.hugepages, "hugepages"),
             (r.per_child_netns, "per_child_netns"),
             (!r.allow.is_empty(), "allow"),
-            (r.ttl_secs > 0, "ttl_secs"),
-            (r.idle_timeout_secs > 0, "idle_timeout_secs"),
         ] {
             if set {
                 return Err(not_yet(what));
@@ -110,9 +108,12 @@ impl SandboxService for Services {
         let settings = SandboxSettings {
             network: "none".into(),
             labels: r.labels.into_iter().collect(),
+            ttl_secs: r.ttl_secs,
+            idle_timeout_secs: r.idle_timeout_secs,
             ..Default::default()
         };
-        let recs = self.rt.create_sandboxes(CreateSandboxes { tag, n: r.n.unwrap_or(1), settings }).await?;
+        settings.validate_lifecycle()?;
+        let recs = self.rt.create_sandboxes(CreateSandboxes { tag, n: r.n.unwrap_or(1), settings, workspace: String::new() }).await?;
         let sandboxes = recs.iter().map(|r| convert::sandbox(r, r.created_at_unix)).collect();
         Ok(Response::new(api::CreateSandboxesResponse { sandboxes }))
     }
@@ -400,6 +401,13 @@ impl SandboxService for Services {
         let sb = self.rt.agent_of(&id).await?;
         sb.agent.remove(path, r.recursive, FILE_OP_TIMEOUT).await.map_err(Error::from)?;
         Ok(Response::new(api::RemoveFileResponse {}))
+    }
+
+    async fn renew_sandbox(&self, r: Request<api::RenewSandboxRequest>) -> Result<Response<api::Sandbox>, Status> {
+        let r = r.into_inner();
+        let id = sandbox_id(&r.id)?;
+        let rec = self.rt.renew(&id, r.ttl_secs).await?;
+        Ok(Response::new(convert::sandbox(&rec, crate::core::now_unix())))
     }
 
     type WatchEventsStream = BoxStream<api::Event>;

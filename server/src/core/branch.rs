@@ -307,7 +307,7 @@ impl Runtime {
             return Err(Error::AlreadyExists(format!("snapshot {:?} already exists", tag.as_str())));
         }
         let kids = self
-            .create_sandboxes(super::sandboxes::CreateSandboxes { tag: from.clone(), n: 1, settings: Default::default() })
+            .create_sandboxes(super::sandboxes::CreateSandboxes { tag: from.clone(), n: 1, settings: Default::default(), workspace: String::new() })
             .await?;
         let id = SandboxId::parse(&kids[0].id)?;
         let result = async {

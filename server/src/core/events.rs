@@ -25,6 +25,10 @@ impl Default for Events {
 
 impl Events {
     pub fn emit(&self, kind: &'static str, sandbox_id: &str, snapshot_tag: &str, reason: &str) {
+        self.emit_ws(kind, sandbox_id, "", snapshot_tag, reason);
+    }
+
+    pub fn emit_ws(&self, kind: &'static str, sandbox_id: &str, workspace: &str, snapshot_tag: &str, reason: &str) {
         let at_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
@@ -32,7 +36,7 @@ impl Events {
         let _ = self.tx.send(Event {
             kind,
             sandbox_id: sandbox_id.into(),
-            workspace: String::new(),
+            workspace: workspace.into(),
             snapshot_tag: snapshot_tag.into(),
             reason: reason.into(),
             at_unix_ms,

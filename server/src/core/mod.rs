@@ -10,6 +10,8 @@ pub mod runtime;
 pub mod sandboxes;
 pub mod snapshots;
 pub mod store;
+pub mod workspaces;
+pub mod lifecycle;
 
 pub use error::{Error, Result};
 pub use runtime::Runtime;

@@ -113,6 +113,8 @@ pub struct Runtime {
     live_count_cache: std::sync::atomic::AtomicUsize,
     /// Branches allowed in flight at once.
     pub(crate) branch_slots: Arc<tokio::sync::Semaphore>,
+    /// Serialises operations on one workspace.
+    pub(crate) workspace_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Runtime {
@@ -138,10 +140,12 @@ impl Runtime {
             sandboxes: RwLock::new(HashMap::new()),
             busy_tags: Default::default(),
             live_count_cache: Default::default(),
+            workspace_locks: Default::default(),
             branch_slots: Arc::new(tokio::sync::Semaphore::new(config.branch_concurrency.max(1))),
             config,
         });
         rt.recover().await?;
+        rt.clone().start_lifecycle();
         Ok(rt)
     }
 

@@ -42,7 +42,7 @@ impl Sandbox {
         self.record.lock().unwrap().clone()
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.last_active.store(now_unix(), Ordering::Relaxed);
     }
 
@@ -77,6 +77,8 @@ pub struct CreateSandboxes {
     pub tag: Tag,
     pub n: u32,
     pub settings: SandboxSettings,
+    /// The workspace that owns the children ("" for none).
+    pub workspace: String,
 }
 
 impl Runtime {
@@ -107,7 +109,8 @@ impl Runtime {
                 let state = state.clone();
                 let settings = req.settings.clone();
                 let tag = snap.tag.clone();
-                async move { self.spawn_one(&tag, &spec, &state, settings).await }
+                let workspace = req.workspace.clone();
+                async move { self.spawn_one(&tag, &spec, &state, settings, &workspace).await }
             })
             .buffer_unordered(self.config.spawn_concurrency.max(1))
             .collect()
@@ -147,6 +150,7 @@ impl Runtime {
         spec: &crate::vmm::VmSpec,
         state: &std::path::Path,
         settings: SandboxSettings,
+        workspace: &str,
     ) -> Result<Arc<Sandbox>> {
         let started = Instant::now();
         let id = ids::new_sandbox_id();
@@ -165,6 +169,7 @@ impl Runtime {
             }
         };
         let hostname = id.as_str().to_string();
+        let expires_at_unix = if settings.ttl_secs > 0 { now_unix() + settings.ttl_secs as i64 } else { 0 };
         let record = SandboxRecord {
             id: id.to_string(),
             snapshot_tag: tag.to_string(),
@@ -175,11 +180,12 @@ impl Runtime {
             status_reason: String::new(),
             hostname: hostname.clone(),
             settings,
-            workspace: String::new(),
+            workspace: workspace.to_string(),
             spawn_ms: 0.0,
             workdir: dir_key.clone(),
             backend: self.backend.name().into(),
             accel: self.accel.accel.as_str().into(),
+            expires_at_unix,
         };
         self.store.ledger_add("vmm", &format!("{}:{}", vm.pid, vm.start_time), id.as_str())?;
         self.store.put_sandbox(&record)?;
@@ -239,8 +245,8 @@ impl Runtime {
         if let Some(child) = child {
             self.watch_exit(sb.clone(), child);
         }
-        self.events.emit("created", id.as_str(), tag, "");
-        self.events.emit("ready", id.as_str(), tag, "");
+        self.events.emit_ws("created", id.as_str(), workspace, tag, "");
+        self.events.emit_ws("ready", id.as_str(), workspace, tag, "");
         Ok(sb)
     }
 
@@ -264,7 +270,10 @@ impl Runtime {
             };
             let _ = rt.store.put_sandbox(&rec);
             let _ = rt.store.ledger_remove("vmm", &format!("{}:{}", sb.pid, sb.start_time));
-            rt.events.emit("exited", sb.id.as_str(), &rec.snapshot_tag, &reason);
+            rt.events.emit_ws("exited", sb.id.as_str(), &rec.workspace, &rec.snapshot_tag, &reason);
+            if !rec.workspace.is_empty() {
+                rt.workspace_lost_sandbox(&rec.workspace, &reason);
+            }
         });
     }
 
@@ -282,8 +291,14 @@ impl Runtime {
         let _ = self.store.ledger_remove("vmm", &format!("{}:{}", sb.pid, sb.start_time));
         self.remove_workdir(&sb.dir);
         let _ = self.store.delete_sandbox(sb.id.as_str());
-        let tag = sb.record.lock().unwrap().snapshot_tag.clone();
-        self.events.emit("killed", sb.id.as_str(), &tag, "");
+        let (tag, ws) = {
+            let r = sb.record.lock().unwrap();
+            (r.snapshot_tag.clone(), r.workspace.clone())
+        };
+        self.events.emit_ws("killed", sb.id.as_str(), &ws, &tag, "");
+        if !ws.is_empty() {
+            self.workspace_lost_sandbox(&ws, "it was killed");
+        }
     }
 
     pub async fn sandbox(&self, id: &SandboxId) -> Result<Arc<Sandbox>> {

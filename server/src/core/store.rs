@@ -94,6 +94,20 @@ pub struct SandboxSettings {
     pub idle_timeout_secs: u32,
 }
 
+impl SandboxSettings {
+    /// Checks the lifecycle fields; limits are checked where they are applied.
+    pub fn validate_lifecycle(&self) -> Result<()> {
+        const DAY: u32 = 30 * 24 * 3600;
+        if self.ttl_secs > DAY {
+            return Err(Error::invalid("ttl_secs", format!("{} exceeds {DAY} (30 days)", self.ttl_secs)));
+        }
+        if self.idle_timeout_secs > DAY {
+            return Err(Error::invalid("idle_timeout_secs", format!("{} exceeds {DAY} (30 days)", self.idle_timeout_secs)));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxRecord {
     pub id: String,
@@ -115,6 +129,34 @@ pub struct SandboxRecord {
     pub workdir: String,
     pub backend: String,
     pub accel: String,
+    /// When the TTL ends (0 = never); renewable.
+    #[serde(default)]
+    pub expires_at_unix: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkspaceRecord {
+    pub name: String,
+    /// "running", "suspended" or "failed".
+    pub status: String,
+    #[serde(default)]
+    pub status_reason: String,
+    #[serde(default)]
+    pub live_sandbox_id: String,
+    pub source_snapshot_tag: String,
+    #[serde(default)]
+    pub state_tag: String,
+    pub settings: SandboxSettings,
+    pub created_at_unix: i64,
+    pub updated_at_unix: i64,
+    #[serde(default)]
+    pub suspended_at_unix: i64,
+    /// Seconds of TTL already spent running (a suspended workspace spends none).
+    #[serde(default)]
+    pub ttl_used_secs: u64,
+    /// Counts suspends, so every state snapshot gets a fresh tag.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// One host resource forkd owns: recorded before it is created, removed after
@@ -279,6 +321,55 @@ impl Store {
     pub fn delete_sandbox(&self, id: &str) -> Result<()> {
         self.with(|c| {
             c.execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+            Ok(())
+        })
+    }
+
+    // ---- workspaces ----
+
+    pub fn insert_workspace(&self, rec: &WorkspaceRecord) -> Result<()> {
+        let data = to_json(rec)?;
+        self.with(|c| {
+            let n = c.execute("INSERT OR IGNORE INTO workspaces (name, data) VALUES (?1, ?2)", params![rec.name, data])?;
+            if n == 0 {
+                return Err(Error::AlreadyExists(format!("workspace {:?} already exists", rec.name)));
+            }
+            Ok(())
+        })
+    }
+
+    pub fn update_workspace(&self, rec: &WorkspaceRecord) -> Result<()> {
+        let data = to_json(rec)?;
+        self.with(|c| {
+            c.execute("UPDATE workspaces SET data = ?2 WHERE name = ?1", params![rec.name, data])?;
+            Ok(())
+        })
+    }
+
+    pub fn get_workspace(&self, name: &str) -> Result<Option<WorkspaceRecord>> {
+        self.with(|c| {
+            let data: Option<String> = c
+                .query_row("SELECT data FROM workspaces WHERE name = ?1", [name], |r| r.get(0))
+                .optional()?;
+            data.map(|d| from_json(&d)).transpose()
+        })
+    }
+
+    pub fn list_workspaces(&self) -> Result<Vec<WorkspaceRecord>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT data FROM workspaces ORDER BY name")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            let mut out = vec![];
+            for row in rows {
+                out.push(from_json(&row?)?);
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn delete_workspace(&self, name: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM workspaces WHERE name = ?1", [name])?;
             Ok(())
         })
     }

@@ -1,0 +1,101 @@
+//! Lifecycle policy: absolute TTL and idle timeout. On expiry a plain
+//! sandbox is killed and a workspace's sandbox is suspended (so the
+//! workspace keeps its state and stops spending its TTL).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use forkd_api::names::{SandboxId, WorkspaceName};
+
+use super::runtime::Runtime;
+use super::{Error, Result, now_unix};
+
+const TICK: Duration = Duration::from_millis(500);
+
+impl Runtime {
+    pub(crate) fn start_lifecycle(self: Arc<Self>) {
+        let busy: Arc<Mutex<HashSet<String>>> = Default::default();
+        let weak = Arc::downgrade(&self);
+        drop(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(TICK).await;
+                let Some(rt) = weak.upgrade() else { return };
+                for (id, reason) in rt.expired().await {
+                    if !busy.lock().unwrap().insert(id.clone()) {
+                        continue;
+                    }
+                    let (rt2, busy2) = (rt.clone(), busy.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = rt2.expire(&id, reason).await {
+                            tracing::warn!(id, "expiring sandbox: {e}");
+                        }
+                        busy2.lock().unwrap().remove(&id);
+                    });
+                }
+            }
+        });
+    }
+
+    /// Running sandboxes past their TTL or idle timeout.
+    async fn expired(&self) -> Vec<(String, &'static str)> {
+        let now = now_unix();
+        let map = self.sandboxes.read().await;
+        map.values()
+            .filter_map(|sb| {
+                let r = sb.record.lock().unwrap();
+                if r.status != "running" {
+                    return None;
+                }
+                if r.expires_at_unix > 0 && now >= r.expires_at_unix {
+                    return Some((r.id.clone(), "ttl"));
+                }
+                let idle = r.settings.idle_timeout_secs as i64;
+                if idle > 0 && now - sb.last_active() >= idle {
+                    return Some((r.id.clone(), "idle"));
+                }
+                None
+            })
+            .collect()
+    }
+
+    async fn expire(self: &Arc<Self>, id: &str, why: &'static str) -> Result<()> {
+        let sid = SandboxId::parse(id)?;
+        let sb = match self.sandbox(&sid).await {
+            Ok(sb) => sb,
+            Err(Error::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let rec = sb.snapshot();
+        let reason = match why {
+            "ttl" => format!("its TTL of {} s ran out", rec.settings.ttl_secs),
+            _ => format!("idle for {} s", rec.settings.idle_timeout_secs),
+        };
+        self.events.emit_ws("ttl_expired", id, &rec.workspace, &rec.snapshot_tag, &reason);
+        if rec.workspace.is_empty() {
+            self.delete_sandboxes(&[sid], None, false).await?;
+        } else {
+            self.suspend_workspace(&WorkspaceName::parse(&rec.workspace)?).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets a new TTL counted from now (0 = none) and marks the sandbox active.
+    pub async fn renew(&self, id: &SandboxId, ttl_secs: u32) -> Result<super::store::SandboxRecord> {
+        if ttl_secs > 30 * 24 * 3600 {
+            return Err(Error::invalid("ttl_secs", "exceeds 30 days"));
+        }
+        let sb = self.sandbox(id).await?;
+        sb.ensure_running()?;
+        let rec = {
+            let mut r = sb.record.lock().unwrap();
+            r.settings.ttl_secs = ttl_secs;
+            r.expires_at_unix = if ttl_secs > 0 { now_unix() + ttl_secs as i64 } else { 0 };
+            r.clone()
+        };
+        sb.touch();
+        self.store.put_sandbox(&rec)?;
+        Ok(rec)
+    }
+}
