@@ -281,6 +281,29 @@ pub enum Command {
             forkd completions fish > ~/.config/fish/completions/forkd.fish"
     )]
     Completions(CompletionsArgs),
+
+    /// Create an empty ext4 volume file to attach with --volume.
+    #[command(
+        name = "volume-create",
+        long_about = "Create an ext4 image file of the given size (staged, then renamed into \
+            place; an existing file is never overwritten). Attach it to a snapshot with \
+            `forkd snapshot --volume FILE:/guest/path[:ro]`; every child inherits it. Needs \
+            mkfs.ext4 (e2fsprogs) on this machine; no daemon.",
+        after_help = "Example:\n  forkd volume-create /var/lib/forkd/volumes/data.ext4 --size-mib 256"
+    )]
+    VolumeCreate(VolumeCreateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct VolumeCreateArgs {
+    /// The image file to create.
+    pub path: PathBuf,
+    /// Size in MiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(8..=1048576))]
+    pub size_mib: u32,
+    /// Fill the file system with this directory's contents.
+    #[arg(long, value_name = "DIR")]
+    pub from_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod api;
 pub mod core;
 pub mod edge;
+pub mod host;
 pub mod memory;
 pub mod vmm;
 pub mod probe;

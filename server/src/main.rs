@@ -65,13 +65,23 @@ struct Args {
     log: String,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Capability sets belong to each thread: drop them before the async
+    // runtime starts its threads, so every thread has only what is kept.
+    let caps = forkd_server::host::caps::drop_daemon_caps();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(args, caps))
+}
+
+async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
+    match &caps.error {
+        None => tracing::info!(kept = %caps.kept.join(","), dropped = caps.dropped.len(), "capabilities: {}", caps.summary()),
+        Some(_) => tracing::warn!("{}", caps.summary()),
+    }
 
     let token = match &args.token_file {
         Some(p) => {

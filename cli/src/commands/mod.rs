@@ -5,6 +5,7 @@ mod exec;
 mod sandboxes;
 mod snapshots;
 mod system;
+mod volume;
 mod workspaces;
 
 use clap::CommandFactory;
@@ -24,6 +25,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Version => system::version(&global).await,
+        Command::VolumeCreate(a) => volume::create(a),
         command => {
             let conn = Conn::connect(&global).await?;
             match command {
@@ -42,7 +44,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Command::Exec(a) => exec::exec(&conn, a).await,
                 Command::Workspace(c) => workspaces::run(&conn, c, json).await,
                 Command::Bench(a) => bench::run(&conn, a, json).await,
-                Command::Completions(_) | Command::Version => unreachable!("handled above"),
+                Command::Completions(_) | Command::Version | Command::VolumeCreate(_) => unreachable!("handled above"),
             }
         }
     }

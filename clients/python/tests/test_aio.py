@@ -43,8 +43,10 @@ def test_typed_errors(daemon: Daemon) -> None:
             await c.snapshots.get("nope")
         with pytest.raises(forkd.InvalidArgumentError):
             await c.snapshots.create("../etc", wait=False)
-        with pytest.raises(forkd.UnimplementedError, match="CreateWorkspace"):
-            await c.workspaces.create("w1", "py")
+        with pytest.raises(forkd.NotFoundError, match='snapshot "nope"'):
+            await c.workspaces.create("w1", "nope")
+        with pytest.raises(forkd.UnimplementedError, match="PushSnapshot"):
+            await c.snapshots.push("py", "file:///tmp/forkd-push")
         with pytest.raises(forkd.UnimplementedError, match="ExportSnapshot"):
             async for _ in c.snapshots.export("py"):
                 pass  # pragma: no cover
@@ -53,8 +55,10 @@ def test_typed_errors(daemon: Daemon) -> None:
         with pytest.raises(forkd.NotFoundError):
             async with c.sandbox("nope"):
                 pass  # pragma: no cover
-        with pytest.raises(forkd.UnimplementedError, match="ttl_secs"):
-            await c.fork("nope", ttl_secs=3)
+        with pytest.raises(forkd.UnimplementedError, match="live_fork"):
+            await c.fork("nope", live_fork=True)
+        with pytest.raises(forkd.NotFoundError):
+            await forkd.aio.Sandbox(c, forkd.types.SandboxInfo(id="sb-aaaaaaaaaaaa")).renew(60)
 
     run(daemon, body)
 

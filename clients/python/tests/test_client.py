@@ -76,13 +76,29 @@ def test_bad_tag_is_invalid_argument(client: forkd.Client) -> None:
         client.snapshots.delete("..")
 
 
-def test_workspaces_are_unimplemented(client: forkd.Client) -> None:
-    with pytest.raises(forkd.UnimplementedError, match="CreateWorkspace"):
-        client.workspaces.create("w1", "py")
-    with pytest.raises(forkd.UnimplementedError):
+def test_unimplemented_rpc(client: forkd.Client) -> None:
+    with pytest.raises(forkd.UnimplementedError, match="PushSnapshot") as ei:
+        client.snapshots.push("py", "file:///tmp/forkd-push")
+    assert ei.value.code_name == "UNIMPLEMENTED"
+    # It is also a NotImplementedError, for callers that feature-test generically.
+    with pytest.raises(NotImplementedError):
+        client.snapshots.pull("file:///tmp/forkd-push", "py")
+
+
+def test_workspace_errors(client: forkd.Client) -> None:
+    with pytest.raises(forkd.NotFoundError, match='snapshot "nope"'):
+        client.workspaces.create("w1", "nope")
+    with pytest.raises(forkd.NotFoundError, match='workspace "w1"'):
         client.workspaces.get("w1")
+    with pytest.raises(forkd.NotFoundError):
+        client.workspaces.suspend("w1")
     with pytest.raises(forkd.InvalidArgumentError):
         client.workspaces.get("bad/name")
+    # Options become request fields (the daemon names the one it refuses).
+    with pytest.raises(forkd.UnimplementedError, match="nat"):
+        client.workspaces.create("w1", "nope", network="nat")
+    with pytest.raises(TypeError, match="bogus"):
+        client.workspaces.create("w1", "nope", bogus=1)
 
 
 def test_streaming_errors_are_typed(client: forkd.Client) -> None:
@@ -106,10 +122,10 @@ def test_fork_of_missing_snapshot_is_not_found(client: forkd.Client) -> None:
 
 
 def test_fork_options_reach_the_daemon(client: forkd.Client) -> None:
-    # The daemon refuses options it does not implement yet, naming them:
-    # proof that the keyword became the request field.
-    with pytest.raises(forkd.UnimplementedError, match="ttl_secs"):
-        client.fork("nope", ttl_secs=5)
+    # The daemon refuses these options before looking the snapshot up,
+    # naming them: proof that each keyword became its request field.
+    with pytest.raises(forkd.UnimplementedError, match="live_fork"):
+        client.fork("nope", live_fork=True)
     with pytest.raises(forkd.InvalidArgumentError, match="network"):
         client.fork("nope", network="bogus")
 
@@ -126,6 +142,12 @@ def test_sandbox_calls_on_unknown_ids(client: forkd.Client) -> None:
         client.sandboxes.get("sb-aaaaaaaaaaaa")
     with pytest.raises(forkd.InvalidArgumentError, match="sb-"):
         client.sandboxes.get("nope")
+    ghost = forkd.Sandbox(client, forkd.types.SandboxInfo(id="sb-aaaaaaaaaaaa"))
+    with pytest.raises(forkd.NotFoundError):
+        ghost.renew(60)
+    with pytest.raises(forkd.NotFoundError):
+        ghost.exec(["true"])
+    ghost.kill()  # killing a gone sandbox succeeds
 
 
 def test_environment_configuration(daemon: Daemon, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

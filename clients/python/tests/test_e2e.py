@@ -162,3 +162,43 @@ def test_aio_life_cycle(e2e_daemon: Daemon, e2e_snapshot) -> None:
                     await c.sandboxes.get(i)
 
     asyncio.run(main())
+
+
+def test_ttl_and_renew(e2e_client: forkd.Client, e2e_snapshot) -> None:
+    with e2e_client.sandbox(E2E_TAG, ttl_secs=300) as sb:
+        assert sb.info.ttl_secs == 300
+        first_expiry = sb.info.expires_at_unix
+        assert first_expiry > 0
+        info = sb.renew(600)
+        assert info.ttl_secs == 600 and info.expires_at_unix >= first_expiry + 299
+        assert sb.info is info
+        assert sb.renew(0).expires_at_unix == 0
+
+
+def test_workspace_life_cycle(e2e_client: forkd.Client, e2e_snapshot) -> None:
+    name = "pyws"
+    ws = e2e_client.workspaces.create(name, E2E_TAG, labels={"k": "v"})
+    try:
+        assert (ws.status, ws.source_snapshot_tag, dict(ws.labels)) == ("running", E2E_TAG, {"k": "v"})
+        sb = e2e_client.sandboxes.get(ws.live_sandbox_id)
+        assert sb.info.workspace == name
+        sb.files.write("/tmp/keep", b"kept across suspend")
+        with pytest.raises(forkd.ConflictError):
+            e2e_client.workspaces.create(name, E2E_TAG)
+        ws = e2e_client.workspaces.suspend(name)
+        assert ws.status == "suspended" and ws.state_tag and not ws.live_sandbox_id
+        with pytest.raises(forkd.NotFoundError):
+            sb.refresh()
+        ws = e2e_client.workspaces.resume(name)
+        assert ws.status == "running" and ws.live_sandbox_id != sb.id
+        resumed = e2e_client.sandboxes.get(ws.live_sandbox_id)
+        assert resumed.files.read("/tmp/keep") == b"kept across suspend"
+        assert [w.name for w in e2e_client.workspaces.list()] == [name]
+        assert e2e_client.workspaces.get(name).live_sandbox_id == resumed.id
+    finally:
+        gone = e2e_client.workspaces.delete(name)
+    assert ws.state_tag in gone.deleted_snapshots
+    with pytest.raises(forkd.NotFoundError):
+        e2e_client.workspaces.get(name)
+    # The source snapshot is never deleted with a workspace.
+    assert e2e_client.snapshots.get(E2E_TAG).status == "ready"

@@ -140,6 +140,8 @@ def test_rest_example_e2e(index: int, e2e_daemon: Daemon, e2e_snapshot) -> None:
             try:
                 run_example(cmd, documented, e2e_daemon.url, e2e_daemon.token or "", {"SANDBOX": sb.id})
             finally:
+                for ws in c.workspaces.list():
+                    c.workspaces.delete(ws.name)
                 # Branch examples leave snapshots; keep only the shared one.
                 for snap in c.snapshots.list():
                     if snap.tag != E2E_TAG and snap.parent_tag == E2E_TAG and not snap.dependents:

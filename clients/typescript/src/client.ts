@@ -503,6 +503,12 @@ export class Sandbox {
     return call(this.client.rpc.sb.ping({ id: this.id }, this.client.opts()));
   }
 
+  /** Sets a new TTL in seconds counted from now (0 = none) and marks the sandbox active. */
+  async renew(ttlSecs = 0): Promise<SandboxMsg> {
+    this.info = await call(this.client.rpc.sb.renewSandbox({ id: this.id, ttlSecs }, this.client.opts()));
+    return this.info;
+  }
+
   /** Snapshots this running sandbox (it keeps running). */
   branch(opts: { tag?: string; mode?: "diff" | "full"; wait?: boolean } = {}): Promise<Snapshot> {
     const mode = opts.mode ?? "diff";

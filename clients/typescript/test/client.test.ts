@@ -4,6 +4,7 @@ import assert from "node:assert/strict";
 import { createServer } from "node:net";
 import { after, before, describe, it } from "node:test";
 
+import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 
 import {
@@ -17,12 +18,14 @@ import {
   NotFoundError,
   PermissionDeniedError,
   ResourceExhaustedError,
+  Sandbox,
   UnavailableError,
   UnimplementedError,
   argv,
   parseUrl,
   toForkdError,
 } from "../src/index.js";
+import { SandboxSchema } from "../src/gen/forkd/v1/common_pb.js";
 import { Daemon, TOKEN } from "./daemon.js";
 
 describe("against a daemon", () => {
@@ -91,10 +94,21 @@ describe("against a daemon", () => {
     await assert.rejects(c.snapshots.get("../etc"), /invalid tag/);
   });
 
-  it("maps UNIMPLEMENTED for workspaces", async () => {
-    await assert.rejects(c.workspaces.create("w1", "py"), (e: unknown) => e instanceof UnimplementedError && /CreateWorkspace/.test(e.message));
-    await assert.rejects(c.workspaces.get("w1"), UnimplementedError);
+  it("maps UNIMPLEMENTED", async () => {
+    await assert.rejects(c.snapshots.push("py", "file:///tmp/forkd-push"), (e: unknown) => {
+      assert.ok(e instanceof UnimplementedError);
+      assert.equal(e.codeName, "UNIMPLEMENTED");
+      assert.match(e.message, /PushSnapshot/);
+      return true;
+    });
+  });
+
+  it("maps workspace errors", async () => {
+    await assert.rejects(c.workspaces.create("w1", "nope"), (e: unknown) => e instanceof NotFoundError && /snapshot "nope"/.test(e.message));
+    await assert.rejects(c.workspaces.get("w1"), (e: unknown) => e instanceof NotFoundError && /workspace "w1"/.test(e.message));
+    await assert.rejects(c.workspaces.suspend("w1"), NotFoundError);
     await assert.rejects(c.workspaces.get("bad/name"), InvalidArgumentError);
+    await assert.rejects(c.workspaces.create("w1", "nope", { network: "nat" }), (e: unknown) => e instanceof UnimplementedError && /nat/.test(e.message));
   });
 
   it("types errors that arrive on a server stream", async () => {
@@ -126,8 +140,9 @@ describe("against a daemon", () => {
   });
 
   it("sends fork options to the daemon", async () => {
-    // The daemon names options it does not implement yet: proof the option became the field.
-    await assert.rejects(c.fork("nope", { ttlSecs: 5 }), (e: unknown) => e instanceof UnimplementedError && /ttl_secs/.test(e.message));
+    // The daemon refuses these before looking the snapshot up, naming them:
+    // proof that each option became its request field.
+    await assert.rejects(c.fork("nope", { liveFork: true }), (e: unknown) => e instanceof UnimplementedError && /live_fork/.test(e.message));
     await assert.rejects(c.fork("nope", { network: "bogus" }), (e: unknown) => e instanceof InvalidArgumentError && /network/.test(e.message));
     await assert.rejects(c.fork("py", { n: 0 }), RangeError);
   });
@@ -135,6 +150,10 @@ describe("against a daemon", () => {
   it("handles unknown and malformed sandbox ids", async () => {
     await assert.rejects(c.sandboxes.get("sb-aaaaaaaaaaaa"), NotFoundError);
     await assert.rejects(c.sandboxes.get("nope"), InvalidArgumentError);
+    const ghost = new Sandbox(c, create(SandboxSchema, { id: "sb-aaaaaaaaaaaa" }));
+    await assert.rejects(ghost.renew(60), NotFoundError);
+    await assert.rejects(ghost.exec(["true"]), NotFoundError);
+    await ghost.kill(); // killing a gone sandbox succeeds
   });
 
   it("reads FORKD_URL and FORKD_TOKEN", async () => {

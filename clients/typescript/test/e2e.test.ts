@@ -143,4 +143,46 @@ describe("e2e", { skip: E2E ? false : "needs microVMs: set FORKD_E2E=1" }, () =>
     const group = await c.fork(E2E_TAG, { n: 2 });
     assert.deepEqual((await c.sandboxes.kill({ snapshotTag: E2E_TAG })).sort(), group.map((s) => s.id).sort());
   });
+
+  it("renews a sandbox's TTL", async () => {
+    await c.withSandbox(
+      E2E_TAG,
+      async (sb) => {
+        assert.equal(sb.info.ttlSecs, 300);
+        const first = sb.info.expiresAtUnix;
+        assert.ok(first > 0n);
+        const info = await sb.renew(600);
+        assert.equal(info.ttlSecs, 600);
+        assert.ok(info.expiresAtUnix >= first + 299n);
+        assert.equal(sb.info, info);
+        assert.equal((await sb.renew(0)).expiresAtUnix, 0n);
+      },
+      { ttlSecs: 300 },
+    );
+  });
+
+  it("suspends and resumes a workspace", async () => {
+    const name = "tsws";
+    let ws = await c.workspaces.create(name, E2E_TAG, { labels: { k: "v" } });
+    try {
+      assert.deepEqual([ws.status, ws.sourceSnapshotTag, ws.labels], ["running", E2E_TAG, { k: "v" }]);
+      const sb = await c.sandboxes.get(ws.liveSandboxId);
+      assert.equal(sb.info.workspace, name);
+      await sb.files.write("/tmp/keep", "kept across suspend");
+      await assert.rejects(c.workspaces.create(name, E2E_TAG), ConflictError);
+      ws = await c.workspaces.suspend(name);
+      assert.ok(ws.status === "suspended" && ws.stateTag && !ws.liveSandboxId, `${ws.status} ${ws.stateTag} ${ws.liveSandboxId}`);
+      await assert.rejects(sb.refresh(), NotFoundError);
+      ws = await c.workspaces.resume(name);
+      assert.ok(ws.status === "running" && ws.liveSandboxId !== sb.id);
+      const resumed = await c.sandboxes.get(ws.liveSandboxId);
+      assert.equal(await resumed.files.readText("/tmp/keep"), "kept across suspend");
+      assert.deepEqual((await c.workspaces.list()).map((w) => w.name), [name]);
+    } finally {
+      const gone = await c.workspaces.delete(name);
+      assert.ok(gone.deletedSnapshots.includes(ws.stateTag), gone.deletedSnapshots.join());
+    }
+    await assert.rejects(c.workspaces.get(name), NotFoundError);
+    assert.equal((await c.snapshots.get(E2E_TAG)).status, "ready");
+  });
 });

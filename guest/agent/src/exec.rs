@@ -51,6 +51,18 @@ impl ExecHandle {
     }
 }
 
+/// SIGKILLs a process group until it is gone, for at most two seconds: a
+/// fork bomb may still be forking while the first signal is delivered.
+fn kill_group(pgid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        if unsafe { libc::kill(-pgid, libc::SIGKILL) } != 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Runs the request to completion, sending ExecOutput frames and a final
 /// ExecExit (or an AgentError when the program could not be started).
 pub fn run(agent: &Arc<Agent>, id: u64, req: ExecRequest) {
@@ -211,6 +223,9 @@ fn start_and_stream(
             }
         }
     };
+    if timed_out || handle.cancelled.load(Ordering::SeqCst) {
+        kill_group(child.pid);
+    }
     let duration_us = started.elapsed().as_micros() as u64;
     // A cancelled exec still ends with its (SIGKILL) exit status.
     let (exit_code, signal) = proc::decode_status(status);

@@ -166,10 +166,26 @@ pub fn mount(req: &MountRequest) -> Result<(), AgentError> {
         std::thread::sleep(Duration::from_millis(10));
     }
     fs::create_dir_all(&target).map_err(|e| io_error(&shown, &e))?;
+    // A child restored from a snapshot may hold blocks of this disk that its
+    // parent's kernel read (partition probe, superblock) before the disk was
+    // written by a sibling: drop them so the mount reads the disk as it is.
+    flush_block_cache(&req.device);
     let fstype = if req.fstype.is_empty() { "ext4" } else { &req.fstype };
     let flags = if req.read_only { libc::MS_RDONLY } else { 0 };
     sys::mount(&req.device, &shown, fstype, flags, "")
         .map_err(|e| io_error(&format!("mount {} on {shown}", req.device), &e))
+}
+
+/// BLKFLSBUF on a block device: writes back and drops its buffer cache.
+fn flush_block_cache(device: &str) {
+    use std::os::unix::io::AsRawFd;
+    const BLKFLSBUF: libc::c_ulong = 0x1261;
+    if let Ok(f) = fs::File::open(device) {
+        // SAFETY: BLKFLSBUF takes no argument beyond the fd.
+        unsafe {
+            libc::ioctl(f.as_raw_fd(), BLKFLSBUF as _, 0);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod cmdline;
 mod exec;
 mod files;
 mod init;
+mod limits;
 mod log;
 mod proc;
 mod reinit;

@@ -150,6 +150,13 @@ pub fn spawn(spec: &Spec, wake: Option<OwnedFd>) -> io::Result<Child> {
     let mut envp: Vec<*const libc::c_char> = spec.envp.iter().map(|a| a.as_ptr()).collect();
     envp.push(std::ptr::null());
     let cwd = spec.cwd.as_ref().map(|c| c.as_ptr());
+    // Every started process goes into the guest's limit cgroup, if set up;
+    // it moves itself there before exec, so nothing it forks escapes.
+    let cgroup = match crate::limits::exec_procs() {
+        Some(p) => Some(sys::open(&p, libc::O_WRONLY | libc::O_CLOEXEC, 0)?),
+        None => None,
+    };
+    let cgroup_fd = cgroup.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
     let (err_r, err_w) = sys::pipe()?;
     let slot = Arc::new(ExitSlot { status: Mutex::new(None), cv: Condvar::new(), wake });
 
@@ -157,7 +164,7 @@ pub fn spawn(spec: &Spec, wake: Option<OwnedFd>) -> io::Result<Child> {
         let mut g = r.reg.lock().map_err(|_| io::Error::other("reaper lock poisoned"))?;
         let pid = unsafe { libc::fork() };
         if pid == 0 {
-            unsafe { child_after_fork(spec, &argv, &envp, cwd, err_w.as_raw_fd()) };
+            unsafe { child_after_fork(spec, &argv, &envp, cwd, cgroup_fd, err_w.as_raw_fd()) };
         }
         if pid < 0 {
             return Err(io::Error::last_os_error());
@@ -195,6 +202,7 @@ unsafe fn child_after_fork(
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
     cwd: Option<*const libc::c_char>,
+    cgroup_fd: RawFd,
     err_fd: RawFd,
 ) -> ! {
     unsafe {
@@ -211,6 +219,9 @@ unsafe fn child_after_fork(
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         if spec.new_group {
             libc::setpgid(0, 0);
+        }
+        if cgroup_fd >= 0 && libc::write(cgroup_fd, b"0".as_ptr().cast(), 1) != 1 {
+            fail(err_fd);
         }
         // Two passes so that a source fd numbered like another target is not
         // clobbered before it is used: first lift every source above 100

@@ -41,6 +41,8 @@ pub fn reinit(agent: &Arc<Agent>, req: ReinitRequest) -> Result<ReinitDone, Agen
     if let Some(net) = req.network.as_ref().filter(|n| !n.address_cidr.is_empty()) {
         configure_network(net)?;
     }
+    crate::limits::apply_pids_max(req.pids_max, agent.runtime.pid())
+        .map_err(|e| io_error("setting up the guest pids limit", &e))?;
     Ok(done)
 }
 

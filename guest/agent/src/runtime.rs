@@ -253,6 +253,11 @@ impl Runtime {
         }
     }
 
+    /// Pid of the interpreter (0 when none runs).
+    pub fn pid(&self) -> i32 {
+        self.pid.load(Ordering::SeqCst)
+    }
+
     /// Interrupts the running eval (KeyboardInterrupt inside the code).
     pub fn interrupt(&self) {
         let pid = self.pid.load(Ordering::SeqCst);

@@ -84,10 +84,6 @@ impl SandboxService for Services {
         let r = r.into_inner();
         let tag = Tag::parse_field(&r.snapshot_tag, "snapshot_tag").map_err(Error::from)?;
         for (set, what) in [
-            (r.memory_limit_mib > 0, "memory_limit_mib"),
-            (r.cpu_quota > 0.0, "cpu_quota"),
-            (r.pids_limit > 0, "pids_limit"),
-            (!r.volumes.is_empty(), "volumes"),
             (r.prewarm, "prewarm"),
             (r.hugepages, "hugepages"),
             (r.per_child_netns, "per_child_netns"),
@@ -96,6 +92,11 @@ impl SandboxService for Services {
             if set {
                 return Err(not_yet(what));
             }
+        }
+        if !r.volumes.is_empty() {
+            return Err(Status::unimplemented(
+                "volumes per sandbox: attach volumes to the snapshot (a VM's devices are fixed when it boots); every child inherits them",
+            ));
         }
         if r.live_fork {
             return Err(Status::unimplemented("live_fork is not supported by the QEMU backend: fork from a snapshot"));
@@ -110,9 +111,13 @@ impl SandboxService for Services {
             labels: r.labels.into_iter().collect(),
             ttl_secs: r.ttl_secs,
             idle_timeout_secs: r.idle_timeout_secs,
+            memory_limit_mib: r.memory_limit_mib,
+            cpu_quota: r.cpu_quota,
+            pids_limit: r.pids_limit,
             ..Default::default()
         };
         settings.validate_lifecycle()?;
+        crate::core::limits::validate_limits(&settings)?;
         let recs = self.rt.create_sandboxes(CreateSandboxes { tag, n: r.n.unwrap_or(1), settings, workspace: String::new() }).await?;
         let sandboxes = recs.iter().map(|r| convert::sandbox(r, r.created_at_unix)).collect();
         Ok(Response::new(api::CreateSandboxesResponse { sandboxes }))

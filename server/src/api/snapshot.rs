@@ -26,9 +26,7 @@ impl SnapshotService for Services {
     async fn create_snapshot(&self, r: Request<api::CreateSnapshotRequest>) -> Result<Response<api::Snapshot>, Status> {
         let r = r.into_inner();
         let t = tag("tag", &r.tag)?;
-        if !r.volumes.is_empty() {
-            return Err(not_yet("volumes on snapshots"));
-        }
+        let volumes = crate::core::volumes::parse_all(&r.volumes)?;
         let req = CreateSnapshot {
             tag: t.clone(),
             image: if r.image.is_empty() { "python".into() } else { r.image },
@@ -37,6 +35,7 @@ impl SnapshotService for Services {
             warm_timeout: Duration::from_secs(if r.warm_timeout_secs == 0 { 300 } else { r.warm_timeout_secs as u64 }),
             warm_eval: r.warm_eval,
             labels: r.labels.into_iter().collect(),
+            volumes,
         };
         self.rt.create_snapshot(req).await?;
         if r.wait {

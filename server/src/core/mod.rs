@@ -6,10 +6,13 @@ pub mod branch;
 pub mod error;
 pub mod events;
 pub mod ids;
+pub mod limits;
+pub mod reconcile;
 pub mod runtime;
 pub mod sandboxes;
 pub mod snapshots;
 pub mod store;
+pub mod volumes;
 pub mod workspaces;
 pub mod lifecycle;
 

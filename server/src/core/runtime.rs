@@ -113,6 +113,8 @@ pub struct Runtime {
     live_count_cache: std::sync::atomic::AtomicUsize,
     /// Branches allowed in flight at once.
     pub(crate) branch_slots: Arc<tokio::sync::Semaphore>,
+    /// Read-write volume files → the live sandbox holding them.
+    pub(crate) rw_volumes: std::sync::Mutex<HashMap<PathBuf, String>>,
     /// Serialises operations on one workspace.
     pub(crate) workspace_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -141,11 +143,13 @@ impl Runtime {
             busy_tags: Default::default(),
             live_count_cache: Default::default(),
             workspace_locks: Default::default(),
+            rw_volumes: Default::default(),
             branch_slots: Arc::new(tokio::sync::Semaphore::new(config.branch_concurrency.max(1))),
             config,
         });
         rt.recover().await?;
         rt.clone().start_lifecycle();
+        rt.start_reconciler();
         Ok(rt)
     }
 

@@ -33,7 +33,7 @@ pub struct Sandbox {
     pub control: Mutex<Box<dyn VmControl>>,
     /// Set once a kill was requested, so the exit watcher does not report
     /// an intentional kill as an unexpected exit.
-    killing: AtomicBool,
+    pub(crate) killing: AtomicBool,
     last_active: AtomicI64,
 }
 
@@ -103,6 +103,19 @@ impl Runtime {
             .clone()
             .ok_or_else(|| Error::FailedPrecondition(format!("snapshot {:?} has no VM configuration", snap.tag)))?;
         let state = self.layout.snapshot_dir(&req.tag).join("state");
+        let volumes = super::volumes::parse_stored(&snap.volumes);
+        let rw: Vec<std::path::PathBuf> = volumes.iter().filter(|v| !v.read_only).map(|v| v.host.clone()).collect();
+        if !rw.is_empty() && req.n > 1 {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {:?} has read-write volumes, which one sandbox at a time may use; fork n=1",
+                snap.tag
+            )));
+        }
+        let reservation = format!("pending-{}", ids::nonce());
+        self.reserve_rw_volumes(&rw, &reservation)?;
+        let mut settings_with_volumes = req.settings.clone();
+        settings_with_volumes.volumes = snap.volumes.clone();
+        let req = CreateSandboxes { settings: settings_with_volumes, ..req };
         let results: Vec<Result<Arc<Sandbox>>> = stream::iter(0..req.n)
             .map(|_| {
                 let spec = spec.clone();
@@ -126,6 +139,7 @@ impl Runtime {
             }
         }
         if let Some(e) = first_err {
+            self.release_rw_volumes(&reservation);
             // All or nothing.
             for sb in ok {
                 self.kill_sandbox(&sb).await;
@@ -134,6 +148,9 @@ impl Runtime {
                 Error::Internal(m) => Error::Internal(format!("forking from {:?} failed: {m}", snap.tag)),
                 other => other,
             });
+        }
+        if let Some(sb) = ok.first() {
+            self.transfer_rw_volumes(&reservation, sb.id.as_str());
         }
         let mut map = self.sandboxes.write().await;
         let mut out = vec![];
@@ -156,6 +173,7 @@ impl Runtime {
         let id = ids::new_sandbox_id();
         let dir = VmDir(self.layout.sandbox_dir(&id));
         let dir_key = dir.path().display().to_string();
+        let spawning = self.begin_spawn(&id, &settings)?;
         self.store.ledger_add("workdir", &dir_key, id.as_str())?;
         if let Err(e) = std::fs::create_dir_all(dir.path()) {
             let _ = self.store.ledger_remove("workdir", &dir_key);
@@ -190,7 +208,10 @@ impl Runtime {
         self.store.ledger_add("vmm", &format!("{}:{}", vm.pid, vm.start_time), id.as_str())?;
         self.store.put_sandbox(&record)?;
         let VmProcess { pid, start_time, control, child, .. } = vm;
+        let settings_volumes = record.settings.volumes.clone();
+        let pids_max = record.settings.pids_limit;
         let setup = async {
+            spawning.attach(pid)?;
             let agent = AgentClient::connect(&dir.agent_socket(), AGENT_CONNECT).await?;
             let mut control = control;
             control.resume().await?;
@@ -208,10 +229,24 @@ impl Runtime {
                         entropy,
                         unix_nanos: now,
                         network: None,
+                        pids_max,
                     },
                     REINIT_TIMEOUT,
                 )
                 .await?;
+            for (i, v) in super::volumes::parse_stored(&settings_volumes).iter().enumerate() {
+                agent
+                    .mount(
+                        pb::MountRequest {
+                            device: super::volumes::guest_device(i),
+                            target: v.guest.clone(),
+                            fstype: "ext4".into(),
+                            read_only: v.read_only,
+                        },
+                        REINIT_TIMEOUT,
+                    )
+                    .await?;
+            }
             Ok::<_, Error>((agent, control))
         };
         let (agent, control) = match setup.await {
@@ -231,6 +266,7 @@ impl Runtime {
         record.status = "running".into();
         record.spawn_ms = started.elapsed().as_secs_f64() * 1000.0;
         self.store.put_sandbox(&record)?;
+        spawning.finish();
         let sb = Arc::new(Sandbox {
             id: id.clone(),
             pid,
@@ -262,15 +298,8 @@ impl Runtime {
                 Ok(s) => format!("the VMM exited on its own ({s})"),
                 Err(e) => format!("the VMM could not be waited for: {e}"),
             };
-            let rec = {
-                let mut rec = sb.record.lock().unwrap();
-                rec.status = "exited".into();
-                rec.status_reason = reason.clone();
-                rec.clone()
-            };
-            let _ = rt.store.put_sandbox(&rec);
-            let _ = rt.store.ledger_remove("vmm", &format!("{}:{}", sb.pid, sb.start_time));
-            rt.events.emit_ws("exited", sb.id.as_str(), &rec.workspace, &rec.snapshot_tag, &reason);
+            let Some(rec) = rt.vmm_exited(&sb, reason) else { return };
+            let reason = rec.status_reason.clone();
             if !rec.workspace.is_empty() {
                 rt.workspace_lost_sandbox(&rec.workspace, &reason);
             }
@@ -286,11 +315,20 @@ impl Runtime {
 
     /// Kills the VMM and removes every trace of the sandbox. Idempotent.
     async fn kill_sandbox(&self, sb: &Sandbox) {
+        let volumes = super::volumes::parse_stored(&sb.snapshot().settings.volumes);
+        if volumes.iter().any(|v| !v.read_only) && sb.ensure_running().is_ok() {
+            // Flush the guest's writes to read-write volumes before the VM goes.
+            if let Ok(mut s) = sb.agent.exec(pb::ExecRequest { args: vec!["sync".into()], timeout_ms: 5000, ..Default::default() }).await {
+                let _ = tokio::time::timeout(Duration::from_secs(6), async { while let Ok(Some(_)) = s.next().await {} }).await;
+            }
+        }
         sb.killing.store(true, Ordering::SeqCst);
         process::kill(sb.pid, sb.start_time, Duration::from_secs(5)).await;
         let _ = self.store.ledger_remove("vmm", &format!("{}:{}", sb.pid, sb.start_time));
+        self.remove_limits(sb.id.as_str());
         self.remove_workdir(&sb.dir);
         let _ = self.store.delete_sandbox(sb.id.as_str());
+        self.release_rw_volumes(sb.id.as_str());
         let (tag, ws) = {
             let r = sb.record.lock().unwrap();
             (r.snapshot_tag.clone(), r.workspace.clone())
@@ -406,6 +444,12 @@ impl Runtime {
             };
             match adopted {
                 Ok(sb) => {
+                    let rw: Vec<_> = super::volumes::parse_stored(&rec.settings.volumes)
+                        .into_iter()
+                        .filter(|v| !v.read_only)
+                        .map(|v| v.host)
+                        .collect();
+                    let _ = self.reserve_rw_volumes(&rw, &rec.id);
                     known.insert(rec.id.clone());
                     self.sandboxes.write().await.insert(rec.id.clone(), sb);
                     tracing::info!(id = %rec.id, pid = rec.pid, "adopted sandbox");
@@ -414,6 +458,7 @@ impl Runtime {
                     tracing::info!(id = %rec.id, "reaping sandbox: {e}");
                     process::kill(rec.pid, rec.pid_start, Duration::from_secs(5)).await;
                     let _ = self.store.ledger_remove("vmm", &format!("{}:{}", rec.pid, rec.pid_start));
+                    self.remove_limits(&rec.id);
                     self.remove_workdir(&dir);
                     let _ = self.store.delete_sandbox(&rec.id);
                 }
@@ -440,6 +485,7 @@ impl Runtime {
                 }
             }
         }
+        self.sweep_orphans(true).await;
         Ok(())
     }
 
@@ -458,5 +504,37 @@ impl Runtime {
             killing: AtomicBool::new(false),
             last_active: AtomicI64::new(now_unix()),
         }))
+    }
+}
+
+impl Runtime {
+    /// Claims read-write volume files for `holder`; refuses one that another
+    /// holder (a live sandbox or a spawn in progress) has.
+    fn reserve_rw_volumes(&self, files: &[std::path::PathBuf], holder: &str) -> Result<()> {
+        let mut map = self.rw_volumes.lock().unwrap();
+        if let Some((f, other)) = files.iter().find_map(|f| map.get(f).filter(|h| *h != holder).map(|h| (f, h))) {
+            return Err(Error::FailedPrecondition(format!(
+                "read-write volume {} is attached to {}",
+                f.display(),
+                if other.starts_with("sb-") { format!("live sandbox {other}") } else { "a sandbox being forked".into() }
+            )));
+        }
+        for f in files {
+            map.insert(f.clone(), holder.to_string());
+        }
+        Ok(())
+    }
+
+    /// Hands the claims of `from` over to `to`.
+    fn transfer_rw_volumes(&self, from: &str, to: &str) {
+        for h in self.rw_volumes.lock().unwrap().values_mut() {
+            if h == from {
+                *h = to.to_string();
+            }
+        }
+    }
+
+    fn release_rw_volumes(&self, holder: &str) {
+        self.rw_volumes.lock().unwrap().retain(|_, h| h != holder);
     }
 }

@@ -38,6 +38,7 @@ pub struct CreateSnapshot {
     pub warm_timeout: Duration,
     pub warm_eval: String,
     pub labels: std::collections::BTreeMap<String, String>,
+    pub volumes: Vec<super::volumes::VolumeSpec>,
 }
 
 /// What GetSnapshot reports beyond the stored record.
@@ -69,7 +70,11 @@ impl Runtime {
             vcpus: req.vcpus,
             accel: self.accel.accel,
             mem_file: final_dir.join("mem"),
-            drives: vec![],
+            drives: req
+                .volumes
+                .iter()
+                .map(|v| crate::vmm::Drive { path: v.host.clone(), read_only: v.read_only })
+                .collect(),
         };
         let rec = SnapshotRecord {
             tag: req.tag.to_string(),
@@ -89,7 +94,7 @@ impl Runtime {
             dirty_bytes: 0,
             backend: self.backend.name().into(),
             accel: self.accel.accel.as_str().into(),
-            volumes: vec![],
+            volumes: req.volumes.iter().map(|v| v.to_spec_string()).collect(),
             labels: req.labels.clone(),
             warm_ms: 0.0,
             runtime: if image.runtime == "none" { String::new() } else { image.runtime.clone() },

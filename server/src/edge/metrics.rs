@@ -44,11 +44,26 @@ impl Metrics {
             .with_description("Snapshots in the store")
             .with_callback(move |o| o.observe(r1.snapshot_count() as u64, &[]))
             .build();
-        let r2 = rt;
+        let r2 = rt.clone();
         meter
             .u64_observable_gauge("forkd_sandboxes_active")
             .with_description("Live sandboxes")
             .with_callback(move |o| o.observe(r2.live_sandbox_count_now() as u64, &[]))
+            .build();
+        let r3 = rt;
+        meter
+            .u64_observable_gauge("forkd_sandboxes")
+            .with_description("Listed sandboxes by state")
+            .with_callback(move |o| {
+                for (state, n) in r3.sandbox_states_now() {
+                    o.observe(n, &[KeyValue::new("state", state)]);
+                }
+            })
+            .build();
+        meter
+            .u64_observable_counter("forkd_orphans_reaped")
+            .with_description("Orphaned VMMs, work dirs, cgroups and ledger entries removed by the reconciler")
+            .with_callback(|o| o.observe(crate::core::reconcile::orphans_reaped_total(), &[]))
             .build();
         Ok(Self { registry, _provider: provider, latency })
     }

@@ -349,6 +349,11 @@ class Sandbox:
     async def ping(self) -> PingResult:
         return await self._c._rpc(self._c._sb.Ping, sandbox_pb2.PingRequest(id=self.id))
 
+    async def renew(self, ttl_secs: int = 0) -> SandboxInfo:
+        req = sandbox_pb2.RenewSandboxRequest(id=self.id, ttl_secs=ttl_secs)
+        self.info = await self._c._rpc(self._c._sb.RenewSandbox, req)
+        return self.info
+
     async def branch(self, tag: Optional[str] = None, mode: str = "diff", *, wait: bool = True) -> SnapshotInfo:
         return await self._c._rpc(self._c._sb.Branch, c.branch_request(self.id, tag, mode, wait))
 

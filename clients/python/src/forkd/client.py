@@ -336,6 +336,12 @@ class Sandbox:
     def ping(self) -> PingResult:
         return self._c._rpc(self._c._sb.Ping, sandbox_pb2.PingRequest(id=self.id))
 
+    def renew(self, ttl_secs: int = 0) -> SandboxInfo:
+        """Sets a new TTL counted from now (0 = none) and marks the sandbox active."""
+        req = sandbox_pb2.RenewSandboxRequest(id=self.id, ttl_secs=ttl_secs)
+        self.info = self._c._rpc(self._c._sb.RenewSandbox, req)
+        return self.info
+
     def branch(self, tag: Optional[str] = None, mode: str = "diff", *, wait: bool = True) -> SnapshotInfo:
         """Snapshots this running sandbox (it keeps running). ``mode`` "diff"
         stores only pages written since its parent; "full" a flat copy."""

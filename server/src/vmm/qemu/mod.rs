@@ -49,6 +49,13 @@ impl QemuBackend {
             // reach the VMs, and the VMs outlive a daemon crash.
             .process_group(0)
             .kill_on_drop(false);
+        // The VMM runs with no capabilities at all (see host::caps).
+        unsafe {
+            cmd.pre_exec(|| {
+                crate::host::caps::vmm_pre_exec();
+                Ok(())
+            });
+        }
         let child = cmd
             .spawn()
             .map_err(|e| VmmError::Spawn(format!("{}: {e}", self.binary.display())))?;

@@ -294,6 +294,14 @@ class RemoveFileResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RenewSandboxRequest(_message.Message):
+    __slots__ = ("id", "ttl_secs")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    ttl_secs: int
+    def __init__(self, id: _Optional[str] = ..., ttl_secs: _Optional[int] = ...) -> None: ...
+
 class WatchEventsRequest(_message.Message):
     __slots__ = ("sandbox_id", "workspace", "snapshot_tag")
     SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]

@@ -119,6 +119,11 @@ class SandboxServiceStub:
                 request_serializer=forkd_dot_v1_dot_sandbox__pb2.RemoveFileRequest.SerializeToString,
                 response_deserializer=forkd_dot_v1_dot_sandbox__pb2.RemoveFileResponse.FromString,
                 _registered_method=True)
+        self.RenewSandbox = channel.unary_unary(
+                '/forkd.v1.SandboxService/RenewSandbox',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.RenewSandboxRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_common__pb2.Sandbox.FromString,
+                _registered_method=True)
         self.WatchEvents = channel.unary_stream(
                 '/forkd.v1.SandboxService/WatchEvents',
                 request_serializer=forkd_dot_v1_dot_sandbox__pb2.WatchEventsRequest.SerializeToString,
@@ -245,6 +250,13 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewSandbox(self, request, context):
+        """Sets a new TTL counted from now (0 = none) and marks the sandbox active.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchEvents(self, request, context):
         """Streams lifecycle events (NDJSON over REST).
         """
@@ -334,6 +346,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.RemoveFile,
                     request_deserializer=forkd_dot_v1_dot_sandbox__pb2.RemoveFileRequest.FromString,
                     response_serializer=forkd_dot_v1_dot_sandbox__pb2.RemoveFileResponse.SerializeToString,
+            ),
+            'RenewSandbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewSandbox,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.RenewSandboxRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_common__pb2.Sandbox.SerializeToString,
             ),
             'WatchEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEvents,
@@ -777,6 +794,33 @@ class SandboxService:
             '/forkd.v1.SandboxService/RemoveFile',
             forkd_dot_v1_dot_sandbox__pb2.RemoveFileRequest.SerializeToString,
             forkd_dot_v1_dot_sandbox__pb2.RemoveFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewSandbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SandboxService/RenewSandbox',
+            forkd_dot_v1_dot_sandbox__pb2.RenewSandboxRequest.SerializeToString,
+            forkd_dot_v1_dot_common__pb2.Sandbox.FromString,
             options,
             channel_credentials,
             insecure,
