@@ -4,7 +4,8 @@
 #      (grpcio-tools pinned, pytest, the forkd package itself) and the
 #      TypeScript toolchain from clients/typescript/package-lock.json (npm ci)
 #   2. checks that the generated code (clients) and docs/api.md match proto/
-#   3. runs pytest (clients/python) and tsc + node --test (clients/typescript)
+#   3. runs mypy and pytest (clients/python), tsc and node --test
+#      (clients/typescript)
 #
 # The daemon binary is $FORKD_SERVER_BIN, else $CARGO_TARGET_DIR/debug or
 # target/debug (built with cargo when missing). FORKD_E2E=1 adds the tests
@@ -44,7 +45,7 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv" || { echo "test-clients.sh: cannot create $venv" >&2; exit 1; }
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    -r clients/python/requirements-gen.txt "pytest>=8" \
+    -r clients/python/requirements-gen.txt "pytest>=8" "mypy>=1.10" types-protobuf grpc-stubs \
   || { echo "test-clients.sh: pip install failed" >&2; exit 1; }
 # A real (non-editable) install, so the tests exercise the package as users
 # get it: generated modules included, nothing imported from the source tree.
@@ -59,6 +60,9 @@ step "typescript environment (npm ci)"
 step "generated code and docs are up to date"
 FORKD_PYTHON="$venv/bin/python" scripts/gen-clients.sh --check || fail "gen-clients.sh --check"
 "$venv/bin/python" scripts/gen-docs.py --check || fail "gen-docs.py --check"
+
+step "python client: mypy"
+(cd clients/python && "$venv/bin/python" -m mypy --no-incremental --cache-dir=/dev/null) || fail "mypy"
 
 step "python client: pytest"
 (

@@ -37,3 +37,9 @@ python3 -m unittest discover -s guest/runtime -v 2>&1 | tail -n 3
 step "tests"
 # Integration tests boot real VMs; two at a time is what two cores sustain.
 cargo test --workspace --locked -- --test-threads=2
+
+step "clients (python, typescript) against a real daemon"
+FORKD_SERVER_BIN="$target_dir/debug/forkd-server" scripts/test-clients.sh
+
+step "deployment files"
+scripts/check-deploy.sh

@@ -45,8 +45,9 @@ const PAUSE_TARGET_BASE_MS: f64 = 5.0;
 const PAUSE_TARGET_MIB_PER_MS: f64 = 4.0;
 /// Depth-3 spawn may be at most this much slower than the flat copy.
 const CHAIN_SPAWN_TARGET_RATIO: f64 = 1.05;
-/// The largest share of guest RAM a child is asked to dirty.
-const MAX_DIRTY_SHARE: f64 = 0.75;
+/// MiB of a fresh child's MemAvailable left alone when a requested dirty
+/// size does not fit: the interpreter and the page cache need some.
+const GUEST_HEADROOM_MIB: u32 = 24;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -328,6 +329,8 @@ struct PauseCell {
     target_dirty_mib: u32,
     /// Set when the requested size could not fit in the guest.
     requested_dirty_mib: Option<u32>,
+    /// MemAvailable in a fresh child of the base snapshot.
+    guest_mem_available_mib: u32,
     samples: Vec<BranchSample>,
     errors: Vec<String>,
     measured_dirty_mib: f64,
@@ -377,6 +380,22 @@ async fn one_branch(
     r
 }
 
+/// MemAvailable (MiB) inside a fresh child of `base`.
+async fn mem_available_mib(d: &Api, base: &str) -> anyhow::Result<u32> {
+    let (id, _, _) = fork1(d, base).await?;
+    let r = eval(
+        d,
+        &id,
+        "[int(l.split()[1]) // 1024 for l in open('/proc/meminfo') if l.startswith('MemAvailable:')][0]",
+    )
+    .await;
+    kill(d, &id).await;
+    let v = r?;
+    v.trim()
+        .parse()
+        .with_context(|| format!("MemAvailable: {v:?}"))
+}
+
 async fn pause_part(d: &Api, a: &Args, reps: usize) -> anyhow::Result<Vec<PauseCell>> {
     let mut cells = vec![];
     for &ram in &a.ram {
@@ -388,9 +407,11 @@ async fn pause_part(d: &Api, a: &Args, reps: usize) -> anyhow::Result<Vec<PauseC
             "branch-bench: {base} ready in {:.1} s",
             t.elapsed().as_secs_f64()
         );
+        let avail = mem_available_mib(d, &base).await?;
+        eprintln!("branch-bench: a fresh child of {base} has {avail} MiB MemAvailable");
         for mode in &a.modes {
             for &want in &a.dirty {
-                let cap = (ram as f64 * MAX_DIRTY_SHARE) as u32;
+                let cap = avail.saturating_sub(GUEST_HEADROOM_MIB) / 16 * 16;
                 let (target, requested) = if want > cap {
                     (cap, Some(want))
                 } else {
@@ -430,6 +451,7 @@ async fn pause_part(d: &Api, a: &Args, reps: usize) -> anyhow::Result<Vec<PauseC
                     mode: mode.clone(),
                     target_dirty_mib: target,
                     requested_dirty_mib: requested,
+                    guest_mem_available_mib: avail,
                     measured_dirty_mib: measured,
                     pause_ms_median: med,
                     pause_ms_min: min(&pauses),
@@ -690,15 +712,17 @@ fn print_tables(r: &Report) {
             r.pause_target
         );
         println!("{t}");
+        let mut noted = vec![];
         for c in &r.pause {
-            if let Some(req) = c.requested_dirty_mib {
+            if let Some(req) = c.requested_dirty_mib
+                && !noted.contains(&c.ram_mib)
+            {
+                noted.push(c.ram_mib);
                 println!(
-                    "note: {req} MiB cannot be dirtied in a {} MiB guest; used {} MiB ({}% of its RAM)",
-                    c.ram_mib,
-                    c.target_dirty_mib,
-                    (MAX_DIRTY_SHARE * 100.0) as u32
+                    "note: {req} MiB cannot be dirtied in a {} MiB guest (a fresh child has {} MiB \
+                     MemAvailable); used {} MiB (MemAvailable - {GUEST_HEADROOM_MIB} MiB, rounded down to 16)",
+                    c.ram_mib, c.guest_mem_available_mib, c.target_dirty_mib
                 );
-                break;
             }
         }
         for c in &r.pause {

@@ -3,4 +3,5 @@
 
 pub mod caps;
 pub mod cgroup;
+pub mod net;
 pub mod procs;

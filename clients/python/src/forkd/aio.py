@@ -109,7 +109,7 @@ class _Spawn(Generic[C]):
     with ``async with`` to have the sandboxes killed on exit."""
 
     def __init__(self, make: Callable[[], Awaitable[C]]) -> None:
-        self._make = make
+        self._make: Callable[[], Awaitable[C]] = make
         self._value: Optional[C] = None
 
     def __await__(self) -> Generator[Any, None, C]:
@@ -156,7 +156,7 @@ class Client:
         return f"forkd.aio.Client({self.url!r})"
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def __aenter__(self) -> "Client":
         return self

@@ -53,7 +53,7 @@ class _Rpc:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
 
-    def stream(self, method: Callable[..., Any], request: Any, timeout: Optional[float] = None) -> Iterator[Any]:
+    def stream(self, method: Callable[..., Any], request: Any, timeout: Optional[float] = None) -> "_Typed":
         call = method(request, metadata=self.metadata, timeout=timeout if timeout is not None else self.timeout)
         return _Typed(call)
 
@@ -260,7 +260,7 @@ class Sandboxes:
 class EventStream:
     """An endless iterator of Event messages; :meth:`cancel` ends it."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: _Typed) -> None:
         self._stream = stream
 
     def __iter__(self) -> Iterator[Event]:
