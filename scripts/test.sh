@@ -39,7 +39,7 @@ step "tests"
 cargo test --workspace --locked -- --test-threads=2
 
 step "clients (python, typescript) against a real daemon"
-FORKD_SERVER_BIN="$target_dir/debug/forkd-server" scripts/test-clients.sh
+FORKD_E2E=1 FORKD_SERVER_BIN="$target_dir/debug/forkd-server" scripts/test-clients.sh
 
 step "deployment files"
 scripts/check-deploy.sh
