@@ -272,6 +272,31 @@ pub enum Command {
     )]
     Bench(BenchArgs),
 
+    /// Check that this host can run forkd and that the daemon answers.
+    #[command(
+        long_about = "Check the host and the daemon: platform, KVM (and whether it can run \
+            the guest kernel or guests fall back to TCG), QEMU version, firecracker \
+            (optional), guest kernel and images, cgroups and their controllers, network \
+            namespace and firewall tooling, free space in the data dir, userfaultfd, memfd, \
+            KSM, huge pages, and whether the daemon answers and accepts the token. Each \
+            check is pass, warn, fail or skip, with a fix for anything but a pass. Exits 1 \
+            when any check fails.",
+        after_help = "Examples:\n  forkd doctor\n  forkd doctor --json\n  forkd doctor --no-daemon"
+    )]
+    Doctor(DoctorArgs),
+
+    /// Find forkd resources no live VMM owns; remove them with --yes.
+    #[command(
+        long_about = "List work dirs (and their sockets) and staging dirs under the data \
+            dir, forkd/* cgroups and forkd-* network namespaces that no live VMM owns. A VMM \
+            is live when a qemu-system process names the resource; when the daemon answers, \
+            the sandboxes it lists and the snapshots it is writing are kept too. Dry run by \
+            default: --yes removes what is listed. The daemon's own reconciler does the same \
+            every few seconds; this is for hosts whose daemon is gone.",
+        after_help = "Examples:\n  forkd cleanup\n  forkd cleanup --data-dir /var/lib/forkd --yes"
+    )]
+    Cleanup(CleanupArgs),
+
     /// Print a shell completion script.
     #[command(
         long_about = "Print a completion script for a shell to stdout. Needs no daemon.",
@@ -693,6 +718,43 @@ pub struct WorkspaceCreateArgs {
 
     #[command(flatten)]
     pub resources: Resources,
+}
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// The daemon's data dir (free space is checked there).
+    #[arg(long, env = "FORKD_DATA_DIR", default_value = "/var/lib/forkd", value_name = "DIR")]
+    pub data_dir: PathBuf,
+
+    /// Guest kernel, initramfs and images. Default: <data-dir>/guest when it
+    /// holds a kernel, else /var/lib/forkd/guest.
+    #[arg(long, env = "FORKD_GUEST_DIR", value_name = "DIR")]
+    pub guest_dir: Option<PathBuf>,
+
+    /// Skip the daemon check (host checks only).
+    #[arg(long)]
+    pub no_daemon: bool,
+}
+
+impl DoctorArgs {
+    /// The guest dir the daemon would use with the same flags.
+    pub fn guest_dir(&self) -> PathBuf {
+        self.guest_dir.clone().unwrap_or_else(|| {
+            let own = self.data_dir.join("guest");
+            if own.join("vmlinux").exists() { own } else { PathBuf::from("/var/lib/forkd/guest") }
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct CleanupArgs {
+    /// The daemon's data dir.
+    #[arg(long, env = "FORKD_DATA_DIR", default_value = "/var/lib/forkd", value_name = "DIR")]
+    pub data_dir: PathBuf,
+
+    /// Remove what is found (default: only list it).
+    #[arg(long)]
+    pub yes: bool,
 }
 
 #[derive(Args, Debug)]

@@ -116,7 +116,8 @@ async fn memory_pids_and_cpu_limits() {
     .await;
     let line = v["stdout"].as_str().unwrap().trim().to_string();
     eprintln!("guest pids cgroup after the bomb: {line}");
-    let field = |k: &str| line.split_whitespace().find_map(|f| f.strip_prefix(&format!("{k}="))).unwrap_or("").to_string();
+    let field =
+        |k: &str| line.split_whitespace().find_map(|f| f.strip_prefix(&format!("{k}="))).unwrap_or("").to_string();
     assert_eq!(field("max"), "64");
     let refused: u64 = field("refused").parse().unwrap();
     assert!(refused > 0, "the limit refused forks: {line}");
@@ -145,6 +146,6 @@ async fn memory_pids_and_cpu_limits() {
     for i in [&id, &bid, &cid] {
         assert!(!forkd_cgroups().contains(i), "forkd/{i} is gone");
     }
-    let left = leaks(&d.data_dir, &before);
+    let left = settled_leaks(&d.data_dir, &before, Duration::from_secs(10)).await;
     assert!(left.is_empty(), "leaks: {left:?}");
 }

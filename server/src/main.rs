@@ -79,7 +79,7 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
         .with_writer(std::io::stderr)
         .init();
     match &caps.error {
-        None => tracing::info!(kept = %caps.kept.join(","), dropped = caps.dropped.len(), "capabilities: {}", caps.summary()),
+        None => tracing::info!("capabilities: {}", caps.summary()),
         Some(_) => tracing::warn!("{}", caps.summary()),
     }
 

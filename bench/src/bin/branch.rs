@@ -10,8 +10,9 @@
 //!    `dirty_bytes` are recorded. Each cell is repeated `--reps` times, every
 //!    time with a new child, and the median is compared with the target
 //!    `5 ms + dirty MiB / 4`. A dirty size that cannot fit in the guest
-//!    (more than 75% of its RAM) is lowered to 75% of it, and the table says
-//!    so.
+//!    (more than a fresh child's MemAvailable less 24 MiB) is lowered to
+//!    that, rounded down to 16 MiB, and the table says so. Every branch
+//!    snapshot is deleted once measured.
 //! 2. **Spawn latency against chain depth.** From the first RAM size's base
 //!    snapshot a chain of diff branches is built (b1 from a child of base,
 //!    b2 from a child of b1, b3 from a child of b2), b3 is compacted into a
@@ -121,15 +122,8 @@ struct Api {
 
 impl Api {
     fn new(url: String, token: Option<String>, prefix: String) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(900))
-            .build()?;
-        Ok(Api {
-            url: url.trim_end_matches('/').to_string(),
-            prefix,
-            token,
-            http,
-        })
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(900)).build()?;
+        Ok(Api { url: url.trim_end_matches('/').to_string(), prefix, token, http })
     }
 
     fn auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -157,18 +151,10 @@ async fn post(d: &Api, path: &str, body: Value) -> anyhow::Result<Value> {
 }
 
 async fn bake(d: &Api, tag: &str, mem_mib: u32) -> anyhow::Result<Value> {
-    let snap = post(
-        d,
-        "/v1/snapshots",
-        json!({ "tag": tag, "image": "python", "mem_mib": mem_mib, "wait": true }),
-    )
-    .await?;
+    let snap =
+        post(d, "/v1/snapshots", json!({ "tag": tag, "image": "python", "mem_mib": mem_mib, "wait": true })).await?;
     if snap["status"] != "ready" {
-        bail!(
-            "snapshot {tag} is {}: {}",
-            snap["status"],
-            snap["status_reason"]
-        );
+        bail!("snapshot {tag} is {}: {}", snap["status"], snap["status_reason"]);
     }
     Ok(snap)
 }
@@ -179,10 +165,7 @@ async fn fork1(d: &Api, tag: &str) -> anyhow::Result<(String, f64, f64)> {
     let v = post(d, "/v1/sandboxes", json!({ "snapshot_tag": tag, "n": 1 })).await?;
     let elapsed = ms(t.elapsed());
     let sb = &v[0];
-    let id = sb["id"]
-        .as_str()
-        .with_context(|| format!("fork from {tag}: no id in {v}"))?
-        .to_string();
+    let id = sb["id"].as_str().with_context(|| format!("fork from {tag}: no id in {v}"))?.to_string();
     Ok((id, elapsed, sb["spawn_ms"].as_f64().unwrap_or(f64::NAN)))
 }
 
@@ -196,19 +179,9 @@ async fn drop_snapshot(d: &Api, tag: &str) {
 
 /// Evaluates `code`; returns its result, failing on a guest-side error.
 async fn eval(d: &Api, id: &str, code: &str) -> anyhow::Result<String> {
-    let v = post(
-        d,
-        &format!("/v1/sandboxes/{id}/eval"),
-        json!({ "code": code, "timeout_secs": 600 }),
-    )
-    .await?;
+    let v = post(d, &format!("/v1/sandboxes/{id}/eval"), json!({ "code": code, "timeout_secs": 600 })).await?;
     if v["exit_code"] != 0 || v["error"].as_str().is_some_and(|e| !e.is_empty()) {
-        bail!(
-            "eval in {id} failed: exit {} error {} stderr {}",
-            v["exit_code"],
-            v["error"],
-            v["stderr"]
-        );
+        bail!("eval in {id} failed: exit {} error {} stderr {}", v["exit_code"], v["error"], v["stderr"]);
     }
     Ok(v["result"].as_str().unwrap_or_default().to_string())
 }
@@ -224,12 +197,7 @@ fn dirty_code(mib: u32) -> String {
 }
 
 async fn branch(d: &Api, id: &str, tag: &str, mode: &str) -> anyhow::Result<Value> {
-    post(
-        d,
-        &format!("/v1/sandboxes/{id}/branch"),
-        json!({ "tag": tag, "mode": mode }),
-    )
-    .await
+    post(d, &format!("/v1/sandboxes/{id}/branch"), json!({ "tag": tag, "mode": mode })).await
 }
 
 // ---------------------------------------------------------------- stats
@@ -245,11 +213,7 @@ fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
+    if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
 }
 
 fn min(v: &[f64]) -> f64 {
@@ -276,9 +240,7 @@ struct Load {
 
 fn load(our_dir: &std::path::Path) -> Load {
     let la = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let mut it = la
-        .split_whitespace()
-        .map(|s| s.parse::<f64>().unwrap_or(f64::NAN));
+    let mut it = la.split_whitespace().map(|s| s.parse::<f64>().unwrap_or(f64::NAN));
     let ours = forkd_integration::vmms_under(our_dir);
     let mut all: usize = 0;
     if let Ok(rd) = std::fs::read_dir("/proc") {
@@ -342,13 +304,7 @@ struct PauseCell {
     pass: Option<bool>,
 }
 
-async fn one_branch(
-    d: &Api,
-    base: &str,
-    dirty_mib: u32,
-    mode: &str,
-    tag: &str,
-) -> anyhow::Result<BranchSample> {
+async fn one_branch(d: &Api, base: &str, dirty_mib: u32, mode: &str, tag: &str) -> anyhow::Result<BranchSample> {
     let (id, _, _) = fork1(d, base).await?;
     let r = async {
         let t = Instant::now();
@@ -361,11 +317,7 @@ async fn one_branch(
         let snap = branch(d, &id, tag, mode).await?;
         let branch_call_ms = ms(t.elapsed());
         if snap["status"] != "ready" {
-            bail!(
-                "branch {tag} is {}: {}",
-                snap["status"],
-                snap["status_reason"]
-            );
+            bail!("branch {tag} is {}: {}", snap["status"], snap["status_reason"]);
         }
         Ok(BranchSample {
             pause_ms: snap["pause_ms"].as_f64().context("no pause_ms")?,
@@ -383,17 +335,12 @@ async fn one_branch(
 /// MemAvailable (MiB) inside a fresh child of `base`.
 async fn mem_available_mib(d: &Api, base: &str) -> anyhow::Result<u32> {
     let (id, _, _) = fork1(d, base).await?;
-    let r = eval(
-        d,
-        &id,
-        "[int(l.split()[1]) // 1024 for l in open('/proc/meminfo') if l.startswith('MemAvailable:')][0]",
-    )
-    .await;
+    let r =
+        eval(d, &id, "[int(l.split()[1]) // 1024 for l in open('/proc/meminfo') if l.startswith('MemAvailable:')][0]")
+            .await;
     kill(d, &id).await;
     let v = r?;
-    v.trim()
-        .parse()
-        .with_context(|| format!("MemAvailable: {v:?}"))
+    v.trim().parse().with_context(|| format!("MemAvailable: {v:?}"))
 }
 
 async fn pause_part(d: &Api, a: &Args, reps: usize) -> anyhow::Result<Vec<PauseCell>> {
@@ -403,20 +350,13 @@ async fn pause_part(d: &Api, a: &Args, reps: usize) -> anyhow::Result<Vec<PauseC
         eprintln!("branch-bench: baking {base} (python, {ram} MiB)");
         let t = Instant::now();
         bake(d, &base, ram).await?;
-        eprintln!(
-            "branch-bench: {base} ready in {:.1} s",
-            t.elapsed().as_secs_f64()
-        );
+        eprintln!("branch-bench: {base} ready in {:.1} s", t.elapsed().as_secs_f64());
         let avail = mem_available_mib(d, &base).await?;
         eprintln!("branch-bench: a fresh child of {base} has {avail} MiB MemAvailable");
         for mode in &a.modes {
             for &want in &a.dirty {
                 let cap = avail.saturating_sub(GUEST_HEADROOM_MIB) / 16 * 16;
-                let (target, requested) = if want > cap {
-                    (cap, Some(want))
-                } else {
-                    (want, None)
-                };
+                let (target, requested) = if want > cap { (cap, Some(want)) } else { (want, None) };
                 let mut samples = vec![];
                 let mut errors = vec![];
                 for rep in 0..reps {
@@ -433,9 +373,7 @@ async fn pause_part(d: &Api, a: &Args, reps: usize) -> anyhow::Result<Vec<PauseC
                             samples.push(s);
                         }
                         Err(e) => {
-                            eprintln!(
-                                "branch-bench: {ram} MiB {mode} {target} MiB #{rep}: FAILED: {e:#}"
-                            );
+                            eprintln!("branch-bench: {ram} MiB {mode} {target} MiB #{rep}: FAILED: {e:#}");
                             errors.push(format!("{e:#}"));
                         }
                     }
@@ -458,11 +396,7 @@ async fn pause_part(d: &Api, a: &Args, reps: usize) -> anyhow::Result<Vec<PauseC
                     pause_ms_max: max(&pauses),
                     branch_call_ms_median: median(&calls),
                     target_ms,
-                    pass: if samples.is_empty() {
-                        None
-                    } else {
-                        Some(med <= target_ms)
-                    },
+                    pass: if samples.is_empty() { None } else { Some(med <= target_ms) },
                     samples,
                     errors,
                 });
@@ -508,12 +442,7 @@ struct ChainReport {
 async fn chain_part(d: &Api, a: &Args, reps: usize, warmup: usize) -> anyhow::Result<ChainReport> {
     let ram = a.ram[0];
     let base = format!("{}ram{ram}", d.prefix);
-    let exists = d
-        .get(&format!("/v1/snapshots/{base}"))
-        .send()
-        .await?
-        .status()
-        .is_success();
+    let exists = d.get(&format!("/v1/snapshots/{base}")).send().await?.status().is_success();
     if !exists {
         eprintln!("branch-bench: baking {base} (python, {ram} MiB)");
         bake(d, &base, ram).await?;
@@ -534,28 +463,20 @@ async fn chain_part(d: &Api, a: &Args, reps: usize, warmup: usize) -> anyhow::Re
         kill(d, &id).await;
         let snap = r?;
         if snap["chain_depth"].as_u64() != Some(k as u64) {
-            bail!(
-                "{tag} has chain_depth {}, expected {k}",
-                snap["chain_depth"]
-            );
+            bail!("{tag} has chain_depth {}, expected {k}", snap["chain_depth"]);
         }
         links.push((format!("depth {k} (b{k})"), tag, k));
     }
     let b3 = links[3].1.clone();
     let flat_tag = format!("{b3}-flat");
     eprintln!("branch-bench: compacting {b3} into {flat_tag}");
-    let flat = post(
-        d,
-        &format!("/v1/snapshots/{b3}/compact"),
-        json!({ "to": flat_tag }),
-    )
-    .await?;
+    let flat = post(d, &format!("/v1/snapshots/{b3}/compact"), json!({ "to": flat_tag })).await?;
     if flat["chain_depth"].as_u64() != Some(0) {
         bail!("{flat_tag} has chain_depth {}", flat["chain_depth"]);
     }
     links.push(("b3 compacted".into(), flat_tag, 3));
 
-    // Warm-up spawns (untimed) double as the state check.
+    // Warm-up spawns (untimed; at least one, which checks the state).
     let mut state_ok = vec![true; links.len()];
     for (i, (_, tag, want)) in links.iter().enumerate() {
         for w in 0..warmup.max(1) {
@@ -573,8 +494,12 @@ async fn chain_part(d: &Api, a: &Args, reps: usize, warmup: usize) -> anyhow::Re
     }
     let mut client = vec![vec![]; links.len()];
     let mut daemon = vec![vec![]; links.len()];
+    // Round-robin, starting one tag later every round, so neither load
+    // drift nor the position in the round favours a tag.
     for rep in 0..reps {
-        for (i, (_, tag, _)) in links.iter().enumerate() {
+        for j in 0..links.len() {
+            let i = (j + rep) % links.len();
+            let tag = &links[i].1;
             let (id, c, s) = fork1(d, tag).await?;
             kill(d, &id).await;
             eprintln!("branch-bench: spawn from {tag} #{rep}: {c:.1} ms (daemon {s:.1} ms)");
@@ -612,7 +537,7 @@ async fn chain_part(d: &Api, a: &Args, reps: usize, warmup: usize) -> anyhow::Re
     Ok(ChainReport {
         base,
         link_dirty_mib: a.chain_dirty,
-        warmup,
+        warmup: warmup.max(1),
         reps,
         depth3_over_compacted: d3 / compacted,
         depth3_over_depth0: d3 / depth0,
@@ -651,8 +576,8 @@ fn right(t: &mut Table, from: usize, to: usize) {
 
 fn print_tables(r: &Report) {
     println!(
-        "forkd-branch-bench: {} / {} ({}), client+server {}, {} rep(s) per cell",
-        r.backend, r.accel, r.accel_reason, r.client_profile, r.reps
+        "forkd-branch-bench: {} / {} ({}), client+server {}",
+        r.backend, r.accel, r.accel_reason, r.client_profile
     );
     println!("load at start: {}", fmt_load(&r.load_start));
     if !r.pause.is_empty() {
@@ -680,17 +605,9 @@ fn print_tables(r: &Report) {
                 Some(false) => "FAIL".to_string(),
                 None => "no data".to_string(),
             };
-            let result = if c.errors.is_empty() {
-                result
-            } else {
-                format!("{result} ({} error(s))", c.errors.len())
-            };
+            let result = if c.errors.is_empty() { result } else { format!("{result} ({} error(s))", c.errors.len()) };
             let f = |v: f64, p: usize| {
-                if v.is_finite() {
-                    format!("{v:.p$}")
-                } else {
-                    "-".into()
-                }
+                if v.is_finite() { format!("{v:.p$}") } else { "-".into() }
             };
             t.add_row(vec![
                 c.ram_mib.to_string(),
@@ -708,8 +625,8 @@ fn print_tables(r: &Report) {
         right(&mut t, 2, 7);
         right(&mut t, 9, 9);
         println!(
-            "\nPause window against dirty memory (target: {})",
-            r.pause_target
+            "\nPause window against dirty memory, {} branch(es) per cell, each from a fresh child (target: {})",
+            r.reps, r.pause_target
         );
         println!("{t}");
         let mut noted = vec![];
@@ -727,10 +644,7 @@ fn print_tables(r: &Report) {
         }
         for c in &r.pause {
             for e in &c.errors {
-                println!(
-                    "error: {} MiB {} {} MiB: {e}",
-                    c.ram_mib, c.mode, c.target_dirty_mib
-                );
+                println!("error: {} MiB {} {} MiB: {e}", c.ram_mib, c.mode, c.target_dirty_mib);
             }
         }
         if let Some(l) = &r.load_after_pause {
@@ -788,29 +702,14 @@ fn print_tables(r: &Report) {
 
 /// Kills this run's sandboxes and deletes its snapshots, children first.
 async fn cleanup(d: &Api, a: &Args) {
-    let mut bases: Vec<String> = a
-        .ram
-        .iter()
-        .map(|r| format!("{}ram{r}", d.prefix))
-        .collect();
+    let mut bases: Vec<String> = a.ram.iter().map(|r| format!("{}ram{r}", d.prefix)).collect();
     bases.dedup();
     for tag in &bases {
-        let _ = d
-            .post("/v1/sandboxes/delete", json!({ "snapshot_tag": tag }))
-            .send()
-            .await;
+        let _ = d.post("/v1/sandboxes/delete", json!({ "snapshot_tag": tag })).send().await;
     }
     let chain = format!("{}chain-b", d.prefix);
-    for tag in [
-        format!("{chain}3-flat"),
-        format!("{chain}3"),
-        format!("{chain}2"),
-        format!("{chain}1"),
-    ] {
-        let _ = d
-            .post("/v1/sandboxes/delete", json!({ "snapshot_tag": tag }))
-            .send()
-            .await;
+    for tag in [format!("{chain}3-flat"), format!("{chain}3"), format!("{chain}2"), format!("{chain}1")] {
+        let _ = d.post("/v1/sandboxes/delete", json!({ "snapshot_tag": tag })).send().await;
         drop_snapshot(d, &tag).await;
     }
     for tag in &bases {
@@ -845,11 +744,7 @@ async fn main() -> anyhow::Result<()> {
                     "{} is missing: build the daemon with the same profile as this binary first \
                      (`cargo build{} -p forkd-server`)",
                     server.display(),
-                    if cfg!(debug_assertions) {
-                        ""
-                    } else {
-                        " --release"
-                    }
+                    if cfg!(debug_assertions) { "" } else { " --release" }
                 );
             }
             let d = Daemon::start(Options::default());
@@ -870,17 +765,9 @@ async fn main() -> anyhow::Result<()> {
     let load_start = load(&data_dir);
     eprintln!("branch-bench: {}", fmt_load(&load_start));
 
-    let pause = if a.no_pause {
-        vec![]
-    } else {
-        pause_part(d, &a, reps).await?
-    };
+    let pause = if a.no_pause { vec![] } else { pause_part(d, &a, reps).await? };
     let load_after_pause = (!a.no_pause).then(|| load(&data_dir));
-    let chain = if a.no_chain {
-        None
-    } else {
-        Some(chain_part(d, &a, spawn_reps, spawn_warmup).await?)
-    };
+    let chain = if a.no_chain { None } else { Some(chain_part(d, &a, spawn_reps, spawn_warmup).await?) };
     let load_end = load(&data_dir);
     cleanup(d, &a).await;
     drop(daemon);
@@ -889,17 +776,10 @@ async fn main() -> anyhow::Result<()> {
             Some(u) => u.clone(),
             None => server.display().to_string(),
         },
-        client_profile: if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        },
+        client_profile: if cfg!(debug_assertions) { "debug" } else { "release" },
         backend: version["backend"].as_str().unwrap_or_default().to_string(),
         accel: version["accel"].as_str().unwrap_or_default().to_string(),
-        accel_reason: version["accel_reason"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
+        accel_reason: version["accel_reason"].as_str().unwrap_or_default().to_string(),
         reps,
         load_start,
         load_after_pause,

@@ -1,6 +1,8 @@
 //! One module per area of the API; `run` picks the command.
 
 mod bench;
+mod cleanup;
+mod doctor;
 mod exec;
 mod sandboxes;
 mod snapshots;
@@ -25,6 +27,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Version => system::version(&global).await,
+        // Both work without a daemon (and check it themselves).
+        Command::Doctor(a) => doctor::run(&global, a).await,
+        Command::Cleanup(a) => cleanup::run(&global, a).await,
         Command::VolumeCreate(a) => volume::create(a),
         command => {
             let conn = Conn::connect(&global).await?;
@@ -44,7 +49,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Command::Exec(a) => exec::exec(&conn, a).await,
                 Command::Workspace(c) => workspaces::run(&conn, c, json).await,
                 Command::Bench(a) => bench::run(&conn, a, json).await,
-                Command::Completions(_) | Command::Version | Command::VolumeCreate(_) => unreachable!("handled above"),
+                Command::Completions(_)
+                | Command::Version
+                | Command::VolumeCreate(_)
+                | Command::Doctor(_)
+                | Command::Cleanup(_) => unreachable!("handled above"),
             }
         }
     }

@@ -31,6 +31,10 @@ pub struct Runtime {
     pid: AtomicI32,
     seq: AtomicU64,
     inner: Mutex<Option<Proc>>,
+    /// A reseed the interpreter has not applied yet. Applied before the next
+    /// evaluation, so no user code ever sees the old generator state, while
+    /// a restore does not wait for Python (slow on a cold emulated CPU).
+    pending_seed: Mutex<Option<Vec<u8>>>,
 }
 
 struct Proc {
@@ -97,6 +101,7 @@ impl Runtime {
             pid: AtomicI32::new(0),
             seq: AtomicU64::new(0),
             inner: Mutex::new(None),
+            pending_seed: Mutex::new(None),
         })
     }
 
@@ -230,6 +235,14 @@ impl Runtime {
             *g = self.start();
         }
         let Some(p) = g.as_mut() else { return eval_error(2, "the python runtime is not available") };
+        let pending = self.pending_seed.lock().ok().and_then(|mut s| s.take());
+        if let Some(seed) = pending
+            && !self.send_reseed(p, &seed)
+        {
+            self.discard(&mut g);
+            return eval_error(1, "the python runtime could not be reseeded; it was restarted and its state lost");
+        }
+        let Some(p) = g.as_mut() else { return eval_error(2, "the python runtime is not available") };
         let id = self.seq.fetch_add(1, Ordering::SeqCst);
         let timeout = Duration::from_millis(timeout_ms as u64);
         let msg = json!({"op": "eval", "id": id, "code": code, "timeout": timeout.as_secs_f64()});
@@ -268,20 +281,28 @@ impl Runtime {
 
     /// Reseeds the interpreter's generators with `seed`. False when there is
     /// no ready runtime or it did not confirm.
+    /// Schedules a reseed of the interpreter's generators (`random`, numpy's
+    /// global one); it runs before the next evaluation. False when there is
+    /// no ready runtime.
     pub fn reseed(self: &Arc<Self>, seed: &[u8]) -> bool {
         if !self.ready() {
             return false;
         }
-        let Ok(mut g) = self.inner.lock() else { return false };
-        let Some(p) = g.as_mut() else { return false };
+        match self.pending_seed.lock() {
+            Ok(mut s) => {
+                *s = Some(seed.to_vec());
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn send_reseed(&self, p: &mut Proc, seed: &[u8]) -> bool {
         let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
         let msg = json!({"op": "reseed", "seed": hex});
         match self.call(p, &msg, Some(Instant::now() + Duration::from_secs(30))) {
             Ok(v) => v.get("ok").and_then(Value::as_bool).unwrap_or(false),
-            Err(_) => {
-                self.discard(&mut g);
-                false
-            }
+            Err(_) => false,
         }
     }
 }

@@ -51,7 +51,13 @@ pub async fn fork(d: &Daemon, tag: &str, n: u32) -> Vec<String> {
 }
 
 /// Runs `sh -c script` in `id`; returns the status code and the body.
-pub async fn sh_status(client: &reqwest::Client, base: &str, id: &str, script: &str, timeout_secs: u32) -> (u16, Value) {
+pub async fn sh_status(
+    client: &reqwest::Client,
+    base: &str,
+    id: &str,
+    script: &str,
+    timeout_secs: u32,
+) -> (u16, Value) {
     let r = client
         .post(format!("{base}/v1/sandboxes/{id}/exec"))
         .json(&json!({ "args": ["sh", "-c", script], "timeout_secs": timeout_secs }))
@@ -133,8 +139,9 @@ pub fn entries(dir: &Path) -> Vec<String> {
 
 /// Rows of the daemon's ledger (kind, key, owner), read from its SQLite store.
 pub fn ledger(data_dir: &Path) -> Vec<(String, String, String)> {
-    let c = rusqlite::Connection::open_with_flags(data_dir.join("forkd.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .expect("open the state store");
+    let c =
+        rusqlite::Connection::open_with_flags(data_dir.join("forkd.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open the state store");
     let mut st = c.prepare("SELECT kind, key, owner FROM ledger").unwrap();
     st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap().map(Result::unwrap).collect()
 }
@@ -167,6 +174,25 @@ pub fn leaks(data_dir: &Path, cgroups_before: &BTreeSet<String>) -> Vec<String> 
         out.push(format!("ledger {kind} {key} (owner {owner})"));
     }
     out
+}
+
+/// `leaks`, polled for up to `wait` so that transient state (another
+/// daemon's spawn in flight, a process still exiting) settles; prints what
+/// was seen at first.
+pub async fn settled_leaks(data_dir: &Path, cgroups_before: &BTreeSet<String>, wait: Duration) -> Vec<String> {
+    let deadline = Instant::now() + wait;
+    let mut first = true;
+    loop {
+        let l = leaks(data_dir, cgroups_before);
+        if l.is_empty() || Instant::now() >= deadline {
+            return l;
+        }
+        if first {
+            eprintln!("not settled yet: {l:?}");
+            first = false;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Sorted latency percentile.

@@ -11,7 +11,6 @@ use std::time::Duration;
 use forkd_agent_protocol::v1::{self as pb, request, response};
 use forkd_agent_protocol::{FrameDecoder, encode_frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{Mutex, mpsc};
 
@@ -58,21 +57,9 @@ impl AgentClient {
     /// Connects to the VMM's end of the channel, retrying until `timeout`
     /// while the VMM creates the socket.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Self, AgentError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(path).await {
-                Ok(s) => break s,
-                Err(e) => {
-                    if tokio::time::Instant::now() >= deadline {
-                        return Err(AgentError::Connect {
-                            path: path.display().to_string(),
-                            reason: e.to_string(),
-                        });
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-        };
+        let stream = crate::vmm::connect_when_ready(path, timeout)
+            .await
+            .map_err(|e| AgentError::Connect { path: path.display().to_string(), reason: e.to_string() })?;
         let (mut r, w) = stream.into_split();
         let waiters: Waiters = Default::default();
         let reader_waiters = waiters.clone();

@@ -45,7 +45,10 @@ pub fn validate_limits(s: &SandboxSettings) -> Result<()> {
     }
     let q = s.cpu_quota;
     if !q.is_finite() || (q != 0.0 && !(MIN_CPU_QUOTA..=MAX_CPU_QUOTA).contains(&q)) {
-        return Err(Error::invalid("cpu_quota", format!("{q} is outside {MIN_CPU_QUOTA}..={MAX_CPU_QUOTA} CPUs (0 = no limit)")));
+        return Err(Error::invalid(
+            "cpu_quota",
+            format!("{q} is outside {MIN_CPU_QUOTA}..={MAX_CPU_QUOTA} CPUs (0 = no limit)"),
+        ));
     }
     let p = s.pids_limit;
     if p != 0 && !(MIN_PIDS..=MAX_PIDS).contains(&p) {
@@ -179,7 +182,10 @@ impl Runtime {
             Some(cg) => {
                 for pid in cg.procs(&name) {
                     tracing::info!(id, pid, "killing a process left in the sandbox's cgroup");
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                 }
                 match cg.remove(&name, RMDIR_WAIT) {
                     Ok(()) => true,

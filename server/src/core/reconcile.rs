@@ -49,7 +49,9 @@ impl Runtime {
     /// Starts the periodic pass; it stops when the runtime is dropped.
     pub(crate) fn start_reconciler(self: &Arc<Self>) {
         match Cgroups::host() {
-            Some(cg) => tracing::info!("sandbox cgroups: {} (controllers {})", cg.describe(), cg.controllers().join(",")),
+            Some(cg) => {
+                tracing::info!("sandbox cgroups: {} (controllers {})", cg.describe(), cg.controllers().join(","))
+            }
             None => tracing::warn!("no cgroup hierarchy found: sandboxes cannot have limits"),
         }
         let weak = Arc::downgrade(self);
@@ -183,7 +185,8 @@ impl Runtime {
 
         // forkd/* cgroups nobody here owns.
         if let Some(cg) = cg {
-            let ledgered: HashSet<&str> = ledger.iter().filter(|e| e.kind == "cgroup").map(|e| e.key.as_str()).collect();
+            let ledgered: HashSet<&str> =
+                ledger.iter().filter(|e| e.kind == "cgroup").map(|e| e.key.as_str()).collect();
             for name in &cgroups {
                 let id = name.strip_prefix(&format!("{}/", cgroup::PARENT)).unwrap_or_default();
                 if owned.contains(id) || ledgered.contains(name.as_str()) {
@@ -194,7 +197,8 @@ impl Runtime {
                     .iter()
                     .copied()
                     .filter(|pid| {
-                        vmms.iter().any(|v| v.pid == *pid && procs::child_dir_named(&v.cmdline, &sandboxes_dir).is_some())
+                        vmms.iter()
+                            .any(|v| v.pid == *pid && procs::child_dir_named(&v.cmdline, &sandboxes_dir).is_some())
                     })
                     .collect();
                 let remove = if pids.is_empty() {

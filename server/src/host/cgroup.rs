@@ -169,7 +169,9 @@ impl Cgroups {
     /// Describes the hierarchies, for logs and `forkd doctor`.
     pub fn describe(&self) -> String {
         match self.version {
-            Version::V2 => format!("cgroup v2 at {}", self.unified.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
+            Version::V2 => {
+                format!("cgroup v2 at {}", self.unified.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
+            }
             Version::V1 => format!(
                 "cgroup v1 ({})",
                 self.v1.iter().map(|(c, p)| format!("{c} at {}", p.display())).collect::<Vec<_>>().join(", ")
@@ -241,10 +243,13 @@ impl Cgroups {
                     write(&p, "0")?;
                 }
                 if let Some(p) = file("cpu", "cpu.max") {
-                    write(&p, &match cpu_quota_us(l.cpu_quota) {
-                        Some(q) => format!("{q} {CPU_PERIOD_US}"),
-                        None => format!("max {CPU_PERIOD_US}"),
-                    })?;
+                    write(
+                        &p,
+                        &match cpu_quota_us(l.cpu_quota) {
+                            Some(q) => format!("{q} {CPU_PERIOD_US}"),
+                            None => format!("max {CPU_PERIOD_US}"),
+                        },
+                    )?;
                 }
                 if let Some(p) = file("pids", "pids.max") {
                     write(&p, &if l.pids_max > 0 { l.pids_max.to_string() } else { "max".into() })?;
@@ -405,7 +410,10 @@ fn check_name(name: &str) -> io::Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 200
         && name.split('/').all(|c| {
-            !c.is_empty() && c != "." && c != ".." && c.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         });
     if ok { Ok(()) } else { Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad cgroup name {name:?}"))) }
 }

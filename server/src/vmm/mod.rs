@@ -29,6 +29,19 @@ pub enum VmmError {
     Io(#[from] std::io::Error),
 }
 
+/// Connects to a Unix socket that a just-started VMM is about to create,
+/// retrying until `timeout`.
+pub async fn connect_when_ready(path: &Path, timeout: std::time::Duration) -> std::io::Result<tokio::net::UnixStream> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::net::UnixStream::connect(path).await {
+            Ok(s) => return Ok(s),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(2)).await,
+        }
+    }
+}
+
 /// An extra block device (a volume).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Drive {

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::vmm::VmmError;
@@ -24,17 +23,9 @@ impl Qmp {
     /// Connects (retrying until `timeout` while QEMU creates the socket) and
     /// negotiates capabilities.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Self, VmmError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let stream = loop {
-            match UnixStream::connect(path).await {
-                Ok(s) => break s,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                Err(e) => return Err(ctl(format!("connect {}: {e}", path.display()))),
-            }
-        };
+        let stream = crate::vmm::connect_when_ready(path, timeout)
+            .await
+            .map_err(|e| ctl(format!("connect {}: {e}", path.display())))?;
         let (r, w) = stream.into_split();
         let mut qmp = Qmp { reader: BufReader::new(r), writer: w };
         let greeting = qmp.read_message().await?;
