@@ -297,6 +297,13 @@ impl SandboxService for Mock {
         Err(Status::unimplemented("mock"))
     }
 
+    async fn renew_sandbox(
+        &self,
+        _req: Request<forkd_api::v1::RenewSandboxRequest>,
+    ) -> Result<Response<forkd_api::v1::Sandbox>, Status> {
+        Err(Status::unimplemented("renew"))
+    }
+
     async fn watch_events(
         &self,
         _: Request<WatchEventsRequest>,

@@ -1086,8 +1086,8 @@ async fn unimplemented_rpcs_say_so() {
     let d = start(true);
     let e = json_of(
         d.post(
-            "/v1/workspaces",
-            json!({ "name": "w", "snapshot_tag": "x" }),
+            "/v1/exec/interactive",
+            json!({ "start": { "id": "sb-abc", "args": ["sh"] } }),
         )
         .send()
         .await
@@ -1098,7 +1098,7 @@ async fn unimplemented_rpcs_say_so() {
         &e,
         501,
         "UNIMPLEMENTED",
-        "CreateWorkspace is not implemented",
+        "ExecInteractive is not implemented",
     );
     let e = json_of(
         d.post(
@@ -1113,12 +1113,11 @@ async fn unimplemented_rpcs_say_so() {
     assert_error(&e, 501, "UNIMPLEMENTED", "PullSnapshot");
 
     let e = d
-        .workspaces()
+        .snapshots()
         .await
-        .create_workspace(api::CreateWorkspaceRequest {
-            name: "w".into(),
-            snapshot_tag: "x".into(),
-            ..Default::default()
+        .export_snapshot(api::ExportSnapshotRequest {
+            tag: "x".into(),
+            layer_only: false,
         })
         .await
         .unwrap_err();
@@ -1275,15 +1274,15 @@ async fn audit_log_has_one_line_per_request() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 501);
+    assert_eq!(r.status(), 400, "no snapshot_tag");
     r.bytes().await.unwrap();
     want.push((
         "rest",
         "POST",
         "/v1/workspaces",
         "forkd.v1.WorkspaceService.CreateWorkspace",
-        501,
-        501,
+        400,
+        400,
     ));
     settle().await;
 
