@@ -78,6 +78,7 @@ async fn boot_probe(qemu: &Path, guest: &GuestAssets, data_dir: &Path) -> bool {
         accel: Accel::Kvm,
         mem_file: dir.join("mem"),
         drives: vec![],
+        nic: false,
     };
     let backend: Arc<dyn Backend> = Arc::new(QemuBackend::new(PathBuf::from(qemu), Accel::Kvm));
     let vmdir = VmDir(dir.clone());

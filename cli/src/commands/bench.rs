@@ -172,7 +172,7 @@ async fn bare_fanout(data_dir: &str, tag: &str, n: u32, concurrency: usize, acce
             let (backend, spec, state) = (&backend, &spec, &state);
             async move {
                 std::fs::create_dir_all(dir.path())?;
-                let mut vm = backend.restore(spec, state, &dir).await?;
+                let mut vm = backend.restore(spec, state, &dir, &forkd_server::vmm::NetAttach::Isolated).await?;
                 let agent = AgentClient::connect(&dir.agent_socket(), Duration::from_secs(10)).await?;
                 vm.control.resume().await?;
                 agent.ping(Duration::from_secs(30)).await?;

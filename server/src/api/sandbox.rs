@@ -86,8 +86,6 @@ impl SandboxService for Services {
         for (set, what) in [
             (r.prewarm, "prewarm"),
             (r.hugepages, "hugepages"),
-            (r.per_child_netns, "per_child_netns"),
-            (!r.allow.is_empty(), "allow"),
         ] {
             if set {
                 return Err(not_yet(what));
@@ -101,13 +99,13 @@ impl SandboxService for Services {
         if r.live_fork {
             return Err(Status::unimplemented("live_fork is not supported by the QEMU backend: fork from a snapshot"));
         }
-        match r.network.as_str() {
-            "" | "none" => {}
-            "nat" => return Err(not_yet("network \"nat\"")),
-            other => return Err(Error::invalid("network", format!("{other:?}: use \"none\" or \"nat\"")).into()),
+        let network = if r.network.is_empty() { "none".to_string() } else { r.network.clone() };
+        if r.per_child_netns && network != "nat" {
+            return Err(Error::invalid("per_child_netns", "a namespace per child comes with network \"nat\"").into());
         }
         let settings = SandboxSettings {
-            network: "none".into(),
+            network,
+            allow: r.allow.clone(),
             labels: r.labels.into_iter().collect(),
             ttl_secs: r.ttl_secs,
             idle_timeout_secs: r.idle_timeout_secs,
@@ -117,6 +115,7 @@ impl SandboxService for Services {
             ..Default::default()
         };
         settings.validate_lifecycle()?;
+        crate::core::Runtime::check_network(&settings)?;
         crate::core::limits::validate_limits(&settings)?;
         let recs = self.rt.create_sandboxes(CreateSandboxes { tag, n: r.n.unwrap_or(1), settings, workspace: String::new() }).await?;
         let sandboxes = recs.iter().map(|r| convert::sandbox(r, r.created_at_unix)).collect();

@@ -5,7 +5,6 @@ use forkd_api::v1::{self as api, workspace_service_server::WorkspaceService};
 use tonic::{Request, Response, Status};
 
 use super::Services;
-use super::status::not_yet;
 use crate::core::Error;
 use crate::core::store::{SandboxSettings, WorkspaceRecord};
 
@@ -41,11 +40,6 @@ impl WorkspaceService for Services {
         let r = r.into_inner();
         let n = name(&r.name)?;
         let source = Tag::parse_field(&r.snapshot_tag, "snapshot_tag").map_err(Error::from)?;
-        match r.network.as_str() {
-            "" | "none" => {}
-            "nat" => return Err(not_yet("network \"nat\"")),
-            other => return Err(Error::invalid("network", format!("{other:?}: use \"none\" or \"nat\"")).into()),
-        }
         if !r.volumes.is_empty() {
             return Err(Status::unimplemented(
                 "volumes on workspaces: attach volumes to the source snapshot (its devices are fixed when it boots); every child inherits them",
@@ -54,12 +48,13 @@ impl WorkspaceService for Services {
         let settings = SandboxSettings {
             memory_limit_mib: r.memory_limit_mib,
             cpu_quota: r.cpu_quota,
-            network: "none".into(),
+            network: if r.network.is_empty() { "none".into() } else { r.network },
             labels: r.labels.into_iter().collect(),
             ttl_secs: r.ttl_secs,
             idle_timeout_secs: r.idle_timeout_secs,
             ..Default::default()
         };
+        crate::core::Runtime::check_network(&settings)?;
         let rec = self.rt.create_workspace(n, source, settings).await?;
         Ok(Response::new(workspace(&rec)))
     }

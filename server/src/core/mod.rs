@@ -11,6 +11,7 @@ pub mod reconcile;
 pub mod runtime;
 pub mod sandboxes;
 pub mod snapshots;
+pub mod network;
 pub mod store;
 pub mod volumes;
 pub mod workspaces;

@@ -160,6 +160,21 @@ impl Runtime {
                         reaped("cgroup", &e.key);
                     }
                 }
+                "netns" => {
+                    if e.key == crate::host::net::netns_name(&id) {
+                        let recorded = records.iter().find(|r| r.id == id.as_str()).and_then(|r| r.net.clone());
+                        match recorded {
+                            Some(n) => self.net_teardown(&n).await,
+                            None => {
+                                let link = crate::host::net::host_link_name(&id);
+                                let ns = e.key.clone();
+                                let _ = tokio::task::spawn_blocking(move || crate::host::net::teardown(&ns, &link)).await;
+                                let _ = self.store.ledger_remove("netns", &e.key);
+                            }
+                        }
+                        reaped("netns", &e.key);
+                    }
+                }
                 _ => {}
             }
         }

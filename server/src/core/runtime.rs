@@ -115,6 +115,8 @@ pub struct Runtime {
     pub(crate) branch_slots: Arc<tokio::sync::Semaphore>,
     /// Read-write volume files → the live sandbox holding them.
     pub(crate) rw_volumes: std::sync::Mutex<HashMap<PathBuf, String>>,
+    /// Network slots (host::net) in use.
+    pub(crate) net_slots: std::sync::Mutex<std::collections::BTreeSet<u32>>,
     /// Serialises operations on one workspace.
     pub(crate) workspace_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -143,6 +145,7 @@ impl Runtime {
             busy_tags: Default::default(),
             live_count_cache: Default::default(),
             workspace_locks: Default::default(),
+            net_slots: Default::default(),
             rw_volumes: Default::default(),
             branch_slots: Arc::new(tokio::sync::Semaphore::new(config.branch_concurrency.max(1))),
             config,

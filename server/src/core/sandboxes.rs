@@ -179,9 +179,29 @@ impl Runtime {
             let _ = self.store.ledger_remove("workdir", &dir_key);
             return Err(Error::internal("create sandbox dir", e));
         }
-        let vm = match self.backend.restore(spec, state, &dir).await {
+        if settings.network == "nat" && !spec.nic {
+            self.remove_workdir(&dir);
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {tag:?} was made without a network device; bake a new snapshot to use network \"nat\""
+            )));
+        }
+        let net = match self.net_setup(&id, &settings).await {
+            Ok(n) => n,
+            Err(e) => {
+                self.remove_workdir(&dir);
+                return Err(e);
+            }
+        };
+        let attach = match &net {
+            Some(n) => crate::vmm::NetAttach::Tap { netns: crate::host::net::netns_path(&n.netns), tap: n.tap.clone() },
+            None => crate::vmm::NetAttach::Isolated,
+        };
+        let vm = match self.backend.restore(spec, state, &dir, &attach).await {
             Ok(vm) => vm,
             Err(e) => {
+                if let Some(n) = &net {
+                    self.net_teardown(n).await;
+                }
                 self.remove_workdir(&dir);
                 return Err(e.into());
             }
@@ -204,6 +224,7 @@ impl Runtime {
             backend: self.backend.name().into(),
             accel: self.accel.accel.as_str().into(),
             expires_at_unix,
+            net: net.clone(),
         };
         self.store.ledger_add("vmm", &format!("{}:{}", vm.pid, vm.start_time), id.as_str())?;
         self.store.put_sandbox(&record)?;
@@ -228,7 +249,12 @@ impl Runtime {
                         hostname: hostname.clone(),
                         entropy,
                         unix_nanos: now,
-                        network: None,
+                        network: net.as_ref().map(|n| pb::NetworkConfig {
+                            interface: "eth0".into(),
+                            address_cidr: n.guest_cidr.clone(),
+                            gateway: n.gateway.clone(),
+                            nameservers: vec![],
+                        }),
                         pids_max,
                     },
                     REINIT_TIMEOUT,
@@ -258,6 +284,9 @@ impl Runtime {
                 }
                 let _ = self.store.ledger_remove("vmm", &format!("{pid}:{start_time}"));
                 let _ = self.store.delete_sandbox(id.as_str());
+                if let Some(n) = &net {
+                    self.net_teardown(n).await;
+                }
                 self.remove_workdir(&dir);
                 return Err(e);
             }
@@ -326,6 +355,9 @@ impl Runtime {
         process::kill(sb.pid, sb.start_time, Duration::from_secs(5)).await;
         let _ = self.store.ledger_remove("vmm", &format!("{}:{}", sb.pid, sb.start_time));
         self.remove_limits(sb.id.as_str());
+        if let Some(n) = sb.snapshot().net {
+            self.net_teardown(&n).await;
+        }
         self.remove_workdir(&sb.dir);
         let _ = self.store.delete_sandbox(sb.id.as_str());
         self.release_rw_volumes(sb.id.as_str());
@@ -451,6 +483,9 @@ impl Runtime {
                         .collect();
                     let _ = self.reserve_rw_volumes(&rw, &rec.id);
                     known.insert(rec.id.clone());
+                    if let Some(n) = &rec.net {
+                        self.net_adopt(n);
+                    }
                     self.sandboxes.write().await.insert(rec.id.clone(), sb);
                     tracing::info!(id = %rec.id, pid = rec.pid, "adopted sandbox");
                 }
@@ -459,6 +494,9 @@ impl Runtime {
                     process::kill(rec.pid, rec.pid_start, Duration::from_secs(5)).await;
                     let _ = self.store.ledger_remove("vmm", &format!("{}:{}", rec.pid, rec.pid_start));
                     self.remove_limits(&rec.id);
+                    if let Some(n) = &rec.net {
+                        self.net_teardown(n).await;
+                    }
                     self.remove_workdir(&dir);
                     let _ = self.store.delete_sandbox(&rec.id);
                 }

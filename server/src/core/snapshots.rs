@@ -75,6 +75,7 @@ impl Runtime {
                 .iter()
                 .map(|v| crate::vmm::Drive { path: v.host.clone(), read_only: v.read_only })
                 .collect(),
+            nic: true,
         };
         let rec = SnapshotRecord {
             tag: req.tag.to_string(),

@@ -132,6 +132,9 @@ pub struct SandboxRecord {
     /// When the TTL ends (0 = never); renewable.
     #[serde(default)]
     pub expires_at_unix: i64,
+    /// The sandbox's network, when it has one of its own.
+    #[serde(default)]
+    pub net: Option<crate::host::net::SandboxNet>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

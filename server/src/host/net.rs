@@ -87,7 +87,7 @@ pub fn netns_name(id: &SandboxId) -> String {
     format!("forkd-{}", &id.as_str()[3..])
 }
 
-fn host_link_name(id: &SandboxId) -> String {
+pub fn host_link_name(id: &SandboxId) -> String {
     // Interface names are at most 15 bytes.
     let short: String = id.as_str()[3..].chars().take(12).collect();
     format!("fkh{short}")

@@ -65,6 +65,21 @@ pub struct VmSpec {
     pub mem_file: PathBuf,
     #[serde(default)]
     pub drives: Vec<Drive>,
+    /// A virtio-net NIC. Part of the machine, so decided when the parent
+    /// boots; children choose only what the NIC is plugged into.
+    #[serde(default)]
+    pub nic: bool,
+}
+
+/// What a VM's NIC is plugged into (not part of the snapshot: a child may
+/// differ from its parent here).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum NetAttach {
+    /// A hub with nothing else on it: the NIC exists but reaches nothing.
+    #[default]
+    Isolated,
+    /// A tap device inside a network namespace.
+    Tap { netns: PathBuf, tap: String },
 }
 
 /// Where one VM keeps its sockets and logs.
@@ -115,7 +130,7 @@ pub trait Backend: Send + Sync + 'static {
     async fn boot(&self, spec: &VmSpec, dir: &VmDir) -> Result<VmProcess, VmmError>;
     /// Starts a child from `state`, RAM mapped private from `spec.mem_file`.
     /// The child is left paused; call `resume` once its identity is set.
-    async fn restore(&self, spec: &VmSpec, state: &Path, dir: &VmDir) -> Result<VmProcess, VmmError>;
+    async fn restore(&self, spec: &VmSpec, state: &Path, dir: &VmDir, net: &NetAttach) -> Result<VmProcess, VmmError>;
     /// Reopens control of a VMM started by an earlier daemon.
     async fn attach(&self, pid: u32, start_time: u64, dir: &VmDir) -> Result<VmProcess, VmmError>;
 }

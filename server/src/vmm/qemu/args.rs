@@ -4,7 +4,7 @@
 //! device model. Only the memory backend's `share` flag and the incoming
 //! options differ.
 
-use crate::vmm::{Accel, VmDir, VmSpec};
+use crate::vmm::{Accel, NetAttach, VmDir, VmSpec};
 
 /// How the VM starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,7 +15,7 @@ pub enum Start {
     Restore,
 }
 
-pub fn build(spec: &VmSpec, dir: &VmDir, start: Start) -> Vec<String> {
+pub fn build(spec: &VmSpec, dir: &VmDir, start: Start, net: &NetAttach) -> Vec<String> {
     let share = match start {
         Start::Boot => "on",
         Start::Restore => "off",
@@ -74,6 +74,19 @@ pub fn build(spec: &VmSpec, dir: &VmDir, start: Start) -> Vec<String> {
         a.push("-device".into());
         a.push(format!("virtio-blk-device,drive=vol{i}"));
     }
+    if spec.nic {
+        let backend = match net {
+            NetAttach::Isolated => "hubport,id=net0,hubid=0".to_string(),
+            NetAttach::Tap { tap, .. } => format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
+        };
+        a.extend([
+            "-netdev".into(),
+            backend,
+            "-device".into(),
+            // Every child keeps its parent's MAC; each sits on its own link.
+            "virtio-net-device,netdev=net0,mac=52:54:00:f0:4d:01".into(),
+        ]);
+    }
     a.extend([
         "-device".into(),
         "virtio-serial-device".into(),
@@ -120,14 +133,15 @@ mod tests {
             accel: Accel::Tcg,
             mem_file: "/d/snapshots/t/mem".into(),
             drives: vec![],
+            nic: true,
         }
     }
 
     #[test]
     fn parent_and_child_differ_only_in_share_and_incoming() {
         let dir = VmDir(PathBuf::from("/d/vm"));
-        let boot = build(&spec(), &dir, Start::Boot);
-        let restore = build(&spec(), &dir, Start::Restore);
+        let boot = build(&spec(), &dir, Start::Boot, &NetAttach::Isolated);
+        let restore = build(&spec(), &dir, Start::Restore, &NetAttach::Isolated);
         assert!(boot.iter().any(|a| a.ends_with("share=on")));
         assert!(restore.iter().any(|a| a.ends_with("share=off")));
         let common: Vec<_> = restore[..boot.len()]

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use self::args::Start;
 use self::qmp::Qmp;
-use crate::vmm::{Accel, Backend, VmControl, VmDir, VmProcess, VmSpec, VmmError, process};
+use crate::vmm::{Accel, Backend, NetAttach, VmControl, VmDir, VmProcess, VmSpec, VmmError, process};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -37,8 +37,16 @@ impl QemuBackend {
 
     /// Starts QEMU and opens its control socket. On failure nothing is left
     /// running.
-    async fn spawn(&self, spec: &VmSpec, dir: &VmDir, start: Start) -> Result<(Started, Qmp), VmmError> {
-        let args = args::build(spec, dir, start);
+    async fn spawn(&self, spec: &VmSpec, dir: &VmDir, start: Start, net: &NetAttach) -> Result<(Started, Qmp), VmmError> {
+        let args = args::build(spec, dir, start, net);
+        // The namespace is opened here; the child enters it before exec,
+        // while it still has the capability to.
+        let netns = match net {
+            NetAttach::Tap { netns, .. } => Some(
+                std::fs::File::open(netns).map_err(|e| VmmError::Spawn(format!("open {}: {e}", netns.display())))?,
+            ),
+            NetAttach::Isolated => None,
+        };
         let stderr = std::fs::File::create(dir.path().join("vmm.stderr"))?;
         let mut cmd = tokio::process::Command::new(&self.binary);
         cmd.args(&args)
@@ -51,7 +59,10 @@ impl QemuBackend {
             .kill_on_drop(false);
         // The VMM runs with no capabilities at all (see host::caps).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                if let Some(ns) = &netns {
+                    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                }
                 crate::host::caps::vmm_pre_exec();
                 Ok(())
             });
@@ -150,12 +161,12 @@ impl Backend for QemuBackend {
     }
 
     async fn boot(&self, spec: &VmSpec, dir: &VmDir) -> Result<VmProcess, VmmError> {
-        let (started, qmp) = self.spawn(spec, dir, Start::Boot).await?;
+        let (started, qmp) = self.spawn(spec, dir, Start::Boot, &NetAttach::Isolated).await?;
         Ok(started.into_process(dir, qmp))
     }
 
-    async fn restore(&self, spec: &VmSpec, state: &Path, dir: &VmDir) -> Result<VmProcess, VmmError> {
-        let (started, mut qmp) = self.spawn(spec, dir, Start::Restore).await?;
+    async fn restore(&self, spec: &VmSpec, state: &Path, dir: &VmDir, net: &NetAttach) -> Result<VmProcess, VmmError> {
+        let (started, mut qmp) = self.spawn(spec, dir, Start::Restore, net).await?;
         if let Err(e) = load_state(&mut qmp, state).await {
             started.kill().await;
             return Err(e);

@@ -1,0 +1,69 @@
+//! Per-sandbox networking (`network: "nat"`): slots, the ledger entries of
+//! namespaces, and setting up / tearing down through `host::net`.
+
+use forkd_api::names::SandboxId;
+
+use super::runtime::Runtime;
+use super::store::SandboxSettings;
+use super::{Error, Result};
+use crate::host::net::{self, SandboxNet};
+
+impl Runtime {
+    /// Validates the network settings of a spawn request.
+    pub fn check_network(settings: &SandboxSettings) -> Result<()> {
+        match settings.network.as_str() {
+            "" | "none" => {
+                if !settings.allow.is_empty() {
+                    return Err(Error::invalid("allow", "an allow-list needs network \"nat\""));
+                }
+                Ok(())
+            }
+            "nat" => net::parse_allow(&settings.allow).map(|_| ()).map_err(|e| Error::InvalidArgument(e.to_string())),
+            other => Err(Error::invalid("network", format!("{other:?}: use \"none\" or \"nat\""))),
+        }
+    }
+
+    /// Creates the sandbox's namespace, tap and egress rules when it asked
+    /// for "nat"; recorded in the ledger before anything exists.
+    pub(crate) async fn net_setup(&self, id: &SandboxId, settings: &SandboxSettings) -> Result<Option<SandboxNet>> {
+        if settings.network != "nat" {
+            return Ok(None);
+        }
+        let allow = net::parse_allow(&settings.allow).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let slot = {
+            let mut used = self.net_slots.lock().unwrap();
+            let slot = (0..net::MAX_SLOTS)
+                .find(|s| !used.contains(s))
+                .ok_or_else(|| Error::ResourceExhausted("no free network slot".into()))?;
+            used.insert(slot);
+            slot
+        };
+        let name = net::netns_name(id);
+        self.store.ledger_add("netns", &name, id.as_str())?;
+        let id2 = id.clone();
+        let result = tokio::task::spawn_blocking(move || net::setup(&id2, slot, &allow))
+            .await
+            .map_err(|e| Error::internal("network setup", e))?;
+        match result {
+            Ok(n) => Ok(Some(n)),
+            Err(e) => {
+                let _ = self.store.ledger_remove("netns", &name);
+                self.net_slots.lock().unwrap().remove(&slot);
+                Err(Error::Internal(format!("network setup: {e}")))
+            }
+        }
+    }
+
+    /// Removes what `net_setup` made. Idempotent.
+    pub(crate) async fn net_teardown(&self, n: &SandboxNet) {
+        let (ns, link) = (n.netns.clone(), n.host_link.clone());
+        let _ = tokio::task::spawn_blocking(move || net::teardown(&ns, &link)).await;
+        let _ = self.store.ledger_remove("netns", &n.netns);
+        self.net_slots.lock().unwrap().remove(&n.slot);
+    }
+
+    /// Marks a slot as taken by an adopted sandbox.
+    pub(crate) fn net_adopt(&self, n: &SandboxNet) {
+        self.net_slots.lock().unwrap().insert(n.slot);
+    }
+}
