@@ -16,24 +16,13 @@ fn main() {
     println!("cargo:rerun-if-changed={}", root.display());
     let files: Vec<PathBuf> = PROTOS.iter().map(|p| root.join(p)).collect();
     let mut compiler = protox::Compiler::new([&root]).expect("proto include path");
-    compiler
-        .include_imports(true)
-        .include_source_info(true)
-        .open_files(&files)
-        .expect("compile protos");
+    compiler.include_imports(true).include_source_info(true).open_files(&files).expect("compile protos");
     // Encoded by protox itself: going through prost-types would drop the
     // `google.api.http` extensions from the method options.
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    std::fs::write(
-        out.join("forkd_descriptor.bin"),
-        compiler.encode_file_descriptor_set(),
-    )
-    .expect("write descriptor set");
+    std::fs::write(out.join("forkd_descriptor.bin"), compiler.encode_file_descriptor_set())
+        .expect("write descriptor set");
     let fds = compiler.file_descriptor_set();
 
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(fds)
-        .expect("generate gRPC code");
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds).expect("generate gRPC code");
 }

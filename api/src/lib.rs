@@ -15,16 +15,11 @@ pub mod google_api {
 }
 
 /// Encoded `FileDescriptorSet` of every forkd proto and its imports.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/forkd_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/forkd_descriptor.bin"));
 
 /// The fully qualified names of the public services.
-pub const SERVICES: &[&str] = &[
-    "forkd.v1.SnapshotService",
-    "forkd.v1.SandboxService",
-    "forkd.v1.WorkspaceService",
-    "forkd.v1.SystemService",
-];
+pub const SERVICES: &[&str] =
+    &["forkd.v1.SnapshotService", "forkd.v1.SandboxService", "forkd.v1.WorkspaceService", "forkd.v1.SystemService"];
 
 /// Version of this build, reported by `/version` and `forkd version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

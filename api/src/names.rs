@@ -113,10 +113,7 @@ fn check_tag(v: &str) -> Result<(), &'static str> {
     if !first_ok {
         return Err("must start with a letter, digit or '_'");
     }
-    if !bytes
-        .iter()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-    {
+    if !bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')) {
         return Err("may only contain letters, digits, '_', '.' and '-'");
     }
     Ok(())
@@ -129,10 +126,7 @@ fn check_sandbox_id(v: &str) -> Result<(), &'static str> {
     if rest.is_empty() || rest.len() > 40 {
         return Err("must have 1 to 40 characters after 'sb-'");
     }
-    if !rest
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    {
+    if !rest.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
         return Err("may only contain lowercase letters and digits after 'sb-'");
     }
     Ok(())
@@ -142,10 +136,7 @@ fn check_workspace_name(v: &str) -> Result<(), &'static str> {
     if v.is_empty() || v.len() > 64 {
         return Err("must have 1 to 64 characters");
     }
-    if !v
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
-    {
+    if !v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')) {
         return Err("may only contain letters, digits, '_' and '-'");
     }
     Ok(())

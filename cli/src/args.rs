@@ -60,34 +60,16 @@ pub struct GlobalArgs {
     pub url: String,
 
     /// Bearer token sent with every call. Wins over --token-file.
-    #[arg(
-        long,
-        env = "FORKD_TOKEN",
-        global = true,
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
+    #[arg(long, env = "FORKD_TOKEN", global = true, hide_env_values = true, value_name = "TOKEN")]
     pub token: Option<String>,
 
     /// File holding the bearer token (surrounding whitespace is ignored).
-    #[arg(
-        long,
-        env = "FORKD_TOKEN_FILE",
-        hide_env_values = true,
-        global = true,
-        value_name = "PATH"
-    )]
+    #[arg(long, env = "FORKD_TOKEN_FILE", hide_env_values = true, global = true, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
 
     /// PEM file of the CA that signed the daemon's certificate (https URLs).
     /// Without it the system's trusted roots are used.
-    #[arg(
-        long,
-        env = "FORKD_CA_CERT",
-        hide_env_values = true,
-        global = true,
-        value_name = "PATH"
-    )]
+    #[arg(long, env = "FORKD_CA_CERT", hide_env_values = true, global = true, value_name = "PATH")]
     pub ca_cert: Option<PathBuf>,
 
     /// Print machine-readable JSON instead of tables.
@@ -103,17 +85,13 @@ pub struct GlobalArgs {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Show the client's and the daemon's versions.
-    #[command(
-        long_about = "Show the client's version and the daemon's version, API, \
-        VMM backend and accelerator (with the reason it was chosen)."
-    )]
+    #[command(long_about = "Show the client's version and the daemon's version, API, \
+        VMM backend and accelerator (with the reason it was chosen).")]
     Version,
 
     /// Show which daemon this client talks to and what it holds.
-    #[command(
-        long_about = "Show the daemon URL in use, the server version, backend, \
-        accelerator, data directory, and how many sandboxes and ready snapshots it has."
-    )]
+    #[command(long_about = "Show the daemon URL in use, the server version, backend, \
+        accelerator, data directory, and how many sandboxes and ready snapshots it has.")]
     Where,
 
     /// List snapshots.
@@ -361,12 +339,7 @@ pub struct ImagesArgs {
 pub struct SnapshotArgs {
     /// Tag of the new snapshot. Optional with --from-sandbox (the daemon
     /// picks one).
-    #[arg(
-        long,
-        short = 't',
-        value_name = "TAG",
-        required_unless_present = "from_sandbox"
-    )]
+    #[arg(long, short = 't', value_name = "TAG", required_unless_present = "from_sandbox")]
     pub tag: Option<Tag>,
 
     /// Image to boot: python, minimal, or the path of an image file.
@@ -681,9 +654,7 @@ pub struct EvalArgs {
 #[derive(Subcommand, Debug)]
 pub enum WorkspaceCommand {
     /// Create a workspace and start its sandbox.
-    #[command(
-        after_help = "Example:\n  forkd workspace create dev --tag py --memory-limit-mib 1024"
-    )]
+    #[command(after_help = "Example:\n  forkd workspace create dev --tag py --memory-limit-mib 1024")]
     Create(WorkspaceCreateArgs),
     /// Show one workspace.
     Get(NameArg),
@@ -791,8 +762,7 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         }
         return Err(format!("{s:?} is not a duration"));
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration ({e}); try 30, 30s or 5m"))
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e}); try 30, 30s or 5m"))
 }
 
 fn parse_cpu_quota(s: &str) -> Result<f64, String> {
@@ -810,10 +780,7 @@ pub fn parse_image(s: &str) -> Result<String, String> {
     }
     if s.contains('/') || s.starts_with('.') {
         let abs = std::path::absolute(s).map_err(|e| format!("{s:?}: {e}"))?;
-        return abs
-            .to_str()
-            .map(str::to_string)
-            .ok_or_else(|| format!("{s:?}: path is not valid UTF-8"));
+        return abs.to_str().map(str::to_string).ok_or_else(|| format!("{s:?}: path is not valid UTF-8"));
     }
     Ok(s.to_string())
 }
@@ -837,9 +804,7 @@ pub fn parse_volume(s: &str) -> Result<String, String> {
         return Err(format!("{s:?}: the mode must be ro or rw, not {m:?}"));
     }
     let host = std::path::absolute(host).map_err(|e| format!("{s:?}: {e}"))?;
-    let host = host
-        .to_str()
-        .ok_or_else(|| format!("{s:?}: path is not valid UTF-8"))?;
+    let host = host.to_str().ok_or_else(|| format!("{s:?}: path is not valid UTF-8"))?;
     Ok(match mode {
         Some(m) => format!("{host}:{guest}:{m}"),
         None => format!("{host}:{guest}"),
@@ -877,30 +842,15 @@ mod tests {
 
     #[test]
     fn globals() {
-        let cli = ok(&[
-            "--url",
-            "https://h:1",
-            "--token",
-            "t",
-            "--timeout",
-            "2.5",
-            "ls",
-            "--json",
-        ]);
+        let cli = ok(&["--url", "https://h:1", "--token", "t", "--timeout", "2.5", "ls", "--json"]);
         assert_eq!(cli.global.url, "https://h:1");
         assert_eq!(cli.global.token.as_deref(), Some("t"));
-        assert_eq!(
-            cli.global.rpc_timeout,
-            Some(std::time::Duration::from_millis(2500))
-        );
+        assert_eq!(cli.global.rpc_timeout, Some(std::time::Duration::from_millis(2500)));
         assert!(cli.global.json);
         // Globals are accepted after the command too.
         let cli = ok(&["images", "--url", "http://x:2", "--ca-cert", "/ca.pem"]);
         assert_eq!(cli.global.url, "http://x:2");
-        assert_eq!(
-            cli.global.ca_cert.as_deref(),
-            Some(std::path::Path::new("/ca.pem"))
-        );
+        assert_eq!(cli.global.ca_cert.as_deref(), Some(std::path::Path::new("/ca.pem")));
     }
 
     #[test]
@@ -928,13 +878,9 @@ mod tests {
 
     #[test]
     fn images() {
-        let Command::Images(a) = ok(&["images"]).command else {
-            panic!()
-        };
+        let Command::Images(a) = ok(&["images"]).command else { panic!() };
         assert_eq!(a.status, None);
-        let Command::Images(a) = ok(&["snapshots", "--status", "ready"]).command else {
-            panic!()
-        };
+        let Command::Images(a) = ok(&["snapshots", "--status", "ready"]).command else { panic!() };
         assert_eq!(a.status.as_deref(), Some("ready"));
     }
 
@@ -978,10 +924,7 @@ mod tests {
 
     #[test]
     fn snapshot_image_paths_become_absolute() {
-        let Command::Snapshot(a) = ok(&["snapshot", "-t", "x", "--image", "./img.ext4"]).command
-        else {
-            panic!()
-        };
+        let Command::Snapshot(a) = ok(&["snapshot", "-t", "x", "--image", "./img.ext4"]).command else { panic!() };
         let image = a.image.unwrap();
         assert!(image.starts_with('/'), "{image}");
         assert!(image.ends_with("img.ext4"), "{image}");
@@ -995,29 +938,16 @@ mod tests {
         let e = usage_error(&["snapshot", "--tag", "../etc", "--image", "python"]);
         assert_eq!(e.kind(), ErrorKind::ValueValidation);
         assert!(e.to_string().contains("tag"), "{e}");
-        usage_error(&[
-            "snapshot", "--tag", "x", "--image", "python", "--vcpus", "0",
-        ]);
+        usage_error(&["snapshot", "--tag", "x", "--image", "python", "--vcpus", "0"]);
     }
 
     #[test]
     fn snapshot_branch() {
-        let Command::Snapshot(a) = ok(&["snapshot", "--from-sandbox", "sb-abc"]).command else {
-            panic!()
-        };
+        let Command::Snapshot(a) = ok(&["snapshot", "--from-sandbox", "sb-abc"]).command else { panic!() };
         assert_eq!(a.from_sandbox.unwrap().as_str(), "sb-abc");
         assert!(a.tag.is_none());
         assert!(!a.full && !a.diff);
-        let Command::Snapshot(a) = ok(&[
-            "snapshot",
-            "--from-sandbox",
-            "sb-abc",
-            "--tag",
-            "b",
-            "--full",
-        ])
-        .command
-        else {
+        let Command::Snapshot(a) = ok(&["snapshot", "--from-sandbox", "sb-abc", "--tag", "b", "--full"]).command else {
             panic!()
         };
         assert!(a.full);
@@ -1037,24 +967,18 @@ mod tests {
 
     #[test]
     fn snapshot_info_rmi_compact() {
-        let Command::SnapshotInfo(a) = ok(&["snapshot-info", "py"]).command else {
-            panic!()
-        };
+        let Command::SnapshotInfo(a) = ok(&["snapshot-info", "py"]).command else { panic!() };
         assert_eq!(a.tag.as_str(), "py");
         usage_error(&["snapshot-info"]);
         usage_error(&["snapshot-info", "a/b"]);
 
-        let Command::Rmi(a) = ok(&["rmi", "a", "b", "--cascade"]).command else {
-            panic!()
-        };
+        let Command::Rmi(a) = ok(&["rmi", "a", "b", "--cascade"]).command else { panic!() };
         assert_eq!(a.tags.len(), 2);
         assert!(a.cascade && !a.force);
         usage_error(&["rmi"]);
         usage_error(&["rmi", "a", "--cascade", "--force"]);
 
-        let Command::Compact(a) = ok(&["compact", "x", "--to", "y"]).command else {
-            panic!()
-        };
+        let Command::Compact(a) = ok(&["compact", "x", "--to", "y"]).command else { panic!() };
         assert_eq!((a.tag.as_str(), a.to.as_str()), ("x", "y"));
         usage_error(&["compact", "x"]);
     }
@@ -1079,35 +1003,15 @@ mod tests {
         assert_eq!(a.from.as_str(), "py");
         assert_eq!(a.exec.as_deref(), Some("pip install 'a b'"));
         assert_eq!(a.exec_timeout, Some(90));
-        let Command::SnapshotDiff(a) = ok(&[
-            "snapshot-diff",
-            "--from",
-            "py",
-            "--tag",
-            "t",
-            "--",
-            "touch",
-            "-a",
-            "/x",
-        ])
-        .command
+        let Command::SnapshotDiff(a) =
+            ok(&["snapshot-diff", "--from", "py", "--tag", "t", "--", "touch", "-a", "/x"]).command
         else {
             panic!()
         };
         assert_eq!(a.argv, vec!["touch", "-a", "/x"]);
         usage_error(&["snapshot-diff", "--from", "py", "--tag", "t"]);
         usage_error(&["snapshot-diff", "--from", "py", "--tag", "t", "--sh"]);
-        usage_error(&[
-            "snapshot-diff",
-            "--from",
-            "py",
-            "--tag",
-            "t",
-            "--exec",
-            "x",
-            "--",
-            "y",
-        ]);
+        usage_error(&["snapshot-diff", "--from", "py", "--tag", "t", "--exec", "x", "--", "y"]);
     }
 
     #[test]
@@ -1155,9 +1059,7 @@ mod tests {
         assert_eq!(a.resources.labels, vec![("k".into(), "v=w".into())]);
         assert_eq!(a.resources.volumes, vec!["/a:/b"]);
 
-        let Command::Fork(a) = ok(&["spawn", "-t", "py", "--quiet"]).command else {
-            panic!()
-        };
+        let Command::Fork(a) = ok(&["spawn", "-t", "py", "--quiet"]).command else { panic!() };
         assert_eq!(a.n, 1);
         assert!(a.quiet);
         usage_error(&["fork"]);
@@ -1173,26 +1075,16 @@ mod tests {
 
     #[test]
     fn ls_and_kill() {
-        let Command::Ls(a) = ok(&["ls"]).command else {
-            panic!()
-        };
+        let Command::Ls(a) = ok(&["ls"]).command else { panic!() };
         assert!(a.tag.is_none());
-        let Command::Ls(a) = ok(&["ls", "--tag", "py"]).command else {
-            panic!()
-        };
+        let Command::Ls(a) = ok(&["ls", "--tag", "py"]).command else { panic!() };
         assert_eq!(a.tag.unwrap().as_str(), "py");
 
-        let Command::Kill(a) = ok(&["kill", "sb-a", "sb-b"]).command else {
-            panic!()
-        };
+        let Command::Kill(a) = ok(&["kill", "sb-a", "sb-b"]).command else { panic!() };
         assert_eq!(a.ids.len(), 2);
-        let Command::Kill(a) = ok(&["kill", "--tag", "py"]).command else {
-            panic!()
-        };
+        let Command::Kill(a) = ok(&["kill", "--tag", "py"]).command else { panic!() };
         assert!(a.tag.is_some());
-        let Command::Kill(a) = ok(&["kill", "--all"]).command else {
-            panic!()
-        };
+        let Command::Kill(a) = ok(&["kill", "--all"]).command else { panic!() };
         assert!(a.all);
         usage_error(&["kill"]);
         usage_error(&["kill", "sb-a", "--all"]);
@@ -1202,22 +1094,9 @@ mod tests {
 
     #[test]
     fn exec() {
-        let Command::Exec(a) = ok(&[
-            "exec",
-            "sb-a",
-            "--timeout",
-            "5",
-            "-e",
-            "A=1",
-            "--cwd",
-            "/tmp",
-            "-i",
-            "--",
-            "ls",
-            "-la",
-            "--json",
-        ])
-        .command
+        let Command::Exec(a) =
+            ok(&["exec", "sb-a", "--timeout", "5", "-e", "A=1", "--cwd", "/tmp", "-i", "--", "ls", "-la", "--json"])
+                .command
         else {
             panic!()
         };
@@ -1229,22 +1108,9 @@ mod tests {
         assert_eq!(a.command, vec!["ls", "-la", "--json"]);
 
         // Without --, everything from the command on belongs to it.
-        let cli = ok(&[
-            "exec",
-            "sb-a",
-            "python3",
-            "-c",
-            "print(1)",
-            "--timeout",
-            "9",
-        ]);
-        let Command::Exec(a) = cli.command else {
-            panic!()
-        };
-        assert_eq!(
-            a.command,
-            vec!["python3", "-c", "print(1)", "--timeout", "9"]
-        );
+        let cli = ok(&["exec", "sb-a", "python3", "-c", "print(1)", "--timeout", "9"]);
+        let Command::Exec(a) = cli.command else { panic!() };
+        assert_eq!(a.command, vec!["python3", "-c", "print(1)", "--timeout", "9"]);
         assert_eq!(a.timeout, None);
         assert!(!cli.global.json);
 
@@ -1257,35 +1123,22 @@ mod tests {
     #[test]
     fn global_timeout_is_separate_from_exec_timeout() {
         let cli = ok(&["--timeout", "30s", "exec", "sb-a", "--timeout", "5", "true"]);
-        assert_eq!(
-            cli.global.rpc_timeout,
-            Some(std::time::Duration::from_secs(30))
-        );
-        let Command::Exec(a) = cli.command else {
-            panic!()
-        };
+        assert_eq!(cli.global.rpc_timeout, Some(std::time::Duration::from_secs(30)));
+        let Command::Exec(a) = cli.command else { panic!() };
         assert_eq!(a.timeout, Some(5));
     }
 
     #[test]
     fn eval_and_ping() {
-        let Command::Eval(a) = ok(&["eval", "sb-a", "1 + 1"]).command else {
-            panic!()
-        };
+        let Command::Eval(a) = ok(&["eval", "sb-a", "1 + 1"]).command else { panic!() };
         assert_eq!(a.code, "1 + 1");
-        let Command::Eval(a) = ok(&["eval", "sb-a", "-"]).command else {
-            panic!()
-        };
+        let Command::Eval(a) = ok(&["eval", "sb-a", "-"]).command else { panic!() };
         assert_eq!(a.code, "-");
-        let Command::Eval(a) = ok(&["eval", "sb-a", "-1"]).command else {
-            panic!()
-        };
+        let Command::Eval(a) = ok(&["eval", "sb-a", "-1"]).command else { panic!() };
         assert_eq!(a.code, "-1");
         usage_error(&["eval", "sb-a"]);
 
-        let Command::Ping(a) = ok(&["ping", "sb-a"]).command else {
-            panic!()
-        };
+        let Command::Ping(a) = ok(&["ping", "sb-a"]).command else { panic!() };
         assert_eq!(a.id.as_str(), "sb-a");
         usage_error(&["ping"]);
     }
@@ -1313,12 +1166,7 @@ mod tests {
         assert_eq!(a.tag.as_str(), "py");
         assert_eq!(a.resources.memory_limit_mib, Some(1024));
         assert_eq!(a.resources.ttl, Some(3600));
-        for (sub, alias) in [
-            ("get", None),
-            ("suspend", None),
-            ("resume", None),
-            ("delete", Some("rm")),
-        ] {
+        for (sub, alias) in [("get", None), ("suspend", None), ("resume", None), ("delete", Some("rm"))] {
             ok(&["workspace", sub, "dev"]);
             ok(&["ws", sub, "dev"]);
             if let Some(alias) = alias {
@@ -1327,10 +1175,7 @@ mod tests {
             usage_error(&["workspace", sub]);
             usage_error(&["workspace", sub, "bad.name"]);
         }
-        assert!(matches!(
-            ok(&["workspace", "list", "--json"]).command,
-            Command::Workspace(WorkspaceCommand::List)
-        ));
+        assert!(matches!(ok(&["workspace", "list", "--json"]).command, Command::Workspace(WorkspaceCommand::List)));
         ok(&["ws", "ls"]);
         usage_error(&["workspace"]);
         usage_error(&["workspace", "create", "dev"]);
@@ -1339,9 +1184,7 @@ mod tests {
     #[test]
     fn completions() {
         for shell in ["bash", "zsh", "fish"] {
-            let Command::Completions(_) = ok(&["completions", shell]).command else {
-                panic!()
-            };
+            let Command::Completions(_) = ok(&["completions", shell]).command else { panic!() };
         }
         usage_error(&["completions", "cmd.exe"]);
     }
@@ -1353,14 +1196,8 @@ mod tests {
         assert_eq!(parse_secs("1h 30m"), Ok(5400));
         assert!(parse_secs("1.5").is_err());
         assert!(parse_secs("-3").is_err());
-        assert_eq!(
-            parse_duration("0.25"),
-            Ok(std::time::Duration::from_millis(250))
-        );
-        assert_eq!(
-            parse_duration("500ms"),
-            Ok(std::time::Duration::from_millis(500))
-        );
+        assert_eq!(parse_duration("0.25"), Ok(std::time::Duration::from_millis(250)));
+        assert_eq!(parse_duration("500ms"), Ok(std::time::Duration::from_millis(500)));
         assert!(parse_duration("nan").is_err());
         assert_eq!(parse_key_value("a="), Ok(("a".into(), String::new())));
         assert!(parse_key_value("=a").is_err());

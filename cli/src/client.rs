@@ -39,15 +39,11 @@ impl CallMetadata {
     pub fn new(token: Option<&str>, deadline: Option<Duration>) -> Result<Self, CliError> {
         let authorization = token
             .map(|t| {
-                MetadataValue::try_from(format!("Bearer {t}")).map_err(|_| {
-                    CliError::usage("the token contains characters not allowed in a header")
-                })
+                MetadataValue::try_from(format!("Bearer {t}"))
+                    .map_err(|_| CliError::usage("the token contains characters not allowed in a header"))
             })
             .transpose()?;
-        Ok(Self {
-            authorization,
-            deadline,
-        })
+        Ok(Self { authorization, deadline })
     }
 }
 
@@ -79,9 +75,7 @@ impl Conn {
         let deadline = global.rpc_timeout.filter(|d| !d.is_zero());
         let metadata = CallMetadata::new(token.as_deref(), deadline)?;
 
-        let bad_url = |e: tonic::transport::Error| {
-            CliError::usage(format!("invalid URL {url:?}: {}", error_chain(&e)))
-        };
+        let bad_url = |e: tonic::transport::Error| CliError::usage(format!("invalid URL {url:?}: {}", error_chain(&e)));
         let connect_timeout = deadline.map_or(CONNECT_TIMEOUT, |d| d.min(CONNECT_TIMEOUT));
         let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(bad_url)?
@@ -89,9 +83,7 @@ impl Conn {
             .user_agent(format!("forkd-cli/{}", forkd_api::VERSION))
             .map_err(bad_url)?;
         if url.starts_with("https://") {
-            endpoint = endpoint
-                .tls_config(tls_config(global.ca_cert.as_deref())?)
-                .map_err(bad_url)?;
+            endpoint = endpoint.tls_config(tls_config(global.ca_cert.as_deref())?).map_err(bad_url)?;
         } else if let Some(ca) = &global.ca_cert {
             return Err(CliError::usage(format!(
                 "--ca-cert {} was given but {url} is not an https:// URL",
@@ -116,18 +108,10 @@ impl Conn {
                 return Err(CliError::new(UNREACHABLE, message));
             }
             Err(_) => {
-                return Err(CliError::new(
-                    UNREACHABLE,
-                    unreachable_message(&url, "timed out connecting"),
-                ));
+                return Err(CliError::new(UNREACHABLE, unreachable_message(&url, "timed out connecting")));
             }
         };
-        Ok(Self {
-            url,
-            channel,
-            metadata,
-            deadline,
-        })
+        Ok(Self { url, channel, metadata, deadline })
     }
 
     fn svc(&self) -> Svc {
@@ -158,23 +142,16 @@ impl Conn {
         fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, CliError> {
         let result = match self.deadline {
-            Some(d) => tokio::time::timeout(d, fut)
-                .await
-                .map_err(|_| self.deadline_error(d))?,
+            Some(d) => tokio::time::timeout(d, fut).await.map_err(|_| self.deadline_error(d))?,
             None => fut.await,
         };
-        result
-            .map(tonic::Response::into_inner)
-            .map_err(|s| self.status_error(&s))
+        result.map(tonic::Response::into_inner).map_err(|s| self.status_error(&s))
     }
 
     pub fn status_error(&self, status: &tonic::Status) -> CliError {
         // A tonic server whose deadline expires answers CANCELLED rather
         // than DEADLINE_EXCEEDED; with a deadline set, both mean "too slow".
-        let too_slow = matches!(
-            status.code(),
-            tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
-        );
+        let too_slow = matches!(status.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded);
         if let (Some(d), true) = (self.deadline, too_slow) {
             return self.deadline_error(d);
         }
@@ -188,11 +165,7 @@ impl Conn {
     pub fn deadline_error(&self, d: Duration) -> CliError {
         CliError::new(
             EXHAUSTED,
-            format!(
-                "no answer from {} within {} (--timeout)",
-                self.url,
-                humantime::format_duration(d)
-            ),
+            format!("no answer from {} within {} (--timeout)", self.url, humantime::format_duration(d)),
         )
     }
 }
@@ -204,15 +177,9 @@ pub fn normalise_url(raw: &str) -> Result<String, CliError> {
     if raw.is_empty() {
         return Err(CliError::usage("the daemon URL is empty"));
     }
-    let url = if raw.contains("://") {
-        raw.to_string()
-    } else {
-        format!("http://{raw}")
-    };
+    let url = if raw.contains("://") { raw.to_string() } else { format!("http://{raw}") };
     if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(CliError::usage(format!(
-            "unsupported URL {raw:?}: use http://HOST:PORT or https://HOST:PORT"
-        )));
+        return Err(CliError::usage(format!("unsupported URL {raw:?}: use http://HOST:PORT or https://HOST:PORT")));
     }
     Ok(url.trim_end_matches('/').to_string())
 }
@@ -230,10 +197,7 @@ pub fn load_token(token: Option<&str>, file: Option<&Path>) -> Result<Option<Str
         .map_err(|e| CliError::usage(format!("cannot read token file {}: {e}", path.display())))?;
     let t = text.trim();
     if t.is_empty() {
-        return Err(CliError::usage(format!(
-            "token file {} is empty",
-            path.display()
-        )));
+        return Err(CliError::usage(format!("token file {} is empty", path.display())));
     }
     Ok(Some(t.to_string()))
 }
@@ -242,19 +206,12 @@ fn tls_config(ca_cert: Option<&Path>) -> Result<ClientTlsConfig, CliError> {
     let config = ClientTlsConfig::new();
     match ca_cert {
         Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| {
-                CliError::usage(format!("cannot read --ca-cert {}: {e}", path.display()))
-            })?;
+            let pem = std::fs::read(path)
+                .map_err(|e| CliError::usage(format!("cannot read --ca-cert {}: {e}", path.display())))?;
             // Caught here so a wrong file is a usage error, not a baffling
             // handshake failure reported as "daemon unreachable".
-            if !pem
-                .windows(b"-----BEGIN CERTIFICATE-----".len())
-                .any(|w| w == b"-----BEGIN CERTIFICATE-----")
-            {
-                return Err(CliError::new(
-                    USAGE,
-                    format!("--ca-cert {} holds no PEM certificate", path.display()),
-                ));
+            if !pem.windows(b"-----BEGIN CERTIFICATE-----".len()).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                return Err(CliError::new(USAGE, format!("--ca-cert {} holds no PEM certificate", path.display())));
             }
             Ok(config.ca_certificate(Certificate::from_pem(pem)))
         }
@@ -268,10 +225,7 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(
-            normalise_url("127.0.0.1:8889").unwrap(),
-            "http://127.0.0.1:8889"
-        );
+        assert_eq!(normalise_url("127.0.0.1:8889").unwrap(), "http://127.0.0.1:8889");
         assert_eq!(normalise_url("https://h:1/").unwrap(), "https://h:1");
         assert_eq!(normalise_url("unix:///x").unwrap_err().code, USAGE);
         assert_eq!(normalise_url("  ").unwrap_err().code, USAGE);
@@ -280,31 +234,17 @@ mod tests {
     #[test]
     fn tokens() {
         assert_eq!(load_token(None, None).unwrap(), None);
-        assert_eq!(
-            load_token(Some(" abc \n"), None).unwrap().as_deref(),
-            Some("abc")
-        );
+        assert_eq!(load_token(Some(" abc \n"), None).unwrap().as_deref(), Some("abc"));
         let dir = std::env::temp_dir().join(format!("forkd-cli-token-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("token");
         std::fs::write(&file, "from-file\n").unwrap();
-        assert_eq!(
-            load_token(None, Some(&file)).unwrap().as_deref(),
-            Some("from-file")
-        );
+        assert_eq!(load_token(None, Some(&file)).unwrap().as_deref(), Some("from-file"));
         // --token wins over --token-file.
-        assert_eq!(
-            load_token(Some("flag"), Some(&file)).unwrap().as_deref(),
-            Some("flag")
-        );
+        assert_eq!(load_token(Some("flag"), Some(&file)).unwrap().as_deref(), Some("flag"));
         std::fs::write(&file, "\n").unwrap();
         assert_eq!(load_token(None, Some(&file)).unwrap_err().code, USAGE);
-        assert_eq!(
-            load_token(None, Some(&dir.join("missing")))
-                .unwrap_err()
-                .code,
-            USAGE
-        );
+        assert_eq!(load_token(None, Some(&dir.join("missing"))).unwrap_err().code, USAGE);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -312,10 +252,7 @@ mod tests {
     fn interceptor_sets_bearer_and_deadline() {
         let mut md = CallMetadata::new(Some("s3cret"), Some(Duration::from_secs(2))).unwrap();
         let req = md.call(tonic::Request::new(())).unwrap();
-        assert_eq!(
-            req.metadata().get("authorization").unwrap(),
-            "Bearer s3cret"
-        );
+        assert_eq!(req.metadata().get("authorization").unwrap(), "Bearer s3cret");
         assert!(req.metadata().get("grpc-timeout").is_some());
 
         let mut none = CallMetadata::new(None, None).unwrap();
@@ -323,12 +260,7 @@ mod tests {
         assert!(req.metadata().get("authorization").is_none());
         assert!(req.metadata().get("grpc-timeout").is_none());
 
-        assert_eq!(
-            CallMetadata::new(Some("bad\ntoken"), None)
-                .unwrap_err()
-                .code,
-            USAGE
-        );
+        assert_eq!(CallMetadata::new(Some("bad\ntoken"), None).unwrap_err().code, USAGE);
     }
 
     #[test]

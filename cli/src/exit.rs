@@ -43,10 +43,7 @@ pub struct CliError {
 
 impl CliError {
     pub fn new(code: u8, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
+        Self { code, message: message.into() }
     }
 
     pub fn usage(message: impl Into<String>) -> Self {
@@ -64,9 +61,9 @@ impl CliError {
         };
         let message = match status.code() {
             Code::Unavailable => unreachable_message(url, &detail_with_source(status, &detail)),
-            Code::Unauthenticated => format!(
-                "{detail} (pass a token with --token, --token-file, FORKD_TOKEN or FORKD_TOKEN_FILE)"
-            ),
+            Code::Unauthenticated => {
+                format!("{detail} (pass a token with --token, --token-file, FORKD_TOKEN or FORKD_TOKEN_FILE)")
+            }
             Code::Unimplemented => format!("the daemon at {url} does not support this: {detail}"),
             Code::DeadlineExceeded => format!("deadline exceeded: {detail}"),
             Code::Internal | Code::Unknown | Code::DataLoss | Code::Cancelled => {
@@ -193,30 +190,14 @@ mod tests {
 
     #[test]
     fn every_exit_code_is_documented() {
-        for code in [
-            OK,
-            FAILURE,
-            USAGE,
-            NOT_FOUND,
-            CONFLICT,
-            AUTH,
-            UNREACHABLE,
-            UNIMPLEMENTED,
-            EXHAUSTED,
-        ] {
-            assert!(
-                EXIT_CODES_HELP.contains(&format!("\n  {code}  ")),
-                "{code} missing from help"
-            );
+        for code in [OK, FAILURE, USAGE, NOT_FOUND, CONFLICT, AUTH, UNREACHABLE, UNIMPLEMENTED, EXHAUSTED] {
+            assert!(EXIT_CODES_HELP.contains(&format!("\n  {code}  ")), "{code} missing from help");
         }
     }
 
     #[test]
     fn unavailable_names_the_url_and_the_server() {
-        let err = CliError::from_status(
-            &tonic::Status::unavailable("connection refused"),
-            "http://127.0.0.1:1",
-        );
+        let err = CliError::from_status(&tonic::Status::unavailable("connection refused"), "http://127.0.0.1:1");
         assert_eq!(err.code, UNREACHABLE);
         assert!(err.message.contains("http://127.0.0.1:1"));
         assert!(err.message.contains("forkd-server"));

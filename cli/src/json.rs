@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use forkd_api::v1::{
-    DeleteSandboxesResponse, DeleteSnapshotResponse, DeleteWorkspaceResponse, EvalResponse,
-    PingResponse, Sandbox, Snapshot, VersionInfo, Workspace,
+    DeleteSandboxesResponse, DeleteSnapshotResponse, DeleteWorkspaceResponse, EvalResponse, PingResponse, Sandbox,
+    Snapshot, VersionInfo, Workspace,
 };
 use serde_json::{Value, json};
 
@@ -171,22 +171,12 @@ mod tests {
         let text = serde_json::to_string(&v["labels"]).unwrap();
         assert_eq!(text, r#"{"a":"1","b":"2"}"#);
 
-        let sb = sandbox(&Sandbox {
-            pid: 42,
-            cpu_quota: 0.5,
-            ..Default::default()
-        });
+        let sb = sandbox(&Sandbox { pid: 42, cpu_quota: 0.5, ..Default::default() });
         assert_eq!(sb["pid"].as_u64(), Some(42));
         assert_eq!(sb["cpu_quota"].as_f64(), Some(0.5));
-        let ws = workspace(&Workspace {
-            memory_limit_mib: 1024,
-            ..Default::default()
-        });
+        let ws = workspace(&Workspace { memory_limit_mib: 1024, ..Default::default() });
         assert_eq!(ws["memory_limit_mib"].as_u64(), Some(1024));
-        let vi = version_info(&VersionInfo {
-            sandboxes: 3,
-            ..Default::default()
-        });
+        let vi = version_info(&VersionInfo { sandboxes: 3, ..Default::default() });
         assert_eq!(vi["sandboxes"].as_u64(), Some(3));
     }
 
@@ -196,16 +186,7 @@ mod tests {
         let v = snapshot(&Snapshot::default());
         assert_eq!(v.as_object().unwrap().len(), 27);
         assert_eq!(sandbox(&Sandbox::default()).as_object().unwrap().len(), 22);
-        assert_eq!(
-            workspace(&Workspace::default()).as_object().unwrap().len(),
-            16
-        );
-        assert_eq!(
-            version_info(&VersionInfo::default())
-                .as_object()
-                .unwrap()
-                .len(),
-            9
-        );
+        assert_eq!(workspace(&Workspace::default()).as_object().unwrap().len(), 16);
+        assert_eq!(version_info(&VersionInfo::default()).as_object().unwrap().len(), 9);
     }
 }

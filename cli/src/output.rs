@@ -101,11 +101,7 @@ pub fn timestamp(unix: i64, now: i64) -> String {
         return NONE.to_string();
     }
     let at = UNIX_EPOCH + Duration::from_secs(unix as u64);
-    format!(
-        "{} ({})",
-        humantime::format_rfc3339_seconds(at),
-        age(unix, now)
-    )
+    format!("{} ({})", humantime::format_rfc3339_seconds(at), age(unix, now))
 }
 
 /// Seconds as a short duration (`90` → `1m 30s`); `-` for 0.
@@ -130,11 +126,7 @@ pub fn millis(ms: f64) -> String {
 
 /// `a, b, c`; `-` when empty.
 pub fn list(items: &[String]) -> String {
-    if items.is_empty() {
-        NONE.to_string()
-    } else {
-        items.join(", ")
-    }
+    if items.is_empty() { NONE.to_string() } else { items.join(", ") }
 }
 
 /// `k=v, k2=v2` sorted by key; `-` when empty.
@@ -146,10 +138,7 @@ pub fn labels(map: &std::collections::HashMap<String, String>) -> String {
 }
 
 pub fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// Writes to stdout. A closed pipe (`forkd ls | head -1`) ends the process
@@ -198,10 +187,7 @@ mod tests {
         assert_eq!(age(1_700_000_000, 1_800_000_000), "2023-11-14");
         // Clock skew between host and client never shows a negative age.
         assert_eq!(age(200, 100), "0s ago");
-        assert_eq!(
-            timestamp(1_700_000_000, 1_700_000_060),
-            "2023-11-14T22:13:20Z (1m ago)"
-        );
+        assert_eq!(timestamp(1_700_000_000, 1_700_000_060), "2023-11-14T22:13:20Z (1m ago)");
         assert_eq!(secs(0), "-");
         assert_eq!(secs(90), "1m 30s");
         assert_eq!(millis(0.4213), "0.42 ms");
@@ -211,20 +197,14 @@ mod tests {
 
     #[test]
     fn tables_are_aligned_without_borders() {
-        let out = table(
-            &["ID", "STATUS", "PID"],
-            vec![vec!["sb-a", "running", "12"], vec!["sb-longer", "", "7"]],
-        );
+        let out = table(&["ID", "STATUS", "PID"], vec![vec!["sb-a", "running", "12"], vec!["sb-longer", "", "7"]]);
         assert_eq!(
             out,
             "ID         STATUS   PID\n\
              sb-a       running  12\n\
              sb-longer  -        7\n"
         );
-        assert_eq!(
-            table::<Vec<Vec<String>>, String>(&["A", "B"], vec![]),
-            "A  B\n"
-        );
+        assert_eq!(table::<Vec<Vec<String>>, String>(&["A", "B"], vec![]), "A  B\n");
     }
 
     #[test]
@@ -235,10 +215,7 @@ mod tests {
 
     #[test]
     fn label_listing_is_sorted() {
-        let map = [("b", "2"), ("a", "1")]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map = [("b", "2"), ("a", "1")].into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         assert_eq!(labels(&map), "a=1, b=2");
         assert_eq!(labels(&Default::default()), "-");
     }

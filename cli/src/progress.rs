@@ -21,19 +21,13 @@ impl Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new_spinner();
             bar.set_style(
-                ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
-                    .expect("static template is valid"),
+                ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("static template is valid"),
             );
             bar.set_message(label.clone());
             bar.enable_steady_tick(Duration::from_millis(100));
             bar
         });
-        Self {
-            bar,
-            label,
-            last: None,
-            started: Instant::now(),
-        }
+        Self { bar, label, last: None, started: Instant::now() }
     }
 
     /// Shows the current status; repeated statuses print nothing new.
@@ -44,11 +38,7 @@ impl Progress {
         self.last = Some(status.to_string());
         match &self.bar {
             Some(bar) => bar.set_message(format!("{}: {status}", self.label)),
-            None => eprintln!(
-                "{}: {status} ({:.1}s)",
-                self.label,
-                self.started.elapsed().as_secs_f64()
-            ),
+            None => eprintln!("{}: {status} ({:.1}s)", self.label, self.started.elapsed().as_secs_f64()),
         }
     }
 

@@ -11,18 +11,16 @@ use std::sync::{Arc, Mutex};
 
 use forkd_api::v1::{
     CompactSnapshotRequest, CreateSnapshotRequest, DeleteSnapshotRequest, DeleteSnapshotResponse,
-    DeriveSnapshotRequest, ExportSnapshotRequest, GetSnapshotRequest, ImportSnapshotRequest,
-    ListSnapshotsRequest, ListSnapshotsResponse, PullSnapshotRequest, PushSnapshotRequest,
-    PushSnapshotResponse,
+    DeriveSnapshotRequest, ExportSnapshotRequest, GetSnapshotRequest, ImportSnapshotRequest, ListSnapshotsRequest,
+    ListSnapshotsResponse, PullSnapshotRequest, PushSnapshotRequest, PushSnapshotResponse,
     snapshot_service_server::{SnapshotService, SnapshotServiceServer},
 };
 use forkd_api::v1::{
-    CreateSandboxesRequest, CreateSandboxesResponse, DataChunk, DeleteSandboxRequest,
-    DeleteSandboxesRequest, DeleteSandboxesResponse, EvalRequest, EvalResponse, Event, ExecEvent,
-    ExecInput, ExecRequest, ExecResponse, FileInfo, GetSandboxRequest, GetVersionRequest,
-    ListFilesRequest, ListFilesResponse, ListSandboxesRequest, ListSandboxesResponse, PingRequest,
-    PingResponse, ReadFileRequest, RemoveFileRequest, RemoveFileResponse, Sandbox, Snapshot,
-    StatFileRequest, VersionInfo, WatchEventsRequest, WriteFileRequest, exec_event,
+    CreateSandboxesRequest, CreateSandboxesResponse, DataChunk, DeleteSandboxRequest, DeleteSandboxesRequest,
+    DeleteSandboxesResponse, EvalRequest, EvalResponse, Event, ExecEvent, ExecInput, ExecRequest, ExecResponse,
+    FileInfo, GetSandboxRequest, GetVersionRequest, ListFilesRequest, ListFilesResponse, ListSandboxesRequest,
+    ListSandboxesResponse, PingRequest, PingResponse, ReadFileRequest, RemoveFileRequest, RemoveFileResponse, Sandbox,
+    Snapshot, StatFileRequest, VersionInfo, WatchEventsRequest, WriteFileRequest, exec_event,
     sandbox_service_server::{SandboxService, SandboxServiceServer},
     system_service_server::{SystemService, SystemServiceServer},
 };
@@ -61,10 +59,7 @@ fn sandbox(id: &str, pid: u32) -> Sandbox {
 
 #[tonic::async_trait]
 impl SystemService for Mock {
-    async fn get_version(
-        &self,
-        req: Request<GetVersionRequest>,
-    ) -> Result<Response<VersionInfo>, Status> {
+    async fn get_version(&self, req: Request<GetVersionRequest>) -> Result<Response<VersionInfo>, Status> {
         authorize(&req)?;
         Ok(Response::new(VersionInfo {
             version: "9.9.9".into(),
@@ -82,25 +77,16 @@ impl SystemService for Mock {
 
 fn exit_event(exit_code: i32, signal: i32, timed_out: bool) -> Result<ExecEvent, Status> {
     Ok(ExecEvent {
-        event: Some(exec_event::Event::Exit(ExecResponse {
-            exit_code,
-            signal,
-            timed_out,
-            ..Default::default()
-        })),
+        event: Some(exec_event::Event::Exit(ExecResponse { exit_code, signal, timed_out, ..Default::default() })),
     })
 }
 
 fn out(bytes: &[u8]) -> Result<ExecEvent, Status> {
-    Ok(ExecEvent {
-        event: Some(exec_event::Event::Stdout(bytes.to_vec())),
-    })
+    Ok(ExecEvent { event: Some(exec_event::Event::Stdout(bytes.to_vec())) })
 }
 
 fn err(bytes: &[u8]) -> Result<ExecEvent, Status> {
-    Ok(ExecEvent {
-        event: Some(exec_event::Event::Stderr(bytes.to_vec())),
-    })
+    Ok(ExecEvent { event: Some(exec_event::Event::Stderr(bytes.to_vec())) })
 }
 
 #[tonic::async_trait]
@@ -120,9 +106,7 @@ impl SandboxService for Mock {
             return Err(Status::not_found("snapshot \"missing\" not found"));
         }
         let n = r.n.unwrap_or(1);
-        let sandboxes = (0..n)
-            .map(|i| sandbox(&format!("sb-new{i}"), 100 + i))
-            .collect();
+        let sandboxes = (0..n).map(|i| sandbox(&format!("sb-new{i}"), 100 + i)).collect();
         Ok(Response::new(CreateSandboxesResponse { sandboxes }))
     }
 
@@ -134,23 +118,14 @@ impl SandboxService for Mock {
         // Two pages, so the client has to follow the token.
         let r = req.into_inner();
         let resp = if r.page_token.is_empty() {
-            ListSandboxesResponse {
-                sandboxes: vec![sandbox("sb-first", 11)],
-                next_page_token: "page2".into(),
-            }
+            ListSandboxesResponse { sandboxes: vec![sandbox("sb-first", 11)], next_page_token: "page2".into() }
         } else {
-            ListSandboxesResponse {
-                sandboxes: vec![sandbox("sb-second", 22)],
-                next_page_token: String::new(),
-            }
+            ListSandboxesResponse { sandboxes: vec![sandbox("sb-second", 22)], next_page_token: String::new() }
         };
         Ok(Response::new(resp))
     }
 
-    async fn get_sandbox(
-        &self,
-        _: Request<GetSandboxRequest>,
-    ) -> Result<Response<Sandbox>, Status> {
+    async fn get_sandbox(&self, _: Request<GetSandboxRequest>) -> Result<Response<Sandbox>, Status> {
         Err(Status::unimplemented("mock"))
     }
 
@@ -167,11 +142,7 @@ impl SandboxService for Mock {
     ) -> Result<Response<DeleteSandboxesResponse>, Status> {
         authorize(&req)?;
         let r = req.into_inner();
-        let deleted = if r.all {
-            vec!["sb-a".into(), "sb-b".into(), "sb-c".into()]
-        } else {
-            r.ids
-        };
+        let deleted = if r.all { vec!["sb-a".into(), "sb-b".into(), "sb-c".into()] } else { r.ids };
         Ok(Response::new(DeleteSandboxesResponse { deleted }))
     }
 
@@ -179,22 +150,14 @@ impl SandboxService for Mock {
         Err(Status::unimplemented("mock"))
     }
 
-    async fn exec_stream(
-        &self,
-        req: Request<ExecRequest>,
-    ) -> Result<Response<Self::ExecStreamStream>, Status> {
+    async fn exec_stream(&self, req: Request<ExecRequest>) -> Result<Response<Self::ExecStreamStream>, Status> {
         authorize(&req)?;
         let r = req.into_inner();
         if r.id == "sb-gone" {
             return Err(Status::not_found("sandbox sb-gone not found"));
         }
         let events = match r.args[0].as_str() {
-            "ok" => vec![
-                out(b"hello "),
-                err(b"warning\n"),
-                out(b"world\n"),
-                exit_event(0, 0, false),
-            ],
+            "ok" => vec![out(b"hello "), err(b"warning\n"), out(b"world\n"), exit_event(0, 0, false)],
             "fail" => vec![out(b"partial\n"), exit_event(3, 0, false)],
             "killed" => vec![exit_event(-1, 9, false)],
             "slow" => vec![exit_event(-1, 9, true)],
@@ -233,56 +196,34 @@ impl SandboxService for Mock {
         let resp = if r.code == "1/0" {
             EvalResponse {
                 stdout: "before\n".into(),
-                error: "Traceback (most recent call last):\nZeroDivisionError: division by zero"
-                    .into(),
+                error: "Traceback (most recent call last):\nZeroDivisionError: division by zero".into(),
                 exit_code: 1,
                 ..Default::default()
             }
         } else {
-            EvalResponse {
-                stdout: "printed\n".into(),
-                result: format!("<{}>", r.code),
-                ..Default::default()
-            }
+            EvalResponse { stdout: "printed\n".into(), result: format!("<{}>", r.code), ..Default::default() }
         };
         Ok(Response::new(resp))
     }
 
     async fn ping(&self, req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
         authorize(&req)?;
-        Ok(Response::new(PingResponse {
-            ok: true,
-            latency_ms: 0.5,
-            uptime_secs: 3.0,
-            runtime_ready: true,
-        }))
+        Ok(Response::new(PingResponse { ok: true, latency_ms: 0.5, uptime_secs: 3.0, runtime_ready: true }))
     }
 
-    async fn branch(
-        &self,
-        _: Request<forkd_api::v1::BranchRequest>,
-    ) -> Result<Response<Snapshot>, Status> {
+    async fn branch(&self, _: Request<forkd_api::v1::BranchRequest>) -> Result<Response<Snapshot>, Status> {
         Err(Status::unimplemented("mock"))
     }
 
-    async fn read_file(
-        &self,
-        _: Request<ReadFileRequest>,
-    ) -> Result<Response<Self::ReadFileStream>, Status> {
+    async fn read_file(&self, _: Request<ReadFileRequest>) -> Result<Response<Self::ReadFileStream>, Status> {
         Err(Status::unimplemented("mock"))
     }
 
-    async fn write_file(
-        &self,
-        _: Request<Streaming<WriteFileRequest>>,
-    ) -> Result<Response<FileInfo>, Status> {
+    async fn write_file(&self, _: Request<Streaming<WriteFileRequest>>) -> Result<Response<FileInfo>, Status> {
         Err(Status::unimplemented("mock"))
     }
 
-    async fn list_files(
-        &self,
-        _: Request<ListFilesRequest>,
-    ) -> Result<Response<ListFilesResponse>, Status> {
+    async fn list_files(&self, _: Request<ListFilesRequest>) -> Result<Response<ListFilesResponse>, Status> {
         Err(Status::unimplemented("mock"))
     }
 
@@ -290,10 +231,7 @@ impl SandboxService for Mock {
         Err(Status::unimplemented("mock"))
     }
 
-    async fn remove_file(
-        &self,
-        _: Request<RemoveFileRequest>,
-    ) -> Result<Response<RemoveFileResponse>, Status> {
+    async fn remove_file(&self, _: Request<RemoveFileRequest>) -> Result<Response<RemoveFileResponse>, Status> {
         Err(Status::unimplemented("mock"))
     }
 
@@ -304,10 +242,7 @@ impl SandboxService for Mock {
         Err(Status::unimplemented("renew"))
     }
 
-    async fn watch_events(
-        &self,
-        _: Request<WatchEventsRequest>,
-    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+    async fn watch_events(&self, _: Request<WatchEventsRequest>) -> Result<Response<Self::WatchEventsStream>, Status> {
         Err(Status::unimplemented("mock"))
     }
 }
@@ -330,10 +265,7 @@ fn snap(tag: &str, status: &str) -> Snapshot {
 impl SnapshotService for Mock {
     type ExportSnapshotStream = BoxStream<DataChunk>;
 
-    async fn create_snapshot(
-        &self,
-        req: Request<CreateSnapshotRequest>,
-    ) -> Result<Response<Snapshot>, Status> {
+    async fn create_snapshot(&self, req: Request<CreateSnapshotRequest>) -> Result<Response<Snapshot>, Status> {
         authorize(&req)?;
         let r = req.into_inner();
         if r.tag == "taken" {
@@ -357,10 +289,7 @@ impl SnapshotService for Mock {
         }))
     }
 
-    async fn get_snapshot(
-        &self,
-        req: Request<GetSnapshotRequest>,
-    ) -> Result<Response<Snapshot>, Status> {
+    async fn get_snapshot(&self, req: Request<GetSnapshotRequest>) -> Result<Response<Snapshot>, Status> {
         authorize(&req)?;
         let tag = req.into_inner().tag;
         let polls = {
@@ -388,32 +317,21 @@ impl SnapshotService for Mock {
         authorize(&req)?;
         let r = req.into_inner();
         match (r.tag.as_str(), r.cascade) {
-            ("py", false) => Err(Status::failed_precondition(
-                "snapshot \"py\" has dependents: py-child",
-            )),
+            ("py", false) => Err(Status::failed_precondition("snapshot \"py\" has dependents: py-child")),
             ("py", true) => Ok(Response::new(DeleteSnapshotResponse {
                 deleted: vec!["py-child".into(), "py".into()],
                 orphaned: vec![],
             })),
             ("nope", _) => Err(Status::not_found("snapshot \"nope\" not found")),
-            (tag, _) => Ok(Response::new(DeleteSnapshotResponse {
-                deleted: vec![tag.into()],
-                orphaned: vec![],
-            })),
+            (tag, _) => Ok(Response::new(DeleteSnapshotResponse { deleted: vec![tag.into()], orphaned: vec![] })),
         }
     }
 
-    async fn compact_snapshot(
-        &self,
-        _: Request<CompactSnapshotRequest>,
-    ) -> Result<Response<Snapshot>, Status> {
+    async fn compact_snapshot(&self, _: Request<CompactSnapshotRequest>) -> Result<Response<Snapshot>, Status> {
         Err(Status::unimplemented("mock"))
     }
 
-    async fn derive_snapshot(
-        &self,
-        req: Request<DeriveSnapshotRequest>,
-    ) -> Result<Response<Snapshot>, Status> {
+    async fn derive_snapshot(&self, req: Request<DeriveSnapshotRequest>) -> Result<Response<Snapshot>, Status> {
         authorize(&req)?;
         let r = req.into_inner();
         // Echo the argv back so the test can see how --exec was split.
@@ -438,17 +356,11 @@ impl SnapshotService for Mock {
         Err(Status::unimplemented("mock"))
     }
 
-    async fn push_snapshot(
-        &self,
-        _: Request<PushSnapshotRequest>,
-    ) -> Result<Response<PushSnapshotResponse>, Status> {
+    async fn push_snapshot(&self, _: Request<PushSnapshotRequest>) -> Result<Response<PushSnapshotResponse>, Status> {
         Err(Status::unimplemented("mock"))
     }
 
-    async fn pull_snapshot(
-        &self,
-        _: Request<PullSnapshotRequest>,
-    ) -> Result<Response<Snapshot>, Status> {
+    async fn pull_snapshot(&self, _: Request<PullSnapshotRequest>) -> Result<Response<Snapshot>, Status> {
         Err(Status::unimplemented("mock"))
     }
 }
@@ -471,10 +383,7 @@ impl Daemon {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             let mock = Mock::default();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -489,23 +398,16 @@ impl Daemon {
                     .add_service(SystemServiceServer::new(mock.clone()))
                     .add_service(SandboxServiceServer::new(mock.clone()))
                     .add_service(SnapshotServiceServer::new(mock))
-                    .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::TcpListenerStream::new(listener),
-                        async {
-                            let _ = stop_rx.await;
-                        },
-                    )
+                    .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                        let _ = stop_rx.await;
+                    })
                     .await
                     .unwrap();
             });
         });
         let addr = addr_rx.recv().unwrap();
         let scheme = if tls { "https" } else { "http" };
-        Self {
-            url: format!("{scheme}://{addr}"),
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
+        Self { url: format!("{scheme}://{addr}"), stop: Some(stop_tx), thread: Some(thread) }
     }
 
     /// Runs `forkd` with the daemon's URL and token in its environment.
@@ -514,11 +416,7 @@ impl Daemon {
     }
 
     fn forkd_stdin(&self, args: &[&str], stdin: &str) -> Output {
-        run(
-            args,
-            &[("FORKD_URL", &self.url), ("FORKD_TOKEN", TOKEN)],
-            stdin,
-        )
+        run(args, &[("FORKD_URL", &self.url), ("FORKD_TOKEN", TOKEN)], stdin)
     }
 }
 
@@ -540,24 +438,14 @@ fn run(args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    for var in [
-        "FORKD_URL",
-        "FORKD_TOKEN",
-        "FORKD_TOKEN_FILE",
-        "FORKD_CA_CERT",
-    ] {
+    for var in ["FORKD_URL", "FORKD_TOKEN", "FORKD_TOKEN_FILE", "FORKD_CA_CERT"] {
         cmd.env_remove(var);
     }
     for (k, v) in env {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("run forkd");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -590,11 +478,7 @@ fn exec_streams_output_and_passes_the_exit_code_through() {
 
     let o = d.forkd(&["exec", "sb-x", "silent"]);
     assert_eq!(code(&o), 1);
-    assert!(
-        stderr(&o).contains("without an exit status"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("without an exit status"), "{}", stderr(&o));
 
     let o = d.forkd(&["exec", "sb-gone", "ok"]);
     assert_eq!(code(&o), 3);
@@ -626,10 +510,7 @@ fn exec_sends_env_cwd_timeout_and_stdin() {
         "fed",
     );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert_eq!(
-        stdout(&o),
-        "args=[\"echo\", \"-n\", \"--json\"] cwd=/tmp env=A=1,B=2 timeout=60 stdin=fed\n"
-    );
+    assert_eq!(stdout(&o), "args=[\"echo\", \"-n\", \"--json\"] cwd=/tmp env=A=1,B=2 timeout=60 stdin=fed\n");
 }
 
 #[test]
@@ -637,11 +518,7 @@ fn token_is_sent_as_bearer() {
     let d = Daemon::start();
     let o = d.forkd(&["where"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert!(
-        stdout(&o).contains("data_dir   /var/lib/forkd"),
-        "{}",
-        stdout(&o)
-    );
+    assert!(stdout(&o).contains("data_dir   /var/lib/forkd"), "{}", stdout(&o));
 
     let o = run(&["where"], &[("FORKD_URL", &d.url)], "");
     assert_eq!(code(&o), 5);
@@ -654,11 +531,7 @@ fn token_is_sent_as_bearer() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("token");
     std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
-    let o = run(
-        &["where", "--token-file", file.to_str().unwrap()],
-        &[("FORKD_URL", &d.url)],
-        "",
-    );
+    let o = run(&["where", "--token-file", file.to_str().unwrap()], &[("FORKD_URL", &d.url)], "");
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -692,14 +565,8 @@ fn listings_follow_pages_and_align() {
     let text = stdout(&o);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
-    assert!(
-        lines[0].starts_with("ID         SNAPSHOT  STATUS   PID  CREATED"),
-        "{text}"
-    );
-    assert!(
-        lines[1].starts_with("sb-first   py        running  11"),
-        "{text}"
-    );
+    assert!(lines[0].starts_with("ID         SNAPSHOT  STATUS   PID  CREATED"), "{text}");
+    assert!(lines[1].starts_with("sb-first   py        running  11"), "{text}");
     assert!(lines[2].starts_with("sb-second"), "{text}");
     assert!(lines[2].ends_with("512 MiB"), "{text}");
     assert!(text.lines().all(|l| !l.ends_with(' ')));
@@ -753,11 +620,7 @@ fn snapshot_create_polls_until_ready() {
     let d = Daemon::start();
     let o = d.forkd(&["snapshot", "--tag", "fresh", "--image", "python"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert!(
-        stdout(&o).starts_with("fresh ready, kind base"),
-        "{}",
-        stdout(&o)
-    );
+    assert!(stdout(&o).starts_with("fresh ready, kind base"), "{}", stdout(&o));
     // Not a terminal: one plain progress line per status, no spinner.
     let err = stderr(&o);
     assert!(err.contains("snapshot fresh: writing"), "{err}");
@@ -770,14 +633,7 @@ fn snapshot_create_polls_until_ready() {
     assert_eq!(v["status"], "ready");
     assert_eq!(v["physical_size_bytes"], 3 << 20);
 
-    let o = d.forkd(&[
-        "snapshot",
-        "--tag",
-        "later",
-        "--image",
-        "python",
-        "--no-wait",
-    ]);
+    let o = d.forkd(&["snapshot", "--tag", "later", "--image", "python", "--no-wait"]);
     assert_eq!(code(&o), 0);
     assert!(stdout(&o).starts_with("later: writing"), "{}", stdout(&o));
 }
@@ -787,11 +643,7 @@ fn snapshot_failure_exits_1_with_the_reason() {
     let d = Daemon::start();
     let o = d.forkd(&["snapshot", "--tag", "broken", "--image", "python"]);
     assert_eq!(code(&o), 1);
-    assert!(
-        stderr(&o).ends_with("forkd: snapshot broken failed: guest never became ready\n"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).ends_with("forkd: snapshot broken failed: guest never became ready\n"), "{}", stderr(&o));
     let o = d.forkd(&["snapshot", "--tag", "taken", "--image", "python"]);
     assert_eq!(code(&o), 4);
 }
@@ -803,14 +655,8 @@ fn images_info_and_rmi() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let text = stdout(&o);
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(
-        lines[0],
-        "TAG       STATUS  KIND  PARENT  IMAGE   MEM      SIZE     CREATED"
-    );
-    assert!(
-        lines[1].starts_with("py        ready   base  -       python  256 MiB  3.0 MiB"),
-        "{text}"
-    );
+    assert_eq!(lines[0], "TAG       STATUS  KIND  PARENT  IMAGE   MEM      SIZE     CREATED");
+    assert!(lines[1].starts_with("py        ready   base  -       python  256 MiB  3.0 MiB"), "{text}");
     assert!(lines[2].starts_with("py-child  ready   diff  py"), "{text}");
 
     let o = d.forkd(&["snapshots", "--json"]);
@@ -835,32 +681,13 @@ fn images_info_and_rmi() {
 #[test]
 fn snapshot_diff_splits_the_command() {
     let d = Daemon::start();
-    let o = d.forkd(&[
-        "snapshot-diff",
-        "--from",
-        "py",
-        "--tag",
-        "py2",
-        "--exec",
-        "pip install 'a b'",
-        "--json",
-    ]);
+    let o = d.forkd(&["snapshot-diff", "--from", "py", "--tag", "py2", "--exec", "pip install 'a b'", "--json"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["labels"]["argv"], r#"["pip", "install", "a b"]"#);
     assert_eq!(v["parent_tag"], "py");
 
-    let o = d.forkd(&[
-        "snapshot-diff",
-        "--from",
-        "py",
-        "--tag",
-        "py3",
-        "--sh",
-        "--exec",
-        "a | b",
-        "--json",
-    ]);
+    let o = d.forkd(&["snapshot-diff", "--from", "py", "--tag", "py3", "--sh", "--exec", "a | b", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["labels"]["argv"], r#"["sh", "-c", "a | b"]"#);
 }
@@ -885,10 +712,7 @@ fn test_pki() -> (String, String, String) {
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
     (ca_cert.pem(), cert.pem(), key.serialize_pem())
 }
 
@@ -906,11 +730,7 @@ fn https_with_a_private_ca() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let o = run(
         &["ls"],
-        &[
-            ("FORKD_URL", &d.url),
-            ("FORKD_TOKEN", TOKEN),
-            ("FORKD_CA_CERT", ca_file.to_str().unwrap()),
-        ],
+        &[("FORKD_URL", &d.url), ("FORKD_TOKEN", TOKEN), ("FORKD_CA_CERT", ca_file.to_str().unwrap())],
         "",
     );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
@@ -925,11 +745,7 @@ fn https_with_a_private_ca() {
 #[test]
 fn unreachable_daemon_exits_6_and_names_the_url() {
     // A port that was free a moment ago: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
     let o = run(&["--url", &url, "ls"], &[], "");
     assert_eq!(code(&o), 6);
@@ -950,13 +766,7 @@ fn usage_errors_exit_2_without_contacting_anyone() {
         &["snapshot-info", "../etc"][..],
         &["fork", "--tag", "py", "-n", "0"],
         &["--url", "ftp://x", "ls"],
-        &[
-            "--url",
-            "http://127.0.0.1:1",
-            "--ca-cert",
-            "/nonexistent",
-            "ls",
-        ],
+        &["--url", "http://127.0.0.1:1", "--ca-cert", "/nonexistent", "ls"],
         &["nonsense"],
     ] {
         let o = run(args, &[], "");
@@ -970,11 +780,7 @@ fn help_and_completions_need_no_daemon() {
     assert_eq!(code(&o), 0);
     assert!(stdout(&o).contains("Exit codes:"));
     for shell in ["bash", "zsh", "fish"] {
-        let o = run(
-            &["completions", shell],
-            &[("FORKD_URL", "http://127.0.0.1:1")],
-            "",
-        );
+        let o = run(&["completions", shell], &[("FORKD_URL", "http://127.0.0.1:1")], "");
         assert_eq!(code(&o), 0, "{shell}");
         assert!(stdout(&o).contains("snapshot-info"), "{shell}");
     }

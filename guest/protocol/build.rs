@@ -5,7 +5,5 @@ fn main() {
     let file = root.join("forkd/agent/v1/agent.proto");
     println!("cargo:rerun-if-changed={}", file.display());
     let fds = protox::compile([&file], [&root]).expect("compile agent.proto");
-    prost_build::Config::new()
-        .compile_fds(fds)
-        .expect("generate agent protocol code");
+    prost_build::Config::new().compile_fds(fds).expect("generate agent protocol code");
 }

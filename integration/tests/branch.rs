@@ -1,33 +1,15 @@
 //! Branching running sandboxes, diff chains, compaction, deletion rules and
 //! the files API — against a real daemon and real VMs.
 
-use std::time::{Duration, Instant};
+mod common;
 
+use std::time::Instant;
+
+use common::{fork, wait_ready};
 use forkd_api::v1 as api;
 use forkd_integration::{Daemon, Options};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-
-async fn wait_ready(d: &Daemon, tag: &str) {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let info: Value = d.get(&format!("/v1/snapshots/{tag}/info")).send().await.unwrap().json().await.unwrap();
-        match info["status"].as_str().unwrap() {
-            "ready" => return,
-            "writing" => {}
-            other => panic!("snapshot {tag} is {other}: {}", info["status_reason"]),
-        }
-        assert!(Instant::now() < deadline, "snapshot {tag} not ready in time");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-async fn fork(d: &Daemon, tag: &str, n: u32) -> Vec<String> {
-    let r = d.post("/v1/sandboxes", json!({ "snapshot_tag": tag, "n": n })).send().await.unwrap();
-    assert_eq!(r.status(), 200, "fork {n} from {tag}: {}", r.text().await.unwrap());
-    let v: Value = r.json().await.unwrap();
-    v.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect()
-}
 
 async fn sh(d: &Daemon, id: &str, script: &str) -> Value {
     let r = d.post(&format!("/v1/sandboxes/{id}/exec"), json!({ "args": ["sh", "-c", script] })).send().await.unwrap();
@@ -36,7 +18,14 @@ async fn sh(d: &Daemon, id: &str, script: &str) -> Value {
 }
 
 async fn eval(d: &Daemon, id: &str, code: &str) -> String {
-    let v: Value = d.post(&format!("/v1/sandboxes/{id}/eval"), json!({ "code": code })).send().await.unwrap().json().await.unwrap();
+    let v: Value = d
+        .post(&format!("/v1/sandboxes/{id}/eval"), json!({ "code": code }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["exit_code"], 0, "eval {code:?} in {id}: {}", v["error"]);
     v["result"].as_str().unwrap().to_string()
 }
@@ -86,9 +75,9 @@ async fn branch_chains_compaction_and_deletion() {
         assert_eq!(eval(&d, g, "marker").await, "41");
     }
     // Each grandchild is its own machine.
-    let ids: std::collections::HashSet<String> = futures::future::join_all(
-        grand.iter().map(|g| async { sh(&d, g, "cat /run/forkd/sandbox-id 2>/dev/null || hostname").await["stdout"].as_str().unwrap().to_string() }),
-    )
+    let ids: std::collections::HashSet<String> = futures::future::join_all(grand.iter().map(|g| async {
+        sh(&d, g, "cat /run/forkd/sandbox-id 2>/dev/null || hostname").await["stdout"].as_str().unwrap().to_string()
+    }))
     .await
     .into_iter()
     .collect();
@@ -148,7 +137,10 @@ async fn branch_chains_compaction_and_deletion() {
         let v: Value = d.get("/v1/snapshots").send().await.unwrap().json().await.unwrap();
         v.as_array().unwrap().iter().map(|s| s["tag"].as_str().unwrap().to_string()).collect()
     };
-    assert!(tags.contains(&"b1".to_string()) && tags.contains(&"b2-flat".to_string()) && !tags.contains(&"b2".to_string()), "{tags:?}");
+    assert!(
+        tags.contains(&"b1".to_string()) && tags.contains(&"b2-flat".to_string()) && !tags.contains(&"b2".to_string()),
+        "{tags:?}"
+    );
 
     // Rebuild a subtree under b1 and cascade-delete from b1.
     let g = fork(&d, "b1", 1).await.remove(0);
@@ -156,7 +148,8 @@ async fn branch_chains_compaction_and_deletion() {
     d.delete(&format!("/v1/sandboxes/{g}")).send().await.unwrap();
     let r = d.delete("/v1/snapshots/b1?cascade=true").send().await.unwrap();
     let del: Value = r.json().await.unwrap();
-    let mut deleted: Vec<String> = del["deleted"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let mut deleted: Vec<String> =
+        del["deleted"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     deleted.sort();
     assert_eq!(deleted, vec!["b1".to_string(), "c2".to_string()]);
     assert!(!d.data_dir.join("snapshots/b1").exists());
@@ -189,7 +182,11 @@ async fn branch_chains_compaction_and_deletion() {
         .unwrap()
         .success();
     assert!(mounted, "mounting a tiny tmpfs over the staging dir (needs root)");
-    let r = d.post(&format!("/v1/sandboxes/{child}/branch"), json!({ "tag": "doomed", "mode": "diff" })).send().await.unwrap();
+    let r = d
+        .post(&format!("/v1/sandboxes/{child}/branch"), json!({ "tag": "doomed", "mode": "diff" }))
+        .send()
+        .await
+        .unwrap();
     let status = r.status();
     let body = r.text().await.unwrap();
     eprintln!("branch onto a full disk: {status} {body}");
@@ -208,7 +205,10 @@ async fn branch_chains_compaction_and_deletion() {
     // DeriveSnapshot: spawn, run, diff-branch, kill the transient sandbox.
     let before: Value = d.get("/v1/sandboxes").send().await.unwrap().json().await.unwrap();
     let r = d
-        .post("/v1/snapshots/base/derive", json!({ "tag": "derived", "exec": ["sh", "-c", "echo baked > /root/derived.txt"] }))
+        .post(
+            "/v1/snapshots/base/derive",
+            json!({ "tag": "derived", "exec": ["sh", "-c", "echo baked > /root/derived.txt"] }),
+        )
         .send()
         .await
         .unwrap();
@@ -217,7 +217,8 @@ async fn branch_chains_compaction_and_deletion() {
     assert_eq!(before.as_array().unwrap().len(), after.as_array().unwrap().len(), "the transient sandbox is gone");
     let k = fork(&d, "derived", 1).await.remove(0);
     assert_eq!(sh(&d, &k, "cat /root/derived.txt").await["stdout"], "baked\n");
-    let r = d.post("/v1/snapshots/base/derive", json!({ "tag": "derived-bad", "exec": ["false"] })).send().await.unwrap();
+    let r =
+        d.post("/v1/snapshots/base/derive", json!({ "tag": "derived-bad", "exec": ["false"] })).send().await.unwrap();
     assert_eq!(r.status(), 409);
     let after2: Value = d.get("/v1/sandboxes").send().await.unwrap().json().await.unwrap();
     assert_eq!(after2.as_array().unwrap().len(), after.as_array().unwrap().len() + 1);
@@ -262,7 +263,8 @@ async fn files_round_trip_50_mib() {
     assert_eq!(info.digest, format!("sha256:{want}"));
     let sum = sh(&d, &id, "sha256sum /root/big.bin").await;
     assert!(sum["stdout"].as_str().unwrap().starts_with(&want), "{sum}");
-    let mut stream = sb.read_file(api::ReadFileRequest { id: id.clone(), path: "/root/big.bin".into() }).await.unwrap().into_inner();
+    let mut stream =
+        sb.read_file(api::ReadFileRequest { id: id.clone(), path: "/root/big.bin".into() }).await.unwrap().into_inner();
     let mut got = Vec::new();
     while let Some(c) = stream.message().await.unwrap() {
         got.extend(c.data);
@@ -294,7 +296,8 @@ async fn files_round_trip_50_mib() {
     let l: Value = d.get(&format!("/v1/sandboxes/{id}/files?path=/root")).send().await.unwrap().json().await.unwrap();
     let names: Vec<&str> = l.as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
     assert!(names.contains(&"big.bin") && names.contains(&"rest.bin"), "{names:?}");
-    let st: Value = d.get(&format!("/v1/sandboxes/{id}/files/stat?path=/root/big.bin")).send().await.unwrap().json().await.unwrap();
+    let st: Value =
+        d.get(&format!("/v1/sandboxes/{id}/files/stat?path=/root/big.bin")).send().await.unwrap().json().await.unwrap();
     assert_eq!(st["size"], data.len() as u64);
     let r = d.delete(&format!("/v1/sandboxes/{id}/files?path=/root/big.bin")).send().await.unwrap();
     assert_eq!(r.status(), 200);

@@ -88,7 +88,7 @@ fn temp_data(prefix: &str) -> (tempfile::TempDir, PathBuf) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_crash_restart_cycles_leak_nothing() {
-    let _serial = serial();
+    let _serial = serial().await;
     let cgroups_before = forkd_cgroups();
     let (_tmp, data) = temp_data("forkd-chaos-");
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
@@ -186,7 +186,7 @@ async fn chaos_crash_restart_cycles_leak_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_live_sandboxes_survive_a_crash_and_take_load() {
-    let _serial = serial();
+    let _serial = serial().await;
     let cgroups_before = forkd_cgroups();
     let (_tmp, data) = temp_data("forkd-restart-");
     let mut d = Daemon::start(Options { data_dir: Some(data.clone()), ..Default::default() });

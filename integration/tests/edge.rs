@@ -21,10 +21,7 @@ const UA: &str = "forkd-edge-test/1";
 
 /// Flags that keep every test daemon away from VMs.
 fn no_vm_args() -> Vec<String> {
-    ["--accel", "tcg", "--qemu", "/bin/false"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    ["--accel", "tcg", "--qemu", "/bin/false"].iter().map(|s| s.to_string()).collect()
 }
 
 fn start(token: bool) -> Daemon {
@@ -51,13 +48,8 @@ async fn json_of(resp: reqwest::Response) -> (StatusCode, Value) {
 fn assert_error(got: &(StatusCode, Value), status: u16, code: &str, needle: &str) {
     assert_eq!(got.0.as_u16(), status, "body: {}", got.1);
     assert_eq!(got.1["code"], code, "body: {}", got.1);
-    let msg = got.1["error"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no error message: {}", got.1));
-    assert!(
-        msg.contains(needle),
-        "error {msg:?} should mention {needle:?}"
-    );
+    let msg = got.1["error"].as_str().unwrap_or_else(|| panic!("no error message: {}", got.1));
+    assert!(msg.contains(needle), "error {msg:?} should mention {needle:?}");
 }
 
 fn system_with(
@@ -69,10 +61,7 @@ fn system_with(
 
 fn entries(dir: &Path) -> Vec<String> {
     match std::fs::read_dir(dir) {
-        Ok(rd) => rd
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect(),
+        Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
         Err(_) => vec![],
     }
 }
@@ -86,32 +75,13 @@ async fn assert_untouched(d: &Daemon) {
     let (s, v) = json_of(d.get("/v1/sandboxes").send().await.unwrap()).await;
     assert_eq!(s, 200);
     assert_eq!(v, json!([]), "no sandbox may have been created");
-    let listed = d
-        .snapshots()
-        .await
-        .list_snapshots(api::ListSnapshotsRequest::default())
-        .await
-        .unwrap();
+    let listed = d.snapshots().await.list_snapshots(api::ListSnapshotsRequest::default()).await.unwrap();
     assert!(listed.get_ref().snapshots.is_empty());
     for sub in ["snapshots", "staging", "sandboxes"] {
-        assert_eq!(
-            entries(&d.data_dir.join(sub)),
-            Vec::<String>::new(),
-            "{sub}/ must stay empty"
-        );
+        assert_eq!(entries(&d.data_dir.join(sub)), Vec::<String>::new(), "{sub}/ must stay empty");
     }
-    assert!(
-        !d.data_dir.join("etc").exists(),
-        "a '../etc' tag escaped the snapshot store"
-    );
-    assert!(
-        !d.data_dir
-            .parent()
-            .unwrap()
-            .join("etc")
-            .join("mem")
-            .exists()
-    );
+    assert!(!d.data_dir.join("etc").exists(), "a '../etc' tag escaped the snapshot store");
+    assert!(!d.data_dir.parent().unwrap().join("etc").join("mem").exists());
 }
 
 /// Runs the server binary with `args` and expects it to exit by itself
@@ -119,12 +89,7 @@ async fn assert_untouched(d: &Daemon) {
 fn expect_refusal(args: &[&str]) -> String {
     let tmp = tempfile::tempdir_in("/tmp").unwrap();
     let mut child = Command::new(server_bin())
-        .args([
-            "--data-dir",
-            tmp.path().join("data").to_str().unwrap(),
-            "--guest-dir",
-            tmp.path().to_str().unwrap(),
-        ])
+        .args(["--data-dir", tmp.path().join("data").to_str().unwrap(), "--guest-dir", tmp.path().to_str().unwrap()])
         .args(["--accel", "tcg", "--qemu", "/bin/false", "--log", "warn"])
         .args(args)
         .stdin(Stdio::null())
@@ -147,14 +112,8 @@ fn expect_refusal(args: &[&str]) -> String {
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !status.success(),
-        "forkd-server {args:?} exited 0; stderr: {stderr}"
-    );
-    assert!(
-        !stdout.contains("listening on"),
-        "forkd-server {args:?} started listening: {stdout}"
-    );
+    assert!(!status.success(), "forkd-server {args:?} exited 0; stderr: {stderr}");
+    assert!(!stdout.contains("listening on"), "forkd-server {args:?} started listening: {stdout}");
     stderr
 }
 
@@ -176,16 +135,11 @@ async fn raw_http1(addr: &str, head: &str) -> (u16, String) {
                 let len: usize = head
                     .lines()
                     .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap())
+                        l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())
                     })
                     .expect("content-length");
                 if buf.len() >= end + 4 + len {
-                    return (
-                        status,
-                        String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned(),
-                    );
+                    return (status, String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned());
                 }
             }
             let n = s.read(&mut chunk).await.unwrap();
@@ -193,9 +147,7 @@ async fn raw_http1(addr: &str, head: &str) -> (u16, String) {
             buf.extend_from_slice(&chunk[..n]);
         }
     };
-    tokio::time::timeout(Duration::from_secs(20), io)
-        .await
-        .expect("raw HTTP/1.1 exchange hung")
+    tokio::time::timeout(Duration::from_secs(20), io).await.expect("raw HTTP/1.1 exchange hung")
 }
 
 // ---------------------------------------------------------------- auth
@@ -206,65 +158,26 @@ async fn rest_requires_the_bearer_token() {
     let c = d.http();
 
     let resp = c.get(url(&d, "/v1/snapshots")).send().await.unwrap();
-    assert_eq!(
-        resp.headers()
-            .get("www-authenticate")
-            .map(|v| v.to_str().unwrap()),
-        Some("Bearer")
-    );
-    assert_eq!(
-        resp.headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap()),
-        Some("application/json")
-    );
+    assert_eq!(resp.headers().get("www-authenticate").map(|v| v.to_str().unwrap()), Some("Bearer"));
+    assert_eq!(resp.headers().get("content-type").map(|v| v.to_str().unwrap()), Some("application/json"));
     let missing = json_of(resp).await;
     assert_error(&missing, 401, "UNAUTHENTICATED", "missing bearer token");
 
-    let wrong = json_of(
-        c.get(url(&d, "/v1/snapshots"))
-            .bearer_auth(WRONG_TOKEN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let wrong = json_of(c.get(url(&d, "/v1/snapshots")).bearer_auth(WRONG_TOKEN).send().await.unwrap()).await;
     assert_error(&wrong, 401, "UNAUTHENTICATED", "invalid bearer token");
 
     // A prefix of the right token, the right token under another scheme, and
     // the right token with a suffix are all wrong.
-    let prefix = json_of(
-        c.get(url(&d, "/version"))
-            .bearer_auth(&TEST_TOKEN[..20])
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let prefix = json_of(c.get(url(&d, "/version")).bearer_auth(&TEST_TOKEN[..20]).send().await.unwrap()).await;
     assert_eq!(prefix.0, 401);
-    let basic = c
-        .get(url(&d, "/version"))
-        .header("authorization", format!("Basic {TEST_TOKEN}"))
-        .send()
-        .await
-        .unwrap();
+    let basic = c.get(url(&d, "/version")).header("authorization", format!("Basic {TEST_TOKEN}")).send().await.unwrap();
     assert_eq!(basic.status(), 401);
-    let longer = c
-        .get(url(&d, "/version"))
-        .bearer_auth(format!("{TEST_TOKEN}x"))
-        .send()
-        .await
-        .unwrap();
+    let longer = c.get(url(&d, "/version")).bearer_auth(format!("{TEST_TOKEN}x")).send().await.unwrap();
     assert_eq!(longer.status(), 401);
 
     let ok = json_of(d.get("/v1/snapshots").send().await.unwrap()).await;
     assert_eq!(ok, (StatusCode::OK, json!([])));
-    let ok = c
-        .get(url(&d, "/version"))
-        .bearer_auth(TEST_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let ok = c.get(url(&d, "/version")).bearer_auth(TEST_TOKEN).send().await.unwrap();
     assert_eq!(ok.status(), 200);
 
     // /metrics is not a health probe: it needs the token too.
@@ -276,10 +189,7 @@ async fn rest_requires_the_bearer_token() {
 async fn grpc_requires_the_bearer_token() {
     let d = start(true);
 
-    let e = system_with(d.channel().await, None)
-        .get_version(api::GetVersionRequest {})
-        .await
-        .unwrap_err();
+    let e = system_with(d.channel().await, None).get_version(api::GetVersionRequest {}).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert!(e.message().contains("missing bearer token"), "{e:?}");
 
@@ -290,30 +200,15 @@ async fn grpc_requires_the_bearer_token() {
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("invalid bearer token"), "{e:?}");
 
-    let e = api::snapshot_service_client::SnapshotServiceClient::with_interceptor(
-        d.channel().await,
-        Auth(None),
-    )
-    .list_snapshots(api::ListSnapshotsRequest::default())
-    .await
-    .unwrap_err();
-    assert_eq!(e.code(), Code::Unauthenticated);
-
-    let v = d
-        .system()
-        .await
-        .get_version(api::GetVersionRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(v.api, "v1");
-    let l = d
-        .snapshots()
-        .await
+    let e = api::snapshot_service_client::SnapshotServiceClient::with_interceptor(d.channel().await, Auth(None))
         .list_snapshots(api::ListSnapshotsRequest::default())
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    let v = d.system().await.get_version(api::GetVersionRequest {}).await.unwrap().into_inner();
+    assert_eq!(v.api, "v1");
+    let l = d.snapshots().await.list_snapshots(api::ListSnapshotsRequest::default()).await.unwrap().into_inner();
     assert!(l.snapshots.is_empty());
 }
 
@@ -328,27 +223,11 @@ async fn health_is_open_without_a_token() {
     assert_eq!(v, json!({ "ok": true }));
 
     let mut h = HealthClient::new(d.channel().await);
-    for svc in [
-        "",
-        "forkd.v1.SandboxService",
-        "forkd.v1.SnapshotService",
-        "forkd.v1.WorkspaceService",
-    ] {
-        let r = h
-            .check(HealthCheckRequest {
-                service: svc.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+    for svc in ["", "forkd.v1.SandboxService", "forkd.v1.SnapshotService", "forkd.v1.WorkspaceService"] {
+        let r = h.check(HealthCheckRequest { service: svc.into() }).await.unwrap().into_inner();
         assert_eq!(r.status, ServingStatus::Serving as i32, "service {svc:?}");
     }
-    let e = h
-        .check(HealthCheckRequest {
-            service: "no.such.Service".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = h.check(HealthCheckRequest { service: "no.such.Service".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 
     // Open means exactly the health endpoints: a look-alike path is not.
@@ -370,40 +249,26 @@ fn refuses_weak_token_files() {
     for (name, content, needle) in cases {
         let f = tmp.path().join(name);
         std::fs::write(&f, content).unwrap();
-        let stderr =
-            expect_refusal(&["--bind", "127.0.0.1:0", "--token-file", f.to_str().unwrap()]);
+        let stderr = expect_refusal(&["--bind", "127.0.0.1:0", "--token-file", f.to_str().unwrap()]);
         assert!(stderr.contains("--token-file"), "{name}: {stderr}");
-        assert!(
-            stderr.contains(needle),
-            "{name}: expected {needle:?} in {stderr}"
-        );
+        assert!(stderr.contains(needle), "{name}: expected {needle:?} in {stderr}");
     }
-    let stderr = expect_refusal(&[
-        "--bind",
-        "127.0.0.1:0",
-        "--token-file",
-        tmp.path().join("absent").to_str().unwrap(),
-    ]);
+    let stderr =
+        expect_refusal(&["--bind", "127.0.0.1:0", "--token-file", tmp.path().join("absent").to_str().unwrap()]);
     assert!(stderr.contains("--token-file"), "{stderr}");
 }
 
 #[test]
 fn refuses_non_loopback_bind_without_token_and_tls() {
     let stderr = expect_refusal(&["--bind", "0.0.0.0:0"]);
-    assert!(
-        stderr.contains("refusing to listen on non-loopback"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("refusing to listen on non-loopback"), "{stderr}");
 
     // A token alone is not enough: the token would travel in clear text.
     let tmp = tempfile::tempdir_in("/tmp").unwrap();
     let f = tmp.path().join("tok");
     std::fs::write(&f, TEST_TOKEN).unwrap();
     let stderr = expect_refusal(&["--bind", "0.0.0.0:0", "--token-file", f.to_str().unwrap()]);
-    assert!(
-        stderr.contains("refusing to listen on non-loopback"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("refusing to listen on non-loopback"), "{stderr}");
 }
 
 // ---------------------------------------------------------------- TLS
@@ -411,26 +276,16 @@ fn refuses_non_loopback_bind_without_token_and_tls() {
 /// A CA and a server certificate for localhost/127.0.0.1 signed by it.
 /// Returns (CA PEM, cert path, key path).
 fn make_tls(dir: &Path) -> (String, PathBuf, PathBuf) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "forkd edge test CA");
+    ca_params.distinguished_name.push(DnType::CommonName, "forkd edge test CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
 
-    let mut leaf =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    leaf.distinguished_name
-        .push(DnType::CommonName, "localhost");
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    leaf.distinguished_name.push(DnType::CommonName, "localhost");
     let leaf_key = KeyPair::generate().unwrap();
     let cert = leaf.signed_by(&leaf_key, &ca).unwrap();
 
@@ -458,12 +313,7 @@ async fn tls_serves_rest_and_grpc_and_refuses_plain_http() {
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
-    let r = c
-        .get(format!("https://{}/version", d.addr))
-        .bearer_auth(TEST_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("https://{}/version", d.addr)).bearer_auth(TEST_TOKEN).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["api"], "v1");
@@ -474,76 +324,34 @@ async fn tls_serves_rest_and_grpc_and_refuses_plain_http() {
         .resolve("localhost", d.addr.parse().unwrap())
         .build()
         .unwrap();
-    let r = by_name
-        .get(format!("https://localhost:{port}/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let r = by_name.get(format!("https://localhost:{port}/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     // Auth still applies behind TLS.
-    let r = c
-        .get(format!("https://{}/version", d.addr))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("https://{}/version", d.addr)).send().await.unwrap();
     assert_eq!(r.status(), 401);
 
     // A client that does not trust the CA is refused at the handshake.
-    let untrusting = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
-    assert!(
-        untrusting
-            .get(format!("https://{}/healthz", d.addr))
-            .send()
-            .await
-            .is_err()
-    );
+    let untrusting = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    assert!(untrusting.get(format!("https://{}/healthz", d.addr)).send().await.is_err());
 
     // gRPC over TLS.
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&ca_pem))
-        .domain_name("localhost");
-    let ch = Channel::from_shared(format!("https://{}", d.addr))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let v = system_with(ch.clone(), d.bearer())
-        .get_version(api::GetVersionRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca_pem)).domain_name("localhost");
+    let ch =
+        Channel::from_shared(format!("https://{}", d.addr)).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+    let v = system_with(ch.clone(), d.bearer()).get_version(api::GetVersionRequest {}).await.unwrap().into_inner();
     assert_eq!(v.api, "v1");
-    let e = system_with(ch, None)
-        .get_version(api::GetVersionRequest {})
-        .await
-        .unwrap_err();
+    let e = system_with(ch, None).get_version(api::GetVersionRequest {}).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
 
     // Plain HTTP to the TLS port fails, for REST and for gRPC.
-    let plain = tokio::time::timeout(
-        Duration::from_secs(20),
-        d.http().get(format!("http://{}/healthz", d.addr)).send(),
-    )
-    .await
-    .expect("plain HTTP to the TLS port hung");
-    assert!(
-        plain.is_err(),
-        "plain HTTP to the TLS port answered: {plain:?}"
-    );
-    let plain_grpc = tokio::time::timeout(Duration::from_secs(20), async {
-        let ch = Channel::from_shared(format!("http://{}", d.addr))
-            .unwrap()
-            .connect()
-            .await?;
-        system_with(ch, d.bearer())
-            .get_version(api::GetVersionRequest {})
+    let plain =
+        tokio::time::timeout(Duration::from_secs(20), d.http().get(format!("http://{}/healthz", d.addr)).send())
             .await
-            .map_err(anyhow::Error::from)?;
+            .expect("plain HTTP to the TLS port hung");
+    assert!(plain.is_err(), "plain HTTP to the TLS port answered: {plain:?}");
+    let plain_grpc = tokio::time::timeout(Duration::from_secs(20), async {
+        let ch = Channel::from_shared(format!("http://{}", d.addr)).unwrap().connect().await?;
+        system_with(ch, d.bearer()).get_version(api::GetVersionRequest {}).await.map_err(anyhow::Error::from)?;
         Ok::<_, anyhow::Error>(())
     })
     .await
@@ -553,10 +361,7 @@ async fn tls_serves_rest_and_grpc_and_refuses_plain_http() {
 
 // --------------------------------------------------------- reflection
 
-async fn reflection_services(
-    d: &Daemon,
-    bearer: Option<String>,
-) -> Result<Vec<String>, tonic::Status> {
+async fn reflection_services(d: &Daemon, bearer: Option<String>) -> Result<Vec<String>, tonic::Status> {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -567,15 +372,10 @@ async fn reflection_services(
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut stream = c
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await?
-        .into_inner();
+    let mut stream = c.server_reflection_info(tokio_stream::iter(vec![req])).await?.into_inner();
     let resp = stream.message().await?.expect("a reflection response");
     match resp.message_response {
-        Some(MessageResponse::ListServicesResponse(l)) => {
-            Ok(l.service.into_iter().map(|s| s.name).collect())
-        }
+        Some(MessageResponse::ListServicesResponse(l)) => Ok(l.service.into_iter().map(|s| s.name).collect()),
         other => panic!("unexpected reflection response {other:?}"),
     }
 }
@@ -584,16 +384,10 @@ async fn reflection_services(
 async fn reflection_lists_the_public_services() {
     let d = start(true);
     let names = reflection_services(&d, d.bearer()).await.unwrap();
-    for want in [
-        "forkd.v1.SnapshotService",
-        "forkd.v1.SandboxService",
-        "forkd.v1.WorkspaceService",
-        "forkd.v1.SystemService",
-    ] {
-        assert!(
-            names.iter().any(|n| n == want),
-            "{want} missing from {names:?}"
-        );
+    for want in
+        ["forkd.v1.SnapshotService", "forkd.v1.SandboxService", "forkd.v1.WorkspaceService", "forkd.v1.SystemService"]
+    {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
     }
     // Reflection is not a health probe: it needs the token.
     let e = reflection_services(&d, None).await.unwrap_err();
@@ -610,10 +404,7 @@ async fn reflection_lists_the_health_service() {
     let d = start(true);
     let names = reflection_services(&d, d.bearer()).await.unwrap();
     // SERVER BUG (see doc comment): fails until the health descriptor is registered.
-    assert!(
-        names.iter().any(|n| n == "grpc.health.v1.Health"),
-        "grpc.health.v1.Health missing from {names:?}"
-    );
+    assert!(names.iter().any(|n| n == "grpc.health.v1.Health"), "grpc.health.v1.Health missing from {names:?}");
 }
 
 // ------------------------------------------------------------- parity
@@ -624,13 +415,7 @@ async fn rest_and_grpc_agree() {
 
     let (s, rest) = json_of(d.get("/version").send().await.unwrap()).await;
     assert_eq!(s, 200);
-    let g = d
-        .system()
-        .await
-        .get_version(api::GetVersionRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let g = d.system().await.get_version(api::GetVersionRequest {}).await.unwrap().into_inner();
     for (k, want) in [
         ("version", &g.version),
         ("api", &g.api),
@@ -645,75 +430,36 @@ async fn rest_and_grpc_agree() {
     }
     assert_eq!(rest["sandboxes"], json!(g.sandboxes));
     assert_eq!(rest["snapshots"], json!(g.snapshots));
-    assert!(
-        rest["sandboxes"].is_u64() && rest["snapshots"].is_u64(),
-        "counts must be JSON numbers: {rest}"
-    );
+    assert!(rest["sandboxes"].is_u64() && rest["snapshots"].is_u64(), "counts must be JSON numbers: {rest}");
     // Every field of VersionInfo is present, proto field names, nothing else.
-    let mut keys: Vec<&str> = rest
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
+    let mut keys: Vec<&str> = rest.as_object().unwrap().keys().map(String::as_str).collect();
     keys.sort();
     assert_eq!(
         keys,
-        [
-            "accel",
-            "accel_reason",
-            "api",
-            "backend",
-            "data_dir",
-            "git_commit",
-            "sandboxes",
-            "snapshots",
-            "version"
-        ]
+        ["accel", "accel_reason", "api", "backend", "data_dir", "git_commit", "sandboxes", "snapshots", "version"]
     );
     assert_eq!(g.api, "v1");
     assert_eq!(g.version, forkd_api::VERSION);
     assert_eq!(g.backend, "qemu");
     assert_eq!(g.accel, "tcg");
     assert_eq!(g.accel_reason, "requested with --accel tcg");
-    assert_eq!(
-        Path::new(&g.data_dir),
-        std::fs::canonicalize(&d.data_dir).unwrap()
-    );
+    assert_eq!(Path::new(&g.data_dir), std::fs::canonicalize(&d.data_dir).unwrap());
     assert_eq!((g.sandboxes, g.snapshots), (0, 0));
 
     // Lists: REST returns the bare array (response_body), gRPC the message.
     let (s, v) = json_of(d.get("/v1/snapshots").send().await.unwrap()).await;
     assert_eq!((s, v), (StatusCode::OK, json!([])));
-    let l = d
-        .snapshots()
-        .await
-        .list_snapshots(api::ListSnapshotsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let l = d.snapshots().await.list_snapshots(api::ListSnapshotsRequest::default()).await.unwrap().into_inner();
     assert!(l.snapshots.is_empty() && l.next_page_token.is_empty());
 
     let (s, v) = json_of(d.get("/v1/sandboxes").send().await.unwrap()).await;
     assert_eq!((s, v), (StatusCode::OK, json!([])));
-    let l = d
-        .sandboxes()
-        .await
-        .list_sandboxes(api::ListSandboxesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let l = d.sandboxes().await.list_sandboxes(api::ListSandboxesRequest::default()).await.unwrap().into_inner();
     assert!(l.sandboxes.is_empty());
 
     let (s, v) = json_of(d.get("/v1/workspaces").send().await.unwrap()).await;
     assert_eq!((s, v), (StatusCode::OK, json!([])));
-    let l = d
-        .workspaces()
-        .await
-        .list_workspaces(api::ListWorkspacesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let l = d.workspaces().await.list_workspaces(api::ListWorkspacesRequest::default()).await.unwrap().into_inner();
     assert!(l.workspaces.is_empty());
 
     // Query parameters become request fields; unknown ones are refused.
@@ -730,10 +476,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let d = start(true);
     let c = d.http();
     let post_raw = |path: &str, body: &'static str| {
-        c.post(url(&d, path))
-            .bearer_auth(TEST_TOKEN)
-            .header("content-type", "application/json")
-            .body(body)
+        c.post(url(&d, path)).bearer_auth(TEST_TOKEN).header("content-type", "application/json").body(body)
     };
 
     // Path traversal in a path variable and in a body field.
@@ -741,138 +484,46 @@ async fn bad_input_is_refused_and_changes_nothing() {
     assert_error(&e, 400, "INVALID_ARGUMENT", "invalid tag");
     let e = json_of(d.get("/v1/snapshots/..%2Fetc").send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "invalid tag");
-    let e = json_of(
-        d.post("/v1/snapshots", json!({ "tag": "../etc" }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(d.post("/v1/snapshots", json!({ "tag": "../etc" })).send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "invalid tag");
-    let e = json_of(
-        d.post("/v1/snapshots", json!({ "tag": "" }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(d.post("/v1/snapshots", json!({ "tag": "" })).send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "invalid tag");
-    let e = json_of(
-        d.post("/v1/snapshots", json!({ "tag": "a".repeat(65) }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(d.post("/v1/snapshots", json!({ "tag": "a".repeat(65) })).send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "invalid tag");
 
     // n is validated before the snapshot is looked up, so a bad n is a 400
     // even for a tag that does not exist; a good n then gives 404.
-    let e = json_of(
-        d.post("/v1/sandboxes", json!({ "snapshot_tag": "x", "n": 0 }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(d.post("/v1/sandboxes", json!({ "snapshot_tag": "x", "n": 0 })).send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "invalid n");
-    let e = json_of(
-        d.post("/v1/sandboxes", json!({ "snapshot_tag": "x", "n": 1001 }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(d.post("/v1/sandboxes", json!({ "snapshot_tag": "x", "n": 1001 })).send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "invalid n");
-    let e = json_of(
-        d.post("/v1/sandboxes", json!({ "snapshot_tag": "x", "n": -1 }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(d.post("/v1/sandboxes", json!({ "snapshot_tag": "x", "n": -1 })).send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "invalid JSON body");
-    let e = json_of(
-        d.post("/v1/sandboxes", json!({ "snapshot_tag": "x", "n": 1 }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(d.post("/v1/sandboxes", json!({ "snapshot_tag": "x", "n": 1 })).send().await.unwrap()).await;
     assert_error(&e, 404, "NOT_FOUND", "\"x\"");
-    let e = json_of(
-        d.post("/v1/sandboxes", json!({ "snapshot_tag": "x" }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(d.post("/v1/sandboxes", json!({ "snapshot_tag": "x" })).send().await.unwrap()).await;
     assert_error(&e, 404, "NOT_FOUND", "\"x\"");
-    let e = json_of(
-        d.post("/v1/sandboxes", json!({ "snapshot_tag": "../x", "n": 1 }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(d.post("/v1/sandboxes", json!({ "snapshot_tag": "../x", "n": 1 })).send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "snapshot_tag");
 
     // Bodies that are not the request message.
-    let e = json_of(
-        post_raw("/v1/snapshots", "{\"tag\": \"a\"")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(post_raw("/v1/snapshots", "{\"tag\": \"a\"").send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "invalid JSON body");
-    let e = json_of(
-        post_raw("/v1/snapshots", "{\"tag\": \"a\"} trailing")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(post_raw("/v1/snapshots", "{\"tag\": \"a\"} trailing").send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "invalid JSON body");
     let e = json_of(post_raw("/v1/snapshots", "[1, 2]").send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "invalid JSON body");
-    let e = json_of(
-        d.post("/v1/snapshots", json!({ "tag": "a", "bogus": 1 }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(d.post("/v1/snapshots", json!({ "tag": "a", "bogus": 1 })).send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "bogus");
-    let e = json_of(
-        d.post("/v1/snapshots", json!({ "tag": "a", "vcpus": "many" }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(d.post("/v1/snapshots", json!({ "tag": "a", "vcpus": "many" })).send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "invalid JSON body");
-    let e = json_of(
-        c.get(url(&d, "/version"))
-            .bearer_auth(TEST_TOKEN)
-            .body("{}")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(c.get(url(&d, "/version")).bearer_auth(TEST_TOKEN).body("{}").send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "takes no request body");
 
     // An oversize body: 3 MB against the default 1 MiB limit. Over HTTP/2
     // the client sees the early 413 and the stream is reset afterwards.
-    let big = format!(
-        "{{\"tag\":\"a\",\"warm_eval\":\"{}\"}}",
-        "x".repeat(3_000_000)
-    );
-    let h2 = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let big = format!("{{\"tag\":\"a\",\"warm_eval\":\"{}\"}}", "x".repeat(3_000_000));
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
     let e = json_of(
         h2.post(url(&d, "/v1/snapshots"))
             .bearer_auth(TEST_TOKEN)
@@ -885,12 +536,8 @@ async fn bad_input_is_refused_and_changes_nothing() {
     .await;
     assert_error(&e, 413, "RESOURCE_EXHAUSTED", "1048576-byte limit");
     // Without a Content-Length (a streamed body) the limit applies while reading.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big
-        .clone()
-        .into_bytes()
-        .chunks(64 * 1024)
-        .map(|c| Ok(c.to_vec()))
-        .collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        big.clone().into_bytes().chunks(64 * 1024).map(|c| Ok(c.to_vec())).collect();
     let e = json_of(
         h2.post(url(&d, "/v1/snapshots"))
             .bearer_auth(TEST_TOKEN)
@@ -921,81 +568,40 @@ async fn bad_input_is_refused_and_changes_nothing() {
     assert_error(&e, 404, "NOT_FOUND", "no route");
     let e = json_of(d.get("/v2/snapshots").send().await.unwrap()).await;
     assert_error(&e, 404, "NOT_FOUND", "no route");
-    let e = json_of(
-        c.patch(url(&d, "/v1/snapshots"))
-            .bearer_auth(TEST_TOKEN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(c.patch(url(&d, "/v1/snapshots")).bearer_auth(TEST_TOKEN).send().await.unwrap()).await;
     assert_error(&e, 405, "UNIMPLEMENTED", "PATCH");
-    let e = json_of(
-        c.put(url(&d, "/version"))
-            .bearer_auth(TEST_TOKEN)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(c.put(url(&d, "/version")).bearer_auth(TEST_TOKEN).send().await.unwrap()).await;
     assert_error(&e, 405, "UNIMPLEMENTED", "PUT");
 
     // The gRPC equivalents.
     let e = d
         .snapshots()
         .await
-        .create_snapshot(api::CreateSnapshotRequest {
-            tag: "../etc".into(),
-            ..Default::default()
-        })
+        .create_snapshot(api::CreateSnapshotRequest { tag: "../etc".into(), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("invalid tag"), "{e:?}");
-    let e = d
-        .snapshots()
-        .await
-        .get_snapshot(api::GetSnapshotRequest {
-            tag: "../etc".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = d.snapshots().await.get_snapshot(api::GetSnapshotRequest { tag: "../etc".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     let mut sb = d.sandboxes().await;
     let e = sb
-        .create_sandboxes(api::CreateSandboxesRequest {
-            snapshot_tag: "x".into(),
-            n: Some(0),
-            ..Default::default()
-        })
+        .create_sandboxes(api::CreateSandboxesRequest { snapshot_tag: "x".into(), n: Some(0), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("invalid n"), "{e:?}");
     let e = sb
-        .create_sandboxes(api::CreateSandboxesRequest {
-            snapshot_tag: "x".into(),
-            n: Some(1001),
-            ..Default::default()
-        })
+        .create_sandboxes(api::CreateSandboxesRequest { snapshot_tag: "x".into(), n: Some(1001), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     let e = sb
-        .create_sandboxes(api::CreateSandboxesRequest {
-            snapshot_tag: "x".into(),
-            n: None,
-            ..Default::default()
-        })
+        .create_sandboxes(api::CreateSandboxesRequest { snapshot_tag: "x".into(), n: None, ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e = sb
-        .get_sandbox(api::GetSandboxRequest {
-            id: "../../etc".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = sb.get_sandbox(api::GetSandboxRequest { id: "../../etc".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
 
     assert_untouched(&d).await;
@@ -1003,24 +609,11 @@ async fn bad_input_is_refused_and_changes_nothing() {
 
 #[tokio::test]
 async fn max_body_bytes_is_configurable() {
-    let mut o = Options {
-        token: Some(TEST_TOKEN.into()),
-        extra_args: no_vm_args(),
-        ..Default::default()
-    };
-    o.extra_args
-        .extend(["--max-body-bytes".to_string(), "64".to_string()]);
+    let mut o = Options { token: Some(TEST_TOKEN.into()), extra_args: no_vm_args(), ..Default::default() };
+    o.extra_args.extend(["--max-body-bytes".to_string(), "64".to_string()]);
     let d = Daemon::start(o);
-    let h2 = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
-    let send = |body: Value| {
-        h2.post(url(&d, "/v1/sandboxes"))
-            .bearer_auth(TEST_TOKEN)
-            .json(&body)
-            .send()
-    };
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let send = |body: Value| h2.post(url(&d, "/v1/sandboxes")).bearer_auth(TEST_TOKEN).json(&body).send();
     // 63 bytes of JSON: under the limit, so it reaches the service (no such snapshot).
     let small = json!({ "snapshot_tag": "x", "labels": { "k": "v".repeat(20) } });
     assert!(serde_json::to_vec(&small).unwrap().len() <= 64);
@@ -1042,37 +635,18 @@ async fn missing_things_and_delete_flags() {
     let e = json_of(d.delete("/v1/snapshots/nope").send().await.unwrap()).await;
     assert_error(&e, 404, "NOT_FOUND", "\"nope\"");
     // cascade and force together are contradictory: 400 before any lookup.
-    let e = json_of(
-        d.delete("/v1/snapshots/x?cascade=true&force=true")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(d.delete("/v1/snapshots/x?cascade=true&force=true").send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "cascade");
-    let e = json_of(
-        d.delete("/v1/snapshots/x?cascade=maybe")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(d.delete("/v1/snapshots/x?cascade=maybe").send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "cascade");
     let e = json_of(d.get("/v1/sandboxes/sb-nope0").send().await.unwrap()).await;
     assert_error(&e, 404, "NOT_FOUND", "sb-nope0");
 
     let mut s = d.snapshots().await;
-    let e = s
-        .get_snapshot(api::GetSnapshotRequest { tag: "nope".into() })
-        .await
-        .unwrap_err();
+    let e = s.get_snapshot(api::GetSnapshotRequest { tag: "nope".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     let e = s
-        .delete_snapshot(api::DeleteSnapshotRequest {
-            tag: "x".into(),
-            cascade: true,
-            force: true,
-        })
+        .delete_snapshot(api::DeleteSnapshotRequest { tag: "x".into(), cascade: true, force: true })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -1085,40 +659,19 @@ async fn missing_things_and_delete_flags() {
 async fn unimplemented_rpcs_say_so() {
     let d = start(true);
     let e = json_of(
-        d.post(
-            "/v1/exec/interactive",
-            json!({ "start": { "id": "sb-abc", "args": ["sh"] } }),
-        )
-        .send()
-        .await
-        .unwrap(),
+        d.post("/v1/exec/interactive", json!({ "start": { "id": "sb-abc", "args": ["sh"] } })).send().await.unwrap(),
     )
     .await;
-    assert_error(
-        &e,
-        501,
-        "UNIMPLEMENTED",
-        "ExecInteractive is not implemented",
-    );
-    let e = json_of(
-        d.post(
-            "/v1/snapshots/pull",
-            json!({ "remote": "file:///tmp/x", "tag": "p" }),
-        )
-        .send()
-        .await
-        .unwrap(),
-    )
-    .await;
+    assert_error(&e, 501, "UNIMPLEMENTED", "ExecInteractive is not implemented");
+    let e =
+        json_of(d.post("/v1/snapshots/pull", json!({ "remote": "file:///tmp/x", "tag": "p" })).send().await.unwrap())
+            .await;
     assert_error(&e, 501, "UNIMPLEMENTED", "PullSnapshot");
 
     let e = d
         .snapshots()
         .await
-        .export_snapshot(api::ExportSnapshotRequest {
-            tag: "x".into(),
-            layer_only: false,
-        })
+        .export_snapshot(api::ExportSnapshotRequest { tag: "x".into(), layer_only: false })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);
@@ -1126,10 +679,7 @@ async fn unimplemented_rpcs_say_so() {
     let e = d
         .snapshots()
         .await
-        .push_snapshot(api::PushSnapshotRequest {
-            tag: "a".into(),
-            remote: "file:///tmp/forkd-edge-push".into(),
-        })
+        .push_snapshot(api::PushSnapshotRequest { tag: "a".into(), remote: "file:///tmp/forkd-edge-push".into() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);
@@ -1143,10 +693,7 @@ fn read_audit(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap()
         .lines()
-        .map(|l| {
-            serde_json::from_str(l)
-                .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l:?}"))
-        })
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l:?}")))
         .collect()
 }
 
@@ -1169,22 +716,10 @@ async fn audit_log_has_one_line_per_request() {
     // seeing the response by a moment; the pause keeps the file in call order.
     let settle = || tokio::time::sleep(Duration::from_millis(30));
 
-    let r = c
-        .get(u("/version"))
-        .bearer_auth(TEST_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(u("/version")).bearer_auth(TEST_TOKEN).send().await.unwrap();
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
-    want.push((
-        "rest",
-        "GET",
-        "/version",
-        "forkd.v1.SystemService.GetVersion",
-        200,
-        200,
-    ));
+    want.push(("rest", "GET", "/version", "forkd.v1.SystemService.GetVersion", 200, 200));
     settle().await;
 
     let r = c.get(u("/v1/snapshots")).send().await.unwrap();
@@ -1193,28 +728,14 @@ async fn audit_log_has_one_line_per_request() {
     want.push(("rest", "GET", "/v1/snapshots", "/v1/snapshots", 401, 401));
     settle().await;
 
-    d.system()
-        .await
-        .get_version(api::GetVersionRequest {})
-        .await
-        .unwrap();
-    want.push((
-        "grpc",
-        "POST",
-        "/forkd.v1.SystemService/GetVersion",
-        "forkd.v1.SystemService.GetVersion",
-        0,
-        200,
-    ));
+    d.system().await.get_version(api::GetVersionRequest {}).await.unwrap();
+    want.push(("grpc", "POST", "/forkd.v1.SystemService/GetVersion", "forkd.v1.SystemService.GetVersion", 0, 200));
     settle().await;
 
-    let e = api::snapshot_service_client::SnapshotServiceClient::with_interceptor(
-        d.channel().await,
-        Auth(None),
-    )
-    .list_snapshots(api::ListSnapshotsRequest::default())
-    .await
-    .unwrap_err();
+    let e = api::snapshot_service_client::SnapshotServiceClient::with_interceptor(d.channel().await, Auth(None))
+        .list_snapshots(api::ListSnapshotsRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     want.push((
         "grpc",
@@ -1226,22 +747,10 @@ async fn audit_log_has_one_line_per_request() {
     ));
     settle().await;
 
-    let r = c
-        .get(u("/v1/snapshots/nope/info"))
-        .bearer_auth(TEST_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(u("/v1/snapshots/nope/info")).bearer_auth(TEST_TOKEN).send().await.unwrap();
     assert_eq!(r.status(), 404);
     r.bytes().await.unwrap();
-    want.push((
-        "rest",
-        "GET",
-        "/v1/snapshots/nope/info",
-        "forkd.v1.SnapshotService.GetSnapshot",
-        404,
-        404,
-    ));
+    want.push(("rest", "GET", "/v1/snapshots/nope/info", "forkd.v1.SnapshotService.GetSnapshot", 404, 404));
     settle().await;
 
     let r = c.get(u("/healthz")).send().await.unwrap();
@@ -1250,12 +759,7 @@ async fn audit_log_has_one_line_per_request() {
     want.push(("rest", "GET", "/healthz", "/healthz", 200, 200));
     settle().await;
 
-    let e = d
-        .snapshots()
-        .await
-        .get_snapshot(api::GetSnapshotRequest { tag: "nope".into() })
-        .await
-        .unwrap_err();
+    let e = d.snapshots().await.get_snapshot(api::GetSnapshotRequest { tag: "nope".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     want.push((
         "grpc",
@@ -1267,31 +771,13 @@ async fn audit_log_has_one_line_per_request() {
     ));
     settle().await;
 
-    let r = c
-        .post(u("/v1/workspaces"))
-        .bearer_auth(TEST_TOKEN)
-        .json(&json!({ "name": "w" }))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(u("/v1/workspaces")).bearer_auth(TEST_TOKEN).json(&json!({ "name": "w" })).send().await.unwrap();
     assert_eq!(r.status(), 400, "no snapshot_tag");
     r.bytes().await.unwrap();
-    want.push((
-        "rest",
-        "POST",
-        "/v1/workspaces",
-        "forkd.v1.WorkspaceService.CreateWorkspace",
-        400,
-        400,
-    ));
+    want.push(("rest", "POST", "/v1/workspaces", "forkd.v1.WorkspaceService.CreateWorkspace", 400, 400));
     settle().await;
 
-    let r = c
-        .patch(u("/v1/snapshots"))
-        .bearer_auth(TEST_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(u("/v1/snapshots")).bearer_auth(TEST_TOKEN).send().await.unwrap();
     assert_eq!(r.status(), 405);
     r.bytes().await.unwrap();
     want.push(("rest", "PATCH", "/v1/snapshots", "/v1/snapshots", 405, 405));
@@ -1316,39 +802,19 @@ async fn audit_log_has_one_line_per_request() {
             ts.len() >= 20 && ts.as_bytes()[4] == b'-' && ts.contains('T') && ts.ends_with('Z'),
             "RFC 3339 UTC ts: {ctx}"
         );
-        let peer = line["peer"]
-            .as_str()
-            .unwrap_or_else(|| panic!("peer: {ctx}"));
+        let peer = line["peer"].as_str().unwrap_or_else(|| panic!("peer: {ctx}"));
         assert!(peer.starts_with("127.0.0.1:"), "{ctx}");
-        let ua = line["user_agent"]
-            .as_str()
-            .unwrap_or_else(|| panic!("user_agent: {ctx}"));
+        let ua = line["user_agent"].as_str().unwrap_or_else(|| panic!("user_agent: {ctx}"));
         if protocol == "rest" {
             assert_eq!(ua, UA, "{ctx}");
         } else {
             assert!(ua.contains("tonic"), "{ctx}");
         }
-        let mut keys: Vec<&str> = line
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
+        let mut keys: Vec<&str> = line.as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort();
         assert_eq!(
             keys,
-            [
-                "http_status",
-                "latency_us",
-                "method",
-                "path",
-                "peer",
-                "protocol",
-                "rpc",
-                "status",
-                "ts",
-                "user_agent"
-            ],
+            ["http_status", "latency_us", "method", "path", "peer", "protocol", "rpc", "status", "ts", "user_agent"],
             "{ctx}"
         );
     }
@@ -1362,11 +828,7 @@ async fn audit_log_has_one_line_per_request() {
 #[tokio::test]
 async fn metrics_show_build_gauges_and_rpc_latency() {
     let d = start(true);
-    d.system()
-        .await
-        .get_version(api::GetVersionRequest {})
-        .await
-        .unwrap();
+    d.system().await.get_version(api::GetVersionRequest {}).await.unwrap();
     let r = d.get("/version").send().await.unwrap();
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
@@ -1376,13 +838,7 @@ async fn metrics_show_build_gauges_and_rpc_latency() {
     let text = loop {
         let r = d.get("/metrics").send().await.unwrap();
         assert_eq!(r.status(), 200);
-        let ct = r
-            .headers()
-            .get("content-type")
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_string();
+        let ct = r.headers().get("content-type").unwrap().to_str().unwrap().to_string();
         assert!(ct.starts_with("text/plain"), "{ct}");
         let text = r.text().await.unwrap();
         let has = |proto: &str| {
@@ -1397,29 +853,18 @@ async fn metrics_show_build_gauges_and_rpc_latency() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let sample = |name: &str| -> Vec<&str> {
-        text.lines()
-            .filter(|l| !l.starts_with('#') && l.starts_with(name))
-            .collect()
-    };
+    let sample =
+        |name: &str| -> Vec<&str> { text.lines().filter(|l| !l.starts_with('#') && l.starts_with(name)).collect() };
 
     let build = sample("forkd_build_info");
     assert!(
-        build.iter().any(
-            |l| l.contains(&format!("version=\"{}\"", forkd_api::VERSION)) && l.ends_with(" 1")
-        ),
+        build.iter().any(|l| l.contains(&format!("version=\"{}\"", forkd_api::VERSION)) && l.ends_with(" 1")),
         "{text}"
     );
     let snaps = sample("forkd_snapshots_total");
-    assert!(
-        snaps.iter().any(|l| l.ends_with(" 0")),
-        "forkd_snapshots_total 0 expected:\n{text}"
-    );
+    assert!(snaps.iter().any(|l| l.ends_with(" 0")), "forkd_snapshots_total 0 expected:\n{text}");
     let sbs = sample("forkd_sandboxes_active");
-    assert!(
-        sbs.iter().any(|l| l.ends_with(" 0")),
-        "forkd_sandboxes_active 0 expected:\n{text}"
-    );
+    assert!(sbs.iter().any(|l| l.ends_with(" 0")), "forkd_sandboxes_active 0 expected:\n{text}");
 
     for proto in ["grpc", "rest"] {
         let code = if proto == "grpc" { "0" } else { "200" };
@@ -1470,16 +915,7 @@ impl FakeGuestDaemon {
         std::fs::write(&image, b"not an image").unwrap();
         let data_dir = tmp.path().join("data");
         let mut child = Command::new(server_bin())
-            .args([
-                "--bind",
-                "127.0.0.1:0",
-                "--log",
-                "warn",
-                "--accel",
-                "tcg",
-                "--qemu",
-                "/bin/false",
-            ])
+            .args(["--bind", "127.0.0.1:0", "--log", "warn", "--accel", "tcg", "--qemu", "/bin/false"])
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--guest-dir")
@@ -1502,13 +938,7 @@ impl FakeGuestDaemon {
         };
         std::thread::spawn(move || for _ in lines {});
         let data_dir = std::fs::canonicalize(&data_dir).unwrap();
-        FakeGuestDaemon {
-            child,
-            addr,
-            data_dir,
-            image,
-            _tmp: tmp,
-        }
+        FakeGuestDaemon { child, addr, data_dir, image, _tmp: tmp }
     }
 
     fn url(&self, p: &str) -> String {
@@ -1538,47 +968,20 @@ async fn json_numbers_stay_numbers() {
     let d = FakeGuestDaemon::start();
     let c = reqwest::Client::new();
     let mem_mib: u64 = 8192; // 8 GiB: logical_size_bytes does not fit in 32 bits.
-    let body = json!({ "tag": "u64", "image": d.image.display().to_string(), "mem_mib": mem_mib, "labels": { "k": "v" } });
-    let (s, snap) = json_of(
-        c.post(d.url("/v1/snapshots"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let body =
+        json!({ "tag": "u64", "image": d.image.display().to_string(), "mem_mib": mem_mib, "labels": { "k": "v" } });
+    let (s, snap) = json_of(c.post(d.url("/v1/snapshots")).json(&body).send().await.unwrap()).await;
     assert_eq!(s, 200, "{snap}");
     assert_eq!(snap["tag"], "u64");
     assert_eq!(snap["status"], "writing");
     // uint64 and int64 are JSON numbers, not the proto3-JSON strings.
-    assert_eq!(
-        snap["logical_size_bytes"],
-        json!(mem_mib * 1024 * 1024),
-        "{snap}"
-    );
+    assert_eq!(snap["logical_size_bytes"], json!(mem_mib * 1024 * 1024), "{snap}");
     assert!(snap["logical_size_bytes"].is_u64(), "{snap}");
-    assert!(
-        snap["physical_size_bytes"].is_u64() && snap["dirty_bytes"].is_u64(),
-        "{snap}"
-    );
-    assert!(
-        snap["created_at_unix"]
-            .as_i64()
-            .is_some_and(|t| t > 1_600_000_000),
-        "{snap}"
-    );
-    assert!(
-        snap["vcpus"].is_u64() && snap["chain_depth"].is_u64(),
-        "{snap}"
-    );
-    assert!(
-        snap["pause_ms"].is_number() && snap["warm_ms"].is_number(),
-        "{snap}"
-    );
-    assert!(
-        snap["ancestors"].is_array() && snap["dependents"].is_array() && snap["volumes"].is_array(),
-        "{snap}"
-    );
+    assert!(snap["physical_size_bytes"].is_u64() && snap["dirty_bytes"].is_u64(), "{snap}");
+    assert!(snap["created_at_unix"].as_i64().is_some_and(|t| t > 1_600_000_000), "{snap}");
+    assert!(snap["vcpus"].is_u64() && snap["chain_depth"].is_u64(), "{snap}");
+    assert!(snap["pause_ms"].is_number() && snap["warm_ms"].is_number(), "{snap}");
+    assert!(snap["ancestors"].is_array() && snap["dependents"].is_array() && snap["volumes"].is_array(), "{snap}");
     assert_eq!(snap["labels"], json!({ "k": "v" }));
 
     // Deleting a snapshot that is still being written is refused.
@@ -1594,17 +997,11 @@ async fn json_numbers_stay_numbers() {
         if v["status"] != "writing" {
             break v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "snapshot still writing after 60 s: {v}"
-        );
+        assert!(Instant::now() < deadline, "snapshot still writing after 60 s: {v}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(info["status"], "failed", "{info}");
-    assert!(
-        !info["status_reason"].as_str().unwrap().is_empty(),
-        "{info}"
-    );
+    assert!(!info["status_reason"].as_str().unwrap().is_empty(), "{info}");
     assert!(info["logical_size_bytes"].is_u64(), "{info}");
     let (s, list) = json_of(c.get(d.url("/v1/snapshots")).send().await.unwrap()).await;
     assert_eq!(s, 200);
@@ -1615,13 +1012,7 @@ async fn json_numbers_stay_numbers() {
 
     // Contradictory delete flags are refused for an existing snapshot too, and
     // leave it in place.
-    let e = json_of(
-        c.delete(d.url("/v1/snapshots/u64?cascade=true&force=true"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let e = json_of(c.delete(d.url("/v1/snapshots/u64?cascade=true&force=true")).send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "cascade");
     let (s, _) = json_of(c.get(d.url("/v1/snapshots/u64")).send().await.unwrap()).await;
     assert_eq!(s, 200);
@@ -1632,11 +1023,7 @@ async fn json_numbers_stay_numbers() {
     let (s, list) = json_of(c.get(d.url("/v1/snapshots")).send().await.unwrap()).await;
     assert_eq!((s, list), (StatusCode::OK, json!([])));
     for sub in ["snapshots", "staging", "sandboxes"] {
-        assert_eq!(
-            entries(&d.data_dir.join(sub)),
-            Vec::<String>::new(),
-            "{sub}/ must be empty"
-        );
+        assert_eq!(entries(&d.data_dir.join(sub)), Vec::<String>::new(), "{sub}/ must be empty");
     }
     let e = json_of(c.get(d.url("/v1/snapshots/u64/info")).send().await.unwrap()).await;
     assert_error(&e, 404, "NOT_FOUND", "u64");

@@ -2,9 +2,12 @@
 //! with an allow-list. The only peer is a network namespace this test makes
 //! itself (addresses in the 198.18.0.0/15 benchmarking range).
 
+mod common;
+
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use common::wait_ready;
 use forkd_integration::{Daemon, Options};
 use serde_json::{Value, json};
 
@@ -72,23 +75,13 @@ impl Drop for Peer {
     }
 }
 
-async fn wait_ready(d: &Daemon, tag: &str) {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let info: Value = d.get(&format!("/v1/snapshots/{tag}/info")).send().await.unwrap().json().await.unwrap();
-        match info["status"].as_str().unwrap() {
-            "ready" => return,
-            "writing" => {}
-            other => panic!("snapshot {tag} is {other}: {}", info["status_reason"]),
-        }
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 async fn fetch(d: &Daemon, id: &str, url: &str) -> Value {
     let code = format!("import urllib.request; urllib.request.urlopen({url:?}, timeout=4); print('reached')");
-    let r = d.post(&format!("/v1/sandboxes/{id}/exec"), json!({ "args": ["python3", "-c", code], "timeout_secs": 30 })).send().await.unwrap();
+    let r = d
+        .post(&format!("/v1/sandboxes/{id}/exec"), json!({ "args": ["python3", "-c", code], "timeout_secs": 30 }))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
 }
@@ -116,7 +109,10 @@ async fn nat_allows_only_the_allow_list() {
     }
 
     let r = d
-        .post("/v1/sandboxes", json!({ "snapshot_tag": "net", "n": 1, "network": "nat", "allow": ["198.19.0.2/32:8080"] }))
+        .post(
+            "/v1/sandboxes",
+            json!({ "snapshot_tag": "net", "n": 1, "network": "nat", "allow": ["198.19.0.2/32:8080"] }),
+        )
         .send()
         .await
         .unwrap();

@@ -41,7 +41,8 @@ async fn wait_ready(d: &Daemon, tag: &str) -> Vec<String> {
 }
 
 async fn exec(d: &Daemon, id: &str, args: &[&str]) -> Value {
-    let r = d.post(&format!("/v1/sandboxes/{id}/exec"), json!({ "args": args, "timeout_secs": 60 })).send().await.unwrap();
+    let r =
+        d.post(&format!("/v1/sandboxes/{id}/exec"), json!({ "args": args, "timeout_secs": 60 })).send().await.unwrap();
     assert_eq!(r.status(), 200, "exec {args:?} in {id}");
     r.json().await.unwrap()
 }
@@ -159,7 +160,8 @@ async fn python_snapshot_children_are_real_and_distinct() {
         randoms.insert(eval(&d, id, "import random\nrandom.random()").await["result"].as_str().unwrap().to_string());
         let host = exec(&d, id, &["hostname"]).await;
         hostnames.insert(host["stdout"].as_str().unwrap().trim().to_string());
-        let guest_now: f64 = eval(&d, id, "import time\ntime.time()").await["result"].as_str().unwrap().parse().unwrap();
+        let guest_now: f64 =
+            eval(&d, id, "import time\ntime.time()").await["result"].as_str().unwrap().parse().unwrap();
         let host_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
         assert!((guest_now - host_now).abs() < 2.0, "child {id} clock off by {} s", guest_now - host_now);
     }

@@ -2,24 +2,11 @@
 //! sandboxes used one after the other and is never attached twice; a
 //! read-only one is shared.
 
-use std::time::{Duration, Instant};
+mod common;
 
+use common::wait_ready;
 use forkd_integration::{Daemon, Options, cli_bin};
 use serde_json::{Value, json};
-
-async fn wait_ready(d: &Daemon, tag: &str) {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let info: Value = d.get(&format!("/v1/snapshots/{tag}/info")).send().await.unwrap().json().await.unwrap();
-        match info["status"].as_str().unwrap() {
-            "ready" => return,
-            "writing" => {}
-            other => panic!("snapshot {tag} is {other}: {}", info["status_reason"]),
-        }
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 async fn fork(d: &Daemon, tag: &str, n: u32) -> reqwest::Response {
     d.post("/v1/sandboxes", json!({ "snapshot_tag": tag, "n": n })).send().await.unwrap()
@@ -58,8 +45,16 @@ async fn read_write_volumes_persist_and_read_only_ones_are_shared() {
 
     let d = Daemon::start(Options::default());
     // Bad specs change nothing.
-    for bad in [format!("{}/missing.ext4:/data", tmp.path().display()), format!("{}:/data", tmp.path().display()), format!("{}:relative", rw.display())] {
-        let r = d.post("/v1/snapshots", json!({ "tag": "bad", "image": "minimal", "volumes": [bad] })).send().await.unwrap();
+    for bad in [
+        format!("{}/missing.ext4:/data", tmp.path().display()),
+        format!("{}:/data", tmp.path().display()),
+        format!("{}:relative", rw.display()),
+    ] {
+        let r = d
+            .post("/v1/snapshots", json!({ "tag": "bad", "image": "minimal", "volumes": [bad] }))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 400, "{bad}");
         let body = r.text().await.unwrap();
         assert!(body.contains("volumes"), "the error names the field: {body}");
@@ -67,13 +62,19 @@ async fn read_write_volumes_persist_and_read_only_ones_are_shared() {
     assert_eq!(d.get("/v1/snapshots/bad/info").send().await.unwrap().status(), 404);
 
     let r = d
-        .post("/v1/snapshots", json!({ "tag": "rwvol", "image": "minimal", "volumes": [format!("{}:/data", rw.display())] }))
+        .post(
+            "/v1/snapshots",
+            json!({ "tag": "rwvol", "image": "minimal", "volumes": [format!("{}:/data", rw.display())] }),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
     let r = d
-        .post("/v1/snapshots", json!({ "tag": "rovol", "image": "minimal", "volumes": [format!("{}:/shared:ro", ro.display())] }))
+        .post(
+            "/v1/snapshots",
+            json!({ "tag": "rovol", "image": "minimal", "volumes": [format!("{}:/shared:ro", ro.display())] }),
+        )
         .send()
         .await
         .unwrap();
@@ -102,7 +103,15 @@ async fn read_write_volumes_persist_and_read_only_ones_are_shared() {
     // Three children share the read-only volume and cannot write it.
     let r = fork(&d, "rovol", 3).await;
     assert_eq!(r.status(), 200);
-    let kids: Vec<String> = r.json::<Value>().await.unwrap().as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap().to_string()).collect();
+    let kids: Vec<String> = r
+        .json::<Value>()
+        .await
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap().to_string())
+        .collect();
     for k in &kids {
         assert_eq!(sh(&d, k, "cat /shared/hello.txt").await["stdout"], "shared hello\n");
         assert_ne!(sh(&d, k, "echo x > /shared/w").await["exit_code"], 0, "read-only volume was writable in {k}");

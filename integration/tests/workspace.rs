@@ -1,25 +1,14 @@
 //! Workspaces: suspend, survive a daemon crash, resume with everything kept;
 //! TTLs; the lifecycle event stream.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::wait_ready;
 use forkd_api::v1 as api;
 use forkd_integration::{Daemon, Options, vmms_under};
 use serde_json::{Value, json};
-
-async fn wait_ready(d: &Daemon, tag: &str) {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let info: Value = d.get(&format!("/v1/snapshots/{tag}/info")).send().await.unwrap().json().await.unwrap();
-        match info["status"].as_str().unwrap() {
-            "ready" => return,
-            "writing" => {}
-            other => panic!("snapshot {tag} is {other}: {}", info["status_reason"]),
-        }
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 async fn post(d: &Daemon, path: &str, body: Value) -> Value {
     let r = d.post(path, body).send().await.unwrap();
@@ -46,7 +35,8 @@ async fn workspace_survives_suspend_crash_and_resume() {
     let mut d = Daemon::start(opts.clone());
     post(&d, "/v1/snapshots", json!({ "tag": "src", "image": "python" })).await;
     wait_ready(&d, "src").await;
-    let src_digest = d.get("/v1/snapshots/src/info").send().await.unwrap().json::<Value>().await.unwrap()["memory_digest"].clone();
+    let src_digest =
+        d.get("/v1/snapshots/src/info").send().await.unwrap().json::<Value>().await.unwrap()["memory_digest"].clone();
 
     // The event stream, watched from before the workspace exists.
     let mut events = d
@@ -110,7 +100,11 @@ async fn workspace_survives_suspend_crash_and_resume() {
     let s2 = post(&d, "/v1/workspaces/dev/suspend", json!({})).await;
     eprintln!("suspend (idle) took {:?}", t.elapsed());
     assert_ne!(s2["state_tag"], state.as_str());
-    assert_eq!(d.get(&format!("/v1/snapshots/{state}/info")).send().await.unwrap().status(), 404, "superseded state is removed");
+    assert_eq!(
+        d.get(&format!("/v1/snapshots/{state}/info")).send().await.unwrap().status(),
+        404,
+        "superseded state is removed"
+    );
     let t = Instant::now();
     let r2 = post(&d, "/v1/workspaces/dev/resume", json!({})).await;
     eprintln!("resume (idle) took {:?}", t.elapsed());
@@ -119,8 +113,14 @@ async fn workspace_survives_suspend_crash_and_resume() {
 
     // Bad input and state conflicts.
     assert_eq!(d.post("/v1/workspaces/dev/resume", json!({})).send().await.unwrap().status(), 409);
-    assert_eq!(d.post("/v1/workspaces", json!({ "name": "dev", "snapshot_tag": "src" })).send().await.unwrap().status(), 409);
-    assert_eq!(d.post("/v1/workspaces", json!({ "name": "a/b", "snapshot_tag": "src" })).send().await.unwrap().status(), 400);
+    assert_eq!(
+        d.post("/v1/workspaces", json!({ "name": "dev", "snapshot_tag": "src" })).send().await.unwrap().status(),
+        409
+    );
+    assert_eq!(
+        d.post("/v1/workspaces", json!({ "name": "a/b", "snapshot_tag": "src" })).send().await.unwrap().status(),
+        400
+    );
     assert_eq!(d.get("/v1/workspaces/nope").send().await.unwrap().status(), 404);
 
     // Delete removes the sandbox and the state, never the source.
@@ -134,7 +134,9 @@ async fn workspace_survives_suspend_crash_and_resume() {
 
     // The first daemon's stream saw the lifecycle in order until it crashed.
     let mut kinds = vec![];
-    while let Ok(Some(Ok(ev))) = tokio::time::timeout(Duration::from_millis(200), futures::StreamExt::next(&mut events)).await {
+    while let Ok(Some(Ok(ev))) =
+        tokio::time::timeout(Duration::from_millis(200), futures::StreamExt::next(&mut events)).await
+    {
         kinds.push(ev.kind);
     }
     assert_eq!(kinds, vec!["created", "ready", "killed", "suspended"], "events of the first daemon");
@@ -165,7 +167,9 @@ async fn ttl_kills_sandboxes_and_suspends_workspaces() {
     let mut sandbox_gone_at = None;
     let mut ws_suspended_at = None;
     let mut idle_gone_at = None;
-    while t0.elapsed() < Duration::from_secs(15) && (sandbox_gone_at.is_none() || ws_suspended_at.is_none() || idle_gone_at.is_none()) {
+    while t0.elapsed() < Duration::from_secs(15)
+        && (sandbox_gone_at.is_none() || ws_suspended_at.is_none() || idle_gone_at.is_none())
+    {
         if sandbox_gone_at.is_none() && d.get(&format!("/v1/sandboxes/{sid}")).send().await.unwrap().status() == 404 {
             sandbox_gone_at = Some(t0.elapsed());
         }
@@ -178,16 +182,26 @@ async fn ttl_kills_sandboxes_and_suspends_workspaces() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (s, w, i) = (sandbox_gone_at.expect("ttl sandbox killed"), ws_suspended_at.expect("ttl workspace suspended"), idle_gone_at.expect("idle sandbox killed"));
+    let (s, w, i) = (
+        sandbox_gone_at.expect("ttl sandbox killed"),
+        ws_suspended_at.expect("ttl workspace suspended"),
+        idle_gone_at.expect("idle sandbox killed"),
+    );
     eprintln!("ttl 3 s → killed at {s:?}; workspace ttl 4 s → suspended at {w:?}; idle 3 s → killed at {i:?}");
     assert!(s >= Duration::from_millis(1500) && s <= Duration::from_secs(6), "{s:?}");
     assert!(w >= Duration::from_millis(2500) && w <= Duration::from_secs(10), "{w:?}");
     assert!(i >= Duration::from_millis(1500) && i <= Duration::from_secs(6), "{i:?}");
-    assert_eq!(d.get(&format!("/v1/sandboxes/{rid}")).send().await.unwrap().status(), 200, "the renewed sandbox lives on");
+    assert_eq!(
+        d.get(&format!("/v1/sandboxes/{rid}")).send().await.unwrap().status(),
+        200,
+        "the renewed sandbox lives on"
+    );
     assert_eq!(d.get(&format!("/v1/sandboxes/{wid}")).send().await.unwrap().status(), 404);
 
     let mut seen = vec![];
-    while let Ok(Some(Ok(ev))) = tokio::time::timeout(Duration::from_millis(200), futures::StreamExt::next(&mut events)).await {
+    while let Ok(Some(Ok(ev))) =
+        tokio::time::timeout(Duration::from_millis(200), futures::StreamExt::next(&mut events)).await
+    {
         seen.push((ev.kind, ev.sandbox_id, ev.workspace));
     }
     let for_sid: Vec<&str> = seen.iter().filter(|e| e.1 == sid).map(|e| e.0.as_str()).collect();

@@ -12,5 +12,5 @@ pub mod core;
 pub mod edge;
 pub mod host;
 pub mod memory;
-pub mod vmm;
 pub mod probe;
+pub mod vmm;

@@ -100,7 +100,8 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
             args.bind
         );
     }
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("create --data-dir {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("create --data-dir {}", args.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let guest_dir = args.guest_dir.clone().unwrap_or_else(|| {
         let own = data_dir.join("guest");
@@ -134,15 +135,14 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
     let cfg = EdgeConfig { token, audit, max_body: args.max_body_bytes, tls };
     let services = Services { rt, data_dir: data_dir.display().to_string() };
     let app = edge::app(services, &cfg).await?;
-    let listener = tokio::net::TcpListener::bind(args.bind)
-        .await
-        .with_context(|| format!("bind {}", args.bind))?;
+    let listener = tokio::net::TcpListener::bind(args.bind).await.with_context(|| format!("bind {}", args.bind))?;
     let local = listener.local_addr()?;
     // One machine-readable line so scripts and tests can find an ephemeral port.
     println!("forkd-server listening on {}://{local}", if cfg.tls.is_some() { "https" } else { "http" });
     tracing::info!(%local, tls = cfg.tls.is_some(), auth = cfg.token.is_some(), "serving gRPC and REST");
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
             _ = term.recv() => {},

@@ -29,14 +29,18 @@ pub fn tsc_khz() -> u64 {
 
 /// Decides the accelerator, booting the guest under KVM when the facts do
 /// not settle it.
-pub async fn choose_accel(choice: AccelChoice, qemu: &Path, guest: &GuestAssets, data_dir: &Path) -> anyhow::Result<AccelDecision> {
+pub async fn choose_accel(
+    choice: AccelChoice,
+    qemu: &Path,
+    guest: &GuestAssets,
+    data_dir: &Path,
+) -> anyhow::Result<AccelDecision> {
     let facts = KvmFacts::read();
     if let Some(d) = decide_from_facts(choice, &facts).map_err(anyhow::Error::msg)? {
         return Ok(d);
     }
-    let host_kernel = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let host_kernel =
+        nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
     let kernel_meta = std::fs::metadata(guest.kernel()).map(|m| m.len()).unwrap_or(0);
     let key = format!("{host_kernel}/{kernel_meta}");
     let cache = data_dir.join("accel-probe.json");
@@ -53,7 +57,8 @@ pub async fn choose_accel(choice: AccelChoice, qemu: &Path, guest: &GuestAssets,
     } else {
         AccelDecision {
             accel: Accel::Tcg,
-            reason: "/dev/kvm exists but could not boot the guest kernel (probe): guests run under TCG emulation".into(),
+            reason: "/dev/kvm exists but could not boot the guest kernel (probe): guests run under TCG emulation"
+                .into(),
         }
     };
     let tmp = cache.with_extension("tmp");

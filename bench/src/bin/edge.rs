@@ -75,19 +75,12 @@ struct Report {
 /// Keeps every daemon away from VMs: no KVM boot probe at start-up, and no
 /// usable VMM even if something asked for one.
 fn no_vm_args() -> Vec<String> {
-    ["--accel", "tcg", "--qemu", "/bin/false"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    ["--accel", "tcg", "--qemu", "/bin/false"].iter().map(|s| s.to_string()).collect()
 }
 
 async fn bench_grpc(d: &Daemon, warmup: usize, n: usize) -> anyhow::Result<Vec<Duration>> {
     let mut client = d.system().await;
-    let first = client
-        .get_version(GetVersionRequest {})
-        .await
-        .context("gRPC GetVersion")?
-        .into_inner();
+    let first = client.get_version(GetVersionRequest {}).await.context("gRPC GetVersion")?.into_inner();
     if first.api != "v1" {
         bail!("unexpected GetVersion answer: {first:?}");
     }
@@ -106,9 +99,7 @@ async fn bench_grpc(d: &Daemon, warmup: usize, n: usize) -> anyhow::Result<Vec<D
 
 async fn bench_rest(d: &Daemon, warmup: usize, n: usize) -> anyhow::Result<Vec<Duration>> {
     // One client, so one keep-alive connection for every call.
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(1)
-        .build()?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
     let url = format!("{}/version", d.http_url());
     let bearer = d.bearer();
     let call = || {
@@ -144,10 +135,7 @@ async fn bench_rest(d: &Daemon, warmup: usize, n: usize) -> anyhow::Result<Vec<D
 }
 
 fn count_lines(p: &Path) -> anyhow::Result<usize> {
-    Ok(std::fs::read_to_string(p)
-        .with_context(|| format!("read {}", p.display()))?
-        .lines()
-        .count())
+    Ok(std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?.lines().count())
 }
 
 fn fmt_us(v: f64) -> String {
@@ -166,17 +154,11 @@ async fn main() -> anyhow::Result<()> {
             "{} is missing: build the daemon with the same profile as this binary first \
              (`cargo build{} -p forkd-server`)",
             server.display(),
-            if cfg!(debug_assertions) {
-                ""
-            } else {
-                " --release"
-            }
+            if cfg!(debug_assertions) { "" } else { " --release" }
         );
     }
 
-    let tmp = tempfile::Builder::new()
-        .prefix("forkd-edge-bench-")
-        .tempdir_in("/tmp")?;
+    let tmp = tempfile::Builder::new().prefix("forkd-edge-bench-").tempdir_in("/tmp")?;
     let audit = tmp.path().join("audit.jsonl");
     let mut guarded = Daemon::start(Options {
         token: Some(TEST_TOKEN.into()),
@@ -184,10 +166,7 @@ async fn main() -> anyhow::Result<()> {
         extra_args: no_vm_args(),
         ..Default::default()
     });
-    let bare = Daemon::start(Options {
-        extra_args: no_vm_args(),
-        ..Default::default()
-    });
+    let bare = Daemon::start(Options { extra_args: no_vm_args(), ..Default::default() });
     if !args.json {
         eprintln!(
             "forkd-edge-bench: {} measured + {} warm-up calls per row; daemons at {} (token+audit) and {} (bare)",
@@ -209,12 +188,7 @@ async fn main() -> anyhow::Result<()> {
             _ => bench_rest(d, args.warmup, args.n).await,
         }
         .with_context(|| name.to_string())?;
-        results.push(Row {
-            name,
-            protocol,
-            auth_and_audit: guarded_run,
-            summary: summarize(&mut samples),
-        });
+        results.push(Row { name, protocol, auth_and_audit: guarded_run, summary: summarize(&mut samples) });
     }
 
     // Every call through the guarded daemon (plus the one check call per
@@ -228,11 +202,7 @@ async fn main() -> anyhow::Result<()> {
         rpc: "forkd.v1.SystemService.GetVersion",
         n: args.n,
         warmup: args.warmup,
-        client_profile: if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        },
+        client_profile: if cfg!(debug_assertions) { "debug" } else { "release" },
         server: server.display().to_string(),
         results,
         audit_lines,
@@ -246,15 +216,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         let mut t = Table::new();
         t.load_preset(UTF8_FULL_CONDENSED);
-        t.set_header(vec![
-            "GetVersion via",
-            "n",
-            "p50 µs",
-            "p90 µs",
-            "p99 µs",
-            "mean µs",
-            "max µs",
-        ]);
+        t.set_header(vec!["GetVersion via", "n", "p50 µs", "p90 µs", "p99 µs", "mean µs", "max µs"]);
         for r in &report.results {
             let s = &r.summary;
             t.add_row(vec![
@@ -273,9 +235,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         println!("{t}");
-        let over = |a: usize, b: usize| {
-            report.results[a].summary.p50_us - report.results[b].summary.p50_us
-        };
+        let over = |a: usize, b: usize| report.results[a].summary.p50_us - report.results[b].summary.p50_us;
         println!(
             "auth+audit overhead at p50: gRPC {:+.1} µs, REST {:+.1} µs; REST minus gRPC at p50 (bare, client included): {:+.1} µs",
             over(0, 1),
@@ -285,11 +245,7 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "gRPC+auth+audit p50 {:.1} µs: target ≤ {GRPC_P50_TARGET_US} µs {}",
             grpc_p50,
-            if report.grpc_p50_target_met {
-                "met"
-            } else {
-                "NOT met"
-            }
+            if report.grpc_p50_target_met { "met" } else { "NOT met" }
         );
         println!(
             "audit lines: {} (expected {}); client and server built {}",
@@ -297,11 +253,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     if report.audit_lines != report.audit_lines_expected {
-        bail!(
-            "the audit log has {} lines, expected {}",
-            report.audit_lines,
-            report.audit_lines_expected
-        );
+        bail!("the audit log has {} lines, expected {}", report.audit_lines, report.audit_lines_expected);
     }
     Ok(())
 }

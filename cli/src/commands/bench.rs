@@ -39,9 +39,7 @@ struct FanOut {
 
 pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8> {
     let version = conn.call(conn.system().get_version(api::GetVersionRequest {})).await?;
-    let snap = conn
-        .call(conn.snapshots().get_snapshot(api::GetSnapshotRequest { tag: a.tag.to_string() }))
-        .await?;
+    let snap = conn.call(conn.snapshots().get_snapshot(api::GetSnapshotRequest { tag: a.tag.to_string() })).await?;
     if snap.status != "ready" {
         bail!("snapshot {} is {}, not ready", snap.tag, snap.status);
     }
@@ -56,7 +54,11 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
     progress("spawn(1)");
     let t = Instant::now();
     let one = conn
-        .call(sb.create_sandboxes(api::CreateSandboxesRequest { snapshot_tag: a.tag.to_string(), n: Some(1), ..Default::default() }))
+        .call(sb.create_sandboxes(api::CreateSandboxesRequest {
+            snapshot_tag: a.tag.to_string(),
+            n: Some(1),
+            ..Default::default()
+        }))
         .await?
         .sandboxes;
     let spawn1 = ms(t.elapsed());
@@ -80,7 +82,11 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
         progress(&format!("fan-out {n} through forkd"));
         let t = Instant::now();
         let kids = conn
-            .call(sb.create_sandboxes(api::CreateSandboxesRequest { snapshot_tag: a.tag.to_string(), n: Some(n), ..Default::default() }))
+            .call(sb.create_sandboxes(api::CreateSandboxesRequest {
+                snapshot_tag: a.tag.to_string(),
+                n: Some(n),
+                ..Default::default()
+            }))
             .await?
             .sandboxes;
         let forkd_ms = ms(t.elapsed());
@@ -88,14 +94,17 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
         tokio::time::sleep(Duration::from_secs(1)).await;
         let pss: u64 = kids.iter().filter_map(|k| process::pss_bytes(k.pid)).sum();
         let t = Instant::now();
-        conn.call(sb.delete_sandboxes(api::DeleteSandboxesRequest { ids: kids.iter().map(|k| k.id.clone()).collect(), ..Default::default() }))
-            .await?;
+        conn.call(sb.delete_sandboxes(api::DeleteSandboxesRequest {
+            ids: kids.iter().map(|k| k.id.clone()).collect(),
+            ..Default::default()
+        }))
+        .await?;
         let cleanup_ms = ms(t.elapsed());
         let (bare_ms, bare_pss_mib) = if a.no_bare {
             (None, None)
         } else {
             progress(&format!("fan-out {n} as bare restores"));
-            let (t, pss) = bare_fanout(&version.data_dir, &a.tag.to_string(), n, a.bare_concurrency, &snap.accel).await?;
+            let (t, pss) = bare_fanout(&version.data_dir, a.tag.as_ref(), n, a.bare_concurrency, &snap.accel).await?;
             (Some(t), Some(pss))
         };
         rows.push(FanOut {
@@ -158,7 +167,8 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
 async fn bare_fanout(data_dir: &str, tag: &str, n: u32, concurrency: usize, accel: &str) -> anyhow::Result<(f64, f64)> {
     let snap_dir = PathBuf::from(data_dir).join("snapshots").join(tag);
     let spec: VmSpec = serde_json::from_slice(
-        &std::fs::read(snap_dir.join("vm.json")).with_context(|| format!("read {}/vm.json (run bench on the daemon's host)", snap_dir.display()))?,
+        &std::fs::read(snap_dir.join("vm.json"))
+            .with_context(|| format!("read {}/vm.json (run bench on the daemon's host)", snap_dir.display()))?,
     )?;
     let qemu = QemuBackend::find_binary().context("qemu-system-x86_64 not on PATH")?;
     let accel = if accel == "kvm" { forkd_server::vmm::Accel::Kvm } else { forkd_server::vmm::Accel::Tcg };

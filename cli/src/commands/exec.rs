@@ -11,9 +11,7 @@ use crate::exit::{CliError, FAILURE, exec_exit_code};
 pub async fn exec(conn: &Conn, args: ExecArgs) -> anyhow::Result<u8> {
     let stdin = if args.stdin {
         let mut buf = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut buf)
-            .map_err(|e| anyhow::anyhow!("reading stdin: {e}"))?;
+        std::io::stdin().read_to_end(&mut buf).map_err(|e| anyhow::anyhow!("reading stdin: {e}"))?;
         buf
     } else {
         Vec::new()
@@ -30,9 +28,7 @@ pub async fn exec(conn: &Conn, args: ExecArgs) -> anyhow::Result<u8> {
     // deadlines do.
     let run = stream(conn, req);
     let exit = match conn.deadline() {
-        Some(d) => tokio::time::timeout(d, run)
-            .await
-            .map_err(|_| conn.deadline_error(d))??,
+        Some(d) => tokio::time::timeout(d, run).await.map_err(|_| conn.deadline_error(d))??,
         None => run.await?,
     };
     let code = exec_exit_code(exit.exit_code, exit.signal, exit.timed_out);
@@ -42,21 +38,12 @@ pub async fn exec(conn: &Conn, args: ExecArgs) -> anyhow::Result<u8> {
 /// Copies output chunks to our stdout and stderr as they arrive and returns
 /// the final status.
 async fn stream(conn: &Conn, req: ExecRequest) -> anyhow::Result<ExecResponse> {
-    let mut events = conn
-        .sandboxes()
-        .exec_stream(req)
-        .await
-        .map_err(|s| conn.status_error(&s))?
-        .into_inner();
+    let mut events = conn.sandboxes().exec_stream(req).await.map_err(|s| conn.status_error(&s))?.into_inner();
     let mut out = Sink::new(std::io::stdout());
     let mut err = Sink::new(std::io::stderr());
     loop {
         let Some(event) = events.message().await.map_err(|s| conn.status_error(&s))? else {
-            return Err(CliError::new(
-                FAILURE,
-                "the daemon ended the output stream without an exit status",
-            )
-            .into());
+            return Err(CliError::new(FAILURE, "the daemon ended the output stream without an exit status").into());
         };
         match event.event {
             Some(Event::Stdout(data)) => out.write(&data)?,
@@ -89,11 +76,7 @@ struct Sink<W: Write> {
 
 impl<W: Write> Sink<W> {
     fn new(inner: W) -> Self {
-        Self {
-            inner,
-            closed: false,
-            wrote: false,
-        }
+        Self { inner, closed: false, wrote: false }
     }
 
     fn write(&mut self, data: &[u8]) -> std::io::Result<()> {

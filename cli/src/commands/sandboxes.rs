@@ -4,8 +4,7 @@ use std::io::{Read, Write};
 use std::time::Instant;
 
 use forkd_api::v1::{
-    CreateSandboxesRequest, DeleteSandboxesRequest, EvalRequest, ListSandboxesRequest, PingRequest,
-    Sandbox,
+    CreateSandboxesRequest, DeleteSandboxesRequest, EvalRequest, ListSandboxesRequest, PingRequest, Sandbox,
 };
 use serde_json::Value;
 
@@ -24,10 +23,7 @@ pub async fn fork(conn: &Conn, args: ForkArgs, as_json: bool) -> anyhow::Result<
         memory_limit_mib: r.memory_limit_mib.unwrap_or(0),
         cpu_quota: r.cpu_quota.unwrap_or(0.0),
         pids_limit: args.pids_limit.unwrap_or(0),
-        network: r
-            .network
-            .map(|n| n.as_str().to_string())
-            .unwrap_or_default(),
+        network: r.network.map(|n| n.as_str().to_string()).unwrap_or_default(),
         allow: args.allow,
         per_child_netns: args.per_child_netns,
         ttl_secs: r.ttl.unwrap_or(0),
@@ -42,11 +38,7 @@ pub async fn fork(conn: &Conn, args: ForkArgs, as_json: bool) -> anyhow::Result<
     if as_json {
         emit_json(&sandbox_array(&resp.sandboxes))?;
     } else if args.quiet {
-        let ids: String = resp
-            .sandboxes
-            .iter()
-            .map(|s| format!("{}\n", s.id))
-            .collect();
+        let ids: String = resp.sandboxes.iter().map(|s| format!("{}\n", s.id)).collect();
         emit(&ids)?;
     } else {
         emit(&table(
@@ -57,11 +49,7 @@ pub async fn fork(conn: &Conn, args: ForkArgs, as_json: bool) -> anyhow::Result<
                     s.snapshot_tag.clone(),
                     s.status.clone(),
                     pid(s.pid),
-                    if s.spawn_ms > 0.0 {
-                        millis(s.spawn_ms)
-                    } else {
-                        String::new()
-                    },
+                    if s.spawn_ms > 0.0 { millis(s.spawn_ms) } else { String::new() },
                 ]
             }),
         ))?;
@@ -74,21 +62,13 @@ fn sandbox_array(sandboxes: &[Sandbox]) -> Value {
 }
 
 fn pid(pid: u32) -> String {
-    if pid == 0 {
-        String::new()
-    } else {
-        pid.to_string()
-    }
+    if pid == 0 { String::new() } else { pid.to_string() }
 }
 
 pub async fn ls(conn: &Conn, args: LsArgs, as_json: bool) -> anyhow::Result<u8> {
     let tag = args.tag.map(|t| t.to_string()).unwrap_or_default();
     let sandboxes = collect_pages(|page_token| {
-        let req = ListSandboxesRequest {
-            snapshot_tag: tag.clone(),
-            page_size: 0,
-            page_token,
-        };
+        let req = ListSandboxesRequest { snapshot_tag: tag.clone(), page_size: 0, page_token };
         async move {
             let resp = conn.call(conn.sandboxes().list_sandboxes(req)).await?;
             Ok((resp.sandboxes, resp.next_page_token))
@@ -127,10 +107,7 @@ pub async fn kill(conn: &Conn, args: KillArgs, as_json: bool) -> anyhow::Result<
         emit_json(&json::delete_sandboxes(&resp))?;
     } else {
         let n = resp.deleted.len();
-        emit(&format!(
-            "killed {n} sandbox{}\n",
-            if n == 1 { "" } else { "es" }
-        ))?;
+        emit(&format!("killed {n} sandbox{}\n", if n == 1 { "" } else { "es" }))?;
     }
     Ok(0)
 }
@@ -138,18 +115,12 @@ pub async fn kill(conn: &Conn, args: KillArgs, as_json: bool) -> anyhow::Result<
 pub async fn eval(conn: &Conn, args: EvalArgs, as_json: bool) -> anyhow::Result<u8> {
     let code = if args.code == "-" {
         let mut code = String::new();
-        std::io::stdin()
-            .read_to_string(&mut code)
-            .map_err(|e| anyhow::anyhow!("reading code from stdin: {e}"))?;
+        std::io::stdin().read_to_string(&mut code).map_err(|e| anyhow::anyhow!("reading code from stdin: {e}"))?;
         code
     } else {
         args.code
     };
-    let req = EvalRequest {
-        id: args.id.to_string(),
-        code,
-        timeout_secs: args.timeout.unwrap_or(0),
-    };
+    let req = EvalRequest { id: args.id.to_string(), code, timeout_secs: args.timeout.unwrap_or(0) };
     let resp = conn.call(conn.sandboxes().eval(req)).await?;
     let failed = !resp.error.is_empty() || resp.exit_code != 0;
     if as_json {
@@ -177,18 +148,12 @@ pub async fn eval(conn: &Conn, args: EvalArgs, as_json: bool) -> anyhow::Result<
 }
 
 fn with_newline(s: &str) -> String {
-    if s.ends_with('\n') {
-        s.to_string()
-    } else {
-        format!("{s}\n")
-    }
+    if s.ends_with('\n') { s.to_string() } else { format!("{s}\n") }
 }
 
 pub async fn ping(conn: &Conn, args: IdArg, as_json: bool) -> anyhow::Result<u8> {
     let started = Instant::now();
-    let req = PingRequest {
-        id: args.id.to_string(),
-    };
+    let req = PingRequest { id: args.id.to_string() };
     let resp = conn.call(conn.sandboxes().ping(req)).await?;
     let round_trip_ms = started.elapsed().as_secs_f64() * 1000.0;
     if as_json {
@@ -202,11 +167,7 @@ pub async fn ping(conn: &Conn, args: IdArg, as_json: bool) -> anyhow::Result<u8>
             millis(resp.latency_ms),
             millis(round_trip_ms),
             resp.uptime_secs,
-            if resp.runtime_ready {
-                "ready"
-            } else {
-                "not ready"
-            },
+            if resp.runtime_ready { "ready" } else { "not ready" },
         ))?;
     }
     if !resp.ok {

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use forkd_api::v1::{
-    BranchRequest, CompactSnapshotRequest, CreateSnapshotRequest, DeleteSnapshotRequest,
-    DeriveSnapshotRequest, GetSnapshotRequest, ListSnapshotsRequest, Snapshot,
+    BranchRequest, CompactSnapshotRequest, CreateSnapshotRequest, DeleteSnapshotRequest, DeriveSnapshotRequest,
+    GetSnapshotRequest, ListSnapshotsRequest, Snapshot,
 };
 use serde_json::Value;
 
@@ -15,8 +15,7 @@ use crate::client::Conn;
 use crate::exit::{CliError, FAILURE, USAGE};
 use crate::json;
 use crate::output::{
-    NONE, age, emit, emit_json, human_bytes, key_values, labels, list, mib, millis, now_unix,
-    table, timestamp,
+    NONE, age, emit, emit_json, human_bytes, key_values, labels, list, mib, millis, now_unix, table, timestamp,
 };
 use crate::progress::Progress;
 
@@ -26,11 +25,7 @@ const POLL_EVERY: Duration = Duration::from_millis(500);
 pub async fn images(conn: &Conn, args: ImagesArgs, as_json: bool) -> anyhow::Result<u8> {
     let status = args.status.unwrap_or_default();
     let snapshots = collect_pages(|page_token| {
-        let req = ListSnapshotsRequest {
-            page_size: 0,
-            page_token,
-            status: status.clone(),
-        };
+        let req = ListSnapshotsRequest { page_size: 0, page_token, status: status.clone() };
         async move {
             let resp = conn.call(conn.snapshots().list_snapshots(req)).await?;
             Ok((resp.snapshots, resp.next_page_token))
@@ -39,16 +34,12 @@ pub async fn images(conn: &Conn, args: ImagesArgs, as_json: bool) -> anyhow::Res
     .await?;
 
     if as_json {
-        emit_json(&Value::Array(
-            snapshots.iter().map(json::snapshot).collect(),
-        ))?;
+        emit_json(&Value::Array(snapshots.iter().map(json::snapshot).collect()))?;
         return Ok(0);
     }
     let now = now_unix();
     emit(&table(
-        &[
-            "TAG", "STATUS", "KIND", "PARENT", "IMAGE", "MEM", "SIZE", "CREATED",
-        ],
+        &["TAG", "STATUS", "KIND", "PARENT", "IMAGE", "MEM", "SIZE", "CREATED"],
         snapshots.iter().map(|s| {
             vec![
                 s.tag.clone(),
@@ -95,10 +86,7 @@ async fn create(conn: &Conn, args: SnapshotArgs, as_json: bool) -> anyhow::Resul
         if as_json {
             emit_json(&json::snapshot(&snap))?;
         } else {
-            emit(&format!(
-                "{}: {} (follow with: forkd snapshot-info {})\n",
-                snap.tag, snap.status, snap.tag
-            ))?;
+            emit(&format!("{}: {} (follow with: forkd snapshot-info {})\n", snap.tag, snap.status, snap.tag))?;
         }
         return Ok(0);
     }
@@ -157,10 +145,7 @@ async fn branch(conn: &Conn, args: SnapshotArgs, as_json: bool) -> anyhow::Resul
             ("parent_tag", snap.parent_tag.clone()),
             ("branched_from", snap.branched_from.clone()),
             ("pause_ms", format!("{:.2}", snap.pause_ms)),
-            (
-                "dirty_bytes",
-                format!("{} ({})", snap.dirty_bytes, human_bytes(snap.dirty_bytes)),
-            ),
+            ("dirty_bytes", format!("{} ({})", snap.dirty_bytes, human_bytes(snap.dirty_bytes))),
         ]))?;
     }
     Ok(0)
@@ -180,11 +165,7 @@ async fn settle(conn: &Conn, mut snap: Snapshot, label: &str) -> anyhow::Result<
     let tag = snap.tag.clone();
     let result = async {
         loop {
-            progress.status(if snap.status.is_empty() {
-                "pending"
-            } else {
-                &snap.status
-            });
+            progress.status(if snap.status.is_empty() { "pending" } else { &snap.status });
             if is_settled(&snap.status) {
                 return Ok(snap);
             }
@@ -207,16 +188,8 @@ fn report(snap: &Snapshot, as_json: bool) -> anyhow::Result<()> {
     if as_json {
         emit_json(&json::snapshot(snap))?;
     }
-    let reason = if snap.status_reason.is_empty() {
-        "no reason given".to_string()
-    } else {
-        snap.status_reason.clone()
-    };
-    Err(CliError::new(
-        FAILURE,
-        format!("snapshot {} {}: {reason}", snap.tag, snap.status),
-    )
-    .into())
+    let reason = if snap.status_reason.is_empty() { "no reason given".to_string() } else { snap.status_reason.clone() };
+    Err(CliError::new(FAILURE, format!("snapshot {} {}: {reason}", snap.tag, snap.status)).into())
 }
 
 /// One line about a ready snapshot.
@@ -239,9 +212,7 @@ fn summary(s: &Snapshot) -> String {
 }
 
 pub async fn info(conn: &Conn, args: TagArg, as_json: bool) -> anyhow::Result<u8> {
-    let req = GetSnapshotRequest {
-        tag: args.tag.to_string(),
-    };
+    let req = GetSnapshotRequest { tag: args.tag.to_string() };
     let s = conn.call(conn.snapshots().get_snapshot(req)).await?;
     if as_json {
         emit_json(&json::snapshot(&s))?;
@@ -278,14 +249,7 @@ fn info_lines(s: &Snapshot, now: i64) -> Vec<(&'static str, String)> {
         ("created", timestamp(s.created_at_unix, now)),
         ("branched_from", s.branched_from.clone()),
         ("pause_ms", ms(s.pause_ms)),
-        (
-            "dirty_bytes",
-            if s.dirty_bytes > 0 {
-                size(s.dirty_bytes)
-            } else {
-                NONE.into()
-            },
-        ),
+        ("dirty_bytes", if s.dirty_bytes > 0 { size(s.dirty_bytes) } else { NONE.into() }),
         ("warm_ms", ms(s.warm_ms)),
         ("volumes", list(&s.volumes)),
         ("labels", labels(&s.labels)),
@@ -299,11 +263,7 @@ pub async fn rmi(conn: &Conn, args: RmiArgs, as_json: bool) -> anyhow::Result<u8
     let mut first_error: Option<u8> = None;
     let mut results = Vec::new();
     for tag in &args.tags {
-        let req = DeleteSnapshotRequest {
-            tag: tag.to_string(),
-            cascade: args.cascade,
-            force: args.force,
-        };
+        let req = DeleteSnapshotRequest { tag: tag.to_string(), cascade: args.cascade, force: args.force };
         match conn.call(conn.snapshots().delete_snapshot(req)).await {
             Ok(resp) => {
                 if !as_json {
@@ -338,10 +298,7 @@ pub async fn rmi(conn: &Conn, args: RmiArgs, as_json: bool) -> anyhow::Result<u8
 }
 
 pub async fn compact(conn: &Conn, args: CompactArgs, as_json: bool) -> anyhow::Result<u8> {
-    let req = CompactSnapshotRequest {
-        tag: args.tag.to_string(),
-        to: args.to.to_string(),
-    };
+    let req = CompactSnapshotRequest { tag: args.tag.to_string(), to: args.to.to_string() };
     let progress = Progress::start(format!("compacting {} into {}", args.tag, args.to));
     let result = conn.call(conn.snapshots().compact_snapshot(req)).await;
     progress.finish();
@@ -363,8 +320,7 @@ fn derive_argv(args: &SnapshotDiffArgs) -> Result<Vec<String>, CliError> {
     if args.sh {
         return Ok(vec!["sh".into(), "-c".into(), cmd.clone()]);
     }
-    let argv = shell_words::split(cmd)
-        .map_err(|e| CliError::new(USAGE, format!("--exec {cmd:?}: {e}")))?;
+    let argv = shell_words::split(cmd).map_err(|e| CliError::new(USAGE, format!("--exec {cmd:?}: {e}")))?;
     if argv.is_empty() {
         return Err(CliError::usage("--exec is empty"));
     }
@@ -415,20 +371,9 @@ mod tests {
             derive_argv(&diff_args(&["--sh", "--exec", "echo x > /y"])).unwrap(),
             vec!["sh", "-c", "echo x > /y"]
         );
-        assert_eq!(
-            derive_argv(&diff_args(&["--", "touch", "/x"])).unwrap(),
-            vec!["touch", "/x"]
-        );
-        assert_eq!(
-            derive_argv(&diff_args(&["--exec", "echo 'unclosed"]))
-                .unwrap_err()
-                .code,
-            USAGE
-        );
-        assert_eq!(
-            derive_argv(&diff_args(&["--exec", "  "])).unwrap_err().code,
-            USAGE
-        );
+        assert_eq!(derive_argv(&diff_args(&["--", "touch", "/x"])).unwrap(), vec!["touch", "/x"]);
+        assert_eq!(derive_argv(&diff_args(&["--exec", "echo 'unclosed"])).unwrap_err().code, USAGE);
+        assert_eq!(derive_argv(&diff_args(&["--exec", "  "])).unwrap_err().code, USAGE);
     }
 
     #[test]
@@ -442,10 +387,7 @@ mod tests {
         let err = report(&snap, false).unwrap_err();
         assert_eq!(crate::exit::code_for_error(&err), FAILURE);
         assert_eq!(err.to_string(), "snapshot py failed: guest did not boot");
-        let ready = Snapshot {
-            status: "ready".into(),
-            ..Default::default()
-        };
+        let ready = Snapshot { status: "ready".into(), ..Default::default() };
         assert!(report(&ready, false).is_ok());
     }
 
@@ -463,10 +405,7 @@ mod tests {
         let text = key_values(&info_lines(&s, 0));
         assert!(text.contains("ancestors             a -> b\n"), "{text}");
         assert!(text.contains("dependents            d\n"), "{text}");
-        assert!(
-            text.contains("logical_size          256.0 MiB (268435456 bytes)\n"),
-            "{text}"
-        );
+        assert!(text.contains("logical_size          256.0 MiB (268435456 bytes)\n"), "{text}");
         assert!(text.contains("status_reason         -\n"), "{text}");
     }
 }

@@ -9,9 +9,7 @@ use crate::json;
 use crate::output::{emit, emit_json, key_values};
 
 async fn get_version(conn: &Conn) -> anyhow::Result<VersionInfo> {
-    Ok(conn
-        .call(conn.system().get_version(GetVersionRequest {}))
-        .await?)
+    Ok(conn.call(conn.system().get_version(GetVersionRequest {})).await?)
 }
 
 /// The client's version is printed before connecting, so it shows even when
@@ -30,11 +28,7 @@ pub async fn version(global: &GlobalArgs) -> anyhow::Result<u8> {
     emit(&format!("{:<12}  {}\n", "client", forkd_api::VERSION))?;
     let conn = Conn::connect(global).await?;
     let v = get_version(&conn).await?;
-    let server = if v.git_commit.is_empty() {
-        v.version.clone()
-    } else {
-        format!("{} ({})", v.version, v.git_commit)
-    };
+    let server = if v.git_commit.is_empty() { v.version.clone() } else { format!("{} ({})", v.version, v.git_commit) };
     emit(&key_values(&[
         ("server", server),
         ("api", v.api),

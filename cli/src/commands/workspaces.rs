@@ -1,8 +1,8 @@
 //! `workspace create|get|list|suspend|resume|delete`.
 
 use forkd_api::v1::{
-    CreateWorkspaceRequest, DeleteWorkspaceRequest, GetWorkspaceRequest, ListWorkspacesRequest,
-    ResumeWorkspaceRequest, SuspendWorkspaceRequest, Workspace,
+    CreateWorkspaceRequest, DeleteWorkspaceRequest, GetWorkspaceRequest, ListWorkspacesRequest, ResumeWorkspaceRequest,
+    SuspendWorkspaceRequest, Workspace,
 };
 use serde_json::Value;
 
@@ -10,18 +10,14 @@ use super::collect_pages;
 use crate::args::{WorkspaceCommand, WorkspaceCreateArgs};
 use crate::client::Conn;
 use crate::json;
-use crate::output::{
-    age, emit, emit_json, key_values, labels, list, mib, now_unix, secs, table, timestamp,
-};
+use crate::output::{age, emit, emit_json, key_values, labels, list, mib, now_unix, secs, table, timestamp};
 use crate::progress::Progress;
 
 pub async fn run(conn: &Conn, command: WorkspaceCommand, as_json: bool) -> anyhow::Result<u8> {
     let ws = match command {
         WorkspaceCommand::Create(a) => create(conn, a).await?,
         WorkspaceCommand::Get(a) => {
-            let req = GetWorkspaceRequest {
-                name: a.name.to_string(),
-            };
+            let req = GetWorkspaceRequest { name: a.name.to_string() };
             conn.call(conn.workspaces().get_workspace(req)).await?
         }
         WorkspaceCommand::List => return list_all(conn, as_json).await,
@@ -29,26 +25,20 @@ pub async fn run(conn: &Conn, command: WorkspaceCommand, as_json: bool) -> anyho
             // Suspending writes a snapshot of guest memory; that can take a
             // few seconds, so show that something is happening.
             let progress = Progress::start(format!("suspending {}", a.name));
-            let req = SuspendWorkspaceRequest {
-                name: a.name.to_string(),
-            };
+            let req = SuspendWorkspaceRequest { name: a.name.to_string() };
             let result = conn.call(conn.workspaces().suspend_workspace(req)).await;
             progress.finish();
             result?
         }
         WorkspaceCommand::Resume(a) => {
             let progress = Progress::start(format!("resuming {}", a.name));
-            let req = ResumeWorkspaceRequest {
-                name: a.name.to_string(),
-            };
+            let req = ResumeWorkspaceRequest { name: a.name.to_string() };
             let result = conn.call(conn.workspaces().resume_workspace(req)).await;
             progress.finish();
             result?
         }
         WorkspaceCommand::Delete(a) => {
-            let req = DeleteWorkspaceRequest {
-                name: a.name.to_string(),
-            };
+            let req = DeleteWorkspaceRequest { name: a.name.to_string() };
             let resp = conn.call(conn.workspaces().delete_workspace(req)).await?;
             if as_json {
                 emit_json(&json::delete_workspace(&resp))?;
@@ -77,10 +67,7 @@ async fn create(conn: &Conn, a: WorkspaceCreateArgs) -> anyhow::Result<Workspace
         snapshot_tag: a.tag.to_string(),
         memory_limit_mib: r.memory_limit_mib.unwrap_or(0),
         cpu_quota: r.cpu_quota.unwrap_or(0.0),
-        network: r
-            .network
-            .map(|n| n.as_str().to_string())
-            .unwrap_or_default(),
+        network: r.network.map(|n| n.as_str().to_string()).unwrap_or_default(),
         volumes: r.volumes,
         labels: r.labels.into_iter().collect(),
         ttl_secs: r.ttl.unwrap_or(0),
@@ -91,10 +78,7 @@ async fn create(conn: &Conn, a: WorkspaceCreateArgs) -> anyhow::Result<Workspace
 
 async fn list_all(conn: &Conn, as_json: bool) -> anyhow::Result<u8> {
     let workspaces = collect_pages(|page_token| {
-        let req = ListWorkspacesRequest {
-            page_size: 0,
-            page_token,
-        };
+        let req = ListWorkspacesRequest { page_size: 0, page_token };
         async move {
             let resp = conn.call(conn.workspaces().list_workspaces(req)).await?;
             Ok((resp.workspaces, resp.next_page_token))
@@ -102,9 +86,7 @@ async fn list_all(conn: &Conn, as_json: bool) -> anyhow::Result<u8> {
     })
     .await?;
     if as_json {
-        emit_json(&Value::Array(
-            workspaces.iter().map(json::workspace).collect(),
-        ))?;
+        emit_json(&Value::Array(workspaces.iter().map(json::workspace).collect()))?;
         return Ok(0);
     }
     let now = now_unix();
@@ -133,14 +115,7 @@ fn details(w: &Workspace, now: i64) -> Vec<(&'static str, String)> {
         ("source_snapshot_tag", w.source_snapshot_tag.clone()),
         ("state_tag", w.state_tag.clone()),
         ("memory_limit", mib(w.memory_limit_mib)),
-        (
-            "cpu_quota",
-            if w.cpu_quota > 0.0 {
-                format!("{} cores", w.cpu_quota)
-            } else {
-                String::new()
-            },
-        ),
+        ("cpu_quota", if w.cpu_quota > 0.0 { format!("{} cores", w.cpu_quota) } else { String::new() }),
         ("network", w.network.clone()),
         ("volumes", list(&w.volumes)),
         ("labels", labels(&w.labels)),

@@ -74,12 +74,7 @@ pub fn parse(cmdline: &str) -> BootConfig {
                 }
             }
             "forkd.warm" => {
-                cfg.warm = value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|m| is_module_name(m))
-                    .map(String::from)
-                    .collect()
+                cfg.warm = value.split(',').map(str::trim).filter(|m| is_module_name(m)).map(String::from).collect()
             }
             "forkd.hostname" if !value.is_empty() => cfg.hostname = value.into(),
             "forkd.port" if !value.is_empty() => cfg.port = value.into(),

@@ -1,15 +1,15 @@
 //! Exec: run a program in its own process group and stream its output.
 
 use crate::proc::{self, Spec};
-use crate::server::{error, io_error, Agent, Running};
+use crate::server::{Agent, Running, error, io_error};
 use crate::sys;
 use forkd_agent_protocol::v1::{
-    agent_error::Kind, exec_output::Stream, response::Body as Resp, ExecExit, ExecOutput, ExecRequest,
+    ExecExit, ExecOutput, ExecRequest, agent_error::Kind, exec_output::Stream, response::Body as Resp,
 };
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -161,20 +161,24 @@ fn start_and_stream(
             break;
         }
         if let Some(t) = exited_at
-            && t.elapsed() >= DRAIN_AFTER_EXIT {
-                break;
-            }
+            && t.elapsed() >= DRAIN_AFTER_EXIT
+        {
+            break;
+        }
         let now = Instant::now();
         if let Some(d) = deadline
-            && !timed_out && now >= d {
-                timed_out = true;
-                unsafe { libc::kill(-child.pid, libc::SIGKILL) };
-            }
+            && !timed_out
+            && now >= d
+        {
+            timed_out = true;
+            unsafe { libc::kill(-child.pid, libc::SIGKILL) };
+        }
         let mut wait = None;
         if let Some(d) = deadline
-            && !timed_out {
-                wait = Some(d.saturating_duration_since(now));
-            }
+            && !timed_out
+        {
+            wait = Some(d.saturating_duration_since(now));
+        }
         if let Some(t) = exited_at {
             let left = DRAIN_AFTER_EXIT.saturating_sub(t.elapsed());
             wait = Some(wait.map_or(left, |w: Duration| w.min(left)));
@@ -200,10 +204,9 @@ fn start_and_stream(
             let Some((fd, stream)) = *slot else { continue };
             match sys::read(fd, &mut buf) {
                 Ok(0) | Err(_) => *slot = None,
-                Ok(n) => agent.send(
-                    id,
-                    Resp::ExecOutput(ExecOutput { stream: stream as i32, data: buf[..n].to_vec() }),
-                ),
+                Ok(n) => {
+                    agent.send(id, Resp::ExecOutput(ExecOutput { stream: stream as i32, data: buf[..n].to_vec() }))
+                }
             }
         }
     }

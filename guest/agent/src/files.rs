@@ -4,8 +4,8 @@
 use crate::server::{error, io_error};
 use crate::{exec::HOME, sys};
 use forkd_agent_protocol::v1::{
-    agent_error::Kind, AgentError, DirListing, FileData, FileStat, MountRequest, ReadFileRequest,
-    RemoveRequest, WriteFileRequest,
+    AgentError, DirListing, FileData, FileStat, MountRequest, ReadFileRequest, RemoveRequest, WriteFileRequest,
+    agent_error::Kind,
 };
 use std::fs;
 use std::io;
@@ -58,9 +58,7 @@ pub fn read_file(req: &ReadFileRequest) -> Result<FileData, AgentError> {
 /// Name of the staging file for an upload: hidden, next to the target (same
 /// filesystem, so the final rename is atomic).
 fn staging_path(target: &Path, upload_id: &str) -> Result<PathBuf, AgentError> {
-    let name = target
-        .file_name()
-        .ok_or_else(|| error(Kind::Invalid, format!("{}: no file name", target.display())))?;
+    let name = target.file_name().ok_or_else(|| error(Kind::Invalid, format!("{}: no file name", target.display())))?;
     let id: String = upload_id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(64).collect();
     let staged = format!(".{}.forkd-upload-{}", name.to_string_lossy(), if id.is_empty() { "0" } else { &id });
     Ok(target.with_file_name(staged))
@@ -237,16 +235,15 @@ mod tests {
     fn errors_have_kinds() {
         let d = tmpdir("err");
         let missing = d.join("nope");
-        let e = read_file(&ReadFileRequest { path: missing.to_str().unwrap().into(), offset: 0, length: 0 })
-            .unwrap_err();
+        let e =
+            read_file(&ReadFileRequest { path: missing.to_str().unwrap().into(), offset: 0, length: 0 }).unwrap_err();
         assert_eq!(e.kind, Kind::NotFound as i32);
         let e = stat(missing.to_str().unwrap()).unwrap_err();
         assert_eq!(e.kind, Kind::NotFound as i32);
         let e = wr(missing.to_str().unwrap(), b"x", 1, false, true).unwrap_err();
         assert_eq!(e.kind, Kind::Invalid as i32);
         fs::create_dir_all(d.join("full/inner")).unwrap();
-        let e = remove(&RemoveRequest { path: d.join("full").to_str().unwrap().into(), recursive: false })
-            .unwrap_err();
+        let e = remove(&RemoveRequest { path: d.join("full").to_str().unwrap().into(), recursive: false }).unwrap_err();
         assert_eq!(e.kind, Kind::Invalid as i32);
         remove(&RemoveRequest { path: d.join("full").to_str().unwrap().into(), recursive: true }).unwrap();
         assert_eq!(resolve("").unwrap_err().kind, Kind::Invalid as i32);

@@ -49,17 +49,16 @@ pub fn boot() -> ! {
 }
 
 fn early_mounts() {
-    for (src, target, fstype, data) in [
-        ("proc", "/proc", "proc", ""),
-        ("sysfs", "/sys", "sysfs", ""),
-        ("devtmpfs", "/dev", "devtmpfs", "mode=0755"),
-    ] {
+    for (src, target, fstype, data) in
+        [("proc", "/proc", "proc", ""), ("sysfs", "/sys", "sysfs", ""), ("devtmpfs", "/dev", "devtmpfs", "mode=0755")]
+    {
         let _ = sys::mkdir_p(target, 0o755);
         let flags = libc::MS_NOSUID | if fstype == "devtmpfs" { 0 } else { libc::MS_NODEV | libc::MS_NOEXEC };
         if let Err(e) = sys::mount(src, target, fstype, flags, data)
-            && e.raw_os_error() != Some(libc::EBUSY) {
-                log::error(&format!("mount {target}: {e}"));
-            }
+            && e.raw_os_error() != Some(libc::EBUSY)
+        {
+            log::error(&format!("mount {target}: {e}"));
+        }
     }
 }
 
@@ -111,13 +110,7 @@ fn switch_root(cfg: &BootConfig) -> io::Result<()> {
     sys::mount("tmpfs", "/mnt/rw", "tmpfs", 0, "mode=0755")?;
     sys::mkdir_p("/mnt/rw/upper", 0o755)?;
     sys::mkdir_p("/mnt/rw/work", 0o755)?;
-    sys::mount(
-        "overlay",
-        "/newroot",
-        "overlay",
-        0,
-        "lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work",
-    )?;
+    sys::mount("overlay", "/newroot", "overlay", 0, "lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work")?;
     for d in ["proc", "sys", "dev"] {
         let target = format!("/newroot/{d}");
         sys::mkdir_p(&target, 0o755)?;
@@ -142,9 +135,12 @@ fn after_root(cfg: &BootConfig) {
     };
     try_mount("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "gid=5,mode=0620,ptmxmode=0666");
     try_mount("tmpfs", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777");
-    for (link, target) in
-        [("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"), ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")]
-    {
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
         let _ = std::os::unix::fs::symlink(target, link);
     }
     // The overlay's upper layer is RAM already, so /tmp and /run need no
@@ -200,4 +196,3 @@ fn serve_port(agent: &Arc<Agent>, name: &str) {
     agent.writer.set(Some(fd.clone()));
     server::serve(agent, fd.as_raw_fd(), true);
 }
-

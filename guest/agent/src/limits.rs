@@ -57,10 +57,10 @@ pub fn apply_pids_max(max: u32, extra_pid: i32) -> io::Result<()> {
     let value = if max > 0 { max.to_string() } else { "max".to_string() };
     std::fs::write(Path::new(EXEC_GROUP).join("pids.max"), value)?;
     let procs = format!("{EXEC_GROUP}/cgroup.procs");
-    if extra_pid > 0 {
-        if let Err(e) = std::fs::write(&procs, extra_pid.to_string()) {
-            log::error(&format!("moving the runtime (pid {extra_pid}) into {EXEC_GROUP}: {e}"));
-        }
+    if extra_pid > 0
+        && let Err(e) = std::fs::write(&procs, extra_pid.to_string())
+    {
+        log::error(&format!("moving the runtime (pid {extra_pid}) into {EXEC_GROUP}: {e}"));
     }
     if let Ok(mut g) = PROCS.lock() {
         *g = Some(procs);

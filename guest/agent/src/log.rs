@@ -10,17 +10,19 @@ static KMSG: Mutex<Option<std::fs::File>> = Mutex::new(None);
 /// Starts sending log lines to /dev/kmsg (called once /dev is mounted).
 pub fn use_kmsg() {
     if let Ok(f) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg")
-        && let Ok(mut g) = KMSG.lock() {
-            *g = Some(f);
-        }
+        && let Ok(mut g) = KMSG.lock()
+    {
+        *g = Some(f);
+    }
 }
 
 fn emit(level: u8, msg: &str) {
     if let Ok(mut g) = KMSG.lock()
-        && let Some(f) = g.as_mut() {
-            let _ = f.write_all(format!("<{level}>forkd-agent: {msg}\n").as_bytes());
-            return;
-        }
+        && let Some(f) = g.as_mut()
+    {
+        let _ = f.write_all(format!("<{level}>forkd-agent: {msg}\n").as_bytes());
+        return;
+    }
     eprintln!("forkd-agent: {msg}");
 }
 

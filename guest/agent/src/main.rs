@@ -53,7 +53,11 @@ fn dev_main() -> Result<(), String> {
                 println!("forkd-agent {}", env!("CARGO_PKG_VERSION"));
                 return Ok(());
             }
-            other => return Err(format!("unknown argument {other}; usage: forkd-agent --listen SOCKET [--runtime python] [--warm a,b]")),
+            other => {
+                return Err(format!(
+                    "unknown argument {other}; usage: forkd-agent --listen SOCKET [--runtime python] [--warm a,b]"
+                ));
+            }
         }
     }
     let listen = listen.ok_or("not PID 1: pass --listen SOCKET to serve on a Unix socket")?;

@@ -240,9 +240,10 @@ unsafe fn child_after_fork(
             }
         }
         if let Some(dir) = cwd
-            && libc::chdir(dir) < 0 {
-                fail(err_fd);
-            }
+            && libc::chdir(dir) < 0
+        {
+            fail(err_fd);
+        }
         libc::execve(spec.program.as_ptr(), argv.as_ptr(), envp.as_ptr());
         fail(err_fd)
     }
@@ -269,9 +270,11 @@ pub fn resolve_program(name: &str, path: &str) -> Option<String> {
         let dir = if dir.is_empty() { "." } else { dir };
         let cand = format!("{dir}/{name}");
         if let Ok(md) = std::fs::metadata(&cand)
-            && md.is_file() && md.permissions().mode() & 0o111 != 0 {
-                return Some(cand);
-            }
+            && md.is_file()
+            && md.permissions().mode() & 0o111 != 0
+        {
+            return Some(cand);
+        }
     }
     None
 }

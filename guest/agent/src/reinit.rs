@@ -1,9 +1,9 @@
 //! Reinit: turns a restored copy of a template into an individual sandbox —
 //! its own clock, entropy, hostname, id and (optionally) network address.
 
-use crate::server::{error, io_error, Agent};
+use crate::server::{Agent, error, io_error};
 use crate::{log, sys};
-use forkd_agent_protocol::v1::{agent_error::Kind, AgentError, NetworkConfig, ReinitDone, ReinitRequest};
+use forkd_agent_protocol::v1::{AgentError, NetworkConfig, ReinitDone, ReinitRequest, agent_error::Kind};
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -200,10 +200,7 @@ mod tests {
 
     #[test]
     fn cidr() {
-        assert_eq!(
-            parse_cidr("10.0.0.2/24"),
-            Some(("10.0.0.2".parse().unwrap(), "255.255.255.0".parse().unwrap()))
-        );
+        assert_eq!(parse_cidr("10.0.0.2/24"), Some(("10.0.0.2".parse().unwrap(), "255.255.255.0".parse().unwrap())));
         assert_eq!(parse_cidr("10.0.0.2"), Some(("10.0.0.2".parse().unwrap(), Ipv4Addr::BROADCAST)));
         assert_eq!(parse_cidr("10.0.0.2/0").unwrap().1, Ipv4Addr::UNSPECIFIED);
         assert_eq!(parse_cidr("10.0.0.2/33"), None);

@@ -7,11 +7,11 @@
 //! stuck in C code that never returns to the interpreter — the agent kills it
 //! and starts a fresh one: the namespace is lost and the eval reports 124.
 
-use crate::exec::{base_env, env_vec, DEFAULT_PATH, HOME};
+use crate::exec::{DEFAULT_PATH, HOME, base_env, env_vec};
 use crate::proc::{self, Child, Spec};
 use crate::{log, sys};
 use forkd_agent_protocol::v1::EvalResult;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -121,9 +121,10 @@ impl Runtime {
         let me = self.clone();
         let r = std::thread::Builder::new().name("runtime-start".into()).stack_size(256 * 1024).spawn(move || {
             if let Ok(mut g) = me.inner.lock()
-                && g.is_none() {
-                    *g = me.start();
-                }
+                && g.is_none()
+            {
+                *g = me.start();
+            }
         });
         if let Err(e) = r {
             log::error(&format!("cannot start the runtime thread: {e}"));
@@ -257,7 +258,10 @@ impl Runtime {
             },
             Err(LineError::Timeout) => {
                 self.discard(&mut g);
-                eval_error(124, format!("timed out after {timeout_ms} ms; the interpreter was restarted and its state lost"))
+                eval_error(
+                    124,
+                    format!("timed out after {timeout_ms} ms; the interpreter was restarted and its state lost"),
+                )
             }
             Err(LineError::Closed) => {
                 self.discard(&mut g);

@@ -4,15 +4,14 @@ use crate::exec::{self, ExecHandle};
 use crate::runtime::Runtime;
 use crate::{files, log, reinit, sys};
 use forkd_agent_protocol::v1::{
-    agent_error::Kind, request::Body as Req, response::Body as Resp, Ack, AgentError, Pong, Request,
-    Response,
+    Ack, AgentError, Pong, Request, Response, agent_error::Kind, request::Body as Req, response::Body as Resp,
 };
-use forkd_agent_protocol::{encode_frame, FrameDecoder, MAGIC};
+use forkd_agent_protocol::{FrameDecoder, MAGIC, encode_frame};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 /// How long one frame may wait for the host to drain the channel before it is
@@ -90,10 +89,8 @@ impl Pool {
         let idle = Arc::new(AtomicUsize::new(0));
         for i in 0..workers {
             let (rx, free) = (rx.clone(), idle.clone());
-            let started = std::thread::Builder::new()
-                .name(format!("worker-{i}"))
-                .stack_size(STACK)
-                .spawn(move || loop {
+            let started = std::thread::Builder::new().name(format!("worker-{i}")).stack_size(STACK).spawn(move || {
+                loop {
                     let job = match rx.lock() {
                         Ok(r) => r.recv(),
                         Err(_) => return,
@@ -105,7 +102,8 @@ impl Pool {
                         }
                         Err(_) => return,
                     }
-                });
+                }
+            });
             if started.is_ok() {
                 idle.fetch_add(1, Ordering::SeqCst);
             }
@@ -157,7 +155,11 @@ pub fn io_error(context: &str, e: &io::Error) -> AgentError {
         Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ENODEV) | Some(libc::ENXIO) => Kind::NotFound,
         Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => Kind::Permission,
         Some(libc::EEXIST) | Some(libc::EBUSY) => Kind::Exists,
-        Some(libc::EINVAL) | Some(libc::EISDIR) | Some(libc::ENOTEMPTY) | Some(libc::ENAMETOOLONG) | Some(libc::ELOOP) => Kind::Invalid,
+        Some(libc::EINVAL)
+        | Some(libc::EISDIR)
+        | Some(libc::ENOTEMPTY)
+        | Some(libc::ENAMETOOLONG)
+        | Some(libc::ELOOP) => Kind::Invalid,
         Some(libc::EFBIG) | Some(libc::ENOSPC) | Some(libc::E2BIG) | Some(libc::EDQUOT) => Kind::TooLarge,
         Some(libc::ETIMEDOUT) => Kind::Timeout,
         _ => match e.kind() {
@@ -316,7 +318,7 @@ pub fn serve(agent: &Arc<Agent>, fd: RawFd, reconnecting: bool) {
                     agent.writer.host_active();
                     decoder.push(&buf[..n]);
                     loop {
-                        match decoder.next::<Request>() {
+                        match decoder.next_message::<Request>() {
                             Ok(Some(req)) => agent.dispatch(req),
                             Ok(None) => break,
                             Err(e) => log::info(&format!("{e}")),

@@ -152,14 +152,14 @@ pub fn fd_is_open(fd: RawFd) -> bool {
 pub fn ensure_std_fds() {
     for fd in 0..3 {
         if !fd_is_open(fd)
-            && let Ok(null) = open("/dev/null", libc::O_RDWR, 0) {
-                if null.as_raw_fd() != fd {
-                    unsafe { libc::dup2(null.as_raw_fd(), fd) };
-                } else {
-                    // Keep it: it already sits on the wanted number.
-                    std::mem::forget(null);
-                }
+            && let Ok(null) = open("/dev/null", libc::O_RDWR, 0)
+        {
+            if null.as_raw_fd() != fd {
+                unsafe { libc::dup2(null.as_raw_fd(), fd) };
+            } else {
+                // Keep it: it already sits on the wanted number.
+                std::mem::forget(null);
             }
+        }
     }
 }
-

@@ -5,10 +5,10 @@ use crate::runtime::Runtime;
 use crate::server::{self, Agent};
 use crate::sys;
 use forkd_agent_protocol::v1::{
-    agent_error::Kind, request::Body as Req, response::Body as Resp, CancelRequest, EvalRequest, ExecRequest,
-    PingRequest, ReadFileRequest, ReinitRequest, Request, Response, WriteFileRequest,
+    CancelRequest, EvalRequest, ExecRequest, PingRequest, ReadFileRequest, ReinitRequest, Request, Response,
+    WriteFileRequest, agent_error::Kind, request::Body as Req, response::Body as Resp,
 };
-use forkd_agent_protocol::{encode_frame, FrameDecoder};
+use forkd_agent_protocol::{FrameDecoder, encode_frame};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -47,7 +47,7 @@ impl Client {
     fn recv(&mut self) -> Response {
         let mut buf = [0u8; 65536];
         loop {
-            if let Some(r) = self.dec.next::<Response>().unwrap() {
+            if let Some(r) = self.dec.next_message::<Response>().unwrap() {
                 return r;
             }
             let n = self.sock.read(&mut buf).expect("agent answers");
@@ -97,10 +97,8 @@ fn ping_exec_and_errors() {
         other => panic!("unexpected {other:?}"),
     }
 
-    let (out, err, end) = c.exec(ExecRequest {
-        args: args(&["sh", "-c", "echo out; echo err >&2; exit 7"]),
-        ..Default::default()
-    });
+    let (out, err, end) =
+        c.exec(ExecRequest { args: args(&["sh", "-c", "echo out; echo err >&2; exit 7"]), ..Default::default() });
     assert_eq!((out.as_str(), err.as_str()), ("out\n", "err\n"));
     let Resp::ExecExit(x) = end else { panic!("{end:?}") };
     assert_eq!((x.exit_code, x.signal, x.timed_out), (7, 0, false));
@@ -139,7 +137,8 @@ fn ping_exec_and_errors() {
 #[test]
 fn cancel_kills_exec() {
     let mut c = Client::start(Runtime::new("", vec![], "/nonexistent"));
-    let id = c.send(Req::Exec(ExecRequest { args: args(&["sh", "-c", "echo started; sleep 30"]), ..Default::default() }));
+    let id =
+        c.send(Req::Exec(ExecRequest { args: args(&["sh", "-c", "echo started; sleep 30"]), ..Default::default() }));
     let first = c.recv();
     assert_eq!(first.id, id);
     let cancel_id = c.send(Req::Cancel(CancelRequest { target_id: id }));
@@ -232,7 +231,9 @@ fn python_runtime_keeps_state() {
     let rt = Runtime::new("python", vec!["json".into()], &dir.to_string_lossy());
     rt.start_background();
     let mut c = Client::start(rt.clone());
-    let eval = |c: &mut Client, code: &str, timeout_ms| match c.call(Req::Eval(EvalRequest { code: code.into(), timeout_ms })) {
+    let eval = |c: &mut Client, code: &str, timeout_ms| match c
+        .call(Req::Eval(EvalRequest { code: code.into(), timeout_ms }))
+    {
         Resp::EvalResult(r) => r,
         other => panic!("unexpected {other:?}"),
     };

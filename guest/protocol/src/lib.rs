@@ -66,7 +66,7 @@ impl FrameDecoder {
 
     /// Returns the next complete message, `Ok(None)` when more bytes are needed.
     /// A frame whose payload does not decode is dropped and reported once.
-    pub fn next<M: Message + Default>(&mut self) -> Result<Option<M>, DecodeError> {
+    pub fn next_message<M: Message + Default>(&mut self) -> Result<Option<M>, DecodeError> {
         loop {
             match find_magic(&self.buf) {
                 Some(0) => {}
@@ -109,7 +109,7 @@ fn find_magic(buf: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::v1::{Request, request::Body, PingRequest};
+    use super::v1::{PingRequest, Request, request::Body};
     use super::*;
 
     fn ping(id: u64) -> Request {
@@ -123,7 +123,7 @@ mod tests {
         let mut got = vec![];
         for b in bytes.chunks(3) {
             dec.push(b);
-            while let Some(m) = dec.next::<Request>().unwrap() {
+            while let Some(m) = dec.next_message::<Request>().unwrap() {
                 got.push(m.id);
             }
         }
@@ -137,7 +137,7 @@ mod tests {
         bytes.extend(encode_frame(&ping(7)));
         let mut dec = FrameDecoder::new();
         dec.push(&bytes);
-        assert_eq!(dec.next::<Request>().unwrap().unwrap().id, 7);
+        assert_eq!(dec.next_message::<Request>().unwrap().unwrap().id, 7);
         assert_eq!(dec.skipped(), 5);
     }
 
@@ -148,6 +148,6 @@ mod tests {
         bytes.extend(encode_frame(&ping(9)));
         let mut dec = FrameDecoder::new();
         dec.push(&bytes);
-        assert_eq!(dec.next::<Request>().unwrap().unwrap().id, 9);
+        assert_eq!(dec.next_message::<Request>().unwrap().unwrap().id, 9);
     }
 }

@@ -73,7 +73,7 @@ impl AgentClient {
                 };
                 dec.push(&buf[..n]);
                 loop {
-                    match dec.next::<pb::Response>() {
+                    match dec.next_message::<pb::Response>() {
                         Ok(Some(resp)) => {
                             let Some(body) = resp.body else { continue };
                             let tx = reader_waiters.lock().unwrap().get(&resp.id).cloned();
@@ -114,7 +114,12 @@ impl AgentClient {
         Ok((id, Responses { id, rx, waiters: self.waiters.clone() }))
     }
 
-    async fn call(&self, body: request::Body, what: &'static str, timeout: Duration) -> Result<response::Body, AgentError> {
+    async fn call(
+        &self,
+        body: request::Body,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Result<response::Body, AgentError> {
         let (_, mut rx) = self.send(body).await?;
         match tokio::time::timeout(timeout, rx.recv()).await {
             Err(_) => Err(AgentError::Timeout(what.into())),
@@ -180,10 +185,7 @@ impl AgentClient {
     }
 
     pub async fn remove(&self, path: String, recursive: bool, timeout: Duration) -> Result<(), AgentError> {
-        match self
-            .call(request::Body::Remove(pb::RemoveRequest { path, recursive }), "remove", timeout)
-            .await?
-        {
+        match self.call(request::Body::Remove(pb::RemoveRequest { path, recursive }), "remove", timeout).await? {
             response::Body::Ack(_) => Ok(()),
             _ => Err(AgentError::Unexpected("remove")),
         }

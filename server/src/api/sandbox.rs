@@ -80,13 +80,13 @@ fn exit_response(x: &pb::ExecExit, stdout: String, stderr: String) -> api::ExecR
 
 #[tonic::async_trait]
 impl SandboxService for Services {
-    async fn create_sandboxes(&self, r: Request<api::CreateSandboxesRequest>) -> Result<Response<api::CreateSandboxesResponse>, Status> {
+    async fn create_sandboxes(
+        &self,
+        r: Request<api::CreateSandboxesRequest>,
+    ) -> Result<Response<api::CreateSandboxesResponse>, Status> {
         let r = r.into_inner();
         let tag = Tag::parse_field(&r.snapshot_tag, "snapshot_tag").map_err(Error::from)?;
-        for (set, what) in [
-            (r.prewarm, "prewarm"),
-            (r.hugepages, "hugepages"),
-        ] {
+        for (set, what) in [(r.prewarm, "prewarm"), (r.hugepages, "hugepages")] {
             if set {
                 return Err(not_yet(what));
             }
@@ -117,12 +117,18 @@ impl SandboxService for Services {
         settings.validate_lifecycle()?;
         crate::core::Runtime::check_network(&settings)?;
         crate::core::limits::validate_limits(&settings)?;
-        let recs = self.rt.create_sandboxes(CreateSandboxes { tag, n: r.n.unwrap_or(1), settings, workspace: String::new() }).await?;
+        let recs = self
+            .rt
+            .create_sandboxes(CreateSandboxes { tag, n: r.n.unwrap_or(1), settings, workspace: String::new() })
+            .await?;
         let sandboxes = recs.iter().map(|r| convert::sandbox(r, r.created_at_unix)).collect();
         Ok(Response::new(api::CreateSandboxesResponse { sandboxes }))
     }
 
-    async fn list_sandboxes(&self, r: Request<api::ListSandboxesRequest>) -> Result<Response<api::ListSandboxesResponse>, Status> {
+    async fn list_sandboxes(
+        &self,
+        r: Request<api::ListSandboxesRequest>,
+    ) -> Result<Response<api::ListSandboxesResponse>, Status> {
         let r = r.into_inner();
         let tag = if r.snapshot_tag.is_empty() {
             None
@@ -145,13 +151,19 @@ impl SandboxService for Services {
         Ok(Response::new(convert::live_sandbox(&sb)))
     }
 
-    async fn delete_sandbox(&self, r: Request<api::DeleteSandboxRequest>) -> Result<Response<api::DeleteSandboxesResponse>, Status> {
+    async fn delete_sandbox(
+        &self,
+        r: Request<api::DeleteSandboxRequest>,
+    ) -> Result<Response<api::DeleteSandboxesResponse>, Status> {
         let id = sandbox_id(&r.get_ref().id)?;
         let deleted = self.rt.delete_sandboxes(&[id], None, false).await?;
         Ok(Response::new(api::DeleteSandboxesResponse { deleted }))
     }
 
-    async fn delete_sandboxes(&self, r: Request<api::DeleteSandboxesRequest>) -> Result<Response<api::DeleteSandboxesResponse>, Status> {
+    async fn delete_sandboxes(
+        &self,
+        r: Request<api::DeleteSandboxesRequest>,
+    ) -> Result<Response<api::DeleteSandboxesResponse>, Status> {
         let r = r.into_inner();
         let ids = r.ids.iter().map(|i| sandbox_id(i)).collect::<Result<Vec<_>, _>>()?;
         let tag = if r.snapshot_tag.is_empty() {
@@ -196,7 +208,9 @@ impl SandboxService for Services {
                 let ev = match stream.next().await {
                     Ok(Some(ExecEvent::Stdout(d))) => api::exec_event::Event::Stdout(d),
                     Ok(Some(ExecEvent::Stderr(d))) => api::exec_event::Event::Stderr(d),
-                    Ok(Some(ExecEvent::Exit(x))) => api::exec_event::Event::Exit(exit_response(&x, String::new(), String::new())),
+                    Ok(Some(ExecEvent::Exit(x))) => {
+                        api::exec_event::Event::Exit(exit_response(&x, String::new(), String::new()))
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         let _ = tx.send(Err(Status::from(Error::from(e)))).await;
@@ -213,7 +227,10 @@ impl SandboxService for Services {
 
     type ExecInteractiveStream = BoxStream<api::ExecEvent>;
 
-    async fn exec_interactive(&self, _r: Request<Streaming<api::ExecInput>>) -> Result<Response<Self::ExecInteractiveStream>, Status> {
+    async fn exec_interactive(
+        &self,
+        _r: Request<Streaming<api::ExecInput>>,
+    ) -> Result<Response<Self::ExecInteractiveStream>, Status> {
         Err(not_yet("ExecInteractive"))
     }
 
@@ -282,7 +299,10 @@ impl SandboxService for Services {
             return Err(Error::invalid("path", format!("{path} is a directory")).into());
         }
         if st.size > MAX_FILE_BYTES {
-            return Err(Status::resource_exhausted(format!("{path} is {} bytes, more than the {MAX_FILE_BYTES} limit", st.size)));
+            return Err(Status::resource_exhausted(format!(
+                "{path} is {} bytes, more than the {MAX_FILE_BYTES} limit",
+                st.size
+            )));
         }
         let out = async_stream(move |tx| async move {
             let mut offset = 0u64;
@@ -309,12 +329,14 @@ impl SandboxService for Services {
         Ok(Response::new(out))
     }
 
-    async fn write_file(&self, r: Request<Streaming<api::WriteFileRequest>>) -> Result<Response<api::FileInfo>, Status> {
+    async fn write_file(
+        &self,
+        r: Request<Streaming<api::WriteFileRequest>>,
+    ) -> Result<Response<api::FileInfo>, Status> {
         let mut input = r.into_inner();
-        let first = input
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("invalid request: empty stream, the first message must carry id and path"))?;
+        let first = input.message().await?.ok_or_else(|| {
+            Status::invalid_argument("invalid request: empty stream, the first message must carry id and path")
+        })?;
         let id = sandbox_id(&first.id)?;
         let path = guest_path("path", &first.path)?;
         let sb = self.rt.agent_of(&id).await?;
@@ -395,7 +417,10 @@ impl SandboxService for Services {
         Ok(Response::new(file_info(st)))
     }
 
-    async fn remove_file(&self, r: Request<api::RemoveFileRequest>) -> Result<Response<api::RemoveFileResponse>, Status> {
+    async fn remove_file(
+        &self,
+        r: Request<api::RemoveFileRequest>,
+    ) -> Result<Response<api::RemoveFileResponse>, Status> {
         let r = r.into_inner();
         let id = sandbox_id(&r.id)?;
         let path = guest_path("path", &r.path)?;
@@ -416,7 +441,10 @@ impl SandboxService for Services {
 
     type WatchEventsStream = BoxStream<api::Event>;
 
-    async fn watch_events(&self, r: Request<api::WatchEventsRequest>) -> Result<Response<Self::WatchEventsStream>, Status> {
+    async fn watch_events(
+        &self,
+        r: Request<api::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let f = r.into_inner();
         let mut rx = self.rt.events.subscribe();
         let out = async_stream(move |tx| async move {
@@ -473,4 +501,3 @@ where
     tokio::spawn(f(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
-

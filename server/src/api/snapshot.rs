@@ -51,7 +51,10 @@ impl SnapshotService for Services {
         Ok(Response::new(convert::snapshot(&view)))
     }
 
-    async fn list_snapshots(&self, r: Request<api::ListSnapshotsRequest>) -> Result<Response<api::ListSnapshotsResponse>, Status> {
+    async fn list_snapshots(
+        &self,
+        r: Request<api::ListSnapshotsRequest>,
+    ) -> Result<Response<api::ListSnapshotsResponse>, Status> {
         let r = r.into_inner();
         let snapshots = self
             .rt
@@ -70,14 +73,20 @@ impl SnapshotService for Services {
         Ok(Response::new(convert::snapshot(&view)))
     }
 
-    async fn delete_snapshot(&self, r: Request<api::DeleteSnapshotRequest>) -> Result<Response<api::DeleteSnapshotResponse>, Status> {
+    async fn delete_snapshot(
+        &self,
+        r: Request<api::DeleteSnapshotRequest>,
+    ) -> Result<Response<api::DeleteSnapshotResponse>, Status> {
         let r = r.into_inner();
         let t = tag("tag", &r.tag)?;
         let (deleted, orphaned) = self.rt.delete_snapshot(&t, r.cascade, r.force).await?;
         Ok(Response::new(api::DeleteSnapshotResponse { deleted, orphaned }))
     }
 
-    async fn compact_snapshot(&self, r: Request<api::CompactSnapshotRequest>) -> Result<Response<api::Snapshot>, Status> {
+    async fn compact_snapshot(
+        &self,
+        r: Request<api::CompactSnapshotRequest>,
+    ) -> Result<Response<api::Snapshot>, Status> {
         let from = tag("tag", &r.get_ref().tag)?;
         let to = tag("to", &r.get_ref().to)?;
         let rec = self.rt.compact(&from, &to).await?;
@@ -97,15 +106,24 @@ impl SnapshotService for Services {
 
     type ExportSnapshotStream = ChunkStream;
 
-    async fn export_snapshot(&self, _r: Request<api::ExportSnapshotRequest>) -> Result<Response<Self::ExportSnapshotStream>, Status> {
+    async fn export_snapshot(
+        &self,
+        _r: Request<api::ExportSnapshotRequest>,
+    ) -> Result<Response<Self::ExportSnapshotStream>, Status> {
         Err(not_yet("ExportSnapshot"))
     }
 
-    async fn import_snapshot(&self, _r: Request<Streaming<api::ImportSnapshotRequest>>) -> Result<Response<api::Snapshot>, Status> {
+    async fn import_snapshot(
+        &self,
+        _r: Request<Streaming<api::ImportSnapshotRequest>>,
+    ) -> Result<Response<api::Snapshot>, Status> {
         Err(not_yet("ImportSnapshot"))
     }
 
-    async fn push_snapshot(&self, _r: Request<api::PushSnapshotRequest>) -> Result<Response<api::PushSnapshotResponse>, Status> {
+    async fn push_snapshot(
+        &self,
+        _r: Request<api::PushSnapshotRequest>,
+    ) -> Result<Response<api::PushSnapshotResponse>, Status> {
         Err(not_yet("PushSnapshot"))
     }
 

@@ -36,7 +36,10 @@ pub fn workspace(r: &WorkspaceRecord) -> api::Workspace {
 
 #[tonic::async_trait]
 impl WorkspaceService for Services {
-    async fn create_workspace(&self, r: Request<api::CreateWorkspaceRequest>) -> Result<Response<api::Workspace>, Status> {
+    async fn create_workspace(
+        &self,
+        r: Request<api::CreateWorkspaceRequest>,
+    ) -> Result<Response<api::Workspace>, Status> {
         let r = r.into_inner();
         let n = name(&r.name)?;
         let source = Tag::parse_field(&r.snapshot_tag, "snapshot_tag").map_err(Error::from)?;
@@ -64,22 +67,34 @@ impl WorkspaceService for Services {
         Ok(Response::new(workspace(&self.rt.get_workspace(&n)?)))
     }
 
-    async fn list_workspaces(&self, _r: Request<api::ListWorkspacesRequest>) -> Result<Response<api::ListWorkspacesResponse>, Status> {
+    async fn list_workspaces(
+        &self,
+        _r: Request<api::ListWorkspacesRequest>,
+    ) -> Result<Response<api::ListWorkspacesResponse>, Status> {
         let workspaces = self.rt.list_workspaces()?.iter().map(workspace).collect();
         Ok(Response::new(api::ListWorkspacesResponse { workspaces, next_page_token: String::new() }))
     }
 
-    async fn suspend_workspace(&self, r: Request<api::SuspendWorkspaceRequest>) -> Result<Response<api::Workspace>, Status> {
+    async fn suspend_workspace(
+        &self,
+        r: Request<api::SuspendWorkspaceRequest>,
+    ) -> Result<Response<api::Workspace>, Status> {
         let n = name(&r.get_ref().name)?;
         Ok(Response::new(workspace(&self.rt.suspend_workspace(&n).await?)))
     }
 
-    async fn resume_workspace(&self, r: Request<api::ResumeWorkspaceRequest>) -> Result<Response<api::Workspace>, Status> {
+    async fn resume_workspace(
+        &self,
+        r: Request<api::ResumeWorkspaceRequest>,
+    ) -> Result<Response<api::Workspace>, Status> {
         let n = name(&r.get_ref().name)?;
         Ok(Response::new(workspace(&self.rt.resume_workspace(&n).await?)))
     }
 
-    async fn delete_workspace(&self, r: Request<api::DeleteWorkspaceRequest>) -> Result<Response<api::DeleteWorkspaceResponse>, Status> {
+    async fn delete_workspace(
+        &self,
+        r: Request<api::DeleteWorkspaceRequest>,
+    ) -> Result<Response<api::DeleteWorkspaceResponse>, Status> {
         let n = name(&r.get_ref().name)?;
         let deleted_snapshots = self.rt.delete_workspace(&n).await?;
         Ok(Response::new(api::DeleteWorkspaceResponse { deleted_snapshots }))

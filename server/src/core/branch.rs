@@ -59,7 +59,8 @@ impl Runtime {
         let parent_tag = Tag::parse(&parent.tag)?;
         let parent_mem = std::fs::canonicalize(self.layout.snapshot_dir(&parent_tag).join("mem"))
             .map_err(|e| Error::internal("parent memory file", e))?;
-        let mapping = dirty::find_mapping(sb.pid, &parent_mem).map_err(|e| Error::internal("locate guest memory", e))?;
+        let mapping =
+            dirty::find_mapping(sb.pid, &parent_mem).map_err(|e| Error::internal("locate guest memory", e))?;
         let before = dirty::dirty_pages(sb.pid, &mapping).map_err(|e| Error::internal("read pagemap", e))?;
         if req.measure_only {
             let mut rec = parent.clone();
@@ -69,11 +70,9 @@ impl Runtime {
             rec.branched_from = req.id.to_string();
             return Ok(rec);
         }
-        let _permit = self
-            .branch_slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Error::ResourceExhausted("too many branches in flight; retry shortly (--branch-concurrency)".into()))?;
+        let _permit = self.branch_slots.clone().try_acquire_owned().map_err(|_| {
+            Error::ResourceExhausted("too many branches in flight; retry shortly (--branch-concurrency)".into())
+        })?;
         let tag = req.tag.clone().unwrap_or_else(|| ids::branch_tag(&req.id));
         let final_dir = self.layout.snapshot_dir(&tag);
         if final_dir.exists() {
@@ -100,7 +99,11 @@ impl Runtime {
             created_at_unix: now_unix(),
             memory_digest: String::new(),
             state_digest: String::new(),
-            parent_memory_digest: if req.mode == BranchMode::Diff { parent.memory_digest.clone() } else { String::new() },
+            parent_memory_digest: if req.mode == BranchMode::Diff {
+                parent.memory_digest.clone()
+            } else {
+                String::new()
+            },
             branched_from: req.id.to_string(),
             pause_ms: 0.0,
             dirty_bytes: 0,
@@ -129,7 +132,8 @@ impl Runtime {
             std::fs::create_dir_all(&staging).map_err(|e| Error::internal("create staging dir", e))?;
             let mut buf = CaptureBuffer::new(before.len() * PAGE as usize + CAPTURE_SLACK)
                 .map_err(|e| Error::internal("capture buffer", e))?;
-            let mut pagemap = dirty::PagemapReader::new(sb.pid, &mapping).map_err(|e| Error::internal("open pagemap", e))?;
+            let mut pagemap =
+                dirty::PagemapReader::new(sb.pid, &mapping).map_err(|e| Error::internal("open pagemap", e))?;
             let mut control = sb.control.lock().await;
             let t0 = Instant::now();
             control.pause().await?;
@@ -181,8 +185,10 @@ impl Runtime {
         let finish = tokio::task::spawn_blocking(move || -> Result<SnapshotRecord> {
             let data = buf.as_slice(n);
             let mem = staging2.join("mem");
-            layer::clone_or_copy(&parent_dir.join("mem"), &mem).map_err(|e| Error::internal("copy parent memory", e))?;
-            let f = std::fs::OpenOptions::new().write(true).open(&mem).map_err(|e| Error::internal("open memory", e))?;
+            layer::clone_or_copy(&parent_dir.join("mem"), &mem)
+                .map_err(|e| Error::internal("copy parent memory", e))?;
+            let f =
+                std::fs::OpenOptions::new().write(true).open(&mem).map_err(|e| Error::internal("open memory", e))?;
             use std::os::unix::fs::FileExt;
             for (i, p) in pages.iter().enumerate() {
                 let chunk = &data[i * PAGE as usize..(i + 1) * PAGE as usize];
@@ -195,7 +201,8 @@ impl Runtime {
                     .map_err(|e| Error::internal("write diff layer", e))?,
                 BranchMode::Full => digest::sha256_file(&mem).map_err(|e| Error::internal("digest", e))?,
             };
-            rec.state_digest = digest::sha256_file(&staging2.join("state")).map_err(|e| Error::internal("digest", e))?;
+            rec.state_digest =
+                digest::sha256_file(&staging2.join("state")).map_err(|e| Error::internal("digest", e))?;
             if let Some(spec) = &rec.vm {
                 super::snapshots::write_vm_json(&staging2, spec)?;
             }
@@ -248,10 +255,15 @@ impl Runtime {
     pub async fn compact(self: &Arc<Self>, tag: &Tag, to: &Tag) -> Result<SnapshotRecord> {
         let src = self.get_snapshot(tag)?;
         if src.status != SnapshotStatus::Ready {
-            return Err(Error::FailedPrecondition(format!("snapshot {:?} is {}, not ready", src.tag, src.status.as_str())));
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {:?} is {}, not ready",
+                src.tag,
+                src.status.as_str()
+            )));
         }
         let final_dir = self.layout.snapshot_dir(to);
-        let mut spec = src.vm.clone().ok_or_else(|| Error::FailedPrecondition("snapshot has no VM configuration".into()))?;
+        let mut spec =
+            src.vm.clone().ok_or_else(|| Error::FailedPrecondition("snapshot has no VM configuration".into()))?;
         spec.mem_file = final_dir.join("mem");
         let mut rec = src.clone();
         rec.tag = to.to_string();
@@ -276,7 +288,11 @@ impl Runtime {
             if let Some(spec) = &spec_for_json {
                 std::fs::write(st.join("vm.json"), serde_json::to_vec_pretty(spec).unwrap_or_default())?;
             }
-            Ok((digest::sha256_file(&st.join("mem"))?, digest::sha256_file(&st.join("state"))?, layout::disk_usage(&st)))
+            Ok((
+                digest::sha256_file(&st.join("mem"))?,
+                digest::sha256_file(&st.join("state"))?,
+                layout::disk_usage(&st),
+            ))
         })
         .await
         .map_err(|e| Error::internal("compact", e))?;
@@ -299,7 +315,13 @@ impl Runtime {
 
     /// Spawns from `from`, runs `args`, diff-branches into `tag`, and kills
     /// the transient sandbox on every path.
-    pub async fn derive(self: &Arc<Self>, from: &Tag, tag: &Tag, args: Vec<String>, timeout: Duration) -> Result<SnapshotRecord> {
+    pub async fn derive(
+        self: &Arc<Self>,
+        from: &Tag,
+        tag: &Tag,
+        args: Vec<String>,
+        timeout: Duration,
+    ) -> Result<SnapshotRecord> {
         if args.is_empty() {
             return Err(Error::invalid("exec", "must name a command"));
         }
@@ -307,7 +329,12 @@ impl Runtime {
             return Err(Error::AlreadyExists(format!("snapshot {:?} already exists", tag.as_str())));
         }
         let kids = self
-            .create_sandboxes(super::sandboxes::CreateSandboxes { tag: from.clone(), n: 1, settings: Default::default(), workspace: String::new() })
+            .create_sandboxes(super::sandboxes::CreateSandboxes {
+                tag: from.clone(),
+                n: 1,
+                settings: Default::default(),
+                workspace: String::new(),
+            })
             .await?;
         let id = SandboxId::parse(&kids[0].id)?;
         let result = async {
@@ -328,7 +355,10 @@ impl Runtime {
                     Some(crate::agent::ExecEvent::Stdout(_)) => {}
                     Some(crate::agent::ExecEvent::Exit(x)) => {
                         if x.timed_out {
-                            return Err(Error::DeadlineExceeded(format!("the command ran longer than {} s", timeout.as_secs())));
+                            return Err(Error::DeadlineExceeded(format!(
+                                "the command ran longer than {} s",
+                                timeout.as_secs()
+                            )));
                         }
                         if x.exit_code != 0 {
                             return Err(Error::FailedPrecondition(format!(
@@ -342,15 +372,20 @@ impl Runtime {
                     None => break,
                 }
             }
-            self.branch(BranchRequest { id: id.clone(), tag: Some(tag.clone()), mode: BranchMode::Diff, measure_only: false, wait: true })
-                .await
+            self.branch(BranchRequest {
+                id: id.clone(),
+                tag: Some(tag.clone()),
+                mode: BranchMode::Diff,
+                measure_only: false,
+                wait: true,
+            })
+            .await
         }
         .await;
         let _ = self.delete_sandboxes(&[id], None, false).await;
         result
     }
 }
-
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

@@ -72,12 +72,12 @@ impl Runtime {
                 continue;
             }
             let running = sb.record.lock().unwrap().status == "running";
-            if running && !process::is_alive(sb.pid, sb.start_time) {
-                if let Some(rec) = self.vmm_exited(&sb, "the VMM process disappeared (found by the reconciler)".into())
-                    && !rec.workspace.is_empty()
-                {
-                    self.workspace_lost_sandbox(&rec.workspace, &rec.status_reason);
-                }
+            if running
+                && !process::is_alive(sb.pid, sb.start_time)
+                && let Some(rec) = self.vmm_exited(&sb, "the VMM process disappeared (found by the reconciler)".into())
+                && !rec.workspace.is_empty()
+            {
+                self.workspace_lost_sandbox(&rec.workspace, &rec.status_reason);
             }
         }
         self.sweep_orphans(false).await;
@@ -154,26 +154,22 @@ impl Runtime {
                         reaped("workdir", &e.key);
                     }
                 }
-                "cgroup" => {
-                    if e.key == cgroup::sandbox_name(id.as_str()) {
-                        self.remove_limits(id.as_str());
-                        reaped("cgroup", &e.key);
-                    }
+                "cgroup" if e.key == cgroup::sandbox_name(id.as_str()) => {
+                    self.remove_limits(id.as_str());
+                    reaped("cgroup", &e.key);
                 }
-                "netns" => {
-                    if e.key == crate::host::net::netns_name(&id) {
-                        let recorded = records.iter().find(|r| r.id == id.as_str()).and_then(|r| r.net.clone());
-                        match recorded {
-                            Some(n) => self.net_teardown(&n).await,
-                            None => {
-                                let link = crate::host::net::host_link_name(&id);
-                                let ns = e.key.clone();
-                                let _ = tokio::task::spawn_blocking(move || crate::host::net::teardown(&ns, &link)).await;
-                                let _ = self.store.ledger_remove("netns", &e.key);
-                            }
+                "netns" if e.key == crate::host::net::netns_name(&id) => {
+                    let recorded = records.iter().find(|r| r.id == id.as_str()).and_then(|r| r.net.clone());
+                    match recorded {
+                        Some(n) => self.net_teardown(&n).await,
+                        None => {
+                            let link = crate::host::net::host_link_name(&id);
+                            let ns = e.key.clone();
+                            let _ = tokio::task::spawn_blocking(move || crate::host::net::teardown(&ns, &link)).await;
+                            let _ = self.store.ledger_remove("netns", &e.key);
                         }
-                        reaped("netns", &e.key);
                     }
+                    reaped("netns", &e.key);
                 }
                 _ => {}
             }

@@ -48,8 +48,7 @@ impl GuestAssets {
             if path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
                 return Err(Error::invalid("image", "path must not contain '..'"));
             }
-            let meta = std::fs::metadata(path)
-                .map_err(|e| Error::invalid("image", format!("{image}: {e}")))?;
+            let meta = std::fs::metadata(path).map_err(|e| Error::invalid("image", format!("{image}: {e}")))?;
             if !meta.is_file() {
                 return Err(Error::invalid("image", format!("{image} is not a regular file")));
             }
@@ -130,9 +129,7 @@ impl Runtime {
         config: RuntimeConfig,
     ) -> Result<Arc<Self>> {
         let layout = Layout::new(data_dir);
-        layout
-            .create()
-            .map_err(|e| Error::internal(&format!("create data dir {}", layout.root().display()), e))?;
+        layout.create().map_err(|e| Error::internal(&format!("create data dir {}", layout.root().display()), e))?;
         let store = Store::open(&layout.db())?;
         let rt = Arc::new(Runtime {
             layout,

@@ -347,8 +347,14 @@ impl Runtime {
         let volumes = super::volumes::parse_stored(&sb.snapshot().settings.volumes);
         if volumes.iter().any(|v| !v.read_only) && sb.ensure_running().is_ok() {
             // Flush the guest's writes to read-write volumes before the VM goes.
-            if let Ok(mut s) = sb.agent.exec(pb::ExecRequest { args: vec!["sync".into()], timeout_ms: 5000, ..Default::default() }).await {
-                let _ = tokio::time::timeout(Duration::from_secs(6), async { while let Ok(Some(_)) = s.next().await {} }).await;
+            if let Ok(mut s) = sb
+                .agent
+                .exec(pb::ExecRequest { args: vec!["sync".into()], timeout_ms: 5000, ..Default::default() })
+                .await
+            {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(6), async { while let Ok(Some(_)) = s.next().await {} })
+                        .await;
             }
         }
         sb.killing.store(true, Ordering::SeqCst);
@@ -382,22 +388,16 @@ impl Runtime {
 
     pub async fn sandboxes_of(&self, tag: &str) -> Vec<String> {
         let map = self.sandboxes.read().await;
-        let mut ids: Vec<String> = map
-            .values()
-            .filter(|s| s.record.lock().unwrap().snapshot_tag == tag)
-            .map(|s| s.id.to_string())
-            .collect();
+        let mut ids: Vec<String> =
+            map.values().filter(|s| s.record.lock().unwrap().snapshot_tag == tag).map(|s| s.id.to_string()).collect();
         ids.sort();
         ids
     }
 
     pub async fn list_sandboxes(&self, tag: Option<&str>) -> Vec<SandboxRecord> {
         let map = self.sandboxes.read().await;
-        let mut out: Vec<SandboxRecord> = map
-            .values()
-            .map(|s| s.snapshot())
-            .filter(|r| tag.is_none_or(|t| r.snapshot_tag == t))
-            .collect();
+        let mut out: Vec<SandboxRecord> =
+            map.values().map(|s| s.snapshot()).filter(|r| tag.is_none_or(|t| r.snapshot_tag == t)).collect();
         out.sort_by(|a, b| (a.created_at_unix, &a.id).cmp(&(b.created_at_unix, &b.id)));
         out
     }
@@ -554,7 +554,11 @@ impl Runtime {
             return Err(Error::FailedPrecondition(format!(
                 "read-write volume {} is attached to {}",
                 f.display(),
-                if other.starts_with("sb-") { format!("live sandbox {other}") } else { "a sandbox being forked".into() }
+                if other.starts_with("sb-") {
+                    format!("live sandbox {other}")
+                } else {
+                    "a sandbox being forked".into()
+                }
             )));
         }
         for f in files {

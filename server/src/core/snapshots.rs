@@ -121,14 +121,25 @@ impl Runtime {
             if let Err(e) = rt.store.update_snapshot(&bg) {
                 tracing::error!(tag = %bg.tag, "recording snapshot outcome: {e}");
             }
-            rt.events.emit(if bg.status == SnapshotStatus::Ready { "snapshot_ready" } else { "snapshot_failed" }, "", &bg.tag, &bg.status_reason);
+            rt.events.emit(
+                if bg.status == SnapshotStatus::Ready { "snapshot_ready" } else { "snapshot_failed" },
+                "",
+                &bg.tag,
+                &bg.status_reason,
+            );
         });
         Ok(rec)
     }
 
     /// Boots the parent in `staging`, waits for its runtime, saves it, and
     /// renames the staging dir into the store.
-    async fn bake(&self, rec: &mut SnapshotRecord, spec: VmSpec, staging: &std::path::Path, req: &CreateSnapshot) -> Result<()> {
+    async fn bake(
+        &self,
+        rec: &mut SnapshotRecord,
+        spec: VmSpec,
+        staging: &std::path::Path,
+        req: &CreateSnapshot,
+    ) -> Result<()> {
         std::fs::create_dir_all(staging).map_err(|e| Error::internal("create staging dir", e))?;
         let mem = staging.join("mem");
         let f = std::fs::File::create(&mem).map_err(|e| Error::internal("create memory file", e))?;
@@ -148,7 +159,15 @@ impl Runtime {
                     && let Ok(Some(status)) = child.try_wait()
                 {
                     let console = std::fs::read_to_string(dir.console_log()).unwrap_or_default();
-                    let tail: String = console.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+                    let tail: String = console
+                        .lines()
+                        .rev()
+                        .take(10)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("\n");
                     return Err(Error::Internal(format!("the VM exited during warm-up ({status}); console: {tail}")));
                 }
                 match agent.ping(Duration::from_millis(500)).await {
@@ -256,7 +275,12 @@ impl Runtime {
         result
     }
 
-    async fn delete_snapshot_locked(&self, rec: &SnapshotRecord, cascade: bool, force: bool) -> Result<(Vec<String>, Vec<String>)> {
+    async fn delete_snapshot_locked(
+        &self,
+        rec: &SnapshotRecord,
+        cascade: bool,
+        force: bool,
+    ) -> Result<(Vec<String>, Vec<String>)> {
         // The subtree in post-order (children before parents).
         let mut order = vec![];
         let mut stack = vec![(rec.tag.clone(), false)];

@@ -102,7 +102,10 @@ impl SandboxSettings {
             return Err(Error::invalid("ttl_secs", format!("{} exceeds {DAY} (30 days)", self.ttl_secs)));
         }
         if self.idle_timeout_secs > DAY {
-            return Err(Error::invalid("idle_timeout_secs", format!("{} exceeds {DAY} (30 days)", self.idle_timeout_secs)));
+            return Err(Error::invalid(
+                "idle_timeout_secs",
+                format!("{} exceeds {DAY} (30 days)", self.idle_timeout_secs),
+            ));
         }
         Ok(())
     }
@@ -261,9 +264,8 @@ impl Store {
 
     pub fn get_snapshot(&self, tag: &str) -> Result<Option<SnapshotRecord>> {
         self.with(|c| {
-            let data: Option<String> = c
-                .query_row("SELECT data FROM snapshots WHERE tag = ?1", [tag], |r| r.get(0))
-                .optional()?;
+            let data: Option<String> =
+                c.query_row("SELECT data FROM snapshots WHERE tag = ?1", [tag], |r| r.get(0)).optional()?;
             data.map(|d| from_json(&d)).transpose()
         })
     }
@@ -333,7 +335,8 @@ impl Store {
     pub fn insert_workspace(&self, rec: &WorkspaceRecord) -> Result<()> {
         let data = to_json(rec)?;
         self.with(|c| {
-            let n = c.execute("INSERT OR IGNORE INTO workspaces (name, data) VALUES (?1, ?2)", params![rec.name, data])?;
+            let n =
+                c.execute("INSERT OR IGNORE INTO workspaces (name, data) VALUES (?1, ?2)", params![rec.name, data])?;
             if n == 0 {
                 return Err(Error::AlreadyExists(format!("workspace {:?} already exists", rec.name)));
             }
@@ -351,9 +354,8 @@ impl Store {
 
     pub fn get_workspace(&self, name: &str) -> Result<Option<WorkspaceRecord>> {
         self.with(|c| {
-            let data: Option<String> = c
-                .query_row("SELECT data FROM workspaces WHERE name = ?1", [name], |r| r.get(0))
-                .optional()?;
+            let data: Option<String> =
+                c.query_row("SELECT data FROM workspaces WHERE name = ?1", [name], |r| r.get(0)).optional()?;
             data.map(|d| from_json(&d)).transpose()
         })
     }
@@ -401,9 +403,7 @@ impl Store {
     pub fn ledger_entries(&self) -> Result<Vec<LedgerEntry>> {
         self.with(|c| {
             let mut stmt = c.prepare("SELECT kind, key, owner FROM ledger ORDER BY created_at")?;
-            let rows = stmt.query_map([], |r| {
-                Ok(LedgerEntry { kind: r.get(0)?, key: r.get(1)?, owner: r.get(2)? })
-            })?;
+            let rows = stmt.query_map([], |r| Ok(LedgerEntry { kind: r.get(0)?, key: r.get(1)?, owner: r.get(2)? }))?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
     }

@@ -109,12 +109,12 @@ mod tests {
         assert_eq!(v.guest, "/data");
         assert!(!VolumeSpec::parse(&format!("{host}:/data")).unwrap().read_only);
         for bad in [
-            format!("{host}"),
+            host.to_string(),
             format!("{host}:data"),
             format!("{host}:/data:rx"),
             format!("{host}:/a/../b"),
             format!("{host}:/"),
-            format!("relative:/data"),
+            "relative:/data".to_string(),
             format!("{}/missing:/data", dir.path().display()),
             format!("{}:/data", dir.path().display()),
         ] {

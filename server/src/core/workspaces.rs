@@ -29,12 +29,7 @@ pub fn state_tag(name: &WorkspaceName, generation: u64) -> Tag {
 
 impl Runtime {
     fn workspace_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.workspace_locks
-            .lock()
-            .unwrap()
-            .entry(name.to_string())
-            .or_default()
-            .clone()
+        self.workspace_locks.lock().unwrap().entry(name.to_string()).or_default().clone()
     }
 
     pub fn get_workspace(&self, name: &WorkspaceName) -> Result<WorkspaceRecord> {
@@ -47,13 +42,22 @@ impl Runtime {
         self.store.list_workspaces()
     }
 
-    pub async fn create_workspace(self: &Arc<Self>, name: WorkspaceName, source: Tag, settings: SandboxSettings) -> Result<WorkspaceRecord> {
+    pub async fn create_workspace(
+        self: &Arc<Self>,
+        name: WorkspaceName,
+        source: Tag,
+        settings: SandboxSettings,
+    ) -> Result<WorkspaceRecord> {
         settings.validate_lifecycle()?;
         let lock = self.workspace_lock(name.as_str());
         let _g = lock.lock().await;
         let snap = self.get_snapshot(&source)?;
         if snap.status != SnapshotStatus::Ready {
-            return Err(Error::FailedPrecondition(format!("snapshot {:?} is {}, not ready", snap.tag, snap.status.as_str())));
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {:?} is {}, not ready",
+                snap.tag,
+                snap.status.as_str()
+            )));
         }
         let now = now_unix();
         let mut rec = WorkspaceRecord {
@@ -112,9 +116,15 @@ impl Runtime {
         // Flat state: it has no parent, so the previous state can be removed
         // and chains never grow however often a workspace is suspended.
         let snap = self
-            .branch(BranchRequest { id: id.clone(), tag: Some(tag.clone()), mode: BranchMode::Full, measure_only: false, wait: true })
+            .branch(BranchRequest {
+                id: id.clone(),
+                tag: Some(tag.clone()),
+                mode: BranchMode::Full,
+                measure_only: false,
+                wait: true,
+            })
             .await?;
-        self.delete_sandboxes(&[id.clone()], None, false).await?;
+        self.delete_sandboxes(std::slice::from_ref(&id), None, false).await?;
         let old_state = std::mem::replace(&mut rec.state_tag, snap.tag.clone());
         rec.generation = generation;
         rec.status = "suspended".into();

@@ -105,12 +105,7 @@ pub async fn observe(State(o): State<Observe>, req: Request, next: Next) -> Resp
         grpc,
         http_status: 0,
         grpc_status: None,
-        user_agent: req
-            .headers()
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string(),
+        user_agent: req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string(),
         peer: req.extensions().get::<Peer>().map(|p| p.0.to_string()).unwrap_or_default(),
     };
     let resp = next.run(req).await;

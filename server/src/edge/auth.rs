@@ -41,7 +41,8 @@ impl Token {
             return Err(TokenError::Empty);
         }
         let lower = t.to_ascii_lowercase();
-        let placeholders = ["changeme", "change-me", "placeholder", "secret", "password", "token", "example", "replace"];
+        let placeholders =
+            ["changeme", "change-me", "placeholder", "secret", "password", "token", "example", "replace"];
         let one_char = t.bytes().all(|b| b == t.as_bytes()[0]);
         if one_char || placeholders.iter().any(|p| lower.contains(p)) {
             return Err(TokenError::Placeholder(t.chars().take(12).collect()));
@@ -77,19 +78,19 @@ pub async fn require_token(State(token): State<Option<Arc<Token>>>, req: Request
     if is_open(req.uri().path()) {
         return next.run(req).await;
     }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            // The scheme name is case-insensitive (RFC 7235).
-            let (scheme, rest) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then_some(rest)
-        });
+    let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+        // The scheme name is case-insensitive (RFC 7235).
+        let (scheme, rest) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then_some(rest)
+    });
     match presented {
         Some(p) if token.matches(p.trim()) => next.run(req).await,
         _ => {
-            let msg = if presented.is_some() { "invalid bearer token" } else { "missing bearer token (authorization: Bearer <token>)" };
+            let msg = if presented.is_some() {
+                "invalid bearer token"
+            } else {
+                "missing bearer token (authorization: Bearer <token>)"
+            };
             if is_grpc(&req) {
                 tonic::Status::unauthenticated(msg).into_http::<Body>()
             } else {

@@ -19,10 +19,8 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(rt: Arc<Runtime>) -> anyhow::Result<Self> {
         let registry = prometheus::Registry::new();
-        let exporter = opentelemetry_prometheus::exporter()
-            .with_registry(registry.clone())
-            .without_target_info()
-            .build()?;
+        let exporter =
+            opentelemetry_prometheus::exporter().with_registry(registry.clone()).without_target_info().build()?;
         let provider = SdkMeterProvider::builder().with_reader(exporter).build();
         let meter = provider.meter("forkd");
         let latency = meter
@@ -30,7 +28,8 @@ impl Metrics {
             .with_unit("s")
             .with_description("Latency of each RPC, gRPC or REST, through auth, audit and dispatch")
             .with_boundaries(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                30.0,
             ])
             .build();
         meter

@@ -40,18 +40,10 @@ const MAX_GRPC_MESSAGE: usize = 16 * 1024 * 1024;
 /// The gRPC services, reflection and health as one router.
 pub async fn grpc_router(services: Services) -> anyhow::Result<Router> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<SandboxServiceServer<Services>>()
-        .await;
-    health_reporter
-        .set_serving::<SnapshotServiceServer<Services>>()
-        .await;
-    health_reporter
-        .set_serving::<WorkspaceServiceServer<Services>>()
-        .await;
-    health_reporter
-        .set_serving::<SystemServiceServer<Services>>()
-        .await;
+    health_reporter.set_serving::<SandboxServiceServer<Services>>().await;
+    health_reporter.set_serving::<SnapshotServiceServer<Services>>().await;
+    health_reporter.set_serving::<WorkspaceServiceServer<Services>>().await;
+    health_reporter.set_serving::<SystemServiceServer<Services>>().await;
     // Keep the reporter alive for the life of the process.
     std::mem::forget(health_reporter);
     let reflection = tonic_reflection::server::Builder::configure()
@@ -65,14 +57,8 @@ pub async fn grpc_router(services: Services) -> anyhow::Result<Router> {
     let routes = tonic::service::Routes::new(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(
-            SnapshotServiceServer::new(services.clone())
-                .max_decoding_message_size(MAX_GRPC_MESSAGE),
-        )
-        .add_service(
-            SandboxServiceServer::new(services.clone())
-                .max_decoding_message_size(MAX_GRPC_MESSAGE),
-        )
+        .add_service(SnapshotServiceServer::new(services.clone()).max_decoding_message_size(MAX_GRPC_MESSAGE))
+        .add_service(SandboxServiceServer::new(services.clone()).max_decoding_message_size(MAX_GRPC_MESSAGE))
         .add_service(WorkspaceServiceServer::new(services.clone()))
         .add_service(SystemServiceServer::new(services));
     Ok(routes.prepare().into_axum_router())
@@ -91,13 +77,7 @@ pub async fn app(services: Services, cfg: &EdgeConfig) -> anyhow::Result<Router>
             "/metrics",
             get(move || {
                 let m = m2.clone();
-                async move {
-                    (
-                        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        m.render(),
-                    )
-                        .into_response()
-                }
+                async move { ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()).into_response() }
             }),
         )
         .fallback(move |req: Request| {
@@ -107,13 +87,7 @@ pub async fn app(services: Services, cfg: &EdgeConfig) -> anyhow::Result<Router>
     let dispatch = tower::service_fn(move |req: Request| {
         let grpc = grpc.clone();
         let rest = rest_router.clone();
-        async move {
-            if auth::is_grpc(&req) {
-                grpc.oneshot(req).await
-            } else {
-                rest.oneshot(req).await
-            }
-        }
+        async move { if auth::is_grpc(&req) { grpc.oneshot(req).await } else { rest.oneshot(req).await } }
     });
     let observe = audit::Observe { audit: cfg.audit.clone(), metrics };
     Ok(Router::new()
@@ -173,4 +147,3 @@ pub async fn serve(
 pub fn is_loopback(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback()
 }
-

@@ -98,12 +98,15 @@ fn addr(base: [u8; 4], slot: u32, host: u32) -> Ipv4Addr {
 }
 
 fn run(args: &[&str]) -> Result<(), NetError> {
-    let out = Command::new(args[0]).args(&args[1..]).output().map_err(|e| NetError::Command {
-        cmd: args.join(" "),
-        msg: e.to_string(),
-    })?;
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| NetError::Command { cmd: args.join(" "), msg: e.to_string() })?;
     if !out.status.success() {
-        return Err(NetError::Command { cmd: args.join(" "), msg: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        return Err(NetError::Command {
+            cmd: args.join(" "),
+            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
@@ -119,7 +122,10 @@ fn run_input(args: &[&str], input: &str) -> Result<(), NetError> {
     child.stdin.take().expect("piped").write_all(input.as_bytes()).ok();
     let out = child.wait_with_output().map_err(|e| NetError::Command { cmd: args.join(" "), msg: e.to_string() })?;
     if !out.status.success() {
-        return Err(NetError::Command { cmd: args.join(" "), msg: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        return Err(NetError::Command {
+            cmd: args.join(" "),
+            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }

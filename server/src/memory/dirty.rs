@@ -51,7 +51,9 @@ pub fn find_mapping(pid: u32, file: &Path) -> Result<Mapping, DirtyError> {
             continue;
         }
         let Some((s, e)) = range.split_once('-') else { continue };
-        let (Ok(s), Ok(e), Ok(off)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16), u64::from_str_radix(off, 16)) else {
+        let (Ok(s), Ok(e), Ok(off)) =
+            (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16), u64::from_str_radix(off, 16))
+        else {
             continue;
         };
         let m = Mapping { start: s, len: e - s, file_offset: off };
@@ -237,7 +239,14 @@ mod tests {
         let f = File::open(&path).unwrap();
         // SAFETY: private read-write mapping of our own temp file.
         let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), (64 * PAGE) as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, f.as_raw_fd(), 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                (64 * PAGE) as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            )
         } as *mut u8;
         assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
         unsafe {

@@ -46,11 +46,7 @@ pub struct KvmFacts {
 
 impl KvmFacts {
     pub fn read() -> Self {
-        let dev_kvm_usable = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok();
+        let dev_kvm_usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
         let pvm = Path::new("/sys/module/kvm_pvm").exists();
         KvmFacts { dev_kvm_usable, pvm }
     }
@@ -60,18 +56,12 @@ impl KvmFacts {
 /// probe is needed (KVM present and not known to be PVM).
 pub fn decide_from_facts(choice: AccelChoice, facts: &KvmFacts) -> Result<Option<AccelDecision>, String> {
     match choice {
-        AccelChoice::Tcg => Ok(Some(AccelDecision {
-            accel: Accel::Tcg,
-            reason: "requested with --accel tcg".into(),
-        })),
+        AccelChoice::Tcg => Ok(Some(AccelDecision { accel: Accel::Tcg, reason: "requested with --accel tcg".into() })),
         AccelChoice::Kvm => {
             if !facts.dev_kvm_usable {
                 return Err("--accel kvm: /dev/kvm is missing or cannot be opened".into());
             }
-            Ok(Some(AccelDecision {
-                accel: Accel::Kvm,
-                reason: "requested with --accel kvm".into(),
-            }))
+            Ok(Some(AccelDecision { accel: Accel::Kvm, reason: "requested with --accel kvm".into() }))
         }
         AccelChoice::Auto => {
             if !facts.dev_kvm_usable {

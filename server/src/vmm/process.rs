@@ -18,10 +18,9 @@ pub fn is_alive(pid: u32, start: u64) -> bool {
         return false;
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rfind(')')
-            .and_then(|i| stat[i + 2..].chars().next())
-            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Ok(stat) => {
+            stat.rfind(')').and_then(|i| stat[i + 2..].chars().next()).is_some_and(|state| state != 'Z' && state != 'X')
+        }
         Err(_) => false,
     }
 }

@@ -22,7 +22,7 @@ impl Decoder {
         self.buf.extend_from_slice(data);
     }
 
-    pub fn next(&mut self) -> Result<Option<Bytes>, &'static str> {
+    pub fn next_message(&mut self) -> Result<Option<Bytes>, &'static str> {
         if self.buf.len() < 5 {
             return Ok(None);
         }
@@ -46,11 +46,11 @@ mod tests {
         let a = super::encode(b"hello");
         let b = super::encode(b"");
         d.push(&a[..3]);
-        assert_eq!(d.next().unwrap(), None);
+        assert_eq!(d.next_message().unwrap(), None);
         d.push(&a[3..]);
         d.push(&b);
-        assert_eq!(&d.next().unwrap().unwrap()[..], b"hello");
-        assert_eq!(&d.next().unwrap().unwrap()[..], b"");
-        assert_eq!(d.next().unwrap(), None);
+        assert_eq!(&d.next_message().unwrap().unwrap()[..], b"hello");
+        assert_eq!(&d.next_message().unwrap().unwrap()[..], b"");
+        assert_eq!(d.next_message().unwrap(), None);
     }
 }

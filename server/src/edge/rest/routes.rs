@@ -83,15 +83,17 @@ pub fn load(pool: &DescriptorPool, services: &[&str]) -> Result<Vec<Route>, Rout
         .ok_or_else(|| RouteError::Descriptor("google.api.http is not in the descriptor set".into()))?;
     let mut routes = vec![];
     for name in services {
-        let svc = pool
-            .get_service_by_name(name)
-            .ok_or_else(|| RouteError::Descriptor(format!("service {name} missing")))?;
+        let svc =
+            pool.get_service_by_name(name).ok_or_else(|| RouteError::Descriptor(format!("service {name} missing")))?;
         for m in svc.methods() {
             let opts = m.options();
             let rule = match opts.get_extension(&ext).into_owned() {
                 Value::Message(rule) if rule.fields().next().is_some() => rule,
                 _ => {
-                    return Err(RouteError::Rule { rpc: m.full_name().into(), reason: "no google.api.http rule".into() });
+                    return Err(RouteError::Rule {
+                        rpc: m.full_name().into(),
+                        reason: "no google.api.http rule".into(),
+                    });
                 }
             };
             add_rule(&mut routes, &m, &rule, true)?;
@@ -103,12 +105,15 @@ pub fn load(pool: &DescriptorPool, services: &[&str]) -> Result<Vec<Route>, Rout
 }
 
 fn str_field(m: &DynamicMessage, name: &str) -> String {
-    m.get_field_by_name(name)
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
+    m.get_field_by_name(name).and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
-fn add_rule(routes: &mut Vec<Route>, rpc: &MethodDescriptor, rule: &DynamicMessage, top: bool) -> Result<(), RouteError> {
+fn add_rule(
+    routes: &mut Vec<Route>,
+    rpc: &MethodDescriptor,
+    rule: &DynamicMessage,
+    top: bool,
+) -> Result<(), RouteError> {
     let err = |reason: String| RouteError::Rule { rpc: rpc.full_name().into(), reason };
     let mut found = None;
     for (verb, method) in [

@@ -8,8 +8,7 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use prost::Message;
 use prost_reflect::{
-    DescriptorPool, DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, SerializeOptions,
-    Value,
+    DescriptorPool, DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, SerializeOptions, Value,
 };
 use tonic::Code;
 use tower::ServiceExt;
@@ -54,21 +53,16 @@ fn json_response(status: StatusCode, v: &serde_json::Value) -> Resp {
     body.push(b'\n');
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
 fn serialize_options() -> SerializeOptions {
-    SerializeOptions::new()
-        .use_proto_field_name(true)
-        .stringify_64_bit_integers(false)
-        .skip_default_fields(false)
+    SerializeOptions::new().use_proto_field_name(true).stringify_64_bit_integers(false).skip_default_fields(false)
 }
 
 fn to_json(msg: &DynamicMessage) -> serde_json::Value {
-    msg.serialize_with_options(serde_json::value::Serializer, &serialize_options())
-        .unwrap_or(serde_json::Value::Null)
+    msg.serialize_with_options(serde_json::value::Serializer, &serialize_options()).unwrap_or(serde_json::Value::Null)
 }
 
 impl Transcoder {
@@ -107,7 +101,11 @@ impl Transcoder {
             return Ok(resp);
         }
         let (code, status, msg) = if path_known {
-            (Code::Unimplemented, StatusCode::METHOD_NOT_ALLOWED, format!("method {} is not allowed on {}", req.method(), req.uri().path()))
+            (
+                Code::Unimplemented,
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method {} is not allowed on {}", req.method(), req.uri().path()),
+            )
         } else {
             (Code::NotFound, StatusCode::NOT_FOUND, format!("no route for {} {}", req.method(), req.uri().path()))
         };
@@ -117,30 +115,22 @@ impl Transcoder {
     async fn call(&self, route: &Route, vars: Vec<(String, String)>, req: Request<Body>) -> Result<Resp, RestError> {
         let input = route.rpc.input();
         let query = req.uri().query().unwrap_or("").to_string();
-        let content_type = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        let wants_raw = req
-            .headers()
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|a| a.contains(OCTET));
+        let content_type =
+            req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let wants_raw =
+            req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains(OCTET));
         let raw_upload = route.rpc.is_client_streaming() && content_type.starts_with(OCTET) && has_bytes_data(&input);
         if !raw_upload
-            && let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            && let Some(len) =
+                req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
             && len > self.max_body
         {
             // Read (and drop) a bounded amount of the body so an HTTP/1.1
             // client that is still sending sees the 413 instead of a reset.
             // A client that sent `Expect: 100-continue` has not sent the body
             // yet: answer at once, without asking for it.
-            let expects_continue = req
-                .headers()
-                .get(header::EXPECT)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            let expects_continue =
+                req.headers().get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
             if len <= DRAIN_LIMIT && !expects_continue {
                 let _ = tokio::time::timeout(
                     std::time::Duration::from_secs(5),
@@ -158,9 +148,7 @@ impl Transcoder {
             let frames = raw_body_frames(first, input.clone(), req.into_body());
             return self.dispatch(route, Body::from_stream(frames), wants_raw).await;
         }
-        let body = axum::body::to_bytes(req.into_body(), self.max_body)
-            .await
-            .map_err(|_| too_large(self.max_body))?;
+        let body = axum::body::to_bytes(req.into_body(), self.max_body).await.map_err(|_| too_large(self.max_body))?;
         let mut msg = DynamicMessage::new(input.clone());
         let body_text = std::str::from_utf8(&body)
             .map_err(|_| RestError(Code::InvalidArgument, "request body is not UTF-8 JSON".into()))?
@@ -168,7 +156,10 @@ impl Transcoder {
         match route.body.as_str() {
             "" => {
                 if !body_text.is_empty() {
-                    return Err(RestError(Code::InvalidArgument, format!("{} takes no request body", route.rpc.name())));
+                    return Err(RestError(
+                        Code::InvalidArgument,
+                        format!("{} takes no request body", route.rpc.name()),
+                    ));
                 }
             }
             "*" => {
@@ -185,7 +176,10 @@ impl Transcoder {
         }
         if !query.is_empty() && route.body == "*" && !route.rpc.is_client_streaming() {
             // AIP: with body "*" every field comes from the body.
-            return Err(RestError(Code::InvalidArgument, format!("{} takes its fields in the JSON body, not the query string", route.rpc.name())));
+            return Err(RestError(
+                Code::InvalidArgument,
+                format!("{} takes its fields in the JSON body, not the query string", route.rpc.name()),
+            ));
         }
         apply_query_and_path(&mut msg, &input, &query, vars)?;
         self.dispatch(route, Body::from(grpc_frames::encode(&msg.encode_to_vec())), wants_raw).await
@@ -206,7 +200,8 @@ impl Transcoder {
         let resp = self.grpc.clone().oneshot(grpc_req).await.unwrap_or_else(|e| match e {});
         let output = route.rpc.output();
         let (parts, body) = resp.into_parts();
-        let mut reader = GrpcReader { body, dec: grpc_frames::Decoder::default(), status: header_status(&parts.headers) };
+        let mut reader =
+            GrpcReader { body, dec: grpc_frames::Decoder::default(), status: header_status(&parts.headers) };
 
         if !route.rpc.is_server_streaming() {
             let first = reader.next_message().await?;
@@ -392,8 +387,7 @@ fn ndjson_line(v: &serde_json::Value) -> Bytes {
 
 fn ndjson_response(body: Body) -> Resp {
     let mut r = Response::new(body);
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
     r
 }
 
@@ -402,8 +396,7 @@ fn parse_json(desc: prost_reflect::MessageDescriptor, text: &str) -> Result<Dyna
     let opts = DeserializeOptions::new().deny_unknown_fields(true);
     let msg = DynamicMessage::deserialize_with_options(desc, &mut de, &opts)
         .map_err(|e| RestError(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
-    de.end()
-        .map_err(|e| RestError(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
+    de.end().map_err(|e| RestError(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
     Ok(msg)
 }
 
@@ -464,7 +457,7 @@ struct GrpcReader {
 impl GrpcReader {
     async fn next_message(&mut self) -> Result<Option<Bytes>, RestError> {
         loop {
-            if let Some(m) = self.dec.next().map_err(|e| RestError(Code::Internal, e.into()))? {
+            if let Some(m) = self.dec.next_message().map_err(|e| RestError(Code::Internal, e.into()))? {
                 return Ok(Some(m));
             }
             if self.status.is_some() {
@@ -496,4 +489,3 @@ impl GrpcReader {
         self.status.clone()
     }
 }
-

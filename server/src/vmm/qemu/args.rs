@@ -46,10 +46,7 @@ pub fn build(spec: &VmSpec, dir: &VmDir, start: Start, net: &NetAttach) -> Vec<S
         "-m".into(),
         mem.clone(),
         "-object".into(),
-        format!(
-            "memory-backend-file,id=mem,size={mem},mem-path={},share={share}",
-            spec.mem_file.display()
-        ),
+        format!("memory-backend-file,id=mem,size={mem},mem-path={},share={share}", spec.mem_file.display()),
         "-kernel".into(),
         spec.kernel.display().to_string(),
         "-initrd".into(),
@@ -57,10 +54,7 @@ pub fn build(spec: &VmSpec, dir: &VmDir, start: Start, net: &NetAttach) -> Vec<S
         "-append".into(),
         spec.cmdline.clone(),
         "-drive".into(),
-        format!(
-            "file={},if=none,id=root,format=raw,readonly=on",
-            spec.rootfs.display()
-        ),
+        format!("file={},if=none,id=root,format=raw,readonly=on", spec.rootfs.display()),
         "-device".into(),
         "virtio-blk-device,drive=root".into(),
     ];
@@ -91,15 +85,9 @@ pub fn build(spec: &VmSpec, dir: &VmDir, start: Start, net: &NetAttach) -> Vec<S
         "-device".into(),
         "virtio-serial-device".into(),
         "-chardev".into(),
-        format!(
-            "socket,id=agent,path={},server=on,wait=off",
-            dir.agent_socket().display()
-        ),
+        format!("socket,id=agent,path={},server=on,wait=off", dir.agent_socket().display()),
         "-device".into(),
-        format!(
-            "virtserialport,chardev=agent,name={}",
-            forkd_agent_protocol::PORT_NAME
-        ),
+        format!("virtserialport,chardev=agent,name={}", forkd_agent_protocol::PORT_NAME),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", dir.control_socket().display()),
         "-serial".into(),
@@ -144,11 +132,7 @@ mod tests {
         let restore = build(&spec(), &dir, Start::Restore, &NetAttach::Isolated);
         assert!(boot.iter().any(|a| a.ends_with("share=on")));
         assert!(restore.iter().any(|a| a.ends_with("share=off")));
-        let common: Vec<_> = restore[..boot.len()]
-            .iter()
-            .zip(&boot)
-            .filter(|(a, b)| a != b)
-            .collect();
+        let common: Vec<_> = restore[..boot.len()].iter().zip(&boot).filter(|(a, b)| a != b).collect();
         assert_eq!(common.len(), 1, "only the memory backend differs: {common:?}");
         assert!(restore.ends_with(&["-incoming".to_string(), "defer".into(), "-S".into()]));
         assert!(restore.contains(&"migration.send-configuration=off".to_string()));

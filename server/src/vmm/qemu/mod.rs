@@ -30,14 +30,18 @@ impl QemuBackend {
     /// Finds `qemu-system-x86_64` on PATH.
     pub fn find_binary() -> Option<PathBuf> {
         let path = std::env::var_os("PATH")?;
-        std::env::split_paths(&path)
-            .map(|d| d.join("qemu-system-x86_64"))
-            .find(|p| p.is_file())
+        std::env::split_paths(&path).map(|d| d.join("qemu-system-x86_64")).find(|p| p.is_file())
     }
 
     /// Starts QEMU and opens its control socket. On failure nothing is left
     /// running.
-    async fn spawn(&self, spec: &VmSpec, dir: &VmDir, start: Start, net: &NetAttach) -> Result<(Started, Qmp), VmmError> {
+    async fn spawn(
+        &self,
+        spec: &VmSpec,
+        dir: &VmDir,
+        start: Start,
+        net: &NetAttach,
+    ) -> Result<(Started, Qmp), VmmError> {
         let args = args::build(spec, dir, start, net);
         // The namespace is opened here; the child enters it before exec,
         // while it still has the capability to.
@@ -67,9 +71,7 @@ impl QemuBackend {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| VmmError::Spawn(format!("{}: {e}", self.binary.display())))?;
+        let child = cmd.spawn().map_err(|e| VmmError::Spawn(format!("{}: {e}", self.binary.display())))?;
         let pid = child.id().ok_or_else(|| VmmError::Spawn("no pid".into()))?;
         let start_time = process::start_time(pid).unwrap_or(0);
         let mut started = Started { pid, start_time, child };
@@ -121,9 +123,7 @@ struct QemuControl {
 
 impl QemuControl {
     fn qmp(&mut self) -> Result<&mut Qmp, VmmError> {
-        self.qmp
-            .as_mut()
-            .ok_or_else(|| VmmError::Control(format!("no QMP connection to {}", self.socket.display())))
+        self.qmp.as_mut().ok_or_else(|| VmmError::Control(format!("no QMP connection to {}", self.socket.display())))
     }
 }
 
@@ -141,10 +141,7 @@ impl VmControl for QemuControl {
         // Device and CPU sections only, never RAM; `live: false` keeps the
         // block devices active (the default would release image locks).
         self.qmp()?
-            .execute(
-                "xen-save-devices-state",
-                Some(json!({ "filename": path.display().to_string(), "live": false })),
-            )
+            .execute("xen-save-devices-state", Some(json!({ "filename": path.display().to_string(), "live": false })))
             .await
             .map(|_| ())
     }
@@ -198,11 +195,7 @@ async fn load_state(qmp: &mut Qmp, state: &Path) -> Result<(), VmmError> {
         Some(json!({ "capabilities": [ { "capability": "x-ignore-shared", "state": true } ] })),
     )
     .await?;
-    qmp.execute(
-        "migrate-incoming",
-        Some(json!({ "uri": format!("file:{}", state.display()) })),
-    )
-    .await?;
+    qmp.execute("migrate-incoming", Some(json!({ "uri": format!("file:{}", state.display()) }))).await?;
     let deadline = tokio::time::Instant::now() + QMP_TIMEOUT;
     loop {
         let status = qmp.status().await?;
