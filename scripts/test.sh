@@ -36,10 +36,17 @@ python3 -m unittest discover -s guest/runtime -v 2>&1 | tail -n 3
 
 step "tests"
 # Integration tests boot real VMs; two at a time is what two cores sustain.
-cargo test --workspace --locked -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked -- --test-threads=2 2>&1 | tee "$log"
+rust_passed=$(awk '/^test result:/ {s += $4} END {print s + 0}' "$log")
+rust_failed=$(awk '/^test result:/ {s += $6} END {print s + 0}' "$log")
 
 step "clients (python, typescript) against a real daemon"
 FORKD_E2E=1 FORKD_SERVER_BIN="$target_dir/debug/forkd-server" scripts/test-clients.sh
 
 step "deployment files"
 scripts/check-deploy.sh
+
+step "summary"
+echo "rust: ${rust_passed} passed, ${rust_failed} failed"
