@@ -27,11 +27,10 @@ pub fn reinit(agent: &Arc<Agent>, req: ReinitRequest) -> Result<ReinitDone, Agen
     if !req.hostname.is_empty() {
         set_hostname(&req.hostname)?;
     }
-    if !req.sandbox_id.is_empty() {
-        if let Ok(mut id) = agent.sandbox_id.lock() {
-            *id = req.sandbox_id.clone();
-        }
-        let _ = write_atomic(&format!("{}/sandbox-id", agent.run_dir), req.sandbox_id.as_bytes());
+    if !req.sandbox_id.is_empty()
+        && let Ok(mut id) = agent.sandbox_id.lock()
+    {
+        *id = req.sandbox_id.clone();
     }
     // Only after the kernel pool was reseeded: these bytes come from it.
     let mut seed = [0u8; 32];
@@ -44,6 +43,15 @@ pub fn reinit(agent: &Arc<Agent>, req: ReinitRequest) -> Result<ReinitDone, Agen
     crate::limits::apply_pids_max(req.pids_max, agent.runtime.pid())
         .map_err(|e| io_error("setting up the guest pids limit", &e))?;
     Ok(done)
+}
+
+/// Writes the sandbox id where guest programs can read it. Done after the
+/// reply to Reinit: a file write through cold code paths is slow under
+/// emulation and nothing in the restore waits on it.
+pub fn record_identity(agent: &Arc<Agent>, sandbox_id: &str) {
+    if !sandbox_id.is_empty() {
+        let _ = write_atomic(&format!("{}/sandbox-id", agent.run_dir), sandbox_id.as_bytes());
+    }
 }
 
 /// Sets CLOCK_REALTIME; returns how far it moved.

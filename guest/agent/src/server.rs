@@ -257,7 +257,13 @@ impl Agent {
 
     fn handle(self: Arc<Self>, id: u64, body: Req) {
         let r = match body {
-            Req::Reinit(r) => reinit::reinit(&self, r).map(Resp::ReinitDone),
+            Req::Reinit(r) => {
+                let sandbox_id = r.sandbox_id.clone();
+                let r = reinit::reinit(&self, r).map(Resp::ReinitDone);
+                self.reply(id, r);
+                reinit::record_identity(&self, &sandbox_id);
+                return;
+            }
             Req::Exec(e) => {
                 // Exec streams its own frames and ends with ExecExit or Error.
                 exec::run(&self, id, e);
