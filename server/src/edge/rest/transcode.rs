@@ -234,35 +234,14 @@ impl Transcoder {
         if wants_raw && has_bytes_data(&output) {
             return Ok(raw_download(first, output, reader));
         }
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(16);
-        tokio::spawn(async move {
-            let mut next = Some(first);
-            loop {
-                let bytes = match next.take() {
-                    Some(b) => b,
-                    None => match reader.next_message().await {
-                        Ok(Some(b)) => b,
-                        Ok(None) => break,
-                        Err(RestError(code, m)) => {
-                            let _ = tx.send(Ok(ndjson_line(&codes::error_body(code, &m)))).await;
-                            return;
-                        }
-                    },
-                };
-                let line = match DynamicMessage::decode(output.clone(), bytes) {
-                    Ok(m) => ndjson_line(&to_json(&m)),
-                    Err(e) => ndjson_line(&codes::error_body(Code::Internal, &e.to_string())),
-                };
-                if tx.send(Ok(line)).await.is_err() {
-                    return;
-                }
-            }
-            if let Some((code, m)) = reader.finish().await.filter(|(c, _)| *c != Code::Ok) {
-                let _ = tx.send(Ok(ndjson_line(&codes::error_body(code, &m)))).await;
-            }
-        });
-        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        Ok(ndjson_response(Body::from_stream(stream)))
+        let body = stream_body(
+            first,
+            output,
+            reader,
+            |m| Ok::<_, Infallible>(ndjson_line(&to_json(&m))),
+            |code, m| Ok(ndjson_line(&codes::error_body(code, &m))),
+        );
+        Ok(ndjson_response(body))
     }
 }
 
@@ -339,8 +318,33 @@ fn raw_body_frames(
 /// Streams the `data` field of each message as raw bytes. An error after
 /// the first byte aborts the body, so the client sees a broken transfer
 /// rather than a short file.
-fn raw_download(first: Bytes, output: prost_reflect::MessageDescriptor, mut reader: GrpcReader) -> Resp {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+fn raw_download(first: Bytes, output: prost_reflect::MessageDescriptor, reader: GrpcReader) -> Resp {
+    let body = stream_body(
+        first,
+        output,
+        reader,
+        |m| Ok(m.get_field_by_name("data").and_then(|v| v.as_bytes().cloned()).unwrap_or_default()),
+        |_, m| Err(std::io::Error::other(m)),
+    );
+    let mut r = Response::new(body);
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(OCTET));
+    r
+}
+
+/// The body of a server-streaming answer: every message (the first one
+/// already read) through `encode`; a failure becomes `fail`'s item and ends
+/// the body.
+fn stream_body<E>(
+    first: Bytes,
+    output: prost_reflect::MessageDescriptor,
+    mut reader: GrpcReader,
+    encode: impl Fn(DynamicMessage) -> Result<Bytes, E> + Send + 'static,
+    fail: impl Fn(Code, String) -> Result<Bytes, E> + Send + 'static,
+) -> Body
+where
+    E: Into<axum::BoxError> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, E>>(16);
     tokio::spawn(async move {
         let mut next = Some(first);
         loop {
@@ -349,30 +353,28 @@ fn raw_download(first: Bytes, output: prost_reflect::MessageDescriptor, mut read
                 None => match reader.next_message().await {
                     Ok(Some(b)) => b,
                     Ok(None) => break,
-                    Err(RestError(_, m)) => {
-                        let _ = tx.send(Err(std::io::Error::other(m))).await;
+                    Err(RestError(code, m)) => {
+                        let _ = tx.send(fail(code, m)).await;
                         return;
                     }
                 },
             };
-            let data = match DynamicMessage::decode(output.clone(), bytes) {
-                Ok(m) => m.get_field_by_name("data").and_then(|v| v.as_bytes().cloned()).unwrap_or_default(),
+            let item = match DynamicMessage::decode(output.clone(), bytes) {
+                Ok(m) => encode(m),
                 Err(e) => {
-                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    let _ = tx.send(fail(Code::Internal, e.to_string())).await;
                     return;
                 }
             };
-            if tx.send(Ok(data)).await.is_err() {
+            if tx.send(item).await.is_err() {
                 return;
             }
         }
-        if let Some((_, m)) = reader.finish().await.filter(|(c, _)| *c != Code::Ok) {
-            let _ = tx.send(Err(std::io::Error::other(m))).await;
+        if let Some((code, m)) = reader.finish().await.filter(|(c, _)| *c != Code::Ok) {
+            let _ = tx.send(fail(code, m)).await;
         }
     });
-    let mut r = Response::new(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(OCTET));
-    r
+    Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 fn too_large(limit: usize) -> RestError {
