@@ -95,8 +95,8 @@ def test_workspace_errors(client: forkd.Client) -> None:
     with pytest.raises(forkd.InvalidArgumentError):
         client.workspaces.get("bad/name")
     # Options become request fields (the daemon names the one it refuses).
-    with pytest.raises(forkd.UnimplementedError, match="nat"):
-        client.workspaces.create("w1", "nope", network="nat")
+    with pytest.raises(forkd.InvalidArgumentError, match="network"):
+        client.workspaces.create("w1", "nope", network="bridge")
     with pytest.raises(TypeError, match="bogus"):
         client.workspaces.create("w1", "nope", bogus=1)
 
