@@ -51,7 +51,23 @@ async fn check_invariants(d: &Daemon, data: &Path) -> Vec<String> {
     }
     let client = d.http();
     let base = d.http_url();
-    let results: Vec<(String, String, u16, Value)> = stream::iter(listed.iter().cloned())
+    // A sandbox whose VMM ended while no daemon ran (a kill interrupted by
+    // the crash) is listed as exited with its reason, and refuses exec.
+    let mut live = vec![];
+    for s in &listed {
+        match s["status"].as_str().unwrap_or("") {
+            "running" => live.push(s.clone()),
+            "exited" if !s["status_reason"].as_str().unwrap_or("").is_empty() => {
+                let id = s["id"].as_str().unwrap();
+                let (code, _) = sh_status(&d.http(), &d.http_url(), id, "echo ok", 30).await;
+                if code != 409 {
+                    problems.push(format!("exited sandbox {id} answered exec with {code}, not 409"));
+                }
+            }
+            other => problems.push(format!("{} is {other:?} without a reason", s["id"])),
+        }
+    }
+    let results: Vec<(String, String, u16, Value)> = stream::iter(live.into_iter())
         .map(|s| {
             let (client, base) = (client.clone(), base.clone());
             async move {
@@ -271,6 +287,21 @@ async fn twenty_live_sandboxes_survive_a_crash_and_take_load() {
     eprintln!("adopted VMM death noticed in {:?}: {}", t.elapsed(), got["status_reason"]);
     assert!(got["status_reason"].as_str().unwrap().contains("VMM"), "{got}");
     assert!(cgroup_procs(&ids[0]).is_empty() && !forkd_cgroups().contains(&ids[0]));
+
+    // A VMM that dies while no daemon runs: after the restart its sandbox is
+    // listed as exited with the reason, refuses work, and deletes cleanly.
+    let gone = ids[1].clone();
+    let gone_pid = listed.iter().find(|s| s["id"] == gone.as_str()).unwrap()["pid"].as_u64().unwrap() as i32;
+    d.crash();
+    unsafe { libc::kill(gone_pid, libc::SIGKILL) };
+    d = restart(d, &data);
+    let v: Value = d.get(&format!("/v1/sandboxes/{gone}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["status"], "exited", "{v}");
+    assert!(v["status_reason"].as_str().unwrap().contains("gone when the daemon started"), "{v}");
+    let (code, _) = sh_status(&d.http(), &d.http_url(), &gone, "echo ok", 30).await;
+    assert_eq!(code, 409, "exec on a sandbox that exited");
+    assert_eq!(d.delete(&format!("/v1/sandboxes/{gone}")).send().await.unwrap().status(), 200);
+    assert_eq!(d.get(&format!("/v1/sandboxes/{gone}")).send().await.unwrap().status(), 404);
 
     cli_kill_all(&d);
     let leaked = settled_leaks(&data, &cgroups_before, Duration::from_secs(15)).await;

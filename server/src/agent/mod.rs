@@ -99,6 +99,22 @@ impl AgentClient {
         })
     }
 
+    /// A client whose channel is already closed (its VM is gone): every
+    /// call fails with `Closed`.
+    pub fn disconnected() -> Self {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        drop(theirs);
+        ours.set_nonblocking(true).expect("nonblocking socket");
+        let stream = tokio::net::UnixStream::from_std(ours).expect("register socket");
+        let (_r, w) = stream.into_split();
+        Self {
+            writer: Mutex::new(w),
+            waiters: Default::default(),
+            next_id: AtomicU64::new(1),
+            reader: tokio::spawn(async {}),
+        }
+    }
+
     /// Sends a request and returns the receiver of its responses.
     async fn send(&self, body: request::Body) -> Result<(u64, Responses), AgentError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

@@ -498,7 +498,26 @@ impl Runtime {
                         self.net_teardown(n).await;
                     }
                     self.remove_workdir(&dir);
-                    let _ = self.store.delete_sandbox(&rec.id);
+                    if rec.status == "starting" {
+                        // Never reported to anyone: forget it.
+                        let _ = self.store.delete_sandbox(&rec.id);
+                        continue;
+                    }
+                    // A sandbox that ended while no daemon watched it stays
+                    // listed with a terminal state and the reason, until deleted.
+                    let mut dead = rec.clone();
+                    if dead.status == "running" {
+                        dead.status = "exited".into();
+                        dead.status_reason = format!("the VMM was gone when the daemon started ({e})");
+                        if !dead.workspace.is_empty() {
+                            self.workspace_lost_sandbox(&dead.workspace, &dead.status_reason);
+                        }
+                    }
+                    dead.net = None;
+                    let _ = self.store.put_sandbox(&dead);
+                    known.insert(dead.id.clone());
+                    let sb = self.dead_sandbox(&dead, &id, &dir);
+                    self.sandboxes.write().await.insert(dead.id.clone(), sb);
                 }
             }
         }
@@ -525,6 +544,22 @@ impl Runtime {
         }
         self.sweep_orphans(true).await;
         Ok(())
+    }
+
+    /// The entry of a sandbox whose VMM is gone: listed with its terminal
+    /// state; every call to it fails with that state; delete removes it.
+    fn dead_sandbox(&self, rec: &SandboxRecord, id: &SandboxId, dir: &VmDir) -> Arc<Sandbox> {
+        Arc::new(Sandbox {
+            id: id.clone(),
+            pid: rec.pid,
+            start_time: rec.pid_start,
+            dir: dir.clone(),
+            record: std::sync::Mutex::new(rec.clone()),
+            agent: AgentClient::disconnected(),
+            control: Mutex::new(Box::new(crate::vmm::GoneControl)),
+            killing: AtomicBool::new(true),
+            last_active: AtomicI64::new(now_unix()),
+        })
     }
 
     async fn adopt_one(self: &Arc<Self>, rec: &SandboxRecord, id: &SandboxId, dir: &VmDir) -> Result<Arc<Sandbox>> {

@@ -112,6 +112,22 @@ pub trait VmControl: Send {
     async fn save_state(&mut self, path: &Path) -> Result<(), VmmError>;
 }
 
+/// Control of a VMM that no longer exists: every call says so.
+pub struct GoneControl;
+
+#[async_trait]
+impl VmControl for GoneControl {
+    async fn pause(&mut self) -> Result<(), VmmError> {
+        Err(VmmError::Exited("the VMM is gone".into()))
+    }
+    async fn resume(&mut self) -> Result<(), VmmError> {
+        Err(VmmError::Exited("the VMM is gone".into()))
+    }
+    async fn save_state(&mut self, _path: &Path) -> Result<(), VmmError> {
+        Err(VmmError::Exited("the VMM is gone".into()))
+    }
+}
+
 /// A started VMM process.
 pub struct VmProcess {
     pub pid: u32,
