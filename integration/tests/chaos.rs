@@ -67,7 +67,7 @@ async fn check_invariants(d: &Daemon, data: &Path) -> Vec<String> {
             other => problems.push(format!("{} is {other:?} without a reason", s["id"])),
         }
     }
-    let results: Vec<(String, String, u16, Value)> = stream::iter(live.into_iter())
+    let results: Vec<(String, String, u16, Value)> = stream::iter(live)
         .map(|s| {
             let (client, base) = (client.clone(), base.clone());
             async move {
