@@ -95,10 +95,7 @@ async fn boot_probe(qemu: &Path, guest: &GuestAssets, data_dir: &Path) -> bool {
             }
             .await
             .is_some();
-            process::kill(vm.pid, vm.start_time, Duration::from_secs(5)).await;
-            if let Some(mut c) = vm.child.take() {
-                let _ = c.wait().await;
-            }
+            process::kill_and_reap(vm.pid, vm.start_time, vm.child.take()).await;
             answered
         }
         Err(_) => false,

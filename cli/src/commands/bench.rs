@@ -209,10 +209,7 @@ async fn bare_fanout(data_dir: &str, tag: &str, n: u32, concurrency: usize, acce
         }
     }
     for (pid, start, child) in procs {
-        process::kill(pid, start, Duration::from_secs(5)).await;
-        if let Some(mut c) = child {
-            let _ = c.wait().await;
-        }
+        process::kill_and_reap(pid, start, child).await;
     }
     let _ = std::fs::remove_dir_all(&root);
     if let Some(e) = first_err {

@@ -228,7 +228,7 @@ impl Runtime {
         };
         tracing::info!(id = %rec.id, reason = %rec.status_reason, "sandbox exited");
         let _ = self.store.put_sandbox(&rec);
-        let _ = self.store.ledger_remove("vmm", &format!("{}:{}", sb.pid, sb.start_time));
+        let _ = self.store.ledger_remove("vmm", &crate::vmm::process::ledger_key(sb.pid, sb.start_time));
         self.remove_limits(sb.id.as_str());
         if oom_kills > 0 {
             self.events.emit_ws("oom", sb.id.as_str(), &rec.workspace, &rec.snapshot_tag, &rec.status_reason);

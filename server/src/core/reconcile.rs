@@ -139,9 +139,7 @@ impl Runtime {
             }
             match e.kind.as_str() {
                 "vmm" => {
-                    if let Some((pid, start)) = e.key.split_once(':')
-                        && let (Ok(pid), Ok(start)) = (pid.parse(), start.parse())
-                    {
+                    if let Some((pid, start)) = process::parse_ledger_key(&e.key) {
                         process::kill(pid, start, Duration::from_secs(5)).await;
                     }
                     let _ = self.store.ledger_remove("vmm", &e.key);
@@ -179,7 +177,7 @@ impl Runtime {
         if !startup {
             for r in records.iter().filter(|r| r.status == "starting" && !owned.contains(&r.id)) {
                 process::kill(r.pid, r.pid_start, Duration::from_secs(5)).await;
-                let _ = self.store.ledger_remove("vmm", &format!("{}:{}", r.pid, r.pid_start));
+                let _ = self.store.ledger_remove("vmm", &process::ledger_key(r.pid, r.pid_start));
                 let _ = self.store.delete_sandbox(&r.id);
                 reaped("record", &r.id);
             }

@@ -226,7 +226,7 @@ impl Runtime {
             expires_at_unix,
             net: net.clone(),
         };
-        self.store.ledger_add("vmm", &format!("{}:{}", vm.pid, vm.start_time), id.as_str())?;
+        self.store.ledger_add("vmm", &process::ledger_key(vm.pid, vm.start_time), id.as_str())?;
         self.store.put_sandbox(&record)?;
         let VmProcess { pid, start_time, control, child, .. } = vm;
         let settings_volumes = record.settings.volumes.clone();
@@ -278,11 +278,8 @@ impl Runtime {
         let (agent, control) = match setup.await {
             Ok(v) => v,
             Err(e) => {
-                process::kill(pid, start_time, Duration::from_secs(5)).await;
-                if let Some(mut c) = child {
-                    let _ = c.wait().await;
-                }
-                let _ = self.store.ledger_remove("vmm", &format!("{pid}:{start_time}"));
+                process::kill_and_reap(pid, start_time, child).await;
+                let _ = self.store.ledger_remove("vmm", &process::ledger_key(pid, start_time));
                 let _ = self.store.delete_sandbox(id.as_str());
                 if let Some(n) = &net {
                     self.net_teardown(n).await;
@@ -359,7 +356,7 @@ impl Runtime {
         }
         sb.killing.store(true, Ordering::SeqCst);
         process::kill(sb.pid, sb.start_time, Duration::from_secs(5)).await;
-        let _ = self.store.ledger_remove("vmm", &format!("{}:{}", sb.pid, sb.start_time));
+        let _ = self.store.ledger_remove("vmm", &process::ledger_key(sb.pid, sb.start_time));
         self.remove_limits(sb.id.as_str());
         if let Some(n) = sb.snapshot().net {
             self.net_teardown(&n).await;
@@ -492,7 +489,7 @@ impl Runtime {
                 Err(e) => {
                     tracing::info!(id = %rec.id, "reaping sandbox: {e}");
                     process::kill(rec.pid, rec.pid_start, Duration::from_secs(5)).await;
-                    let _ = self.store.ledger_remove("vmm", &format!("{}:{}", rec.pid, rec.pid_start));
+                    let _ = self.store.ledger_remove("vmm", &process::ledger_key(rec.pid, rec.pid_start));
                     self.remove_limits(&rec.id);
                     if let Some(n) = &rec.net {
                         self.net_teardown(n).await;
@@ -525,9 +522,7 @@ impl Runtime {
         // and record): kill them.
         for entry in self.store.ledger_entries()? {
             if entry.kind == "vmm" && !known.contains(&entry.owner) {
-                if let Some((pid, start)) = entry.key.split_once(':')
-                    && let (Ok(pid), Ok(start)) = (pid.parse(), start.parse())
-                {
+                if let Some((pid, start)) = process::parse_ledger_key(&entry.key) {
                     process::kill(pid, start, Duration::from_secs(5)).await;
                 }
                 let _ = self.store.ledger_remove("vmm", &entry.key);

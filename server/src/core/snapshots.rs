@@ -150,7 +150,7 @@ impl Runtime {
         std::fs::create_dir_all(dir.path()).map_err(|e| Error::internal("create vm dir", e))?;
         let started = Instant::now();
         let mut vm = self.backend.boot(&boot_spec, &dir).await?;
-        self.store.ledger_add("vmm", &format!("{}:{}", vm.pid, vm.start_time), &rec.tag)?;
+        self.store.ledger_add("vmm", &process::ledger_key(vm.pid, vm.start_time), &rec.tag)?;
         let result: Result<()> = async {
             let agent = AgentClient::connect(&dir.agent_socket(), Duration::from_secs(10)).await?;
             let deadline = Instant::now() + req.warm_timeout;
@@ -199,11 +199,8 @@ impl Runtime {
             Ok(())
         }
         .await;
-        process::kill(vm.pid, vm.start_time, Duration::from_secs(5)).await;
-        if let Some(mut c) = vm.child.take() {
-            let _ = c.wait().await;
-        }
-        let _ = self.store.ledger_remove("vmm", &format!("{}:{}", vm.pid, vm.start_time));
+        process::kill_and_reap(vm.pid, vm.start_time, vm.child.take()).await;
+        let _ = self.store.ledger_remove("vmm", &process::ledger_key(vm.pid, vm.start_time));
         result?;
         let _ = std::fs::remove_dir_all(dir.path());
         let (mem_d, state_d) = tokio::task::spawn_blocking({

@@ -42,6 +42,25 @@ pub async fn kill(pid: u32, start: u64, wait: Duration) -> bool {
     !is_alive(pid, start)
 }
 
+/// Kills the process (see `kill`) and, when this daemon started it, reaps it.
+pub async fn kill_and_reap(pid: u32, start: u64, child: Option<tokio::process::Child>) {
+    kill(pid, start, Duration::from_secs(5)).await;
+    if let Some(mut c) = child {
+        let _ = c.wait().await;
+    }
+}
+
+/// The ledger key of a VMM process: `<pid>:<start time>`.
+pub fn ledger_key(pid: u32, start: u64) -> String {
+    format!("{pid}:{start}")
+}
+
+/// Reads back a `ledger_key`.
+pub fn parse_ledger_key(key: &str) -> Option<(u32, u64)> {
+    let (pid, start) = key.split_once(':')?;
+    Some((pid.parse().ok()?, start.parse().ok()?))
+}
+
 /// Proportional set size of a process in bytes (from smaps_rollup).
 pub fn pss_bytes(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
@@ -54,6 +73,13 @@ pub fn pss_bytes(pid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ledger_keys_round_trip() {
+        assert_eq!(parse_ledger_key(&ledger_key(42, 7)), Some((42, 7)));
+        assert_eq!(parse_ledger_key("42"), None);
+        assert_eq!(parse_ledger_key("x:7"), None);
+    }
 
     #[test]
     fn own_process_is_alive() {
