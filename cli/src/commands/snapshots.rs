@@ -90,14 +90,7 @@ async fn create(conn: &Conn, args: SnapshotArgs, as_json: bool) -> anyhow::Resul
         }
         return Ok(0);
     }
-    let snap = settle(conn, snap, &format!("snapshot {tag}")).await?;
-    report(&snap, as_json)?;
-    if as_json {
-        emit_json(&json::snapshot(&snap))?;
-    } else {
-        emit(&summary(&snap))?;
-    }
-    Ok(0)
+    settle_and_show(conn, snap, &format!("snapshot {tag}"), as_json).await
 }
 
 async fn branch(conn: &Conn, args: SnapshotArgs, as_json: bool) -> anyhow::Result<u8> {
@@ -154,6 +147,19 @@ async fn branch(conn: &Conn, args: SnapshotArgs, as_json: bool) -> anyhow::Resul
 /// Statuses after which a snapshot no longer changes on its own.
 fn is_settled(status: &str) -> bool {
     matches!(status, "ready" | "failed" | "deleting")
+}
+
+/// Waits for a snapshot an RPC just made to settle, then prints it (and its
+/// failure, if it failed).
+async fn settle_and_show(conn: &Conn, snap: Snapshot, label: &str, as_json: bool) -> anyhow::Result<u8> {
+    let snap = settle(conn, snap, label).await?;
+    report(&snap, as_json)?;
+    if as_json {
+        emit_json(&json::snapshot(&snap))?;
+    } else {
+        emit(&summary(&snap))?;
+    }
+    Ok(0)
 }
 
 /// Polls until the snapshot is no longer being written, showing progress.
@@ -302,14 +308,7 @@ pub async fn compact(conn: &Conn, args: CompactArgs, as_json: bool) -> anyhow::R
     let progress = Progress::start(format!("compacting {} into {}", args.tag, args.to));
     let result = conn.call(conn.snapshots().compact_snapshot(req)).await;
     progress.finish();
-    let snap = settle(conn, result?, &format!("snapshot {}", args.to)).await?;
-    report(&snap, as_json)?;
-    if as_json {
-        emit_json(&json::snapshot(&snap))?;
-    } else {
-        emit(&summary(&snap))?;
-    }
-    Ok(0)
+    settle_and_show(conn, result?, &format!("snapshot {}", args.to), as_json).await
 }
 
 /// The argv of `snapshot-diff`: split like a shell, or handed to `sh -c`.
@@ -337,14 +336,7 @@ pub async fn derive(conn: &Conn, args: SnapshotDiffArgs, as_json: bool) -> anyho
     let progress = Progress::start(format!("deriving {} from {}", args.tag, args.from));
     let result = conn.call(conn.snapshots().derive_snapshot(req)).await;
     progress.finish();
-    let snap = settle(conn, result?, &format!("snapshot {}", args.tag)).await?;
-    report(&snap, as_json)?;
-    if as_json {
-        emit_json(&json::snapshot(&snap))?;
-    } else {
-        emit(&summary(&snap))?;
-    }
-    Ok(0)
+    settle_and_show(conn, result?, &format!("snapshot {}", args.tag), as_json).await
 }
 
 #[cfg(test)]
