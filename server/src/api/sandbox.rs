@@ -279,10 +279,7 @@ impl SandboxService for Services {
                 live_sandboxes: 0,
             })));
         }
-        let mut view = self.rt.snapshot_view(&Tag::parse(&rec.tag).map_err(Error::from)?).await?;
-        // The capture figures of this call, also when the snapshot is still being written.
-        view.record.pause_ms = rec.pause_ms;
-        view.record.dirty_bytes = rec.dirty_bytes;
+        let view = self.rt.view_of(rec).await?;
         Ok(Response::new(convert::snapshot(&view)))
     }
 

@@ -90,7 +90,7 @@ impl SnapshotService for Services {
         let from = tag("tag", &r.get_ref().tag)?;
         let to = tag("to", &r.get_ref().to)?;
         let rec = self.rt.compact(&from, &to).await?;
-        let view = self.rt.snapshot_view(&Tag::parse(&rec.tag).map_err(Error::from)?).await?;
+        let view = self.rt.view_of(rec).await?;
         Ok(Response::new(convert::snapshot(&view)))
     }
 
@@ -100,7 +100,7 @@ impl SnapshotService for Services {
         let to = tag("tag", &r.tag)?;
         let secs = if r.timeout_secs == 0 { 300 } else { r.timeout_secs.min(24 * 3600) };
         let rec = self.rt.derive(&from, &to, r.exec, Duration::from_secs(secs as u64)).await?;
-        let view = self.rt.snapshot_view(&Tag::parse(&rec.tag).map_err(Error::from)?).await?;
+        let view = self.rt.view_of(rec).await?;
         Ok(Response::new(convert::snapshot(&view)))
     }
 

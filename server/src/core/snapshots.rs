@@ -228,7 +228,11 @@ impl Runtime {
     }
 
     pub async fn snapshot_view(&self, tag: &Tag) -> Result<SnapshotView> {
-        let record = self.get_snapshot(tag)?;
+        self.view_of(self.get_snapshot(tag)?).await
+    }
+
+    /// A record with its chain, dependents and live children.
+    pub async fn view_of(&self, record: SnapshotRecord) -> Result<SnapshotView> {
         let mut ancestors = vec![];
         let mut cur = record.parent_tag.clone();
         while let Some(p) = cur {
@@ -239,16 +243,15 @@ impl Runtime {
             cur = self.store.get_snapshot(&p)?.and_then(|r| r.parent_tag);
         }
         ancestors.reverse();
-        let dependents = self.store.snapshot_children(tag.as_str())?;
-        let live_sandboxes = self.sandboxes_of(tag.as_str()).await.len() as u32;
+        let dependents = self.store.snapshot_children(&record.tag)?;
+        let live_sandboxes = self.sandboxes_of(&record.tag).await.len() as u32;
         Ok(SnapshotView { record, ancestors, dependents, live_sandboxes })
     }
 
     pub async fn list_snapshot_views(&self) -> Result<Vec<SnapshotView>> {
         let mut out = vec![];
         for rec in self.store.list_snapshots()? {
-            let tag = Tag::parse(&rec.tag)?;
-            out.push(self.snapshot_view(&tag).await?);
+            out.push(self.view_of(rec).await?);
         }
         Ok(out)
     }
