@@ -12,7 +12,10 @@ const PROTOS: &[&str] = &[
 ];
 
 fn main() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    // Read at run time, not with `env!`: a build script compiled in one
+    // checkout may be reused from a shared target dir by another.
+    let root =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("../proto");
     println!("cargo:rerun-if-changed={}", root.display());
     let files: Vec<PathBuf> = PROTOS.iter().map(|p| root.join(p)).collect();
     let mut compiler = protox::Compiler::new([&root]).expect("proto include path");

@@ -38,7 +38,9 @@ step "tests"
 # Integration tests boot real VMs; two at a time is what two cores sustain.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked -- --test-threads=2 2>&1 | tee "$log"
+# --no-fail-fast: one failing test binary must not hide the others' results.
+rust_status=0
+cargo test --workspace --locked --no-fail-fast -- --test-threads=2 2>&1 | tee "$log" || rust_status=$?
 rust_passed=$(awk '/^test result:/ {s += $4} END {print s + 0}' "$log")
 rust_failed=$(awk '/^test result:/ {s += $6} END {print s + 0}' "$log")
 
@@ -50,3 +52,8 @@ scripts/check-deploy.sh
 
 step "summary"
 echo "rust: ${rust_passed} passed, ${rust_failed} failed"
+if [ "$rust_status" -ne 0 ]; then
+  echo "test.sh: FAIL: cargo test exited with $rust_status" >&2
+  grep -E '^(test .* FAILED|error: test failed)' "$log" >&2 || true
+  exit "$rust_status"
+fi

@@ -9,7 +9,7 @@ use std::time::Duration;
 use forkd_api::names::{SandboxId, WorkspaceName};
 
 use super::runtime::Runtime;
-use super::{Error, Result, now_unix};
+use super::{Error, Result, deadline_unix, now_unix, now_unix_ms};
 
 const TICK: Duration = Duration::from_millis(500);
 
@@ -40,7 +40,7 @@ impl Runtime {
 
     /// Running sandboxes past their TTL or idle timeout.
     async fn expired(&self) -> Vec<(String, &'static str)> {
-        let now = now_unix();
+        let (now, now_ms) = (now_unix(), now_unix_ms());
         let map = self.sandboxes.read().await;
         map.values()
             .filter_map(|sb| {
@@ -51,8 +51,8 @@ impl Runtime {
                 if r.expires_at_unix > 0 && now >= r.expires_at_unix {
                     return Some((r.id.clone(), "ttl"));
                 }
-                let idle = r.settings.idle_timeout_secs as i64;
-                if idle > 0 && now - sb.last_active() >= idle {
+                let idle_ms = r.settings.idle_timeout_secs as i64 * 1000;
+                if idle_ms > 0 && now_ms - sb.last_active_ms() >= idle_ms {
                     return Some((r.id.clone(), "idle"));
                 }
                 None
@@ -91,7 +91,7 @@ impl Runtime {
         let rec = {
             let mut r = sb.record.lock().unwrap();
             r.settings.ttl_secs = ttl_secs;
-            r.expires_at_unix = if ttl_secs > 0 { now_unix() + ttl_secs as i64 } else { 0 };
+            r.expires_at_unix = deadline_unix(ttl_secs);
             r.clone()
         };
         sb.touch();

@@ -13,7 +13,7 @@ use tokio::sync::Mutex;
 
 use super::runtime::Runtime;
 use super::store::{SandboxRecord, SandboxSettings, SnapshotStatus};
-use super::{Error, Result, ids, now_unix};
+use super::{Error, Result, deadline_unix, ids, now_unix, now_unix_ms};
 use crate::agent::{AgentClient, ExecStream};
 use crate::vmm::{VmControl, VmDir, VmProcess, process};
 
@@ -34,7 +34,7 @@ pub struct Sandbox {
     /// Set once a kill was requested, so the exit watcher does not report
     /// an intentional kill as an unexpected exit.
     pub(crate) killing: AtomicBool,
-    last_active: AtomicI64,
+    last_active_ms: AtomicI64,
 }
 
 impl Sandbox {
@@ -43,11 +43,17 @@ impl Sandbox {
     }
 
     pub(crate) fn touch(&self) {
-        self.last_active.store(now_unix(), Ordering::Relaxed);
+        self.last_active_ms.store(now_unix_ms(), Ordering::Relaxed);
     }
 
+    /// Unix second of the last request that used the sandbox.
     pub fn last_active(&self) -> i64 {
-        self.last_active.load(Ordering::Relaxed)
+        self.last_active_ms() / 1000
+    }
+
+    /// Milliseconds resolution, so idle timeouts are not cut short by rounding.
+    pub(crate) fn last_active_ms(&self) -> i64 {
+        self.last_active_ms.load(Ordering::Relaxed)
     }
 
     /// The agent, if the sandbox is running.
@@ -207,7 +213,7 @@ impl Runtime {
             }
         };
         let hostname = id.as_str().to_string();
-        let expires_at_unix = if settings.ttl_secs > 0 { now_unix() + settings.ttl_secs as i64 } else { 0 };
+        let expires_at_unix = deadline_unix(settings.ttl_secs);
         let record = SandboxRecord {
             id: id.to_string(),
             snapshot_tag: tag.to_string(),
@@ -302,7 +308,7 @@ impl Runtime {
             agent,
             control: Mutex::new(control),
             killing: AtomicBool::new(false),
-            last_active: AtomicI64::new(now_unix()),
+            last_active_ms: AtomicI64::new(now_unix_ms()),
         });
         if let Some(child) = child {
             self.watch_exit(sb.clone(), child);
@@ -553,7 +559,7 @@ impl Runtime {
             agent: AgentClient::disconnected(),
             control: Mutex::new(Box::new(crate::vmm::GoneControl)),
             killing: AtomicBool::new(true),
-            last_active: AtomicI64::new(now_unix()),
+            last_active_ms: AtomicI64::new(now_unix_ms()),
         })
     }
 
@@ -570,7 +576,7 @@ impl Runtime {
             agent,
             control: Mutex::new(vm.control),
             killing: AtomicBool::new(false),
-            last_active: AtomicI64::new(now_unix()),
+            last_active_ms: AtomicI64::new(now_unix_ms()),
         }))
     }
 }
