@@ -290,8 +290,10 @@ pub enum Command {
         name = "volume-create",
         long_about = "Create an ext4 image file of the given size (staged, then renamed into \
             place; an existing file is never overwritten). Attach it to a snapshot with \
-            `forkd snapshot --volume FILE:/guest/path[:ro]`; every child inherits it. Needs \
-            mkfs.ext4 (e2fsprogs) on this machine; no daemon.",
+            `forkd snapshot --volume FILE:/guest/path[:ro]` (every child inherits it), or to \
+            sandboxes and workspaces of their own with `forkd fork|workspace create --volume …` \
+            (plugged into the snapshot's spare slots). Needs mkfs.ext4 (e2fsprogs) on this \
+            machine; no daemon.",
         after_help = "Example:\n  forkd volume-create /var/lib/forkd/volumes/data.ext4 --size-mib 256"
     )]
     VolumeCreate(VolumeCreateArgs),

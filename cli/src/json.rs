@@ -43,6 +43,7 @@ pub fn snapshot(s: &Snapshot) -> Value {
         "backend": s.backend,
         "accel": s.accel,
         "volumes": s.volumes,
+        "volume_slots": s.volume_slots,
         "labels": labels(&s.labels),
         "live_sandboxes": s.live_sandboxes,
         "warm_ms": s.warm_ms,

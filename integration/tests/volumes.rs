@@ -1,6 +1,8 @@
-//! Volumes attached to snapshots: a read-write volume persists across
-//! sandboxes used one after the other and is never attached twice; a
-//! read-only one is shared.
+//! Volumes on snapshots, sandboxes and workspaces: a read-write volume
+//! persists across sandboxes used one after the other and is never attached
+//! twice; a read-only one is shared; volumes of a sandbox's or workspace's
+//! own are plugged into the snapshot's spare slots and survive suspend,
+//! a daemon crash and resume.
 
 mod common;
 
@@ -19,10 +21,14 @@ async fn sh(d: &Daemon, id: &str, script: &str) -> Value {
 }
 
 fn volume_create(path: &std::path::Path, extra: &[&str]) {
+    volume_create_sized(path, 16, extra)
+}
+
+fn volume_create_sized(path: &std::path::Path, mib: u32, extra: &[&str]) {
     let out = std::process::Command::new(cli_bin())
         .arg("volume-create")
         .arg(path)
-        .args(["--size-mib", "16"])
+        .args(["--size-mib", &mib.to_string()])
         .args(extra)
         .output()
         .unwrap();
@@ -118,5 +124,128 @@ async fn read_write_volumes_persist_and_read_only_ones_are_shared() {
     }
     let info: Value = d.get("/v1/snapshots/rovol/info").send().await.unwrap().json().await.unwrap();
     assert_eq!(info["volumes"], json!([format!("{}:/shared:ro", ro.display())]));
+    d.post("/v1/sandboxes/delete", json!({ "all": true })).send().await.unwrap();
+}
+
+async fn fork_with(d: &Daemon, tag: &str, n: u32, volumes: &[String]) -> reqwest::Response {
+    d.post("/v1/sandboxes", json!({ "snapshot_tag": tag, "n": n, "volumes": volumes })).send().await.unwrap()
+}
+
+async fn ids_of(r: reqwest::Response) -> Vec<String> {
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    v.as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap().to_string()).collect()
+}
+
+async fn post_ok(d: &Daemon, path: &str, body: Value) -> Value {
+    let r = d.post(path, body).send().await.unwrap();
+    let status = r.status();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "POST {path}: {v}");
+    v
+}
+
+/// Kilobytes of the filesystem mounted at `dir`, as the guest sees it.
+async fn fs_kib(d: &Daemon, id: &str, dir: &str) -> u64 {
+    let out = sh(d, id, &format!("df -k {dir} | tail -n 1")).await;
+    let line = out["stdout"].as_str().unwrap().to_string();
+    line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("df: {out}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_and_workspaces_get_volumes_of_their_own() {
+    let tmp = tempfile::Builder::new().prefix("forkd-ownvol-").tempdir_in("/tmp").unwrap();
+    // Sizes differ from each other and from the slot placeholder, so a
+    // child that kept the placeholder's size could not mount them.
+    let rw = tmp.path().join("work.ext4");
+    volume_create_sized(&rw, 48, &[]);
+    let content = tmp.path().join("content");
+    std::fs::create_dir(&content).unwrap();
+    std::fs::write(content.join("hello.txt"), "own hello\n").unwrap();
+    let ro = tmp.path().join("ref.ext4");
+    volume_create_sized(&ro, 24, &["--from-dir", content.to_str().unwrap()]);
+    let rw_spec = format!("{}:/work", rw.display());
+    let ro_spec = format!("{}:/ref:ro", ro.display());
+
+    let data = tempfile::Builder::new().prefix("forkd-ownvol-data-").tempdir_in("/tmp").unwrap();
+    let opts = Options { data_dir: Some(data.path().to_path_buf()), ..Default::default() };
+    let mut d = Daemon::start(opts.clone());
+    post_ok(&d, "/v1/snapshots", json!({ "tag": "plain", "image": "minimal" })).await;
+    wait_ready(&d, "plain").await;
+    let info: Value = d.get("/v1/snapshots/plain/info").send().await.unwrap().json().await.unwrap();
+    assert_eq!(info["volume_slots"], 4, "{info}");
+
+    // Bad requests change nothing.
+    let five: Vec<String> = (0..5)
+        .map(|i| {
+            let f = tmp.path().join(format!("v{i}.ext4"));
+            std::fs::write(&f, b"").unwrap();
+            format!("{}:/m{i}:ro", f.display())
+        })
+        .collect();
+    let r = fork_with(&d, "plain", 1, &five).await;
+    assert_eq!(r.status(), 409, "more volumes than spare slots");
+    assert!(r.text().await.unwrap().contains("4 spare volume slot"));
+    let r = fork_with(&d, "plain", 1, &[format!("{}/missing.ext4:/m", tmp.path().display())]).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(fork_with(&d, "plain", 2, std::slice::from_ref(&rw_spec)).await.status(), 409, "rw with n=2");
+    let listed: Value = d.get("/v1/sandboxes").send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 0, "{listed}");
+
+    // A sandbox with a read-write volume of its own, at the volume's real size.
+    let first = ids_of(fork_with(&d, "plain", 1, std::slice::from_ref(&rw_spec)).await).await.remove(0);
+    let kib = fs_kib(&d, &first, "/work").await;
+    assert!((40_000..=49_152).contains(&kib), "/work is {kib} KiB, the volume is 48 MiB");
+    assert_eq!(sh(&d, &first, "echo one > /work/note && cat /work/note").await["stdout"], "one\n");
+    let sb: Value = d.get(&format!("/v1/sandboxes/{first}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(sb["volumes"], json!([rw_spec.clone()]));
+    let r = fork_with(&d, "plain", 1, std::slice::from_ref(&rw_spec)).await;
+    assert_eq!(r.status(), 409, "a second concurrent read-write attach");
+    assert!(r.text().await.unwrap().contains(&first));
+    d.delete(&format!("/v1/sandboxes/{first}")).send().await.unwrap();
+
+    // Three children share a read-only volume of their own.
+    let kids = ids_of(fork_with(&d, "plain", 3, std::slice::from_ref(&ro_spec)).await).await;
+    for k in &kids {
+        assert_eq!(sh(&d, k, "cat /ref/hello.txt").await["stdout"], "own hello\n");
+        assert_ne!(sh(&d, k, "echo x > /ref/w").await["exit_code"], 0, "read-only volume writable in {k}");
+    }
+    // A branch of one of them keeps the volume mounted in its children.
+    let b =
+        post_ok(&d, &format!("/v1/sandboxes/{}/branch", kids[0]), json!({ "tag": "with-ref", "mode": "diff" })).await;
+    assert_eq!(b["volumes"], json!([ro_spec.clone()]), "{b}");
+    wait_ready(&d, "with-ref").await;
+    let grandchild = ids_of(fork(&d, "with-ref", 1).await).await.remove(0);
+    assert_eq!(sh(&d, &grandchild, "cat /ref/hello.txt").await["stdout"], "own hello\n");
+    d.post("/v1/sandboxes/delete", json!({ "all": true })).send().await.unwrap();
+
+    // A workspace: its volume survives suspend, a daemon crash and resume,
+    // and stays reserved for it while it is suspended.
+    let ws =
+        post_ok(&d, "/v1/workspaces", json!({ "name": "vw", "snapshot_tag": "plain", "volumes": [rw_spec] })).await;
+    assert_eq!(ws["volumes"], json!([rw_spec.clone()]));
+    let live = ws["live_sandbox_id"].as_str().unwrap().to_string();
+    assert_eq!(sh(&d, &live, "cat /work/note && echo two >> /work/note").await["stdout"], "one\n");
+    post_ok(&d, "/v1/workspaces/vw/suspend", json!({})).await;
+    let r = fork_with(&d, "plain", 1, std::slice::from_ref(&rw_spec)).await;
+    assert_eq!(r.status(), 409, "the suspended workspace keeps its read-write volume");
+    let err: Value = r.json().await.unwrap();
+    assert!(err["error"].as_str().unwrap().contains("workspace \"vw\""), "{err}");
+
+    d.crash();
+    let d = Daemon::start(opts);
+    assert_eq!(fork_with(&d, "plain", 1, std::slice::from_ref(&rw_spec)).await.status(), 409, "after a restart too");
+    let ws = post_ok(&d, "/v1/workspaces/vw/resume", json!({})).await;
+    assert_eq!(ws["volumes"], json!([rw_spec.clone()]));
+    let live = ws["live_sandbox_id"].as_str().unwrap().to_string();
+    let sb: Value = d.get(&format!("/v1/sandboxes/{live}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(sb["volumes"], json!([rw_spec.clone()]));
+    assert_eq!(sh(&d, &live, "cat /work/note && echo three >> /work/note").await["stdout"], "one\ntwo\n");
+    let r = d.delete("/v1/workspaces/vw").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Deleting the workspace frees the volume, and its writes are on disk.
+    let last = ids_of(fork_with(&d, "plain", 1, std::slice::from_ref(&rw_spec)).await).await.remove(0);
+    assert_eq!(sh(&d, &last, "cat /work/note").await["stdout"], "one\ntwo\nthree\n");
     d.post("/v1/sandboxes/delete", json!({ "all": true })).send().await.unwrap();
 }

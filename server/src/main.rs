@@ -60,6 +60,12 @@ struct Args {
     /// Branches of running sandboxes allowed in flight at once.
     #[arg(long, env = "FORKD_BRANCH_CONCURRENCY", default_value_t = 4)]
     branch_concurrency: usize,
+    /// Spare volume slots baked into each new snapshot: how many volumes of
+    /// their own its sandboxes and workspaces may be given. A slot costs an
+    /// idle virtio disk; snapshot volumes plus slots are at most 21.
+    #[arg(long, env = "FORKD_VOLUME_SLOTS", default_value_t = 4,
+          value_parser = clap::value_parser!(u8).range(0..=21))]
+    volume_slots: u8,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "FORKD_LOG", default_value = "info")]
     log: String,
@@ -125,6 +131,7 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
             spawn_concurrency: args.spawn_concurrency,
             tsc_khz: probe::tsc_khz(),
             branch_concurrency: args.branch_concurrency,
+            volume_slots: args.volume_slots as usize,
         },
     )
     .await?;

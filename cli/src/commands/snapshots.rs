@@ -258,6 +258,7 @@ fn info_lines(s: &Snapshot, now: i64) -> Vec<(&'static str, String)> {
         ("dirty_bytes", if s.dirty_bytes > 0 { size(s.dirty_bytes) } else { NONE.into() }),
         ("warm_ms", ms(s.warm_ms)),
         ("volumes", list(&s.volumes)),
+        ("volume_slots", s.volume_slots.to_string()),
         ("labels", labels(&s.labels)),
         ("live_sandboxes", s.live_sandboxes.to_string()),
     ]

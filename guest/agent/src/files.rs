@@ -158,20 +158,60 @@ pub fn mount(req: &MountRequest) -> Result<(), AgentError> {
     }
     let target = resolve(&req.target)?;
     let shown = target.display().to_string();
+    // A child of a snapshot taken after the mount already has it: the mount
+    // lives in the restored kernel's memory.
+    if is_mount_point(&shown) {
+        return Ok(());
+    }
+    let device = if req.reprobe { reprobe(&req.device)? } else { req.device.clone() };
     // A hot-added disk may take a moment to show up.
     let deadline = Instant::now() + Duration::from_secs(3);
-    while !Path::new(&req.device).exists() && Instant::now() < deadline {
+    while !Path::new(&device).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     fs::create_dir_all(&target).map_err(|e| io_error(&shown, &e))?;
     // A child restored from a snapshot may hold blocks of this disk that its
     // parent's kernel read (partition probe, superblock) before the disk was
     // written by a sibling: drop them so the mount reads the disk as it is.
-    flush_block_cache(&req.device);
+    flush_block_cache(&device);
     let fstype = if req.fstype.is_empty() { "ext4" } else { &req.fstype };
     let flags = if req.read_only { libc::MS_RDONLY } else { 0 };
-    sys::mount(&req.device, &shown, fstype, flags, "")
-        .map_err(|e| io_error(&format!("mount {} on {shown}", req.device), &e))
+    sys::mount(&device, &shown, fstype, flags, "").map_err(|e| io_error(&format!("mount {device} on {shown}"), &e))
+}
+
+fn is_mount_point(target: &str) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return false };
+    // Field 5 is the mount point (spaces in it are octal-escaped).
+    info.lines().any(|l| l.split(' ').nth(4) == Some(target))
+}
+
+/// Unbinds and rebinds the virtio driver of a disk so the kernel probes it
+/// afresh, and returns the disk's device path afterwards (the kernel hands
+/// the freed name back, but the name is looked up, not assumed).
+fn reprobe(device: &str) -> Result<String, AgentError> {
+    let name = device.strip_prefix("/dev/").filter(|n| !n.is_empty() && !n.contains('/'));
+    let name = name.ok_or_else(|| error(Kind::Invalid, format!("{device}: expected /dev/<disk>")))?;
+    let link = format!("/sys/block/{name}/device");
+    let virtio = fs::read_link(&link).map_err(|e| io_error(&link, &e))?;
+    let virtio = virtio
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| error(Kind::Invalid, format!("{link} names no device")))?
+        .to_string();
+    let driver = "/sys/bus/virtio/drivers/virtio_blk";
+    fs::write(format!("{driver}/unbind"), &virtio).map_err(|e| io_error(&format!("unbind {virtio}"), &e))?;
+    fs::write(format!("{driver}/bind"), &virtio).map_err(|e| io_error(&format!("bind {virtio}"), &e))?;
+    let block_dir = format!("/sys/bus/virtio/devices/{virtio}/block");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if let Some(disk) = fs::read_dir(&block_dir).ok().and_then(|mut d| d.next()).and_then(|e| e.ok()) {
+            return Ok(format!("/dev/{}", disk.file_name().to_string_lossy()));
+        }
+        if Instant::now() >= deadline {
+            return Err(error(Kind::Timeout, format!("{device} did not come back after re-probing {virtio}")));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// BLKFLSBUF on a block device: writes back and drops its buffer cache.

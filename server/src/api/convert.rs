@@ -34,6 +34,7 @@ pub fn snapshot(v: &SnapshotView) -> api::Snapshot {
         volumes: r.volumes.clone(),
         labels: r.labels.clone().into_iter().collect(),
         live_sandboxes: v.live_sandboxes,
+        volume_slots: r.vm.as_ref().map(|s| s.drives.iter().filter(|d| d.slot).count() as u32).unwrap_or(0),
         warm_ms: r.warm_ms,
         runtime: r.runtime.clone(),
     }

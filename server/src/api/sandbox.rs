@@ -91,11 +91,6 @@ impl SandboxService for Services {
                 return Err(not_yet(what));
             }
         }
-        if !r.volumes.is_empty() {
-            return Err(Status::unimplemented(
-                "volumes per sandbox: attach volumes to the snapshot (a VM's devices are fixed when it boots); every child inherits them",
-            ));
-        }
         if r.live_fork {
             return Err(Status::unimplemented("live_fork is not supported by the QEMU backend: fork from a snapshot"));
         }
@@ -112,6 +107,7 @@ impl SandboxService for Services {
             memory_limit_mib: r.memory_limit_mib,
             cpu_quota: r.cpu_quota,
             pids_limit: r.pids_limit,
+            volumes: volume_specs(&r.volumes)?,
             ..Default::default()
         };
         settings.validate_lifecycle()?;
@@ -497,4 +493,11 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(f(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// Checks volume specs (host files exist and are regular) and returns them
+/// in their stored form.
+pub(crate) fn volume_specs(specs: &[String]) -> Result<Vec<String>, Status> {
+    let vols = crate::core::volumes::parse_all(specs).map_err(Error::from)?;
+    Ok(vols.iter().map(|v| v.to_spec_string()).collect())
 }

@@ -43,11 +43,6 @@ impl WorkspaceService for Services {
         let r = r.into_inner();
         let n = name(&r.name)?;
         let source = Tag::parse_field(&r.snapshot_tag, "snapshot_tag").map_err(Error::from)?;
-        if !r.volumes.is_empty() {
-            return Err(Status::unimplemented(
-                "volumes on workspaces: attach volumes to the source snapshot (its devices are fixed when it boots); every child inherits them",
-            ));
-        }
         let settings = SandboxSettings {
             memory_limit_mib: r.memory_limit_mib,
             cpu_quota: r.cpu_quota,
@@ -55,6 +50,7 @@ impl WorkspaceService for Services {
             labels: r.labels.into_iter().collect(),
             ttl_secs: r.ttl_secs,
             idle_timeout_secs: r.idle_timeout_secs,
+            volumes: super::sandbox::volume_specs(&r.volumes)?,
             ..Default::default()
         };
         crate::core::Runtime::check_network(&settings)?;

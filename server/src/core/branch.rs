@@ -83,6 +83,12 @@ impl Runtime {
             .clone()
             .ok_or_else(|| Error::FailedPrecondition(format!("snapshot {:?} has no VM configuration", parent.tag)))?;
         spec.mem_file = final_dir.join("mem");
+        // The new snapshot has the disks the source has, volumes it was
+        // given of its own included: they are mounted in the memory captured.
+        let source = sb.snapshot();
+        if !source.drives.is_empty() {
+            spec.drives = source.drives.clone();
+        }
         let (kind, parent_field) = match req.mode {
             BranchMode::Diff => ("diff", Some(parent.tag.clone())),
             BranchMode::Full => ("full", None),
@@ -109,7 +115,7 @@ impl Runtime {
             dirty_bytes: 0,
             backend: parent.backend.clone(),
             accel: parent.accel.clone(),
-            volumes: parent.volumes.clone(),
+            volumes: if source.drives.is_empty() { parent.volumes.clone() } else { source.settings.volumes.clone() },
             labels: parent.labels.clone(),
             warm_ms: 0.0,
             runtime: parent.runtime.clone(),

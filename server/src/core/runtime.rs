@@ -96,6 +96,9 @@ pub struct RuntimeConfig {
     pub tsc_khz: u64,
     /// Branches allowed in flight at once (more → RESOURCE_EXHAUSTED).
     pub branch_concurrency: usize,
+    /// Spare volume slots baked into every new snapshot, so its children
+    /// can be given volumes of their own.
+    pub volume_slots: usize,
 }
 
 pub struct Runtime {
@@ -174,7 +177,8 @@ impl Runtime {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
-        self.adopt_sandboxes().await
+        self.adopt_sandboxes().await?;
+        self.reclaim_workspace_volumes()
     }
 
     pub fn snapshot_count(&self) -> usize {

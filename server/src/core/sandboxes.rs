@@ -78,6 +78,13 @@ impl Sandbox {
     }
 }
 
+const WORKSPACE_HOLDER: &str = "workspace:";
+
+/// Who holds a workspace's read-write volumes while it has no live sandbox.
+pub(crate) fn workspace_holder(workspace: &str) -> String {
+    format!("{WORKSPACE_HOLDER}{workspace}")
+}
+
 /// Validated arguments of CreateSandboxes.
 pub struct CreateSandboxes {
     pub tag: Tag,
@@ -104,24 +111,31 @@ impl Runtime {
         if self.busy_tags.lock().unwrap().contains(&snap.tag) {
             return Err(Error::FailedPrecondition(format!("snapshot {:?} is being deleted", snap.tag)));
         }
-        let spec = snap
+        let mut spec = snap
             .vm
             .clone()
             .ok_or_else(|| Error::FailedPrecondition(format!("snapshot {:?} has no VM configuration", snap.tag)))?;
         let state = self.layout.snapshot_dir(&req.tag).join("state");
-        let volumes = super::volumes::parse_stored(&snap.volumes);
-        let rw: Vec<std::path::PathBuf> = volumes.iter().filter(|v| !v.read_only).map(|v| v.host.clone()).collect();
+        let own = super::volumes::parse_stored(&req.settings.volumes);
+        let plugged =
+            super::volumes::plug(&snap.tag, &spec.drives, &super::volumes::parse_stored(&snap.volumes), &own)?;
+        let rw: Vec<std::path::PathBuf> =
+            plugged.volumes.iter().filter(|v| !v.read_only).map(|v| v.host.clone()).collect();
         if !rw.is_empty() && req.n > 1 {
             return Err(Error::FailedPrecondition(format!(
-                "snapshot {:?} has read-write volumes, which one sandbox at a time may use; fork n=1",
+                "forking from {:?} with read-write volumes, which one sandbox at a time may use; fork n=1",
                 snap.tag
             )));
         }
         let reservation = format!("pending-{}", ids::nonce());
-        self.reserve_rw_volumes(&rw, &reservation)?;
+        // A workspace takes back the volumes it kept while suspended.
+        let kept_by = (!req.workspace.is_empty()).then(|| workspace_holder(&req.workspace));
+        self.reserve_rw_volumes(&rw, &reservation, kept_by.as_deref())?;
+        spec.drives = plugged.drives.clone();
         let mut settings_with_volumes = req.settings.clone();
-        settings_with_volumes.volumes = snap.volumes.clone();
+        settings_with_volumes.volumes = plugged.volumes.iter().map(|v| v.to_spec_string()).collect();
         let req = CreateSandboxes { settings: settings_with_volumes, ..req };
+        let mounts = plugged.mounts;
         let results: Vec<Result<Arc<Sandbox>>> = stream::iter(0..req.n)
             .map(|_| {
                 let spec = spec.clone();
@@ -129,7 +143,8 @@ impl Runtime {
                 let settings = req.settings.clone();
                 let tag = snap.tag.clone();
                 let workspace = req.workspace.clone();
-                async move { self.spawn_one(&tag, &spec, &state, settings, &workspace).await }
+                let mounts = &mounts;
+                async move { self.spawn_one(&tag, &spec, &state, settings, &workspace, mounts).await }
             })
             .buffer_unordered(self.config.spawn_concurrency.max(1))
             .collect()
@@ -145,7 +160,10 @@ impl Runtime {
             }
         }
         if let Some(e) = first_err {
-            self.release_rw_volumes(&reservation);
+            match &kept_by {
+                Some(ws) => self.transfer_rw_volumes(&reservation, ws),
+                None => self.release_rw_volumes(&reservation),
+            }
             // All or nothing.
             for sb in ok {
                 self.kill_sandbox(&sb).await;
@@ -174,6 +192,7 @@ impl Runtime {
         state: &std::path::Path,
         settings: SandboxSettings,
         workspace: &str,
+        mounts: &[super::volumes::Mount],
     ) -> Result<Arc<Sandbox>> {
         let started = Instant::now();
         let id = ids::new_sandbox_id();
@@ -231,11 +250,11 @@ impl Runtime {
             accel: self.accel.accel.as_str().into(),
             expires_at_unix,
             net: net.clone(),
+            drives: spec.drives.clone(),
         };
         self.store.ledger_add("vmm", &process::ledger_key(vm.pid, vm.start_time), id.as_str())?;
         self.store.put_sandbox(&record)?;
         let VmProcess { pid, start_time, control, child, .. } = vm;
-        let settings_volumes = record.settings.volumes.clone();
         let pids_max = record.settings.pids_limit;
         let setup = async {
             spawning.attach(pid)?;
@@ -266,14 +285,15 @@ impl Runtime {
                     REINIT_TIMEOUT,
                 )
                 .await?;
-            for (i, v) in super::volumes::parse_stored(&settings_volumes).iter().enumerate() {
+            for m in mounts {
                 agent
                     .mount(
                         pb::MountRequest {
-                            device: super::volumes::guest_device(i),
-                            target: v.guest.clone(),
+                            device: m.device.clone(),
+                            target: m.volume.guest.clone(),
                             fstype: "ext4".into(),
-                            read_only: v.read_only,
+                            read_only: m.volume.read_only,
+                            reprobe: m.reprobe,
                         },
                         REINIT_TIMEOUT,
                     )
@@ -369,11 +389,16 @@ impl Runtime {
         }
         self.remove_workdir(&sb.dir);
         let _ = self.store.delete_sandbox(sb.id.as_str());
-        self.release_rw_volumes(sb.id.as_str());
         let (tag, ws) = {
             let r = sb.record.lock().unwrap();
             (r.snapshot_tag.clone(), r.workspace.clone())
         };
+        // A workspace's read-write volumes stay claimed while it is
+        // suspended: its state snapshot has them mounted.
+        match ws.as_str() {
+            "" => self.release_rw_volumes(sb.id.as_str()),
+            w => self.transfer_rw_volumes(sb.id.as_str(), &workspace_holder(w)),
+        }
         self.events.emit_ws("killed", sb.id.as_str(), &ws, &tag, "");
         if !ws.is_empty() {
             self.workspace_lost_sandbox(&ws, "it was killed");
@@ -484,7 +509,7 @@ impl Runtime {
                         .filter(|v| !v.read_only)
                         .map(|v| v.host)
                         .collect();
-                    let _ = self.reserve_rw_volumes(&rw, &rec.id);
+                    let _ = self.reserve_rw_volumes(&rw, &rec.id, None);
                     known.insert(rec.id.clone());
                     if let Some(n) = &rec.net {
                         self.net_adopt(n);
@@ -583,15 +608,24 @@ impl Runtime {
 
 impl Runtime {
     /// Claims read-write volume files for `holder`; refuses one that another
-    /// holder (a live sandbox or a spawn in progress) has.
-    fn reserve_rw_volumes(&self, files: &[std::path::PathBuf], holder: &str) -> Result<()> {
+    /// holder (a live sandbox, a suspended workspace or a spawn in progress)
+    /// has, except `take_from`, whose claims pass to `holder`.
+    pub(crate) fn reserve_rw_volumes(
+        &self,
+        files: &[std::path::PathBuf],
+        holder: &str,
+        take_from: Option<&str>,
+    ) -> Result<()> {
         let mut map = self.rw_volumes.lock().unwrap();
-        if let Some((f, other)) = files.iter().find_map(|f| map.get(f).filter(|h| *h != holder).map(|h| (f, h))) {
+        let taken = |h: &&String| *h != holder && Some(h.as_str()) != take_from;
+        if let Some((f, other)) = files.iter().find_map(|f| map.get(f).filter(taken).map(|h| (f, h))) {
             return Err(Error::FailedPrecondition(format!(
                 "read-write volume {} is attached to {}",
                 f.display(),
                 if other.starts_with("sb-") {
                     format!("live sandbox {other}")
+                } else if let Some(ws) = other.strip_prefix(WORKSPACE_HOLDER) {
+                    format!("workspace {ws:?}")
                 } else {
                     "a sandbox being forked".into()
                 }
@@ -612,7 +646,7 @@ impl Runtime {
         }
     }
 
-    fn release_rw_volumes(&self, holder: &str) {
+    pub(crate) fn release_rw_volumes(&self, holder: &str) {
         self.rw_volumes.lock().unwrap().retain(|_, h| h != holder);
     }
 }

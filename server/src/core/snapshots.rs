@@ -70,11 +70,11 @@ impl Runtime {
             vcpus: req.vcpus,
             accel: self.accel.accel,
             mem_file: final_dir.join("mem"),
-            drives: req
-                .volumes
-                .iter()
-                .map(|v| crate::vmm::Drive { path: v.host.clone(), read_only: v.read_only })
-                .collect(),
+            drives: super::volumes::snapshot_drives(
+                &req.volumes,
+                self.config.volume_slots,
+                &self.layout.volume_slot_placeholder(),
+            ),
             nic: true,
         };
         let rec = SnapshotRecord {

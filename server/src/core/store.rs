@@ -138,6 +138,10 @@ pub struct SandboxRecord {
     /// The sandbox's network, when it has one of its own.
     #[serde(default)]
     pub net: Option<crate::host::net::SandboxNet>,
+    /// Its disks when they differ from its snapshot's (volumes of its own
+    /// plugged into slots); empty = the snapshot's.
+    #[serde(default)]
+    pub drives: Vec<crate::vmm::Drive>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

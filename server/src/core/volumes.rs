@@ -1,19 +1,30 @@
 //! Volumes: persistent ext4 disks attached as `HOST_FILE:GUEST_PATH[:ro]`.
 //!
 //! A VM's devices are fixed when it boots and every child must be restored
-//! with the same devices, so volumes are attached to a snapshot and every
-//! child inherits them. The parent never mounts them; each child mounts them
-//! after its identity is set. A read-write volume belongs to at most one live
-//! sandbox at a time; read-only ones are shared.
+//! with the same devices. So a snapshot carries its own volumes (every child
+//! inherits them) plus spare *slots*: disks backed by a placeholder file. A
+//! sandbox or workspace given volumes of its own gets them plugged into free
+//! slots: the child is restored with the volume file behind the slot's
+//! device, and its agent re-probes that disk before mounting it. The parent
+//! never mounts anything; each child mounts after its identity is set, and a
+//! child of a snapshot taken from a sandbox finds its volumes still mounted.
+//! A read-write volume belongs to at most one live sandbox (or suspended
+//! workspace) at a time; read-only ones are shared.
 
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::{Error, Result};
+use crate::vmm::Drive;
+
+/// Most extra disks (volumes and slots) one VM may have: QEMU's `microvm`
+/// machine has 24 virtio-mmio transports and the root disk, the agent
+/// channel and the NIC take three.
+pub const MAX_DRIVES: usize = 21;
 
 /// Most volumes one VM may have.
-pub const MAX_VOLUMES: usize = 24;
+pub const MAX_VOLUMES: usize = MAX_DRIVES;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeSpec {
@@ -89,9 +100,81 @@ pub fn parse_stored(specs: &[String]) -> Vec<VolumeSpec> {
         .collect()
 }
 
-/// Guest device of the i-th volume: the root image is /dev/vda.
+/// Guest device of the i-th extra disk: the root image is /dev/vda.
 pub fn guest_device(i: usize) -> String {
     format!("/dev/vd{}", (b'b' + i as u8) as char)
+}
+
+/// One volume a child mounts once it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub device: String,
+    pub volume: VolumeSpec,
+    /// The disk was a slot in the snapshot: the guest must probe it again.
+    pub reprobe: bool,
+}
+
+/// A child's disks: the snapshot's drives with the child's own volumes
+/// plugged into spare slots.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plugged {
+    pub drives: Vec<Drive>,
+    /// Every volume the child has, the snapshot's first.
+    pub volumes: Vec<VolumeSpec>,
+    pub mounts: Vec<Mount>,
+}
+
+/// Plugs `own` into the free slots of a snapshot's `drives`. A volume the
+/// snapshot already has, identically, is kept as it is (a workspace resumed
+/// from its state snapshot asks for the volumes that state already holds).
+pub fn plug(tag: &str, drives: &[Drive], snapshot_volumes: &[VolumeSpec], own: &[VolumeSpec]) -> Result<Plugged> {
+    let mut volumes = snapshot_volumes.to_vec();
+    let mut fresh = vec![];
+    for v in own {
+        if snapshot_volumes.contains(v) {
+            continue;
+        }
+        if let Some(s) = snapshot_volumes.iter().find(|s| s.host == v.host || s.guest == v.guest) {
+            return Err(Error::invalid(
+                "volumes",
+                format!("{} clashes with volume {} of snapshot {tag:?}", v.to_spec_string(), s.to_spec_string()),
+            ));
+        }
+        fresh.push(v.clone());
+    }
+    let free: Vec<usize> = drives.iter().enumerate().filter(|(_, d)| d.slot).map(|(i, _)| i).collect();
+    if fresh.len() > free.len() {
+        return Err(Error::FailedPrecondition(format!(
+            "snapshot {tag:?} has {} spare volume slot(s) and {} volume(s) were asked for; \
+             give the volumes to the snapshot or bake one with more (forkd-server --volume-slots)",
+            free.len(),
+            fresh.len()
+        )));
+    }
+    let mut plugged = drives.to_vec();
+    for (v, &i) in fresh.iter().zip(&free) {
+        plugged[i] = Drive { path: v.host.clone(), read_only: v.read_only, slot: false };
+    }
+    volumes.extend(fresh);
+    let mut mounts = vec![];
+    for v in &volumes {
+        let i = plugged.iter().position(|d| d.path == v.host && !d.slot).ok_or_else(|| {
+            Error::FailedPrecondition(format!("snapshot {tag:?} has no disk for its volume {}", v.to_spec_string()))
+        })?;
+        mounts.push(Mount { device: guest_device(i), volume: v.clone(), reprobe: drives[i].slot });
+    }
+    Ok(Plugged { drives: plugged, volumes, mounts })
+}
+
+/// The drives of a new snapshot: its volumes, then `slots` spare slots
+/// backed by `placeholder` (as many as fit).
+pub fn snapshot_drives(volumes: &[VolumeSpec], slots: usize, placeholder: &Path) -> Vec<Drive> {
+    let slots = slots.min(MAX_DRIVES.saturating_sub(volumes.len()));
+    volumes
+        .iter()
+        .map(|v| Drive { path: v.host.clone(), read_only: v.read_only, slot: false })
+        .chain((0..slots).map(|_| Drive { path: placeholder.to_path_buf(), read_only: false, slot: true }))
+        .collect()
 }
 
 #[cfg(test)]
@@ -125,5 +208,48 @@ mod tests {
         assert!(parse_all(&too_many).is_err());
         assert!(parse_all(&[format!("{host}:/a"), format!("{host}:/b")]).is_err(), "same file twice");
         assert_eq!(guest_device(0), "/dev/vdb");
+    }
+
+    fn vol(host: &str, guest: &str, read_only: bool) -> VolumeSpec {
+        VolumeSpec { host: host.into(), guest: guest.into(), read_only }
+    }
+
+    #[test]
+    fn plugs_own_volumes_into_free_slots() {
+        let base = [vol("/v/base.ext4", "/base", true)];
+        let drives = snapshot_drives(&base, 2, Path::new("/d/volume-slot.img"));
+        assert_eq!(drives.len(), 3);
+        assert!(!drives[0].slot && drives[1].slot && drives[2].slot);
+
+        let own = [vol("/v/a.ext4", "/a", false)];
+        let p = plug("t", &drives, &base, &own).unwrap();
+        assert_eq!(p.drives[1], Drive { path: "/v/a.ext4".into(), read_only: false, slot: false });
+        assert!(p.drives[2].slot, "the unused slot stays a slot");
+        assert_eq!(p.volumes, vec![base[0].clone(), own[0].clone()]);
+        assert_eq!(
+            p.mounts.iter().map(|m| (m.device.as_str(), m.reprobe)).collect::<Vec<_>>(),
+            vec![("/dev/vdb", false), ("/dev/vdc", true)]
+        );
+
+        // A snapshot taken from that child: the plugged disk is part of it
+        // and asking for the same volume again changes nothing.
+        let again = plug("state", &p.drives, &p.volumes, &own).unwrap();
+        assert_eq!(again.drives, p.drives);
+        assert_eq!(again.volumes, p.volumes);
+        assert!(again.mounts.iter().all(|m| !m.reprobe));
+
+        let three = [vol("/v/a", "/a", false), vol("/v/b", "/b", false), vol("/v/c", "/c", false)];
+        assert!(matches!(plug("t", &drives, &base, &three), Err(Error::FailedPrecondition(_))));
+        let clash = [vol("/v/base.ext4", "/elsewhere", true)];
+        assert!(matches!(plug("t", &drives, &base, &clash), Err(Error::InvalidArgument(_))));
+        let same_target = [vol("/v/other.ext4", "/base", true)];
+        assert!(matches!(plug("t", &drives, &base, &same_target), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn slots_never_exceed_the_machine() {
+        let many: Vec<VolumeSpec> = (0..20).map(|i| vol(&format!("/v/{i}"), &format!("/m{i}"), true)).collect();
+        assert_eq!(snapshot_drives(&many, 4, Path::new("/p")).len(), MAX_DRIVES);
+        assert_eq!(snapshot_drives(&[], 4, Path::new("/p")).len(), 4);
     }
 }

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::branch::{BranchMode, BranchRequest};
 use super::runtime::Runtime;
-use super::sandboxes::CreateSandboxes;
+use super::sandboxes::{CreateSandboxes, workspace_holder};
 use super::store::{SandboxSettings, SnapshotStatus, WorkspaceRecord};
 use super::{Error, Result, now_unix};
 
@@ -84,6 +84,7 @@ impl Runtime {
             }
             Err(e) => {
                 let _ = self.store.delete_workspace(name.as_str());
+                self.release_rw_volumes(&workspace_holder(name.as_str()));
                 Err(e)
             }
         }
@@ -172,6 +173,7 @@ impl Runtime {
             deleted.push(rec.state_tag.clone());
         }
         self.store.delete_workspace(name.as_str())?;
+        self.release_rw_volumes(&workspace_holder(name.as_str()));
         self.workspace_locks.lock().unwrap().remove(name.as_str());
         Ok(deleted)
     }
@@ -188,6 +190,26 @@ impl Runtime {
                 false
             }
         }
+    }
+
+    /// After a restart: a workspace without a live sandbox keeps the
+    /// read-write volumes its state snapshot has mounted.
+    pub(crate) fn reclaim_workspace_volumes(&self) -> Result<()> {
+        for ws in self.store.list_workspaces()? {
+            if ws.status == "running" || ws.state_tag.is_empty() {
+                continue;
+            }
+            let Some(state) = self.store.get_snapshot(&ws.state_tag)? else { continue };
+            let rw: Vec<_> = super::volumes::parse_stored(&state.volumes)
+                .into_iter()
+                .filter(|v| !v.read_only)
+                .map(|v| v.host)
+                .collect();
+            if let Err(e) = self.reserve_rw_volumes(&rw, &workspace_holder(&ws.name), None) {
+                tracing::warn!(workspace = ws.name, "volumes of a suspended workspace: {e}");
+            }
+        }
+        Ok(())
     }
 
     /// A workspace's sandbox went away without a suspend (it exited or was

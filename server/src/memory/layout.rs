@@ -8,11 +8,15 @@
 //! <data>/staging/<tag>.<nonce>/   a snapshot being written
 //! <data>/sandboxes/<id>/          a running VM's sockets and logs
 //! <data>/trash/                   removed directories awaiting deletion
+//! <data>/volume-slot.img          placeholder disk behind spare volume slots
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use forkd_api::names::{SandboxId, Tag};
+
+/// Size of the slot placeholder (sparse; never written).
+const VOLUME_SLOT_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -29,7 +33,20 @@ impl Layout {
         for d in [self.snapshots_dir(), self.staging_dir(), self.sandboxes_dir(), self.trash_dir()] {
             std::fs::create_dir_all(d)?;
         }
+        let slot = self.volume_slot_placeholder();
+        if !slot.exists() {
+            // Staged and renamed: a half-made placeholder never has its name.
+            let staged = self.staging_dir().join(format!("volume-slot.{}", crate::core::ids::nonce()));
+            std::fs::File::create(&staged)?.set_len(VOLUME_SLOT_BYTES)?;
+            std::fs::rename(&staged, &slot)?;
+        }
         Ok(())
+    }
+
+    /// The sparse, never-mounted disk that spare volume slots point at until
+    /// a child plugs a volume in.
+    pub fn volume_slot_placeholder(&self) -> PathBuf {
+        self.root.join("volume-slot.img")
     }
 
     pub fn root(&self) -> &Path {

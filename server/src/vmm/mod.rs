@@ -42,11 +42,16 @@ pub async fn connect_when_ready(path: &Path, timeout: std::time::Duration) -> st
     }
 }
 
-/// An extra block device (a volume).
+/// An extra block device: a volume, or a spare slot.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Drive {
     pub path: PathBuf,
     pub read_only: bool,
+    /// A spare slot: `path` is a placeholder that a child may replace with a
+    /// volume of its own. The device exists from boot (no hotplug on the
+    /// machine we use), so only its backing file changes.
+    #[serde(default)]
+    pub slot: bool,
 }
 
 /// Everything that determines a VM's hardware. A child must be restored with

@@ -61,9 +61,11 @@ pub fn build(spec: &VmSpec, dir: &VmDir, start: Start, net: &NetAttach) -> Vec<S
     for (i, d) in spec.drives.iter().enumerate() {
         a.push("-drive".into());
         a.push(format!(
-            "file={},if=none,id=vol{i},format=raw,readonly={}",
+            "file={},if=none,id=vol{i},format=raw,readonly={}{}",
             d.path.display(),
-            if d.read_only { "on" } else { "off" }
+            if d.read_only { "on" } else { "off" },
+            // Every VM opens the same placeholder, which no guest mounts.
+            if d.slot { ",file.locking=off" } else { "" }
         ));
         a.push("-device".into());
         a.push(format!("virtio-blk-device,drive=vol{i}"));
