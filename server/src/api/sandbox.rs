@@ -108,7 +108,6 @@ impl SandboxService for Services {
             cpu_quota: r.cpu_quota,
             pids_limit: r.pids_limit,
             volumes: volume_specs(&r.volumes)?,
-            ..Default::default()
         };
         settings.validate_lifecycle()?;
         crate::core::Runtime::check_network(&settings)?;
@@ -498,6 +497,6 @@ where
 /// Checks volume specs (host files exist and are regular) and returns them
 /// in their stored form.
 pub(crate) fn volume_specs(specs: &[String]) -> Result<Vec<String>, Status> {
-    let vols = crate::core::volumes::parse_all(specs).map_err(Error::from)?;
+    let vols = crate::core::volumes::parse_all(specs)?;
     Ok(vols.iter().map(|v| v.to_spec_string()).collect())
 }

@@ -86,6 +86,10 @@ export type CreateSandboxesRequest = Message<"forkd.v1.CreateSandboxesRequest"> 
   labels: { [key: string]: string };
 
   /**
+   * Volumes of these children's own, HOST_FILE:GUEST_PATH[:ro], plugged
+   * into the snapshot's spare slots (Snapshot.volume_slots). A read-write
+   * one needs n=1.
+   *
    * @generated from field: repeated string volumes = 12;
    */
   volumes: string[];

@@ -49,6 +49,10 @@ export type CreateWorkspaceRequest = Message<"forkd.v1.CreateWorkspaceRequest"> 
   network: string;
 
   /**
+   * Volumes of the workspace's own, HOST_FILE:GUEST_PATH[:ro], plugged into
+   * the source snapshot's spare slots; kept across suspend and resume (a
+   * read-write one stays reserved for the workspace while it is suspended).
+   *
    * @generated from field: repeated string volumes = 6;
    */
   volumes: string[];

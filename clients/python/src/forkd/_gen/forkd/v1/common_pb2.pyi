@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Snapshot(_message.Message):
-    __slots__ = ("tag", "status", "status_reason", "image", "vcpus", "mem_mib", "kind", "parent_tag", "ancestors", "dependents", "chain_depth", "logical_size_bytes", "physical_size_bytes", "memory_digest", "state_digest", "parent_memory_digest", "created_at_unix", "branched_from", "pause_ms", "dirty_bytes", "backend", "accel", "volumes", "labels", "live_sandboxes", "warm_ms", "runtime")
+    __slots__ = ("tag", "status", "status_reason", "image", "vcpus", "mem_mib", "kind", "parent_tag", "ancestors", "dependents", "chain_depth", "logical_size_bytes", "physical_size_bytes", "memory_digest", "state_digest", "parent_memory_digest", "created_at_unix", "branched_from", "pause_ms", "dirty_bytes", "backend", "accel", "volumes", "labels", "live_sandboxes", "warm_ms", "runtime", "volume_slots")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class Snapshot(_message.Message):
     LIVE_SANDBOXES_FIELD_NUMBER: _ClassVar[int]
     WARM_MS_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_SLOTS_FIELD_NUMBER: _ClassVar[int]
     tag: str
     status: str
     status_reason: str
@@ -69,7 +70,8 @@ class Snapshot(_message.Message):
     live_sandboxes: int
     warm_ms: float
     runtime: str
-    def __init__(self, tag: _Optional[str] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., image: _Optional[str] = ..., vcpus: _Optional[int] = ..., mem_mib: _Optional[int] = ..., kind: _Optional[str] = ..., parent_tag: _Optional[str] = ..., ancestors: _Optional[_Iterable[str]] = ..., dependents: _Optional[_Iterable[str]] = ..., chain_depth: _Optional[int] = ..., logical_size_bytes: _Optional[int] = ..., physical_size_bytes: _Optional[int] = ..., memory_digest: _Optional[str] = ..., state_digest: _Optional[str] = ..., parent_memory_digest: _Optional[str] = ..., created_at_unix: _Optional[int] = ..., branched_from: _Optional[str] = ..., pause_ms: _Optional[float] = ..., dirty_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., accel: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., live_sandboxes: _Optional[int] = ..., warm_ms: _Optional[float] = ..., runtime: _Optional[str] = ...) -> None: ...
+    volume_slots: int
+    def __init__(self, tag: _Optional[str] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., image: _Optional[str] = ..., vcpus: _Optional[int] = ..., mem_mib: _Optional[int] = ..., kind: _Optional[str] = ..., parent_tag: _Optional[str] = ..., ancestors: _Optional[_Iterable[str]] = ..., dependents: _Optional[_Iterable[str]] = ..., chain_depth: _Optional[int] = ..., logical_size_bytes: _Optional[int] = ..., physical_size_bytes: _Optional[int] = ..., memory_digest: _Optional[str] = ..., state_digest: _Optional[str] = ..., parent_memory_digest: _Optional[str] = ..., created_at_unix: _Optional[int] = ..., branched_from: _Optional[str] = ..., pause_ms: _Optional[float] = ..., dirty_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., accel: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., live_sandboxes: _Optional[int] = ..., warm_ms: _Optional[float] = ..., runtime: _Optional[str] = ..., volume_slots: _Optional[int] = ...) -> None: ...
 
 class Sandbox(_message.Message):
     __slots__ = ("id", "snapshot_tag", "pid", "created_at_unix", "status", "status_reason", "hostname", "memory_limit_mib", "cpu_quota", "pids_limit", "network", "allow", "volumes", "labels", "ttl_secs", "idle_timeout_secs", "expires_at_unix", "spawn_ms", "workspace", "backend", "accel", "last_active_unix")
