@@ -185,7 +185,7 @@ mod tests {
     fn every_snapshot_field_is_present() {
         // Field count of forkd.v1.Snapshot; a new field must be added here.
         let v = snapshot(&Snapshot::default());
-        assert_eq!(v.as_object().unwrap().len(), 27);
+        assert_eq!(v.as_object().unwrap().len(), 28);
         assert_eq!(sandbox(&Sandbox::default()).as_object().unwrap().len(), 22);
         assert_eq!(workspace(&Workspace::default()).as_object().unwrap().len(), 16);
         assert_eq!(version_info(&VersionInfo::default()).as_object().unwrap().len(), 9);

@@ -221,6 +221,7 @@ impl Runtime {
             Some(n) => crate::vmm::NetAttach::Tap { netns: crate::host::net::netns_path(&n.netns), tap: n.tap.clone() },
             None => crate::vmm::NetAttach::Isolated,
         };
+        let prepared_ms = started.elapsed().as_secs_f64() * 1000.0;
         let vm = match self.backend.restore(spec, state, &dir, &attach).await {
             Ok(vm) => vm,
             Err(e) => {
@@ -231,6 +232,7 @@ impl Runtime {
                 return Err(e.into());
             }
         };
+        let restored_ms = started.elapsed().as_secs_f64() * 1000.0;
         let hostname = id.as_str().to_string();
         let expires_at_unix = deadline_unix(settings.ttl_secs);
         let record = SandboxRecord {
@@ -256,11 +258,13 @@ impl Runtime {
         self.store.put_sandbox(&record)?;
         let VmProcess { pid, start_time, control, child, .. } = vm;
         let pids_max = record.settings.pids_limit;
+        let mut marks = [0f64; 3];
         let setup = async {
             spawning.attach(pid)?;
             let agent = AgentClient::connect(&dir.agent_socket(), AGENT_CONNECT).await?;
             let mut control = control;
             control.resume().await?;
+            marks[0] = started.elapsed().as_secs_f64() * 1000.0;
             let mut entropy = vec![0u8; 64];
             rand::fill(&mut entropy[..]);
             let now = std::time::SystemTime::now()
@@ -285,6 +289,7 @@ impl Runtime {
                     REINIT_TIMEOUT,
                 )
                 .await?;
+            marks[1] = started.elapsed().as_secs_f64() * 1000.0;
             for m in mounts {
                 agent
                     .mount(
@@ -318,6 +323,16 @@ impl Runtime {
         record.status = "running".into();
         record.spawn_ms = started.elapsed().as_secs_f64() * 1000.0;
         self.store.put_sandbox(&record)?;
+        // Where a spawn's time goes, cumulative ms from the start.
+        tracing::debug!(
+            id = %id,
+            prepared = prepared_ms,
+            restored = restored_ms,
+            resumed = marks[0],
+            reinit = marks[1],
+            total = started.elapsed().as_secs_f64() * 1000.0,
+            "spawn phases"
+        );
         spawning.finish();
         let sb = Arc::new(Sandbox {
             id: id.clone(),
