@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::wait_ready;
+use common::{post_ok, wait_ready};
 use forkd_integration::{Daemon, Options, cli_bin};
 use serde_json::{Value, json};
 
@@ -135,14 +135,6 @@ async fn ids_of(r: reqwest::Response) -> Vec<String> {
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     v.as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap().to_string()).collect()
-}
-
-async fn post_ok(d: &Daemon, path: &str, body: Value) -> Value {
-    let r = d.post(path, body).send().await.unwrap();
-    let status = r.status();
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(status, 200, "POST {path}: {v}");
-    v
 }
 
 /// Kilobytes of the filesystem mounted at `dir`, as the guest sees it.

@@ -5,25 +5,17 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::wait_ready;
+use common::{post_ok, wait_ready};
 use forkd_api::v1 as api;
 use forkd_integration::{Daemon, Options, vmms_under};
 use serde_json::{Value, json};
 
-async fn post(d: &Daemon, path: &str, body: Value) -> Value {
-    let r = d.post(path, body).send().await.unwrap();
-    let status = r.status();
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(status, 200, "POST {path}: {v}");
-    v
-}
-
 async fn sh(d: &Daemon, id: &str, script: &str) -> Value {
-    post(d, &format!("/v1/sandboxes/{id}/exec"), json!({ "args": ["sh", "-c", script] })).await
+    post_ok(d, &format!("/v1/sandboxes/{id}/exec"), json!({ "args": ["sh", "-c", script] })).await
 }
 
 async fn eval(d: &Daemon, id: &str, code: &str) -> String {
-    let v = post(d, &format!("/v1/sandboxes/{id}/eval"), json!({ "code": code })).await;
+    let v = post_ok(d, &format!("/v1/sandboxes/{id}/eval"), json!({ "code": code })).await;
     assert_eq!(v["exit_code"], 0, "{v}");
     v["result"].as_str().unwrap().to_string()
 }
@@ -33,7 +25,7 @@ async fn workspace_survives_suspend_crash_and_resume() {
     let dir = tempfile::Builder::new().prefix("forkd-ws-").tempdir_in("/tmp").unwrap();
     let opts = Options { data_dir: Some(dir.path().to_path_buf()), ..Default::default() };
     let mut d = Daemon::start(opts.clone());
-    post(&d, "/v1/snapshots", json!({ "tag": "src", "image": "python" })).await;
+    post_ok(&d, "/v1/snapshots", json!({ "tag": "src", "image": "python" })).await;
     wait_ready(&d, "src").await;
     let src_digest =
         d.get("/v1/snapshots/src/info").send().await.unwrap().json::<Value>().await.unwrap()["memory_digest"].clone();
@@ -47,7 +39,7 @@ async fn workspace_survives_suspend_crash_and_resume() {
         .unwrap()
         .into_inner();
 
-    let ws = post(
+    let ws = post_ok(
         &d,
         "/v1/workspaces",
         json!({ "name": "dev", "snapshot_tag": "src", "memory_limit_mib": 300, "labels": { "team": "evals" } }),
@@ -66,13 +58,24 @@ async fn workspace_survives_suspend_crash_and_resume() {
     // Busy state for the timing: a few MiB written.
     eval(&d, &id, "import os\nscratch = bytearray(os.urandom(16 << 20))").await;
     let t = Instant::now();
-    let s = post(&d, "/v1/workspaces/dev/suspend", json!({})).await;
+    let s = post_ok(&d, "/v1/workspaces/dev/suspend", json!({})).await;
     eprintln!("suspend (16 MiB dirty) took {:?}", t.elapsed());
     assert_eq!(s["status"], "suspended");
     assert_eq!(s["live_sandbox_id"], "");
     let state = s["state_tag"].as_str().unwrap().to_string();
     assert!(!state.is_empty());
     assert_eq!(d.get(&format!("/v1/sandboxes/{id}")).send().await.unwrap().status(), 404);
+
+    // The stream saw the lifecycle in order. Read before the crash: events
+    // still in flight when the daemon is killed are lost with it.
+    let mut kinds = vec![];
+    while kinds.len() < 4
+        && let Ok(Some(Ok(ev))) =
+            tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut events)).await
+    {
+        kinds.push(ev.kind);
+    }
+    assert_eq!(kinds, vec!["created", "ready", "killed", "suspended"], "events of the first daemon");
 
     // Crash the daemon and start a new one on the same data dir.
     d.crash();
@@ -83,7 +86,7 @@ async fn workspace_survives_suspend_crash_and_resume() {
     assert_eq!(ws["state_tag"], state.as_str());
 
     let t = Instant::now();
-    let r = post(&d, "/v1/workspaces/dev/resume", json!({})).await;
+    let r = post_ok(&d, "/v1/workspaces/dev/resume", json!({})).await;
     eprintln!("resume took {:?}", t.elapsed());
     assert_eq!(r["status"], "running");
     let id2 = r["live_sandbox_id"].as_str().unwrap().to_string();
@@ -97,7 +100,7 @@ async fn workspace_survives_suspend_crash_and_resume() {
 
     // An idle suspend/resume cycle, timed; the old state is collected.
     let t = Instant::now();
-    let s2 = post(&d, "/v1/workspaces/dev/suspend", json!({})).await;
+    let s2 = post_ok(&d, "/v1/workspaces/dev/suspend", json!({})).await;
     eprintln!("suspend (idle) took {:?}", t.elapsed());
     assert_ne!(s2["state_tag"], state.as_str());
     assert_eq!(
@@ -106,7 +109,7 @@ async fn workspace_survives_suspend_crash_and_resume() {
         "superseded state is removed"
     );
     let t = Instant::now();
-    let r2 = post(&d, "/v1/workspaces/dev/resume", json!({})).await;
+    let r2 = post_ok(&d, "/v1/workspaces/dev/resume", json!({})).await;
     eprintln!("resume (idle) took {:?}", t.elapsed());
     let id3 = r2["live_sandbox_id"].as_str().unwrap().to_string();
     assert_eq!(eval(&d, &id3, "counter").await, "99");
@@ -131,21 +134,12 @@ async fn workspace_survives_suspend_crash_and_resume() {
     assert_eq!(src["status"], "ready");
     assert_eq!(src["memory_digest"], src_digest, "the source snapshot never changes");
     assert!(vmms_under(dir.path()).is_empty());
-
-    // The first daemon's stream saw the lifecycle in order until it crashed.
-    let mut kinds = vec![];
-    while let Ok(Some(Ok(ev))) =
-        tokio::time::timeout(Duration::from_millis(200), futures::StreamExt::next(&mut events)).await
-    {
-        kinds.push(ev.kind);
-    }
-    assert_eq!(kinds, vec!["created", "ready", "killed", "suspended"], "events of the first daemon");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttl_kills_sandboxes_and_suspends_workspaces() {
     let d = Daemon::start(Options::default());
-    post(&d, "/v1/snapshots", json!({ "tag": "t", "image": "minimal" })).await;
+    post_ok(&d, "/v1/snapshots", json!({ "tag": "t", "image": "minimal" })).await;
     wait_ready(&d, "t").await;
     let mut events = d.sandboxes().await.watch_events(api::WatchEventsRequest::default()).await.unwrap().into_inner();
 
@@ -153,21 +147,21 @@ async fn ttl_kills_sandboxes_and_suspends_workspaces() {
     // daemon counts a TTL from when the sandbox exists, which is later, so
     // nothing may end before `started + ttl`.
     let sid_started = Instant::now();
-    let kids = post(&d, "/v1/sandboxes", json!({ "snapshot_tag": "t", "n": 1, "ttl_secs": 3 })).await;
+    let kids = post_ok(&d, "/v1/sandboxes", json!({ "snapshot_tag": "t", "n": 1, "ttl_secs": 3 })).await;
     let sid = kids[0]["id"].as_str().unwrap().to_string();
     assert!(kids[0]["expires_at_unix"].as_i64().unwrap() > 0);
     let ws_started = Instant::now();
-    let ws = post(&d, "/v1/workspaces", json!({ "name": "short", "snapshot_tag": "t", "ttl_secs": 4 })).await;
+    let ws = post_ok(&d, "/v1/workspaces", json!({ "name": "short", "snapshot_tag": "t", "ttl_secs": 4 })).await;
     let wid = ws["live_sandbox_id"].as_str().unwrap().to_string();
     let idle_started = Instant::now();
-    let idle = post(&d, "/v1/sandboxes", json!({ "snapshot_tag": "t", "n": 1, "idle_timeout_secs": 3 })).await;
+    let idle = post_ok(&d, "/v1/sandboxes", json!({ "snapshot_tag": "t", "n": 1, "idle_timeout_secs": 3 })).await;
     let iid = idle[0]["id"].as_str().unwrap().to_string();
-    let renewed = post(&d, "/v1/sandboxes", json!({ "snapshot_tag": "t", "n": 1, "ttl_secs": 3 })).await;
+    let renewed = post_ok(&d, "/v1/sandboxes", json!({ "snapshot_tag": "t", "n": 1, "ttl_secs": 3 })).await;
     let rid = renewed[0]["id"].as_str().unwrap().to_string();
 
     // Renew at once: it was made after `sid` with the same TTL, so it must
     // outlive `sid` only because of the renewal.
-    let r = post(&d, &format!("/v1/sandboxes/{rid}/renew"), json!({ "ttl_secs": 30 })).await;
+    let r = post_ok(&d, &format!("/v1/sandboxes/{rid}/renew"), json!({ "ttl_secs": 30 })).await;
     assert!(r["expires_at_unix"].as_i64().unwrap() >= renewed[0]["expires_at_unix"].as_i64().unwrap() + 25, "{r}");
 
     let mut sandbox_gone_at = None;

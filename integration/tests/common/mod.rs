@@ -31,6 +31,15 @@ pub async fn bake(d: &Daemon, tag: &str) {
     wait_ready(d, tag).await;
 }
 
+/// POSTs `body` to `path`; panics unless 200, showing the answer.
+pub async fn post_ok(d: &Daemon, path: &str, body: Value) -> Value {
+    let r = d.post(path, body).send().await.unwrap();
+    let status = r.status();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "POST {path}: {v}");
+    v
+}
+
 /// Forks `n` children with extra request fields; panics unless 200.
 pub async fn fork_with(d: &Daemon, tag: &str, n: u32, extra: Value) -> Vec<Value> {
     let mut body = json!({ "snapshot_tag": tag, "n": n });
