@@ -565,7 +565,9 @@ pub struct ForkArgs {
     #[arg(long)]
     pub per_child_netns: bool,
 
-    /// Start VMM processes ahead of time so later forks only load state.
+    /// Afterwards keep N VMM processes of this snapshot started and waiting,
+    /// so later forks from it only load state (emptied when the snapshot is
+    /// deleted or the daemon stops).
     #[arg(long)]
     pub prewarm: bool,
 

@@ -140,7 +140,7 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
         None => None,
     };
     let cfg = EdgeConfig { token, audit, max_body: args.max_body_bytes, tls };
-    let services = Services { rt, data_dir: data_dir.display().to_string() };
+    let services = Services { rt: rt.clone(), data_dir: data_dir.display().to_string() };
     let app = edge::app(services, &cfg).await?;
     let listener = tokio::net::TcpListener::bind(args.bind).await.with_context(|| format!("bind {}", args.bind))?;
     let local = listener.local_addr()?;
@@ -156,5 +156,11 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
         }
         tracing::info!("shutting down; sandboxes keep running and are adopted on the next start");
     };
-    edge::serve(listener, app, cfg.tls.clone(), shutdown).await
+    edge::serve(listener, app, cfg.tls.clone(), shutdown).await?;
+    // Sandboxes outlive the daemon; VMMs waiting in pools serve no one.
+    let drained = rt.drain_pools().await;
+    if drained > 0 {
+        tracing::info!(drained, "stopped pooled VMMs");
+    }
+    Ok(())
 }

@@ -77,6 +77,34 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
     conn.call(sb.delete_sandbox(api::DeleteSandboxRequest { id: id.clone() })).await?;
     let cleanup1 = ms(t.elapsed());
 
+    // spawn(1) served from a pool, next to a bare pre-started restore.
+    progress("spawn(1) from a pool");
+    let mut pooled = vec![];
+    for _ in 0..POOL_ROUNDS {
+        let warm = api::CreateSandboxesRequest {
+            snapshot_tag: a.tag.to_string(),
+            n: Some(1),
+            prewarm: true,
+            ..Default::default()
+        };
+        let kid = conn.call(sb.create_sandboxes(warm)).await?.sandboxes;
+        conn.call(sb.delete_sandbox(api::DeleteSandboxRequest { id: kid[0].id.clone() })).await?;
+        // The pool refills in the background; give its VMM time to settle.
+        tokio::time::sleep(POOL_SETTLE).await;
+        let req = api::CreateSandboxesRequest { snapshot_tag: a.tag.to_string(), n: Some(1), ..Default::default() };
+        let t = Instant::now();
+        let kid = conn.call(sb.create_sandboxes(req)).await?.sandboxes;
+        pooled.push(ms(t.elapsed()));
+        conn.call(sb.delete_sandbox(api::DeleteSandboxRequest { id: kid[0].id.clone() })).await?;
+    }
+    let pooled_ms = median(pooled);
+    let bare_pooled_ms = if a.no_bare {
+        None
+    } else {
+        progress("spawn(1) as a bare pre-started restore");
+        Some(bare_pooled(&version.data_dir, a.tag.as_ref(), &snap.accel).await?)
+    };
+
     let mut rows = vec![];
     for &n in &a.fanout {
         progress(&format!("fan-out {n} through forkd"));
@@ -125,6 +153,8 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
             "exec_first_ms": first_exec,
             "exec_median_ms": median(execs.clone()),
             "cleanup1_ms": cleanup1,
+            "pooled_spawn1_ms": pooled_ms,
+            "bare_pooled_ms": bare_pooled_ms,
             "fanout": rows.iter().map(|r| json!({
                 "n": r.n, "forkd_ms": r.forkd_ms, "bare_ms": r.bare_ms,
                 "ratio": r.bare_ms.map(|b| r.forkd_ms / b),
@@ -142,6 +172,11 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
     t.add_row(vec!["exec `true`, first".to_string(), format!("{first_exec:.1}")]);
     t.add_row(vec![format!("exec `true`, median of {}", a.execs), format!("{:.1}", median(execs))]);
     t.add_row(vec!["cleanup(1)".to_string(), format!("{cleanup1:.1}")]);
+    t.add_row(vec![format!("spawn(1) from a pool, median of {POOL_ROUNDS}"), format!("{pooled_ms:.1}")]);
+    if let Some(b) = bare_pooled_ms {
+        t.add_row(vec![format!("bare pre-started restore, median of {POOL_ROUNDS}"), format!("{b:.1}")]);
+        t.add_row(vec!["pooled ratio".to_string(), format!("{:.2}", pooled_ms / b)]);
+    }
     println!("snapshot {} ({}, {})\n{t}", a.tag, snap.backend, snap.accel);
     let mut f = Table::new();
     f.load_preset(UTF8_FULL_CONDENSED);
@@ -161,20 +196,71 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
     Ok(0)
 }
 
-/// Restores `n` children of the snapshot straight from its files with the
-/// QEMU backend (no daemon, no identity re-init) and times until every agent
-/// answers a ping. Returns (ms, PSS MiB per child).
-async fn bare_fanout(data_dir: &str, tag: &str, n: u32, concurrency: usize, accel: &str) -> anyhow::Result<(f64, f64)> {
+const POOL_ROUNDS: usize = 5;
+const POOL_SETTLE: Duration = Duration::from_secs(1);
+
+/// The snapshot's VM configuration, read from its files.
+fn snapshot_spec(data_dir: &str, tag: &str) -> anyhow::Result<(VmSpec, PathBuf)> {
     let snap_dir = PathBuf::from(data_dir).join("snapshots").join(tag);
     let spec: VmSpec = serde_json::from_slice(
         &std::fs::read(snap_dir.join("vm.json"))
             .with_context(|| format!("read {}/vm.json (run bench on the daemon's host)", snap_dir.display()))?,
     )?;
+    Ok((spec, snap_dir.join("state")))
+}
+
+fn backend_for(accel: &str) -> anyhow::Result<QemuBackend> {
     let qemu = QemuBackend::find_binary().context("qemu-system-x86_64 not on PATH")?;
     let accel = if accel == "kvm" { forkd_server::vmm::Accel::Kvm } else { forkd_server::vmm::Accel::Tcg };
-    let backend = QemuBackend::new(qemu, accel);
+    Ok(QemuBackend::new(qemu, accel))
+}
+
+/// A bare pre-started restore, timed from "load state" to the first ping
+/// answer (median of POOL_ROUNDS); the process start is not counted.
+async fn bare_pooled(data_dir: &str, tag: &str, accel: &str) -> anyhow::Result<f64> {
+    let (spec, state) = snapshot_spec(data_dir, tag)?;
+    let backend = backend_for(accel)?;
     let root = tempfile_dir()?;
-    let state = snap_dir.join("state");
+    let mut times = vec![];
+    let mut result = Ok(());
+    for i in 0..POOL_ROUNDS {
+        let dir = VmDir(root.join(format!("pool{i}")));
+        std::fs::create_dir_all(dir.path())?;
+        let waiting = backend.prestart(&spec, &dir).await?;
+        tokio::time::sleep(POOL_SETTLE).await;
+        let t = Instant::now();
+        let mut vm = match waiting.load(&state).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                result = Err(anyhow::Error::from(e).context("bare pre-started restore"));
+                break;
+            }
+        };
+        let answered = async {
+            let agent = AgentClient::connect(&dir.agent_socket(), Duration::from_secs(10)).await?;
+            vm.control.resume().await?;
+            agent.ping(Duration::from_secs(30)).await?;
+            anyhow::Ok(())
+        }
+        .await;
+        times.push(ms(t.elapsed()));
+        process::kill_and_reap(vm.pid, vm.start_time, vm.child.take()).await;
+        if let Err(e) = answered {
+            result = Err(e.context("bare pre-started restore"));
+            break;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    result.map(|_| median(times))
+}
+
+/// Restores `n` children of the snapshot straight from its files with the
+/// QEMU backend (no daemon, no identity re-init) and times until every agent
+/// answers a ping. Returns (ms, PSS MiB per child).
+async fn bare_fanout(data_dir: &str, tag: &str, n: u32, concurrency: usize, accel: &str) -> anyhow::Result<(f64, f64)> {
+    let (spec, state) = snapshot_spec(data_dir, tag)?;
+    let backend = backend_for(accel)?;
+    let root = tempfile_dir()?;
     let t = Instant::now();
     let results: Vec<anyhow::Result<(u32, u64, Option<tokio::process::Child>)>> = stream::iter(0..n)
         .map(|i| {

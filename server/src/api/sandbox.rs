@@ -86,10 +86,8 @@ impl SandboxService for Services {
     ) -> Result<Response<api::CreateSandboxesResponse>, Status> {
         let r = r.into_inner();
         let tag = Tag::parse_field(&r.snapshot_tag, "snapshot_tag").map_err(Error::from)?;
-        for (set, what) in [(r.prewarm, "prewarm"), (r.hugepages, "hugepages")] {
-            if set {
-                return Err(not_yet(what));
-            }
+        if r.hugepages {
+            return Err(not_yet("hugepages"));
         }
         if r.live_fork {
             return Err(Status::unimplemented("live_fork is not supported by the QEMU backend: fork from a snapshot"));
@@ -114,7 +112,13 @@ impl SandboxService for Services {
         crate::core::limits::validate_limits(&settings)?;
         let recs = self
             .rt
-            .create_sandboxes(CreateSandboxes { tag, n: r.n.unwrap_or(1), settings, workspace: String::new() })
+            .create_sandboxes(CreateSandboxes {
+                tag,
+                n: r.n.unwrap_or(1),
+                settings,
+                workspace: String::new(),
+                prewarm: r.prewarm,
+            })
             .await?;
         let sandboxes = recs.iter().map(|r| convert::sandbox(r, r.created_at_unix)).collect();
         Ok(Response::new(api::CreateSandboxesResponse { sandboxes }))

@@ -340,6 +340,7 @@ impl Runtime {
                 n: 1,
                 settings: Default::default(),
                 workspace: String::new(),
+                prewarm: false,
             })
             .await?;
         let id = SandboxId::parse(&kids[0].id)?;

@@ -9,6 +9,7 @@ pub mod ids;
 pub mod lifecycle;
 pub mod limits;
 pub mod network;
+pub mod pool;
 pub mod reconcile;
 pub mod runtime;
 pub mod sandboxes;

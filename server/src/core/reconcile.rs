@@ -87,6 +87,7 @@ impl Runtime {
     async fn owned_ids(&self) -> HashSet<String> {
         let mut owned: HashSet<String> = self.sandboxes.read().await.keys().cloned().collect();
         owned.extend(spawning_ids());
+        owned.extend(self.pools.ids());
         if let Ok(recs) = self.store.list_sandboxes() {
             owned.extend(recs.into_iter().filter(|r| r.status != "starting").map(|r| r.id));
         }

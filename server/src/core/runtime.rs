@@ -115,6 +115,8 @@ pub struct Runtime {
     live_count_cache: std::sync::atomic::AtomicUsize,
     /// Branches allowed in flight at once.
     pub(crate) branch_slots: Arc<tokio::sync::Semaphore>,
+    /// VMMs started ahead of time, by snapshot.
+    pub(crate) pools: super::pool::Pools,
     /// Read-write volume files → the live sandbox holding them.
     pub(crate) rw_volumes: std::sync::Mutex<HashMap<PathBuf, String>>,
     /// Network slots (host::net) in use.
@@ -147,6 +149,7 @@ impl Runtime {
             workspace_locks: Default::default(),
             net_slots: Default::default(),
             rw_volumes: Default::default(),
+            pools: Default::default(),
             branch_slots: Arc::new(tokio::sync::Semaphore::new(config.branch_concurrency.max(1))),
             config,
         });

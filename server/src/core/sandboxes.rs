@@ -85,6 +85,16 @@ pub(crate) fn workspace_holder(workspace: &str) -> String {
     format!("{WORKSPACE_HOLDER}{workspace}")
 }
 
+/// What every child of one CreateSandboxes call shares.
+#[derive(Clone, Copy)]
+struct SpawnPlan<'a> {
+    tag: &'a str,
+    spec: &'a crate::vmm::VmSpec,
+    state: &'a std::path::Path,
+    workspace: &'a str,
+    mounts: &'a [super::volumes::Mount],
+}
+
 /// Validated arguments of CreateSandboxes.
 pub struct CreateSandboxes {
     pub tag: Tag,
@@ -92,6 +102,8 @@ pub struct CreateSandboxes {
     pub settings: SandboxSettings,
     /// The workspace that owns the children ("" for none).
     pub workspace: String,
+    /// Afterwards, keep `n` VMMs of this snapshot started for later spawns.
+    pub prewarm: bool,
 }
 
 impl Runtime {
@@ -136,15 +148,16 @@ impl Runtime {
         settings_with_volumes.volumes = plugged.volumes.iter().map(|v| v.to_spec_string()).collect();
         let req = CreateSandboxes { settings: settings_with_volumes, ..req };
         let mounts = plugged.mounts;
-        let results: Vec<Result<Arc<Sandbox>>> = stream::iter(0..req.n)
-            .map(|_| {
-                let spec = spec.clone();
-                let state = state.clone();
-                let settings = req.settings.clone();
-                let tag = snap.tag.clone();
-                let workspace = req.workspace.clone();
-                let mounts = &mounts;
-                async move { self.spawn_one(&tag, &spec, &state, settings, &workspace, mounts).await }
+        // Pooled VMMs have no network of their own and the snapshot's disks.
+        let mut pooled =
+            if req.settings.network == "nat" { vec![] } else { self.pools.take(&snap.tag, &spec, req.n as usize) };
+        let from_pool = pooled.len();
+        let slots: Vec<Option<super::pool::Pooled>> = (0..req.n).map(|_| pooled.pop()).collect();
+        let plan = SpawnPlan { tag: &snap.tag, spec: &spec, state: &state, workspace: &req.workspace, mounts: &mounts };
+        let results: Vec<Result<Arc<Sandbox>>> = stream::iter(slots)
+            .map(|pooled| {
+                let (plan, settings) = (&plan, req.settings.clone());
+                async move { self.spawn_one(plan, settings, pooled).await }
             })
             .buffer_unordered(self.config.spawn_concurrency.max(1))
             .collect()
@@ -176,6 +189,19 @@ impl Runtime {
         if let Some(sb) = ok.first() {
             self.transfer_rw_volumes(&reservation, sb.id.as_str());
         }
+        if from_pool > 0 {
+            tracing::debug!(tag = %snap.tag, from_pool, n = req.n, "children served from the pool");
+        }
+        if req.prewarm
+            && let Ok(tag) = Tag::parse(&snap.tag)
+        {
+            let (rt, n) = (self.clone(), req.n as usize);
+            tokio::spawn(async move {
+                if let Err(e) = rt.fill_pool(&tag, n).await {
+                    tracing::warn!(tag = %tag, "prewarm: {e}");
+                }
+            });
+        }
         let mut map = self.sandboxes.write().await;
         let mut out = vec![];
         for sb in ok {
@@ -187,22 +213,32 @@ impl Runtime {
 
     async fn spawn_one(
         self: &Arc<Self>,
-        tag: &str,
-        spec: &crate::vmm::VmSpec,
-        state: &std::path::Path,
+        plan: &SpawnPlan<'_>,
         settings: SandboxSettings,
-        workspace: &str,
-        mounts: &[super::volumes::Mount],
+        pooled: Option<super::pool::Pooled>,
     ) -> Result<Arc<Sandbox>> {
+        let SpawnPlan { tag, spec, state, workspace, mounts } = *plan;
         let started = Instant::now();
-        let id = ids::new_sandbox_id();
+        let id = pooled.as_ref().map(|p| p.id.clone()).unwrap_or_else(ids::new_sandbox_id);
         let dir = VmDir(self.layout.sandbox_dir(&id));
         let dir_key = dir.path().display().to_string();
-        let spawning = self.begin_spawn(&id, &settings)?;
-        self.store.ledger_add("workdir", &dir_key, id.as_str())?;
-        if let Err(e) = std::fs::create_dir_all(dir.path()) {
-            let _ = self.store.ledger_remove("workdir", &dir_key);
-            return Err(Error::internal("create sandbox dir", e));
+        let spawning = match self.begin_spawn(&id, &settings) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(p) = pooled {
+                    self.discard_pooled(p).await;
+                    self.pools.arrived(&id);
+                }
+                return Err(e);
+            }
+        };
+        self.pools.arrived(&id);
+        if pooled.is_none() {
+            self.store.ledger_add("workdir", &dir_key, id.as_str())?;
+            if let Err(e) = std::fs::create_dir_all(dir.path()) {
+                let _ = self.store.ledger_remove("workdir", &dir_key);
+                return Err(Error::internal("create sandbox dir", e));
+            }
         }
         if settings.network == "nat" && !spec.nic {
             self.remove_workdir(&dir);
@@ -222,7 +258,18 @@ impl Runtime {
             None => crate::vmm::NetAttach::Isolated,
         };
         let prepared_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let vm = match self.backend.restore(spec, state, &dir, &attach).await {
+        let restored = match pooled {
+            Some(p) => {
+                let key = process::ledger_key(p.vm.pid(), p.vm.start_time());
+                let r = p.vm.load(state).await;
+                if r.is_err() {
+                    let _ = self.store.ledger_remove("vmm", &key);
+                }
+                r
+            }
+            None => self.backend.restore(spec, state, &dir, &attach).await,
+        };
+        let vm = match restored {
             Ok(vm) => vm,
             Err(e) => {
                 if let Some(n) = &net {
@@ -373,7 +420,7 @@ impl Runtime {
         });
     }
 
-    fn remove_workdir(&self, dir: &VmDir) {
+    pub(crate) fn remove_workdir(&self, dir: &VmDir) {
         let key = dir.path().display().to_string();
         if self.layout.remove_dir(dir.path()).is_ok() {
             let _ = self.store.ledger_remove("workdir", &key);

@@ -328,6 +328,7 @@ impl Runtime {
         }
         for t in &doomed {
             let tag = Tag::parse(t)?;
+            self.drain_pool(t).await;
             if let Some(mut r) = self.store.get_snapshot(t)? {
                 r.status = SnapshotStatus::Deleting;
                 self.store.update_snapshot(&r)?;

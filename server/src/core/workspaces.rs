@@ -97,7 +97,13 @@ impl Runtime {
             settings.ttl_secs = left as u32;
         }
         let kids = self
-            .create_sandboxes(CreateSandboxes { tag: from.clone(), n: 1, settings, workspace: rec.name.clone() })
+            .create_sandboxes(CreateSandboxes {
+                tag: from.clone(),
+                n: 1,
+                settings,
+                workspace: rec.name.clone(),
+                prewarm: false,
+            })
             .await?;
         Ok(kids[0].id.clone())
     }

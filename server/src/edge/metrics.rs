@@ -49,13 +49,23 @@ impl Metrics {
             .with_description("Live sandboxes")
             .with_callback(move |o| o.observe(r2.live_sandbox_count_now() as u64, &[]))
             .build();
-        let r3 = rt;
+        let r3 = rt.clone();
         meter
             .u64_observable_gauge("forkd_sandboxes")
             .with_description("Listed sandboxes by state")
             .with_callback(move |o| {
                 for (state, n) in r3.sandbox_states_now() {
                     o.observe(n, &[KeyValue::new("state", state)]);
+                }
+            })
+            .build();
+        let r4 = rt;
+        meter
+            .u64_observable_gauge("forkd_pool_vmms")
+            .with_description("VMMs started ahead of time and waiting for a spawn, by snapshot")
+            .with_callback(move |o| {
+                for (tag, n) in r4.pool_sizes() {
+                    o.observe(n as u64, &[KeyValue::new("snapshot", tag)]);
                 }
             })
             .build();

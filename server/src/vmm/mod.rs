@@ -143,6 +143,19 @@ pub struct VmProcess {
     pub child: Option<tokio::process::Child>,
 }
 
+/// A VMM started ahead of time for a child of one snapshot: its machine
+/// exists, its RAM is mapped, and it waits for device state (a pool entry).
+#[async_trait]
+pub trait PendingVm: Send + Sync {
+    fn pid(&self) -> u32;
+    fn start_time(&self) -> u64;
+    /// Loads `state`; the child is left paused, as after `Backend::restore`.
+    /// On failure the process is gone.
+    async fn load(self: Box<Self>, state: &Path) -> Result<VmProcess, VmmError>;
+    /// Stops the process and waits for it.
+    async fn kill(self: Box<Self>);
+}
+
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> &'static str;
@@ -152,6 +165,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Starts a child from `state`, RAM mapped private from `spec.mem_file`.
     /// The child is left paused; call `resume` once its identity is set.
     async fn restore(&self, spec: &VmSpec, state: &Path, dir: &VmDir, net: &NetAttach) -> Result<VmProcess, VmmError>;
+    /// Starts a child's VMM that waits for its state (no network attached):
+    /// `restore` split in two, so the process start is off the spawn path.
+    async fn prestart(&self, spec: &VmSpec, dir: &VmDir) -> Result<Box<dyn PendingVm>, VmmError>;
     /// Reopens control of a VMM started by an earlier daemon.
     async fn attach(&self, pid: u32, start_time: u64, dir: &VmDir) -> Result<VmProcess, VmmError>;
 }

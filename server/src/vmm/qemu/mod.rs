@@ -13,7 +13,7 @@ use serde_json::json;
 
 use self::args::Start;
 use self::qmp::Qmp;
-use crate::vmm::{Accel, Backend, NetAttach, VmControl, VmDir, VmProcess, VmSpec, VmmError, process};
+use crate::vmm::{Accel, Backend, NetAttach, PendingVm, VmControl, VmDir, VmProcess, VmSpec, VmmError, process};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -171,6 +171,11 @@ impl Backend for QemuBackend {
         Ok(started.into_process(dir, qmp))
     }
 
+    async fn prestart(&self, spec: &VmSpec, dir: &VmDir) -> Result<Box<dyn PendingVm>, VmmError> {
+        let (started, qmp) = self.spawn(spec, dir, Start::Restore, &NetAttach::Isolated).await?;
+        Ok(Box::new(Waiting { started, qmp, dir: dir.clone() }))
+    }
+
     async fn attach(&self, pid: u32, start_time: u64, dir: &VmDir) -> Result<VmProcess, VmmError> {
         if !process::is_alive(pid, start_time) {
             return Err(VmmError::Exited(format!("pid {pid} is gone")));
@@ -183,6 +188,37 @@ impl Backend for QemuBackend {
             control: Box::new(QemuControl { qmp: Some(qmp), socket: dir.control_socket() }),
             child: None,
         })
+    }
+}
+
+/// A QEMU started with `-incoming defer -S`, waiting for its state.
+struct Waiting {
+    started: Started,
+    qmp: Qmp,
+    dir: VmDir,
+}
+
+#[async_trait]
+impl PendingVm for Waiting {
+    fn pid(&self) -> u32 {
+        self.started.pid
+    }
+
+    fn start_time(&self) -> u64 {
+        self.started.start_time
+    }
+
+    async fn load(self: Box<Self>, state: &Path) -> Result<VmProcess, VmmError> {
+        let Waiting { started, mut qmp, dir } = *self;
+        if let Err(e) = load_state(&mut qmp, state).await {
+            started.kill().await;
+            return Err(e);
+        }
+        Ok(started.into_process(&dir, qmp))
+    }
+
+    async fn kill(self: Box<Self>) {
+        self.started.kill().await;
     }
 }
 

@@ -95,7 +95,10 @@ export type CreateSandboxesRequest = Message<"forkd.v1.CreateSandboxesRequest"> 
   volumes: string[];
 
   /**
-   * Start VMM processes ahead of time so later spawns only load state.
+   * Afterwards keep `n` VMM processes of this snapshot started and waiting
+   * (a pool), so later spawns from it only load state, resume and re-init.
+   * Children with network "nat" or volumes of their own are not served from
+   * the pool. It is emptied when the snapshot is deleted or the daemon stops.
    *
    * @generated from field: bool prewarm = 13;
    */

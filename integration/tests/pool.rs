@@ -1,0 +1,127 @@
+//! Pools (`prewarm`): VMMs started ahead of time serve later spawns with a
+//! full identity re-init; the reconciler leaves them alone; deleting the
+//! snapshot, stopping the daemon or a crash and restart leave none behind.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::{Duration, Instant};
+
+use common::{fork, fork_with, sh, wait_ready};
+use forkd_integration::{Daemon, Options, vmms_under};
+use serde_json::json;
+
+/// `forkd_pool_vmms` for `tag` from /metrics (0 when absent).
+async fn pool_size(d: &Daemon, tag: &str) -> u64 {
+    let text = d.get("/metrics").send().await.unwrap().text().await.unwrap();
+    let label = format!("snapshot=\"{tag}\"");
+    text.lines()
+        .filter(|l| l.starts_with("forkd_pool_vmms") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+async fn wait_pool(d: &Daemon, tag: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let have = pool_size(d, tag).await;
+        if have == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pool of {tag}: {have}, expected {want}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn sandbox_dirs(d: &Daemon) -> BTreeSet<String> {
+    std::fs::read_dir(d.data_dir.join("sandboxes"))
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+async fn settle_vmms(d: &Daemon, want: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = vmms_under(&d.data_dir).len();
+        if n == want || Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_vmms_serve_spawns_and_never_leak() {
+    let data = tempfile::Builder::new().prefix("forkd-pool-").tempdir_in("/tmp").unwrap();
+    let opts = Options { data_dir: Some(data.path().to_path_buf()), ..Default::default() };
+    let mut d = Daemon::start(opts.clone());
+    d.post("/v1/snapshots", json!({ "tag": "p", "image": "minimal" })).send().await.unwrap();
+    wait_ready(&d, "p").await;
+
+    // A prewarmed fork leaves two VMMs waiting.
+    let first: Vec<String> = fork_with(&d, "p", 2, json!({ "prewarm": true }))
+        .await
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    wait_pool(&d, "p", 2).await;
+    assert_eq!(settle_vmms(&d, 4).await, 4, "2 children + 2 pooled");
+    let pooled: BTreeSet<String> = sandbox_dirs(&d).into_iter().filter(|n| !first.contains(n)).collect();
+    assert_eq!(pooled.len(), 2, "{pooled:?}");
+
+    // The reconciler (every 5 s) counts them as owned.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(pool_size(&d, "p").await, 2);
+    assert_eq!(vmms_under(&d.data_dir).len(), 4);
+
+    // The next fork is served from the pool, with a full re-init.
+    let t = Instant::now();
+    let next = fork(&d, "p", 3).await;
+    eprintln!("fork 3 with 2 pooled took {:?}", t.elapsed());
+    assert!(pooled.iter().all(|p| next.contains(p)), "pooled {pooled:?} not used by {next:?}");
+    assert_eq!(pool_size(&d, "p").await, 0);
+    let mut samples = HashSet::new();
+    for id in first.iter().chain(&next) {
+        let out = sh(&d, id, "hostname; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'").await;
+        let text = out["stdout"].as_str().unwrap().to_string();
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some(id.as_str()), "hostname of {id}");
+        samples.insert(lines.next().unwrap().to_string());
+    }
+    assert_eq!(samples.len(), 5, "every child has its own entropy: {samples:?}");
+
+    // Deleting the snapshot empties its pool; nothing is left.
+    fork_with(&d, "p", 1, json!({ "prewarm": true })).await;
+    wait_pool(&d, "p", 1).await;
+    d.post("/v1/sandboxes/delete", json!({ "all": true })).send().await.unwrap();
+    assert_eq!(settle_vmms(&d, 1).await, 1, "only the pooled VMM");
+    let r = d.delete("/v1/snapshots/p").send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(settle_vmms(&d, 0).await, 0);
+    assert_eq!(pool_size(&d, "p").await, 0);
+    assert!(sandbox_dirs(&d).is_empty(), "{:?}", sandbox_dirs(&d));
+
+    // A crash leaves a pooled VMM behind; the next daemon reaps it and
+    // adopts the live sandbox.
+    d.post("/v1/snapshots", json!({ "tag": "q", "image": "minimal" })).send().await.unwrap();
+    wait_ready(&d, "q").await;
+    let live = fork_with(&d, "q", 1, json!({ "prewarm": true })).await[0]["id"].as_str().unwrap().to_string();
+    wait_pool(&d, "q", 1).await;
+    d.crash();
+    assert_eq!(vmms_under(&d.data_dir).len(), 2);
+    let mut d = Daemon::start(opts.clone());
+    assert_eq!(settle_vmms(&d, 1).await, 1, "the pooled VMM is reaped");
+    assert_eq!(sandbox_dirs(&d), BTreeSet::from([live.clone()]));
+    assert_eq!(sh(&d, &live, "hostname").await["stdout"], format!("{live}\n"));
+
+    // A graceful stop drains the pool; the live sandbox stays for adoption.
+    fork_with(&d, "q", 1, json!({ "prewarm": true })).await;
+    wait_pool(&d, "q", 1).await;
+    assert_eq!(vmms_under(&d.data_dir).len(), 3);
+    d.stop();
+    assert_eq!(vmms_under(&d.data_dir).len(), 2, "pooled VMM stopped with the daemon");
+    let d = Daemon::start(opts);
+    d.post("/v1/sandboxes/delete", json!({ "all": true })).send().await.unwrap();
+    assert_eq!(settle_vmms(&d, 0).await, 0);
+}
