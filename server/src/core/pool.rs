@@ -148,13 +148,28 @@ impl Runtime {
         let key = process::ledger_key(vm.pid(), vm.start_time());
         self.store.ledger_add("vmm", &key, id.as_str())?;
         let pooled = Pooled { id, dir, spec: spec.clone(), vm };
-        // The snapshot may have started going away meanwhile.
-        if self.busy_tags.lock().unwrap().contains(tag.as_str()) || self.store.get_snapshot(tag.as_str())?.is_none() {
-            self.discard_pooled(pooled).await;
-            return Err(Error::FailedPrecondition(format!("snapshot {:?} is being deleted", tag.as_str())));
+        // The snapshot may have started going away meanwhile. Checked and
+        // pushed under the pool's lock: a deletion marks the tag busy before
+        // it drains the pool under that lock, so either it sees this VMM or
+        // this check sees the deletion.
+        let refused = {
+            let mut pools = self.pools.by_tag.lock().unwrap();
+            let going = self.busy_tags.lock().unwrap().contains(tag.as_str())
+                || !matches!(self.store.get_snapshot(tag.as_str()), Ok(Some(_)));
+            if going {
+                Some(pooled)
+            } else {
+                pools.entry(tag.to_string()).or_default().push(pooled);
+                None
+            }
+        };
+        match refused {
+            None => Ok(()),
+            Some(p) => {
+                self.discard_pooled(p).await;
+                Err(Error::FailedPrecondition(format!("snapshot {:?} is being deleted", tag.as_str())))
+            }
         }
-        self.pools.by_tag.lock().unwrap().entry(tag.to_string()).or_default().push(pooled);
-        Ok(())
     }
 
     /// Kills a pooled VMM and removes its traces.
