@@ -9,7 +9,7 @@ use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use forkd_api::v1 as api;
 use forkd_server::agent::AgentClient;
 use forkd_server::vmm::qemu::QemuBackend;
-use forkd_server::vmm::{Backend, VmDir, VmSpec, process};
+use forkd_server::vmm::{Backend, VmDir, VmProcess, VmSpec, process};
 use futures::stream::{self, StreamExt};
 use serde_json::json;
 
@@ -215,6 +215,15 @@ fn backend_for(accel: &str) -> anyhow::Result<QemuBackend> {
     Ok(QemuBackend::new(qemu, accel))
 }
 
+/// What a bare restore does after loading state: open the agent's channel,
+/// resume the vCPUs, and wait for the agent's first answer.
+async fn resume_and_ping(vm: &mut VmProcess, dir: &VmDir) -> anyhow::Result<()> {
+    let agent = AgentClient::connect(&dir.agent_socket(), Duration::from_secs(10)).await?;
+    vm.control.resume().await?;
+    agent.ping(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
 /// A bare pre-started restore, timed from "load state" to the first ping
 /// answer (median of POOL_ROUNDS); the process start is not counted.
 async fn bare_pooled(data_dir: &str, tag: &str, accel: &str) -> anyhow::Result<f64> {
@@ -236,13 +245,7 @@ async fn bare_pooled(data_dir: &str, tag: &str, accel: &str) -> anyhow::Result<f
                 break;
             }
         };
-        let answered = async {
-            let agent = AgentClient::connect(&dir.agent_socket(), Duration::from_secs(10)).await?;
-            vm.control.resume().await?;
-            agent.ping(Duration::from_secs(30)).await?;
-            anyhow::Ok(())
-        }
-        .await;
+        let answered = resume_and_ping(&mut vm, &dir).await;
         times.push(ms(t.elapsed()));
         process::kill_and_reap(vm.pid, vm.start_time, vm.child.take()).await;
         if let Err(e) = answered {
@@ -269,9 +272,7 @@ async fn bare_fanout(data_dir: &str, tag: &str, n: u32, concurrency: usize, acce
             async move {
                 std::fs::create_dir_all(dir.path())?;
                 let mut vm = backend.restore(spec, state, &dir, &forkd_server::vmm::NetAttach::Isolated).await?;
-                let agent = AgentClient::connect(&dir.agent_socket(), Duration::from_secs(10)).await?;
-                vm.control.resume().await?;
-                agent.ping(Duration::from_secs(30)).await?;
+                resume_and_ping(&mut vm, &dir).await?;
                 Ok((vm.pid, vm.start_time, vm.child.take()))
             }
         })

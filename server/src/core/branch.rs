@@ -78,10 +78,7 @@ impl Runtime {
         if final_dir.exists() {
             return Err(Error::AlreadyExists(format!("snapshot {:?} already exists", tag.as_str())));
         }
-        let mut spec = parent
-            .vm
-            .clone()
-            .ok_or_else(|| Error::FailedPrecondition(format!("snapshot {:?} has no VM configuration", parent.tag)))?;
+        let mut spec = parent.vm_spec()?;
         spec.mem_file = final_dir.join("mem");
         // The new snapshot has the disks the source has, volumes it was
         // given of its own included: they are mounted in the memory captured.
@@ -268,8 +265,7 @@ impl Runtime {
             )));
         }
         let final_dir = self.layout.snapshot_dir(to);
-        let mut spec =
-            src.vm.clone().ok_or_else(|| Error::FailedPrecondition("snapshot has no VM configuration".into()))?;
+        let mut spec = src.vm_spec()?;
         spec.mem_file = final_dir.join("mem");
         let mut rec = src.clone();
         rec.tag = to.to_string();

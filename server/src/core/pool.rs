@@ -94,10 +94,7 @@ impl Runtime {
     /// Returns how many were started.
     pub async fn fill_pool(self: &Arc<Self>, tag: &Tag, target: usize) -> Result<usize> {
         let snap = self.get_snapshot(tag)?;
-        let spec = snap
-            .vm
-            .clone()
-            .ok_or_else(|| Error::FailedPrecondition(format!("snapshot {:?} has no VM configuration", snap.tag)))?;
+        let spec = snap.vm_spec()?;
         let target = target.min(MAX_PER_SNAPSHOT);
         let missing = {
             let have = self.pools.sizes().get(tag.as_str()).copied().unwrap_or(0);
@@ -132,12 +129,7 @@ impl Runtime {
 
     async fn start_pooled_as(self: &Arc<Self>, tag: &Tag, spec: &VmSpec, id: SandboxId) -> Result<()> {
         let dir = VmDir(self.layout.sandbox_dir(&id));
-        let dir_key = dir.path().display().to_string();
-        self.store.ledger_add("workdir", &dir_key, id.as_str())?;
-        if let Err(e) = std::fs::create_dir_all(dir.path()) {
-            let _ = self.store.ledger_remove("workdir", &dir_key);
-            return Err(Error::internal("create pool dir", e));
-        }
+        self.create_workdir(&id, &dir)?;
         let vm = match self.backend.prestart(spec, &dir).await {
             Ok(vm) => vm,
             Err(e) => {
@@ -187,15 +179,15 @@ impl Runtime {
 
     /// Empties the pool of `tag` (before its snapshot goes).
     pub(crate) async fn drain_pool(&self, tag: &str) -> usize {
-        let doomed = self.pools.drain_tag(tag);
-        let n = doomed.len();
-        futures::future::join_all(doomed.into_iter().map(|p| self.discard_pooled(p))).await;
-        n
+        self.discard_all(self.pools.drain_tag(tag)).await
     }
 
     /// Empties every pool (on shutdown: pooled VMMs serve no one after it).
     pub async fn drain_pools(&self) -> usize {
-        let doomed = self.pools.drain_all();
+        self.discard_all(self.pools.drain_all()).await
+    }
+
+    async fn discard_all(&self, doomed: Vec<Pooled>) -> usize {
         let n = doomed.len();
         futures::future::join_all(doomed.into_iter().map(|p| self.discard_pooled(p))).await;
         n

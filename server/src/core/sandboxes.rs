@@ -123,16 +123,12 @@ impl Runtime {
         if self.busy_tags.lock().unwrap().contains(&snap.tag) {
             return Err(Error::FailedPrecondition(format!("snapshot {:?} is being deleted", snap.tag)));
         }
-        let mut spec = snap
-            .vm
-            .clone()
-            .ok_or_else(|| Error::FailedPrecondition(format!("snapshot {:?} has no VM configuration", snap.tag)))?;
+        let mut spec = snap.vm_spec()?;
         let state = self.layout.snapshot_dir(&req.tag).join("state");
         let own = super::volumes::parse_stored(&req.settings.volumes);
         let plugged =
             super::volumes::plug(&snap.tag, &spec.drives, &super::volumes::parse_stored(&snap.volumes), &own)?;
-        let rw: Vec<std::path::PathBuf> =
-            plugged.volumes.iter().filter(|v| !v.read_only).map(|v| v.host.clone()).collect();
+        let rw = super::volumes::read_write_files(&plugged.volumes);
         if !rw.is_empty() && req.n > 1 {
             return Err(Error::FailedPrecondition(format!(
                 "forking from {:?} with read-write volumes, which one sandbox at a time may use; fork n=1",
@@ -192,10 +188,8 @@ impl Runtime {
         if from_pool > 0 {
             tracing::debug!(tag = %snap.tag, from_pool, n = req.n, "children served from the pool");
         }
-        if req.prewarm
-            && let Ok(tag) = Tag::parse(&snap.tag)
-        {
-            let (rt, n) = (self.clone(), req.n as usize);
+        if req.prewarm {
+            let (rt, tag, n) = (self.clone(), req.tag.clone(), req.n as usize);
             tokio::spawn(async move {
                 if let Err(e) = rt.fill_pool(&tag, n).await {
                     tracing::warn!(tag = %tag, "prewarm: {e}");
@@ -234,11 +228,7 @@ impl Runtime {
         };
         self.pools.arrived(&id);
         if pooled.is_none() {
-            self.store.ledger_add("workdir", &dir_key, id.as_str())?;
-            if let Err(e) = std::fs::create_dir_all(dir.path()) {
-                let _ = self.store.ledger_remove("workdir", &dir_key);
-                return Err(Error::internal("create sandbox dir", e));
-            }
+            self.create_workdir(&id, &dir)?;
         }
         if settings.network == "nat" && !spec.nic {
             self.remove_workdir(&dir);
@@ -420,6 +410,17 @@ impl Runtime {
         });
     }
 
+    /// Records a VM's work dir in the ledger, then creates it.
+    pub(crate) fn create_workdir(&self, id: &SandboxId, dir: &VmDir) -> Result<()> {
+        let key = dir.path().display().to_string();
+        self.store.ledger_add("workdir", &key, id.as_str())?;
+        if let Err(e) = std::fs::create_dir_all(dir.path()) {
+            let _ = self.store.ledger_remove("workdir", &key);
+            return Err(Error::internal("create the VM's work dir", e));
+        }
+        Ok(())
+    }
+
     pub(crate) fn remove_workdir(&self, dir: &VmDir) {
         let key = dir.path().display().to_string();
         if self.layout.remove_dir(dir.path()).is_ok() {
@@ -566,11 +567,7 @@ impl Runtime {
             };
             match adopted {
                 Ok(sb) => {
-                    let rw: Vec<_> = super::volumes::parse_stored(&rec.settings.volumes)
-                        .into_iter()
-                        .filter(|v| !v.read_only)
-                        .map(|v| v.host)
-                        .collect();
+                    let rw = super::volumes::read_write_files(&super::volumes::parse_stored(&rec.settings.volumes));
                     let _ = self.reserve_rw_volumes(&rw, &rec.id, None);
                     known.insert(rec.id.clone());
                     if let Some(n) = &rec.net {

@@ -80,6 +80,15 @@ pub struct SnapshotRecord {
     pub vm: Option<VmSpec>,
 }
 
+impl SnapshotRecord {
+    /// The VM configuration its children are restored with.
+    pub fn vm_spec(&self) -> Result<crate::vmm::VmSpec> {
+        self.vm
+            .clone()
+            .ok_or_else(|| Error::FailedPrecondition(format!("snapshot {:?} has no VM configuration", self.tag)))
+    }
+}
+
 /// Limits and settings a sandbox is created with.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct SandboxSettings {

@@ -84,6 +84,11 @@ pub fn parse_all(specs: &[String]) -> Result<Vec<VolumeSpec>> {
     Ok(vols)
 }
 
+/// The host files of the read-write volumes among `volumes`.
+pub fn read_write_files(volumes: &[VolumeSpec]) -> Vec<PathBuf> {
+    volumes.iter().filter(|v| !v.read_only).map(|v| v.host.clone()).collect()
+}
+
 /// Reads back specs stored by `to_spec_string` (already validated when they
 /// were accepted; the host file is not re-checked).
 pub fn parse_stored(specs: &[String]) -> Vec<VolumeSpec> {

@@ -206,11 +206,7 @@ impl Runtime {
                 continue;
             }
             let Some(state) = self.store.get_snapshot(&ws.state_tag)? else { continue };
-            let rw: Vec<_> = super::volumes::parse_stored(&state.volumes)
-                .into_iter()
-                .filter(|v| !v.read_only)
-                .map(|v| v.host)
-                .collect();
+            let rw = super::volumes::read_write_files(&super::volumes::parse_stored(&state.volumes));
             if let Err(e) = self.reserve_rw_volumes(&rw, &workspace_holder(&ws.name), None) {
                 tracing::warn!(workspace = ws.name, "volumes of a suspended workspace: {e}");
             }
