@@ -12,7 +12,8 @@ use forkd_server::core::runtime::{GuestAssets, RuntimeConfig};
 use forkd_server::edge::{self, EdgeConfig, audit::AuditLog, auth::Token};
 use forkd_server::probe;
 use forkd_server::vmm::accel::AccelChoice;
-use forkd_server::vmm::qemu::QemuBackend;
+use forkd_server::vmm::jail::{JailConfig, UidRange};
+use forkd_server::vmm::qemu::{QemuBackend, QemuConfig};
 
 /// The forkd daemon: one port serving gRPC and REST /v1 for forking
 /// copy-on-write microVM sandboxes from warmed snapshots.
@@ -66,9 +67,34 @@ struct Args {
     #[arg(long, env = "FORKD_VOLUME_SLOTS", default_value_t = 4,
           value_parser = clap::value_parser!(u8).range(0..=21))]
     volume_slots: u8,
+    /// Confine every VMM (own uid, no capabilities, seccomp, own mount
+    /// namespace). `off` is for debugging only and is logged loudly.
+    #[arg(long, env = "FORKD_VMM_JAIL", value_enum, default_value = "on")]
+    vmm_jail: JailChoice,
+    /// First uid (and the gid) of the range VMMs run as, one uid per VMM.
+    #[arg(long, env = "FORKD_VMM_UID_BASE", default_value_t = 2_000_000_000)]
+    vmm_uid_base: u32,
+    /// Size of that uid range: the most VMMs alive at once.
+    #[arg(long, env = "FORKD_VMM_UID_COUNT", default_value_t = 65536,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    vmm_uid_count: u32,
+    /// Volume files may only come from under this directory (symlinks are
+    /// never followed). Default: <data-dir>/volumes.
+    #[arg(long, env = "FORKD_VOLUME_ROOT")]
+    volume_root: Option<PathBuf>,
+    /// Bytes of serial console kept per VM (two rotated files together).
+    #[arg(long, env = "FORKD_CONSOLE_LOG_BYTES", default_value_t = forkd_server::vmm::console::DEFAULT_CAP,
+          value_parser = clap::value_parser!(u64).range(forkd_server::vmm::console::MIN_CAP..))]
+    console_log_bytes: u64,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "FORKD_LOG", default_value = "info")]
     log: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum JailChoice {
+    On,
+    Off,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -121,7 +147,27 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
         .context("qemu-system-x86_64 not found on PATH (run scripts/setup-host.sh)")?;
     let accel = probe::choose_accel(args.accel, &qemu, &guest, &data_dir).await?;
     tracing::info!(accel = accel.accel.as_str(), reason = %accel.reason, "accelerator chosen");
-    let backend = Arc::new(QemuBackend::new(qemu, accel.accel));
+    let volume_root = args.volume_root.clone().unwrap_or_else(|| data_dir.join("volumes"));
+    std::fs::create_dir_all(&volume_root).with_context(|| format!("create --volume-root {}", volume_root.display()))?;
+    let volume_root = forkd_server::host::paths::Root::new(&volume_root)
+        .with_context(|| format!("--volume-root {}", volume_root.display()))?;
+    let jail = match args.vmm_jail {
+        JailChoice::On => Some(JailConfig {
+            enabled: true,
+            uids: UidRange { base: args.vmm_uid_base, count: args.vmm_uid_count, gid: args.vmm_uid_base },
+            mountpoint: data_dir.join("jail"),
+        }),
+        JailChoice::Off => {
+            tracing::warn!(
+                "--vmm-jail off: VMMs run as the daemon's uid, in its mount namespace; a compromised VMM can reach every file the daemon can"
+            );
+            None
+        }
+    };
+    let qemu_config = QemuConfig { jail, volume_root: Some(volume_root.clone()), console_cap: args.console_log_bytes };
+    let backend = Arc::new(
+        QemuBackend::with_config(qemu, accel.accel, qemu_config).context("prepare VMM confinement (--vmm-jail)")?,
+    );
     let rt = Runtime::open(
         data_dir.clone(),
         guest,
@@ -132,6 +178,8 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
             tsc_khz: probe::tsc_khz(),
             branch_concurrency: args.branch_concurrency,
             volume_slots: args.volume_slots as usize,
+            volume_root,
+            vmm_jail: args.vmm_jail == JailChoice::On,
         },
     )
     .await?;

@@ -190,7 +190,8 @@ proptest! {
         let file = tempfile::NamedTempFile::new().unwrap();
         let host = if host == "HOSTFILE" { file.path().display().to_string() } else { host };
         let spec = format!("{host}:{guest}{suffix}");
-        if let Ok(v) = VolumeSpec::parse(&spec) {
+        let root = forkd_server::host::paths::Root::new(file.path().parent().unwrap()).unwrap();
+        if let Ok(v) = VolumeSpec::parse(&spec, &root) {
             for p in [v.host.as_path(), Path::new(&v.guest)] {
                 prop_assert!(p.is_absolute());
                 prop_assert!(!p.components().any(|c| matches!(c, Component::ParentDir)));

@@ -105,7 +105,7 @@ impl SandboxService for Services {
             memory_limit_mib: r.memory_limit_mib,
             cpu_quota: r.cpu_quota,
             pids_limit: r.pids_limit,
-            volumes: volume_specs(&r.volumes)?,
+            volumes: volume_specs(&r.volumes, &self.rt.config.volume_root)?,
         };
         settings.validate_lifecycle()?;
         crate::core::Runtime::check_network(&settings)?;
@@ -498,9 +498,9 @@ where
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-/// Checks volume specs (host files exist and are regular) and returns them
-/// in their stored form.
-pub(crate) fn volume_specs(specs: &[String]) -> Result<Vec<String>, Status> {
-    let vols = crate::core::volumes::parse_all(specs)?;
+/// Checks volume specs (regular files beneath the volume root) and returns
+/// them in their stored form.
+pub(crate) fn volume_specs(specs: &[String], root: &crate::host::paths::Root) -> Result<Vec<String>, Status> {
+    let vols = crate::core::volumes::parse_all(specs, root)?;
     Ok(vols.iter().map(|v| v.to_spec_string()).collect())
 }

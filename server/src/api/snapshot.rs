@@ -26,7 +26,7 @@ impl SnapshotService for Services {
     async fn create_snapshot(&self, r: Request<api::CreateSnapshotRequest>) -> Result<Response<api::Snapshot>, Status> {
         let r = r.into_inner();
         let t = tag("tag", &r.tag)?;
-        let volumes = crate::core::volumes::parse_all(&r.volumes)?;
+        let volumes = crate::core::volumes::parse_all(&r.volumes, &self.rt.config.volume_root)?;
         let req = CreateSnapshot {
             tag: t.clone(),
             image: if r.image.is_empty() { "python".into() } else { r.image },

@@ -50,7 +50,7 @@ impl WorkspaceService for Services {
             labels: r.labels.into_iter().collect(),
             ttl_secs: r.ttl_secs,
             idle_timeout_secs: r.idle_timeout_secs,
-            volumes: super::sandbox::volume_specs(&r.volumes)?,
+            volumes: super::sandbox::volume_specs(&r.volumes, &self.rt.config.volume_root)?,
             ..Default::default()
         };
         crate::core::Runtime::check_network(&settings)?;

@@ -2,7 +2,7 @@
 //! sandboxes together. The API layer holds one `Arc<Runtime>`.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::RwLock;
@@ -37,22 +37,20 @@ impl GuestAssets {
         self.dir.join("initramfs.img")
     }
 
-    /// Resolves `image` ("python", "minimal" or an absolute path to an image
-    /// file) to a file and the runtime it carries.
+    /// Resolves `image` to a file of the daemon's image store and the
+    /// runtime it carries. Only store names are accepted: a request never
+    /// names a host path.
     pub fn image(&self, image: &str) -> Result<ImageInfo> {
         if image.is_empty() {
-            return Err(Error::invalid("image", "must not be empty (use \"python\", \"minimal\" or a path)"));
+            return Err(Error::invalid("image", "must not be empty (use \"python\" or \"minimal\")"));
         }
-        if image.starts_with('/') {
-            let path = Path::new(image);
-            if path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-                return Err(Error::invalid("image", "path must not contain '..'"));
-            }
-            let meta = std::fs::metadata(path).map_err(|e| Error::invalid("image", format!("{image}: {e}")))?;
-            if !meta.is_file() {
-                return Err(Error::invalid("image", format!("{image} is not a regular file")));
-            }
-            return Ok(ImageInfo { path: path.to_path_buf(), runtime: "auto".into(), warm: String::new() });
+        if image.contains('/') {
+            return Err(Error::invalid(
+                "image",
+                format!(
+                    "{image:?}: images are named from the image store (\"python\", \"minimal\"), never by host path"
+                ),
+            ));
         }
         let (runtime, warm) = match image {
             "python" => ("python", "numpy"),
@@ -60,7 +58,7 @@ impl GuestAssets {
             _ => {
                 return Err(Error::invalid(
                     "image",
-                    format!("{image:?}: use \"python\", \"minimal\" or an absolute path to an image file"),
+                    format!("{image:?} is not in the image store (use \"python\" or \"minimal\")"),
                 ));
             }
         };
@@ -99,6 +97,10 @@ pub struct RuntimeConfig {
     /// Spare volume slots baked into every new snapshot, so its children
     /// can be given volumes of their own.
     pub volume_slots: usize,
+    /// Volume files come only from under this directory.
+    pub volume_root: crate::host::paths::Root,
+    /// Whether VMMs are confined (reported by GetVersion and doctor).
+    pub vmm_jail: bool,
 }
 
 pub struct Runtime {

@@ -16,6 +16,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{Error, Result};
+use crate::host::paths::Root;
 use crate::vmm::Drive;
 
 /// Most extra disks (volumes and slots) one VM may have: QEMU's `microvm`
@@ -34,8 +35,10 @@ pub struct VolumeSpec {
 }
 
 impl VolumeSpec {
-    /// Parses `HOST_FILE:GUEST_PATH[:ro|:rw]` and checks the host file.
-    pub fn parse(spec: &str) -> Result<Self> {
+    /// Parses `HOST_FILE:GUEST_PATH[:ro|:rw]` and checks the host file: a
+    /// regular file beneath `root`, reached without following any symlink,
+    /// that can be opened as the volume asks (read-write unless `:ro`).
+    pub fn parse(spec: &str, root: &Root) -> Result<Self> {
         let bad = |why: &str| Error::invalid("volumes", format!("{spec:?}: {why} (use HOST_FILE:GUEST_PATH[:ro])"));
         let parts: Vec<&str> = spec.split(':').collect();
         let (host, guest, read_only) = match parts.as_slice() {
@@ -58,10 +61,7 @@ impl VolumeSpec {
         if guest == "/" {
             return Err(bad("the guest path must not be /"));
         }
-        let meta = std::fs::metadata(host).map_err(|e| Error::invalid("volumes", format!("{host}: {e}")))?;
-        if !meta.is_file() {
-            return Err(Error::invalid("volumes", format!("{host} is not a regular file")));
-        }
+        root.open_file(Path::new(host), !read_only).map_err(|e| Error::invalid("volumes", e.to_string()))?;
         Ok(VolumeSpec { host: PathBuf::from(host), guest: guest.to_string(), read_only })
     }
 
@@ -71,11 +71,11 @@ impl VolumeSpec {
 }
 
 /// Parses a list of volume specs, refusing duplicates and too many.
-pub fn parse_all(specs: &[String]) -> Result<Vec<VolumeSpec>> {
+pub fn parse_all(specs: &[String], root: &Root) -> Result<Vec<VolumeSpec>> {
     if specs.len() > MAX_VOLUMES {
         return Err(Error::invalid("volumes", format!("{} volumes, at most {MAX_VOLUMES}", specs.len())));
     }
-    let vols = specs.iter().map(|s| VolumeSpec::parse(s)).collect::<Result<Vec<_>>>()?;
+    let vols = specs.iter().map(|s| VolumeSpec::parse(s, root)).collect::<Result<Vec<_>>>()?;
     for (i, v) in vols.iter().enumerate() {
         if vols[..i].iter().any(|w| w.guest == v.guest || w.host == v.host) {
             return Err(Error::invalid("volumes", format!("{} is given twice", v.to_spec_string())));
@@ -189,13 +189,16 @@ mod tests {
     #[test]
     fn parses_and_checks_specs() {
         let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("v.ext4");
+        let root = Root::new(dir.path()).unwrap();
+        let dir_path = root.path().to_path_buf();
+        let f = dir_path.join("v.ext4");
         std::fs::write(&f, b"x").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir_path.join("sneaky.ext4")).unwrap();
         let host = f.display().to_string();
-        let v = VolumeSpec::parse(&format!("{host}:/data:ro")).unwrap();
+        let v = VolumeSpec::parse(&format!("{host}:/data:ro"), &root).unwrap();
         assert!(v.read_only);
         assert_eq!(v.guest, "/data");
-        assert!(!VolumeSpec::parse(&format!("{host}:/data")).unwrap().read_only);
+        assert!(!VolumeSpec::parse(&format!("{host}:/data"), &root).unwrap().read_only);
         for bad in [
             host.to_string(),
             format!("{host}:data"),
@@ -203,15 +206,18 @@ mod tests {
             format!("{host}:/a/../b"),
             format!("{host}:/"),
             "relative:/data".to_string(),
-            format!("{}/missing:/data", dir.path().display()),
-            format!("{}:/data", dir.path().display()),
+            format!("{}/missing:/data", dir_path.display()),
+            format!("{}:/data", dir_path.display()),
+            format!("{}/sneaky.ext4:/data", dir_path.display()),
+            "/etc/shadow:/data".to_string(),
+            "/dev/sda:/data".to_string(),
         ] {
-            let e = VolumeSpec::parse(&bad).unwrap_err();
+            let e = VolumeSpec::parse(&bad, &root).unwrap_err();
             assert!(matches!(e, Error::InvalidArgument(_)), "{bad}: {e}");
         }
         let too_many: Vec<String> = (0..25).map(|i| format!("{host}:/d{i}")).collect();
-        assert!(parse_all(&too_many).is_err());
-        assert!(parse_all(&[format!("{host}:/a"), format!("{host}:/b")]).is_err(), "same file twice");
+        assert!(parse_all(&too_many, &root).is_err());
+        assert!(parse_all(&[format!("{host}:/a"), format!("{host}:/b")], &root).is_err(), "same file twice");
         assert_eq!(guest_device(0), "/dev/vdb");
     }
 

@@ -17,6 +17,8 @@ pub const KEEP: &[(Capability, &str)] = &[
     (Capability::CAP_FOWNER, "renaming and removing snapshot and work dirs"),
     (Capability::CAP_KILL, "signalling VMMs, including adopted ones"),
     (Capability::CAP_SETPCAP, "emptying each VMM's bounding set before exec"),
+    (Capability::CAP_SETUID, "running each VMM as its own unprivileged uid"),
+    (Capability::CAP_SETGID, "running each VMM in the VMM group"),
     (Capability::CAP_NET_ADMIN, "network namespaces, taps and firewall rules"),
     (Capability::CAP_NET_RAW, "iptables when nftables is absent"),
     (Capability::CAP_NET_BIND_SERVICE, "--bind to a port below 1024"),

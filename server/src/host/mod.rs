@@ -4,4 +4,5 @@
 pub mod caps;
 pub mod cgroup;
 pub mod net;
+pub mod paths;
 pub mod procs;

@@ -5,6 +5,8 @@
 //! second module, not a rewrite.
 
 pub mod accel;
+pub mod console;
+pub mod jail;
 pub mod process;
 pub mod qemu;
 
@@ -100,6 +102,18 @@ impl VmDir {
     }
     pub fn console_log(&self) -> PathBuf {
         self.0.join("console.log")
+    }
+    pub fn console_socket(&self) -> PathBuf {
+        self.0.join("console.sock")
+    }
+    /// Where the VMM writes device state (inside its own dir, the only
+    /// place it may write) before the daemon moves it into the store.
+    pub fn saved_state(&self) -> PathBuf {
+        self.0.join("state.save")
+    }
+    /// The copy of the device state a restoring VMM loads.
+    pub fn incoming_state(&self) -> PathBuf {
+        self.0.join("state.in")
     }
     pub fn path(&self) -> &Path {
         &self.0

@@ -2,9 +2,33 @@
 //! devices, kernel and memory size: the device state a child loads has no
 //! configuration section, so any difference would be loaded into the wrong
 //! device model. Only the memory backend's `share` flag and the incoming
-//! options differ.
+//! options differ (and the backends that do not reach device state: which
+//! descriptor a volume or tap arrives on, and how the memory file is opened).
 
-use crate::vmm::{Accel, NetAttach, VmDir, VmSpec};
+use std::os::fd::RawFd;
+
+use crate::vmm::{Accel, VmDir, VmSpec};
+
+/// QEMU's own seccomp filter: no obsolete system calls, no privilege
+/// changes, no fork/exec, no scheduler or resource changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// Size QEMU reports for an empty volume slot: a `null-co` disk, which reads
+/// zeros and discards writes, so nothing on the host backs it and no two VMs
+/// share anything through it. It is not marked read-only: the guest acks the
+/// virtio read-only feature at boot, and a child restored with a read-write
+/// volume in that slot could then not load the parent's device state.
+pub const SLOT_BYTES: u64 = 1 << 20;
+
+/// Host resources handed to this VMM as descriptors.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Wiring {
+    /// One entry per `spec.drives`: the descriptor of the volume's file, or
+    /// None for an empty slot.
+    pub drive_fds: Vec<Option<RawFd>>,
+    /// The tap behind the NIC; None: an isolated hub.
+    pub tap_fd: Option<RawFd>,
+}
 
 /// How the VM starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,10 +39,12 @@ pub enum Start {
     Restore,
 }
 
-pub fn build(spec: &VmSpec, dir: &VmDir, start: Start, net: &NetAttach) -> Vec<String> {
+pub fn build(spec: &VmSpec, dir: &VmDir, start: Start, wiring: &Wiring) -> Vec<String> {
+    // A child opens the snapshot's memory read-only and maps it private: a
+    // compromised child cannot write the file its siblings share.
     let share = match start {
         Start::Boot => "on",
-        Start::Restore => "off",
+        Start::Restore => "off,readonly=on,rom=off",
     };
     let mem = format!("{}M", spec.mem_mib);
     let accel = match spec.accel {
@@ -30,6 +56,8 @@ pub fn build(spec: &VmSpec, dir: &VmDir, start: Start, net: &NetAttach) -> Vec<S
         Accel::Tcg => "max",
     };
     let mut a: Vec<String> = vec![
+        "-sandbox".into(),
+        SANDBOX.into(),
         "-nodefaults".into(),
         "-no-user-config".into(),
         "-nographic".into(),
@@ -59,21 +87,27 @@ pub fn build(spec: &VmSpec, dir: &VmDir, start: Start, net: &NetAttach) -> Vec<S
         "virtio-blk-device,drive=root".into(),
     ];
     for (i, d) in spec.drives.iter().enumerate() {
-        a.push("-drive".into());
-        a.push(format!(
-            "file={},if=none,id=vol{i},format=raw,readonly={}{}",
-            d.path.display(),
-            if d.read_only { "on" } else { "off" },
-            // Every VM opens the same placeholder, which no guest mounts.
-            if d.slot { ",file.locking=off" } else { "" }
-        ));
+        match wiring.drive_fds.get(i).copied().flatten() {
+            Some(fd) if !d.slot => {
+                // fdset i+1 holds the volume's descriptor (set 0 is unused).
+                let ro = if d.read_only { "on" } else { "off" };
+                a.push("-add-fd".into());
+                a.push(format!("fd={fd},set={}", i + 1));
+                a.push("-drive".into());
+                a.push(format!("file=/dev/fdset/{},if=none,id=vol{i},format=raw,readonly={ro}", i + 1));
+            }
+            _ => {
+                a.push("-blockdev".into());
+                a.push(format!("driver=null-co,node-name=vol{i},read-zeroes=on,size={SLOT_BYTES}"));
+            }
+        }
         a.push("-device".into());
         a.push(format!("virtio-blk-device,drive=vol{i}"));
     }
     if spec.nic {
-        let backend = match net {
-            NetAttach::Isolated => "hubport,id=net0,hubid=0".to_string(),
-            NetAttach::Tap { tap, .. } => format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
+        let backend = match wiring.tap_fd {
+            None => "hubport,id=net0,hubid=0".to_string(),
+            Some(fd) => format!("tap,id=net0,fd={fd}"),
         };
         a.extend([
             "-netdev".into(),
@@ -92,8 +126,11 @@ pub fn build(spec: &VmSpec, dir: &VmDir, start: Start, net: &NetAttach) -> Vec<S
         format!("virtserialport,chardev=agent,name={}", forkd_agent_protocol::PORT_NAME),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", dir.control_socket().display()),
+        // The console goes to the daemon, which keeps a bounded log of it.
+        "-chardev".into(),
+        format!("socket,id=console,path={},server=on,wait=off", dir.console_socket().display()),
         "-serial".into(),
-        format!("file:{}", dir.console_log().display()),
+        "chardev:console".into(),
     ]);
     if start == Start::Restore {
         a.extend([
@@ -108,11 +145,16 @@ pub fn build(spec: &VmSpec, dir: &VmDir, start: Start, net: &NetAttach) -> Vec<S
 }
 
 #[cfg(test)]
+fn tests_spec() -> VmSpec {
+    tests::spec()
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    fn spec() -> VmSpec {
+    pub(super) fn spec() -> VmSpec {
         VmSpec {
             kernel: "/g/vmlinux".into(),
             initrd: "/g/initramfs.img".into(),
@@ -130,13 +172,38 @@ mod tests {
     #[test]
     fn parent_and_child_differ_only_in_share_and_incoming() {
         let dir = VmDir(PathBuf::from("/d/vm"));
-        let boot = build(&spec(), &dir, Start::Boot, &NetAttach::Isolated);
-        let restore = build(&spec(), &dir, Start::Restore, &NetAttach::Isolated);
+        let boot = build(&spec(), &dir, Start::Boot, &Wiring::default());
+        let restore = build(&spec(), &dir, Start::Restore, &Wiring::default());
         assert!(boot.iter().any(|a| a.ends_with("share=on")));
-        assert!(restore.iter().any(|a| a.ends_with("share=off")));
+        assert!(restore.iter().any(|a| a.ends_with("share=off,readonly=on,rom=off")));
+        assert_eq!(boot[..2], ["-sandbox".to_string(), SANDBOX.to_string()]);
         let common: Vec<_> = restore[..boot.len()].iter().zip(&boot).filter(|(a, b)| a != b).collect();
         assert_eq!(common.len(), 1, "only the memory backend differs: {common:?}");
         assert!(restore.ends_with(&["-incoming".to_string(), "defer".into(), "-S".into()]));
         assert!(restore.contains(&"migration.send-configuration=off".to_string()));
+    }
+}
+
+#[cfg(test)]
+mod wiring_tests {
+    use super::*;
+    use crate::vmm::Drive;
+    use std::path::PathBuf;
+
+    #[test]
+    fn volumes_arrive_as_descriptors_and_slots_need_no_file() {
+        let mut spec = super::tests_spec();
+        spec.drives = vec![
+            Drive { path: "/v/a.ext4".into(), read_only: true, slot: false },
+            Drive { path: "/unused".into(), read_only: false, slot: true },
+        ];
+        let w = Wiring { drive_fds: vec![Some(17), None], tap_fd: Some(23) };
+        let a = build(&spec, &VmDir(PathBuf::from("/d/vm")), Start::Restore, &w);
+        let joined = a.join(" ");
+        assert!(joined.contains("-add-fd fd=17,set=1 -drive file=/dev/fdset/1,if=none,id=vol0,format=raw,readonly=on"));
+        assert!(joined.contains("-blockdev driver=null-co,node-name=vol1,read-zeroes=on"));
+        assert!(joined.contains("tap,id=net0,fd=23"));
+        assert!(!joined.contains("/unused"), "a slot's placeholder path never reaches QEMU");
+        assert!(!joined.contains("/v/a.ext4"), "volumes are passed as descriptors, not paths");
     }
 }

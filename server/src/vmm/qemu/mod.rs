@@ -4,33 +4,156 @@
 pub mod args;
 pub mod qmp;
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::json;
 
-use self::args::Start;
+use self::args::{Start, Wiring};
 use self::qmp::Qmp;
-use crate::vmm::{Accel, Backend, NetAttach, PendingVm, VmControl, VmDir, VmProcess, VmSpec, VmmError, process};
+use crate::host::paths::Root;
+use crate::vmm::jail::{self, JailConfig, Needs, Plan, UidLease, Uids};
+use crate::vmm::{
+    Accel, Backend, Drive, NetAttach, PendingVm, VmControl, VmDir, VmProcess, VmSpec, VmmError, console, process,
+};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the backend confines and wires its VMMs.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// None: VMMs run unconfined (`--vmm-jail off`), only without
+    /// capabilities.
+    pub jail: Option<JailConfig>,
+    /// Volume files are opened only beneath this root.
+    pub volume_root: Option<Root>,
+    /// Bytes of serial console kept per VM.
+    pub console_cap: u64,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        QemuConfig { jail: None, volume_root: None, console_cap: console::DEFAULT_CAP }
+    }
+}
 
 pub struct QemuBackend {
     binary: PathBuf,
     accel: Accel,
+    config: QemuConfig,
+    uids: Option<Arc<Uids>>,
+    /// The empty network namespace VMMs without a tap run in.
+    empty_netns: Option<OwnedFd>,
 }
 
 impl QemuBackend {
+    /// An unconfined backend (tools and probes that run without a daemon).
     pub fn new(binary: PathBuf, accel: Accel) -> Self {
-        Self { binary, accel }
+        Self { binary, accel, config: QemuConfig::default(), uids: None, empty_netns: None }
+    }
+
+    /// A backend whose VMMs are confined as `config` says.
+    pub fn with_config(binary: PathBuf, accel: Accel, config: QemuConfig) -> std::io::Result<Self> {
+        let (uids, empty_netns) = match &config.jail {
+            Some(j) => {
+                std::fs::create_dir_all(&j.mountpoint)?;
+                (Some(Uids::new(j.uids)), Some(jail::netns::empty()?))
+            }
+            None => (None, None),
+        };
+        Ok(Self { binary, accel, config, uids, empty_netns })
     }
 
     /// Finds `qemu-system-x86_64` on PATH.
     pub fn find_binary() -> Option<PathBuf> {
         let path = std::env::var_os("PATH")?;
         std::env::split_paths(&path).map(|d| d.join("qemu-system-x86_64")).find(|p| p.is_file())
+    }
+
+    pub fn config(&self) -> &QemuConfig {
+        &self.config
+    }
+
+    /// Opens a volume's file for the VMM: beneath the volume root, never
+    /// through a symlink, read-write only when the volume is.
+    fn open_drive(&self, d: &Drive) -> Result<OwnedFd, VmmError> {
+        match &self.config.volume_root {
+            Some(root) => root.open_file(&d.path, !d.read_only).map_err(|e| VmmError::Spawn(format!("volume: {e}"))),
+            None => {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(!d.read_only)
+                    .open(&d.path)
+                    .map_err(|e| VmmError::Spawn(format!("volume {}: {e}", d.path.display())))?;
+                Ok(f.into())
+            }
+        }
+    }
+
+    /// Everything the VMM gets from the host, and how it is confined.
+    fn prepare(
+        &self,
+        spec: &VmSpec,
+        dir: &VmDir,
+        start: Start,
+        net: &NetAttach,
+    ) -> Result<(Plan, Wiring, Option<UidLease>), VmmError> {
+        let spawn_err = |what: &str, e: &dyn std::fmt::Display| VmmError::Spawn(format!("{what}: {e}"));
+        let mut needs = Needs::default();
+        let mut wiring = Wiring::default();
+        for d in &spec.drives {
+            wiring.drive_fds.push(if d.slot { None } else { Some(needs.pass(self.open_drive(d)?)) });
+        }
+        let netns = match net {
+            NetAttach::Tap { netns, tap } => {
+                let fd = jail::netns::open_tap(netns, tap).map_err(|e| spawn_err(&format!("tap {tap}"), &e))?;
+                wiring.tap_fd = Some(needs.pass(fd));
+                Some(jail::netns::open(netns).map_err(|e| spawn_err(&format!("open {}", netns.display()), &e))?)
+            }
+            NetAttach::Isolated => match &self.empty_netns {
+                Some(ns) => Some(ns.try_clone()?),
+                None => None,
+            },
+        };
+        if start == Start::Boot && !spec.mem_file.exists() {
+            let f = std::fs::File::create(&spec.mem_file)?;
+            f.set_len(spec.mem_mib as u64 * 1024 * 1024)?;
+        }
+        let (Some(cfg), Some(uids)) = (&self.config.jail, &self.uids) else {
+            let plan = Plan::unconfined(netns, needs).map_err(|e| spawn_err("jail", &e))?;
+            return Ok((plan, wiring, None));
+        };
+        let lease = uids.lease().map_err(|e| spawn_err("jail", &e))?;
+        let owner = |p: &Path| {
+            std::os::unix::fs::chown(p, Some(lease.uid), Some(lease.gid))
+                .map_err(|e| spawn_err(&format!("chown {}", p.display()), &e))
+        };
+        // Its own dir is the only place the VMM may create files (sockets).
+        owner(dir.path())?;
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        needs.writable(dir.path());
+        for f in [&spec.kernel, &spec.initrd, &spec.rootfs] {
+            needs.read_only(f.clone());
+        }
+        match start {
+            Start::Boot => {
+                owner(&spec.mem_file)?;
+                needs.writable(spec.mem_file.clone());
+            }
+            Start::Restore => needs.read_only(spec.mem_file.clone()),
+        }
+        if !self.binary.starts_with("/usr") {
+            needs.read_only(self.binary.clone());
+        }
+        if spec.accel == Accel::Kvm {
+            needs.devices.push(PathBuf::from("/dev/kvm"));
+        }
+        let plan = Plan::confined(cfg, &lease, netns, needs).map_err(|e| spawn_err("jail", &e))?;
+        Ok((plan, wiring, Some(lease)))
     }
 
     /// Starts QEMU and opens its control socket. On failure nothing is left
@@ -42,15 +165,8 @@ impl QemuBackend {
         start: Start,
         net: &NetAttach,
     ) -> Result<(Started, Qmp), VmmError> {
-        let args = args::build(spec, dir, start, net);
-        // The namespace is opened here; the child enters it before exec,
-        // while it still has the capability to.
-        let netns = match net {
-            NetAttach::Tap { netns, .. } => Some(
-                std::fs::File::open(netns).map_err(|e| VmmError::Spawn(format!("open {}: {e}", netns.display())))?,
-            ),
-            NetAttach::Isolated => None,
-        };
+        let (plan, wiring, lease) = self.prepare(spec, dir, start, net)?;
+        let args = args::build(spec, dir, start, &wiring);
         let stderr = std::fs::File::create(dir.path().join("vmm.stderr"))?;
         let mut cmd = tokio::process::Command::new(&self.binary);
         cmd.args(&args)
@@ -61,19 +177,17 @@ impl QemuBackend {
             // reach the VMs, and the VMs outlive a daemon crash.
             .process_group(0)
             .kill_on_drop(false);
-        // The VMM runs with no capabilities at all (see host::caps).
+        // SAFETY: `Plan::enter` only makes raw system calls on data prepared
+        // before the fork.
         unsafe {
-            cmd.pre_exec(move || {
-                if let Some(ns) = &netns {
-                    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-                }
-                crate::host::caps::vmm_pre_exec();
-                Ok(())
-            });
+            cmd.pre_exec(move || plan.enter());
         }
         let child = cmd.spawn().map_err(|e| VmmError::Spawn(format!("{}: {e}", self.binary.display())))?;
         let pid = child.id().ok_or_else(|| VmmError::Spawn("no pid".into()))?;
         let start_time = process::start_time(pid).unwrap_or(0);
+        if let Some(lease) = lease {
+            lease.bind(pid, start_time);
+        }
         let mut started = Started { pid, start_time, child };
         // Fail fast when QEMU exits before its control socket answers.
         let control = dir.control_socket();
@@ -82,9 +196,12 @@ impl QemuBackend {
             status = started.child.wait() => Err(VmmError::Exited(format!("qemu exited at start ({})", status.map(|s| s.to_string()).unwrap_or_default()))),
         };
         match connected {
-            Ok(q) => Ok((started, q)),
+            Ok(q) => {
+                console::spawn_pump(dir.console_socket(), dir.console_log(), self.config.console_cap);
+                Ok((started, q))
+            }
             Err(e) => {
-                let why = std::fs::read_to_string(dir.path().join("vmm.stderr")).unwrap_or_default();
+                let why = console::tail(&dir.path().join("vmm.stderr"), 4096);
                 started.kill().await;
                 Err(VmmError::Spawn(format!("{e}; qemu said: {}", why.trim())))
             }
@@ -110,7 +227,7 @@ impl Started {
             pid: self.pid,
             start_time: self.start_time,
             dir: dir.clone(),
-            control: Box::new(QemuControl { qmp: Some(qmp), socket: dir.control_socket() }),
+            control: Box::new(QemuControl { qmp: Some(qmp), dir: dir.clone() }),
             child: Some(self.child),
         }
     }
@@ -118,12 +235,13 @@ impl Started {
 
 struct QemuControl {
     qmp: Option<Qmp>,
-    socket: PathBuf,
+    dir: VmDir,
 }
 
 impl QemuControl {
     fn qmp(&mut self) -> Result<&mut Qmp, VmmError> {
-        self.qmp.as_mut().ok_or_else(|| VmmError::Control(format!("no QMP connection to {}", self.socket.display())))
+        let socket = self.dir.control_socket();
+        self.qmp.as_mut().ok_or_else(|| VmmError::Control(format!("no QMP connection to {}", socket.display())))
     }
 }
 
@@ -139,11 +257,23 @@ impl VmControl for QemuControl {
 
     async fn save_state(&mut self, path: &Path) -> Result<(), VmmError> {
         // Device and CPU sections only, never RAM; `live: false` keeps the
-        // block devices active (the default would release image locks).
+        // block devices active (the default would release image locks). The
+        // VMM writes into its own dir (all it can write); the daemon then
+        // owns the file and moves it where it belongs.
+        let saved = self.dir.saved_state();
+        let _ = std::fs::remove_file(&saved);
         self.qmp()?
-            .execute("xen-save-devices-state", Some(json!({ "filename": path.display().to_string(), "live": false })))
-            .await
-            .map(|_| ())
+            .execute("xen-save-devices-state", Some(json!({ "filename": saved.display().to_string(), "live": false })))
+            .await?;
+        std::os::unix::fs::chown(&saved, Some(0), Some(0)).or_else(|e| {
+            // An unprivileged daemon runs unconfined VMMs as itself.
+            if e.raw_os_error() == Some(libc::EPERM) { Ok(()) } else { Err(e) }
+        })?;
+        if std::fs::rename(&saved, path).is_err() {
+            std::fs::copy(&saved, path)?;
+            let _ = std::fs::remove_file(&saved);
+        }
+        Ok(())
     }
 }
 
@@ -164,7 +294,7 @@ impl Backend for QemuBackend {
 
     async fn restore(&self, spec: &VmSpec, state: &Path, dir: &VmDir, net: &NetAttach) -> Result<VmProcess, VmmError> {
         let (started, mut qmp) = self.spawn(spec, dir, Start::Restore, net).await?;
-        if let Err(e) = load_state(&mut qmp, state).await {
+        if let Err(e) = load_state(&mut qmp, state, dir).await {
             started.kill().await;
             return Err(e);
         }
@@ -180,12 +310,18 @@ impl Backend for QemuBackend {
         if !process::is_alive(pid, start_time) {
             return Err(VmmError::Exited(format!("pid {pid} is gone")));
         }
+        if let Some(uids) = &self.uids
+            && let Some(uid) = jail::uids::uid_of(pid)
+        {
+            uids.adopt(uid, pid, start_time);
+        }
         let qmp = Qmp::connect(&dir.control_socket(), Duration::from_secs(2)).await?;
+        console::spawn_pump(dir.console_socket(), dir.console_log(), self.config.console_cap);
         Ok(VmProcess {
             pid,
             start_time,
             dir: dir.clone(),
-            control: Box::new(QemuControl { qmp: Some(qmp), socket: dir.control_socket() }),
+            control: Box::new(QemuControl { qmp: Some(qmp), dir: dir.clone() }),
             child: None,
         })
     }
@@ -210,7 +346,7 @@ impl PendingVm for Waiting {
 
     async fn load(self: Box<Self>, state: &Path) -> Result<VmProcess, VmmError> {
         let Waiting { started, mut qmp, dir } = *self;
-        if let Err(e) = load_state(&mut qmp, state).await {
+        if let Err(e) = load_state(&mut qmp, state, &dir).await {
             started.kill().await;
             return Err(e);
         }
@@ -223,8 +359,18 @@ impl PendingVm for Waiting {
 }
 
 /// Loads device state into a child started with `-incoming defer -S`; the
-/// child stays paused.
-async fn load_state(qmp: &mut Qmp, state: &Path) -> Result<(), VmmError> {
+/// child stays paused. The VMM sees only its own dir: the state (a few KiB)
+/// is copied there first.
+async fn load_state(qmp: &mut Qmp, state: &Path, dir: &VmDir) -> Result<(), VmmError> {
+    let incoming = dir.incoming_state();
+    std::fs::copy(state, &incoming)
+        .and_then(|_| {
+            // Readable by the VMM's uid; the dir (0700, the VMM's own) keeps
+            // everyone else out.
+            std::fs::set_permissions(&incoming, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        })
+        .map_err(|e| VmmError::Spawn(format!("copy device state {}: {e}", state.display())))?;
+    let state = incoming.as_path();
     // x-ignore-shared must be set on the loading side too, before the load.
     qmp.execute(
         "migrate-set-capabilities",
