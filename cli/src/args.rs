@@ -292,16 +292,20 @@ pub enum Command {
             place; an existing file is never overwritten). Attach it to a snapshot with \
             `forkd snapshot --volume FILE:/guest/path[:ro]` (every child inherits it), or to \
             sandboxes and workspaces of their own with `forkd fork|workspace create --volume …` \
-            (plugged into the snapshot's spare slots). Needs mkfs.ext4 (e2fsprogs) on this \
+            (plugged into the snapshot's spare slots). The daemon takes volumes only from \
+            under its --volume-root (default /var/lib/forkd/volumes): a bare file name is \
+            created there ($FORKD_VOLUME_ROOT overrides). Needs mkfs.ext4 (e2fsprogs) on this \
             machine; no daemon.",
-        after_help = "Example:\n  forkd volume-create /var/lib/forkd/volumes/data.ext4 --size-mib 256"
+        after_help = "Examples:\n  forkd volume-create data.ext4 --size-mib 256        # /var/lib/forkd/volumes/data.ext4\n  \
+            forkd volume-create /srv/forkd-volumes/x.ext4       # with forkd-server --volume-root /srv/forkd-volumes"
     )]
     VolumeCreate(VolumeCreateArgs),
 }
 
 #[derive(Args, Debug)]
 pub struct VolumeCreateArgs {
-    /// The image file to create.
+    /// The image file to create: a path, or a bare file name to create in
+    /// the volume root ($FORKD_VOLUME_ROOT, default /var/lib/forkd/volumes).
     pub path: PathBuf,
     /// Size in MiB.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(8..=1048576))]

@@ -79,7 +79,8 @@ impl Daemon {
             .arg("--guest-dir")
             .arg(guest_dir())
             .arg("--log")
-            .arg("warn")
+            // FORKD_TEST_LOG=info shows the daemons' logs while debugging a test.
+            .arg(std::env::var("FORKD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .args(&opts.extra_args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

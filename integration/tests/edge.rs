@@ -899,7 +899,6 @@ struct FakeGuestDaemon {
     child: std::process::Child,
     addr: String,
     data_dir: PathBuf,
-    image: PathBuf,
     _tmp: tempfile::TempDir,
 }
 
@@ -911,7 +910,9 @@ impl FakeGuestDaemon {
         std::fs::create_dir_all(&guest).unwrap();
         std::fs::write(guest.join("vmlinux"), b"not a kernel").unwrap();
         std::fs::write(guest.join("initramfs.img"), b"not an initramfs").unwrap();
-        let image = tmp.path().join("fake.ext4");
+        // Images are named from the store: a fake "minimal" stands in.
+        std::fs::create_dir_all(guest.join("images")).unwrap();
+        let image = guest.join("images/minimal.ext4");
         std::fs::write(&image, b"not an image").unwrap();
         let data_dir = tmp.path().join("data");
         let mut child = Command::new(server_bin())
@@ -938,7 +939,7 @@ impl FakeGuestDaemon {
         };
         std::thread::spawn(move || for _ in lines {});
         let data_dir = std::fs::canonicalize(&data_dir).unwrap();
-        FakeGuestDaemon { child, addr, data_dir, image, _tmp: tmp }
+        FakeGuestDaemon { child, addr, data_dir, _tmp: tmp }
     }
 
     fn url(&self, p: &str) -> String {
@@ -969,7 +970,7 @@ async fn json_numbers_stay_numbers() {
     let c = reqwest::Client::new();
     let mem_mib: u64 = 8192; // 8 GiB: logical_size_bytes does not fit in 32 bits.
     let body =
-        json!({ "tag": "u64", "image": d.image.display().to_string(), "mem_mib": mem_mib, "labels": { "k": "v" } });
+        json!({ "tag": "u64", "image": "minimal", "mem_mib": mem_mib, "labels": { "k": "v" } });
     let (s, snap) = json_of(c.post(d.url("/v1/snapshots")).json(&body).send().await.unwrap()).await;
     assert_eq!(s, 200, "{snap}");
     assert_eq!(snap["tag"], "u64");

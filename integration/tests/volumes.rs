@@ -49,12 +49,25 @@ async fn read_write_volumes_persist_and_read_only_ones_are_shared() {
     let again = std::process::Command::new(cli_bin()).arg("volume-create").arg(&ro).output().unwrap();
     assert!(!again.status.success());
 
-    let d = Daemon::start(Options::default());
+    // Inside the volume root but not a volume: a symlink out of it, a
+    // block device.
+    std::os::unix::fs::symlink("/etc/shadow", tmp.path().join("sneaky.ext4")).unwrap();
+    let blk = std::ffi::CString::new(tmp.path().join("disk").display().to_string()).unwrap();
+    assert_eq!(unsafe { libc::mknod(blk.as_ptr(), libc::S_IFBLK | 0o600, libc::makedev(7, 0)) }, 0);
+    let d = Daemon::start(Options {
+        extra_args: vec!["--volume-root".into(), tmp.path().display().to_string()],
+        ..Default::default()
+    });
     // Bad specs change nothing.
     for bad in [
         format!("{}/missing.ext4:/data", tmp.path().display()),
         format!("{}:/data", tmp.path().display()),
         format!("{}:relative", rw.display()),
+        "/etc/shadow:/data".to_string(),
+        format!("{}/sneaky.ext4:/data", tmp.path().display()),
+        format!("{}/disk:/data", tmp.path().display()),
+        format!("{}/../{}/rw.ext4:/data", tmp.path().display(), tmp.path().file_name().unwrap().to_string_lossy()),
+        format!("{}:/data", d.data_dir.join("forkd.db").display()),
     ] {
         let r = d
             .post("/v1/snapshots", json!({ "tag": "bad", "image": "minimal", "volumes": [bad] }))
@@ -64,6 +77,13 @@ async fn read_write_volumes_persist_and_read_only_ones_are_shared() {
         assert_eq!(r.status(), 400, "{bad}");
         let body = r.text().await.unwrap();
         assert!(body.contains("volumes"), "the error names the field: {body}");
+    }
+    assert_eq!(d.get("/v1/snapshots/bad/info").send().await.unwrap().status(), 404);
+    // Images come from the image store only, never from a host path.
+    for bad in ["/etc/shadow", "../images/minimal", rw.to_str().unwrap()] {
+        let r = d.post("/v1/snapshots", json!({ "tag": "bad", "image": bad })).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        assert!(r.text().await.unwrap().contains("image"), "the error names the field");
     }
     assert_eq!(d.get("/v1/snapshots/bad/info").send().await.unwrap().status(), 404);
 
@@ -160,7 +180,11 @@ async fn sandboxes_and_workspaces_get_volumes_of_their_own() {
     let ro_spec = format!("{}:/ref:ro", ro.display());
 
     let data = tempfile::Builder::new().prefix("forkd-ownvol-data-").tempdir_in("/tmp").unwrap();
-    let opts = Options { data_dir: Some(data.path().to_path_buf()), ..Default::default() };
+    let opts = Options {
+        data_dir: Some(data.path().to_path_buf()),
+        extra_args: vec!["--volume-root".into(), tmp.path().display().to_string()],
+        ..Default::default()
+    };
     let mut d = Daemon::start(opts.clone());
     post_ok(&d, "/v1/snapshots", json!({ "tag": "plain", "image": "minimal" })).await;
     wait_ready(&d, "plain").await;

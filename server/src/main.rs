@@ -86,6 +86,10 @@ struct Args {
     #[arg(long, env = "FORKD_CONSOLE_LOG_BYTES", default_value_t = forkd_server::vmm::console::DEFAULT_CAP,
           value_parser = clap::value_parser!(u64).range(forkd_server::vmm::console::MIN_CAP..))]
     console_log_bytes: u64,
+    /// Largest stdout (and stderr) a unary exec may ask to keep; requests
+    /// keep 16 MiB (or this, if smaller) unless they ask otherwise.
+    #[arg(long, env = "FORKD_MAX_EXEC_OUTPUT_BYTES", default_value_t = forkd_server::api::sandbox::MAX_EXEC_OUTPUT_BYTES)]
+    max_exec_output_bytes: u64,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "FORKD_LOG", default_value = "info")]
     log: String,
@@ -180,6 +184,7 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
             volume_slots: args.volume_slots as usize,
             volume_root,
             vmm_jail: args.vmm_jail == JailChoice::On,
+            max_exec_output_bytes: args.max_exec_output_bytes,
         },
     )
     .await?;

@@ -355,20 +355,41 @@ fn hugepages() -> Check {
     }
 }
 
-async fn daemon(global: &GlobalArgs) -> Check {
+/// How the daemon says it confines its VMMs.
+fn vmm_jail(confinement: &str) -> Check {
+    if confinement.starts_with("jail") {
+        check("vmm-jail", Level::Pass, confinement, "")
+    } else if confinement.is_empty() {
+        check("vmm-jail", Level::Warn, "the daemon does not report VMM confinement (older version)", "upgrade forkd-server")
+    } else {
+        check(
+            "vmm-jail",
+            Level::Warn,
+            confinement,
+            "restart forkd-server without --vmm-jail off; a compromised VMM can reach every file the daemon can",
+        )
+    }
+}
+
+async fn daemon(global: &GlobalArgs) -> Vec<Check> {
     let conn = match Conn::connect(global).await {
         Ok(c) => c,
         Err(e) => {
-            return check("daemon", Level::Fail, e.message, "start forkd-server, or point --url / FORKD_URL at it");
+            return vec![check("daemon", Level::Fail, e.message, "start forkd-server, or point --url / FORKD_URL at it")];
         }
     };
-    match conn.call(conn.system().get_version(GetVersionRequest {})).await {
-        Ok(v) => check(
-            "daemon",
-            Level::Pass,
-            format!("{} {} ({}, {}: {}); token accepted", conn.url, v.version, v.backend, v.accel, v.accel_reason),
-            "",
-        ),
+    vec![match conn.call(conn.system().get_version(GetVersionRequest {})).await {
+        Ok(v) => {
+            return vec![
+                check(
+                    "daemon",
+                    Level::Pass,
+                    format!("{} {} ({}, {}: {}); token accepted", conn.url, v.version, v.backend, v.accel, v.accel_reason),
+                    "",
+                ),
+                vmm_jail(&v.vmm_confinement),
+            ];
+        }
         Err(e) if e.code == AUTH => check(
             "daemon",
             Level::Fail,
@@ -376,7 +397,7 @@ async fn daemon(global: &GlobalArgs) -> Check {
             "pass the daemon's token with --token, --token-file, FORKD_TOKEN or FORKD_TOKEN_FILE",
         ),
         Err(e) => check("daemon", Level::Fail, e.message, "start forkd-server, or point --url / FORKD_URL at it"),
-    }
+    }]
 }
 
 /// Runs every check.
@@ -396,7 +417,7 @@ pub async fn checks(global: &GlobalArgs, a: &DoctorArgs) -> Vec<Check> {
     if a.no_daemon {
         out.push(check("daemon", Level::Skip, "skipped (--no-daemon)", ""));
     } else {
-        out.push(daemon(global).await);
+        out.extend(daemon(global).await);
     }
     out
 }

@@ -23,6 +23,8 @@ pub async fn exec(conn: &Conn, args: ExecArgs) -> anyhow::Result<u8> {
         env: args.env.into_iter().collect(),
         cwd: args.cwd.unwrap_or_default(),
         stdin,
+        // Streamed: no unary output cap applies.
+        max_output_bytes: 0,
     };
     // --timeout bounds the whole call here, output included, as gRPC
     // deadlines do.

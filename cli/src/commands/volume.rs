@@ -4,7 +4,21 @@ use anyhow::{Context, bail};
 
 use crate::args::VolumeCreateArgs;
 
-pub fn create(a: VolumeCreateArgs) -> anyhow::Result<u8> {
+/// The daemon's default volume root (forkd-server --volume-root).
+pub const DEFAULT_VOLUME_ROOT: &str = "/var/lib/forkd/volumes";
+
+/// Where a bare file name is created: the volume root.
+fn resolve(path: &std::path::Path) -> std::path::PathBuf {
+    if path.components().count() == 1 && !path.is_absolute() {
+        let root = std::env::var_os("FORKD_VOLUME_ROOT").map(std::path::PathBuf::from);
+        root.unwrap_or_else(|| DEFAULT_VOLUME_ROOT.into()).join(path)
+    } else {
+        path.to_path_buf()
+    }
+}
+
+pub fn create(mut a: VolumeCreateArgs) -> anyhow::Result<u8> {
+    a.path = resolve(&a.path);
     if a.path.exists() {
         bail!("{} already exists; refusing to overwrite it", a.path.display());
     }
@@ -26,4 +40,17 @@ pub fn create(a: VolumeCreateArgs) -> anyhow::Result<u8> {
     std::fs::rename(&staging, &a.path).with_context(|| format!("rename into {}", a.path.display()))?;
     println!("{}", a.path.display());
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_names_go_to_the_volume_root() {
+        let p = resolve(std::path::Path::new("data.ext4"));
+        assert!(p.ends_with("data.ext4") && p.is_absolute(), "{}", p.display());
+        assert_eq!(resolve(std::path::Path::new("./x/y.ext4")), std::path::PathBuf::from("./x/y.ext4"));
+        assert_eq!(resolve(std::path::Path::new("/srv/v.ext4")), std::path::PathBuf::from("/srv/v.ext4"));
+    }
 }

@@ -1,6 +1,15 @@
 //! Host side of the agent channel: one connection per VM to the guest agent's
 //! byte stream, with many requests in flight. Responses are matched to their
 //! request by id; a streaming request (exec) receives many responses.
+//!
+//! The guest is an attacker. Every request's responses wait in a small
+//! bounded queue; when a reader falls behind, the channel's reader waits for
+//! it, so the guest's writes stall instead of the daemon buffering them.
+//! Every write to the guest has a deadline: a guest that stops draining its
+//! port breaks the channel. A guest that sends malformed frames past a small
+//! budget breaks it too. A broken channel fails every call, says why once,
+//! and the runtime then stops the sandbox. Text from the guest is clipped
+//! and escaped before it reaches a log or an error.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,12 +23,45 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{Mutex, mpsc};
 
+/// Responses queued per request before the channel's reader waits.
+const QUEUE_PER_REQUEST: usize = 4;
+/// Longest a write to the guest may take.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Malformed frames tolerated before the channel is broken.
+pub const MALFORMED_BUDGET: u64 = 16;
+/// Garbage bytes (outside any frame) tolerated before the channel is
+/// broken. A restored child may resume mid-frame once; a guest that keeps
+/// sending noise is not talking the protocol.
+pub const GARBAGE_BUDGET: u64 = 1 << 20;
+/// Longest guest-provided text kept in an error.
+pub const MAX_GUEST_TEXT: usize = 4096;
+
+/// Guest text made safe for logs and errors: clipped, control characters
+/// escaped.
+pub fn guest_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(MAX_GUEST_TEXT));
+    for c in s.chars() {
+        if out.len() >= MAX_GUEST_TEXT {
+            out.push_str("…");
+            break;
+        }
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("cannot connect to {path}: {reason}")]
     Connect { path: String, reason: String },
     #[error("the channel to the guest is closed")]
     Closed,
+    #[error("the channel to the guest is broken: {0}")]
+    Broken(String),
     #[error("no answer to {0}")]
     Timeout(String),
     #[error("guest error: {message}")]
@@ -30,14 +72,26 @@ pub enum AgentError {
     Io(#[from] std::io::Error),
 }
 
-type Waiters = Arc<std::sync::Mutex<HashMap<u64, mpsc::UnboundedSender<response::Body>>>>;
+type Waiters = Arc<std::sync::Mutex<HashMap<u64, mpsc::Sender<response::Body>>>>;
+type Failure = Arc<std::sync::OnceLock<String>>;
 
 /// A connection to one guest agent. Cheap to share behind an `Arc`.
 pub struct AgentClient {
-    writer: Mutex<OwnedWriteHalf>,
+    writer: Arc<Mutex<OwnedWriteHalf>>,
     waiters: Waiters,
     next_id: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
+    /// Why the channel broke, once it has.
+    failure: Failure,
+}
+
+/// Records why the channel broke (the first reason wins, logged once) and
+/// wakes every waiter.
+fn break_channel(failure: &Failure, waiters: &Waiters, why: String) {
+    if failure.set(why.clone()).is_ok() {
+        tracing::warn!("agent channel broken: {why}");
+    }
+    waiters.lock().unwrap().clear();
 }
 
 impl Drop for AgentClient {
@@ -63,10 +117,13 @@ impl AgentClient {
         let (mut r, w) = stream.into_split();
         let waiters: Waiters = Default::default();
         let reader_waiters = waiters.clone();
+        let failure: Failure = Default::default();
+        let reader_failure = failure.clone();
         let reader = tokio::spawn(async move {
             let mut dec = FrameDecoder::new();
             let mut buf = vec![0u8; 64 * 1024];
-            loop {
+            let mut malformed = 0u64;
+            'read: loop {
                 let n = match r.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
@@ -77,26 +134,46 @@ impl AgentClient {
                         Ok(Some(resp)) => {
                             let Some(body) = resp.body else { continue };
                             let tx = reader_waiters.lock().unwrap().get(&resp.id).cloned();
+                            // Waiting here is the backpressure: a slow reader
+                            // of this response stalls the guest, not memory.
                             if let Some(tx) = tx {
-                                let _ = tx.send(body);
+                                let _ = tx.send(body).await;
                             }
                         }
                         Ok(None) => break,
-                        Err(e) => tracing::warn!("agent channel: {e}"),
+                        Err(e) => {
+                            malformed += 1;
+                            if malformed > MALFORMED_BUDGET {
+                                let why = format!("{malformed} malformed frames (last: {})", guest_text(&e.to_string()));
+                                break_channel(&reader_failure, &reader_waiters, why);
+                                break 'read;
+                            }
+                        }
                     }
+                }
+                if dec.skipped() > GARBAGE_BUDGET {
+                    let why = format!("{} bytes of garbage outside frames", dec.skipped());
+                    break_channel(&reader_failure, &reader_waiters, why);
+                    break;
                 }
             }
             // Dropping every sender wakes all waiters with `Closed`.
             reader_waiters.lock().unwrap().clear();
         });
         Ok(Self {
-            writer: Mutex::new(w),
+            writer: Arc::new(Mutex::new(w)),
             waiters,
             // Start ids from a random point: answers meant for a previous
             // connection (a snapshot taken mid-request) never match.
             next_id: AtomicU64::new(rand::random::<u32>() as u64 + 1),
             reader,
+            failure,
         })
+    }
+
+    /// Why the channel broke, if it did (the runtime stops such a sandbox).
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(|s| s.as_str())
     }
 
     /// A client whose channel is already closed (its VM is gone): every
@@ -108,25 +185,27 @@ impl AgentClient {
         let stream = tokio::net::UnixStream::from_std(ours).expect("register socket");
         let (_r, w) = stream.into_split();
         Self {
-            writer: Mutex::new(w),
+            writer: Arc::new(Mutex::new(w)),
             waiters: Default::default(),
             next_id: AtomicU64::new(1),
             reader: tokio::spawn(async {}),
+            failure: Default::default(),
         }
     }
 
     /// Sends a request and returns the receiver of its responses.
     async fn send(&self, body: request::Body) -> Result<(u64, Responses), AgentError> {
+        if let Some(why) = self.failure() {
+            return Err(AgentError::Broken(why.to_string()));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(QUEUE_PER_REQUEST);
         self.waiters.lock().unwrap().insert(id, tx);
         let frame = encode_frame(&pb::Request { id, body: Some(body) });
-        let mut w = self.writer.lock().await;
-        if let Err(e) = w.write_all(&frame).await {
+        if let Err(e) = write_frame(&self.writer, &frame, &self.failure, &self.waiters).await {
             self.waiters.lock().unwrap().remove(&id);
-            return Err(e.into());
+            return Err(e);
         }
-        drop(w);
         Ok((id, Responses { id, rx, waiters: self.waiters.clone() }))
     }
 
@@ -136,12 +215,22 @@ impl AgentClient {
         what: &'static str,
         timeout: Duration,
     ) -> Result<response::Body, AgentError> {
-        let (_, mut rx) = self.send(body).await?;
+        let (_, mut rx) = tokio::time::timeout(timeout, self.send(body))
+            .await
+            .map_err(|_| AgentError::Timeout(what.into()))??;
         match tokio::time::timeout(timeout, rx.recv()).await {
             Err(_) => Err(AgentError::Timeout(what.into())),
-            Ok(None) => Err(AgentError::Closed),
-            Ok(Some(response::Body::Error(e))) => Err(AgentError::Guest { kind: e.kind, message: e.message }),
+            Ok(None) => Err(self.closed()),
+            Ok(Some(response::Body::Error(e))) => Err(AgentError::Guest { kind: e.kind, message: guest_text(&e.message) }),
             Ok(Some(b)) => Ok(b),
+        }
+    }
+
+    /// `Closed`, or `Broken` with the reason when the channel broke.
+    fn closed(&self) -> AgentError {
+        match self.failure() {
+            Some(why) => AgentError::Broken(why.to_string()),
+            None => AgentError::Closed,
         }
     }
 
@@ -168,8 +257,15 @@ impl AgentClient {
 
     /// Starts a command; its output arrives on the returned stream.
     pub async fn exec(&self, req: pb::ExecRequest) -> Result<ExecStream, AgentError> {
-        let (_, rx) = self.send(request::Body::Exec(req)).await?;
-        Ok(ExecStream { rx, done: false })
+        let (id, rx) = self.send(request::Body::Exec(req)).await?;
+        Ok(ExecStream {
+            id,
+            rx,
+            done: false,
+            writer: self.writer.clone(),
+            failure: self.failure.clone(),
+            waiters: self.waiters.clone(),
+        })
     }
 
     pub async fn read_file(&self, req: pb::ReadFileRequest, timeout: Duration) -> Result<pb::FileData, AgentError> {
@@ -215,10 +311,33 @@ impl AgentClient {
     }
 }
 
+/// Writes one frame within `WRITE_TIMEOUT`; a guest that does not drain
+/// its port in that time breaks the channel.
+async fn write_frame(
+    writer: &Mutex<OwnedWriteHalf>,
+    frame: &[u8],
+    failure: &Failure,
+    waiters: &Waiters,
+) -> Result<(), AgentError> {
+    let write = async {
+        let mut w = writer.lock().await;
+        w.write_all(frame).await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => {
+            let why = format!("the guest did not read its channel for {} s", WRITE_TIMEOUT.as_secs());
+            break_channel(failure, waiters, why.clone());
+            Err(AgentError::Broken(why))
+        }
+    }
+}
+
 /// Responses to one request; unregisters itself when dropped.
 struct Responses {
     id: u64,
-    rx: mpsc::UnboundedReceiver<response::Body>,
+    rx: mpsc::Receiver<response::Body>,
     waiters: Waiters,
 }
 
@@ -234,10 +353,32 @@ impl Drop for Responses {
     }
 }
 
-/// The output of one exec.
+/// The output of one exec. Dropped before the exit status arrives (its
+/// client went away), it tells the guest to kill the command.
 pub struct ExecStream {
+    id: u64,
     rx: Responses,
     done: bool,
+    writer: Arc<Mutex<OwnedWriteHalf>>,
+    failure: Failure,
+    waiters: Waiters,
+}
+
+impl Drop for ExecStream {
+    fn drop(&mut self) {
+        if self.done || self.failure.get().is_some() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        let frame = encode_frame(&pb::Request {
+            id: self.id.wrapping_add(1 << 63),
+            body: Some(request::Body::Cancel(pb::CancelRequest { target_id: self.id })),
+        });
+        let (writer, failure, waiters) = (self.writer.clone(), self.failure.clone(), self.waiters.clone());
+        handle.spawn(async move {
+            let _ = write_frame(&writer, &frame, &failure, &waiters).await;
+        });
+    }
 }
 
 impl ExecStream {
@@ -247,7 +388,13 @@ impl ExecStream {
             return Ok(None);
         }
         match self.rx.recv().await {
-            None => Err(AgentError::Closed),
+            None => {
+                self.done = true;
+                Err(match self.failure.get() {
+                    Some(why) => AgentError::Broken(why.clone()),
+                    None => AgentError::Closed,
+                })
+            }
             Some(response::Body::ExecOutput(o)) => Ok(Some(if o.stream == pb::exec_output::Stream::Stderr as i32 {
                 ExecEvent::Stderr(o.data)
             } else {
@@ -259,9 +406,74 @@ impl ExecStream {
             }
             Some(response::Body::Error(e)) => {
                 self.done = true;
-                Err(AgentError::Guest { kind: e.kind, message: e.message })
+                Err(AgentError::Guest { kind: e.kind, message: guest_text(&e.message) })
             }
             Some(_) => Err(AgentError::Unexpected("exec")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pair() -> (AgentClient, tokio::net::UnixStream, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let client = AgentClient::connect(&sock, Duration::from_secs(2)).await.unwrap();
+        let (guest, _) = listener.accept().await.unwrap();
+        (client, guest, dir)
+    }
+
+    #[tokio::test]
+    async fn malformed_frames_past_the_budget_break_the_channel() {
+        let (client, mut guest, _dir) = pair().await;
+        let mut bad = Vec::new();
+        for _ in 0..=MALFORMED_BUDGET {
+            bad.extend_from_slice(forkd_agent_protocol::MAGIC);
+            bad.extend_from_slice(&16u32.to_le_bytes());
+            bad.extend_from_slice(&[0xff; 16]);
+        }
+        guest.write_all(&bad).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while client.failure().is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "channel not broken");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(client.failure().unwrap().contains("malformed frames"));
+        let e = client.ping(Duration::from_secs(1)).await.unwrap_err();
+        assert!(matches!(e, AgentError::Broken(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn garbage_past_the_budget_breaks_the_channel() {
+        let (client, mut guest, _dir) = pair().await;
+        let mut hdr = forkd_agent_protocol::MAGIC.to_vec();
+        hdr.extend_from_slice(&u32::MAX.to_le_bytes());
+        let junk: Vec<u8> = hdr.iter().copied().cycle().take(GARBAGE_BUDGET as usize + 64 * 1024).collect();
+        let _ = guest.write_all(&junk).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while client.failure().is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "channel not broken");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(client.failure().unwrap().contains("garbage"));
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_does_not_read_breaks_the_channel_on_write() {
+        let (client, _guest, _dir) = pair().await;
+        // Nobody reads `_guest`: the socket buffer fills and the write stalls.
+        let big = pb::ExecRequest { args: vec!["cat".into()], stdin: vec![b'x'; 8 << 20], ..Default::default() };
+        let e = client.exec(big).await.err().expect("the write cannot finish");
+        assert!(matches!(e, AgentError::Broken(ref why) if why.contains("did not read")), "{e}");
+        assert!(client.failure().is_some());
+    }
+
+    #[test]
+    fn guest_text_is_clipped_and_escaped() {
+        assert_eq!(guest_text("a\u{1b}[2Jb\nc"), "a\\u{1b}[2Jb\nc");
+        assert!(guest_text(&"x".repeat(100_000)).len() <= MAX_GUEST_TEXT + 4);
     }
 }

@@ -24,6 +24,11 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// Default and largest exec timeouts.
 const DEFAULT_EXEC_SECS: u32 = 60;
 const MAX_EXEC_SECS: u32 = 24 * 3600;
+/// Output kept per stream by a unary exec unless the request asks otherwise.
+pub const DEFAULT_EXEC_OUTPUT_BYTES: u64 = 16 << 20;
+/// Largest `max_output_bytes` a request may ask for, unless the daemon is
+/// started with another.
+pub const MAX_EXEC_OUTPUT_BYTES: u64 = 64 << 20;
 /// Largest file moved through the files API.
 pub const MAX_FILE_BYTES: u64 = 1 << 30;
 const FILE_CHUNK: u32 = 1 << 20;
@@ -67,6 +72,29 @@ fn exec_request(r: &api::ExecRequest) -> Result<(SandboxId, pb::ExecRequest), St
     ))
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unary_exec_output_is_capped() {
+        let mut c = Capped::new(10);
+        c.push(b"12345");
+        c.push(b"67890abc");
+        assert!(c.truncated);
+        assert_eq!(c.text(), "1234567890");
+        let mut c = Capped::new(10);
+        c.push(b"0123456789");
+        assert!(!c.truncated, "exactly the cap is not truncated");
+        assert_eq!(output_cap(0, MAX_EXEC_OUTPUT_BYTES).unwrap(), DEFAULT_EXEC_OUTPUT_BYTES);
+        assert_eq!(output_cap(0, 1024).unwrap(), 1024, "the default never exceeds the daemon's limit");
+        assert_eq!(output_cap(5, 1024).unwrap(), 5);
+        let e = output_cap(2048, 1024).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("max_output_bytes"));
+    }
+}
+
 fn exit_response(x: &pb::ExecExit, stdout: String, stderr: String) -> api::ExecResponse {
     api::ExecResponse {
         stdout,
@@ -75,6 +103,46 @@ fn exit_response(x: &pb::ExecExit, stdout: String, stderr: String) -> api::ExecR
         signal: x.signal,
         timed_out: x.timed_out,
         duration_ms: x.duration_us as f64 / 1000.0,
+        stdout_truncated: false,
+        stderr_truncated: false,
+    }
+}
+
+/// One output stream of a unary exec, kept up to a cap.
+struct Capped {
+    data: Vec<u8>,
+    cap: usize,
+    truncated: bool,
+}
+
+impl Capped {
+    fn new(cap: u64) -> Self {
+        Capped { data: Vec::new(), cap: cap as usize, truncated: false }
+    }
+
+    fn push(&mut self, d: &[u8]) {
+        let room = self.cap - self.data.len();
+        if d.len() > room {
+            self.truncated = true;
+        }
+        self.data.extend_from_slice(&d[..d.len().min(room)]);
+    }
+
+    fn text(self) -> String {
+        String::from_utf8_lossy(&self.data).into_owned()
+    }
+}
+
+/// The output cap of a unary exec, from the request and the daemon's limit.
+fn output_cap(asked: u64, max: u64) -> Result<u64, Status> {
+    match asked {
+        0 => Ok(DEFAULT_EXEC_OUTPUT_BYTES.min(max)),
+        n if n > max => Err(Error::invalid(
+            "max_output_bytes",
+            format!("{n} exceeds the daemon's limit of {max} (stream with ExecStream for more)"),
+        )
+        .into()),
+        n => Ok(n),
     }
 }
 
@@ -179,18 +247,19 @@ impl SandboxService for Services {
 
     async fn exec(&self, r: Request<api::ExecRequest>) -> Result<Response<api::ExecResponse>, Status> {
         let (id, req) = exec_request(r.get_ref())?;
+        let cap = output_cap(r.get_ref().max_output_bytes, self.rt.config.max_exec_output_bytes)?;
         let mut stream = self.rt.exec(&id, req).await?;
-        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (mut out, mut err) = (Capped::new(cap), Capped::new(cap));
         loop {
             match stream.next().await.map_err(Error::from)? {
-                Some(ExecEvent::Stdout(d)) => out.extend(d),
-                Some(ExecEvent::Stderr(d)) => err.extend(d),
+                Some(ExecEvent::Stdout(d)) => out.push(&d),
+                Some(ExecEvent::Stderr(d)) => err.push(&d),
                 Some(ExecEvent::Exit(x)) => {
-                    return Ok(Response::new(exit_response(
-                        &x,
-                        String::from_utf8_lossy(&out).into_owned(),
-                        String::from_utf8_lossy(&err).into_owned(),
-                    )));
+                    let (ot, et) = (out.truncated, err.truncated);
+                    let mut resp = exit_response(&x, out.text(), err.text());
+                    resp.stdout_truncated = ot;
+                    resp.stderr_truncated = et;
+                    return Ok(Response::new(resp));
                 }
                 None => return Err(Status::internal("exec ended without an exit status")),
             }

@@ -18,6 +18,11 @@ impl SystemService for Services {
             data_dir: self.data_dir.clone(),
             sandboxes: self.rt.live_sandbox_count().await as u32,
             snapshots: self.rt.snapshot_count() as u32,
+            vmm_confinement: if self.rt.config.vmm_jail {
+                "jail: own uid, no capabilities, no_new_privs, seccomp, own mount and network namespace".into()
+            } else {
+                "off: VMMs run as the daemon's uid without capabilities (--vmm-jail off)".into()
+            },
         }))
     }
 }

@@ -1,6 +1,8 @@
 //! Lifecycle policy: absolute TTL and idle timeout. On expiry a plain
 //! sandbox is killed and a workspace's sandbox is suspended (so the
-//! workspace keeps its state and stops spending its TTL).
+//! workspace keeps its state and stops spending its TTL). A sandbox whose
+//! guest broke its agent channel (flooded it with malformed frames, stopped
+//! reading it) is stopped and kept listed as failed, with the reason.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -48,6 +50,9 @@ impl Runtime {
                 if r.status != "running" {
                     return None;
                 }
+                if sb.agent.failure().is_some() {
+                    return Some((r.id.clone(), "channel"));
+                }
                 if r.expires_at_unix > 0 && now >= r.expires_at_unix {
                     return Some((r.id.clone(), "ttl"));
                 }
@@ -68,6 +73,22 @@ impl Runtime {
             Err(e) => return Err(e),
         };
         let rec = sb.snapshot();
+        if why == "channel" {
+            let broken = sb.agent.failure().unwrap_or_default().to_string();
+            let reason = format!("failed: the guest broke its agent channel ({broken}); the VM was stopped");
+            // Marked as killing, so the exit watcher does not report the
+            // exit as one of its own; recorded once the VMM is gone (its
+            // cgroup can only be removed then).
+            sb.killing.store(true, std::sync::atomic::Ordering::SeqCst);
+            crate::vmm::process::kill(sb.pid, sb.start_time, std::time::Duration::from_secs(5)).await;
+            if let Some(rec) = self.vmm_exited(&sb, reason.clone()) {
+                self.events.emit_ws("failed", id, &rec.workspace, &rec.snapshot_tag, &reason);
+                if !rec.workspace.is_empty() {
+                    self.workspace_lost_sandbox(&rec.workspace, &reason);
+                }
+            }
+            return Ok(());
+        }
         let reason = match why {
             "ttl" => format!("its TTL of {} s ran out", rec.settings.ttl_secs),
             _ => format!("idle for {} s", rec.settings.idle_timeout_secs),

@@ -101,6 +101,8 @@ pub struct RuntimeConfig {
     pub volume_root: crate::host::paths::Root,
     /// Whether VMMs are confined (reported by GetVersion and doctor).
     pub vmm_jail: bool,
+    /// Largest `max_output_bytes` a unary exec may ask for.
+    pub max_exec_output_bytes: u64,
 }
 
 pub struct Runtime {

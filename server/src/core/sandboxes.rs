@@ -432,16 +432,15 @@ impl Runtime {
     async fn kill_sandbox(&self, sb: &Sandbox) {
         let volumes = super::volumes::parse_stored(&sb.snapshot().settings.volumes);
         if volumes.iter().any(|v| !v.read_only) && sb.ensure_running().is_ok() {
-            // Flush the guest's writes to read-write volumes before the VM goes.
-            if let Ok(mut s) = sb
-                .agent
-                .exec(pb::ExecRequest { args: vec!["sync".into()], timeout_ms: 5000, ..Default::default() })
-                .await
-            {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(6), async { while let Ok(Some(_)) = s.next().await {} })
-                        .await;
-            }
+            // Flush the guest's writes to read-write volumes before the VM
+            // goes; a guest that does not answer gets 6 s in all, never more.
+            let sync = async {
+                let req = pb::ExecRequest { args: vec!["sync".into()], timeout_ms: 5000, ..Default::default() };
+                if let Ok(mut s) = sb.agent.exec(req).await {
+                    while let Ok(Some(_)) = s.next().await {}
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(6), sync).await;
         }
         sb.killing.store(true, Ordering::SeqCst);
         process::kill(sb.pid, sb.start_time, Duration::from_secs(5)).await;

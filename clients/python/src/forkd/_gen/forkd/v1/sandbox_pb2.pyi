@@ -102,7 +102,7 @@ class DeleteSandboxesResponse(_message.Message):
     def __init__(self, deleted: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExecRequest(_message.Message):
-    __slots__ = ("id", "args", "timeout_secs", "env", "cwd", "stdin")
+    __slots__ = ("id", "args", "timeout_secs", "env", "cwd", "stdin", "max_output_bytes")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -116,29 +116,35 @@ class ExecRequest(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     CWD_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     args: _containers.RepeatedScalarFieldContainer[str]
     timeout_secs: int
     env: _containers.ScalarMap[str, str]
     cwd: str
     stdin: bytes
-    def __init__(self, id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., timeout_secs: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., stdin: _Optional[bytes] = ...) -> None: ...
+    max_output_bytes: int
+    def __init__(self, id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., timeout_secs: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., stdin: _Optional[bytes] = ..., max_output_bytes: _Optional[int] = ...) -> None: ...
 
 class ExecResponse(_message.Message):
-    __slots__ = ("stdout", "stderr", "exit_code", "signal", "timed_out", "duration_ms")
+    __slots__ = ("stdout", "stderr", "exit_code", "signal", "timed_out", "duration_ms", "stdout_truncated", "stderr_truncated")
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
     TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
     DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    STDERR_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     stdout: str
     stderr: str
     exit_code: int
     signal: int
     timed_out: bool
     duration_ms: float
-    def __init__(self, stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., duration_ms: _Optional[float] = ...) -> None: ...
+    stdout_truncated: bool
+    stderr_truncated: bool
+    def __init__(self, stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., duration_ms: _Optional[float] = ..., stdout_truncated: _Optional[bool] = ..., stderr_truncated: _Optional[bool] = ...) -> None: ...
 
 class ExecEvent(_message.Message):
     __slots__ = ("stdout", "stderr", "exit")
