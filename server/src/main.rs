@@ -169,6 +169,22 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
         Some(p) => Some(Arc::new(AuditLog::open(p).with_context(|| format!("open --audit-log {}", p.display()))?)),
         None => None,
     };
+    {
+        // logrotate renames the audit log and sends SIGHUP: reopen it at its
+        // path. Without an audit log SIGHUP is ignored (it never stops the daemon).
+        let audit = audit.clone();
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("install the SIGHUP handler")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let Some(a) = &audit else { continue };
+                match a.reopen() {
+                    Ok(()) => tracing::info!("SIGHUP: reopened the audit log"),
+                    Err(e) => tracing::warn!("SIGHUP: reopening the audit log failed, still writing the old file: {e}"),
+                }
+            }
+        });
+    }
     let cfg = EdgeConfig { token, audit, max_body: args.max_body_bytes, tls };
     let services = Services { rt: rt.clone(), data_dir: data_dir.display().to_string() };
     let app = edge::app(services, &cfg).await?;
