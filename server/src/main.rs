@@ -75,6 +75,12 @@ struct Args {
     /// Most bytes the snapshot store (snapshots, branches, staging) may hold.
     #[arg(long, env = "FORKD_MAX_SNAPSHOT_BYTES")]
     max_snapshot_bytes: Option<u64>,
+    /// Egress that network "nat" sandboxes never reach, whatever their
+    /// allow-list: CIDR[:PORT], repeatable (comma-separated in the env).
+    /// Always denied on top: the host's own addresses, the daemon's bind
+    /// address, 127.0.0.0/8, 169.254.0.0/16 and other sandboxes' links.
+    #[arg(long, env = "FORKD_EGRESS_DENY", value_delimiter = ',')]
+    egress_deny: Vec<String>,
     /// Branches of running sandboxes allowed in flight at once.
     #[arg(long, env = "FORKD_BRANCH_CONCURRENCY", default_value_t = 4)]
     branch_concurrency: usize,
@@ -143,6 +149,8 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
     {
         bail!("--default-memory-limit-mib {m} is outside {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB} (0 = unlimited)");
     }
+    let egress_deny = forkd_server::host::net::parse_deny(&args.egress_deny, args.bind)
+        .map_err(|e| anyhow::anyhow!("--egress-deny: {e}"))?;
     let accel = probe::choose_accel(args.accel, &qemu, &guest, &data_dir).await?;
     tracing::info!(accel = accel.accel.as_str(), reason = %accel.reason, "accelerator chosen");
     let backend = Arc::new(QemuBackend::new(qemu, accel.accel));
@@ -159,6 +167,7 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
                 min_free_mib: args.min_free_mib,
                 max_snapshot_bytes: args.max_snapshot_bytes,
             },
+            egress_deny,
             tsc_khz: probe::tsc_khz(),
             branch_concurrency: args.branch_concurrency,
             volume_slots: args.volume_slots as usize,

@@ -93,6 +93,9 @@ pub struct RuntimeConfig {
     /// Daemon-wide admission: VMM starts at once, live sandboxes, host
     /// memory and disk floors, default memory limit.
     pub admission: crate::host::admission::AdmissionConfig,
+    /// The operator's egress deny-list for network "nat" (on top of the
+    /// built-in entries and the host's own addresses, see core::network).
+    pub egress_deny: Vec<crate::host::net::AllowRule>,
     /// Host TSC frequency passed to the guest kernel (kHz).
     pub tsc_khz: u64,
     /// Branches allowed in flight at once (more → RESOURCE_EXHAUSTED).
