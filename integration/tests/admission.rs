@@ -103,6 +103,22 @@ async fn forks_over_the_sandbox_count_or_host_memory_are_refused() {
     assert_eq!(r.status(), 200);
     fork(&d, "m", 2).await;
     d.post("/v1/sandboxes/delete", json!({ "all": true })).send().await.unwrap();
+
+    // The limit holds across requests: of two concurrent forks of 2, one
+    // is admitted and the other refused, whichever comes first.
+    let two = || async {
+        let r = d.post("/v1/sandboxes", json!({ "snapshot_tag": "m", "n": 2 })).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap())
+    };
+    let (a, b) = tokio::join!(two(), two());
+    let mut statuses = [a.0, b.0];
+    statuses.sort();
+    assert_eq!(statuses, [200, 429], "{a:?} {b:?}");
+    let refusal = if a.0 == 429 { &a.1 } else { &b.1 };
+    assert!(refusal.contains("at most 2 (--max-sandboxes)"), "{refusal}");
+    assert_eq!(list(&d).await.len(), 2);
+    d.post("/v1/sandboxes/delete", json!({ "all": true })).send().await.unwrap();
     let left = settled_leaks(&d.data_dir, &before, Duration::from_secs(10)).await;
     assert!(left.is_empty(), "leaks: {left:?}");
 }
