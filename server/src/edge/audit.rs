@@ -25,7 +25,7 @@ use super::rest::transcode::RpcName;
 /// Each line is written whole under one lock, and the swap takes the same
 /// lock, so every line lands once, in the old file or the new one.
 pub struct AuditLog {
-    path: Option<std::path::PathBuf>,
+    path: std::path::PathBuf,
     out: Mutex<Box<dyn Write + Send>>,
 }
 
@@ -36,16 +36,15 @@ fn open_append(path: &std::path::Path) -> std::io::Result<Box<dyn Write + Send>>
 
 impl AuditLog {
     pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
-        Ok(Self { path: Some(path.to_path_buf()), out: Mutex::new(open_append(path)?) })
+        Ok(Self { path: path.to_path_buf(), out: Mutex::new(open_append(path)?) })
     }
 
     /// Closes the file and opens the path again (creating it), after a
     /// rotation renamed the old one. On failure the old file stays in use.
     pub fn reopen(&self) -> std::io::Result<()> {
-        let Some(path) = &self.path else { return Ok(()) };
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         let _ = out.flush();
-        *out = open_append(path)?;
+        *out = open_append(&self.path)?;
         Ok(())
     }
 
