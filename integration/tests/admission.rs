@@ -34,6 +34,16 @@ async fn no_sandboxes(d: &Daemon) {
     assert!(ledger(&d.data_dir).is_empty(), "ledger: {:?}", ledger(&d.data_dir));
 }
 
+/// `forkd_admission_refused_total` for `reason`, from GET /metrics.
+async fn refusals(d: &Daemon, reason: &str) -> u64 {
+    let text = d.get("/metrics").send().await.unwrap().text().await.unwrap();
+    let label = format!("reason=\"{reason}\"");
+    text.lines()
+        .find(|l| l.starts_with("forkd_admission_refused_total{") && l.contains(&label))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or_else(|| panic!("no refusal count for {reason} in\n{text}"))
+}
+
 fn mem_available_mib() -> u64 {
     let info = std::fs::read_to_string("/proc/meminfo").unwrap();
     let kib: u64 = info
@@ -119,6 +129,9 @@ async fn forks_over_the_sandbox_count_or_host_memory_are_refused() {
     assert!(refusal.contains("at most 2 (--max-sandboxes)"), "{refusal}");
     assert_eq!(list(&d).await.len(), 2);
     d.post("/v1/sandboxes/delete", json!({ "all": true })).send().await.unwrap();
+    assert_eq!(refusals(&d, "max_sandboxes").await, 4);
+    assert_eq!(refusals(&d, "memory").await, 1);
+    assert_eq!(refusals(&d, "disk_free").await, 0);
     let left = settled_leaks(&d.data_dir, &before, Duration::from_secs(10)).await;
     assert!(left.is_empty(), "leaks: {left:?}");
 }
@@ -167,6 +180,7 @@ async fn snapshot_writes_under_the_disk_floor_or_over_the_quota_are_refused() {
     assert_eq!(snaps.to_string().matches("\"tag\"").count(), 1, "{snaps}");
     assert_eq!(sh(&d, &id, "echo alive").await["stdout"], "alive\n", "the branch source keeps running");
     d.post("/v1/sandboxes/delete", json!({ "all": true })).send().await.unwrap();
+    assert_eq!(refusals(&d, "disk_free").await, 5);
 
     // More children than the host's memory holds (each 256 MiB + 64 MiB).
     let avail = mem_available_mib();
@@ -187,6 +201,7 @@ async fn snapshot_writes_under_the_disk_floor_or_over_the_quota_are_refused() {
     assert!(e.contains("snapshot store quota exceeded by compacting \"m\" into \"flat\""), "{e}");
     assert!(e.contains("bytes estimated for it > 1048576 bytes (--max-snapshot-bytes)"), "{e}");
     assert_eq!(snapshot_files(&moved), files);
+    assert_eq!(refusals(&d, "snapshot_quota").await, 1);
     let left = settled_leaks(&moved, &before, Duration::from_secs(10)).await;
     assert!(left.is_empty(), "leaks: {left:?}");
 }

@@ -49,7 +49,7 @@ impl From<NameError> for Error {
 
 impl From<crate::host::admission::Refused> for Error {
     fn from(e: crate::host::admission::Refused) -> Self {
-        Error::ResourceExhausted(e.0)
+        Error::ResourceExhausted(e.message)
     }
 }
 

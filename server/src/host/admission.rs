@@ -36,8 +36,19 @@ const MIB: u64 = 1 << 20;
 
 /// A refusal: the host cannot take the work now (RESOURCE_EXHAUSTED).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Refused(pub String);
+#[error("{message}")]
+pub struct Refused {
+    /// Which check refused (a [`REASONS`] entry), for the metrics.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// What a refusal can be for, as `forkd_admission_refused_total{reason}`.
+pub const REASONS: [&str; 4] = ["max_sandboxes", "memory", "disk_free", "snapshot_quota"];
+
+fn refused(reason: &'static str, message: String) -> Refused {
+    Refused { reason, message }
+}
 
 /// The operator's admission settings.
 #[derive(Debug, Clone)]
@@ -83,6 +94,8 @@ pub struct Admission {
     memory_limits_work: bool,
     /// None where sysinfo cannot read the host's memory: no memory check.
     system: Mutex<Option<sysinfo::System>>,
+    /// Refusals so far, by REASONS index.
+    refusals: [std::sync::atomic::AtomicU64; 4],
 }
 
 /// Children admitted by one fork whose spawns have not finished yet; their
@@ -125,26 +138,32 @@ pub fn check_children(
 ) -> Result<(), Refused> {
     let (pending_children, pending_bytes) = pending;
     if live + pending_children + n > max_sandboxes {
-        return Err(Refused(format!(
-            "too many sandboxes: {n} asked, {live} live and {pending_children} starting, at most {max_sandboxes} \
+        return Err(refused(
+            "max_sandboxes",
+            format!(
+                "too many sandboxes: {n} asked, {live} live and {pending_children} starting, at most {max_sandboxes} \
              (--max-sandboxes)"
-        )));
+            ),
+        ));
     }
     let needed = cost_each.saturating_mul(n as u64);
     let free = available.saturating_sub(pending_bytes);
     if needed > free {
-        return Err(Refused(format!(
-            "not enough host memory: {n} children need {} MiB ({n} × {} MiB, each child's memory_limit_mib, or guest \
+        return Err(refused(
+            "memory",
+            format!(
+                "not enough host memory: {n} children need {} MiB ({n} × {} MiB, each child's memory_limit_mib, or guest \
              RAM + {VMM_OVERHEAD_MIB} MiB without one), {} MiB is available{}",
-            mib(needed),
-            mib(cost_each),
-            mib(free),
-            if pending_bytes > 0 {
-                format!(" ({} MiB of it is promised to sandboxes being started)", mib(pending_bytes))
-            } else {
-                String::new()
-            }
-        )));
+                mib(needed),
+                mib(cost_each),
+                mib(free),
+                if pending_bytes > 0 {
+                    format!(" ({} MiB of it is promised to sandboxes being started)", mib(pending_bytes))
+                } else {
+                    String::new()
+                }
+            ),
+        ));
     }
     Ok(())
 }
@@ -162,20 +181,26 @@ pub fn check_disk(
 ) -> Result<(), Refused> {
     let floor = floor_mib.saturating_mul(MIB);
     if free < floor.saturating_add(estimate) {
-        return Err(Refused(format!(
-            "not enough disk space for {what}: {} MiB free, {} MiB estimated for it, and {floor_mib} MiB must stay \
+        return Err(refused(
+            "disk_free",
+            format!(
+                "not enough disk space for {what}: {} MiB free, {} MiB estimated for it, and {floor_mib} MiB must stay \
              free (--min-free-mib)",
-            mib(free),
-            mib(estimate).max(1),
-        )));
+                mib(free),
+                mib(estimate).max(1),
+            ),
+        ));
     }
     if let Some(q) = quota
         && used.saturating_add(estimate) > q
     {
-        return Err(Refused(format!(
-            "snapshot store quota exceeded by {what}: {used} bytes used + about {estimate} bytes estimated for it > \
+        return Err(refused(
+            "snapshot_quota",
+            format!(
+                "snapshot store quota exceeded by {what}: {used} bytes used + about {estimate} bytes estimated for it > \
              {q} bytes (--max-snapshot-bytes)"
-        )));
+            ),
+        ));
     }
     Ok(())
 }
@@ -203,8 +228,23 @@ impl Admission {
                     })
                     .ok(),
             ),
+            refusals: Default::default(),
             cfg,
         }
+    }
+
+    fn count<T>(&self, r: Result<T, Refused>) -> Result<T, Refused> {
+        if let Err(e) = &r
+            && let Some(i) = REASONS.iter().position(|k| *k == e.reason)
+        {
+            self.refusals[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Refusals so far, by reason (every reason listed, zeros included).
+    pub fn refusals(&self) -> Vec<(&'static str, u64)> {
+        REASONS.iter().zip(&self.refusals).map(|(r, n)| (*r, n.load(std::sync::atomic::Ordering::Relaxed))).collect()
     }
 
     pub fn config(&self) -> &AdmissionConfig {
@@ -245,7 +285,14 @@ impl Admission {
     pub fn admit_children(&self, live: usize, n: usize, cost_each: u64) -> Result<Reservation<'_>, Refused> {
         let available = self.available_memory();
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        check_children(self.cfg.max_sandboxes, live, (p.children, p.memory_bytes), n, cost_each, available)?;
+        self.count(check_children(
+            self.cfg.max_sandboxes,
+            live,
+            (p.children, p.memory_bytes),
+            n,
+            cost_each,
+            available,
+        ))?;
         let taken = Pending { children: n, memory_bytes: cost_each.saturating_mul(n as u64) };
         p.children += taken.children;
         p.memory_bytes += taken.memory_bytes;
@@ -263,9 +310,10 @@ impl Admission {
         store_usage: impl FnOnce() -> u64,
     ) -> Result<(), Refused> {
         let free = free_bytes(data_dir)
-            .map_err(|e| Refused(format!("cannot tell the free space of {}: {e}", data_dir.display())))?;
+            .map_err(|e| refused("disk_free", format!("cannot tell the free space of {}: {e}", data_dir.display())));
+        let free = self.count(free)?;
         let used = if self.cfg.max_snapshot_bytes.is_some() { store_usage() } else { 0 };
-        check_disk(what, free, self.cfg.min_free_mib, used, self.cfg.max_snapshot_bytes, estimate)
+        self.count(check_disk(what, free, self.cfg.min_free_mib, used, self.cfg.max_snapshot_bytes, estimate))
     }
 }
 
@@ -284,7 +332,7 @@ mod tests {
     #[test]
     fn max_sandboxes_counts_live_and_starting() {
         assert!(check_children(4, 2, (1, 0), 1, MIB, GIB).is_ok());
-        let e = check_children(4, 2, (1, 0), 2, MIB, GIB).unwrap_err().0;
+        let e = check_children(4, 2, (1, 0), 2, MIB, GIB).unwrap_err().message;
         assert!(e.contains("2 asked, 2 live and 1 starting, at most 4"), "{e}");
         assert!(e.contains("--max-sandboxes"), "{e}");
     }
@@ -293,21 +341,21 @@ mod tests {
     fn memory_refusal_says_needed_and_available() {
         let each = child_cost_bytes(0, 256);
         assert!(check_children(100, 0, (0, 0), 3, each, GIB).is_ok());
-        let e = check_children(100, 0, (0, 0), 4, each, GIB).unwrap_err().0;
+        let e = check_children(100, 0, (0, 0), 4, each, GIB).unwrap_err().message;
         assert!(e.contains("4 children need 1280 MiB (4 × 320 MiB"), "{e}");
         assert!(e.contains("1024 MiB is available"), "{e}");
         // Memory promised to children still starting is not available.
-        let e = check_children(100, 0, (2, 640 * MIB), 2, each, GIB).unwrap_err().0;
+        let e = check_children(100, 0, (2, 640 * MIB), 2, each, GIB).unwrap_err().message;
         assert!(e.contains("384 MiB is available (640 MiB of it is promised"), "{e}");
     }
 
     #[test]
     fn disk_refusal_says_free_floor_used_and_quota() {
         assert!(check_disk("x", 10 * GIB, 1024, 0, None, GIB).is_ok());
-        let e = check_disk("snapshot \"a\"", 2 * GIB, 1024, 0, None, 1536 * MIB).unwrap_err().0;
+        let e = check_disk("snapshot \"a\"", 2 * GIB, 1024, 0, None, 1536 * MIB).unwrap_err().message;
         assert!(e.contains("2048 MiB free, 1536 MiB estimated"), "{e}");
         assert!(e.contains("1024 MiB must stay free (--min-free-mib)"), "{e}");
-        let e = check_disk("x", 100 * GIB, 0, 900, Some(1000), 200).unwrap_err().0;
+        let e = check_disk("x", 100 * GIB, 0, 900, Some(1000), 200).unwrap_err().message;
         assert!(e.contains("900 bytes used + about 200 bytes estimated for it > 1000 bytes"), "{e}");
         assert!(check_disk("x", 100 * GIB, 0, 800, Some(1000), 200).is_ok());
     }
@@ -319,6 +367,7 @@ mod tests {
         assert!(adm.admit_children(0, 2, 1).is_err(), "2 starting + 2 > 3");
         drop(r);
         let _r = adm.admit_children(0, 3, 1).unwrap();
+        assert!(adm.refusals().contains(&("max_sandboxes", 1)), "{:?}", adm.refusals());
         // The spawn semaphore is shared by everyone holding the Admission.
         let a = adm.spawn_permit().await;
         let _b = adm.spawn_permit().await;
