@@ -71,6 +71,7 @@ impl SystemService for Mock {
             data_dir: "/var/lib/forkd".into(),
             sandboxes: 2,
             snapshots: 1,
+            vmm_confinement: "jail: own uid, no capabilities".into(),
         }))
     }
 }

@@ -823,6 +823,64 @@ async fn audit_log_has_one_line_per_request() {
     assert!(!raw.contains(TEST_TOKEN));
 }
 
+/// logrotate's way: rename the file, SIGHUP; the daemon keeps running and
+/// writes on at the path, every line once, in the old file or the new.
+#[tokio::test]
+async fn audit_log_is_reopened_on_sighup() {
+    let tmp = tempfile::tempdir_in("/tmp").unwrap();
+    let log = tmp.path().join("audit.jsonl");
+    let rotated = tmp.path().join("audit.jsonl.1");
+    let mut d = Daemon::start(Options { audit_log: Some(log.clone()), extra_args: no_vm_args(), ..Default::default() });
+    let c = reqwest::Client::new();
+    let call = |i: usize| {
+        let (c, u) = (c.clone(), url(&d, &format!("/v1/snapshots/n{i}/info")));
+        async move {
+            let r = c.get(u).send().await.unwrap();
+            assert_eq!(r.status(), 404);
+            r.bytes().await.unwrap();
+        }
+    };
+    for i in 0..3 {
+        call(i).await;
+    }
+    // The last line of a call is written when the server drops its body.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while read_audit(&log).len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::rename(&log, &rotated).unwrap();
+    call(3).await;
+    unsafe {
+        libc::kill(d.pid() as i32, libc::SIGHUP);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !log.exists() {
+        assert!(Instant::now() < deadline, "no new audit file after SIGHUP");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 4..7 {
+        call(i).await;
+    }
+    let r = c.get(url(&d, "/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the daemon survives SIGHUP");
+    r.bytes().await.unwrap();
+    d.stop();
+    let paths =
+        |p: &Path| -> Vec<String> { read_audit(p).iter().map(|l| l["path"].as_str().unwrap().to_string()).collect() };
+    let mut all = paths(&rotated);
+    all.extend(paths(&log));
+    let want: Vec<String> =
+        (0..7).map(|i| format!("/v1/snapshots/n{i}/info")).chain(["/healthz".to_string()]).collect();
+    all.sort();
+    let mut sorted_want = want.clone();
+    sorted_want.sort();
+    assert_eq!(all, sorted_want, "every request logged exactly once across the two files");
+    let old = paths(&rotated);
+    assert!(old.len() >= 3 && old[..3] == want[..3], "lines before the rename stay in the rotated file: {old:?}");
+    let new = paths(&log);
+    assert!(new.ends_with(&want[4..]), "lines after SIGHUP are in the new file: {new:?}");
+}
+
 // ------------------------------------------------------------ metrics
 
 #[tokio::test]

@@ -1,6 +1,9 @@
 //! `network: "nat"`: a namespace and tap per sandbox, default-deny egress
-//! with an allow-list. The only peer is a network namespace this test makes
-//! itself (addresses in the 198.18.0.0/15 benchmarking range).
+//! with an allow-list, intersected with the operator's deny-list. The only
+//! peers are a network namespace this test makes itself (addresses in the
+//! 198.18.0.0/15 benchmarking range, plus 169.254.169.254 on its loopback,
+//! reached only by sandbox traffic through a policy route this test adds)
+//! and a server on the host's own end of the test link.
 
 mod common;
 
@@ -16,12 +19,18 @@ fn ip(args: &[&str]) -> bool {
 }
 
 /// A test host in its own namespace at 198.19.0.2, serving HTTP on 8080
-/// and 8081.
+/// and 8081, and as a stand-in metadata service at 169.254.169.254:8080
+/// for traffic from sandbox links only; plus a server on the host's own
+/// address 198.19.0.1:8082.
 struct Peer {
     ns: String,
     link: String,
     servers: Vec<Child>,
 }
+
+/// Policy routing table sending sandbox traffic for 169.254.169.254 into
+/// the peer namespace (the host's own traffic keeps its routes).
+const METADATA_TABLE: &str = "1717";
 
 impl Peer {
     fn start() -> Peer {
@@ -42,19 +51,33 @@ impl Peer {
             full.extend(args);
             assert!(ip(&full), "{full:?}");
         }
-        for port in ["8080", "8081"] {
-            let c = Command::new("ip")
-                .args(["netns", "exec", &ns, "python3", "-m", "http.server", port, "--bind", "198.19.0.2"])
+        assert!(ip(&["netns", "exec", &ns, "ip", "addr", "add", "169.254.169.254/32", "dev", "lo"]));
+        assert!(ip(&["rule", "add", "from", "198.19.128.0/17", "lookup", METADATA_TABLE, "pref", METADATA_TABLE]));
+        assert!(ip(&["route", "add", "169.254.169.254/32", "via", "198.19.0.2", "table", METADATA_TABLE]));
+        let serve = |netns: Option<&str>, port: &str, bind: &str| {
+            let mut c = match netns {
+                Some(n) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", n, "python3"]);
+                    c
+                }
+                None => Command::new("python3"),
+            };
+            c.args(["-m", "http.server", port, "--bind", bind])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
-                .unwrap();
-            p.servers.push(c);
+                .unwrap()
+        };
+        for port in ["8080", "8081"] {
+            p.servers.push(serve(Some(&ns), port, "198.19.0.2"));
         }
+        p.servers.push(serve(Some(&ns), "8080", "169.254.169.254"));
+        p.servers.push(serve(None, "8082", "198.19.0.1"));
         // Wait until both servers answer from the host side of the link.
         let deadline = Instant::now() + Duration::from_secs(30);
-        for port in [8080u16, 8081] {
-            let addr = std::net::SocketAddr::from(([198, 19, 0, 2], port));
+        for (host, port) in [([198, 19, 0, 2], 8080u16), ([198, 19, 0, 2], 8081), ([198, 19, 0, 1], 8082)] {
+            let addr = std::net::SocketAddr::from((host, port));
             while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
                 assert!(Instant::now() < deadline, "peer server on {port} did not start");
                 std::thread::sleep(Duration::from_millis(100));
@@ -70,6 +93,8 @@ impl Drop for Peer {
             let _ = c.kill();
             let _ = c.wait();
         }
+        ip(&["route", "del", "169.254.169.254/32", "table", METADATA_TABLE]);
+        ip(&["rule", "del", "from", "198.19.128.0/17", "lookup", METADATA_TABLE, "pref", METADATA_TABLE]);
         ip(&["link", "del", &self.link]);
         ip(&["netns", "del", &self.ns]);
     }
@@ -130,6 +155,59 @@ async fn nat_allows_only_the_allow_list() {
     assert_ne!(port["exit_code"], 0, "a port outside the allow-list: {port}");
     let host = fetch(&d, &id, "http://198.19.0.1:8080/").await;
     assert_ne!(host["exit_code"], 0, "an address outside the allow-list: {host}");
+
+    // The operator's deny-list: an allow entry wholly inside it is refused
+    // naming `allow`; one that overlaps it is accepted and the overlap
+    // stays denied.
+    for inside in ["169.254.169.254", "169.254.0.0/16:80", "198.19.0.1/32", "127.0.0.1:8889", "198.18.0.6"] {
+        let r = d
+            .post("/v1/sandboxes", json!({ "snapshot_tag": "net", "network": "nat", "allow": [inside] }))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, 400, "{inside}: {text}");
+        assert!(text.contains("invalid allow") && text.contains("lies inside"), "{inside}: {text}");
+    }
+    let r = d
+        .post("/v1/sandboxes", json!({ "snapshot_tag": "net", "n": 1, "network": "nat", "allow": ["0.0.0.0/0"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let wide: Value = r.json().await.unwrap();
+    let wid = wide[0]["id"].as_str().unwrap().to_string();
+    let wns = format!("forkd-{}", &wid[3..]);
+    let reached = fetch(&d, &wid, "http://198.19.0.2:8081/").await;
+    assert_eq!(reached["exit_code"], 0, "0.0.0.0/0 reaches the peer: {reached}");
+    let metadata = fetch(&d, &wid, "http://169.254.169.254:8080/").await;
+    assert_ne!(metadata["exit_code"], 0, "link-local (cloud metadata) is denied: {metadata}");
+    let own = fetch(&d, &wid, "http://198.19.0.1:8082/").await;
+    assert_ne!(own["exit_code"], 0, "the host's own address is denied: {own}");
+    // The drops were the deny rules', which come before every accept.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &wns, "nft", "list", "chain", "inet", "forkd", "forward"])
+        .output()
+        .unwrap();
+    let chain = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = chain.lines().map(str::trim).collect();
+    let rule = |needle: &str| {
+        lines.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle:?} not in\n{chain}"))
+    };
+    let first_accept = lines.iter().position(|l| l.ends_with("accept")).unwrap();
+    for (needle, what) in [("169.254.0.0/16", "metadata"), ("198.19.0.1 ", "host address")] {
+        let i = rule(needle);
+        assert!(i < first_accept, "{what} deny rule after an accept:\n{chain}");
+        let packets: u64 = lines[i]
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(packets > 0, "the {what} deny rule dropped nothing: {}", lines[i]);
+    }
+    d.post("/v1/sandboxes/delete", json!({ "ids": [wid] })).send().await.unwrap();
 
     // Without "nat" the NIC reaches nothing.
     let r = d.post("/v1/sandboxes", json!({ "snapshot_tag": "net", "n": 1 })).send().await.unwrap();

@@ -8,8 +8,10 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use forkd_server::api::Services;
 use forkd_server::core::Runtime;
+use forkd_server::core::limits::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use forkd_server::core::runtime::{GuestAssets, RuntimeConfig};
 use forkd_server::edge::{self, EdgeConfig, audit::AuditLog, auth::Token};
+use forkd_server::host::admission::AdmissionConfig;
 use forkd_server::probe;
 use forkd_server::vmm::accel::AccelChoice;
 use forkd_server::vmm::jail::{JailConfig, UidRange};
@@ -55,9 +57,31 @@ struct Args {
     /// Largest REST request body in bytes.
     #[arg(long, env = "FORKD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
-    /// VMM processes started at once while forking many children.
+    /// VMM processes started at once, daemon-wide: every fork and pool
+    /// fill shares these permits.
     #[arg(long, env = "FORKD_SPAWN_CONCURRENCY", default_value_t = 8)]
     spawn_concurrency: usize,
+    /// Running or starting sandboxes at once, daemon-wide; a fork that
+    /// would go over is refused (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "FORKD_MAX_SANDBOXES", default_value_t = 256)]
+    max_sandboxes: usize,
+    /// Memory limit (MiB) of sandboxes that ask for none. Default: the
+    /// snapshot's guest RAM + 64 MiB of VMM overhead; 0 = unlimited.
+    #[arg(long, env = "FORKD_DEFAULT_MEMORY_LIMIT_MIB")]
+    default_memory_limit_mib: Option<u32>,
+    /// Free space (MiB) the data dir's filesystem must keep after a
+    /// snapshot, branch, compact or derive; less is refused up front.
+    #[arg(long, env = "FORKD_MIN_FREE_MIB", default_value_t = 1024)]
+    min_free_mib: u64,
+    /// Most bytes the snapshot store (snapshots, branches, staging) may hold.
+    #[arg(long, env = "FORKD_MAX_SNAPSHOT_BYTES")]
+    max_snapshot_bytes: Option<u64>,
+    /// Egress that network "nat" sandboxes never reach, whatever their
+    /// allow-list: CIDR[:PORT], repeatable (comma-separated in the env).
+    /// Always denied on top: the host's own addresses, the daemon's bind
+    /// address, 127.0.0.0/8, 169.254.0.0/16 and other sandboxes' links.
+    #[arg(long, env = "FORKD_EGRESS_DENY", value_delimiter = ',')]
+    egress_deny: Vec<String>,
     /// Branches of running sandboxes allowed in flight at once.
     #[arg(long, env = "FORKD_BRANCH_CONCURRENCY", default_value_t = 4)]
     branch_concurrency: usize,
@@ -149,6 +173,14 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
         .clone()
         .or_else(QemuBackend::find_binary)
         .context("qemu-system-x86_64 not found on PATH (run scripts/setup-host.sh)")?;
+    if let Some(m) = args.default_memory_limit_mib
+        && m != 0
+        && !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&m)
+    {
+        bail!("--default-memory-limit-mib {m} is outside {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB} (0 = unlimited)");
+    }
+    let egress_deny = forkd_server::host::net::parse_deny(&args.egress_deny, args.bind)
+        .map_err(|e| anyhow::anyhow!("--egress-deny: {e}"))?;
     let accel = probe::choose_accel(args.accel, &qemu, &guest, &data_dir).await?;
     tracing::info!(accel = accel.accel.as_str(), reason = %accel.reason, "accelerator chosen");
     let volume_root = args.volume_root.clone().unwrap_or_else(|| data_dir.join("volumes"));
@@ -178,7 +210,14 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
         backend,
         accel,
         RuntimeConfig {
-            spawn_concurrency: args.spawn_concurrency,
+            admission: AdmissionConfig {
+                spawn_concurrency: args.spawn_concurrency,
+                max_sandboxes: args.max_sandboxes,
+                default_memory_limit_mib: args.default_memory_limit_mib,
+                min_free_mib: args.min_free_mib,
+                max_snapshot_bytes: args.max_snapshot_bytes,
+            },
+            egress_deny,
             tsc_khz: probe::tsc_khz(),
             branch_concurrency: args.branch_concurrency,
             volume_slots: args.volume_slots as usize,
@@ -192,6 +231,22 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
         Some(p) => Some(Arc::new(AuditLog::open(p).with_context(|| format!("open --audit-log {}", p.display()))?)),
         None => None,
     };
+    {
+        // logrotate renames the audit log and sends SIGHUP: reopen it at its
+        // path. Without an audit log SIGHUP is ignored (it never stops the daemon).
+        let audit = audit.clone();
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("install the SIGHUP handler")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let Some(a) = &audit else { continue };
+                match a.reopen() {
+                    Ok(()) => tracing::info!("SIGHUP: reopened the audit log"),
+                    Err(e) => tracing::warn!("SIGHUP: reopening the audit log failed, still writing the old file: {e}"),
+                }
+            }
+        });
+    }
     let cfg = EdgeConfig { token, audit, max_body: args.max_body_bytes, tls };
     let services = Services { rt: rt.clone(), data_dir: data_dir.display().to_string() };
     let app = edge::app(services, &cfg).await?;

@@ -176,7 +176,7 @@ impl SandboxService for Services {
             volumes: volume_specs(&r.volumes, &self.rt.config.volume_root)?,
         };
         settings.validate_lifecycle()?;
-        crate::core::Runtime::check_network(&settings)?;
+        self.rt.check_network(&settings)?;
         crate::core::limits::validate_limits(&settings)?;
         let recs = self
             .rt

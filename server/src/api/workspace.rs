@@ -53,7 +53,7 @@ impl WorkspaceService for Services {
             volumes: super::sandbox::volume_specs(&r.volumes, &self.rt.config.volume_root)?,
             ..Default::default()
         };
-        crate::core::Runtime::check_network(&settings)?;
+        self.rt.check_network(&settings)?;
         let rec = self.rt.create_workspace(n, source, settings).await?;
         Ok(Response::new(workspace(&rec)))
     }

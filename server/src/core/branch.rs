@@ -70,6 +70,15 @@ impl Runtime {
             rec.branched_from = req.id.to_string();
             return Ok(rec);
         }
+        // A diff branch writes its layer (the dirty pages) and a flat memory
+        // file for spawning; a full one the flat file.
+        let ram = parent.mem_mib as u64 * super::snapshots::MIB;
+        let estimate = match req.mode {
+            BranchMode::Diff => ram + before.len() as u64 * PAGE,
+            BranchMode::Full => ram,
+        };
+        let what = format!("branch {:?}", req.tag.as_ref().map(|t| t.as_str()).unwrap_or("(generated)"));
+        self.admit_snapshot_write(&what, estimate)?;
         let _permit = self.branch_slots.clone().try_acquire_owned().map_err(|_| {
             Error::ResourceExhausted("too many branches in flight; retry shortly (--branch-concurrency)".into())
         })?;
@@ -264,6 +273,10 @@ impl Runtime {
                 src.status.as_str()
             )));
         }
+        self.admit_snapshot_write(
+            &format!("compacting {:?} into {:?}", src.tag, to.as_str()),
+            src.mem_mib as u64 * super::snapshots::MIB,
+        )?;
         let final_dir = self.layout.snapshot_dir(to);
         let mut spec = src.vm_spec()?;
         spec.mem_file = final_dir.join("mem");
@@ -330,6 +343,9 @@ impl Runtime {
         if self.store.get_snapshot(tag.as_str())?.is_some() {
             return Err(Error::AlreadyExists(format!("snapshot {:?} already exists", tag.as_str())));
         }
+        // Checked again with the dirty size when the branch is taken.
+        let ram = self.get_snapshot(from)?.mem_mib as u64 * super::snapshots::MIB;
+        self.admit_snapshot_write(&format!("deriving {:?} from {:?}", tag.as_str(), from.as_str()), ram)?;
         let kids = self
             .create_sandboxes(super::sandboxes::CreateSandboxes {
                 tag: from.clone(),

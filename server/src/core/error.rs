@@ -47,6 +47,12 @@ impl From<NameError> for Error {
     }
 }
 
+impl From<crate::host::admission::Refused> for Error {
+    fn from(e: crate::host::admission::Refused) -> Self {
+        Error::ResourceExhausted(e.message)
+    }
+}
+
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
         Error::Internal(format!("state store: {e}"))

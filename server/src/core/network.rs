@@ -9,8 +9,15 @@ use super::{Error, Result};
 use crate::host::net::{self, SandboxNet};
 
 impl Runtime {
-    /// Validates the network settings of a spawn request.
-    pub fn check_network(settings: &SandboxSettings) -> Result<()> {
+    /// The egress deny-list in force now: the operator's (flags, built-in
+    /// entries, bind address) plus the host's current addresses.
+    pub fn egress_deny(&self) -> Vec<net::AllowRule> {
+        net::effective_deny(&self.config.egress_deny, &net::host_addresses())
+    }
+
+    /// Validates the network settings of a spawn request; an allow entry
+    /// wholly inside the deny-list is refused naming `allow`.
+    pub fn check_network(&self, settings: &SandboxSettings) -> Result<()> {
         match settings.network.as_str() {
             "" | "none" => {
                 if !settings.allow.is_empty() {
@@ -18,7 +25,9 @@ impl Runtime {
                 }
                 Ok(())
             }
-            "nat" => net::parse_allow(&settings.allow).map(|_| ()).map_err(|e| Error::InvalidArgument(e.to_string())),
+            "nat" => net::parse_allow(&settings.allow)
+                .and_then(|allow| net::check_allow(&allow, &self.egress_deny()))
+                .map_err(|e| Error::InvalidArgument(e.to_string())),
             other => Err(Error::invalid("network", format!("{other:?}: use \"none\" or \"nat\""))),
         }
     }
@@ -30,6 +39,8 @@ impl Runtime {
             return Ok(None);
         }
         let allow = net::parse_allow(&settings.allow).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let deny = self.egress_deny();
+        net::check_allow(&allow, &deny).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let slot = {
             let mut used = self.net_slots.lock().unwrap();
             let slot = (0..net::MAX_SLOTS)
@@ -41,7 +52,7 @@ impl Runtime {
         let name = net::netns_name(id);
         self.store.ledger_add("netns", &name, id.as_str())?;
         let id2 = id.clone();
-        let result = tokio::task::spawn_blocking(move || net::setup(&id2, slot, &allow))
+        let result = tokio::task::spawn_blocking(move || net::setup(&id2, slot, &allow, &deny))
             .await
             .map_err(|e| Error::internal("network setup", e))?;
         match result {

@@ -106,7 +106,7 @@ impl Runtime {
         };
         let results: Vec<Result<()>> = futures::stream::iter(0..missing)
             .map(|_| self.start_pooled(tag, &spec))
-            .buffer_unordered(self.config.spawn_concurrency.max(1))
+            .buffer_unordered(self.config.admission.spawn_concurrency.max(1))
             .collect()
             .await;
         if let Some(n) = self.pools.filling.lock().unwrap().get_mut(tag.as_str()) {
@@ -120,6 +120,7 @@ impl Runtime {
     }
 
     async fn start_pooled(self: &Arc<Self>, tag: &Tag, spec: &VmSpec) -> Result<()> {
+        let _permit = self.admission.spawn_permit().await;
         let id = ids::new_sandbox_id();
         self.pools.in_transit.lock().unwrap().insert(id.to_string());
         let r = self.start_pooled_as(tag, spec, id.clone()).await;

@@ -88,8 +88,12 @@ impl GuestAssets {
 /// Tunables of the runtime.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
-    /// Concurrent VMM starts while forking many children.
-    pub spawn_concurrency: usize,
+    /// Daemon-wide admission: VMM starts at once, live sandboxes, host
+    /// memory and disk floors, default memory limit.
+    pub admission: crate::host::admission::AdmissionConfig,
+    /// The operator's egress deny-list for network "nat" (on top of the
+    /// built-in entries and the host's own addresses, see core::network).
+    pub egress_deny: Vec<crate::host::net::AllowRule>,
     /// Host TSC frequency passed to the guest kernel (kHz).
     pub tsc_khz: u64,
     /// Branches allowed in flight at once (more → RESOURCE_EXHAUSTED).
@@ -119,6 +123,8 @@ pub struct Runtime {
     live_count_cache: std::sync::atomic::AtomicUsize,
     /// Branches allowed in flight at once.
     pub(crate) branch_slots: Arc<tokio::sync::Semaphore>,
+    /// Admission control (host::admission), shared by every request.
+    pub admission: crate::host::admission::Admission,
     /// VMMs started ahead of time, by snapshot.
     pub(crate) pools: super::pool::Pools,
     /// Read-write volume files → the live sandbox holding them.
@@ -155,6 +161,7 @@ impl Runtime {
             rw_volumes: Default::default(),
             pools: Default::default(),
             branch_slots: Arc::new(tokio::sync::Semaphore::new(config.branch_concurrency.max(1))),
+            admission: crate::host::admission::Admission::new(config.admission.clone()),
             config,
         });
         rt.recover().await?;

@@ -63,6 +63,12 @@ impl Sandbox {
         Ok(&self.agent)
     }
 
+    /// Whether the sandbox holds a VMM (running or starting), and so counts
+    /// against --max-sandboxes.
+    pub(crate) fn counts_as_live(&self) -> bool {
+        matches!(self.record.lock().unwrap().status.as_str(), "running" | "starting")
+    }
+
     /// FAILED_PRECONDITION unless the sandbox is running.
     pub fn ensure_running(&self) -> Result<()> {
         let rec = self.record.lock().unwrap();
@@ -135,6 +141,21 @@ impl Runtime {
                 snap.tag
             )));
         }
+        // Admission (nothing is created before it): a default memory limit
+        // for children that ask for none, then the daemon-wide sandbox
+        // count and the host memory the children may take.
+        let mut req = req;
+        if req.settings.memory_limit_mib == 0 {
+            req.settings.memory_limit_mib = self.admission.default_memory_limit_mib(snap.mem_mib);
+        }
+        let admitted = {
+            let live = self.sandboxes.read().await;
+            let running = live.values().filter(|s| s.counts_as_live()).count();
+            let cost = crate::host::admission::child_cost_bytes(req.settings.memory_limit_mib, snap.mem_mib);
+            self.admission
+                .admit_children(running, req.n as usize, cost)
+                .map_err(|e| Error::ResourceExhausted(format!("forking {} from {:?}: {e}", req.n, snap.tag)))?
+        };
         let reservation = format!("pending-{}", ids::nonce());
         // A workspace takes back the volumes it kept while suspended.
         let kept_by = (!req.workspace.is_empty()).then(|| workspace_holder(&req.workspace));
@@ -155,7 +176,7 @@ impl Runtime {
                 let (plan, settings) = (&plan, req.settings.clone());
                 async move { self.spawn_one(plan, settings, pooled).await }
             })
-            .buffer_unordered(self.config.spawn_concurrency.max(1))
+            .buffer_unordered(self.config.admission.spawn_concurrency.max(1))
             .collect()
             .await;
         let mut ok = vec![];
@@ -202,6 +223,8 @@ impl Runtime {
             out.push(sb.snapshot());
             map.insert(sb.id.to_string(), sb);
         }
+        // Listed now: no longer pending (released under the map's lock).
+        drop(admitted);
         Ok(out)
     }
 
@@ -212,6 +235,8 @@ impl Runtime {
         pooled: Option<super::pool::Pooled>,
     ) -> Result<Arc<Sandbox>> {
         let SpawnPlan { tag, spec, state, workspace, mounts } = *plan;
+        // Daemon-wide: concurrent forks share the VMM start permits.
+        let _permit = self.admission.spawn_permit().await;
         let started = Instant::now();
         let id = pooled.as_ref().map(|p| p.id.clone()).unwrap_or_else(ids::new_sandbox_id);
         let dir = VmDir(self.layout.sandbox_dir(&id));

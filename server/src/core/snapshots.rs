@@ -13,6 +13,8 @@ use crate::agent::AgentClient;
 use crate::memory::{digest, layout};
 use crate::vmm::{VmDir, VmSpec, process};
 
+pub(crate) const MIB: u64 = 1 << 20;
+
 /// Kernel command line flags that make a microVM boot fast and reliably
 /// under TCG (see QEMU-NOTES.md): quiet console, a fixed TSC frequency, and
 /// slow initcalls skipped.
@@ -59,6 +61,7 @@ impl Runtime {
         }
         self.guest.check()?;
         let image = self.guest.image(&req.image)?;
+        self.admit_snapshot_write(&format!("snapshot {:?}", req.tag.as_str()), req.mem_mib as u64 * MIB)?;
         let final_dir = self.layout.snapshot_dir(&req.tag);
         let staging = self.layout.staging_for(&req.tag, &ids::nonce());
         let spec = VmSpec {
@@ -218,6 +221,17 @@ impl Runtime {
         let final_dir = spec.mem_file.parent().expect("snapshot dir").to_path_buf();
         std::fs::rename(staging, &final_dir).map_err(|e| Error::internal("rename snapshot into place", e))?;
         rec.status = SnapshotStatus::Ready;
+        Ok(())
+    }
+
+    /// RESOURCE_EXHAUSTED, before anything is written, when a snapshot
+    /// write of about `estimate` bytes would take the data dir's filesystem
+    /// under --min-free-mib or the store over --max-snapshot-bytes.
+    pub(crate) fn admit_snapshot_write(&self, what: &str, estimate: u64) -> Result<()> {
+        let root = self.layout.root();
+        self.admission.admit_disk(what, root, estimate, || {
+            layout::disk_usage(&self.layout.snapshots_dir()) + layout::disk_usage(&self.layout.staging_dir())
+        })?;
         Ok(())
     }
 

@@ -20,15 +20,32 @@ use http_body::Frame;
 use super::metrics::Metrics;
 use super::rest::transcode::RpcName;
 
-/// Where audit lines go.
+/// Where audit lines go: a file opened for appending, reopened at the same
+/// path by [`AuditLog::reopen`] (on SIGHUP) so logrotate can rename it away.
+/// Each line is written whole under one lock, and the swap takes the same
+/// lock, so every line lands once, in the old file or the new one.
 pub struct AuditLog {
+    path: std::path::PathBuf,
     out: Mutex<Box<dyn Write + Send>>,
+}
+
+fn open_append(path: &std::path::Path) -> std::io::Result<Box<dyn Write + Send>> {
+    let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    Ok(Box::new(std::io::LineWriter::new(f)))
 }
 
 impl AuditLog {
     pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Self { out: Mutex::new(Box::new(std::io::LineWriter::new(f))) })
+        Ok(Self { path: path.to_path_buf(), out: Mutex::new(open_append(path)?) })
+    }
+
+    /// Closes the file and opens the path again (creating it), after a
+    /// rotation renamed the old one. On failure the old file stays in use.
+    pub fn reopen(&self) -> std::io::Result<()> {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = out.flush();
+        *out = open_append(&self.path)?;
+        Ok(())
     }
 
     fn write(&self, line: &serde_json::Value) {
@@ -152,5 +169,37 @@ impl http_body::Body for ObservedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopen_after_a_rename_loses_and_repeats_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        for i in 0..3 {
+            log.write(&serde_json::json!({ "n": i }));
+        }
+        let rotated = dir.path().join("audit.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        // Until the reopen, lines still go to the renamed file.
+        log.write(&serde_json::json!({ "n": 3 }));
+        log.reopen().unwrap();
+        for i in 4..6 {
+            log.write(&serde_json::json!({ "n": i }));
+        }
+        let read = |p: &std::path::Path| -> Vec<i64> {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["n"].as_i64().unwrap())
+                .collect()
+        };
+        assert_eq!(read(&rotated), vec![0, 1, 2, 3]);
+        assert_eq!(read(&path), vec![4, 5]);
     }
 }

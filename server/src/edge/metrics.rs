@@ -59,6 +59,18 @@ impl Metrics {
                 }
             })
             .build();
+        let r5 = rt.clone();
+        meter
+            .u64_observable_counter("forkd_admission_refused")
+            .with_description(
+                "Requests refused because the host could not take them (RESOURCE_EXHAUSTED), by the check that refused",
+            )
+            .with_callback(move |o| {
+                for (reason, n) in r5.admission.refusals() {
+                    o.observe(n, &[KeyValue::new("reason", reason)]);
+                }
+            })
+            .build();
         let r4 = rt;
         meter
             .u64_observable_gauge("forkd_pool_vmms")
