@@ -15,7 +15,8 @@ use self::args::Start;
 use self::qmp::Qmp;
 use crate::vmm::{Accel, Backend, NetAttach, PendingVm, VmControl, VmDir, VmProcess, VmSpec, VmmError, process};
 
-const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long QEMU gets to create its control socket, and to load state.
+const QMP_TIMEOUT: Duration = qmp::TIMEOUT;
 
 pub struct QemuBackend {
     binary: PathBuf,
