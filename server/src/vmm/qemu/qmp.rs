@@ -155,6 +155,17 @@ impl Qmp {
         self.io.execute_within(cmd, args, TIMEOUT).await
     }
 
+    /// Runs one command within `timeout`, for the rare command that may
+    /// legitimately take longer (or should fail sooner) than [`TIMEOUT`].
+    pub async fn execute_within(
+        &mut self,
+        cmd: &str,
+        args: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, VmmError> {
+        self.io.execute_within(cmd, args, timeout).await
+    }
+
     /// The VM run state ("running", "paused", "inmigrate", ...).
     pub async fn status(&mut self) -> Result<String, VmmError> {
         let v = self.execute("query-status", None).await?;
