@@ -50,6 +50,9 @@ pub fn encode_frame<M: Message>(msg: &M) -> Vec<u8> {
 /// Incremental frame decoder: feed it bytes as they arrive, take messages out.
 ///
 /// Bounds, whatever the bytes:
+/// - after a drain it buffers less than `HEADER + MAX_FRAME` bytes (at most
+///   one unfinished frame), so right after a push of `n` bytes it buffers
+///   less than `HEADER + MAX_FRAME + n`;
 /// - it holds (and has allocated) at most [`MAX_BUFFERED`] bytes; `push`
 ///   takes at most [`space`](Self::space) bytes, which after a drain (a
 ///   `next_message` that returned `Ok(None)`) is more than [`MAX_CHUNK`] —
@@ -92,7 +95,12 @@ impl FrameDecoder {
 
     /// How many bytes `push` accepts now.
     pub fn space(&self) -> usize {
-        MAX_BUFFERED - (self.buf.len() - self.pos)
+        MAX_BUFFERED - self.buffered()
+    }
+
+    /// Bytes received and not yet consumed.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.pos
     }
 
     /// Bytes held in memory (allocated), never more than [`MAX_BUFFERED`].
@@ -331,6 +339,7 @@ mod tests {
             }
             assert_eq!(got, (0..=10_000).collect::<Vec<_>>(), "chunk {chunk}");
             assert_eq!(dec.skipped(), garbage.len() as u64);
+            eprintln!("{chunk}-byte chunks: {total} bytes in, {} moved in {} compactions", dec.moved, dec.compactions);
             assert!(dec.moved <= total, "chunk {chunk}: moved {} of {total} bytes", dec.moved);
             assert!(
                 dec.compactions <= total / COMPACT_MIN as u64 + 1,
