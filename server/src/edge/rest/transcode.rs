@@ -447,12 +447,12 @@ fn set_from_str(msg: &mut DynamicMessage, field: &FieldDescriptor, raw: &str) ->
         }
     };
     if field.is_list() {
-        let mut list = match msg.get_field(field).into_owned() {
-            Value::List(l) => l,
-            _ => vec![],
-        };
-        list.push(v);
-        msg.set_field(field, Value::List(list));
+        // In place: copying the list for every repeated parameter would make
+        // a long query string quadratic.
+        match msg.get_field_mut(field) {
+            Value::List(l) => l.push(v),
+            other => *other = Value::List(vec![v]),
+        }
     } else {
         msg.set_field(field, v);
     }
