@@ -308,7 +308,9 @@ pub fn serve(agent: &Arc<Agent>, fd: RawFd, reconnecting: bool) {
         };
         let mut disconnected = false;
         if rev & libc::POLLIN != 0 {
-            match sys::read(fd, &mut buf) {
+            // Never more than the decoder has room for (see its bound).
+            let room = decoder.space().min(buf.len());
+            match sys::read(fd, &mut buf[..room]) {
                 Ok(0) => disconnected = true,
                 Ok(n) => {
                     idle = Duration::from_millis(1);

@@ -43,27 +43,72 @@ pub fn write_layer(path: &Path, pages: &[u64], data: &[u8]) -> std::io::Result<S
     Ok(format!("sha256:{}", hex::encode(h.finalize())))
 }
 
+/// Size of the fixed header: magic, page size, page count.
+const HEAD: u64 = 20;
+/// Most pages a layer may name: 1 TiB of guest memory. A count above it is
+/// corruption, whatever the file's length says.
+pub const MAX_PAGES: u64 = (1 << 40) / PAGE;
+
+fn invalid(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
+}
+
 /// Reads a layer's page index; returns (pages, offset of the first page).
 pub fn read_index(path: &Path) -> std::io::Result<(Vec<u64>, u64)> {
     let mut f = File::open(path)?;
-    let mut head = [0u8; 20];
-    f.read_exact(&mut head)?;
-    if &head[..8] != MAGIC {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a forkd diff layer"));
+    let len = f.metadata()?.len();
+    read_index_from(&mut f, len)
+}
+
+/// Reads the header and page index from `r`, a layer of `len` bytes.
+///
+/// The file is not trusted: the count must match `len` exactly before
+/// anything is allocated (so the index buffer is never larger than the file),
+/// every page offset must be representable, and page numbers must strictly
+/// increase, as the writer emits them (so a page is never written twice).
+pub fn read_index_from<R: Read>(r: &mut R, len: u64) -> std::io::Result<(Vec<u64>, u64)> {
+    let mut head = [0u8; HEAD as usize];
+    r.read_exact(&mut head)?;
+    let (magic, rest) = head.split_at(8);
+    let (page, count) = rest.split_at(4);
+    if magic != MAGIC {
+        return Err(invalid("not a forkd diff layer".into()));
     }
-    let page = u32::from_le_bytes(head[8..12].try_into().unwrap()) as u64;
+    let page = u32::from_le_bytes([page[0], page[1], page[2], page[3]]) as u64;
     if page != PAGE {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "unexpected page size"));
+        return Err(invalid(format!("unexpected page size {page}")));
     }
-    let count = u64::from_le_bytes(head[12..20].try_into().unwrap());
-    let meta_len = f.metadata()?.len();
-    if 20 + count.saturating_mul(8 + PAGE) != meta_len {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "layer size does not match its index"));
+    let mut c = [0u8; 8];
+    c.copy_from_slice(count);
+    let count = u64::from_le_bytes(c);
+    if count > MAX_PAGES {
+        return Err(invalid(format!("layer claims {count} pages")));
     }
-    let mut idx = vec![0u8; (count * 8) as usize];
-    f.read_exact(&mut idx)?;
-    let pages = idx.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
-    Ok((pages, 20 + count * 8))
+    let data_off = count.checked_mul(8).and_then(|i| i.checked_add(HEAD));
+    let expected = count.checked_mul(8 + PAGE).and_then(|b| b.checked_add(HEAD));
+    let (Some(data_off), Some(expected)) = (data_off, expected) else {
+        return Err(invalid(format!("layer claims {count} pages")));
+    };
+    if expected != len {
+        return Err(invalid(format!("layer size {len} does not match its index of {count} pages")));
+    }
+    let idx_len = usize::try_from(count * 8).map_err(|_| invalid(format!("layer claims {count} pages")))?;
+    let mut idx = vec![0u8; idx_len];
+    r.read_exact(&mut idx)?;
+    let mut pages = Vec::with_capacity(idx_len / 8);
+    for c in idx.chunks_exact(8) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(c);
+        let p = u64::from_le_bytes(b);
+        if p.checked_mul(PAGE).is_none_or(|o| o.checked_add(PAGE).is_none()) {
+            return Err(invalid(format!("page {p} is beyond any memory")));
+        }
+        if pages.last().is_some_and(|&last| p <= last) {
+            return Err(invalid(format!("page {p} out of order in the layer index")));
+        }
+        pages.push(p);
+    }
+    Ok((pages, data_off))
 }
 
 /// Copies `src` to `dst`: a reflink (FICLONE) where the filesystem shares
@@ -95,14 +140,26 @@ pub fn clone_or_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
 }
 
 /// Writes the layer's pages over `flat` (a copy of the parent's memory).
+/// A page beyond the end of `flat` is an error, not a write that grows it:
+/// a layer only ever overwrites its parent's pages.
 pub fn apply(layer: &Path, flat: &Path) -> std::io::Result<()> {
-    let (pages, data_off) = read_index(layer)?;
-    let l = File::open(layer)?;
+    let mut l = File::open(layer)?;
+    let len = l.metadata()?.len();
+    let (pages, data_off) = read_index_from(&mut l, len)?;
     let f = std::fs::OpenOptions::new().write(true).open(flat)?;
+    let flat_pages = f.metadata()?.len() / PAGE;
+    if let Some(&last) = pages.last()
+        && last >= flat_pages
+    {
+        return Err(invalid(format!("layer page {last} is beyond the {flat_pages}-page parent")));
+    }
     let mut buf = vec![0u8; PAGE as usize];
-    for (i, p) in pages.iter().enumerate() {
-        l.read_exact_at(&mut buf, data_off + i as u64 * PAGE)?;
+    let mut off = data_off;
+    for p in &pages {
+        l.read_exact_at(&mut buf, off)?;
+        // In range: checked against the parent's size above.
         f.write_all_at(&buf, p * PAGE)?;
+        off += PAGE;
     }
     f.sync_all()
 }
@@ -142,5 +199,42 @@ mod tests {
         let f = std::fs::OpenOptions::new().write(true).open(&layer).unwrap();
         f.set_len(100).unwrap();
         assert!(read_index(&layer).is_err());
+    }
+
+    fn header(count: u64) -> Vec<u8> {
+        [MAGIC.as_slice(), &(PAGE as u32).to_le_bytes(), &count.to_le_bytes()].concat()
+    }
+
+    #[test]
+    fn counts_that_do_not_fit_the_file_are_rejected_before_allocating() {
+        for count in [u64::MAX, u64::MAX / 8, u64::MAX / (8 + PAGE), u64::MAX / (8 + PAGE) + 1, MAX_PAGES + 1, 1] {
+            let b = header(count);
+            let err = read_index_from(&mut &b[..], b.len() as u64).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "count {count}");
+        }
+    }
+
+    #[test]
+    fn bad_page_numbers_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = dir.path().join("layer");
+        let data = vec![0u8; 2 * PAGE as usize];
+        for pages in [[3u64, 3], [4, 2], [0, u64::MAX / PAGE]] {
+            write_layer(&layer, &pages, &data).unwrap();
+            assert!(read_index(&layer).is_err(), "{pages:?}");
+        }
+    }
+
+    #[test]
+    fn a_page_beyond_the_parent_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = dir.path().join("layer");
+        write_layer(&layer, &[1, 8], &vec![5u8; 2 * PAGE as usize]).unwrap();
+        let flat = dir.path().join("flat");
+        std::fs::write(&flat, vec![0u8; (8 * PAGE) as usize]).unwrap();
+        assert!(apply(&layer, &flat).is_err());
+        let after = std::fs::read(&flat).unwrap();
+        assert_eq!(after.len() as u64, 8 * PAGE);
+        assert!(after.iter().all(|&b| b == 0), "nothing written before the check");
     }
 }

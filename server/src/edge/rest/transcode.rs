@@ -10,6 +10,7 @@ use prost::Message;
 use prost_reflect::{
     DescriptorPool, DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, SerializeOptions, Value,
 };
+use serde::Deserialize;
 use tonic::Code;
 use tower::ServiceExt;
 
@@ -78,13 +79,7 @@ impl Transcoder {
     }
 
     pub async fn handle(&self, req: Request<Body>) -> Result<Resp, Infallible> {
-        let segments: Vec<String> = req
-            .uri()
-            .path()
-            .trim_start_matches('/')
-            .split('/')
-            .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned())
-            .collect();
+        let segments = path_segments(req.uri().path());
         let mut path_known = false;
         for route in &self.routes {
             let Some(vars) = route.match_path(&segments) else { continue };
@@ -149,39 +144,7 @@ impl Transcoder {
             return self.dispatch(route, Body::from_stream(frames), wants_raw).await;
         }
         let body = axum::body::to_bytes(req.into_body(), self.max_body).await.map_err(|_| too_large(self.max_body))?;
-        let mut msg = DynamicMessage::new(input.clone());
-        let body_text = std::str::from_utf8(&body)
-            .map_err(|_| RestError(Code::InvalidArgument, "request body is not UTF-8 JSON".into()))?
-            .trim();
-        match route.body.as_str() {
-            "" => {
-                if !body_text.is_empty() {
-                    return Err(RestError(
-                        Code::InvalidArgument,
-                        format!("{} takes no request body", route.rpc.name()),
-                    ));
-                }
-            }
-            "*" => {
-                if !body_text.is_empty() {
-                    msg = parse_json(input.clone(), body_text)?;
-                }
-            }
-            field => {
-                if !body_text.is_empty() {
-                    let wrapped = format!("{{\"{field}\":{body_text}}}");
-                    msg = parse_json(input.clone(), &wrapped)?;
-                }
-            }
-        }
-        if !query.is_empty() && route.body == "*" && !route.rpc.is_client_streaming() {
-            // AIP: with body "*" every field comes from the body.
-            return Err(RestError(
-                Code::InvalidArgument,
-                format!("{} takes its fields in the JSON body, not the query string", route.rpc.name()),
-            ));
-        }
-        apply_query_and_path(&mut msg, &input, &query, vars)?;
+        let msg = request_message(route, vars, &query, &body)?;
         self.dispatch(route, Body::from(grpc_frames::encode(&msg.encode_to_vec())), wants_raw).await
     }
 
@@ -253,6 +216,63 @@ const RAW_CHUNK: usize = 1 << 20;
 
 fn has_bytes_data(m: &prost_reflect::MessageDescriptor) -> bool {
     m.get_field_by_name("data").is_some_and(|f| matches!(f.kind(), Kind::Bytes) && !f.is_list())
+}
+
+/// A request path as decoded segments (percent-escapes undone, invalid
+/// UTF-8 replaced), as routes are matched against.
+fn path_segments(path: &str) -> Vec<String> {
+    path.trim_start_matches('/')
+        .split('/')
+        .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned())
+        .collect()
+}
+
+/// The request message of a (non-raw) call from its path variables, query
+/// string and body. Pure, so it can be fuzzed without a server.
+fn request_message(
+    route: &Route,
+    vars: Vec<(String, String)>,
+    query: &str,
+    body: &[u8],
+) -> Result<DynamicMessage, RestError> {
+    let input = route.rpc.input();
+    let mut msg = DynamicMessage::new(input.clone());
+    let body_text = std::str::from_utf8(body)
+        .map_err(|_| RestError(Code::InvalidArgument, "request body is not UTF-8 JSON".into()))?
+        .trim();
+    match route.body.as_str() {
+        "" => {
+            if !body_text.is_empty() {
+                return Err(RestError(Code::InvalidArgument, format!("{} takes no request body", route.rpc.name())));
+            }
+        }
+        "*" => {
+            if !body_text.is_empty() {
+                msg = parse_json(input.clone(), body_text)?;
+            }
+        }
+        field => {
+            if !body_text.is_empty() {
+                // One JSON value, checked before it is spliced into an
+                // object: `1, "other": 2` must not set a second field.
+                let mut de = serde_json::Deserializer::from_str(body_text);
+                serde::de::IgnoredAny::deserialize(&mut de)
+                    .and_then(|_| de.end())
+                    .map_err(|e| RestError(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
+                let wrapped = format!("{{\"{field}\":{body_text}}}");
+                msg = parse_json(input.clone(), &wrapped)?;
+            }
+        }
+    }
+    if !query.is_empty() && route.body == "*" && !route.rpc.is_client_streaming() {
+        // AIP: with body "*" every field comes from the body.
+        return Err(RestError(
+            Code::InvalidArgument,
+            format!("{} takes its fields in the JSON body, not the query string", route.rpc.name()),
+        ));
+    }
+    apply_query_and_path(&mut msg, &input, query, vars)?;
+    Ok(msg)
 }
 
 fn apply_query_and_path(
@@ -427,12 +447,12 @@ fn set_from_str(msg: &mut DynamicMessage, field: &FieldDescriptor, raw: &str) ->
         }
     };
     if field.is_list() {
-        let mut list = match msg.get_field(field).into_owned() {
-            Value::List(l) => l,
-            _ => vec![],
-        };
-        list.push(v);
-        msg.set_field(field, Value::List(list));
+        // In place: copying the list for every repeated parameter would make
+        // a long query string quadratic.
+        match msg.get_field_mut(field) {
+            Value::List(l) => l.push(v),
+            other => *other = Value::List(vec![v]),
+        }
     } else {
         msg.set_field(field, v);
     }
@@ -491,3 +511,6 @@ impl GrpcReader {
         self.status.clone()
     }
 }
+
+#[cfg(test)]
+mod fuzz_tests;

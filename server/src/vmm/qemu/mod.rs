@@ -21,7 +21,8 @@ use crate::vmm::{
     Accel, Backend, Drive, NetAttach, PendingVm, VmControl, VmDir, VmProcess, VmSpec, VmmError, console, process,
 };
 
-const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long QEMU gets to create its control socket, and to load state.
+const QMP_TIMEOUT: Duration = qmp::TIMEOUT;
 
 /// How the backend confines and wires its VMMs.
 #[derive(Debug, Clone)]
