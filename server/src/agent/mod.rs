@@ -124,7 +124,9 @@ impl AgentClient {
             let mut buf = vec![0u8; 64 * 1024];
             let mut malformed = 0u64;
             'read: loop {
-                let n = match r.read(&mut buf).await {
+                // Never more than the decoder can take (its buffer is bounded).
+                let room = dec.space().min(buf.len());
+                let n = match r.read(&mut buf[..room]).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
