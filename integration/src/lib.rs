@@ -47,6 +47,9 @@ pub struct Options {
     pub extra_args: Vec<String>,
     /// Reuse this data dir (restart tests); a fresh temp dir otherwise.
     pub data_dir: Option<PathBuf>,
+    /// A command the daemon is started under, e.g. `setpriv
+    /// --bounding-set …` to run it as the shipped systemd unit would.
+    pub wrapper: Vec<String>,
 }
 
 pub struct Daemon {
@@ -71,7 +74,14 @@ impl Daemon {
                 (Some(t), p)
             }
         };
-        let mut cmd = Command::new(server_bin());
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(server_bin());
+                c
+            }
+            None => Command::new(server_bin()),
+        };
         cmd.arg("--bind")
             .arg("127.0.0.1:0")
             .arg("--data-dir")

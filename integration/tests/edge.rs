@@ -1027,8 +1027,7 @@ async fn json_numbers_stay_numbers() {
     let d = FakeGuestDaemon::start();
     let c = reqwest::Client::new();
     let mem_mib: u64 = 8192; // 8 GiB: logical_size_bytes does not fit in 32 bits.
-    let body =
-        json!({ "tag": "u64", "image": "minimal", "mem_mib": mem_mib, "labels": { "k": "v" } });
+    let body = json!({ "tag": "u64", "image": "minimal", "mem_mib": mem_mib, "labels": { "k": "v" } });
     let (s, snap) = json_of(c.post(d.url("/v1/snapshots")).json(&body).send().await.unwrap()).await;
     assert_eq!(s, 200, "{snap}");
     assert_eq!(snap["tag"], "u64");

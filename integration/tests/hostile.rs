@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 /// Steals the agent's channel descriptor from PID 1 (pidfd_getfd) and
 /// misbehaves on it as argv[1] says.
 const THIEF: &str = r#"
-import ctypes, os, struct, sys, time
+import ctypes, os, select, struct, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
 port = None
 for n in os.listdir('/proc/1/fd'):
@@ -27,19 +27,30 @@ for n in os.listdir('/proc/1/fd'):
     except OSError:
         pass
 if sys.argv[1] == 'stop':
-    # PTRACE_ATTACH stops the agent: nobody reads the channel any more.
-    if libc.ptrace(16, 1, 0, 0) != 0:
-        sys.exit('ptrace: %d' % ctypes.get_errno())
+    # PTRACE_ATTACH to every thread of the agent stops it: nobody reads
+    # the channel any more.
+    for tid in os.listdir('/proc/1/task'):
+        if libc.ptrace(16, int(tid), 0, 0) != 0:
+            sys.exit('ptrace %s: %d' % (tid, ctypes.get_errno()))
     time.sleep(600)
 fd = libc.syscall(438, os.pidfd_open(1), port, 0)
 if fd < 0:
     sys.exit('pidfd_getfd: %d' % ctypes.get_errno())
+def send(data):
+    # The agent's descriptor is non-blocking: write all of it, waiting
+    # whenever the channel is full.
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            select.select([], [fd], [], 1)
 if sys.argv[1] == 'garbage':
     # Valid headers around payloads that are not protobuf.
-    os.write(fd, (b'FKD1' + struct.pack('<I', 16) + b'\xff' * 16) * 200)
+    send((b'FKD1' + struct.pack('<I', 16) + b'\xff' * 16) * 200)
 elif sys.argv[1] == 'oversize':
     # Headers that announce 4 GiB frames, 2.4 MB of them.
-    os.write(fd, (b'FKD1' + struct.pack('<I', 0xffffffff)) * 300000)
+    send((b'FKD1' + struct.pack('<I', 0xffffffff)) * 300000)
 print('sent')
 "#;
 
@@ -126,12 +137,7 @@ async fn delete_and_check_gone(d: &Daemon, id: &str, pid: u64) {
 async fn a_hostile_guest_is_bounded_and_stopped() {
     let _serial = serial().await;
     let d = Daemon::start(Options {
-        extra_args: vec![
-            "--max-body-bytes".into(),
-            "16777216".into(),
-            "--console-log-bytes".into(),
-            "262144".into(),
-        ],
+        extra_args: vec!["--max-body-bytes".into(), "16777216".into(), "--console-log-bytes".into(), "262144".into()],
         ..Default::default()
     });
     bake(&d, "hostile").await;
@@ -226,42 +232,44 @@ async fn a_hostile_guest_is_bounded_and_stopped() {
         delete_and_check_gone(&d, &victim, pid).await;
     }
 
-    // 4. the agent stops reading: the host's writes time out, the channel
-    // breaks and the sandbox is stopped.
+    // 4. the agent stops (every thread ptrace-stopped): the host stops
+    // waiting at the command's timeout plus the grace period, answers
+    // DEADLINE_EXCEEDED, and deleting the sandbox never waits on its guest.
+    // (That a guest which stops draining its port breaks the channel on the
+    // write deadline is tested against a real socket in agent::tests: here
+    // the VM absorbs more than this test sends.)
     let victim = fork(&d, "hostile", 1).await.remove(0);
     let pid = status_of(&d, &victim).await["pid"].as_u64().unwrap();
-    let started = Instant::now();
-    let (_, worst) = while_timing(&d, &neighbour, async {
-        let stopper = {
-            let (client, base, victim) = (d.http(), d.http_url(), victim.clone());
-            tokio::spawn(async move {
-                let _ = client
-                    .post(format!("{base}/v1/sandboxes/{victim}/exec"))
-                    .json(&json!({ "args": ["python3", "-c", THIEF, "stop"], "timeout_secs": 600 }))
-                    .send()
-                    .await;
-            })
-        };
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        // 3 MiB of stdin that nobody in the guest reads.
-        use base64::Engine as _;
-        let stdin = base64::engine::general_purpose::STANDARD.encode(vec![b'x'; 3 << 20]);
+    let ((status, waited), worst) = while_timing(&d, &neighbour, async {
+        let (client, base, v) = (d.http(), d.http_url(), victim.clone());
+        let stopper = tokio::spawn(async move {
+            let _ = client
+                .post(format!("{base}/v1/sandboxes/{v}/exec"))
+                .json(&json!({ "args": ["python3", "-c", THIEF, "stop"], "timeout_secs": 600 }))
+                .send()
+                .await;
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let t = Instant::now();
         let r = d
-            .post(&format!("/v1/sandboxes/{victim}/exec"), json!({ "args": ["cat"], "stdin": stdin }))
+            .post(
+                &format!("/v1/sandboxes/{victim}/exec"),
+                json!({ "args": ["cat"], "stdin": "eA==", "timeout_secs": 5 }),
+            )
             .send()
             .await
             .unwrap();
-        assert!(!r.status().is_success(), "a stalled guest cannot answer");
-        let v = wait_failed(&d, &victim).await;
+        let out = (r.status().as_u16(), t.elapsed());
         stopper.abort();
-        v
+        out
     })
     .await;
-    let v = status_of(&d, &victim).await;
-    assert!(v["status_reason"].as_str().unwrap_or_default().contains("did not read its channel"), "{v}");
-    table.push(("agent stops reading", 0, worst));
-    eprintln!("stalled guest stopped after {:.1} s", started.elapsed().as_secs_f64());
+    assert_eq!(status, 504, "a stopped guest's exec ends with DEADLINE_EXCEEDED");
+    assert!(waited < Duration::from_secs(5 + 10 + 10), "the host waited {waited:?}: timeout + grace is 15 s");
+    table.push(("agent stopped (ptrace)", 0, worst));
+    let t = Instant::now();
     delete_and_check_gone(&d, &victim, pid).await;
+    assert!(t.elapsed() < Duration::from_secs(15), "delete waited {:?} on a stopped guest", t.elapsed());
 
     eprintln!("\n| hostile guest | daemon peak RSS growth MiB | neighbour exec worst ms (idle {idle:.1}) |");
     eprintln!("|---|---|---|");

@@ -360,7 +360,12 @@ fn vmm_jail(confinement: &str) -> Check {
     if confinement.starts_with("jail") {
         check("vmm-jail", Level::Pass, confinement, "")
     } else if confinement.is_empty() {
-        check("vmm-jail", Level::Warn, "the daemon does not report VMM confinement (older version)", "upgrade forkd-server")
+        check(
+            "vmm-jail",
+            Level::Warn,
+            "the daemon does not report VMM confinement (older version)",
+            "upgrade forkd-server",
+        )
     } else {
         check(
             "vmm-jail",
@@ -375,7 +380,12 @@ async fn daemon(global: &GlobalArgs) -> Vec<Check> {
     let conn = match Conn::connect(global).await {
         Ok(c) => c,
         Err(e) => {
-            return vec![check("daemon", Level::Fail, e.message, "start forkd-server, or point --url / FORKD_URL at it")];
+            return vec![check(
+                "daemon",
+                Level::Fail,
+                e.message,
+                "start forkd-server, or point --url / FORKD_URL at it",
+            )];
         }
     };
     vec![match conn.call(conn.system().get_version(GetVersionRequest {})).await {
@@ -384,7 +394,10 @@ async fn daemon(global: &GlobalArgs) -> Vec<Check> {
                 check(
                     "daemon",
                     Level::Pass,
-                    format!("{} {} ({}, {}: {}); token accepted", conn.url, v.version, v.backend, v.accel, v.accel_reason),
+                    format!(
+                        "{} {} ({}, {}: {}); token accepted",
+                        conn.url, v.version, v.backend, v.accel, v.accel_reason
+                    ),
                     "",
                 ),
                 vmm_jail(&v.vmm_confinement),

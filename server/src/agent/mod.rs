@@ -33,6 +33,9 @@ pub const MALFORMED_BUDGET: u64 = 16;
 /// broken. A restored child may resume mid-frame once; a guest that keeps
 /// sending noise is not talking the protocol.
 pub const GARBAGE_BUDGET: u64 = 1 << 20;
+/// How long past its own timeout an exec may go before the host stops
+/// waiting for the guest to report its exit (and cancels it).
+pub const EXEC_GRACE: Duration = Duration::from_secs(10);
 /// Longest guest-provided text kept in an error.
 pub const MAX_GUEST_TEXT: usize = 4096;
 
@@ -42,7 +45,7 @@ pub fn guest_text(s: &str) -> String {
     let mut out = String::with_capacity(s.len().min(MAX_GUEST_TEXT));
     for c in s.chars() {
         if out.len() >= MAX_GUEST_TEXT {
-            out.push_str("…");
+            out.push('…');
             break;
         }
         if c.is_control() && c != '\n' && c != '\t' {
@@ -146,7 +149,8 @@ impl AgentClient {
                         Err(e) => {
                             malformed += 1;
                             if malformed > MALFORMED_BUDGET {
-                                let why = format!("{malformed} malformed frames (last: {})", guest_text(&e.to_string()));
+                                let why =
+                                    format!("{malformed} malformed frames (last: {})", guest_text(&e.to_string()));
                                 break_channel(&reader_failure, &reader_waiters, why);
                                 break 'read;
                             }
@@ -217,13 +221,14 @@ impl AgentClient {
         what: &'static str,
         timeout: Duration,
     ) -> Result<response::Body, AgentError> {
-        let (_, mut rx) = tokio::time::timeout(timeout, self.send(body))
-            .await
-            .map_err(|_| AgentError::Timeout(what.into()))??;
+        let (_, mut rx) =
+            tokio::time::timeout(timeout, self.send(body)).await.map_err(|_| AgentError::Timeout(what.into()))??;
         match tokio::time::timeout(timeout, rx.recv()).await {
             Err(_) => Err(AgentError::Timeout(what.into())),
             Ok(None) => Err(self.closed()),
-            Ok(Some(response::Body::Error(e))) => Err(AgentError::Guest { kind: e.kind, message: guest_text(&e.message) }),
+            Ok(Some(response::Body::Error(e))) => {
+                Err(AgentError::Guest { kind: e.kind, message: guest_text(&e.message) })
+            }
             Ok(Some(b)) => Ok(b),
         }
     }
@@ -259,8 +264,13 @@ impl AgentClient {
 
     /// Starts a command; its output arrives on the returned stream.
     pub async fn exec(&self, req: pb::ExecRequest) -> Result<ExecStream, AgentError> {
+        // The guest kills the command at its timeout; a guest that does not
+        // say so within the grace period is not waited for any longer.
+        let deadline = (req.timeout_ms > 0)
+            .then(|| tokio::time::Instant::now() + Duration::from_millis(req.timeout_ms as u64) + EXEC_GRACE);
         let (id, rx) = self.send(request::Body::Exec(req)).await?;
         Ok(ExecStream {
+            deadline,
             id,
             rx,
             done: false,
@@ -358,6 +368,8 @@ impl Drop for Responses {
 /// The output of one exec. Dropped before the exit status arrives (its
 /// client went away), it tells the guest to kill the command.
 pub struct ExecStream {
+    /// When the host gives up on the exit status (None: no timeout).
+    deadline: Option<tokio::time::Instant>,
     id: u64,
     rx: Responses,
     done: bool,
@@ -389,7 +401,15 @@ impl ExecStream {
         if self.done {
             return Ok(None);
         }
-        match self.rx.recv().await {
+        let next = match self.deadline {
+            Some(at) => match tokio::time::timeout_at(at, self.rx.recv()).await {
+                Ok(n) => n,
+                // Not done: dropping the stream cancels the command.
+                Err(_) => return Err(AgentError::Timeout("exec (the guest did not report its exit)".into())),
+            },
+            None => self.rx.recv().await,
+        };
+        match next {
             None => {
                 self.done = true;
                 Err(match self.failure.get() {

@@ -72,29 +72,6 @@ fn exec_request(r: &api::ExecRequest) -> Result<(SandboxId, pb::ExecRequest), St
     ))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unary_exec_output_is_capped() {
-        let mut c = Capped::new(10);
-        c.push(b"12345");
-        c.push(b"67890abc");
-        assert!(c.truncated);
-        assert_eq!(c.text(), "1234567890");
-        let mut c = Capped::new(10);
-        c.push(b"0123456789");
-        assert!(!c.truncated, "exactly the cap is not truncated");
-        assert_eq!(output_cap(0, MAX_EXEC_OUTPUT_BYTES).unwrap(), DEFAULT_EXEC_OUTPUT_BYTES);
-        assert_eq!(output_cap(0, 1024).unwrap(), 1024, "the default never exceeds the daemon's limit");
-        assert_eq!(output_cap(5, 1024).unwrap(), 5);
-        let e = output_cap(2048, 1024).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        assert!(e.message().contains("max_output_bytes"));
-    }
-}
-
 fn exit_response(x: &pb::ExecExit, stdout: String, stderr: String) -> api::ExecResponse {
     api::ExecResponse {
         stdout,
@@ -572,4 +549,27 @@ where
 pub(crate) fn volume_specs(specs: &[String], root: &crate::host::paths::Root) -> Result<Vec<String>, Status> {
     let vols = crate::core::volumes::parse_all(specs, root)?;
     Ok(vols.iter().map(|v| v.to_spec_string()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unary_exec_output_is_capped() {
+        let mut c = Capped::new(10);
+        c.push(b"12345");
+        c.push(b"67890abc");
+        assert!(c.truncated);
+        assert_eq!(c.text(), "1234567890");
+        let mut c = Capped::new(10);
+        c.push(b"0123456789");
+        assert!(!c.truncated, "exactly the cap is not truncated");
+        assert_eq!(output_cap(0, MAX_EXEC_OUTPUT_BYTES).unwrap(), DEFAULT_EXEC_OUTPUT_BYTES);
+        assert_eq!(output_cap(0, 1024).unwrap(), 1024, "the default never exceeds the daemon's limit");
+        assert_eq!(output_cap(5, 1024).unwrap(), 5);
+        let e = output_cap(2048, 1024).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("max_output_bytes"));
+    }
 }

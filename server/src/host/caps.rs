@@ -1,11 +1,7 @@
 //! Capabilities. The daemon keeps only the capabilities it uses and drops
 //! every other one from its permitted, effective, inheritable, ambient and
-//! bounding sets at start. VMM processes get none at all: before QEMU is
-//! exec'd its bounding and inheritable sets are emptied, so even though it
-//! runs as uid 0 the kernel grants it no capability on exec (uid 0 only
-//! receives what the bounding and inheritable sets still hold). QEMU keeps
-//! root's file ownership, which is what lets it open the root-owned data
-//! dir and guest assets without CAP_DAC_OVERRIDE.
+//! bounding sets at start. VMM processes get none at all (see vmm::jail:
+//! their own uid, empty sets, no_new_privs).
 
 use ::caps::{CapSet, Capability, CapsHashSet};
 
@@ -92,49 +88,6 @@ pub fn drop_daemon_caps() -> CapsReport {
     report
 }
 
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: libc::c_int,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const CAP_V3: u32 = 0x2008_0522;
-const LAST_CAP_GUESS: libc::c_ulong = 63;
-
-/// Runs in a forked child just before it execs a VMM. Empties the bounding,
-/// inheritable and ambient sets and sets no_new_privs, so the exec'd program
-/// has no capability although it runs as uid 0. Only raw system calls:
-/// async-signal-safe, no allocation. Failures (an unprivileged caller may
-/// not change its bounding set) are ignored: such a caller has nothing to
-/// hand down anyway.
-///
-/// # Safety
-/// Call only between fork and exec.
-pub unsafe fn vmm_pre_exec() {
-    unsafe {
-        for cap in 0..=LAST_CAP_GUESS {
-            libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
-        }
-        let mut hdr = CapHeader { version: CAP_V3, pid: 0 };
-        let mut data = [CapData::default(); 2];
-        if libc::syscall(libc::SYS_capget, &mut hdr as *mut CapHeader, data.as_mut_ptr()) == 0 {
-            data[0].inheritable = 0;
-            data[1].inheritable = 0;
-            libc::syscall(libc::SYS_capset, &hdr as *const CapHeader, data.as_ptr());
-        }
-        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0);
-        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-    }
-}
-
 /// A process's effective capability mask (from /proc/PID/status).
 pub fn effective_of(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -156,11 +109,9 @@ mod tests {
         use std::os::unix::process::CommandExt;
         let mut cmd = std::process::Command::new("/bin/sh");
         cmd.args(["-c", "grep -E '^Cap(Eff|Prm|Bnd|Inh|Amb)' /proc/self/status"]);
+        let plan = crate::vmm::jail::Plan::unconfined(None, Default::default()).unwrap();
         unsafe {
-            cmd.pre_exec(|| {
-                vmm_pre_exec();
-                Ok(())
-            });
+            cmd.pre_exec(move || plan.enter());
         }
         let out = cmd.output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);

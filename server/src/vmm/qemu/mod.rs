@@ -134,8 +134,10 @@ impl QemuBackend {
                 .map_err(|e| spawn_err(&format!("chown {}", p.display()), &e))
         };
         // Its own dir is the only place the VMM may create files (sockets).
-        owner(dir.path())?;
+        // Mode first: once the dir is the VMM's, changing it would need
+        // CAP_FOWNER, which the shipped unit does not grant.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        owner(dir.path())?;
         needs.writable(dir.path());
         for f in [&spec.kernel, &spec.initrd, &spec.rootfs] {
             needs.read_only(f.clone());
