@@ -436,7 +436,18 @@ async fn rest_and_grpc_agree() {
     keys.sort();
     assert_eq!(
         keys,
-        ["accel", "accel_reason", "api", "backend", "data_dir", "git_commit", "sandboxes", "snapshots", "version"]
+        [
+            "accel",
+            "accel_reason",
+            "api",
+            "backend",
+            "data_dir",
+            "git_commit",
+            "sandboxes",
+            "snapshots",
+            "version",
+            "vmm_confinement"
+        ]
     );
     assert_eq!(g.api, "v1");
     assert_eq!(g.version, forkd_api::VERSION);

@@ -51,8 +51,12 @@ async fn vmms_are_jailed_under_the_units_capabilities() {
     wait_ready(&d, "jailed").await;
     let ids = fork(&d, "jailed", 2).await;
     let daemon_ns = std::fs::read_link(format!("/proc/{}/ns/mnt", d.pid())).unwrap();
-    let pids = vmms_under(&d.data_dir);
-    assert_eq!(pids.len(), 2, "one VMM per sandbox: {pids:?}");
+    assert_eq!(vmms_under(&d.data_dir).len(), 2, "one VMM per sandbox");
+    let mut pids = vec![];
+    for id in &ids {
+        let v: serde_json::Value = d.get(&format!("/v1/sandboxes/{id}")).send().await.unwrap().json().await.unwrap();
+        pids.push(v["pid"].as_u64().unwrap() as u32);
+    }
     let mut uids = std::collections::BTreeSet::new();
     let token_file = d.data_dir.join("test-token");
     assert!(token_file.exists());

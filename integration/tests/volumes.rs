@@ -110,8 +110,10 @@ async fn read_write_volumes_persist_and_read_only_ones_are_shared() {
 
     // First sandbox writes; while it lives, nobody else may attach the volume.
     let r = fork(&d, "rwvol", 1).await;
-    assert_eq!(r.status(), 200);
-    let first = r.json::<Value>().await.unwrap()[0]["id"].as_str().unwrap().to_string();
+    let status = r.status();
+    let body = r.json::<Value>().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let first = body[0]["id"].as_str().unwrap().to_string();
     assert_eq!(sh(&d, &first, "echo persisted > /data/note && cat /data/note").await["stdout"], "persisted\n");
     let r = fork(&d, "rwvol", 1).await;
     assert_eq!(r.status(), 409, "a second concurrent read-write attach");

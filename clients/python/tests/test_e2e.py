@@ -60,7 +60,7 @@ def test_exec_details(e2e_client: forkd.Client, e2e_snapshot) -> None:
 
 def test_exec_stream_yields_as_output_arrives(e2e_client: forkd.Client, e2e_snapshot) -> None:
     with e2e_client.sandbox(E2E_TAG) as sb:
-        stream = sb.exec_stream("echo first; sleep 3; echo second >&2; echo third")
+        stream = sb.exec_stream("echo first; sleep 3; echo second >&2; sleep 1; echo third")
         start = time.monotonic()
         seen = []
         for kind, data in stream:

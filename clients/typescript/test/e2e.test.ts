@@ -63,7 +63,9 @@ describe("e2e", { skip: E2E ? false : "needs microVMs: set FORKD_E2E=1" }, () =>
 
   it("streams output as it arrives", async () => {
     await c.withSandbox(E2E_TAG, async (sb) => {
-      const stream = sb.execStream("echo first; sleep 3; echo second >&2; echo third");
+      // stdout and stderr are separate pipes: order across them is only
+      // guaranteed with time between the writes.
+      const stream = sb.execStream("echo first; sleep 3; echo second >&2; sleep 1; echo third");
       const start = Date.now();
       const seen: [string, string, number][] = [];
       for await (const { stream: s, data } of stream) seen.push([s, text(data), Date.now() - start]);

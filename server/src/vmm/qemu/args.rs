@@ -23,9 +23,10 @@ pub const SLOT_BYTES: u64 = 1 << 20;
 /// Host resources handed to this VMM as descriptors.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Wiring {
-    /// One entry per `spec.drives`: the descriptor of the volume's file, or
-    /// None for an empty slot.
-    pub drive_fds: Vec<Option<RawFd>>,
+    /// One entry per `spec.drives`: the descriptors of the volume's file
+    /// (QEMU opens a read-write disk read-only too, while probing it, so a
+    /// read-write volume brings one of each), or none for an empty slot.
+    pub drive_fds: Vec<Vec<RawFd>>,
     /// The tap behind the NIC; None: an isolated hub.
     pub tap_fd: Option<RawFd>,
 }
@@ -87,14 +88,23 @@ pub fn build(spec: &VmSpec, dir: &VmDir, start: Start, wiring: &Wiring) -> Vec<S
         "virtio-blk-device,drive=root".into(),
     ];
     for (i, d) in spec.drives.iter().enumerate() {
-        match wiring.drive_fds.get(i).copied().flatten() {
-            Some(fd) if !d.slot => {
-                // fdset i+1 holds the volume's descriptor (set 0 is unused).
+        match wiring.drive_fds.get(i).filter(|fds| !fds.is_empty()) {
+            Some(fds) if !d.slot => {
+                // fdset i+1 holds the volume's descriptors (set 0 is unused).
                 let ro = if d.read_only { "on" } else { "off" };
-                a.push("-add-fd".into());
-                a.push(format!("fd={fd},set={}", i + 1));
+                for fd in fds {
+                    a.push("-add-fd".into());
+                    a.push(format!("fd={fd},set={}", i + 1));
+                }
                 a.push("-drive".into());
-                a.push(format!("file=/dev/fdset/{},if=none,id=vol{i},format=raw,readonly={ro}", i + 1));
+                // No QEMU image locks: they are taken per open file
+                // description, so the two descriptors of one volume would
+                // conflict with each other. The daemon already gives a
+                // read-write volume to one live VM at a time.
+                a.push(format!(
+                    "file=/dev/fdset/{},if=none,id=vol{i},format=raw,readonly={ro},file.locking=off",
+                    i + 1
+                ));
             }
             _ => {
                 a.push("-blockdev".into());
@@ -197,10 +207,12 @@ mod wiring_tests {
             Drive { path: "/v/a.ext4".into(), read_only: true, slot: false },
             Drive { path: "/unused".into(), read_only: false, slot: true },
         ];
-        let w = Wiring { drive_fds: vec![Some(17), None], tap_fd: Some(23) };
+        let w = Wiring { drive_fds: vec![vec![17, 18], vec![]], tap_fd: Some(23) };
         let a = build(&spec, &VmDir(PathBuf::from("/d/vm")), Start::Restore, &w);
         let joined = a.join(" ");
-        assert!(joined.contains("-add-fd fd=17,set=1 -drive file=/dev/fdset/1,if=none,id=vol0,format=raw,readonly=on"));
+        assert!(joined.contains(
+            "-add-fd fd=17,set=1 -add-fd fd=18,set=1 -drive file=/dev/fdset/1,if=none,id=vol0,format=raw,readonly=on,file.locking=off"
+        ));
         assert!(joined.contains("-blockdev driver=null-co,node-name=vol1,read-zeroes=on"));
         assert!(joined.contains("tap,id=net0,fd=23"));
         assert!(!joined.contains("/unused"), "a slot's placeholder path never reaches QEMU");

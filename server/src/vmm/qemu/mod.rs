@@ -4,7 +4,7 @@
 pub mod args;
 pub mod qmp;
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -107,7 +107,19 @@ impl QemuBackend {
         let mut needs = Needs::default();
         let mut wiring = Wiring::default();
         for d in &spec.drives {
-            wiring.drive_fds.push(if d.slot { None } else { Some(needs.pass(self.open_drive(d)?)) });
+            let mut fds = vec![];
+            if !d.slot {
+                let fd = self.open_drive(d)?;
+                if !d.read_only {
+                    // The same file again, read-only: reopened through the
+                    // descriptor, so it cannot be another file.
+                    let again = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                        .map_err(|e| VmmError::Spawn(format!("volume {}: {e}", d.path.display())))?;
+                    fds.push(needs.pass(again.into()));
+                }
+                fds.push(needs.pass(fd));
+            }
+            wiring.drive_fds.push(fds);
         }
         let netns = match net {
             NetAttach::Tap { netns, tap } => {
