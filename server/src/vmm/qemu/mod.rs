@@ -161,8 +161,11 @@ impl QemuBackend {
             }
             Start::Restore => needs.read_only(spec.mem_file.clone()),
         }
-        if !self.binary.starts_with("/usr") {
-            needs.read_only(self.binary.clone());
+        // /usr is in every jail; a binary elsewhere is bound by its real
+        // path (a path through a symlink into /usr needs nothing more).
+        let binary = std::fs::canonicalize(&self.binary).unwrap_or_else(|_| self.binary.clone());
+        if !binary.starts_with("/usr") {
+            needs.read_only(binary);
         }
         if spec.accel == Accel::Kvm {
             needs.devices.push(PathBuf::from("/dev/kvm"));
