@@ -41,6 +41,10 @@ else
   curl -fsS "$FORKD_URL/healthz" >/dev/null
 fi
 "$bin/forkd" version
+# The daemon wrote its token to /var/lib/forkd/token (mode 0600) on its first
+# start; the CLI reads it from there because the URL is loopback. Other
+# clients: FORKD_TOKEN=$(cat /var/lib/forkd/token).
+echo "token: /var/lib/forkd/token ($(stat -c %a /var/lib/forkd/token 2>/dev/null || echo 'missing: --no-auth?'))"
 
 if "$bin/forkd" snapshot-info python >/dev/null 2>&1; then
   step "snapshot 'python' already exists"

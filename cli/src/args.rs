@@ -63,7 +63,9 @@ pub struct GlobalArgs {
     #[arg(long, env = "FORKD_TOKEN", global = true, hide_env_values = true, value_name = "TOKEN")]
     pub token: Option<String>,
 
-    /// File holding the bearer token (surrounding whitespace is ignored).
+    /// File holding the bearer token (surrounding whitespace is ignored;
+    /// readable by its owner only). Without --token or this, a loopback URL
+    /// uses the daemon's own /var/lib/forkd/token when it exists.
     #[arg(long, env = "FORKD_TOKEN_FILE", hide_env_values = true, global = true, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
 
@@ -256,7 +258,7 @@ pub enum Command {
             the guest kernel or guests fall back to TCG), QEMU version, firecracker \
             (optional), guest kernel and images, cgroups and their controllers, network \
             namespace and firewall tooling, free space in the data dir, userfaultfd, memfd, \
-            KSM, huge pages, and whether the daemon answers and accepts the token. Each \
+            KSM, huge pages, whether the daemon answers and accepts the token, and whether it requires one. Each \
             check is pass, warn, fail or skip, with a fix for anything but a pass. Exits 1 \
             when any check fails.",
         after_help = "Examples:\n  forkd doctor\n  forkd doctor --json\n  forkd doctor --no-daemon"

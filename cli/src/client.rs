@@ -45,6 +45,10 @@ impl CallMetadata {
             .transpose()?;
         Ok(Self { authorization, deadline })
     }
+
+    pub fn has_token(&self) -> bool {
+        self.authorization.is_some()
+    }
 }
 
 impl Interceptor for CallMetadata {
@@ -69,9 +73,14 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// Whether calls carry a bearer token.
+    pub fn has_token(&self) -> bool {
+        self.metadata.has_token()
+    }
+
     pub async fn connect(global: &GlobalArgs) -> Result<Self, CliError> {
         let url = normalise_url(&global.url)?;
-        let token = load_token(global.token.as_deref(), global.token_file.as_deref())?;
+        let token = load_token(global.token.as_deref(), global.token_file.as_deref(), &url)?;
         let deadline = global.rpc_timeout.filter(|d| !d.is_zero());
         let metadata = CallMetadata::new(token.as_deref(), deadline)?;
 
@@ -184,22 +193,64 @@ pub fn normalise_url(raw: &str) -> Result<String, CliError> {
     Ok(url.trim_end_matches('/').to_string())
 }
 
-/// The token from --token, else from --token-file. A file that exists but
-/// holds nothing is a mistake worth reporting rather than sending no token.
-pub fn load_token(token: Option<&str>, file: Option<&Path>) -> Result<Option<String>, CliError> {
+/// Where the daemon writes its token on a host nobody configured.
+pub const DEFAULT_TOKEN_FILE: &str = "/var/lib/forkd/token";
+
+/// The token to send: `--token`, else `--token-file`, else — for a
+/// loopback URL only — the daemon's own token file when it exists, so the
+/// host's admin needs no flags. A token file others may read is refused.
+pub fn load_token(token: Option<&str>, file: Option<&Path>, url: &str) -> Result<Option<String>, CliError> {
     if let Some(t) = token.map(str::trim).filter(|t| !t.is_empty()) {
         return Ok(Some(t.to_string()));
     }
-    let Some(path) = file else {
-        return Ok(None);
+    let path = match file {
+        Some(p) => p,
+        None if is_loopback_url(url) && Path::new(DEFAULT_TOKEN_FILE).exists() => Path::new(DEFAULT_TOKEN_FILE),
+        None => return Ok(None),
     };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CliError::usage(format!("cannot read token file {}: {e}", path.display())))?;
+    read_token_file(path).map(Some)
+}
+
+/// Whether others than the owner may read a token file with this mode and
+/// group. A group that is the caller's own (a pod's `fsGroup`, a user's
+/// private group) shares nothing; any other group, or others, does.
+pub fn token_file_is_shared(mode: u32, file_gid: u32, own_gid: u32) -> bool {
+    mode & 0o007 != 0 || (mode & 0o070 != 0 && file_gid != own_gid)
+}
+
+fn read_token_file(path: &Path) -> Result<String, CliError> {
+    use std::os::unix::fs::MetadataExt;
+    let cannot = |e: std::io::Error| CliError::usage(format!("cannot read token file {}: {e}", path.display()));
+    let meta = std::fs::metadata(path).map_err(cannot)?;
+    let mode = meta.mode();
+    // SAFETY: getegid has no preconditions and cannot fail.
+    let own_gid = unsafe { libc::getegid() };
+    if token_file_is_shared(mode, meta.gid(), own_gid) {
+        return Err(CliError::usage(format!(
+            "token file {} may be read by others (mode {:04o}); only its owner may read it: run `chmod 600 {}`",
+            path.display(),
+            mode & 0o7777,
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(cannot)?;
     let t = text.trim();
     if t.is_empty() {
         return Err(CliError::usage(format!("token file {} is empty", path.display())));
     }
-    Ok(Some(t.to_string()))
+    Ok(t.to_string())
+}
+
+/// True when a (normalised) URL names this host: `localhost`, 127/8 or ::1.
+pub fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn tls_config(ca_cert: Option<&Path>) -> Result<ClientTlsConfig, CliError> {
@@ -233,19 +284,49 @@ mod tests {
 
     #[test]
     fn tokens() {
-        assert_eq!(load_token(None, None).unwrap(), None);
-        assert_eq!(load_token(Some(" abc \n"), None).unwrap().as_deref(), Some("abc"));
+        use std::os::unix::fs::PermissionsExt;
+        let remote = "https://forkd.example:8889";
+        assert_eq!(load_token(None, None, remote).unwrap(), None, "no local file for a remote URL");
+        assert_eq!(load_token(Some(" abc \n"), None, remote).unwrap().as_deref(), Some("abc"));
         let dir = std::env::temp_dir().join(format!("forkd-cli-token-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("token");
         std::fs::write(&file, "from-file\n").unwrap();
-        assert_eq!(load_token(None, Some(&file)).unwrap().as_deref(), Some("from-file"));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let open = load_token(None, Some(&file), remote).unwrap_err();
+        assert!(open.message.contains("chmod 600"), "{}", open.message);
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(load_token(None, Some(&file), remote).unwrap().as_deref(), Some("from-file"));
+        // Readable by the caller's own group only (a pod's fsGroup): accepted.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(load_token(None, Some(&file), remote).is_ok());
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         // --token wins over --token-file.
-        assert_eq!(load_token(Some("flag"), Some(&file)).unwrap().as_deref(), Some("flag"));
+        assert_eq!(load_token(Some("flag"), Some(&file), remote).unwrap().as_deref(), Some("flag"));
         std::fs::write(&file, "\n").unwrap();
-        assert_eq!(load_token(None, Some(&file)).unwrap_err().code, USAGE);
-        assert_eq!(load_token(None, Some(&dir.join("missing"))).unwrap_err().code, USAGE);
+        assert_eq!(load_token(None, Some(&file), remote).unwrap_err().code, USAGE);
+        assert_eq!(load_token(None, Some(&dir.join("missing")), remote).unwrap_err().code, USAGE);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn shared_token_files() {
+        assert!(!token_file_is_shared(0o100600, 5, 7));
+        assert!(!token_file_is_shared(0o100440, 7, 7), "the caller's own group");
+        assert!(token_file_is_shared(0o100640, 5, 7), "another group");
+        assert!(token_file_is_shared(0o100604, 7, 7), "others");
+    }
+
+    #[test]
+    fn loopback_urls() {
+        for l in ["http://127.0.0.1:8889", "http://localhost:1", "https://[::1]:8889", "http://127.1.2.3"] {
+            assert!(is_loopback_url(l), "{l}");
+        }
+        for r in
+            ["http://10.0.0.1:8889", "https://forkd.forkd.svc:8889", "http://[fe80::1]:1", "http://localhost.evil:1"]
+        {
+            assert!(!is_loopback_url(r), "{r}");
+        }
     }
 
     #[test]

@@ -72,6 +72,7 @@ impl SystemService for Mock {
             sandboxes: 2,
             snapshots: 1,
             vmm_confinement: "jail: own uid, no capabilities".into(),
+            auth: "token".into(),
         }))
     }
 }
@@ -332,6 +333,13 @@ impl SnapshotService for Mock {
         Err(Status::unimplemented("mock"))
     }
 
+    async fn share_snapshot(
+        &self,
+        _: Request<forkd_api::v1::ShareSnapshotRequest>,
+    ) -> Result<Response<Snapshot>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
     async fn derive_snapshot(&self, req: Request<DeriveSnapshotRequest>) -> Result<Response<Snapshot>, Status> {
         authorize(&req)?;
         let r = req.into_inner();
@@ -532,6 +540,13 @@ fn token_is_sent_as_bearer() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("token");
     std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    // A token file others may read is refused, with the fix in the message.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = run(&["where", "--token-file", file.to_str().unwrap()], &[("FORKD_URL", &d.url)], "");
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("chmod 600"), "{}", stderr(&o));
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let o = run(&["where", "--token-file", file.to_str().unwrap()], &[("FORKD_URL", &d.url)], "");
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     std::fs::remove_dir_all(&dir).unwrap();

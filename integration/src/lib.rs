@@ -95,8 +95,11 @@ impl Daemon {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(tok) = &opts.token {
+            use std::os::unix::fs::OpenOptionsExt;
             let f = data_dir.join("test-token");
-            std::fs::write(&f, tok).unwrap();
+            let _ = std::fs::remove_file(&f);
+            let mut w = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&f).unwrap();
+            std::io::Write::write_all(&mut w, tok.as_bytes()).unwrap();
             cmd.arg("--token-file").arg(&f);
         }
         if let Some((c, k)) = &opts.tls {
@@ -125,15 +128,42 @@ impl Daemon {
         };
         // Keep draining stdout so the daemon never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Daemon { child: Some(child), addr, data_dir, _tmp: tmp, token: opts.token, tls: opts.tls.is_some() }
+        // Without --token-file the daemon made (or reused) <data-dir>/token.
+        let token = opts.token.clone().or_else(|| {
+            let no_auth = opts.extra_args.iter().any(|a| a == "--no-auth");
+            (!no_auth).then(|| std::fs::read_to_string(data_dir.join("token")).expect("the daemon's token file"))
+        });
+        let token = token.map(|t| t.trim().to_string());
+        Daemon { child: Some(child), addr, data_dir, _tmp: tmp, token, tls: opts.tls.is_some() }
     }
 
     pub fn http_url(&self) -> String {
         format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
 
-    /// A plain HTTP client (no token attached).
+    /// The CLI, pointed at this daemon with its token.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(cli_bin());
+        c.arg("--url").arg(self.http_url()).env_remove("FORKD_TOKEN_FILE").env_remove("FORKD_URL");
+        match &self.token {
+            Some(t) => c.env("FORKD_TOKEN", t),
+            None => c.env_remove("FORKD_TOKEN"),
+        };
+        c
+    }
+
+    /// An HTTP client that sends this daemon's token with every request
+    /// (a request's own `authorization` header wins).
     pub fn http(&self) -> reqwest::Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(b) = self.bearer() {
+            headers.insert(reqwest::header::AUTHORIZATION, b.parse().unwrap());
+        }
+        reqwest::Client::builder().timeout(Duration::from_secs(600)).default_headers(headers).build().unwrap()
+    }
+
+    /// A plain HTTP client: no token attached.
+    pub fn anon(&self) -> reqwest::Client {
         reqwest::Client::builder().timeout(Duration::from_secs(600)).build().unwrap()
     }
 
@@ -143,15 +173,15 @@ impl Daemon {
     }
 
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        self.auth(self.http().get(format!("{}{path}", self.http_url())))
+        self.auth(self.anon().get(format!("{}{path}", self.http_url())))
     }
 
     pub fn post(&self, path: &str, body: serde_json::Value) -> reqwest::RequestBuilder {
-        self.auth(self.http().post(format!("{}{path}", self.http_url())).json(&body))
+        self.auth(self.anon().post(format!("{}{path}", self.http_url())).json(&body))
     }
 
     pub fn delete(&self, path: &str) -> reqwest::RequestBuilder {
-        self.auth(self.http().delete(format!("{}{path}", self.http_url())))
+        self.auth(self.anon().delete(format!("{}{path}", self.http_url())))
     }
 
     fn auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {

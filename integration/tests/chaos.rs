@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use forkd_integration::{Daemon, Options, cli_bin, vmms_under};
+use forkd_integration::{Daemon, Options, vmms_under};
 use futures::stream::{self, StreamExt};
 use serde_json::{Value, json};
 
@@ -89,10 +89,7 @@ async fn check_invariants(d: &Daemon, data: &Path) -> Vec<String> {
 }
 
 fn cli_kill_all(d: &Daemon) {
-    let out = std::process::Command::new(cli_bin())
-        .args(["--url", &d.http_url(), "kill", "--all"])
-        .output()
-        .expect("run forkd kill --all");
+    let out = d.cli().args(["kill", "--all"]).output().expect("run forkd kill --all");
     assert!(out.status.success(), "forkd kill --all: {}", String::from_utf8_lossy(&out.stderr));
 }
 

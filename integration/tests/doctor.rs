@@ -48,6 +48,7 @@ async fn doctor_checks_the_host_and_the_token() {
     let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
     eprintln!("{}", serde_json::to_string_pretty(&report["summary"]).unwrap());
     assert_eq!(check(&report, "daemon")["status"], "pass", "{report}");
+    assert_eq!(check(&report, "auth")["status"], "pass", "{report}");
     for name in [
         "platform",
         "kvm",

@@ -86,6 +86,13 @@ async fn assert_untouched(d: &Daemon) {
 
 /// Runs the server binary with `args` and expects it to exit by itself
 /// (non-zero) within 30 s; returns its stderr.
+/// Writes a file only its owner may read, as a token file must be.
+fn write_private(path: &Path, content: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, content).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 fn expect_refusal(args: &[&str]) -> String {
     let tmp = tempfile::tempdir_in("/tmp").unwrap();
     let mut child = Command::new(server_bin())
@@ -155,7 +162,7 @@ async fn raw_http1(addr: &str, head: &str) -> (u16, String) {
 #[tokio::test]
 async fn rest_requires_the_bearer_token() {
     let d = start(true);
-    let c = d.http();
+    let c = d.anon();
 
     let resp = c.get(url(&d, "/v1/snapshots")).send().await.unwrap();
     assert_eq!(resp.headers().get("www-authenticate").map(|v| v.to_str().unwrap()), Some("Bearer"));
@@ -218,7 +225,7 @@ async fn health_is_open_without_a_token() {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
     let d = start(true);
-    let (s, v) = json_of(d.http().get(url(&d, "/healthz")).send().await.unwrap()).await;
+    let (s, v) = json_of(d.anon().get(url(&d, "/healthz")).send().await.unwrap()).await;
     assert_eq!(s, 200);
     assert_eq!(v, json!({ "ok": true }));
 
@@ -231,7 +238,7 @@ async fn health_is_open_without_a_token() {
     assert_eq!(e.code(), Code::NotFound);
 
     // Open means exactly the health endpoints: a look-alike path is not.
-    let r = d.http().get(url(&d, "/healthz/x")).send().await.unwrap();
+    let r = d.anon().get(url(&d, "/healthz/x")).send().await.unwrap();
     assert_eq!(r.status(), 401);
 }
 
@@ -248,7 +255,7 @@ fn refuses_weak_token_files() {
     ];
     for (name, content, needle) in cases {
         let f = tmp.path().join(name);
-        std::fs::write(&f, content).unwrap();
+        write_private(&f, content);
         let stderr = expect_refusal(&["--bind", "127.0.0.1:0", "--token-file", f.to_str().unwrap()]);
         assert!(stderr.contains("--token-file"), "{name}: {stderr}");
         assert!(stderr.contains(needle), "{name}: expected {needle:?} in {stderr}");
@@ -266,7 +273,7 @@ fn refuses_non_loopback_bind_without_token_and_tls() {
     // A token alone is not enough: the token would travel in clear text.
     let tmp = tempfile::tempdir_in("/tmp").unwrap();
     let f = tmp.path().join("tok");
-    std::fs::write(&f, TEST_TOKEN).unwrap();
+    write_private(&f, TEST_TOKEN);
     let stderr = expect_refusal(&["--bind", "0.0.0.0:0", "--token-file", f.to_str().unwrap()]);
     assert!(stderr.contains("refusing to listen on non-loopback"), "{stderr}");
 }
@@ -345,7 +352,7 @@ async fn tls_serves_rest_and_grpc_and_refuses_plain_http() {
 
     // Plain HTTP to the TLS port fails, for REST and for gRPC.
     let plain =
-        tokio::time::timeout(Duration::from_secs(20), d.http().get(format!("http://{}/healthz", d.addr)).send())
+        tokio::time::timeout(Duration::from_secs(20), d.anon().get(format!("http://{}/healthz", d.addr)).send())
             .await
             .expect("plain HTTP to the TLS port hung");
     assert!(plain.is_err(), "plain HTTP to the TLS port answered: {plain:?}");
@@ -440,6 +447,7 @@ async fn rest_and_grpc_agree() {
             "accel",
             "accel_reason",
             "api",
+            "auth",
             "backend",
             "data_dir",
             "git_commit",
@@ -485,7 +493,7 @@ async fn rest_and_grpc_agree() {
 #[tokio::test]
 async fn bad_input_is_refused_and_changes_nothing() {
     let d = start(true);
-    let c = d.http();
+    let c = d.anon();
     let post_raw = |path: &str, body: &'static str| {
         c.post(url(&d, path)).bearer_auth(TEST_TOKEN).header("content-type", "application/json").body(body)
     };
@@ -528,8 +536,20 @@ async fn bad_input_is_refused_and_changes_nothing() {
     assert_error(&e, 400, "INVALID_ARGUMENT", "bogus");
     let e = json_of(d.post("/v1/snapshots", json!({ "tag": "a", "vcpus": "many" })).send().await.unwrap()).await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "invalid JSON body");
-    let e = json_of(c.get(url(&d, "/version")).bearer_auth(TEST_TOKEN).body("{}").send().await.unwrap()).await;
+    let e = json_of(
+        c.get(url(&d, "/version"))
+            .bearer_auth(TEST_TOKEN)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_error(&e, 400, "INVALID_ARGUMENT", "takes no request body");
+    // A body that does not say it is JSON is not read at all.
+    let e = json_of(c.get(url(&d, "/version")).bearer_auth(TEST_TOKEN).body("{}").send().await.unwrap()).await;
+    assert_error(&e, 415, "INVALID_ARGUMENT", "application/json");
 
     // An oversize body: 3 MB against the default 1 MiB limit. Over HTTP/2
     // the client sees the early 413 and the stream is reset afterwards.
@@ -843,10 +863,11 @@ async fn audit_log_is_reopened_on_sighup() {
     let rotated = tmp.path().join("audit.jsonl.1");
     let mut d = Daemon::start(Options { audit_log: Some(log.clone()), extra_args: no_vm_args(), ..Default::default() });
     let c = reqwest::Client::new();
+    let bearer = d.bearer().expect("the daemon made its own token");
     let call = |i: usize| {
-        let (c, u) = (c.clone(), url(&d, &format!("/v1/snapshots/n{i}/info")));
+        let (c, u, b) = (c.clone(), url(&d, &format!("/v1/snapshots/n{i}/info")), bearer.clone());
         async move {
-            let r = c.get(u).send().await.unwrap();
+            let r = c.get(u).header("authorization", b).send().await.unwrap();
             assert_eq!(r.status(), 404);
             r.bytes().await.unwrap();
         }
@@ -985,7 +1006,7 @@ impl FakeGuestDaemon {
         std::fs::write(&image, b"not an image").unwrap();
         let data_dir = tmp.path().join("data");
         let mut child = Command::new(server_bin())
-            .args(["--bind", "127.0.0.1:0", "--log", "warn", "--accel", "tcg", "--qemu", "/bin/false"])
+            .args(["--bind", "127.0.0.1:0", "--no-auth", "--log", "warn", "--accel", "tcg", "--qemu", "/bin/false"])
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--guest-dir")
@@ -1096,4 +1117,291 @@ async fn json_numbers_stay_numbers() {
     }
     let e = json_of(c.get(d.url("/v1/snapshots/u64/info")).send().await.unwrap()).await;
     assert_error(&e, 404, "NOT_FOUND", "u64");
+}
+
+// ------------------------------------------------- secure by default
+
+/// Sends raw bytes and returns what the daemon answered before it closed
+/// the connection (or `None` if it kept it open past `wait`).
+async fn raw_exchange(addr: &str, bytes: &[u8], wait: Duration) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut got = vec![];
+    let read = tokio::time::timeout(wait, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    read.ok().map(|_| String::from_utf8_lossy(&got).into_owned())
+}
+
+#[tokio::test]
+async fn auth_is_on_without_a_token_file_and_the_cli_reads_it() {
+    let d = Daemon::start(Options { extra_args: no_vm_args(), ..Default::default() });
+    let file = d.data_dir.join("token");
+    let meta = std::fs::metadata(&file).expect("the daemon created <data-dir>/token");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let token = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert_eq!(token.len(), 64, "32 random bytes, hex");
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+
+    // REST and gRPC refuse a call without it.
+    let e = json_of(d.anon().get(url(&d, "/v1/snapshots")).send().await.unwrap()).await;
+    assert_error(&e, 401, "UNAUTHENTICATED", "missing bearer token");
+    let e = system_with(d.channel().await, None).get_version(api::GetVersionRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let v = d.system().await.get_version(api::GetVersionRequest {}).await.unwrap().into_inner();
+    assert_eq!(v.auth, "token");
+
+    // The CLI on this host needs no token flag: it reads the token file.
+    let out = Command::new(forkd_integration::cli_bin())
+        .args(["--json", "ls"])
+        .env("FORKD_URL", d.http_url())
+        .env("FORKD_TOKEN_FILE", &file)
+        .env_remove("FORKD_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "forkd ls: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(forkd_integration::cli_bin())
+        .args(["--json", "doctor", "--data-dir", d.data_dir.to_str().unwrap()])
+        .env("FORKD_URL", d.http_url())
+        .env("FORKD_TOKEN_FILE", &file)
+        .env_remove("FORKD_TOKEN")
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let auth = report["checks"].as_array().unwrap().iter().find(|c| c["name"] == "auth").unwrap().clone();
+    assert_eq!(auth["status"], "pass", "{auth}");
+
+    // A restart keeps the token.
+    let data = d.data_dir.clone();
+    let mut d = d;
+    d.stop();
+    let d2 = Daemon::start(Options { extra_args: no_vm_args(), data_dir: Some(data.clone()), ..Default::default() });
+    assert_eq!(d2.token.as_deref(), Some(token.as_str()));
+    drop(d2);
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+#[tokio::test]
+async fn a_token_file_others_can_read_is_refused_by_daemon_and_cli() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir_in("/tmp").unwrap();
+    let f = tmp.path().join("tok");
+    std::fs::write(&f, TEST_TOKEN).unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let stderr = expect_refusal(&["--bind", "127.0.0.1:0", "--token-file", f.to_str().unwrap()]);
+    assert!(stderr.contains("chmod 600") && stderr.contains("its group"), "{stderr}");
+
+    // The CLI accepts its own group (a pod's fsGroup) but never others.
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(forkd_integration::cli_bin())
+        .args(["--url", "http://127.0.0.1:1", "--token-file", f.to_str().unwrap(), "ls"])
+        .env_remove("FORKD_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The daemon's own default file is refused the same way.
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("token"), TEST_TOKEN).unwrap();
+    std::fs::set_permissions(data.join("token"), std::fs::Permissions::from_mode(0o604)).unwrap();
+    let out = Command::new(server_bin())
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--guest-dir",
+            tmp.path().to_str().unwrap(),
+        ])
+        .args(["--accel", "tcg", "--qemu", "/bin/false", "--log", "warn"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("chmod 600") && stderr.contains("others"), "{stderr}");
+}
+
+#[tokio::test]
+async fn no_auth_is_explicit_loopback_only_and_shown() {
+    let stderr = expect_refusal(&["--bind", "0.0.0.0:0", "--no-auth", "--insecure-bind"]);
+    assert!(stderr.contains("--no-auth is for a loopback --bind only"), "{stderr}");
+    let mut args = no_vm_args();
+    args.push("--no-auth".into());
+    let d = Daemon::start(Options { extra_args: args, ..Default::default() });
+    assert!(!d.data_dir.join("token").exists(), "--no-auth writes no token");
+    let (s, v) = json_of(d.anon().get(url(&d, "/version")).send().await.unwrap()).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["auth"], "off", "{v}");
+    let out = d.cli().args(["--json", "doctor", "--data-dir", d.data_dir.to_str().unwrap()]).output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let auth = report["checks"].as_array().unwrap().iter().find(|c| c["name"] == "auth").unwrap().clone();
+    assert_eq!(auth["status"], "warn", "{auth}");
+    assert!(auth["fix"].as_str().unwrap().contains("--no-auth"), "{auth}");
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_json_is_refused_and_changes_nothing() {
+    let d = start(true);
+    let c = d.anon();
+    let body = r#"{"tag":"csrf","image":"minimal"}"#;
+    for ct in
+        [Some("text/plain"), Some("application/x-www-form-urlencoded"), Some("multipart/form-data; boundary=x"), None]
+    {
+        let mut rb = c.post(url(&d, "/v1/snapshots")).bearer_auth(TEST_TOKEN).body(body);
+        if let Some(ct) = ct {
+            rb = rb.header("content-type", ct);
+        }
+        let e = json_of(rb.send().await.unwrap()).await;
+        assert_error(&e, 415, "INVALID_ARGUMENT", "application/json");
+    }
+    let (_, list) = json_of(d.get("/v1/snapshots").send().await.unwrap()).await;
+    assert_eq!(list, json!([]), "nothing was created");
+    // JSON with a charset passes the type check (and then is validated).
+    let r = c
+        .post(url(&d, "/v1/snapshots"))
+        .bearer_auth(TEST_TOKEN)
+        .header("content-type", "application/json; charset=utf-8")
+        .body(r#"{"tag":"../x"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn a_foreign_host_is_refused_before_auth() {
+    let mut args = no_vm_args();
+    args.extend(["--allowed-host".to_string(), "forkd.test".to_string()]);
+    let d = Daemon::start(Options { token: Some(TEST_TOKEN.into()), extra_args: args, ..Default::default() });
+    let req = |host: &str| {
+        format!(
+            "GET /version HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TEST_TOKEN}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    for host in ["evil.example", "evil.example:8889", "127.0.0.1.evil.example", "forkd.test.evil.example"] {
+        let got = raw_exchange(&d.addr, req(host).as_bytes(), Duration::from_secs(10)).await.unwrap();
+        assert!(got.starts_with("HTTP/1.1 421"), "{host}: {got}");
+        assert!(got.contains("--allowed-host"), "{got}");
+    }
+    // Even without a token: a rebinding page learns nothing else.
+    let got = raw_exchange(
+        &d.addr,
+        b"GET /v1/snapshots HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert!(got.starts_with("HTTP/1.1 421"), "{got}");
+    let port = d.addr.rsplit(':').next().unwrap();
+    for host in [d.addr.clone(), format!("localhost:{port}"), "forkd.test".to_string(), "FORKD.TEST:1".to_string()] {
+        let got = raw_exchange(&d.addr, req(&host).as_bytes(), Duration::from_secs(10)).await.unwrap();
+        assert!(got.starts_with("HTTP/1.1 200"), "{host}: {got}");
+    }
+    // gRPC names its host in :authority.
+    let ch = Channel::from_shared(format!("http://{}", d.addr))
+        .unwrap()
+        .origin("http://evil.example:8889".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let e = system_with(ch, d.bearer()).get_version(api::GetVersionRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+}
+
+#[tokio::test]
+async fn slow_and_silent_connections_are_dropped_after_the_header_timeout() {
+    let mut args = no_vm_args();
+    args.extend(["--header-timeout-secs".to_string(), "1".to_string()]);
+    let d = Daemon::start(Options { token: Some(TEST_TOKEN.into()), extra_args: args, ..Default::default() });
+    // Headers that never end.
+    let t0 = Instant::now();
+    let got =
+        raw_exchange(&d.addr, b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: 1\r\n", Duration::from_secs(8))
+            .await;
+    assert!(got.is_some(), "a half-sent request was kept open for 8 s");
+    assert!(t0.elapsed() < Duration::from_secs(8));
+    // Nothing at all.
+    let got = raw_exchange(&d.addr, b"", Duration::from_secs(8)).await;
+    assert_eq!(got.as_deref(), Some(""), "a silent connection is closed without an answer");
+    // A whole request still works.
+    let got = raw_exchange(
+        &d.addr,
+        format!("GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TEST_TOKEN}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed_at_accept() {
+    let mut args = no_vm_args();
+    args.extend(["--max-connections".to_string(), "3".to_string()]);
+    let d = Daemon::start(Options { token: Some(TEST_TOKEN.into()), extra_args: args, ..Default::default() });
+    let mut held = vec![];
+    for _ in 0..3 {
+        let s = tokio::net::TcpStream::connect(&d.addr).await.unwrap();
+        held.push(s);
+    }
+    // Give the daemon time to accept the three.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = raw_exchange(&d.addr, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", Duration::from_secs(5)).await;
+    assert_eq!(got.as_deref(), Some(""), "the fourth connection is closed unanswered");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = d.anon().get(url(&d, "/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "freed slots are reused");
+}
+
+#[tokio::test]
+async fn junk_paths_add_at_most_one_metric_series() {
+    let d = start(true);
+    let series = |text: &str| -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter(|l| l.starts_with("forkd_request_duration") && l.contains("_count{"))
+            .map(|l| l.rsplit_once(' ').unwrap().0.to_string())
+            .collect()
+    };
+    let before = series(&d.get("/metrics").send().await.unwrap().text().await.unwrap());
+    let c = d.anon();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..1000 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let path = match i % 4 {
+            0 => format!("/junk/{seed:x}"),
+            1 => format!("/v1/{seed:x}/{i}"),
+            2 => format!("/forkd.v1.SandboxService/Nope{seed:x}"),
+            _ => format!("/{seed:x}.php"),
+        };
+        let r = c.get(url(&d, &path)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        r.bytes().await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let after = loop {
+        let after = series(&d.get("/metrics").send().await.unwrap().text().await.unwrap());
+        if after.len() > before.len() || Instant::now() > deadline {
+            break after;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let new: Vec<&String> = after.difference(&before).filter(|s| !s.contains("\"/metrics\"")).collect();
+    assert!(new.len() <= 1, "junk paths grew series: {new:?}");
+    assert!(new.iter().all(|s| s.contains("rpc=\"unknown\"")), "{new:?}");
 }

@@ -212,10 +212,7 @@ async fn python_snapshot_children_are_real_and_distinct() {
     assert_ne!(alive["exit_code"], 0, "the timed-out process still runs in the guest");
 
     // The CLI streams and exits with the command's code.
-    let out = std::process::Command::new(forkd_integration::cli_bin())
-        .args(["--url", &d.http_url(), "exec", &ids[3], "--", "sh", "-c", "echo via-cli; exit 3"])
-        .output()
-        .unwrap();
+    let out = d.cli().args(["exec", &ids[3], "--", "sh", "-c", "echo via-cli; exit 3"]).output().unwrap();
     assert_eq!(out.status.code(), Some(3), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "via-cli\n");
 

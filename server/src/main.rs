@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use forkd_server::api::Services;
+use forkd_server::api::{AuthMode, Services};
 use forkd_server::core::Runtime;
 use forkd_server::core::limits::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use forkd_server::core::runtime::{GuestAssets, RuntimeConfig};
-use forkd_server::edge::{self, EdgeConfig, audit::AuditLog, auth::Token};
+use forkd_server::edge::{self, EdgeConfig, audit::AuditLog};
 use forkd_server::host::admission::AdmissionConfig;
 use forkd_server::probe;
 use forkd_server::vmm::accel::AccelChoice;
@@ -23,7 +23,7 @@ use forkd_server::vmm::qemu::{QemuBackend, QemuConfig};
 #[command(name = "forkd-server", version, about, long_about = None)]
 struct Args {
     /// Address to listen on (gRPC and REST share it). A non-loopback address
-    /// needs --token-file and TLS, or --insecure-bind.
+    /// needs TLS, or --insecure-bind.
     #[arg(long, env = "FORKD_BIND", default_value = "127.0.0.1:8889")]
     bind: SocketAddr,
     /// All state lives here: the state store, snapshots, work dirs, sockets.
@@ -33,9 +33,36 @@ struct Args {
     /// Default: <data-dir>/guest, else /var/lib/forkd/guest.
     #[arg(long, env = "FORKD_GUEST_DIR")]
     guest_dir: Option<PathBuf>,
-    /// File holding the bearer token clients must present (≥ 16 bytes).
-    #[arg(long, env = "FORKD_TOKEN_FILE")]
+    /// File holding the bearer token clients must present (≥ 16 bytes,
+    /// readable by its owner only). Default: <data-dir>/token, created with
+    /// 32 random bytes on the first start.
+    #[arg(long, env = "FORKD_TOKEN_FILE", conflicts_with = "no_auth")]
     token_file: Option<PathBuf>,
+    /// Tokens of other principals, TOML (or JSON for a `.json` name):
+    /// `[[tokens]]` entries with `name`, `role` ("admin" or "tenant"),
+    /// `token`, and optional `max_sandboxes` / `max_memory_mib` quotas. A
+    /// tenant sees and drives only what it owns. The --token-file token
+    /// stays the admin. Readable by its owner only.
+    #[arg(long, env = "FORKD_TOKENS_FILE", conflicts_with = "no_auth")]
+    tokens_file: Option<PathBuf>,
+    /// Serve without authentication: anyone who can reach the port drives
+    /// every VM. Loopback --bind only; logged at every start.
+    #[arg(long, env = "FORKD_NO_AUTH")]
+    no_auth: bool,
+    /// A name clients may address the daemon by in `Host` (besides the bind
+    /// address and loopback names): a DNS name, `*.suffix` or `*`.
+    /// Repeatable (comma-separated in the env). Other names get 421.
+    #[arg(long, env = "FORKD_ALLOWED_HOST", value_delimiter = ',')]
+    allowed_host: Vec<String>,
+    /// Connections open at once; more are closed at accept.
+    #[arg(long, env = "FORKD_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
+    /// Seconds a new connection has for its TLS handshake and each
+    /// request's headers; slower ones are closed.
+    #[arg(long, env = "FORKD_HEADER_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    header_timeout_secs: u64,
     /// PEM certificate chain for TLS.
     #[arg(long, env = "FORKD_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -45,7 +72,7 @@ struct Args {
     /// Append one JSON line per request to this file.
     #[arg(long, env = "FORKD_AUDIT_LOG")]
     audit_log: Option<PathBuf>,
-    /// Allow a non-loopback --bind without token and TLS.
+    /// Allow a non-loopback --bind without TLS (the token is still required).
     #[arg(long, env = "FORKD_INSECURE_BIND")]
     insecure_bind: bool,
     /// Accelerator: auto uses KVM only when it can run the guest.
@@ -143,26 +170,55 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
         Some(_) => tracing::warn!("{}", caps.summary()),
     }
 
-    let token = match &args.token_file {
-        Some(p) => {
-            let raw = std::fs::read_to_string(p).with_context(|| format!("read --token-file {}", p.display()))?;
-            Some(Arc::new(Token::parse(&raw).map_err(|e| anyhow::anyhow!("--token-file {}: {e}", p.display()))?))
-        }
-        None => None,
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("create --data-dir {}", args.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    if args.no_auth && !edge::is_loopback(&args.bind) {
+        bail!("--no-auth is for a loopback --bind only; {} is not loopback", args.bind);
+    }
+    let token =
+        if args.no_auth {
+            tracing::warn!(
+                bind = %args.bind,
+                "--no-auth: NO AUTHENTICATION; every local user and process can drive every VM through {}",
+                args.bind
+            );
+            None
+        } else {
+            let loaded = edge::token_file::load_or_create(args.token_file.as_deref(), &data_dir.join("token"))
+                .map_err(|e| match &args.token_file {
+                    Some(_) => anyhow::anyhow!("--token-file: {e}"),
+                    None => anyhow::anyhow!("{e}"),
+                })?;
+            if loaded.created {
+                tracing::info!(path = %loaded.path.display(), "created a token file; clients on this host read it");
+            } else {
+                tracing::info!(path = %loaded.path.display(), "clients authenticate with the token file");
+            }
+            let mut principals = edge::principals::Principals::admin_only(loaded.token);
+            if let Some(p) = &args.tokens_file {
+                principals = principals.load(p).map_err(|e| anyhow::anyhow!("--tokens-file: {e}"))?;
+                tracing::info!(path = %p.display(), principals = principals.len(), "tokens file loaded");
+            }
+            Some(Arc::new(principals))
+        };
+    let auth_mode = if token.is_some() { AuthMode::Token } else { AuthMode::Off };
+    let allowed_hosts = Arc::new(edge::host_check::AllowedHosts::new(args.bind, &args.allowed_host)?);
+    let limits = edge::conn::ConnLimits {
+        max_connections: args.max_connections as usize,
+        header_timeout: std::time::Duration::from_secs(args.header_timeout_secs),
+        ..Default::default()
     };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some(edge::tls::acceptor(c, k)?),
         _ => None,
     };
-    if !edge::is_loopback(&args.bind) && !args.insecure_bind && (token.is_none() || tls.is_none()) {
+    if !edge::is_loopback(&args.bind) && !args.insecure_bind && tls.is_none() {
         bail!(
-            "refusing to listen on non-loopback {} without --token-file and --tls-cert/--tls-key (pass --insecure-bind to override)",
+            "refusing to listen on non-loopback {} without --tls-cert/--tls-key (pass --insecure-bind to override)",
             args.bind
         );
     }
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("create --data-dir {}", args.data_dir.display()))?;
-    let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let guest_dir = args.guest_dir.clone().unwrap_or_else(|| {
         let own = data_dir.join("guest");
         if own.join("vmlinux").exists() { own } else { PathBuf::from("/var/lib/forkd/guest") }
@@ -247,14 +303,14 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
             }
         });
     }
-    let cfg = EdgeConfig { token, audit, max_body: args.max_body_bytes, tls };
-    let services = Services { rt: rt.clone(), data_dir: data_dir.display().to_string() };
+    let cfg = EdgeConfig { principals: token, audit, max_body: args.max_body_bytes, tls, allowed_hosts, limits };
+    let services = Services { rt: rt.clone(), data_dir: data_dir.display().to_string(), auth: auth_mode };
     let app = edge::app(services, &cfg).await?;
     let listener = tokio::net::TcpListener::bind(args.bind).await.with_context(|| format!("bind {}", args.bind))?;
     let local = listener.local_addr()?;
     // One machine-readable line so scripts and tests can find an ephemeral port.
     println!("forkd-server listening on {}://{local}", if cfg.tls.is_some() { "https" } else { "http" });
-    tracing::info!(%local, tls = cfg.tls.is_some(), auth = cfg.token.is_some(), "serving gRPC and REST");
+    tracing::info!(%local, tls = cfg.tls.is_some(), auth = cfg.principals.is_some(), "serving gRPC and REST");
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
@@ -264,7 +320,7 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
         }
         tracing::info!("shutting down; sandboxes keep running and are adopted on the next start");
     };
-    edge::serve(listener, app, cfg.tls.clone(), shutdown).await?;
+    edge::serve(listener, app, cfg.tls.clone(), cfg.limits, shutdown).await?;
     // Sandboxes outlive the daemon; VMMs waiting in pools serve no one.
     let drained = rt.drain_pools().await;
     if drained > 0 {

@@ -376,6 +376,21 @@ fn vmm_jail(confinement: &str) -> Check {
     }
 }
 
+/// How the daemon authenticates: a daemon without auth is a warning.
+fn auth(mode: &str, sent_token: bool) -> Check {
+    match mode {
+        "off" => check(
+            "auth",
+            Level::Warn,
+            "off (--no-auth): every local user and process can drive every VM",
+            "restart forkd-server without --no-auth; it then creates <data-dir>/token",
+        ),
+        "token" if sent_token => check("auth", Level::Pass, "token required; ours was accepted", ""),
+        // An old daemon does not say; it answered, so our call was allowed.
+        _ => check("auth", Level::Pass, format!("{mode:?}; the call was accepted"), ""),
+    }
+}
+
 async fn daemon(global: &GlobalArgs) -> Vec<Check> {
     let conn = match Conn::connect(global).await {
         Ok(c) => c,
@@ -394,12 +409,10 @@ async fn daemon(global: &GlobalArgs) -> Vec<Check> {
                 check(
                     "daemon",
                     Level::Pass,
-                    format!(
-                        "{} {} ({}, {}: {}); token accepted",
-                        conn.url, v.version, v.backend, v.accel, v.accel_reason
-                    ),
+                    format!("{} {} ({}, {}: {})", conn.url, v.version, v.backend, v.accel, v.accel_reason),
                     "",
                 ),
+                auth(&v.auth, conn.has_token()),
                 vmm_jail(&v.vmm_confinement),
             ];
         }

@@ -48,6 +48,7 @@ def test_wrong_token_is_an_authentication_error(daemon: Daemon) -> None:
 def test_missing_token_is_an_authentication_error(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FORKD_TOKEN", raising=False)
     monkeypatch.delenv("FORKD_TOKEN_FILE", raising=False)
+    monkeypatch.setattr(_common, "DEFAULT_TOKEN_FILE", "/nonexistent/forkd-token")
     with forkd.Client(daemon.url) as c:
         with pytest.raises(forkd.AuthenticationError, match="missing bearer token"):
             c.version()
@@ -159,6 +160,7 @@ def test_environment_configuration(daemon: Daemon, monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("FORKD_TOKEN")
     tf = tmp_path / "token"
     tf.write_text(TOKEN + "\n")
+    tf.chmod(0o600)
     monkeypatch.setenv("FORKD_TOKEN_FILE", str(tf))
     with forkd.Client() as c:
         assert c.snapshots.list() == []
@@ -166,6 +168,29 @@ def test_environment_configuration(daemon: Daemon, monkeypatch: pytest.MonkeyPat
     with forkd.Client(token="another-token-that-is-long-enough") as c:
         with pytest.raises(forkd.AuthenticationError):
             c.snapshots.list()
+
+
+def test_loopback_urls_read_the_daemons_token_file(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    monkeypatch.delenv("FORKD_TOKEN", raising=False)
+    monkeypatch.delenv("FORKD_TOKEN_FILE", raising=False)
+    tf = tmp_path / "token"
+    tf.write_text(TOKEN + "\n")
+    tf.chmod(0o600)
+    monkeypatch.setattr(_common, "DEFAULT_TOKEN_FILE", str(tf))
+    with forkd.Client(daemon.url) as c:
+        assert c.snapshots.list() == []
+    # Never sent to a daemon elsewhere.
+    assert _common.resolve_token(None, _common.parse_url("http://10.1.2.3:8889")) is None
+    assert _common.resolve_token(None, _common.parse_url("http://localhost:8889")) == TOKEN
+    # A file others may read is refused with the fix.
+    tf.chmod(0o644)
+    with pytest.raises(forkd.ForkdError, match="chmod 600"):
+        forkd.Client(daemon.url)
+    monkeypatch.setenv("FORKD_TOKEN_FILE", str(tf))
+    with pytest.raises(forkd.ForkdError, match="chmod 600"):
+        forkd.Client("http://10.1.2.3:1")
 
 
 def test_empty_token_file_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

@@ -30,7 +30,7 @@ from .conftest import E2E_TAG, Daemon
 DOC = Path(__file__).resolve().parents[3] / "docs" / "rest.md"
 EXAMPLE = re.compile(r"<!-- rest-test: (\w+) -->\n```sh\n(.*?)\n```\n(?:```(json|text)\n(.*?)\n```)?", re.S)
 DOC_URL = "FORKD_URL=http://127.0.0.1:8889"
-DOC_TOKEN = "FORKD_TOKEN=$(cat /etc/forkd/token)"
+DOC_TOKEN = "FORKD_TOKEN=$(cat /var/lib/forkd/token)"
 
 
 def examples() -> List[Tuple[str, str, Tuple[str, str]]]:

@@ -1,7 +1,7 @@
 // The forkd client: gRPC over HTTP/2 (Connect's gRPC transport for Node),
 // with an ergonomic layer over the generated service descriptors.
 
-import { readFileSync } from "node:fs";
+import { accessSync, constants as fsConstants, readFileSync, statSync } from "node:fs";
 
 import { createClient, type CallOptions, type Client as RpcClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
@@ -38,7 +38,10 @@ const DEADLINE_GRACE_MS = 30_000;
 export interface ClientOptions {
   /** Default: $FORKD_URL, else http://127.0.0.1:8889. A bare HOST:PORT means http. */
   url?: string;
-  /** Default: $FORKD_TOKEN, else the contents of $FORKD_TOKEN_FILE. */
+  /**
+   * Default: $FORKD_TOKEN, else the contents of $FORKD_TOKEN_FILE, else (loopback
+   * URLs) the daemon's own /var/lib/forkd/token when it may be read.
+   */
   token?: string;
   /** PEM (string/Buffer) or a path to the CA that signed the daemon's
    * certificate, for https URLs. Default: $FORKD_CA_CERT, else system roots. */
@@ -120,21 +123,52 @@ export function parseUrl(raw: string): Normalised {
   return { baseUrl: `${u.protocol}//${u.host}`, secure: u.protocol === "https:" };
 }
 
-function resolveToken(token: string | undefined): string | undefined {
+/** Where the daemon writes its token on a host nobody configured. */
+export const DEFAULT_TOKEN_FILE = "/var/lib/forkd/token";
+
+function readTokenFile(path: string, what: string): string {
+  let text: string;
+  try {
+    const st = statSync(path);
+    const mode = st.mode;
+    // A group that is the caller's own (a pod's fsGroup) shares nothing.
+    const ownGid = process.getegid ? process.getegid() : -1;
+    if (mode & 0o007 || (mode & 0o070 && st.gid !== ownGid)) {
+      const shown = (mode & 0o7777).toString(8).padStart(4, "0");
+      throw new ForkdError(
+        `${what} ${path} may be read by others (mode ${shown}); only its owner may read it: run \`chmod 600 ${path}\``,
+      );
+    }
+    text = readFileSync(path, "utf8").trim();
+  } catch (e) {
+    if (e instanceof ForkdError) throw e;
+    throw new ForkdError(`${what} ${path}: ${(e as Error).message}`);
+  }
+  // An empty token file is a mistake worth reporting, not "no auth".
+  if (!text) throw new ForkdError(`${what} ${path} is empty`);
+  return text;
+}
+
+/** True for a base URL naming this host: localhost, 127/8 or ::1. */
+export function isLoopbackUrl(baseUrl: string): boolean {
+  const host = new URL(baseUrl).hostname.replace(/^\[|\]$/g, "").toLowerCase();
+  if (host === "localhost" || host === "::1") return true;
+  return /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host);
+}
+
+function resolveToken(token: string | undefined, baseUrl: string): string | undefined {
   if (token !== undefined) return token.trim() || undefined;
   const env = process.env.FORKD_TOKEN?.trim();
   if (env) return env;
   const file = process.env.FORKD_TOKEN_FILE?.trim();
-  if (file) {
-    let text: string;
+  if (file) return readTokenFile(file, "FORKD_TOKEN_FILE");
+  if (isLoopbackUrl(baseUrl)) {
     try {
-      text = readFileSync(file, "utf8").trim();
-    } catch (e) {
-      throw new ForkdError(`FORKD_TOKEN_FILE ${file}: ${(e as Error).message}`);
+      accessSync(DEFAULT_TOKEN_FILE, fsConstants.R_OK);
+    } catch {
+      return undefined;
     }
-    // An empty token file is a mistake worth reporting, not "no auth".
-    if (!text) throw new ForkdError(`FORKD_TOKEN_FILE ${file} is empty`);
-    return text;
+    return readTokenFile(DEFAULT_TOKEN_FILE, "token file");
   }
   return undefined;
 }
@@ -252,7 +286,7 @@ export class Client {
   constructor(opts: ClientOptions = {}) {
     const target = parseUrl(opts.url ?? (process.env.FORKD_URL?.trim() || DEFAULT_URL));
     this.url = target.baseUrl;
-    const token = resolveToken(opts.token);
+    const token = resolveToken(opts.token, target.baseUrl);
     const ca = resolveCa(opts.caCert);
     if (ca !== undefined && !target.secure) {
       throw new ForkdError(`a CA certificate was given but ${this.url} is not an https:// URL`);

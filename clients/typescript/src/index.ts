@@ -3,6 +3,7 @@
 
 export {
   Client,
+  DEFAULT_TOKEN_FILE,
   DEFAULT_URL,
   ExecStream,
   Files,
@@ -12,6 +13,7 @@ export {
   Snapshots,
   Workspaces,
   argv,
+  isLoopbackUrl,
   parseUrl,
 } from "./client.js";
 export type { ClientOptions, CreateSnapshotOptions, ExecOptions, ForkOptions, WorkspaceOptions } from "./client.js";

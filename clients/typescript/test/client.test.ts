@@ -1,7 +1,10 @@
 // The client against a real daemon, for everything that needs no VM.
 
 import assert from "node:assert/strict";
+import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 
 import { create } from "@bufbuild/protobuf";
@@ -22,6 +25,7 @@ import {
   UnavailableError,
   UnimplementedError,
   argv,
+  isLoopbackUrl,
   parseUrl,
   toForkdError,
 } from "../src/index.js";
@@ -234,6 +238,35 @@ describe("without a daemon", () => {
     assert.deepEqual(parseUrl("http://[::1]:8889"), { baseUrl: "http://[::1]:8889", secure: false });
     for (const bad of ["", "ftp://h:1", "http://h:1/v1", "http://h:1?x=1"]) {
       assert.throws(() => parseUrl(bad), ForkdError, bad);
+    }
+  });
+
+  it("knows loopback URLs, the only ones sent the local token file", () => {
+    for (const l of ["http://127.0.0.1:8889", "http://localhost:1", "http://[::1]:8889", "http://127.1.2.3:1"]) {
+      assert.ok(isLoopbackUrl(l), l);
+    }
+    for (const r of ["http://10.0.0.1:8889", "https://forkd.forkd.svc:8889", "http://localhost.evil:1"]) {
+      assert.ok(!isLoopbackUrl(r), r);
+    }
+  });
+
+  it("refuses a token file others may read, saying how to fix it", () => {
+    const dir = mkdtempSync(join(tmpdir(), "forkd-ts-token-"));
+    const file = join(dir, "token");
+    writeFileSync(file, TOKEN, { mode: 0o644 });
+    chmodSync(file, 0o644);
+    const saved = { t: process.env.FORKD_TOKEN, f: process.env.FORKD_TOKEN_FILE };
+    delete process.env.FORKD_TOKEN;
+    process.env.FORKD_TOKEN_FILE = file;
+    try {
+      assert.throws(() => new Client({ url: "http://10.1.2.3:1" }), /chmod 600/);
+      chmodSync(file, 0o600);
+      assert.ok(new Client({ url: "http://10.1.2.3:1" }));
+    } finally {
+      if (saved.t !== undefined) process.env.FORKD_TOKEN = saved.t;
+      if (saved.f !== undefined) process.env.FORKD_TOKEN_FILE = saved.f;
+      else delete process.env.FORKD_TOKEN_FILE;
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 

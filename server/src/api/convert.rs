@@ -37,6 +37,8 @@ pub fn snapshot(v: &SnapshotView) -> api::Snapshot {
         volume_slots: r.vm.as_ref().map(|s| s.drives.iter().filter(|d| d.slot).count() as u32).unwrap_or(0),
         warm_ms: r.warm_ms,
         runtime: r.runtime.clone(),
+        owner: r.owner.clone(),
+        shared: r.shared,
     }
 }
 
@@ -65,6 +67,7 @@ pub fn sandbox(r: &SandboxRecord, last_active: i64) -> api::Sandbox {
         backend: r.backend.clone(),
         accel: r.accel.clone(),
         last_active_unix: last_active,
+        owner: r.owner.clone(),
     }
 }
 

@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Services;
+use super::access::principal;
 use super::convert;
 use super::status::not_yet;
 use crate::agent::ExecEvent;
@@ -123,14 +124,34 @@ fn output_cap(asked: u64, max: u64) -> Result<u64, Status> {
     }
 }
 
+/// Children of a fork whose caller went away before the answer: nobody
+/// knows their ids, so nobody would ever use or delete them.
+fn kill_unclaimed_children(
+    rt: std::sync::Arc<crate::core::Runtime>,
+) -> crate::core::operations::Abandoned<Vec<crate::core::store::SandboxRecord>> {
+    Box::new(move |recs| {
+        Box::pin(async move {
+            let ids: Vec<SandboxId> = recs.iter().filter_map(|r| SandboxId::parse(&r.id).ok()).collect();
+            for r in &recs {
+                rt.events.emit_for("abandoned", r, "the caller went away before the fork answered; killing it");
+            }
+            if let Err(e) = rt.delete_sandboxes(&ids, None, false).await {
+                tracing::warn!("killing the children of an abandoned fork: {e}");
+            }
+        })
+    })
+}
+
 #[tonic::async_trait]
 impl SandboxService for Services {
     async fn create_sandboxes(
         &self,
         r: Request<api::CreateSandboxesRequest>,
     ) -> Result<Response<api::CreateSandboxesResponse>, Status> {
+        let p = principal(&r);
         let r = r.into_inner();
         let tag = Tag::parse_field(&r.snapshot_tag, "snapshot_tag").map_err(Error::from)?;
+        self.usable_snapshot(&p, &tag)?;
         if r.hugepages {
             return Err(not_yet("hugepages"));
         }
@@ -155,16 +176,22 @@ impl SandboxService for Services {
         settings.validate_lifecycle()?;
         self.rt.check_network(&settings)?;
         crate::core::limits::validate_limits(&settings)?;
-        let recs = self
-            .rt
-            .create_sandboxes(CreateSandboxes {
-                tag,
-                n: r.n.unwrap_or(1),
-                settings,
-                workspace: String::new(),
-                prewarm: r.prewarm,
-            })
-            .await?;
+        let req = CreateSandboxes {
+            tag,
+            n: r.n.unwrap_or(1),
+            settings,
+            workspace: String::new(),
+            prewarm: r.prewarm,
+            owner: p.owner(),
+            by: (*p).clone(),
+        };
+        let rt = self.rt.clone();
+        let recs = crate::core::operations::owned(
+            "fork",
+            async move { rt.create_sandboxes(req).await },
+            Some(kill_unclaimed_children(self.rt.clone())),
+        )
+        .await?;
         let sandboxes = recs.iter().map(|r| convert::sandbox(r, r.created_at_unix)).collect();
         Ok(Response::new(api::CreateSandboxesResponse { sandboxes }))
     }
@@ -173,6 +200,7 @@ impl SandboxService for Services {
         &self,
         r: Request<api::ListSandboxesRequest>,
     ) -> Result<Response<api::ListSandboxesResponse>, Status> {
+        let p = principal(&r);
         let r = r.into_inner();
         let tag = if r.snapshot_tag.is_empty() {
             None
@@ -184,13 +212,14 @@ impl SandboxService for Services {
             .list_sandboxes(tag.as_ref().map(|t| t.as_str()))
             .await
             .iter()
+            .filter(|r| Self::sees_sandbox(&p, &r.owner))
             .map(|r| convert::sandbox(r, 0))
             .collect();
         Ok(Response::new(api::ListSandboxesResponse { sandboxes, next_page_token: String::new() }))
     }
 
     async fn get_sandbox(&self, r: Request<api::GetSandboxRequest>) -> Result<Response<api::Sandbox>, Status> {
-        let id = sandbox_id(&r.get_ref().id)?;
+        let id = self.own_sandbox(&principal(&r), &r.get_ref().id).await?;
         let sb = self.rt.sandbox(&id).await?;
         Ok(Response::new(convert::live_sandbox(&sb)))
     }
@@ -199,8 +228,13 @@ impl SandboxService for Services {
         &self,
         r: Request<api::DeleteSandboxRequest>,
     ) -> Result<Response<api::DeleteSandboxesResponse>, Status> {
+        let p = principal(&r);
         let id = sandbox_id(&r.get_ref().id)?;
-        let deleted = self.rt.delete_sandboxes(&[id], None, false).await?;
+        // Another tenant's sandbox is deleted as one that does not exist is.
+        if self.own_sandbox(&p, id.as_str()).await.is_err() {
+            return Ok(Response::new(api::DeleteSandboxesResponse { deleted: vec![] }));
+        }
+        let deleted = self.owned("delete", |rt| async move { rt.delete_sandboxes(&[id], None, false).await }).await?;
         Ok(Response::new(api::DeleteSandboxesResponse { deleted }))
     }
 
@@ -208,6 +242,7 @@ impl SandboxService for Services {
         &self,
         r: Request<api::DeleteSandboxesRequest>,
     ) -> Result<Response<api::DeleteSandboxesResponse>, Status> {
+        let p = principal(&r);
         let r = r.into_inner();
         let ids = r.ids.iter().map(|i| sandbox_id(i)).collect::<Result<Vec<_>, _>>()?;
         let tag = if r.snapshot_tag.is_empty() {
@@ -218,12 +253,34 @@ impl SandboxService for Services {
         if ids.is_empty() && tag.is_none() && !r.all {
             return Err(Error::InvalidArgument("invalid ids: name sandboxes, a snapshot_tag, or set all".into()).into());
         }
-        let deleted = self.rt.delete_sandboxes(&ids, tag.as_ref(), r.all).await?;
+        let all = r.all;
+        if !p.is_admin() {
+            // A tenant's "all" and "by tag" mean its own; ids of others'
+            // sandboxes are ignored as unknown ids are.
+            let mine: Vec<SandboxId> = self
+                .rt
+                .list_sandboxes(None)
+                .await
+                .into_iter()
+                .filter(|s| p.owns(&s.owner))
+                .filter(|s| {
+                    all || ids.iter().any(|i| i.as_str() == s.id)
+                        || tag.as_ref().is_some_and(|t| t.as_str() == s.snapshot_tag)
+                })
+                .filter_map(|s| SandboxId::parse(&s.id).ok())
+                .collect();
+            let deleted =
+                self.owned("delete", |rt| async move { rt.delete_sandboxes(&mine, None, false).await }).await?;
+            return Ok(Response::new(api::DeleteSandboxesResponse { deleted }));
+        }
+        let deleted =
+            self.owned("delete", |rt| async move { rt.delete_sandboxes(&ids, tag.as_ref(), all).await }).await?;
         Ok(Response::new(api::DeleteSandboxesResponse { deleted }))
     }
 
     async fn exec(&self, r: Request<api::ExecRequest>) -> Result<Response<api::ExecResponse>, Status> {
         let (id, req) = exec_request(r.get_ref())?;
+        self.own_sandbox(&principal(&r), id.as_str()).await?;
         let cap = output_cap(r.get_ref().max_output_bytes, self.rt.config.max_exec_output_bytes)?;
         let mut stream = self.rt.exec(&id, req).await?;
         let (mut out, mut err) = (Capped::new(cap), Capped::new(cap));
@@ -247,6 +304,7 @@ impl SandboxService for Services {
 
     async fn exec_stream(&self, r: Request<api::ExecRequest>) -> Result<Response<Self::ExecStreamStream>, Status> {
         let (id, req) = exec_request(r.get_ref())?;
+        self.own_sandbox(&principal(&r), id.as_str()).await?;
         let mut stream = self.rt.exec(&id, req).await?;
         let out = async_stream(move |tx| async move {
             loop {
@@ -280,8 +338,9 @@ impl SandboxService for Services {
     }
 
     async fn eval(&self, r: Request<api::EvalRequest>) -> Result<Response<api::EvalResponse>, Status> {
+        let p = principal(&r);
         let r = r.into_inner();
-        let id = sandbox_id(&r.id)?;
+        let id = self.own_sandbox(&p, &r.id).await?;
         if r.timeout_secs > MAX_EXEC_SECS {
             return Err(Error::invalid("timeout_secs", format!("{} exceeds {MAX_EXEC_SECS}", r.timeout_secs)).into());
         }
@@ -297,7 +356,7 @@ impl SandboxService for Services {
     }
 
     async fn ping(&self, r: Request<api::PingRequest>) -> Result<Response<api::PingResponse>, Status> {
-        let id = sandbox_id(&r.get_ref().id)?;
+        let id = self.own_sandbox(&principal(&r), &r.get_ref().id).await?;
         let (p, took) = self.rt.ping(&id).await?;
         Ok(Response::new(api::PingResponse {
             ok: true,
@@ -308,14 +367,13 @@ impl SandboxService for Services {
     }
 
     async fn branch(&self, r: Request<api::BranchRequest>) -> Result<Response<api::Snapshot>, Status> {
+        let p = principal(&r);
         let r = r.into_inner();
-        let id = sandbox_id(&r.id)?;
+        let id = self.own_sandbox(&p, &r.id).await?;
         let tag = if r.tag.is_empty() { None } else { Some(Tag::parse(&r.tag).map_err(Error::from)?) };
         let mode = BranchMode::parse(&r.mode, r.diff)?;
-        let rec = self
-            .rt
-            .branch(BranchRequest { id, tag, mode, measure_only: r.measure_diff, wait: r.wait.unwrap_or(true) })
-            .await?;
+        let req = BranchRequest { id, tag, mode, measure_only: r.measure_diff, wait: r.wait.unwrap_or(true) };
+        let rec = self.owned("branch", |rt| async move { rt.branch(req).await }).await?;
         if r.measure_diff {
             return Ok(Response::new(convert::snapshot(&crate::core::snapshots::SnapshotView {
                 record: rec,
@@ -331,8 +389,9 @@ impl SandboxService for Services {
     type ReadFileStream = BoxStream<api::DataChunk>;
 
     async fn read_file(&self, r: Request<api::ReadFileRequest>) -> Result<Response<Self::ReadFileStream>, Status> {
+        let p = principal(&r);
         let r = r.into_inner();
-        let id = sandbox_id(&r.id)?;
+        let id = self.own_sandbox(&p, &r.id).await?;
         let path = guest_path("path", &r.path)?;
         let sb = self.rt.agent_of(&id).await?;
         // Fail before streaming when the file is missing or too large.
@@ -375,11 +434,12 @@ impl SandboxService for Services {
         &self,
         r: Request<Streaming<api::WriteFileRequest>>,
     ) -> Result<Response<api::FileInfo>, Status> {
+        let p = principal(&r);
         let mut input = r.into_inner();
         let first = input.message().await?.ok_or_else(|| {
             Status::invalid_argument("invalid request: empty stream, the first message must carry id and path")
         })?;
-        let id = sandbox_id(&first.id)?;
+        let id = self.own_sandbox(&p, &first.id).await?;
         let path = guest_path("path", &first.path)?;
         let sb = self.rt.agent_of(&id).await?;
         let upload_id = crate::core::ids::nonce();
@@ -442,8 +502,9 @@ impl SandboxService for Services {
     }
 
     async fn list_files(&self, r: Request<api::ListFilesRequest>) -> Result<Response<api::ListFilesResponse>, Status> {
+        let p = principal(&r);
         let r = r.into_inner();
-        let id = sandbox_id(&r.id)?;
+        let id = self.own_sandbox(&p, &r.id).await?;
         let path = guest_path("path", if r.path.is_empty() { "/" } else { &r.path })?;
         let sb = self.rt.agent_of(&id).await?;
         let l = sb.agent.list_dir(path, FILE_OP_TIMEOUT).await.map_err(Error::from)?;
@@ -451,8 +512,9 @@ impl SandboxService for Services {
     }
 
     async fn stat_file(&self, r: Request<api::StatFileRequest>) -> Result<Response<api::FileInfo>, Status> {
+        let p = principal(&r);
         let r = r.into_inner();
-        let id = sandbox_id(&r.id)?;
+        let id = self.own_sandbox(&p, &r.id).await?;
         let path = guest_path("path", &r.path)?;
         let sb = self.rt.agent_of(&id).await?;
         let st = sb.agent.stat(path, FILE_OP_TIMEOUT).await.map_err(Error::from)?;
@@ -463,8 +525,9 @@ impl SandboxService for Services {
         &self,
         r: Request<api::RemoveFileRequest>,
     ) -> Result<Response<api::RemoveFileResponse>, Status> {
+        let p = principal(&r);
         let r = r.into_inner();
-        let id = sandbox_id(&r.id)?;
+        let id = self.own_sandbox(&p, &r.id).await?;
         let path = guest_path("path", &r.path)?;
         if path == "/" {
             return Err(Error::invalid("path", "refusing to remove /").into());
@@ -475,8 +538,9 @@ impl SandboxService for Services {
     }
 
     async fn renew_sandbox(&self, r: Request<api::RenewSandboxRequest>) -> Result<Response<api::Sandbox>, Status> {
+        let p = principal(&r);
         let r = r.into_inner();
-        let id = sandbox_id(&r.id)?;
+        let id = self.own_sandbox(&p, &r.id).await?;
         let rec = self.rt.renew(&id, r.ttl_secs).await?;
         Ok(Response::new(convert::sandbox(&rec, crate::core::now_unix())))
     }
@@ -487,6 +551,7 @@ impl SandboxService for Services {
         &self,
         r: Request<api::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let p = principal(&r);
         let f = r.into_inner();
         let mut rx = self.rt.events.subscribe();
         let out = async_stream(move |tx| async move {
@@ -496,7 +561,8 @@ impl SandboxService for Services {
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(_) => break,
                 };
-                let keep = (f.sandbox_id.is_empty() || f.sandbox_id == ev.sandbox_id)
+                let keep = p.owns(&ev.owner)
+                    && (f.sandbox_id.is_empty() || f.sandbox_id == ev.sandbox_id)
                     && (f.workspace.is_empty() || f.workspace == ev.workspace)
                     && (f.snapshot_tag.is_empty() || f.snapshot_tag == ev.snapshot_tag);
                 if !keep {

@@ -9,11 +9,14 @@ use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Services;
+use super::access::principal;
 use super::convert;
 use super::status::not_yet;
 use crate::core::Error;
 use crate::core::snapshots::CreateSnapshot;
+use crate::core::snapshots::SnapshotView;
 use crate::core::store::SnapshotStatus;
+use crate::core::tenants::Principal;
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<api::DataChunk, Status>> + Send>>;
 
@@ -24,8 +27,10 @@ fn tag(field: &'static str, v: &str) -> Result<Tag, Status> {
 #[tonic::async_trait]
 impl SnapshotService for Services {
     async fn create_snapshot(&self, r: Request<api::CreateSnapshotRequest>) -> Result<Response<api::Snapshot>, Status> {
+        let p = principal(&r);
         let r = r.into_inner();
         let t = tag("tag", &r.tag)?;
+        crate::edge::audit::acted_on(format!("snapshot {t}"));
         let volumes = crate::core::volumes::parse_all(&r.volumes, &self.rt.config.volume_root)?;
         let req = CreateSnapshot {
             tag: t.clone(),
@@ -36,8 +41,9 @@ impl SnapshotService for Services {
             warm_eval: r.warm_eval,
             labels: r.labels.into_iter().collect(),
             volumes,
+            owner: p.owner(),
         };
-        self.rt.create_snapshot(req).await?;
+        self.owned("snapshot", |rt| async move { rt.create_snapshot(req).await }).await?;
         if r.wait {
             loop {
                 let rec = self.rt.get_snapshot(&t)?;
@@ -48,38 +54,54 @@ impl SnapshotService for Services {
             }
         }
         let view = self.rt.snapshot_view(&t).await?;
-        Ok(Response::new(convert::snapshot(&view)))
+        Ok(Response::new(self.snapshot_for(&p, view).await))
     }
 
     async fn list_snapshots(
         &self,
         r: Request<api::ListSnapshotsRequest>,
     ) -> Result<Response<api::ListSnapshotsResponse>, Status> {
+        let p = principal(&r);
         let r = r.into_inner();
-        let snapshots = self
-            .rt
-            .list_snapshot_views()
-            .await?
-            .iter()
-            .map(convert::snapshot)
-            .filter(|s| r.status.is_empty() || s.status == r.status)
-            .collect();
+        let mut snapshots = vec![];
+        for v in self.rt.list_snapshot_views().await? {
+            if !p.may_use_snapshot(&v.record.owner, v.record.shared) {
+                continue;
+            }
+            let s = self.snapshot_for(&p, v).await;
+            if r.status.is_empty() || s.status == r.status {
+                snapshots.push(s);
+            }
+        }
         Ok(Response::new(api::ListSnapshotsResponse { snapshots, next_page_token: String::new() }))
     }
 
     async fn get_snapshot(&self, r: Request<api::GetSnapshotRequest>) -> Result<Response<api::Snapshot>, Status> {
+        let p = principal(&r);
         let t = tag("tag", &r.get_ref().tag)?;
+        self.usable_snapshot(&p, &t)?;
         let view = self.rt.snapshot_view(&t).await?;
-        Ok(Response::new(convert::snapshot(&view)))
+        Ok(Response::new(self.snapshot_for(&p, view).await))
     }
 
     async fn delete_snapshot(
         &self,
         r: Request<api::DeleteSnapshotRequest>,
     ) -> Result<Response<api::DeleteSnapshotResponse>, Status> {
+        let p = principal(&r);
         let r = r.into_inner();
         let t = tag("tag", &r.tag)?;
-        let (deleted, orphaned) = self.rt.delete_snapshot(&t, r.cascade, r.force).await?;
+        self.own_snapshot(&p, &t)?;
+        if !p.is_admin() && (r.cascade || r.force) && !self.owns_subtree(&p, &t)? {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {:?} has dependents that are not yours; it cannot be deleted with cascade or force",
+                t.as_str()
+            ))
+            .into());
+        }
+        let (cascade, force, t2) = (r.cascade, r.force, t.clone());
+        let (deleted, orphaned) =
+            self.owned("delete snapshot", |rt| async move { rt.delete_snapshot(&t2, cascade, force).await }).await?;
         Ok(Response::new(api::DeleteSnapshotResponse { deleted, orphaned }))
     }
 
@@ -87,21 +109,44 @@ impl SnapshotService for Services {
         &self,
         r: Request<api::CompactSnapshotRequest>,
     ) -> Result<Response<api::Snapshot>, Status> {
+        let p = principal(&r);
         let from = tag("tag", &r.get_ref().tag)?;
         let to = tag("to", &r.get_ref().to)?;
-        let rec = self.rt.compact(&from, &to).await?;
+        self.usable_snapshot(&p, &from)?;
+        let owner = p.owner();
+        let rec = self.owned("compact", |rt| async move { rt.compact(&from, &to, owner).await }).await?;
         let view = self.rt.view_of(rec).await?;
-        Ok(Response::new(convert::snapshot(&view)))
+        Ok(Response::new(self.snapshot_for(&p, view).await))
     }
 
     async fn derive_snapshot(&self, r: Request<api::DeriveSnapshotRequest>) -> Result<Response<api::Snapshot>, Status> {
+        let p = principal(&r);
         let r = r.into_inner();
         let from = tag("from_tag", &r.from_tag)?;
         let to = tag("tag", &r.tag)?;
+        self.usable_snapshot(&p, &from)?;
+        let by = (*p).clone();
         let secs = if r.timeout_secs == 0 { 300 } else { r.timeout_secs.min(24 * 3600) };
-        let rec = self.rt.derive(&from, &to, r.exec, Duration::from_secs(secs as u64)).await?;
+        let exec = r.exec;
+        let rec =
+            self.owned("derive", |rt| async move {
+                rt.derive(&from, &to, exec, Duration::from_secs(secs as u64), by).await
+            })
+            .await?;
         let view = self.rt.view_of(rec).await?;
-        Ok(Response::new(convert::snapshot(&view)))
+        Ok(Response::new(self.snapshot_for(&p, view).await))
+    }
+
+    async fn share_snapshot(&self, r: Request<api::ShareSnapshotRequest>) -> Result<Response<api::Snapshot>, Status> {
+        let p = principal(&r);
+        let t = tag("tag", &r.get_ref().tag)?;
+        self.own_snapshot(&p, &t)?;
+        if !p.is_admin() {
+            return Err(Error::PermissionDenied("only an admin may share or unshare a snapshot".into()).into());
+        }
+        let rec = self.rt.share_snapshot(&t, r.get_ref().shared)?;
+        let view = self.rt.view_of(rec).await?;
+        Ok(Response::new(self.snapshot_for(&p, view).await))
     }
 
     type ExportSnapshotStream = ChunkStream;
@@ -129,5 +174,42 @@ impl SnapshotService for Services {
 
     async fn pull_snapshot(&self, _r: Request<api::PullSnapshotRequest>) -> Result<Response<api::Snapshot>, Status> {
         Err(not_yet("PullSnapshot"))
+    }
+}
+
+impl Services {
+    /// A snapshot as the principal may see it: dependents it may not see
+    /// are left out, and a tenant counts only its own live sandboxes.
+    async fn snapshot_for(&self, p: &Principal, mut view: SnapshotView) -> api::Snapshot {
+        if !p.is_admin() {
+            view.dependents.retain(|d| {
+                self.rt.store.get_snapshot(d).ok().flatten().is_some_and(|r| p.may_use_snapshot(&r.owner, r.shared))
+            });
+        }
+        let mut out = convert::snapshot(&view);
+        if !p.is_admin() {
+            out.live_sandboxes =
+                self.rt.list_sandboxes(Some(&view.record.tag)).await.iter().filter(|s| p.owns(&s.owner)).count() as u32;
+        }
+        out
+    }
+
+    /// Whether every snapshot below `tag` belongs to the principal.
+    fn owns_subtree(&self, p: &Principal, tag: &Tag) -> Result<bool, Status> {
+        let mut todo = vec![tag.to_string()];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(t) = todo.pop() {
+            if !seen.insert(t.clone()) {
+                continue;
+            }
+            for child in self.rt.store.snapshot_children(&t).map_err(Status::from)? {
+                match self.rt.store.get_snapshot(&child).map_err(Status::from)? {
+                    Some(r) if p.owns(&r.owner) => todo.push(child),
+                    Some(_) => return Ok(false),
+                    None => {}
+                }
+            }
+        }
+        Ok(true)
     }
 }

@@ -23,6 +23,7 @@ impl SystemService for Services {
             } else {
                 "off: VMMs run as the daemon's uid without capabilities (--vmm-jail off)".into()
             },
+            auth: self.auth.as_str().into(),
         }))
     }
 }

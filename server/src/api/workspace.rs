@@ -5,6 +5,7 @@ use forkd_api::v1::{self as api, workspace_service_server::WorkspaceService};
 use tonic::{Request, Response, Status};
 
 use super::Services;
+use super::access::principal;
 use crate::core::Error;
 use crate::core::store::{SandboxSettings, WorkspaceRecord};
 
@@ -31,6 +32,7 @@ pub fn workspace(r: &WorkspaceRecord) -> api::Workspace {
         created_at_unix: r.created_at_unix,
         updated_at_unix: r.updated_at_unix,
         suspended_at_unix: r.suspended_at_unix,
+        owner: r.owner.clone(),
     }
 }
 
@@ -40,9 +42,12 @@ impl WorkspaceService for Services {
         &self,
         r: Request<api::CreateWorkspaceRequest>,
     ) -> Result<Response<api::Workspace>, Status> {
+        let p = principal(&r);
         let r = r.into_inner();
         let n = name(&r.name)?;
+        crate::edge::audit::acted_on(format!("workspace {n}"));
         let source = Tag::parse_field(&r.snapshot_tag, "snapshot_tag").map_err(Error::from)?;
+        self.usable_snapshot(&p, &source)?;
         let settings = SandboxSettings {
             memory_limit_mib: r.memory_limit_mib,
             cpu_quota: r.cpu_quota,
@@ -54,20 +59,24 @@ impl WorkspaceService for Services {
             ..Default::default()
         };
         self.rt.check_network(&settings)?;
-        let rec = self.rt.create_workspace(n, source, settings).await?;
+        let by = (*p).clone();
+        let rec = self
+            .owned("create workspace", |rt| async move { rt.create_workspace(n, source, settings, by).await })
+            .await?;
         Ok(Response::new(workspace(&rec)))
     }
 
     async fn get_workspace(&self, r: Request<api::GetWorkspaceRequest>) -> Result<Response<api::Workspace>, Status> {
         let n = name(&r.get_ref().name)?;
-        Ok(Response::new(workspace(&self.rt.get_workspace(&n)?)))
+        Ok(Response::new(workspace(&self.own_workspace(&principal(&r), &n)?)))
     }
 
     async fn list_workspaces(
         &self,
-        _r: Request<api::ListWorkspacesRequest>,
+        r: Request<api::ListWorkspacesRequest>,
     ) -> Result<Response<api::ListWorkspacesResponse>, Status> {
-        let workspaces = self.rt.list_workspaces()?.iter().map(workspace).collect();
+        let p = principal(&r);
+        let workspaces = self.rt.list_workspaces()?.iter().filter(|w| p.owns(&w.owner)).map(workspace).collect();
         Ok(Response::new(api::ListWorkspacesResponse { workspaces, next_page_token: String::new() }))
     }
 
@@ -76,15 +85,21 @@ impl WorkspaceService for Services {
         r: Request<api::SuspendWorkspaceRequest>,
     ) -> Result<Response<api::Workspace>, Status> {
         let n = name(&r.get_ref().name)?;
-        Ok(Response::new(workspace(&self.rt.suspend_workspace(&n).await?)))
+        self.own_workspace(&principal(&r), &n)?;
+        let rec = self.owned("suspend workspace", |rt| async move { rt.suspend_workspace(&n).await }).await?;
+        Ok(Response::new(workspace(&rec)))
     }
 
     async fn resume_workspace(
         &self,
         r: Request<api::ResumeWorkspaceRequest>,
     ) -> Result<Response<api::Workspace>, Status> {
+        let p = principal(&r);
         let n = name(&r.get_ref().name)?;
-        Ok(Response::new(workspace(&self.rt.resume_workspace(&n).await?)))
+        self.own_workspace(&p, &n)?;
+        let by = (*p).clone();
+        let rec = self.owned("resume workspace", |rt| async move { rt.resume_workspace(&n, by).await }).await?;
+        Ok(Response::new(workspace(&rec)))
     }
 
     async fn delete_workspace(
@@ -92,7 +107,9 @@ impl WorkspaceService for Services {
         r: Request<api::DeleteWorkspaceRequest>,
     ) -> Result<Response<api::DeleteWorkspaceResponse>, Status> {
         let n = name(&r.get_ref().name)?;
-        let deleted_snapshots = self.rt.delete_workspace(&n).await?;
+        self.own_workspace(&principal(&r), &n)?;
+        let deleted_snapshots =
+            self.owned("delete workspace", |rt| async move { rt.delete_workspace(&n).await }).await?;
         Ok(Response::new(api::DeleteWorkspaceResponse { deleted_snapshots }))
     }
 }

@@ -127,6 +127,9 @@ impl Runtime {
             runtime: parent.runtime.clone(),
             physical_size_bytes: 0,
             vm: Some(spec),
+            // A branch belongs to whoever owns the sandbox it was taken from.
+            owner: source.owner.clone(),
+            shared: false,
         };
         self.store.insert_snapshot(&rec)?;
         let staging = self.layout.staging_for(&tag, &ids::nonce());
@@ -149,6 +152,9 @@ impl Runtime {
             let mut control = sb.control.lock().await;
             let t0 = Instant::now();
             control.pause().await?;
+            // Resumes the source if this future stops (a panic) before it
+            // resumes it itself below.
+            let mut resume_guard = ResumeOnDrop(Some(sb.clone()));
             let t_stop = t0.elapsed();
             let inside = (|| -> Result<(Vec<u64>, usize)> {
                 let pages = pagemap.dirty_pages().map_err(|e| Error::internal("read pagemap", e))?;
@@ -164,6 +170,7 @@ impl Runtime {
             let t_save = t0.elapsed();
             // Whatever happened, the source runs again.
             let resumed = control.resume().await;
+            resume_guard.0 = None;
             let pause = t0.elapsed();
             drop(control);
             tracing::info!(
@@ -235,7 +242,7 @@ impl Runtime {
                     let _ = rt.store.ledger_remove("staging", &staging_key);
                     rec.status = SnapshotStatus::Ready;
                     rt.store.update_snapshot(&rec)?;
-                    rt.events.emit("branch_done", rec.branched_from.as_str(), &rec.tag, "");
+                    rt.events.emit_ws("branch_done", rec.branched_from.as_str(), "", &rec.tag, &rec.owner, "");
                     Ok(rec)
                 }
                 Err(e) => {
@@ -264,7 +271,7 @@ impl Runtime {
     }
 
     /// Writes a flat, parentless copy of `tag` as `to`.
-    pub async fn compact(self: &Arc<Self>, tag: &Tag, to: &Tag) -> Result<SnapshotRecord> {
+    pub async fn compact(self: &Arc<Self>, tag: &Tag, to: &Tag, owner: String) -> Result<SnapshotRecord> {
         let src = self.get_snapshot(tag)?;
         if src.status != SnapshotStatus::Ready {
             return Err(Error::FailedPrecondition(format!(
@@ -288,6 +295,8 @@ impl Runtime {
         rec.parent_memory_digest = String::new();
         rec.created_at_unix = now_unix();
         rec.vm = Some(spec);
+        rec.owner = owner;
+        rec.shared = false;
         if final_dir.exists() {
             return Err(Error::AlreadyExists(format!("snapshot {:?} already exists", to.as_str())));
         }
@@ -336,6 +345,7 @@ impl Runtime {
         tag: &Tag,
         args: Vec<String>,
         timeout: Duration,
+        by: super::tenants::Principal,
     ) -> Result<SnapshotRecord> {
         if args.is_empty() {
             return Err(Error::invalid("exec", "must name a command"));
@@ -353,6 +363,8 @@ impl Runtime {
                 settings: Default::default(),
                 workspace: String::new(),
                 prewarm: false,
+                owner: by.owner(),
+                by,
             })
             .await?;
         let id = SandboxId::parse(&kids[0].id)?;
@@ -408,4 +420,22 @@ impl Runtime {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// Resumes a paused sandbox when dropped while still armed, so a branch
+/// that stops between pause and resume never leaves its source paused.
+struct ResumeOnDrop(Option<Arc<super::sandboxes::Sandbox>>);
+
+impl Drop for ResumeOnDrop {
+    fn drop(&mut self) {
+        let Some(sb) = self.0.take() else { return };
+        tracing::warn!(sandbox = %sb.id, "a branch stopped while its source was paused; resuming it");
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(e) = sb.control.lock().await.resume().await {
+                    tracing::warn!(sandbox = %sb.id, "resume after an interrupted branch: {e}");
+                }
+            });
+        }
+    }
 }

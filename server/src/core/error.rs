@@ -19,6 +19,9 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The caller may see the target but not do this to it.
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("{0}")]
     DeadlineExceeded(String),
     #[error("{0}")]

@@ -11,6 +11,8 @@ pub struct Event {
     pub snapshot_tag: String,
     pub reason: String,
     pub at_unix_ms: i64,
+    /// The principal the sandbox belongs to: watchers see their own only.
+    pub owner: String,
 }
 
 pub struct Events {
@@ -24,11 +26,20 @@ impl Default for Events {
 }
 
 impl Events {
-    pub fn emit(&self, kind: &'static str, sandbox_id: &str, snapshot_tag: &str, reason: &str) {
-        self.emit_ws(kind, sandbox_id, "", snapshot_tag, reason);
+    /// An event about a sandbox (its record says workspace, snapshot and owner).
+    pub fn emit_for(&self, kind: &'static str, rec: &super::store::SandboxRecord, reason: &str) {
+        self.emit_ws(kind, &rec.id, &rec.workspace, &rec.snapshot_tag, &rec.owner, reason);
     }
 
-    pub fn emit_ws(&self, kind: &'static str, sandbox_id: &str, workspace: &str, snapshot_tag: &str, reason: &str) {
+    pub fn emit_ws(
+        &self,
+        kind: &'static str,
+        sandbox_id: &str,
+        workspace: &str,
+        snapshot_tag: &str,
+        owner: &str,
+        reason: &str,
+    ) {
         let at_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
@@ -40,6 +51,7 @@ impl Events {
             snapshot_tag: snapshot_tag.into(),
             reason: reason.into(),
             at_unix_ms,
+            owner: owner.into(),
         });
     }
 

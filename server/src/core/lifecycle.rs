@@ -82,7 +82,7 @@ impl Runtime {
             sb.killing.store(true, std::sync::atomic::Ordering::SeqCst);
             crate::vmm::process::kill(sb.pid, sb.start_time, std::time::Duration::from_secs(5)).await;
             if let Some(rec) = self.vmm_exited(&sb, reason.clone()) {
-                self.events.emit_ws("failed", id, &rec.workspace, &rec.snapshot_tag, &reason);
+                self.events.emit_for("failed", &rec, &reason);
                 if !rec.workspace.is_empty() {
                     self.workspace_lost_sandbox(&rec.workspace, &reason);
                 }
@@ -93,7 +93,7 @@ impl Runtime {
             "ttl" => format!("its TTL of {} s ran out", rec.settings.ttl_secs),
             _ => format!("idle for {} s", rec.settings.idle_timeout_secs),
         };
-        self.events.emit_ws("ttl_expired", id, &rec.workspace, &rec.snapshot_tag, &reason);
+        self.events.emit_for("ttl_expired", &rec, &reason);
         if rec.workspace.is_empty() {
             self.delete_sandboxes(&[sid], None, false).await?;
         } else {

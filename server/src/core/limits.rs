@@ -231,9 +231,9 @@ impl Runtime {
         let _ = self.store.ledger_remove("vmm", &crate::vmm::process::ledger_key(sb.pid, sb.start_time));
         self.remove_limits(sb.id.as_str());
         if oom_kills > 0 {
-            self.events.emit_ws("oom", sb.id.as_str(), &rec.workspace, &rec.snapshot_tag, &rec.status_reason);
+            self.events.emit_for("oom", &rec, &rec.status_reason);
         }
-        self.events.emit_ws("exited", sb.id.as_str(), &rec.workspace, &rec.snapshot_tag, &rec.status_reason);
+        self.events.emit_for("exited", &rec, &rec.status_reason);
         Some(rec)
     }
 }

@@ -9,12 +9,14 @@ pub mod ids;
 pub mod lifecycle;
 pub mod limits;
 pub mod network;
+pub mod operations;
 pub mod pool;
 pub mod reconcile;
 pub mod runtime;
 pub mod sandboxes;
 pub mod snapshots;
 pub mod store;
+pub mod tenants;
 pub mod volumes;
 pub mod workspaces;
 

@@ -125,6 +125,8 @@ pub struct Runtime {
     pub(crate) branch_slots: Arc<tokio::sync::Semaphore>,
     /// Admission control (host::admission), shared by every request.
     pub admission: crate::host::admission::Admission,
+    /// Children being started, counted against their tenant's quota.
+    pub(crate) tenant_quotas: super::tenants::TenantQuotas,
     /// VMMs started ahead of time, by snapshot.
     pub(crate) pools: super::pool::Pools,
     /// Read-write volume files → the live sandbox holding them.
@@ -162,6 +164,7 @@ impl Runtime {
             pools: Default::default(),
             branch_slots: Arc::new(tokio::sync::Semaphore::new(config.branch_concurrency.max(1))),
             admission: crate::host::admission::Admission::new(config.admission.clone()),
+            tenant_quotas: Default::default(),
             config,
         });
         rt.recover().await?;

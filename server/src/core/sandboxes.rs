@@ -98,6 +98,7 @@ struct SpawnPlan<'a> {
     spec: &'a crate::vmm::VmSpec,
     state: &'a std::path::Path,
     workspace: &'a str,
+    owner: &'a str,
     mounts: &'a [super::volumes::Mount],
 }
 
@@ -110,6 +111,11 @@ pub struct CreateSandboxes {
     pub workspace: String,
     /// Afterwards, keep `n` VMMs of this snapshot started for later spawns.
     pub prewarm: bool,
+    /// Who asked: its quota is checked.
+    pub by: super::tenants::Principal,
+    /// The principal the children belong to (the asker's own name, or
+    /// the workspace's owner).
+    pub owner: String,
 }
 
 impl Runtime {
@@ -148,13 +154,25 @@ impl Runtime {
         if req.settings.memory_limit_mib == 0 {
             req.settings.memory_limit_mib = self.admission.default_memory_limit_mib(snap.mem_mib);
         }
-        let admitted = {
+        let (admitted, _quota) = {
             let live = self.sandboxes.read().await;
             let running = live.values().filter(|s| s.counts_as_live()).count();
+            let held: Vec<super::tenants::Held> = live
+                .values()
+                .filter(|s| s.counts_as_live())
+                .map(|s| s.snapshot())
+                .filter(|r| r.owner == req.by.owner())
+                .map(|r| super::tenants::Held { memory_limit_mib: r.settings.memory_limit_mib })
+                .collect();
+            // The tenant's quota first: a tenant over it learns nothing
+            // about the host's load.
+            let quota = self.tenant_quotas.admit(&req.by, &held, req.n, req.settings.memory_limit_mib)?;
             let cost = crate::host::admission::child_cost_bytes(req.settings.memory_limit_mib, snap.mem_mib);
-            self.admission
+            let admitted = self
+                .admission
                 .admit_children(running, req.n as usize, cost)
-                .map_err(|e| Error::ResourceExhausted(format!("forking {} from {:?}: {e}", req.n, snap.tag)))?
+                .map_err(|e| Error::ResourceExhausted(format!("forking {} from {:?}: {e}", req.n, snap.tag)))?;
+            (admitted, quota)
         };
         let reservation = format!("pending-{}", ids::nonce());
         // A workspace takes back the volumes it kept while suspended.
@@ -170,7 +188,14 @@ impl Runtime {
             if req.settings.network == "nat" { vec![] } else { self.pools.take(&snap.tag, &spec, req.n as usize) };
         let from_pool = pooled.len();
         let slots: Vec<Option<super::pool::Pooled>> = (0..req.n).map(|_| pooled.pop()).collect();
-        let plan = SpawnPlan { tag: &snap.tag, spec: &spec, state: &state, workspace: &req.workspace, mounts: &mounts };
+        let plan = SpawnPlan {
+            tag: &snap.tag,
+            spec: &spec,
+            state: &state,
+            workspace: &req.workspace,
+            owner: &req.owner,
+            mounts: &mounts,
+        };
         let results: Vec<Result<Arc<Sandbox>>> = stream::iter(slots)
             .map(|pooled| {
                 let (plan, settings) = (&plan, req.settings.clone());
@@ -234,7 +259,7 @@ impl Runtime {
         settings: SandboxSettings,
         pooled: Option<super::pool::Pooled>,
     ) -> Result<Arc<Sandbox>> {
-        let SpawnPlan { tag, spec, state, workspace, mounts } = *plan;
+        let SpawnPlan { tag, spec, state, workspace, owner, mounts } = *plan;
         // Daemon-wide: concurrent forks share the VMM start permits.
         let _permit = self.admission.spawn_permit().await;
         let started = Instant::now();
@@ -315,6 +340,7 @@ impl Runtime {
             expires_at_unix,
             net: net.clone(),
             drives: spec.drives.clone(),
+            owner: owner.to_string(),
         };
         self.store.ledger_add("vmm", &process::ledger_key(vm.pid, vm.start_time), id.as_str())?;
         self.store.put_sandbox(&record)?;
@@ -410,8 +436,9 @@ impl Runtime {
         if let Some(child) = child {
             self.watch_exit(sb.clone(), child);
         }
-        self.events.emit_ws("created", id.as_str(), workspace, tag, "");
-        self.events.emit_ws("ready", id.as_str(), workspace, tag, "");
+        let rec = sb.snapshot();
+        self.events.emit_for("created", &rec, "");
+        self.events.emit_for("ready", &rec, "");
         Ok(sb)
     }
 
@@ -468,6 +495,18 @@ impl Runtime {
             let _ = tokio::time::timeout(Duration::from_secs(6), sync).await;
         }
         sb.killing.store(true, Ordering::SeqCst);
+        // Persist the intent first: a daemon that dies from here on finds
+        // the record `killing` and finishes the job when it starts again.
+        let killing = {
+            let mut r = sb.record.lock().unwrap();
+            if r.status == "running" || r.status == "starting" {
+                r.status = "killing".into();
+            }
+            r.clone()
+        };
+        if killing.status == "killing" {
+            let _ = self.store.put_sandbox(&killing);
+        }
         process::kill(sb.pid, sb.start_time, Duration::from_secs(5)).await;
         let _ = self.store.ledger_remove("vmm", &process::ledger_key(sb.pid, sb.start_time));
         self.remove_limits(sb.id.as_str());
@@ -476,17 +515,15 @@ impl Runtime {
         }
         self.remove_workdir(&sb.dir);
         let _ = self.store.delete_sandbox(sb.id.as_str());
-        let (tag, ws) = {
-            let r = sb.record.lock().unwrap();
-            (r.snapshot_tag.clone(), r.workspace.clone())
-        };
+        let rec = sb.snapshot();
+        let ws = rec.workspace.clone();
         // A workspace's read-write volumes stay claimed while it is
         // suspended: its state snapshot has them mounted.
         match ws.as_str() {
             "" => self.release_rw_volumes(sb.id.as_str()),
             w => self.transfer_rw_volumes(sb.id.as_str(), &workspace_holder(w)),
         }
-        self.events.emit_ws("killed", sb.id.as_str(), &ws, &tag, "");
+        self.events.emit_for("killed", &rec, "");
         if !ws.is_empty() {
             self.workspace_lost_sandbox(&ws, "it was killed");
         }
@@ -609,9 +646,16 @@ impl Runtime {
                         self.net_teardown(n).await;
                     }
                     self.remove_workdir(&dir);
-                    if rec.status == "starting" {
-                        // Never reported to anyone: forget it.
+                    if rec.status == "starting" || rec.status == "killing" {
+                        // Never reported to anyone, or being deleted when the
+                        // last daemon stopped: finish the delete and forget it.
                         let _ = self.store.delete_sandbox(&rec.id);
+                        if rec.status == "killing" {
+                            self.events.emit_for("killed", &rec, "");
+                            if !rec.workspace.is_empty() {
+                                self.workspace_lost_sandbox(&rec.workspace, "it was killed");
+                            }
+                        }
                         continue;
                     }
                     // A sandbox that ended while no daemon watched it stays

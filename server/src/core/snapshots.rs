@@ -41,6 +41,8 @@ pub struct CreateSnapshot {
     pub warm_eval: String,
     pub labels: std::collections::BTreeMap<String, String>,
     pub volumes: Vec<super::volumes::VolumeSpec>,
+    /// The principal it will belong to.
+    pub owner: String,
 }
 
 /// What GetSnapshot reports beyond the stored record.
@@ -52,6 +54,14 @@ pub struct SnapshotView {
 }
 
 impl Runtime {
+    /// Marks a snapshot shared (every tenant may fork from it) or private.
+    pub fn share_snapshot(&self, tag: &Tag, shared: bool) -> Result<SnapshotRecord> {
+        let mut rec = self.get_snapshot(tag)?;
+        rec.shared = shared;
+        self.store.update_snapshot(&rec)?;
+        Ok(rec)
+    }
+
     pub async fn create_snapshot(self: &Arc<Self>, req: CreateSnapshot) -> Result<SnapshotRecord> {
         if !(1..=64).contains(&req.vcpus) {
             return Err(Error::invalid("vcpus", format!("{} is outside 1..=64", req.vcpus)));
@@ -104,6 +114,8 @@ impl Runtime {
             runtime: if image.runtime == "none" { String::new() } else { image.runtime.clone() },
             physical_size_bytes: 0,
             vm: Some(spec.clone()),
+            owner: req.owner.clone(),
+            shared: false,
         };
         if final_dir.exists() {
             return Err(Error::AlreadyExists(format!("snapshot {:?} already exists on disk", rec.tag)));
@@ -124,10 +136,12 @@ impl Runtime {
             if let Err(e) = rt.store.update_snapshot(&bg) {
                 tracing::error!(tag = %bg.tag, "recording snapshot outcome: {e}");
             }
-            rt.events.emit(
+            rt.events.emit_ws(
                 if bg.status == SnapshotStatus::Ready { "snapshot_ready" } else { "snapshot_failed" },
                 "",
+                "",
                 &bg.tag,
+                &bg.owner,
                 &bg.status_reason,
             );
         });
@@ -281,12 +295,9 @@ impl Runtime {
         if rec.status == SnapshotStatus::Writing {
             return Err(Error::FailedPrecondition(format!("snapshot {:?} is still being written", rec.tag)));
         }
-        if !self.busy_tags.lock().unwrap().insert(rec.tag.clone()) {
-            return Err(Error::FailedPrecondition(format!("snapshot {:?} is being deleted", rec.tag)));
-        }
-        let result = self.delete_snapshot_locked(&rec, cascade, force).await;
-        self.busy_tags.lock().unwrap().remove(&rec.tag);
-        result
+        let _busy = BusyTag::take(&self.busy_tags, &rec.tag)
+            .ok_or_else(|| Error::FailedPrecondition(format!("snapshot {:?} is being deleted", rec.tag)))?;
+        self.delete_snapshot_locked(&rec, cascade, force).await
     }
 
     async fn delete_snapshot_locked(
@@ -353,6 +364,47 @@ impl Runtime {
             self.store.delete_snapshot(t)?;
         }
         Ok((doomed, orphaned))
+    }
+}
+
+/// A tag marked busy for as long as the lease lives: dropped on every path
+/// (an error, a panic, a future dropped mid-way), so no tag stays busy.
+struct BusyTag<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+    tag: String,
+}
+
+impl<'a> BusyTag<'a> {
+    fn take(set: &'a std::sync::Mutex<std::collections::HashSet<String>>, tag: &str) -> Option<Self> {
+        let inserted = set.lock().unwrap_or_else(|p| p.into_inner()).insert(tag.to_string());
+        inserted.then(|| BusyTag { set, tag: tag.to_string() })
+    }
+}
+
+impl Drop for BusyTag<'_> {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.tag);
+    }
+}
+
+#[cfg(test)]
+mod busy_tag_tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_tag_is_released_on_every_path() {
+        let set = std::sync::Mutex::new(std::collections::HashSet::new());
+        {
+            let _a = BusyTag::take(&set, "py").unwrap();
+            assert!(BusyTag::take(&set, "py").is_none(), "one holder at a time");
+        }
+        assert!(set.lock().unwrap().is_empty());
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _b = BusyTag::take(&set, "py").unwrap();
+            panic!("mid-delete");
+        }));
+        assert!(caught.is_err());
+        assert!(BusyTag::take(&set, "py").is_some(), "released by the unwind");
     }
 }
 

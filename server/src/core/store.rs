@@ -78,6 +78,13 @@ pub struct SnapshotRecord {
     /// the one the snapshot was taken from.
     #[serde(default)]
     pub vm: Option<VmSpec>,
+    /// The principal it belongs to ("" = written before owners existed:
+    /// admins only).
+    #[serde(default)]
+    pub owner: String,
+    /// Marked by an admin: every tenant may see it and fork from it.
+    #[serde(default)]
+    pub shared: bool,
 }
 
 impl SnapshotRecord {
@@ -151,6 +158,9 @@ pub struct SandboxRecord {
     /// plugged into slots); empty = the snapshot's.
     #[serde(default)]
     pub drives: Vec<crate::vmm::Drive>,
+    /// The principal it belongs to ("" = admins only).
+    #[serde(default)]
+    pub owner: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,6 +186,9 @@ pub struct WorkspaceRecord {
     /// Counts suspends, so every state snapshot gets a fresh tag.
     #[serde(default)]
     pub generation: u64,
+    /// The principal it belongs to ("" = admins only).
+    #[serde(default)]
+    pub owner: String,
 }
 
 /// One host resource forkd owns: recorded before it is created, removed after
@@ -451,7 +464,20 @@ mod tests {
             runtime: "python".into(),
             physical_size_bytes: 0,
             vm: None,
+            owner: "a".into(),
+            shared: false,
         }
+    }
+
+    #[test]
+    fn records_from_before_owners_load_as_admin_only() {
+        // A record written by an earlier version has no owner or shared key.
+        let mut v = serde_json::to_value(snap("old", None)).unwrap();
+        v.as_object_mut().unwrap().remove("owner");
+        v.as_object_mut().unwrap().remove("shared");
+        let r: SnapshotRecord = serde_json::from_value(v).unwrap();
+        assert_eq!((r.owner.as_str(), r.shared), ("", false));
+        assert!(!crate::core::tenants::Principal::admin().owner().is_empty());
     }
 
     #[test]

@@ -47,6 +47,7 @@ impl Runtime {
         name: WorkspaceName,
         source: Tag,
         settings: SandboxSettings,
+        by: super::tenants::Principal,
     ) -> Result<WorkspaceRecord> {
         settings.validate_lifecycle()?;
         let lock = self.workspace_lock(name.as_str());
@@ -73,10 +74,11 @@ impl Runtime {
             suspended_at_unix: 0,
             ttl_used_secs: 0,
             generation: 0,
+            owner: by.owner(),
         };
         // The record first: the name is taken before any VM exists.
         self.store.insert_workspace(&rec)?;
-        match self.start_workspace_sandbox(&rec, &source).await {
+        match self.start_workspace_sandbox(&rec, &source, by).await {
             Ok(id) => {
                 rec.live_sandbox_id = id;
                 self.store.update_workspace(&rec)?;
@@ -90,7 +92,12 @@ impl Runtime {
         }
     }
 
-    async fn start_workspace_sandbox(self: &Arc<Self>, rec: &WorkspaceRecord, from: &Tag) -> Result<String> {
+    async fn start_workspace_sandbox(
+        self: &Arc<Self>,
+        rec: &WorkspaceRecord,
+        from: &Tag,
+        by: super::tenants::Principal,
+    ) -> Result<String> {
         let mut settings = rec.settings.clone();
         if settings.ttl_secs > 0 {
             let left = (settings.ttl_secs as u64).saturating_sub(rec.ttl_used_secs).max(1);
@@ -103,6 +110,8 @@ impl Runtime {
                 settings,
                 workspace: rec.name.clone(),
                 prewarm: false,
+                by,
+                owner: rec.owner.clone(),
             })
             .await?;
         Ok(kids[0].id.clone())
@@ -140,14 +149,18 @@ impl Runtime {
         rec.updated_at_unix = rec.suspended_at_unix;
         rec.ttl_used_secs += ran_for;
         self.store.update_workspace(&rec)?;
-        self.events.emit_ws("suspended", id.as_str(), &rec.name, &snap.tag, "");
+        self.events.emit_ws("suspended", id.as_str(), &rec.name, &snap.tag, &rec.owner, "");
         if !old_state.is_empty() {
             self.collect_state(&old_state).await;
         }
         Ok(rec)
     }
 
-    pub async fn resume_workspace(self: &Arc<Self>, name: &WorkspaceName) -> Result<WorkspaceRecord> {
+    pub async fn resume_workspace(
+        self: &Arc<Self>,
+        name: &WorkspaceName,
+        by: super::tenants::Principal,
+    ) -> Result<WorkspaceRecord> {
         let lock = self.workspace_lock(name.as_str());
         let _g = lock.lock().await;
         let mut rec = self.get_workspace(name)?;
@@ -156,13 +169,13 @@ impl Runtime {
         }
         let from = if rec.state_tag.is_empty() { &rec.source_snapshot_tag } else { &rec.state_tag };
         let from = Tag::parse(from)?;
-        let id = self.start_workspace_sandbox(&rec, &from).await?;
+        let id = self.start_workspace_sandbox(&rec, &from, by).await?;
         rec.live_sandbox_id = id.clone();
         rec.status = "running".into();
         rec.status_reason = String::new();
         rec.updated_at_unix = now_unix();
         self.store.update_workspace(&rec)?;
-        self.events.emit_ws("resumed", &id, &rec.name, from.as_str(), "");
+        self.events.emit_ws("resumed", &id, &rec.name, from.as_str(), &rec.owner, "");
         Ok(rec)
     }
 

@@ -11,7 +11,9 @@ use http::{HeaderValue, StatusCode, header};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::principals::Principals;
 use super::rest::codes;
+use crate::core::tenants::Principal;
 
 /// Shortest token accepted.
 pub const MIN_TOKEN_BYTES: usize = 16;
@@ -59,6 +61,11 @@ impl Token {
     }
 }
 
+/// The principal a request was made as, for the audit log (a response
+/// extension: the audit layer sits outside authentication).
+#[derive(Clone, Debug)]
+pub struct AuditPrincipal(pub String);
+
 pub fn is_grpc(req: &Request) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
@@ -70,10 +77,19 @@ fn is_open(path: &str) -> bool {
     path == "/healthz" || path.starts_with("/grpc.health.v1.Health/")
 }
 
-/// Middleware: rejects requests without the right bearer token.
-pub async fn require_token(State(token): State<Option<Arc<Token>>>, req: Request, next: Next) -> Response {
-    let Some(token) = token else {
-        return next.run(req).await;
+/// Middleware: rejects requests without a known bearer token, and hands
+/// the token's principal to the services (a request extension). Without
+/// authentication (`--no-auth`) every request is the admin.
+pub async fn require_token(
+    State(principals): State<Option<Arc<Principals>>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Some(principals) = principals else {
+        req.extensions_mut().insert(Arc::new(Principal::admin()));
+        let mut resp = next.run(req).await;
+        resp.extensions_mut().insert(AuditPrincipal("admin (--no-auth)".into()));
+        return resp;
     };
     if is_open(req.uri().path()) {
         return next.run(req).await;
@@ -83,9 +99,15 @@ pub async fn require_token(State(token): State<Option<Arc<Token>>>, req: Request
         let (scheme, rest) = v.split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then_some(rest)
     });
-    match presented {
-        Some(p) if token.matches(p.trim()) => next.run(req).await,
-        _ => {
+    match presented.and_then(|p| principals.find(p.trim())) {
+        Some(principal) => {
+            let name = AuditPrincipal(principal.name.to_string());
+            req.extensions_mut().insert(principal);
+            let mut resp = next.run(req).await;
+            resp.extensions_mut().insert(name);
+            resp
+        }
+        None => {
             let msg = if presented.is_some() {
                 "invalid bearer token"
             } else {

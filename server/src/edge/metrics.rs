@@ -11,6 +11,10 @@ use prometheus::{Encoder, TextEncoder};
 use crate::core::Runtime;
 
 pub struct Metrics {
+    /// gRPC methods served (`package.Service.Method`): the only `rpc`
+    /// labels besides REST's matched routes, `/healthz`, `/metrics` and
+    /// `unknown`, so junk paths cannot grow new series.
+    known_grpc: std::collections::HashSet<String>,
     registry: prometheus::Registry,
     _provider: SdkMeterProvider,
     latency: Histogram<f64>,
@@ -86,9 +90,15 @@ impl Metrics {
             .with_description("Orphaned VMMs, work dirs, cgroups and ledger entries removed by the reconciler")
             .with_callback(|o| o.observe(crate::core::reconcile::orphans_reaped_total(), &[]))
             .build();
-        Ok(Self { registry, _provider: provider, latency })
+        Ok(Self { known_grpc: known_grpc_methods()?, registry, _provider: provider, latency })
     }
 
+    /// Whether `rpc` (`package.Service.Method`) is a method this daemon serves.
+    pub fn is_known_grpc(&self, rpc: &str) -> bool {
+        self.known_grpc.contains(rpc)
+    }
+
+    /// Records one request; `rpc` must be a known name or "unknown".
     pub fn record_request(&self, rpc: &str, protocol: &'static str, code: String, secs: f64) {
         self.latency.record(
             secs,
@@ -101,4 +111,21 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// Every method of forkd's services, health and reflection.
+fn known_grpc_methods() -> anyhow::Result<std::collections::HashSet<String>> {
+    let mut out = std::collections::HashSet::new();
+    for set in [forkd_api::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET] {
+        let pool = prost_reflect::DescriptorPool::decode(set)?;
+        for svc in pool.services() {
+            for m in svc.methods() {
+                out.insert(format!("{}.{}", svc.full_name(), m.name()));
+            }
+        }
+    }
+    for v in ["v1", "v1alpha"] {
+        out.insert(format!("grpc.reflection.{v}.ServerReflection.ServerReflectionInfo"));
+    }
+    Ok(out)
 }

@@ -4,9 +4,13 @@
 
 pub mod audit;
 pub mod auth;
+pub mod conn;
+pub mod host_check;
 pub mod metrics;
+pub mod principals;
 pub mod rest;
 pub mod tls;
+pub mod token_file;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +24,7 @@ use forkd_api::v1::{
     sandbox_service_server::SandboxServiceServer, snapshot_service_server::SnapshotServiceServer,
     system_service_server::SystemServiceServer, workspace_service_server::WorkspaceServiceServer,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
@@ -28,10 +32,14 @@ use crate::api::Services;
 
 /// How the edge is configured.
 pub struct EdgeConfig {
-    pub token: Option<Arc<auth::Token>>,
+    /// Tokens and their principals; `None` under `--no-auth`.
+    pub principals: Option<Arc<principals::Principals>>,
     pub audit: Option<Arc<audit::AuditLog>>,
     pub max_body: usize,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Names the `Host` header may carry besides the bind address and loopback.
+    pub allowed_hosts: Arc<host_check::AllowedHosts>,
+    pub limits: conn::ConnLimits,
 }
 
 /// Largest gRPC message accepted (file chunks, packed snapshots).
@@ -92,18 +100,27 @@ pub async fn app(services: Services, cfg: &EdgeConfig) -> anyhow::Result<Router>
     let observe = audit::Observe { audit: cfg.audit.clone(), metrics };
     Ok(Router::new()
         .fallback_service(dispatch)
-        .layer(axum::middleware::from_fn_with_state(cfg.token.clone(), auth::require_token))
+        .layer(axum::middleware::from_fn_with_state(cfg.principals.clone(), auth::require_token))
+        // The host check runs before auth: a rebinding page learns nothing,
+        // not even whether a token would be needed.
+        .layer(axum::middleware::from_fn_with_state(cfg.allowed_hosts.clone(), host_check::require_known_host))
         .layer(axum::middleware::from_fn_with_state(observe, audit::observe)))
 }
 
-/// Accepts connections until `shutdown` resolves.
+/// Accepts connections until `shutdown` resolves, within `limits`: at
+/// most `max_connections` open (more are closed at once), a deadline on a
+/// new connection's first byte, its TLS handshake and its request headers,
+/// and HTTP/2 keep-alive and stream limits.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: conn::ConnLimits,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let over_limit = Arc::new(conn::RateLimitedWarning::new(std::time::Duration::from_secs(10)));
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => return Ok(()),
@@ -116,25 +133,59 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            if let Some(n) = over_limit.hit() {
+                tracing::warn!(
+                    max = limits.max_connections,
+                    refused_so_far = n,
+                    "connection limit reached; closing new connections (--max-connections)"
+                );
+            }
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(audit::Peer(peer));
                 let app = app.clone();
                 async move { app.oneshot(req.map(Body::new)).await }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .keep_alive_interval(limits.keepalive)
+                .keep_alive_timeout(limits.header_timeout)
+                .max_concurrent_streams(limits.max_streams);
             let result = match tls {
-                Some(acc) => match acc.accept(stream).await {
-                    Ok(s) => builder.serve_connection(TokioIo::new(s), svc).await,
-                    Err(e) => {
+                Some(acc) => match tokio::time::timeout(limits.header_timeout, acc.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        builder
+                            .serve_connection(TokioIo::new(conn::FirstByteDeadline::new(s, limits.header_timeout)), svc)
+                            .await
+                    }
+                    Ok(Err(e)) => {
                         tracing::debug!(%peer, "TLS handshake: {e}");
                         return;
                     }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
                 },
-                None => builder.serve_connection(TokioIo::new(stream), svc).await,
+                None => {
+                    builder
+                        .serve_connection(
+                            TokioIo::new(conn::FirstByteDeadline::new(stream, limits.header_timeout)),
+                            svc,
+                        )
+                        .await
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, "connection: {e}");

@@ -3,6 +3,7 @@ authenticate, and how ergonomic arguments become request messages."""
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from dataclasses import dataclass
@@ -68,8 +69,43 @@ def parse_url(raw: str) -> Target:
     return Target(address=f"{host}:{port}", secure=secure, url=url.rstrip("/"))
 
 
-def resolve_token(token: Optional[str]) -> Optional[str]:
-    """The explicit token, else FORKD_TOKEN, else the contents of FORKD_TOKEN_FILE."""
+DEFAULT_TOKEN_FILE = "/var/lib/forkd/token"
+
+
+def _read_token_file(path: str, what: str) -> str:
+    try:
+        st = os.stat(path)
+        mode = st.st_mode
+        # A group that is the caller's own (a pod's fsGroup) shares nothing.
+        if mode & 0o007 or (mode & 0o070 and st.st_gid != os.getegid()):
+            raise ForkdError(
+                f"{what} {path} may be read by others (mode {mode & 0o7777:04o}); "
+                f"only its owner may read it: run `chmod 600 {path}`"
+            )
+        text = Path(path).read_text().strip()
+    except OSError as e:
+        raise ForkdError(f"{what} {path}: {e}") from None
+    if not text:
+        # An empty token file is a mistake worth reporting, not "no auth".
+        raise ForkdError(f"{what} {path} is empty")
+    return text
+
+
+def is_loopback_address(address: str) -> bool:
+    """True for ``host:port`` naming this host (localhost, 127/8, ::1)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_token(token: Optional[str], target: Optional[Target] = None) -> Optional[str]:
+    """The explicit token, else FORKD_TOKEN, else the contents of
+    FORKD_TOKEN_FILE, else, for a loopback URL, the daemon's own token file
+    (/var/lib/forkd/token) when this user may read it."""
     if token is not None:
         token = token.strip()
         return token or None
@@ -78,14 +114,9 @@ def resolve_token(token: Optional[str]) -> Optional[str]:
         return env
     path = os.environ.get("FORKD_TOKEN_FILE", "").strip()
     if path:
-        try:
-            text = Path(path).read_text().strip()
-        except OSError as e:
-            raise ForkdError(f"FORKD_TOKEN_FILE {path}: {e}") from None
-        if not text:
-            # An empty token file is a mistake worth reporting, not "no auth".
-            raise ForkdError(f"FORKD_TOKEN_FILE {path} is empty")
-        return text
+        return _read_token_file(path, "FORKD_TOKEN_FILE")
+    if target is not None and is_loopback_address(target.address) and os.access(DEFAULT_TOKEN_FILE, os.R_OK):
+        return _read_token_file(DEFAULT_TOKEN_FILE, "token file")
     return None
 
 

@@ -143,7 +143,7 @@ class Client:
             self._channel = grpc.aio.insecure_channel(target.address, options=c.CHANNEL_OPTIONS)
         else:
             self._channel = grpc.aio.secure_channel(target.address, creds, options=c.CHANNEL_OPTIONS)
-        self._rpc = _Rpc(c.resolve_token(token), timeout)
+        self._rpc = _Rpc(c.resolve_token(token, target), timeout)
         self._snap = snapshot_pb2_grpc.SnapshotServiceStub(self._channel)
         self._sb = sandbox_pb2_grpc.SandboxServiceStub(self._channel)
         self._ws = workspace_pb2_grpc.WorkspaceServiceStub(self._channel)

@@ -81,7 +81,8 @@ class Client:
     """A connection to a forkd daemon.
 
     ``url`` defaults to ``$FORKD_URL``, else ``http://127.0.0.1:8889``;
-    ``token`` to ``$FORKD_TOKEN``, else the contents of ``$FORKD_TOKEN_FILE``.
+    ``token`` to ``$FORKD_TOKEN``, else the contents of ``$FORKD_TOKEN_FILE``, else (loopback
+    URLs) the daemon's own ``/var/lib/forkd/token`` when this user may read it.
     For ``https://`` URLs, ``ca_cert`` (PEM bytes or a path; default
     ``$FORKD_CA_CERT``) names the CA that signed the daemon's certificate; the
     system roots are used without it. ``timeout`` (seconds) bounds every call
@@ -105,7 +106,7 @@ class Client:
             self._channel = grpc.insecure_channel(target.address, options=c.CHANNEL_OPTIONS)
         else:
             self._channel = grpc.secure_channel(target.address, creds, options=c.CHANNEL_OPTIONS)
-        self._rpc = _Rpc(c.resolve_token(token), timeout)
+        self._rpc = _Rpc(c.resolve_token(token, target), timeout)
         self._snap = snapshot_pb2_grpc.SnapshotServiceStub(self._channel)
         self._sb = sandbox_pb2_grpc.SandboxServiceStub(self._channel)
         self._ws = workspace_pb2_grpc.WorkspaceServiceStub(self._channel)

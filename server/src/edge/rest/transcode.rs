@@ -40,6 +40,8 @@ impl RestError {
         // specific than its gRPC code's.
         let status = if self.0 == Code::ResourceExhausted && self.1.starts_with(TOO_LARGE) {
             StatusCode::PAYLOAD_TOO_LARGE
+        } else if self.0 == Code::InvalidArgument && self.1.starts_with(UNSUPPORTED_TYPE) {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
         } else {
             codes::http_status(self.0)
         };
@@ -48,6 +50,29 @@ impl RestError {
 }
 
 const TOO_LARGE: &str = "request body exceeds";
+const UNSUPPORTED_TYPE: &str = "unsupported content type";
+
+/// `application/json` or a `+json` type, parameters (charset) aside.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// A body must say it is JSON. A web page can send `text/plain` or a form
+/// to any address without asking first (no CORS preflight); refusing
+/// every other type means such a request changes nothing.
+fn check_content_type(content_type: &str, body_is_empty: bool) -> Result<(), RestError> {
+    let refused = if content_type.is_empty() { !body_is_empty } else { !is_json(content_type) };
+    if refused {
+        let shown: String = content_type.chars().take(60).collect();
+        let got = if shown.is_empty() { "none".to_string() } else { format!("{shown:?}") };
+        return Err(RestError(
+            Code::InvalidArgument,
+            format!("{UNSUPPORTED_TYPE} {got}: a request body must be JSON (content-type: application/json)"),
+        ));
+    }
+    Ok(())
+}
 
 fn json_response(status: StatusCode, v: &serde_json::Value) -> Resp {
     let mut body = serde_json::to_vec(v).unwrap_or_default();
@@ -109,6 +134,8 @@ impl Transcoder {
 
     async fn call(&self, route: &Route, vars: Vec<(String, String)>, req: Request<Body>) -> Result<Resp, RestError> {
         let input = route.rpc.input();
+        // Who is asking travels with the transcoded call.
+        let principal = req.extensions().get::<std::sync::Arc<crate::core::tenants::Principal>>().cloned();
         let query = req.uri().query().unwrap_or("").to_string();
         let content_type =
             req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
@@ -141,25 +168,38 @@ impl Transcoder {
             let mut first = DynamicMessage::new(input.clone());
             apply_query_and_path(&mut first, &input, &query, vars)?;
             let frames = raw_body_frames(first, input.clone(), req.into_body());
-            return self.dispatch(route, Body::from_stream(frames), wants_raw).await;
+            return self.dispatch(route, Body::from_stream(frames), wants_raw, principal).await;
+        }
+        if !content_type.is_empty() {
+            check_content_type(&content_type, false)?;
         }
         let body = axum::body::to_bytes(req.into_body(), self.max_body).await.map_err(|_| too_large(self.max_body))?;
+        check_content_type(&content_type, body.is_empty())?;
         let msg = request_message(route, vars, &query, &body)?;
-        self.dispatch(route, Body::from(grpc_frames::encode(&msg.encode_to_vec())), wants_raw).await
+        self.dispatch(route, Body::from(grpc_frames::encode(&msg.encode_to_vec())), wants_raw, principal).await
     }
 
     /// Sends an encoded gRPC request body through the in-process gRPC
     /// services and turns the answer into REST.
-    async fn dispatch(&self, route: &Route, grpc_body: Body, wants_raw: bool) -> Result<Resp, RestError> {
+    async fn dispatch(
+        &self,
+        route: &Route,
+        grpc_body: Body,
+        wants_raw: bool,
+        principal: Option<std::sync::Arc<crate::core::tenants::Principal>>,
+    ) -> Result<Resp, RestError> {
         let svc = route.rpc.parent_service();
         let uri = format!("/{}/{}", svc.full_name(), route.rpc.name());
-        let grpc_req = Request::builder()
+        let mut grpc_req = Request::builder()
             .method(http::Method::POST)
             .uri(uri)
             .header(header::CONTENT_TYPE, "application/grpc")
             .header("te", "trailers")
             .body(grpc_body)
             .map_err(|e| RestError(Code::Internal, e.to_string()))?;
+        if let Some(p) = principal {
+            grpc_req.extensions_mut().insert(p);
+        }
         let resp = self.grpc.clone().oneshot(grpc_req).await.unwrap_or_else(|e| match e {});
         let output = route.rpc.output();
         let (parts, body) = resp.into_parts();
@@ -514,3 +554,26 @@ impl GrpcReader {
 
 #[cfg(test)]
 mod fuzz_tests;
+
+#[cfg(test)]
+mod content_type_tests {
+    use super::*;
+
+    #[test]
+    fn only_json_bodies_pass() {
+        for ok in
+            ["application/json", "application/json; charset=utf-8", "Application/JSON", "application/merge-patch+json"]
+        {
+            assert!(check_content_type(ok, false).is_ok(), "{ok}");
+        }
+        for bad in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "json"] {
+            let e = check_content_type(bad, false).err().unwrap();
+            assert_eq!(e.into_response().status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{bad}");
+        }
+        assert!(check_content_type("", true).is_ok(), "no body needs no type");
+        assert_eq!(
+            check_content_type("", false).err().unwrap().into_response().status(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
+    }
+}

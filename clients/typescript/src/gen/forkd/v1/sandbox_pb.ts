@@ -889,7 +889,8 @@ export const WatchEventsRequestSchema: GenMessage<WatchEventsRequest> = /*@__PUR
 export type Event = Message<"forkd.v1.Event"> & {
   /**
    * created, ready, exited, killed, ttl_expired, suspended, resumed,
-   * branch_done, oom.
+   * branch_done, oom, abandoned (a child of a fork whose caller went away
+   * before the answer; it is killed next).
    *
    * @generated from field: string kind = 1;
    */

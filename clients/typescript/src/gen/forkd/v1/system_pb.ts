@@ -13,7 +13,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file forkd/v1/system.proto.
  */
 export const file_forkd_v1_system: GenFile = /*@__PURE__*/
-  fileDesc("ChVmb3JrZC92MS9zeXN0ZW0ucHJvdG8SCGZvcmtkLnYxIhMKEUdldFZlcnNpb25SZXF1ZXN0IsYBCgtWZXJzaW9uSW5mbxIPCgd2ZXJzaW9uGAEgASgJEgsKA2FwaRgCIAEoCRIPCgdiYWNrZW5kGAMgASgJEg0KBWFjY2VsGAQgASgJEhQKDGFjY2VsX3JlYXNvbhgFIAEoCRISCgpnaXRfY29tbWl0GAYgASgJEhAKCGRhdGFfZGlyGAcgASgJEhEKCXNhbmRib3hlcxgIIAEoDRIRCglzbmFwc2hvdHMYCSABKA0SFwoPdm1tX2NvbmZpbmVtZW50GAogASgJMmMKDVN5c3RlbVNlcnZpY2USUgoKR2V0VmVyc2lvbhIbLmZvcmtkLnYxLkdldFZlcnNpb25SZXF1ZXN0GhUuZm9ya2QudjEuVmVyc2lvbkluZm8iEILT5JMCChIIL3ZlcnNpb25iBnByb3RvMw", [file_google_api_annotations]);
+  fileDesc("ChVmb3JrZC92MS9zeXN0ZW0ucHJvdG8SCGZvcmtkLnYxIhMKEUdldFZlcnNpb25SZXF1ZXN0ItQBCgtWZXJzaW9uSW5mbxIPCgd2ZXJzaW9uGAEgASgJEgsKA2FwaRgCIAEoCRIPCgdiYWNrZW5kGAMgASgJEg0KBWFjY2VsGAQgASgJEhQKDGFjY2VsX3JlYXNvbhgFIAEoCRISCgpnaXRfY29tbWl0GAYgASgJEhAKCGRhdGFfZGlyGAcgASgJEhEKCXNhbmRib3hlcxgIIAEoDRIRCglzbmFwc2hvdHMYCSABKA0SFwoPdm1tX2NvbmZpbmVtZW50GAogASgJEgwKBGF1dGgYCyABKAkyYwoNU3lzdGVtU2VydmljZRJSCgpHZXRWZXJzaW9uEhsuZm9ya2QudjEuR2V0VmVyc2lvblJlcXVlc3QaFS5mb3JrZC52MS5WZXJzaW9uSW5mbyIQgtPkkwIKEggvdmVyc2lvbmIGcHJvdG8z", [file_google_api_annotations]);
 
 /**
  * @generated from message forkd.v1.GetVersionRequest
@@ -94,6 +94,15 @@ export type VersionInfo = Message<"forkd.v1.VersionInfo"> & {
    * @generated from field: string vmm_confinement = 10;
    */
   vmmConfinement: string;
+
+  /**
+   * How clients are authenticated: "token" (every call but health needs
+   * the bearer token), or "off" (--no-auth: anyone who can reach the
+   * loopback port drives the daemon).
+   *
+   * @generated from field: string auth = 11;
+   */
+  auth: string;
 };
 
 /**

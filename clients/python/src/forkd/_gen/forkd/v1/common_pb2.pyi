@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Snapshot(_message.Message):
-    __slots__ = ("tag", "status", "status_reason", "image", "vcpus", "mem_mib", "kind", "parent_tag", "ancestors", "dependents", "chain_depth", "logical_size_bytes", "physical_size_bytes", "memory_digest", "state_digest", "parent_memory_digest", "created_at_unix", "branched_from", "pause_ms", "dirty_bytes", "backend", "accel", "volumes", "labels", "live_sandboxes", "warm_ms", "runtime", "volume_slots")
+    __slots__ = ("tag", "status", "status_reason", "image", "vcpus", "mem_mib", "kind", "parent_tag", "ancestors", "dependents", "chain_depth", "logical_size_bytes", "physical_size_bytes", "memory_digest", "state_digest", "parent_memory_digest", "created_at_unix", "branched_from", "pause_ms", "dirty_bytes", "backend", "accel", "volumes", "labels", "live_sandboxes", "warm_ms", "runtime", "volume_slots", "owner", "shared")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,8 @@ class Snapshot(_message.Message):
     WARM_MS_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     VOLUME_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     tag: str
     status: str
     status_reason: str
@@ -71,10 +73,12 @@ class Snapshot(_message.Message):
     warm_ms: float
     runtime: str
     volume_slots: int
-    def __init__(self, tag: _Optional[str] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., image: _Optional[str] = ..., vcpus: _Optional[int] = ..., mem_mib: _Optional[int] = ..., kind: _Optional[str] = ..., parent_tag: _Optional[str] = ..., ancestors: _Optional[_Iterable[str]] = ..., dependents: _Optional[_Iterable[str]] = ..., chain_depth: _Optional[int] = ..., logical_size_bytes: _Optional[int] = ..., physical_size_bytes: _Optional[int] = ..., memory_digest: _Optional[str] = ..., state_digest: _Optional[str] = ..., parent_memory_digest: _Optional[str] = ..., created_at_unix: _Optional[int] = ..., branched_from: _Optional[str] = ..., pause_ms: _Optional[float] = ..., dirty_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., accel: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., live_sandboxes: _Optional[int] = ..., warm_ms: _Optional[float] = ..., runtime: _Optional[str] = ..., volume_slots: _Optional[int] = ...) -> None: ...
+    owner: str
+    shared: bool
+    def __init__(self, tag: _Optional[str] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., image: _Optional[str] = ..., vcpus: _Optional[int] = ..., mem_mib: _Optional[int] = ..., kind: _Optional[str] = ..., parent_tag: _Optional[str] = ..., ancestors: _Optional[_Iterable[str]] = ..., dependents: _Optional[_Iterable[str]] = ..., chain_depth: _Optional[int] = ..., logical_size_bytes: _Optional[int] = ..., physical_size_bytes: _Optional[int] = ..., memory_digest: _Optional[str] = ..., state_digest: _Optional[str] = ..., parent_memory_digest: _Optional[str] = ..., created_at_unix: _Optional[int] = ..., branched_from: _Optional[str] = ..., pause_ms: _Optional[float] = ..., dirty_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., accel: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., live_sandboxes: _Optional[int] = ..., warm_ms: _Optional[float] = ..., runtime: _Optional[str] = ..., volume_slots: _Optional[int] = ..., owner: _Optional[str] = ..., shared: _Optional[bool] = ...) -> None: ...
 
 class Sandbox(_message.Message):
-    __slots__ = ("id", "snapshot_tag", "pid", "created_at_unix", "status", "status_reason", "hostname", "memory_limit_mib", "cpu_quota", "pids_limit", "network", "allow", "volumes", "labels", "ttl_secs", "idle_timeout_secs", "expires_at_unix", "spawn_ms", "workspace", "backend", "accel", "last_active_unix")
+    __slots__ = ("id", "snapshot_tag", "pid", "created_at_unix", "status", "status_reason", "hostname", "memory_limit_mib", "cpu_quota", "pids_limit", "network", "allow", "volumes", "labels", "ttl_secs", "idle_timeout_secs", "expires_at_unix", "spawn_ms", "workspace", "backend", "accel", "last_active_unix", "owner")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +108,7 @@ class Sandbox(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ACCEL_FIELD_NUMBER: _ClassVar[int]
     LAST_ACTIVE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     id: str
     snapshot_tag: str
     pid: int
@@ -126,10 +131,11 @@ class Sandbox(_message.Message):
     backend: str
     accel: str
     last_active_unix: int
-    def __init__(self, id: _Optional[str] = ..., snapshot_tag: _Optional[str] = ..., pid: _Optional[int] = ..., created_at_unix: _Optional[int] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., hostname: _Optional[str] = ..., memory_limit_mib: _Optional[int] = ..., cpu_quota: _Optional[float] = ..., pids_limit: _Optional[int] = ..., network: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_secs: _Optional[int] = ..., idle_timeout_secs: _Optional[int] = ..., expires_at_unix: _Optional[int] = ..., spawn_ms: _Optional[float] = ..., workspace: _Optional[str] = ..., backend: _Optional[str] = ..., accel: _Optional[str] = ..., last_active_unix: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, id: _Optional[str] = ..., snapshot_tag: _Optional[str] = ..., pid: _Optional[int] = ..., created_at_unix: _Optional[int] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., hostname: _Optional[str] = ..., memory_limit_mib: _Optional[int] = ..., cpu_quota: _Optional[float] = ..., pids_limit: _Optional[int] = ..., network: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_secs: _Optional[int] = ..., idle_timeout_secs: _Optional[int] = ..., expires_at_unix: _Optional[int] = ..., spawn_ms: _Optional[float] = ..., workspace: _Optional[str] = ..., backend: _Optional[str] = ..., accel: _Optional[str] = ..., last_active_unix: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class Workspace(_message.Message):
-    __slots__ = ("name", "status", "status_reason", "live_sandbox_id", "source_snapshot_tag", "state_tag", "memory_limit_mib", "cpu_quota", "network", "volumes", "labels", "ttl_secs", "idle_timeout_secs", "created_at_unix", "updated_at_unix", "suspended_at_unix")
+    __slots__ = ("name", "status", "status_reason", "live_sandbox_id", "source_snapshot_tag", "state_tag", "memory_limit_mib", "cpu_quota", "network", "volumes", "labels", "ttl_secs", "idle_timeout_secs", "created_at_unix", "updated_at_unix", "suspended_at_unix", "owner")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +159,7 @@ class Workspace(_message.Message):
     CREATED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
     SUSPENDED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     name: str
     status: str
     status_reason: str
@@ -169,7 +176,8 @@ class Workspace(_message.Message):
     created_at_unix: int
     updated_at_unix: int
     suspended_at_unix: int
-    def __init__(self, name: _Optional[str] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., live_sandbox_id: _Optional[str] = ..., source_snapshot_tag: _Optional[str] = ..., state_tag: _Optional[str] = ..., memory_limit_mib: _Optional[int] = ..., cpu_quota: _Optional[float] = ..., network: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_secs: _Optional[int] = ..., idle_timeout_secs: _Optional[int] = ..., created_at_unix: _Optional[int] = ..., updated_at_unix: _Optional[int] = ..., suspended_at_unix: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., live_sandbox_id: _Optional[str] = ..., source_snapshot_tag: _Optional[str] = ..., state_tag: _Optional[str] = ..., memory_limit_mib: _Optional[int] = ..., cpu_quota: _Optional[float] = ..., network: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_secs: _Optional[int] = ..., idle_timeout_secs: _Optional[int] = ..., created_at_unix: _Optional[int] = ..., updated_at_unix: _Optional[int] = ..., suspended_at_unix: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class DataChunk(_message.Message):
     __slots__ = ("data",)

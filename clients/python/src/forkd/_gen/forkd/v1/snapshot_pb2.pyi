@@ -138,3 +138,11 @@ class PullSnapshotRequest(_message.Message):
     remote: str
     tag: str
     def __init__(self, remote: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
+
+class ShareSnapshotRequest(_message.Message):
+    __slots__ = ("tag", "shared")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    tag: str
+    shared: bool
+    def __init__(self, tag: _Optional[str] = ..., shared: _Optional[bool] = ...) -> None: ...

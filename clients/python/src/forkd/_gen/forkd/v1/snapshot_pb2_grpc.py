@@ -68,6 +68,11 @@ class SnapshotServiceStub:
                 request_serializer=forkd_dot_v1_dot_snapshot__pb2.DeriveSnapshotRequest.SerializeToString,
                 response_deserializer=forkd_dot_v1_dot_common__pb2.Snapshot.FromString,
                 _registered_method=True)
+        self.ShareSnapshot = channel.unary_unary(
+                '/forkd.v1.SnapshotService/ShareSnapshot',
+                request_serializer=forkd_dot_v1_dot_snapshot__pb2.ShareSnapshotRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_common__pb2.Snapshot.FromString,
+                _registered_method=True)
         self.ExportSnapshot = channel.unary_stream(
                 '/forkd.v1.SnapshotService/ExportSnapshot',
                 request_serializer=forkd_dot_v1_dot_snapshot__pb2.ExportSnapshotRequest.SerializeToString,
@@ -141,6 +146,14 @@ class SnapshotServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShareSnapshot(self, request, context):
+        """Marks a snapshot shared (every tenant may see it and fork from it) or
+        private again. Admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExportSnapshot(self, request, context):
         """Streams a packed .tar.zst of the snapshot (and its chain) with a sha256
         manifest.
@@ -201,6 +214,11 @@ def add_SnapshotServiceServicer_to_server(servicer, server):
             'DeriveSnapshot': grpc.unary_unary_rpc_method_handler(
                     servicer.DeriveSnapshot,
                     request_deserializer=forkd_dot_v1_dot_snapshot__pb2.DeriveSnapshotRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_common__pb2.Snapshot.SerializeToString,
+            ),
+            'ShareSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareSnapshot,
+                    request_deserializer=forkd_dot_v1_dot_snapshot__pb2.ShareSnapshotRequest.FromString,
                     response_serializer=forkd_dot_v1_dot_common__pb2.Snapshot.SerializeToString,
             ),
             'ExportSnapshot': grpc.unary_stream_rpc_method_handler(
@@ -388,6 +406,33 @@ class SnapshotService:
             target,
             '/forkd.v1.SnapshotService/DeriveSnapshot',
             forkd_dot_v1_dot_snapshot__pb2.DeriveSnapshotRequest.SerializeToString,
+            forkd_dot_v1_dot_common__pb2.Snapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SnapshotService/ShareSnapshot',
+            forkd_dot_v1_dot_snapshot__pb2.ShareSnapshotRequest.SerializeToString,
             forkd_dot_v1_dot_common__pb2.Snapshot.FromString,
             options,
             channel_credentials,

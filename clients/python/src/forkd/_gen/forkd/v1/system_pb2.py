@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from forkd._gen.google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66orkd/v1/system.proto\x12\x08\x66orkd.v1\x1a\x1cgoogle/api/annotations.proto\"\x13\n\x11GetVersionRequest\"\xc6\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0b\n\x03\x61pi\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\r\n\x05\x61\x63\x63\x65l\x18\x04 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65l_reason\x18\x05 \x01(\t\x12\x12\n\ngit_commit\x18\x06 \x01(\t\x12\x10\n\x08\x64\x61ta_dir\x18\x07 \x01(\t\x12\x11\n\tsandboxes\x18\x08 \x01(\r\x12\x11\n\tsnapshots\x18\t \x01(\r\x12\x17\n\x0fvmm_confinement\x18\n \x01(\t2c\n\rSystemService\x12R\n\nGetVersion\x12\x1b.forkd.v1.GetVersionRequest\x1a\x15.forkd.v1.VersionInfo\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/versionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66orkd/v1/system.proto\x12\x08\x66orkd.v1\x1a\x1cgoogle/api/annotations.proto\"\x13\n\x11GetVersionRequest\"\xd4\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0b\n\x03\x61pi\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\r\n\x05\x61\x63\x63\x65l\x18\x04 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65l_reason\x18\x05 \x01(\t\x12\x12\n\ngit_commit\x18\x06 \x01(\t\x12\x10\n\x08\x64\x61ta_dir\x18\x07 \x01(\t\x12\x11\n\tsandboxes\x18\x08 \x01(\r\x12\x11\n\tsnapshots\x18\t \x01(\r\x12\x17\n\x0fvmm_confinement\x18\n \x01(\t\x12\x0c\n\x04\x61uth\x18\x0b \x01(\t2c\n\rSystemService\x12R\n\nGetVersion\x12\x1b.forkd.v1.GetVersionRequest\x1a\x15.forkd.v1.VersionInfo\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/versionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,7 +37,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETVERSIONREQUEST']._serialized_start=65
   _globals['_GETVERSIONREQUEST']._serialized_end=84
   _globals['_VERSIONINFO']._serialized_start=87
-  _globals['_VERSIONINFO']._serialized_end=285
-  _globals['_SYSTEMSERVICE']._serialized_start=287
-  _globals['_SYSTEMSERVICE']._serialized_end=386
+  _globals['_VERSIONINFO']._serialized_end=299
+  _globals['_SYSTEMSERVICE']._serialized_start=301
+  _globals['_SYSTEMSERVICE']._serialized_end=400
 # @@protoc_insertion_point(module_scope)

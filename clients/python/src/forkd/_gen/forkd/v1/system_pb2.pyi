@@ -10,7 +10,7 @@ class GetVersionRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class VersionInfo(_message.Message):
-    __slots__ = ("version", "api", "backend", "accel", "accel_reason", "git_commit", "data_dir", "sandboxes", "snapshots", "vmm_confinement")
+    __slots__ = ("version", "api", "backend", "accel", "accel_reason", "git_commit", "data_dir", "sandboxes", "snapshots", "vmm_confinement", "auth")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     API_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class VersionInfo(_message.Message):
     SANDBOXES_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
     VMM_CONFINEMENT_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
     version: str
     api: str
     backend: str
@@ -31,4 +32,5 @@ class VersionInfo(_message.Message):
     sandboxes: int
     snapshots: int
     vmm_confinement: str
-    def __init__(self, version: _Optional[str] = ..., api: _Optional[str] = ..., backend: _Optional[str] = ..., accel: _Optional[str] = ..., accel_reason: _Optional[str] = ..., git_commit: _Optional[str] = ..., data_dir: _Optional[str] = ..., sandboxes: _Optional[int] = ..., snapshots: _Optional[int] = ..., vmm_confinement: _Optional[str] = ...) -> None: ...
+    auth: str
+    def __init__(self, version: _Optional[str] = ..., api: _Optional[str] = ..., backend: _Optional[str] = ..., accel: _Optional[str] = ..., accel_reason: _Optional[str] = ..., git_commit: _Optional[str] = ..., data_dir: _Optional[str] = ..., sandboxes: _Optional[int] = ..., snapshots: _Optional[int] = ..., vmm_confinement: _Optional[str] = ..., auth: _Optional[str] = ...) -> None: ...

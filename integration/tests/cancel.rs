@@ -1,0 +1,215 @@
+//! A client that goes away at a random moment abandons only its wait: the
+//! operation it asked for finishes or rolls back inside the daemon. Each
+//! round drops a real gRPC call after a random delay (the HTTP/2 stream is
+//! reset, as a deadline or Ctrl-C would), then checks the host: every VMM
+//! is a listed sandbox and every listed running sandbox has its VMM, no tag
+//! is stuck busy, a branch source answers exec, and at the end nothing
+//! leaked (work dirs, staging, cgroups, ledger rows).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use forkd_api::v1 as api;
+use forkd_integration::{Daemon, Options, vmms_under};
+use serde_json::json;
+
+/// Rounds per operation: bounded so the whole file stays within minutes.
+const ROUNDS: usize = 20;
+
+/// A random delay within the time the call takes when left alone, so most
+/// cuts land while it is working.
+fn within(rng: &mut Lcg, typical: Duration) -> Duration {
+    Duration::from_millis(rng.below(typical.as_millis() as u64 + 1))
+}
+
+/// How long a call takes when nobody cuts it off.
+async fn timed<F: std::future::Future>(call: F) -> (Duration, F::Output) {
+    let t0 = Instant::now();
+    let out = call.await;
+    (t0.elapsed(), out)
+}
+
+/// The pids of the sandboxes listed as running, and of the VMMs on the host.
+async fn pids(d: &Daemon, data: &Path) -> (BTreeSet<u32>, BTreeSet<u32>) {
+    let listed: BTreeSet<u32> = list(d)
+        .await
+        .iter()
+        .filter(|s| s["status"] == "running")
+        .filter_map(|s| s["pid"].as_u64())
+        .map(|p| p as u32)
+        .collect();
+    (listed, vmms_under(data).into_iter().collect())
+}
+
+/// Waits until VMMs and listed running sandboxes agree on two polls in a
+/// row (operations still finishing in the background settle first).
+async fn settled(d: &Daemon, data: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut agreed = 0;
+    loop {
+        let (listed, vmms) = pids(d, data).await;
+        if listed == vmms {
+            agreed += 1;
+            if agreed == 2 {
+                return;
+            }
+        } else {
+            agreed = 0;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: VMMs and listed sandboxes never agreed: listed {listed:?}, VMMs {vmms:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+}
+
+/// The sandbox answers exec: the branch that was cut off resumed it.
+async fn answers(d: &Daemon, id: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, body) = sh_status(&d.http(), &d.http_url(), id, "true", 5).await;
+        if code == 200 && body["exit_code"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{what}: source {id} does not answer exec: {code} {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Once nothing is in flight it answers promptly (a liveness bound, not
+    // a speed target: a paused VM would never answer).
+    let t0 = Instant::now();
+    let (code, body) = sh_status(&d.http(), &d.http_url(), id, "true", 5).await;
+    assert_eq!(code, 200, "{what}: {body}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{what}: exec took {:?}", t0.elapsed());
+}
+
+/// Drops `call` after `delay`; returns whether it finished first.
+async fn cut_off<F: std::future::Future>(delay: Duration, call: F) -> bool {
+    tokio::time::timeout(delay, call).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_cut_off_at_random_moments_finish_or_roll_back() {
+    let _serial = serial().await;
+    let cgroups_before = forkd_cgroups();
+    let data = tempfile::Builder::new().prefix("forkd-cancel-").tempdir_in("/tmp").unwrap();
+    let d = Daemon::start(Options { data_dir: Some(data.path().to_path_buf()), ..Default::default() });
+    let data = data.path().to_path_buf();
+    post_ok(&d, "/v1/snapshots", json!({ "tag": "m", "image": "minimal" })).await;
+    wait_ready(&d, "m").await;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    eprintln!("cancel seed {seed}");
+    let mut rng = Lcg(seed);
+    let mut sb = d.sandboxes().await;
+    let mut snaps = d.snapshots().await;
+    let mut finished = std::collections::BTreeMap::<&str, usize>::new();
+
+    // Fork n=4, cut off.
+    let fork4 = || api::CreateSandboxesRequest { snapshot_tag: "m".into(), n: Some(4), ..Default::default() };
+    let (fork_time, r) = timed(sb.create_sandboxes(fork4())).await;
+    r.unwrap();
+    post_ok(&d, "/v1/sandboxes/delete", json!({ "all": true })).await;
+    for i in 0..ROUNDS {
+        let delay = within(&mut rng, fork_time);
+        let req = fork4();
+        if cut_off(delay, sb.create_sandboxes(req)).await {
+            *finished.entry("fork").or_default() += 1;
+        }
+        settled(&d, &data, &format!("fork round {i} ({delay:?})")).await;
+        // Keep the host small: what a finished fork returned is deleted.
+        if list(&d).await.len() > 8 {
+            post_ok(&d, "/v1/sandboxes/delete", json!({ "all": true })).await;
+        }
+    }
+
+    // Delete-all, cut off.
+    fork(&d, "m", 2).await;
+    let (delete_time, r) =
+        timed(sb.delete_sandboxes(api::DeleteSandboxesRequest { all: true, ..Default::default() })).await;
+    r.unwrap();
+    for i in 0..ROUNDS / 2 {
+        fork(&d, "m", 2).await;
+        let delay = within(&mut rng, delete_time);
+        let req = api::DeleteSandboxesRequest { all: true, ..Default::default() };
+        if cut_off(delay, sb.delete_sandboxes(req)).await {
+            *finished.entry("delete").or_default() += 1;
+        }
+        // The delete finishes in the background: nothing is half-deleted.
+        settled(&d, &data, &format!("delete round {i} ({delay:?})")).await;
+    }
+    post_ok(&d, "/v1/sandboxes/delete", json!({ "all": true })).await;
+
+    // Branch (full and diff, with dirty memory) and delete the snapshot, cut off.
+    let source = fork(&d, "m", 1).await.remove(0);
+    let full = api::BranchRequest { id: source.clone(), tag: "bt".into(), mode: "full".into(), ..Default::default() };
+    let (branch_time, r) = timed(sb.branch(full)).await;
+    r.unwrap();
+    let (snap_delete_time, r) = timed(snaps.delete_snapshot(api::DeleteSnapshotRequest {
+        tag: "bt".into(),
+        force: true,
+        ..Default::default()
+    }))
+    .await;
+    r.unwrap();
+    eprintln!(
+        "uncut: fork {fork_time:?}, delete {delete_time:?}, branch {branch_time:?}, snapshot delete {snap_delete_time:?}"
+    );
+    for i in 0..ROUNDS {
+        // Dirty memory for the diff to carry (tmpfs pages live in guest RAM).
+        sh(
+            &d,
+            &source,
+            "for t in /tmp /dev/shm /run; do head -c 4000000 /dev/urandom > $t/dirty 2>/dev/null && break; done; true",
+        )
+        .await;
+        let mode = if i % 2 == 0 { "full" } else { "diff" };
+        let tag = format!("b{i}");
+        let delay = within(&mut rng, branch_time);
+        let req = api::BranchRequest { id: source.clone(), tag: tag.clone(), mode: mode.into(), ..Default::default() };
+        if cut_off(delay, sb.branch(req)).await {
+            *finished.entry("branch").or_default() += 1;
+        }
+        answers(&d, &source, &format!("branch {mode} round {i} ({delay:?})")).await;
+        // Wait for the branch to be written (or gone), then delete it, cut off.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let r = d.get(&format!("/v1/snapshots/{tag}/info")).send().await.unwrap();
+            let gone = r.status() == 404;
+            let v: serde_json::Value = r.json().await.unwrap();
+            if gone || v["status"] != "writing" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "branch {tag} never finished writing");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let delay = within(&mut rng, snap_delete_time);
+        let req = api::DeleteSnapshotRequest { tag: tag.clone(), force: true, ..Default::default() };
+        if cut_off(delay, snaps.delete_snapshot(req)).await {
+            *finished.entry("snapshot delete").or_default() += 1;
+        }
+        // No tag stays busy: the delete finished, or a new one succeeds.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = d.delete(&format!("/v1/snapshots/{tag}?force=true")).send().await.unwrap();
+            let status = r.status().as_u16();
+            let body = r.text().await.unwrap();
+            if status == 200 || status == 404 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "snapshot {tag} stuck: {status} {body}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        settled(&d, &data, &format!("branch round {i}")).await;
+    }
+    eprintln!("calls that answered before the cut: {finished:?} of {ROUNDS} (delete: {})", ROUNDS / 2);
+
+    post_ok(&d, "/v1/sandboxes/delete", json!({ "all": true })).await;
+    let r = d.delete("/v1/snapshots/m").send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let leaked = settled_leaks(&data, &cgroups_before, Duration::from_secs(30)).await;
+    assert!(leaked.is_empty(), "leaked: {leaked:?}");
+}
