@@ -150,6 +150,15 @@ pub enum Command {
     )]
     Compact(CompactArgs),
 
+    /// Share a snapshot with every tenant, or make it private again (admins).
+    #[command(
+        long_about = "Mark a snapshot shared: every tenant of the daemon (--tokens-file) may \
+            see it and fork from it. --off makes it private to its owner (and admins) again; \
+            sandboxes already forked from it keep running.",
+        after_help = "Examples:\n  forkd share py\n  forkd share py --off"
+    )]
+    Share(ShareArgs),
+
     /// Derive a snapshot by running a command in a child of another.
     #[command(
         long_about = "Fork a transient sandbox from --from, run a command in it, save the \
@@ -445,6 +454,17 @@ pub struct RmiArgs {
     /// Delete even if others depend on it; they are left "failed".
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ShareArgs {
+    /// Snapshot to share.
+    #[arg(value_name = "TAG")]
+    pub tag: Tag,
+
+    /// Make it private again.
+    #[arg(long)]
+    pub off: bool,
 }
 
 #[derive(Args, Debug)]
@@ -988,6 +1008,9 @@ mod tests {
         usage_error(&["rmi"]);
         usage_error(&["rmi", "a", "--cascade", "--force"]);
 
+        let Command::Share(a) = ok(&["share", "x", "--off"]).command else { panic!() };
+        assert!(a.off && a.tag.as_str() == "x");
+        usage_error(&["share"]);
         let Command::Compact(a) = ok(&["compact", "x", "--to", "y"]).command else { panic!() };
         assert_eq!((a.tag.as_str(), a.to.as_str()), ("x", "y"));
         usage_error(&["compact", "x"]);

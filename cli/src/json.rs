@@ -48,6 +48,8 @@ pub fn snapshot(s: &Snapshot) -> Value {
         "live_sandboxes": s.live_sandboxes,
         "warm_ms": s.warm_ms,
         "runtime": s.runtime,
+        "owner": s.owner,
+        "shared": s.shared,
     })
 }
 
@@ -75,6 +77,7 @@ pub fn sandbox(s: &Sandbox) -> Value {
         "backend": s.backend,
         "accel": s.accel,
         "last_active_unix": s.last_active_unix,
+        "owner": s.owner,
     })
 }
 
@@ -96,6 +99,7 @@ pub fn workspace(w: &Workspace) -> Value {
         "created_at_unix": w.created_at_unix,
         "updated_at_unix": w.updated_at_unix,
         "suspended_at_unix": w.suspended_at_unix,
+        "owner": w.owner,
     })
 }
 
@@ -110,6 +114,8 @@ pub fn version_info(v: &VersionInfo) -> Value {
         "data_dir": v.data_dir,
         "sandboxes": v.sandboxes,
         "snapshots": v.snapshots,
+        "vmm_confinement": v.vmm_confinement,
+        "auth": v.auth,
     })
 }
 
@@ -185,9 +191,9 @@ mod tests {
     fn every_snapshot_field_is_present() {
         // Field count of forkd.v1.Snapshot; a new field must be added here.
         let v = snapshot(&Snapshot::default());
-        assert_eq!(v.as_object().unwrap().len(), 28);
-        assert_eq!(sandbox(&Sandbox::default()).as_object().unwrap().len(), 22);
-        assert_eq!(workspace(&Workspace::default()).as_object().unwrap().len(), 16);
-        assert_eq!(version_info(&VersionInfo::default()).as_object().unwrap().len(), 9);
+        assert_eq!(v.as_object().unwrap().len(), 30);
+        assert_eq!(sandbox(&Sandbox::default()).as_object().unwrap().len(), 23);
+        assert_eq!(workspace(&Workspace::default()).as_object().unwrap().len(), 17);
+        assert_eq!(version_info(&VersionInfo::default()).as_object().unwrap().len(), 11);
     }
 }

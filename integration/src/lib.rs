@@ -2,6 +2,9 @@
 //! hands out real gRPC and HTTP clients to it. Dropping a `Daemon` stops it
 //! and kills every VM it left behind, so a failing test leaks nothing.
 
+pub mod chaos;
+pub mod support;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -87,6 +87,41 @@ async fn answers(d: &Daemon, id: &str, what: &str) {
     assert!(t0.elapsed() < Duration::from_secs(5), "{what}: exec took {:?}", t0.elapsed());
 }
 
+/// Waits until no operation runs in the daemon (`forkd_operations_in_flight`).
+async fn idle(d: &Daemon, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let m = d.get("/metrics").send().await.unwrap().text().await.unwrap();
+        let n = m
+            .lines()
+            .find(|l| l.starts_with("forkd_operations_in_flight"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .expect("forkd_operations_in_flight in /metrics");
+        if n == 0.0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {n} operations still in flight");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A workspace as REST shows it.
+async fn workspace(d: &Daemon, name: &str) -> serde_json::Value {
+    d.get(&format!("/v1/workspaces/{name}")).send().await.unwrap().json().await.unwrap()
+}
+
+/// Waits for the staging dir to empty (a cut-off write cleans up behind it).
+async fn settled_staging(data: &Path) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if entries(&data.join("staging")).is_empty() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// Drops `call` after `delay`; returns whether it finished first.
 async fn cut_off<F: std::future::Future>(delay: Duration, call: F) -> bool {
     tokio::time::timeout(delay, call).await.is_ok()
@@ -205,6 +240,78 @@ async fn operations_cut_off_at_random_moments_finish_or_roll_back() {
         }
         settled(&d, &data, &format!("branch round {i}")).await;
     }
+    post_ok(&d, "/v1/sandboxes/delete", json!({ "all": true })).await;
+
+    // Compact, cut off: the copy is written whole or not at all, the tag is
+    // never left busy, nothing stays in staging.
+    let compact = |to: &str| api::CompactSnapshotRequest { tag: "m".into(), to: to.into() };
+    let (compact_time, r) = timed(snaps.compact_snapshot(compact("c-probe"))).await;
+    r.unwrap();
+    assert_eq!(d.delete("/v1/snapshots/c-probe").send().await.unwrap().status(), 200);
+    for i in 0..ROUNDS {
+        let to = format!("c{i}");
+        let delay = within(&mut rng, compact_time);
+        if cut_off(delay, snaps.compact_snapshot(compact(&to))).await {
+            *finished.entry("compact").or_default() += 1;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = d.get(&format!("/v1/snapshots/{to}/info")).send().await.unwrap();
+            let status = r.status();
+            let v: serde_json::Value = r.json().await.unwrap();
+            if status == 404 {
+                break;
+            }
+            if v["status"] == "ready" {
+                // A finished copy forks like its source.
+                let kid = fork(&d, &to, 1).await.remove(0);
+                sh(&d, &kid, "true").await;
+                post_ok(&d, "/v1/sandboxes/delete", json!({ "all": true })).await;
+                assert_eq!(d.delete(&format!("/v1/snapshots/{to}")).send().await.unwrap().status(), 200);
+                break;
+            }
+            assert!(Instant::now() < deadline, "compact {to} stuck: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(entries(&data.join("staging")).is_empty() || settled_staging(&data).await, "compact round {i}");
+        settled(&d, &data, &format!("compact round {i}")).await;
+    }
+
+    // Workspace suspend, cut off: the workspace ends running or suspended,
+    // never half-way, and resumes either way.
+    let mut ws = d.workspaces().await;
+    post_ok(&d, "/v1/workspaces", json!({ "name": "w", "snapshot_tag": "m" })).await;
+    let suspend = || api::SuspendWorkspaceRequest { name: "w".into() };
+    let (suspend_time, r) = timed(ws.suspend_workspace(suspend())).await;
+    r.unwrap();
+    post_ok(&d, "/v1/workspaces/w/resume", json!({})).await;
+    for i in 0..ROUNDS {
+        let live = workspace(&d, "w").await["live_sandbox_id"].as_str().unwrap().to_string();
+        sh(&d, &live, "echo round > /tmp/round").await;
+        let delay = within(&mut rng, suspend_time);
+        if cut_off(delay, ws.suspend_workspace(suspend())).await {
+            *finished.entry("workspace suspend").or_default() += 1;
+        }
+        // The suspend finishes (or fails whole) in the background: wait for
+        // the workspace to leave the live sandbox behind or keep it.
+        idle(&d, &format!("workspace suspend round {i}")).await;
+        let v = workspace(&d, "w").await;
+        let listed = list(&d).await.iter().any(|s| s["id"] == live.as_str());
+        let state = match v["status"].as_str().unwrap() {
+            "suspended" if !listed => "suspended",
+            "running" if listed && v["live_sandbox_id"] == live.as_str() => "running",
+            _ => panic!("workspace half-way after round {i}: {v} (live sandbox listed: {listed})"),
+        };
+        if state == "suspended" {
+            post_ok(&d, "/v1/workspaces/w/resume", json!({})).await;
+        }
+        let live = workspace(&d, "w").await["live_sandbox_id"].as_str().unwrap().to_string();
+        assert_eq!(sh(&d, &live, "cat /tmp/round").await["stdout"], "round\n", "suspend round {i} ({state})");
+        settled(&d, &data, &format!("workspace suspend round {i}")).await;
+    }
+    let r = d.delete("/v1/workspaces/w").send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
     eprintln!("calls that answered before the cut: {finished:?} of {ROUNDS} (delete: {})", ROUNDS / 2);
 
     post_ok(&d, "/v1/sandboxes/delete", json!({ "all": true })).await;

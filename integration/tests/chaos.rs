@@ -304,3 +304,37 @@ async fn twenty_live_sandboxes_survive_a_crash_and_take_load() {
     let leaked = settled_leaks(&data, &cgroups_before, Duration::from_secs(15)).await;
     assert!(leaked.is_empty(), "leaked: {leaked:#?}");
 }
+
+/// The bounded CI subset of `forkd-chaos-bench`: fork, exec, branch and
+/// kill with calls cut off by their client and the daemon killed at random
+/// moments; the host agrees with the daemon after every cycle and nothing
+/// is left at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_with_cut_off_calls_and_daemon_kills_leaks_nothing() {
+    let _serial = serial().await;
+    let cfg = forkd_integration::chaos::ChaosConfig {
+        cycles: 40,
+        budget: Duration::from_secs(240),
+        cut_one_in: 2,
+        crash_one_in: 6,
+        ..Default::default()
+    };
+    eprintln!("chaos seed {}", cfg.seed);
+    let r = forkd_integration::chaos::run(&cfg, |l| eprintln!("{l}")).await;
+    eprintln!(
+        "chaos: {} cycles in {:?}, ops {:?}, {} cut off, {} daemon kills, slowest restart {:?}",
+        r.cycles, r.elapsed, r.ops, r.cut_off, r.crashes, r.slowest_restart
+    );
+    assert!(r.cycles >= 20, "only {} cycles ran in the budget", r.cycles);
+    assert!(r.cut_off > 0 && r.crashes > 0, "the run cut nothing off or killed nothing: {r:?}");
+    assert!(r.problems.is_empty(), "{:#?}", r.problems);
+    assert!(r.leaks.is_empty(), "leaked: {:#?}", r.leaks);
+}
+
+/// A daemon killed with many live sandboxes adopts every one on restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_adopts_thirty_live_sandboxes() {
+    let _serial = serial().await;
+    let (adopted, forked) = forkd_integration::chaos::adopt(30, "minimal").await.unwrap();
+    eprintln!("30 sandboxes forked in {forked:?}; adopted after SIGKILL in {adopted:?}");
+}

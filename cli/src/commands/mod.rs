@@ -40,6 +40,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Command::SnapshotInfo(a) => snapshots::info(&conn, a, json).await,
                 Command::Rmi(a) => snapshots::rmi(&conn, a, json).await,
                 Command::Compact(a) => snapshots::compact(&conn, a, json).await,
+                Command::Share(a) => snapshots::share(&conn, a, json).await,
                 Command::SnapshotDiff(a) => snapshots::derive(&conn, a, json).await,
                 Command::Fork(a) => sandboxes::fork(&conn, a, json).await,
                 Command::Ls(a) => sandboxes::ls(&conn, a, json).await,

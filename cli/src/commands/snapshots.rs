@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use forkd_api::v1::{
     BranchRequest, CompactSnapshotRequest, CreateSnapshotRequest, DeleteSnapshotRequest, DeriveSnapshotRequest,
-    GetSnapshotRequest, ListSnapshotsRequest, Snapshot,
+    GetSnapshotRequest, ListSnapshotsRequest, ShareSnapshotRequest, Snapshot,
 };
 use serde_json::Value;
 
 use super::collect_pages;
-use crate::args::{CompactArgs, ImagesArgs, RmiArgs, SnapshotArgs, SnapshotDiffArgs, TagArg};
+use crate::args::{CompactArgs, ImagesArgs, RmiArgs, ShareArgs, SnapshotArgs, SnapshotDiffArgs, TagArg};
 use crate::client::Conn;
 use crate::exit::{CliError, FAILURE, USAGE};
 use crate::json;
@@ -310,6 +310,21 @@ pub async fn compact(conn: &Conn, args: CompactArgs, as_json: bool) -> anyhow::R
     let result = conn.call(conn.snapshots().compact_snapshot(req)).await;
     progress.finish();
     settle_and_show(conn, result?, &format!("snapshot {}", args.to), as_json).await
+}
+
+pub async fn share(conn: &Conn, args: ShareArgs, as_json: bool) -> anyhow::Result<u8> {
+    let req = ShareSnapshotRequest { tag: args.tag.to_string(), shared: !args.off };
+    let snap = conn.call(conn.snapshots().share_snapshot(req)).await?;
+    if as_json {
+        emit_json(&json::snapshot(&snap))?;
+    } else {
+        emit(&format!(
+            "snapshot {} is {}\n",
+            snap.tag,
+            if snap.shared { "shared with every tenant" } else { "private" }
+        ))?;
+    }
+    Ok(0)
 }
 
 /// The argv of `snapshot-diff`: split like a shell, or handed to `sh -c`.

@@ -49,7 +49,7 @@ pub fn sandbox(r: &SandboxRecord, last_active: i64) -> api::Sandbox {
         snapshot_tag: r.snapshot_tag.clone(),
         pid: r.pid,
         created_at_unix: r.created_at_unix,
-        status: r.status.clone(),
+        status: r.status.as_str().into(),
         status_reason: r.status_reason.clone(),
         hostname: r.hostname.clone(),
         memory_limit_mib: s.memory_limit_mib,

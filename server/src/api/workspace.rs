@@ -17,7 +17,7 @@ pub fn workspace(r: &WorkspaceRecord) -> api::Workspace {
     let s = &r.settings;
     api::Workspace {
         name: r.name.clone(),
-        status: r.status.clone(),
+        status: r.status.as_str().into(),
         status_reason: r.status_reason.clone(),
         live_sandbox_id: r.live_sandbox_id.clone(),
         source_snapshot_tag: r.source_snapshot_tag.clone(),

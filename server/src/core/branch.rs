@@ -61,7 +61,8 @@ impl Runtime {
             .map_err(|e| Error::internal("parent memory file", e))?;
         let mapping =
             dirty::find_mapping(sb.pid, &parent_mem).map_err(|e| Error::internal("locate guest memory", e))?;
-        let before = dirty::dirty_pages(sb.pid, &mapping).map_err(|e| Error::internal("read pagemap", e))?;
+        let before = super::blocking::run(|| dirty::dirty_pages(sb.pid, &mapping))
+            .map_err(|e| Error::internal("read pagemap", e))?;
         if req.measure_only {
             let mut rec = parent.clone();
             rec.tag = String::new();
@@ -156,12 +157,12 @@ impl Runtime {
             // resumes it itself below.
             let mut resume_guard = ResumeOnDrop(Some(sb.clone()));
             let t_stop = t0.elapsed();
-            let inside = (|| -> Result<(Vec<u64>, usize)> {
+            let inside = super::blocking::run(|| -> Result<(Vec<u64>, usize)> {
                 let pages = pagemap.dirty_pages().map_err(|e| Error::internal("read pagemap", e))?;
                 let runs = dirty::runs(&pages);
                 let n = buf.copy_from(sb.pid, &mapping, &runs).map_err(|e| Error::internal("copy dirty pages", e))?;
                 Ok((pages, n))
-            })();
+            });
             let t_copy = t0.elapsed();
             let saved = match &inside {
                 Ok(_) => control.save_state(&staging.join("state")).await.map_err(Error::from),

@@ -47,7 +47,7 @@ impl Runtime {
         map.values()
             .filter_map(|sb| {
                 let r = sb.record.lock().unwrap();
-                if r.status != "running" {
+                if r.status != super::state::SandboxStatus::Running {
                     return None;
                 }
                 if sb.agent.failure().is_some() {

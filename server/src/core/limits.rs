@@ -187,7 +187,7 @@ impl Runtime {
                         nix::sys::signal::Signal::SIGKILL,
                     );
                 }
-                match cg.remove(&name, RMDIR_WAIT) {
+                match super::blocking::run(|| cg.remove(&name, RMDIR_WAIT)) {
                     Ok(()) => true,
                     Err(e) => {
                         tracing::warn!(%name, "cgroup not removed yet (the reconciler retries): {e}");
@@ -209,25 +209,24 @@ impl Runtime {
     pub(crate) fn vmm_exited(&self, sb: &Sandbox, why: String) -> Option<SandboxRecord> {
         let name = cgroup::sandbox_name(sb.id.as_str());
         let oom_kills = Cgroups::host().and_then(|cg| cg.oom_kills(&name)).unwrap_or(0);
-        let rec = {
-            let mut rec = sb.record.lock().unwrap();
-            if rec.status != "running" && rec.status != "starting" {
-                return None;
+        let reason = if oom_kills > 0 {
+            format!(
+                "oom: the VMM was killed by the out-of-memory killer at memory_limit_mib = {} \
+                 (the limit covers guest RAM written and the VMM's own memory); {why}",
+                sb.snapshot().settings.memory_limit_mib
+            )
+        } else {
+            why
+        };
+        let rec = match self.transition(sb, super::state::SandboxStatus::Exited, reason, None) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(id = %sb.id, "recording the exit: {e}");
+                sb.snapshot()
             }
-            rec.status = "exited".into();
-            rec.status_reason = if oom_kills > 0 {
-                format!(
-                    "oom: the VMM was killed by the out-of-memory killer at memory_limit_mib = {} \
-                     (the limit covers guest RAM written and the VMM's own memory); {why}",
-                    rec.settings.memory_limit_mib
-                )
-            } else {
-                why
-            };
-            rec.clone()
         };
         tracing::info!(id = %rec.id, reason = %rec.status_reason, "sandbox exited");
-        let _ = self.store.put_sandbox(&rec);
         let _ = self.store.ledger_remove("vmm", &crate::vmm::process::ledger_key(sb.pid, sb.start_time));
         self.remove_limits(sb.id.as_str());
         if oom_kills > 0 {

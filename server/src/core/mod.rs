@@ -2,10 +2,12 @@
 //! store and the resource ledger. Everything here speaks domain types; the
 //! `api` layer translates to and from protobuf.
 
+pub mod blocking;
 pub mod branch;
 pub mod error;
 pub mod events;
 pub mod ids;
+pub mod leases;
 pub mod lifecycle;
 pub mod limits;
 pub mod network;
@@ -15,6 +17,7 @@ pub mod reconcile;
 pub mod runtime;
 pub mod sandboxes;
 pub mod snapshots;
+pub mod state;
 pub mod store;
 pub mod tenants;
 pub mod volumes;

@@ -66,12 +66,17 @@ impl Runtime {
 
     /// One pass: dead VMMs of listed sandboxes, then orphans.
     pub async fn reconcile_once(self: &Arc<Self>) {
+        // Leases dropped without a commit (an operation that panicked).
+        let released = self.release_dropped().await;
+        if released > 0 {
+            tracing::info!(released, "released resources of abandoned leases");
+        }
         let listed: Vec<_> = self.sandboxes.read().await.values().cloned().collect();
         for sb in listed {
             if sb.killing.load(Ordering::SeqCst) {
                 continue;
             }
-            let running = sb.record.lock().unwrap().status == "running";
+            let running = sb.record.lock().unwrap().status == super::state::SandboxStatus::Running;
             if running
                 && !process::is_alive(sb.pid, sb.start_time)
                 && let Some(rec) = self.vmm_exited(&sb, "the VMM process disappeared (found by the reconciler)".into())
@@ -89,7 +94,7 @@ impl Runtime {
         owned.extend(spawning_ids());
         owned.extend(self.pools.ids());
         if let Ok(recs) = self.store.list_sandboxes() {
-            owned.extend(recs.into_iter().filter(|r| r.status != "starting").map(|r| r.id));
+            owned.extend(recs.into_iter().filter(|r| r.status != super::state::SandboxStatus::Starting).map(|r| r.id));
         }
         owned
     }
@@ -176,7 +181,9 @@ impl Runtime {
 
         // Records of spawns that were abandoned half-way.
         if !startup {
-            for r in records.iter().filter(|r| r.status == "starting" && !owned.contains(&r.id)) {
+            for r in
+                records.iter().filter(|r| r.status == super::state::SandboxStatus::Starting && !owned.contains(&r.id))
+            {
                 process::kill(r.pid, r.pid_start, Duration::from_secs(5)).await;
                 let _ = self.store.ledger_remove("vmm", &process::ledger_key(r.pid, r.pid_start));
                 let _ = self.store.delete_sandbox(&r.id);
@@ -242,7 +249,7 @@ impl Runtime {
                 let mut counts: std::collections::BTreeMap<String, u64> =
                     ["starting", "running", "exited"].iter().map(|s| (s.to_string(), 0)).collect();
                 for sb in map.values() {
-                    *counts.entry(sb.record.lock().unwrap().status.clone()).or_default() += 1;
+                    *counts.entry(sb.record.lock().unwrap().status.as_str().to_string()).or_default() += 1;
                 }
                 let v: Vec<(String, u64)> = counts.into_iter().collect();
                 *last.lock().unwrap_or_else(|p| p.into_inner()) = v.clone();

@@ -127,6 +127,8 @@ pub struct Runtime {
     pub admission: crate::host::admission::Admission,
     /// Children being started, counted against their tenant's quota.
     pub(crate) tenant_quotas: super::tenants::TenantQuotas,
+    /// Resources whose leases were dropped without a commit (core::leases).
+    pub(crate) cleanup: Arc<super::leases::CleanupQueue>,
     /// VMMs started ahead of time, by snapshot.
     pub(crate) pools: super::pool::Pools,
     /// Read-write volume files → the live sandbox holding them.
@@ -165,6 +167,7 @@ impl Runtime {
             branch_slots: Arc::new(tokio::sync::Semaphore::new(config.branch_concurrency.max(1))),
             admission: crate::host::admission::Admission::new(config.admission.clone()),
             tenant_quotas: Default::default(),
+            cleanup: Default::default(),
             config,
         });
         rt.recover().await?;

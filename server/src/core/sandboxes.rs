@@ -2,6 +2,8 @@
 //! identity, running work inside them, and killing them without leaving
 //! anything behind.
 
+use super::leases::Resource;
+use super::state::SandboxStatus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -66,19 +68,14 @@ impl Sandbox {
     /// Whether the sandbox holds a VMM (running or starting), and so counts
     /// against --max-sandboxes.
     pub(crate) fn counts_as_live(&self) -> bool {
-        matches!(self.record.lock().unwrap().status.as_str(), "running" | "starting")
+        self.record.lock().unwrap().status.holds_vmm()
     }
 
     /// FAILED_PRECONDITION unless the sandbox is running.
     pub fn ensure_running(&self) -> Result<()> {
         let rec = self.record.lock().unwrap();
-        if rec.status != "running" {
-            return Err(Error::FailedPrecondition(format!(
-                "sandbox {} is {}{}",
-                rec.id,
-                rec.status,
-                if rec.status_reason.is_empty() { String::new() } else { format!(": {}", rec.status_reason) }
-            )));
+        if rec.status != SandboxStatus::Running {
+            return Err(super::state::not_running(&rec));
         }
         Ok(())
     }
@@ -253,7 +250,22 @@ impl Runtime {
         Ok(out)
     }
 
+    /// Starts one child. Whatever it created before failing was held by
+    /// leases (core::leases) and is released before the error is returned.
     async fn spawn_one(
+        self: &Arc<Self>,
+        plan: &SpawnPlan<'_>,
+        settings: SandboxSettings,
+        pooled: Option<super::pool::Pooled>,
+    ) -> Result<Arc<Sandbox>> {
+        let result = self.spawn_leased(plan, settings, pooled).await;
+        if result.is_err() {
+            self.release_dropped().await;
+        }
+        result
+    }
+
+    async fn spawn_leased(
         self: &Arc<Self>,
         plan: &SpawnPlan<'_>,
         settings: SandboxSettings,
@@ -280,19 +292,15 @@ impl Runtime {
         if pooled.is_none() {
             self.create_workdir(&id, &dir)?;
         }
+        // A pooled VMM's dir was made (and ledgered) by the pool.
+        let dir_lease = self.lease(Resource::WorkDir(dir.path().to_path_buf()));
         if settings.network == "nat" && !spec.nic {
-            self.remove_workdir(&dir);
             return Err(Error::FailedPrecondition(format!(
                 "snapshot {tag:?} was made without a network device; bake a new snapshot to use network \"nat\""
             )));
         }
-        let net = match self.net_setup(&id, &settings).await {
-            Ok(n) => n,
-            Err(e) => {
-                self.remove_workdir(&dir);
-                return Err(e);
-            }
-        };
+        let net = self.net_setup(&id, &settings).await?;
+        let net_lease = net.clone().map(|n| self.lease(Resource::Net(n)));
         let attach = match &net {
             Some(n) => crate::vmm::NetAttach::Tap { netns: crate::host::net::netns_path(&n.netns), tap: n.tap.clone() },
             None => crate::vmm::NetAttach::Isolated,
@@ -309,16 +317,8 @@ impl Runtime {
             }
             None => self.backend.restore(spec, state, &dir, &attach).await,
         };
-        let vm = match restored {
-            Ok(vm) => vm,
-            Err(e) => {
-                if let Some(n) = &net {
-                    self.net_teardown(n).await;
-                }
-                self.remove_workdir(&dir);
-                return Err(e.into());
-            }
-        };
+        let vm = restored?;
+        let vmm_lease = self.lease(Resource::Vmm { pid: vm.pid, start: vm.start_time });
         let restored_ms = started.elapsed().as_secs_f64() * 1000.0;
         let hostname = id.as_str().to_string();
         let expires_at_unix = deadline_unix(settings.ttl_secs);
@@ -328,7 +328,7 @@ impl Runtime {
             pid: vm.pid,
             pid_start: vm.start_time,
             created_at_unix: now_unix(),
-            status: "starting".into(),
+            status: SandboxStatus::Starting,
             status_reason: String::new(),
             hostname: hostname.clone(),
             settings,
@@ -343,6 +343,7 @@ impl Runtime {
             owner: owner.to_string(),
         };
         self.store.ledger_add("vmm", &process::ledger_key(vm.pid, vm.start_time), id.as_str())?;
+        let row_lease = self.lease(Resource::SandboxRow(id.to_string()));
         self.store.put_sandbox(&record)?;
         let VmProcess { pid, start_time, control, child, .. } = vm;
         let pids_max = record.settings.pids_limit;
@@ -397,20 +398,19 @@ impl Runtime {
         let (agent, control) = match setup.await {
             Ok(v) => v,
             Err(e) => {
+                // The leases kill the VMM and remove what it used; reap it here.
                 process::kill_and_reap(pid, start_time, child).await;
-                let _ = self.store.ledger_remove("vmm", &process::ledger_key(pid, start_time));
-                let _ = self.store.delete_sandbox(id.as_str());
-                if let Some(n) = &net {
-                    self.net_teardown(n).await;
-                }
-                self.remove_workdir(&dir);
                 return Err(e);
             }
         };
         let mut record = record;
-        record.status = "running".into();
+        record.status = SandboxStatus::Running;
         record.spawn_ms = started.elapsed().as_secs_f64() * 1000.0;
         self.store.put_sandbox(&record)?;
+        // The record owns the VMM, its row, its network and its dir now.
+        for lease in [Some(vmm_lease), Some(row_lease), net_lease, Some(dir_lease)].into_iter().flatten() {
+            lease.commit();
+        }
         // Where a spawn's time goes, cumulative ms from the start.
         tracing::debug!(
             id = %id,
@@ -497,16 +497,7 @@ impl Runtime {
         sb.killing.store(true, Ordering::SeqCst);
         // Persist the intent first: a daemon that dies from here on finds
         // the record `killing` and finishes the job when it starts again.
-        let killing = {
-            let mut r = sb.record.lock().unwrap();
-            if r.status == "running" || r.status == "starting" {
-                r.status = "killing".into();
-            }
-            r.clone()
-        };
-        if killing.status == "killing" {
-            let _ = self.store.put_sandbox(&killing);
-        }
+        let _ = self.transition(sb, SandboxStatus::Killing, "", None);
         process::kill(sb.pid, sb.start_time, Duration::from_secs(5)).await;
         let _ = self.store.ledger_remove("vmm", &process::ledger_key(sb.pid, sb.start_time));
         self.remove_limits(sb.id.as_str());
@@ -621,7 +612,7 @@ impl Runtime {
                 continue;
             };
             let dir = VmDir(self.layout.sandbox_dir(&id));
-            let adopted = if rec.status == "running" && process::is_alive(rec.pid, rec.pid_start) {
+            let adopted = if rec.status == SandboxStatus::Running && process::is_alive(rec.pid, rec.pid_start) {
                 self.adopt_one(&rec, &id, &dir).await
             } else {
                 Err(Error::Unavailable("not running".into()))
@@ -646,11 +637,11 @@ impl Runtime {
                         self.net_teardown(n).await;
                     }
                     self.remove_workdir(&dir);
-                    if rec.status == "starting" || rec.status == "killing" {
+                    if matches!(rec.status, SandboxStatus::Starting | SandboxStatus::Killing) {
                         // Never reported to anyone, or being deleted when the
                         // last daemon stopped: finish the delete and forget it.
                         let _ = self.store.delete_sandbox(&rec.id);
-                        if rec.status == "killing" {
+                        if rec.status == SandboxStatus::Killing {
                             self.events.emit_for("killed", &rec, "");
                             if !rec.workspace.is_empty() {
                                 self.workspace_lost_sandbox(&rec.workspace, "it was killed");
@@ -661,8 +652,8 @@ impl Runtime {
                     // A sandbox that ended while no daemon watched it stays
                     // listed with a terminal state and the reason, until deleted.
                     let mut dead = rec.clone();
-                    if dead.status == "running" {
-                        dead.status = "exited".into();
+                    if dead.status == SandboxStatus::Running {
+                        dead.status = SandboxStatus::Exited;
                         dead.status_reason = format!("the VMM was gone when the daemon started ({e})");
                         if !dead.workspace.is_empty() {
                             self.workspace_lost_sandbox(&dead.workspace, &dead.status_reason);

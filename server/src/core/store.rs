@@ -136,7 +136,7 @@ pub struct SandboxRecord {
     /// with the pid it identifies the VMM even after pid reuse.
     pub pid_start: u64,
     pub created_at_unix: i64,
-    pub status: String,
+    pub status: super::state::SandboxStatus,
     #[serde(default)]
     pub status_reason: String,
     pub hostname: String,
@@ -166,8 +166,7 @@ pub struct SandboxRecord {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkspaceRecord {
     pub name: String,
-    /// "running", "suspended" or "failed".
-    pub status: String,
+    pub status: super::state::WorkspaceStatus,
     #[serde(default)]
     pub status_reason: String,
     #[serde(default)]
@@ -256,8 +255,11 @@ impl Store {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut conn)
+        // A write may wait on the disk (and on the busy timeout): off the executor.
+        super::blocking::run(|| {
+            let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut conn)
+        })
     }
 
     // ---- snapshots ----
@@ -331,7 +333,7 @@ impl Store {
             c.execute(
                 "INSERT INTO sandboxes (id, snapshot_tag, status, created_at, data) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT(id) DO UPDATE SET status = excluded.status, data = excluded.data",
-                params![rec.id, rec.snapshot_tag, rec.status, rec.created_at_unix, data],
+                params![rec.id, rec.snapshot_tag, rec.status.as_str(), rec.created_at_unix, data],
             )?;
             Ok(())
         })

@@ -4,6 +4,7 @@
 //! that state with the settings the workspace was created with. The source
 //! snapshot is never changed; superseded state snapshots are removed.
 
+use super::state::WorkspaceStatus;
 use std::sync::Arc;
 
 use forkd_api::names::{SandboxId, Tag, WorkspaceName};
@@ -63,7 +64,7 @@ impl Runtime {
         let now = now_unix();
         let mut rec = WorkspaceRecord {
             name: name.to_string(),
-            status: "running".into(),
+            status: WorkspaceStatus::Running,
             status_reason: String::new(),
             live_sandbox_id: String::new(),
             source_snapshot_tag: source.to_string(),
@@ -121,7 +122,7 @@ impl Runtime {
         let lock = self.workspace_lock(name.as_str());
         let _g = lock.lock().await;
         let mut rec = self.get_workspace(name)?;
-        if rec.status != "running" || rec.live_sandbox_id.is_empty() {
+        if rec.status != WorkspaceStatus::Running || rec.live_sandbox_id.is_empty() {
             return Err(Error::FailedPrecondition(format!("workspace {:?} is {}, not running", rec.name, rec.status)));
         }
         let id = SandboxId::parse(&rec.live_sandbox_id)?;
@@ -143,7 +144,7 @@ impl Runtime {
         self.delete_sandboxes(std::slice::from_ref(&id), None, false).await?;
         let old_state = std::mem::replace(&mut rec.state_tag, snap.tag.clone());
         rec.generation = generation;
-        rec.status = "suspended".into();
+        rec.status = WorkspaceStatus::Suspended;
         rec.live_sandbox_id = String::new();
         rec.suspended_at_unix = now_unix();
         rec.updated_at_unix = rec.suspended_at_unix;
@@ -164,14 +165,14 @@ impl Runtime {
         let lock = self.workspace_lock(name.as_str());
         let _g = lock.lock().await;
         let mut rec = self.get_workspace(name)?;
-        if rec.status == "running" {
+        if rec.status == WorkspaceStatus::Running {
             return Err(Error::FailedPrecondition(format!("workspace {:?} is already running", rec.name)));
         }
         let from = if rec.state_tag.is_empty() { &rec.source_snapshot_tag } else { &rec.state_tag };
         let from = Tag::parse(from)?;
         let id = self.start_workspace_sandbox(&rec, &from, by).await?;
         rec.live_sandbox_id = id.clone();
-        rec.status = "running".into();
+        rec.status = WorkspaceStatus::Running;
         rec.status_reason = String::new();
         rec.updated_at_unix = now_unix();
         self.store.update_workspace(&rec)?;
@@ -215,7 +216,7 @@ impl Runtime {
     /// read-write volumes its state snapshot has mounted.
     pub(crate) fn reclaim_workspace_volumes(&self) -> Result<()> {
         for ws in self.store.list_workspaces()? {
-            if ws.status == "running" || ws.state_tag.is_empty() {
+            if ws.status == WorkspaceStatus::Running || ws.state_tag.is_empty() {
                 continue;
             }
             let Some(state) = self.store.get_snapshot(&ws.state_tag)? else { continue };
@@ -231,9 +232,9 @@ impl Runtime {
     /// killed directly): the workspace falls back to its last state.
     pub(crate) fn workspace_lost_sandbox(&self, workspace: &str, reason: &str) {
         if let Ok(Some(mut rec)) = self.store.get_workspace(workspace)
-            && rec.status == "running"
+            && rec.status == WorkspaceStatus::Running
         {
-            rec.status = "suspended".into();
+            rec.status = WorkspaceStatus::Suspended;
             rec.status_reason = format!("its sandbox ended: {reason}; resume starts from the last suspended state");
             rec.live_sandbox_id = String::new();
             rec.updated_at_unix = now_unix();

@@ -86,6 +86,13 @@ impl Metrics {
             })
             .build();
         meter
+            .u64_observable_gauge("forkd_operations_in_flight")
+            .with_description(
+                "Operations that change the host (fork, delete, branch, compact, …) running now, callers gone or not",
+            )
+            .with_callback(|o| o.observe(crate::core::operations::in_flight() as u64, &[]))
+            .build();
+        meter
             .u64_observable_counter("forkd_orphans_reaped")
             .with_description("Orphaned VMMs, work dirs, cgroups and ledger entries removed by the reconciler")
             .with_callback(|o| o.observe(crate::core::reconcile::orphans_reaped_total(), &[]))

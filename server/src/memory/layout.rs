@@ -80,6 +80,10 @@ impl Layout {
     /// Removes a directory by first renaming it into the trash (atomic: it
     /// is either in place or gone from its name), then deleting it.
     pub fn remove_dir(&self, dir: &Path) -> std::io::Result<()> {
+        crate::core::blocking::run(|| self.remove_dir_now(dir))
+    }
+
+    fn remove_dir_now(&self, dir: &Path) -> std::io::Result<()> {
         if !dir.exists() {
             return Ok(());
         }
