@@ -169,7 +169,7 @@ async fn operate(
             .await
         }
         ("branch", Some(id)) => {
-            let mode = if n % 2 == 0 { "full" } else { "diff" };
+            let mode = if n.is_multiple_of(2) { "full" } else { "diff" };
             send(client.post(format!("{base}/v1/sandboxes/{id}/branch")).json(&json!({ "tag": tag, "mode": mode })))
                 .await
         }

@@ -387,6 +387,13 @@ impl Drop for BusyTag<'_> {
     }
 }
 
+/// Writes the VM configuration next to the snapshot's files, so tools on the
+/// host (benchmarks, export) can restore it without the daemon's store.
+pub fn write_vm_json(dir: &std::path::Path, spec: &VmSpec) -> Result<()> {
+    let text = serde_json::to_vec_pretty(spec).map_err(|e| Error::internal("encode vm.json", e))?;
+    std::fs::write(dir.join("vm.json"), text).map_err(|e| Error::internal("write vm.json", e))
+}
+
 #[cfg(test)]
 mod busy_tag_tests {
     use super::*;
@@ -406,11 +413,4 @@ mod busy_tag_tests {
         assert!(caught.is_err());
         assert!(BusyTag::take(&set, "py").is_some(), "released by the unwind");
     }
-}
-
-/// Writes the VM configuration next to the snapshot's files, so tools on the
-/// host (benchmarks, export) can restore it without the daemon's store.
-pub fn write_vm_json(dir: &std::path::Path, spec: &VmSpec) -> Result<()> {
-    let text = serde_json::to_vec_pretty(spec).map_err(|e| Error::internal("encode vm.json", e))?;
-    std::fs::write(dir.join("vm.json"), text).map_err(|e| Error::internal("write vm.json", e))
 }
