@@ -3,7 +3,6 @@
 //! `api` layer translates to and from protobuf.
 
 pub mod blocking;
-pub mod branch;
 pub mod error;
 pub mod events;
 pub mod ids;
@@ -25,6 +24,8 @@ pub mod workspaces;
 
 pub use error::{Error, Result};
 pub use runtime::Runtime;
+/// Branching lives with the snapshots it makes.
+pub use snapshots::branch;
 
 /// Seconds since the Unix epoch.
 pub fn now_unix() -> i64 {

@@ -131,12 +131,12 @@ pub struct Runtime {
     pub(crate) cleanup: Arc<super::leases::CleanupQueue>,
     /// VMMs started ahead of time, by snapshot.
     pub(crate) pools: super::pool::Pools,
-    /// Read-write volume files → the live sandbox holding them.
-    pub(crate) rw_volumes: std::sync::Mutex<HashMap<PathBuf, String>>,
+    /// Read-write volume files → the sandbox or workspace holding them.
+    pub(crate) volume_claims: super::volumes::claims::VolumeClaims,
     /// Network slots (host::net) in use.
-    pub(crate) net_slots: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+    pub(crate) net_slots: super::network::slots::NetSlots,
     /// Serialises operations on one workspace.
-    pub(crate) workspace_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) workspace_locks: super::workspaces::locks::WorkspaceLocks,
 }
 
 impl Runtime {
@@ -162,7 +162,7 @@ impl Runtime {
             live_count_cache: Default::default(),
             workspace_locks: Default::default(),
             net_slots: Default::default(),
-            rw_volumes: Default::default(),
+            volume_claims: Default::default(),
             pools: Default::default(),
             branch_slots: Arc::new(tokio::sync::Semaphore::new(config.branch_concurrency.max(1))),
             admission: crate::host::admission::Admission::new(config.admission.clone()),

@@ -11,6 +11,8 @@
 //! A read-write volume belongs to at most one live sandbox (or suspended
 //! workspace) at a time; read-only ones are shared.
 
+pub mod claims;
+
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};

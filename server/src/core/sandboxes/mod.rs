@@ -81,7 +81,7 @@ impl Sandbox {
     }
 }
 
-const WORKSPACE_HOLDER: &str = "workspace:";
+use super::volumes::claims::WORKSPACE_HOLDER;
 
 /// Who holds a workspace's read-write volumes while it has no live sandbox.
 pub(crate) fn workspace_holder(workspace: &str) -> String {
@@ -725,46 +725,21 @@ impl Runtime {
 }
 
 impl Runtime {
-    /// Claims read-write volume files for `holder`; refuses one that another
-    /// holder (a live sandbox, a suspended workspace or a spawn in progress)
-    /// has, except `take_from`, whose claims pass to `holder`.
+    /// Claims read-write volume files for `holder` (volumes::claims).
     pub(crate) fn reserve_rw_volumes(
         &self,
         files: &[std::path::PathBuf],
         holder: &str,
         take_from: Option<&str>,
     ) -> Result<()> {
-        let mut map = self.rw_volumes.lock().unwrap();
-        let taken = |h: &&String| *h != holder && Some(h.as_str()) != take_from;
-        if let Some((f, other)) = files.iter().find_map(|f| map.get(f).filter(taken).map(|h| (f, h))) {
-            return Err(Error::FailedPrecondition(format!(
-                "read-write volume {} is attached to {}",
-                f.display(),
-                if other.starts_with("sb-") {
-                    format!("live sandbox {other}")
-                } else if let Some(ws) = other.strip_prefix(WORKSPACE_HOLDER) {
-                    format!("workspace {ws:?}")
-                } else {
-                    "a sandbox being forked".into()
-                }
-            )));
-        }
-        for f in files {
-            map.insert(f.clone(), holder.to_string());
-        }
-        Ok(())
+        self.volume_claims.reserve(files, holder, take_from)
     }
 
-    /// Hands the claims of `from` over to `to`.
     fn transfer_rw_volumes(&self, from: &str, to: &str) {
-        for h in self.rw_volumes.lock().unwrap().values_mut() {
-            if h == from {
-                *h = to.to_string();
-            }
-        }
+        self.volume_claims.transfer(from, to)
     }
 
     pub(crate) fn release_rw_volumes(&self, holder: &str) {
-        self.rw_volumes.lock().unwrap().retain(|_, h| h != holder);
+        self.volume_claims.release(holder)
     }
 }

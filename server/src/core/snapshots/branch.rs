@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use forkd_api::names::{SandboxId, Tag};
 
-use super::runtime::Runtime;
-use super::store::{SnapshotRecord, SnapshotStatus};
-use super::{Error, Result, ids, now_unix};
+use crate::core::runtime::Runtime;
+use crate::core::store::{SnapshotRecord, SnapshotStatus};
+use crate::core::{Error, Result, ids, now_unix};
 use crate::memory::dirty::{self, CaptureBuffer, PAGE};
 use crate::memory::{digest, layer, layout};
 
@@ -61,7 +61,7 @@ impl Runtime {
             .map_err(|e| Error::internal("parent memory file", e))?;
         let mapping =
             dirty::find_mapping(sb.pid, &parent_mem).map_err(|e| Error::internal("locate guest memory", e))?;
-        let before = super::blocking::run(|| dirty::dirty_pages(sb.pid, &mapping))
+        let before = crate::core::blocking::run(|| dirty::dirty_pages(sb.pid, &mapping))
             .map_err(|e| Error::internal("read pagemap", e))?;
         if req.measure_only {
             let mut rec = parent.clone();
@@ -73,7 +73,7 @@ impl Runtime {
         }
         // A diff branch writes its layer (the dirty pages) and a flat memory
         // file for spawning; a full one the flat file.
-        let ram = parent.mem_mib as u64 * super::snapshots::MIB;
+        let ram = parent.mem_mib as u64 * crate::core::snapshots::MIB;
         let estimate = match req.mode {
             BranchMode::Diff => ram + before.len() as u64 * PAGE,
             BranchMode::Full => ram,
@@ -157,7 +157,7 @@ impl Runtime {
             // resumes it itself below.
             let mut resume_guard = ResumeOnDrop(Some(sb.clone()));
             let t_stop = t0.elapsed();
-            let inside = super::blocking::run(|| -> Result<(Vec<u64>, usize)> {
+            let inside = crate::core::blocking::run(|| -> Result<(Vec<u64>, usize)> {
                 let pages = pagemap.dirty_pages().map_err(|e| Error::internal("read pagemap", e))?;
                 let runs = dirty::runs(&pages);
                 let n = buf.copy_from(sb.pid, &mapping, &runs).map_err(|e| Error::internal("copy dirty pages", e))?;
@@ -224,7 +224,7 @@ impl Runtime {
             rec.state_digest =
                 digest::sha256_file(&staging2.join("state")).map_err(|e| Error::internal("digest", e))?;
             if let Some(spec) = &rec.vm {
-                super::snapshots::write_vm_json(&staging2, spec)?;
+                crate::core::snapshots::write_vm_json(&staging2, spec)?;
             }
             rec.physical_size_bytes = layout::disk_usage(&staging2);
             Ok(rec)
@@ -283,7 +283,7 @@ impl Runtime {
         }
         self.admit_snapshot_write(
             &format!("compacting {:?} into {:?}", src.tag, to.as_str()),
-            src.mem_mib as u64 * super::snapshots::MIB,
+            src.mem_mib as u64 * crate::core::snapshots::MIB,
         )?;
         let final_dir = self.layout.snapshot_dir(to);
         let mut spec = src.vm_spec()?;
@@ -346,7 +346,7 @@ impl Runtime {
         tag: &Tag,
         args: Vec<String>,
         timeout: Duration,
-        by: super::tenants::Principal,
+        by: crate::core::tenants::Principal,
     ) -> Result<SnapshotRecord> {
         if args.is_empty() {
             return Err(Error::invalid("exec", "must name a command"));
@@ -355,10 +355,10 @@ impl Runtime {
             return Err(Error::AlreadyExists(format!("snapshot {:?} already exists", tag.as_str())));
         }
         // Checked again with the dirty size when the branch is taken.
-        let ram = self.get_snapshot(from)?.mem_mib as u64 * super::snapshots::MIB;
+        let ram = self.get_snapshot(from)?.mem_mib as u64 * crate::core::snapshots::MIB;
         self.admit_snapshot_write(&format!("deriving {:?} from {:?}", tag.as_str(), from.as_str()), ram)?;
         let kids = self
-            .create_sandboxes(super::sandboxes::CreateSandboxes {
+            .create_sandboxes(crate::core::sandboxes::CreateSandboxes {
                 tag: from.clone(),
                 n: 1,
                 settings: Default::default(),
@@ -425,7 +425,7 @@ fn ms(d: Duration) -> f64 {
 
 /// Resumes a paused sandbox when dropped while still armed, so a branch
 /// that stops between pause and resume never leaves its source paused.
-struct ResumeOnDrop(Option<Arc<super::sandboxes::Sandbox>>);
+struct ResumeOnDrop(Option<Arc<crate::core::sandboxes::Sandbox>>);
 
 impl Drop for ResumeOnDrop {
     fn drop(&mut self) {

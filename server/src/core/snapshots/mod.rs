@@ -1,6 +1,8 @@
 //! Snapshots: booting and warming a base snapshot, reading chain information,
 //! and deleting (with dependents and live children taken into account).
 
+pub mod branch;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -4,6 +4,8 @@
 //! that state with the settings the workspace was created with. The source
 //! snapshot is never changed; superseded state snapshots are removed.
 
+pub mod locks;
+
 use super::state::WorkspaceStatus;
 use std::sync::Arc;
 
@@ -30,7 +32,7 @@ pub fn state_tag(name: &WorkspaceName, generation: u64) -> Tag {
 
 impl Runtime {
     fn workspace_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.workspace_locks.lock().unwrap().entry(name.to_string()).or_default().clone()
+        self.workspace_locks.of(name)
     }
 
     pub fn get_workspace(&self, name: &WorkspaceName) -> Result<WorkspaceRecord> {
@@ -194,7 +196,7 @@ impl Runtime {
         }
         self.store.delete_workspace(name.as_str())?;
         self.release_rw_volumes(&workspace_holder(name.as_str()));
-        self.workspace_locks.lock().unwrap().remove(name.as_str());
+        self.workspace_locks.forget(name.as_str());
         Ok(deleted)
     }
 

@@ -1,6 +1,8 @@
 //! Per-sandbox networking (`network: "nat"`): slots, the ledger entries of
 //! namespaces, and setting up / tearing down through `host::net`.
 
+pub mod slots;
+
 use forkd_api::names::SandboxId;
 
 use super::runtime::Runtime;
@@ -41,14 +43,7 @@ impl Runtime {
         let allow = net::parse_allow(&settings.allow).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let deny = self.egress_deny();
         net::check_allow(&allow, &deny).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let slot = {
-            let mut used = self.net_slots.lock().unwrap();
-            let slot = (0..net::MAX_SLOTS)
-                .find(|s| !used.contains(s))
-                .ok_or_else(|| Error::ResourceExhausted("no free network slot".into()))?;
-            used.insert(slot);
-            slot
-        };
+        let slot = self.net_slots.take()?;
         let name = net::netns_name(id);
         self.store.ledger_add("netns", &name, id.as_str())?;
         let id2 = id.clone();
@@ -59,7 +54,7 @@ impl Runtime {
             Ok(n) => Ok(Some(n)),
             Err(e) => {
                 let _ = self.store.ledger_remove("netns", &name);
-                self.net_slots.lock().unwrap().remove(&slot);
+                self.net_slots.free(slot);
                 Err(Error::Internal(format!("network setup: {e}")))
             }
         }
@@ -70,11 +65,11 @@ impl Runtime {
         let (ns, link) = (n.netns.clone(), n.host_link.clone());
         let _ = tokio::task::spawn_blocking(move || net::teardown(&ns, &link)).await;
         let _ = self.store.ledger_remove("netns", &n.netns);
-        self.net_slots.lock().unwrap().remove(&n.slot);
+        self.net_slots.free(n.slot);
     }
 
     /// Marks a slot as taken by an adopted sandbox.
     pub(crate) fn net_adopt(&self, n: &SandboxNet) {
-        self.net_slots.lock().unwrap().insert(n.slot);
+        self.net_slots.mark(n.slot);
     }
 }
