@@ -71,6 +71,33 @@ macro_rules! name_type {
                 Self::parse(s)
             }
         }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        /// Validated on the way in: a stored record with a name that is not
+        /// one (a damaged or edited state store) fails to load.
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::parse(&s).map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
     };
 }
 
@@ -177,5 +204,19 @@ mod tests {
     fn long_values_are_cut_in_errors() {
         let err = Tag::parse(&"x".repeat(5000)).unwrap_err();
         assert!(err.value.len() < 100);
+    }
+}
+
+#[cfg(test)]
+mod serde_tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_are_checked_when_read() {
+        let t = Tag::parse("py-1").unwrap();
+        assert_eq!(serde_json::to_string(&t).unwrap(), "\"py-1\"");
+        assert_eq!(serde_json::from_str::<Tag>("\"py-1\"").unwrap(), t);
+        assert!(serde_json::from_str::<Tag>("\"..\"").is_err());
+        assert!(serde_json::from_str::<SandboxId>("\"../../etc\"").is_err());
     }
 }

@@ -9,14 +9,14 @@ use crate::core::store::SandboxRecord;
 pub fn snapshot(v: &SnapshotView) -> api::Snapshot {
     let r = &v.record;
     api::Snapshot {
-        tag: r.tag.clone(),
+        tag: r.tag.to_string(),
         status: r.status.as_str().into(),
         status_reason: r.status_reason.clone(),
         image: r.image.clone(),
         vcpus: r.vcpus,
         mem_mib: r.mem_mib,
         kind: r.kind.clone(),
-        parent_tag: r.parent_tag.clone().unwrap_or_default(),
+        parent_tag: r.parent_tag.as_ref().map(|t| t.to_string()).unwrap_or_default(),
         ancestors: v.ancestors.clone(),
         dependents: v.dependents.clone(),
         chain_depth: v.ancestors.len() as u32,
@@ -45,8 +45,8 @@ pub fn snapshot(v: &SnapshotView) -> api::Snapshot {
 pub fn sandbox(r: &SandboxRecord, last_active: i64) -> api::Sandbox {
     let s = &r.settings;
     api::Sandbox {
-        id: r.id.clone(),
-        snapshot_tag: r.snapshot_tag.clone(),
+        id: r.id.to_string(),
+        snapshot_tag: r.snapshot_tag.to_string(),
         pid: r.pid,
         created_at_unix: r.created_at_unix,
         status: r.status.as_str().into(),

@@ -131,7 +131,7 @@ fn kill_unclaimed_children(
 ) -> crate::core::operations::Abandoned<Vec<crate::core::store::SandboxRecord>> {
     Box::new(move |recs| {
         Box::pin(async move {
-            let ids: Vec<SandboxId> = recs.iter().filter_map(|r| SandboxId::parse(&r.id).ok()).collect();
+            let ids: Vec<SandboxId> = recs.iter().map(|r| r.id.clone()).collect();
             for r in &recs {
                 rt.events.emit_for("abandoned", r, "the caller went away before the fork answered; killing it");
             }
@@ -264,10 +264,10 @@ impl SandboxService for Services {
                 .into_iter()
                 .filter(|s| p.owns(&s.owner))
                 .filter(|s| {
-                    all || ids.iter().any(|i| i.as_str() == s.id)
-                        || tag.as_ref().is_some_and(|t| t.as_str() == s.snapshot_tag)
+                    all || ids.iter().any(|i| *i == s.id)
+                        || tag.as_ref().is_some_and(|t| *t == s.snapshot_tag)
                 })
-                .filter_map(|s| SandboxId::parse(&s.id).ok())
+                .map(|s| s.id)
                 .collect();
             let deleted =
                 self.owned("delete", |rt| async move { rt.delete_sandboxes(&mine, None, false).await }).await?;
@@ -375,12 +375,15 @@ impl SandboxService for Services {
         let req = BranchRequest { id, tag, mode, measure_only: r.measure_diff, wait: r.wait.unwrap_or(true) };
         let rec = self.owned("branch", |rt| async move { rt.branch(req).await }).await?;
         if r.measure_diff {
-            return Ok(Response::new(convert::snapshot(&crate::core::snapshots::SnapshotView {
+            let mut measured = convert::snapshot(&crate::core::snapshots::SnapshotView {
                 record: rec,
                 ancestors: vec![],
                 dependents: vec![],
                 live_sandboxes: 0,
-            })));
+            });
+            // Nothing was stored: the answer names no snapshot.
+            measured.tag = String::new();
+            return Ok(Response::new(measured));
         }
         let view = self.rt.view_of(rec).await?;
         Ok(Response::new(convert::snapshot(&view)))

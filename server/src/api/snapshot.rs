@@ -189,7 +189,7 @@ impl Services {
         let mut out = convert::snapshot(&view);
         if !p.is_admin() {
             out.live_sandboxes =
-                self.rt.list_sandboxes(Some(&view.record.tag)).await.iter().filter(|s| p.owns(&s.owner)).count() as u32;
+                self.rt.list_sandboxes(Some(view.record.tag.as_str())).await.iter().filter(|s| p.owns(&s.owner)).count() as u32;
         }
         out
     }

@@ -16,11 +16,11 @@ fn name(v: &str) -> Result<WorkspaceName, Status> {
 pub fn workspace(r: &WorkspaceRecord) -> api::Workspace {
     let s = &r.settings;
     api::Workspace {
-        name: r.name.clone(),
+        name: r.name.to_string(),
         status: r.status.as_str().into(),
         status_reason: r.status_reason.clone(),
         live_sandbox_id: r.live_sandbox_id.clone(),
-        source_snapshot_tag: r.source_snapshot_tag.clone(),
+        source_snapshot_tag: r.source_snapshot_tag.to_string(),
         state_tag: r.state_tag.clone(),
         memory_limit_mib: s.memory_limit_mib,
         cpu_quota: s.cpu_quota,

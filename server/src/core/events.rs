@@ -28,7 +28,7 @@ impl Default for Events {
 impl Events {
     /// An event about a sandbox (its record says workspace, snapshot and owner).
     pub fn emit_for(&self, kind: &'static str, rec: &super::store::SandboxRecord, reason: &str) {
-        self.emit_ws(kind, &rec.id, &rec.workspace, &rec.snapshot_tag, &rec.owner, reason);
+        self.emit_ws(kind, rec.id.as_str(), &rec.workspace, rec.snapshot_tag.as_str(), &rec.owner, reason);
     }
 
     pub fn emit_ws(

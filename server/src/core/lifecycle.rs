@@ -17,7 +17,7 @@ const TICK: Duration = Duration::from_millis(500);
 
 impl Runtime {
     pub(crate) fn start_lifecycle(self: Arc<Self>) {
-        let busy: Arc<Mutex<HashSet<String>>> = Default::default();
+        let busy: Arc<Mutex<HashSet<SandboxId>>> = Default::default();
         let weak = Arc::downgrade(&self);
         drop(self);
         tokio::spawn(async move {
@@ -30,8 +30,8 @@ impl Runtime {
                     }
                     let (rt2, busy2) = (rt.clone(), busy.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = rt2.expire(&id, reason).await {
-                            tracing::warn!(id, "expiring sandbox: {e}");
+                        if let Err(e) = rt2.expire(id.as_str(), reason).await {
+                            tracing::warn!(%id, "expiring sandbox: {e}");
                         }
                         busy2.lock().unwrap().remove(&id);
                     });
@@ -41,7 +41,7 @@ impl Runtime {
     }
 
     /// Running sandboxes past their TTL or idle timeout.
-    async fn expired(&self) -> Vec<(String, &'static str)> {
+    async fn expired(&self) -> Vec<(SandboxId, &'static str)> {
         let (now, now_ms) = (now_unix(), now_unix_ms());
         let map = self.sandboxes.read().await;
         map.values()

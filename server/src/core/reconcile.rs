@@ -94,7 +94,7 @@ impl Runtime {
         owned.extend(spawning_ids());
         owned.extend(self.pools.ids());
         if let Ok(recs) = self.store.list_sandboxes() {
-            owned.extend(recs.into_iter().filter(|r| r.status != super::state::SandboxStatus::Starting).map(|r| r.id));
+            owned.extend(recs.into_iter().filter(|r| r.status != super::state::SandboxStatus::Starting).map(|r| r.id.to_string()));
         }
         owned
     }
@@ -182,12 +182,12 @@ impl Runtime {
         // Records of spawns that were abandoned half-way.
         if !startup {
             for r in
-                records.iter().filter(|r| r.status == super::state::SandboxStatus::Starting && !owned.contains(&r.id))
+                records.iter().filter(|r| r.status == super::state::SandboxStatus::Starting && !owned.contains(r.id.as_str()))
             {
                 process::kill(r.pid, r.pid_start, Duration::from_secs(5)).await;
                 let _ = self.store.ledger_remove("vmm", &process::ledger_key(r.pid, r.pid_start));
-                let _ = self.store.delete_sandbox(&r.id);
-                reaped("record", &r.id);
+                let _ = self.store.delete_sandbox(r.id.as_str());
+                reaped("record", r.id.as_str());
             }
         }
 

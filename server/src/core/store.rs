@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
+use forkd_api::names::{SandboxId, Tag, WorkspaceName};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
@@ -38,7 +39,7 @@ impl SnapshotStatus {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotRecord {
-    pub tag: String,
+    pub tag: Tag,
     pub status: SnapshotStatus,
     #[serde(default)]
     pub status_reason: String,
@@ -48,7 +49,7 @@ pub struct SnapshotRecord {
     /// "base", "full" or "diff".
     pub kind: String,
     #[serde(default)]
-    pub parent_tag: Option<String>,
+    pub parent_tag: Option<Tag>,
     pub created_at_unix: i64,
     #[serde(default)]
     pub memory_digest: String,
@@ -129,8 +130,8 @@ impl SandboxSettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxRecord {
-    pub id: String,
-    pub snapshot_tag: String,
+    pub id: SandboxId,
+    pub snapshot_tag: Tag,
     pub pid: u32,
     /// Process start time (clock ticks since boot, /proc/PID/stat field 22):
     /// with the pid it identifies the VMM even after pid reuse.
@@ -165,13 +166,13 @@ pub struct SandboxRecord {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkspaceRecord {
-    pub name: String,
+    pub name: WorkspaceName,
     pub status: super::state::WorkspaceStatus,
     #[serde(default)]
     pub status_reason: String,
     #[serde(default)]
     pub live_sandbox_id: String,
-    pub source_snapshot_tag: String,
+    pub source_snapshot_tag: Tag,
     #[serde(default)]
     pub state_tag: String,
     pub settings: SandboxSettings,
@@ -238,6 +239,22 @@ fn to_json<T: Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| Error::internal("encode record", e))
 }
 
+/// Records of a listing; a row that does not decode (a damaged or edited
+/// store: names are validated on the way in) is left out and logged, so
+/// one bad row never stops the daemon from starting.
+fn decode_rows<T: for<'de> Deserialize<'de>>(
+    rows: impl Iterator<Item = rusqlite::Result<String>>,
+) -> Vec<T> {
+    let mut out = vec![];
+    for row in rows {
+        match row.map_err(Error::from).and_then(|d| from_json(&d)) {
+            Ok(r) => out.push(r),
+            Err(e) => tracing::warn!("state store: skipping a record that does not decode: {e}"),
+        }
+    }
+    out
+}
+
 fn from_json<T: for<'de> Deserialize<'de>>(s: &str) -> Result<T> {
     serde_json::from_str(s).map_err(|e| Error::internal("decode record", e))
 }
@@ -270,7 +287,7 @@ impl Store {
         self.with(|c| {
             let n = c.execute(
                 "INSERT OR IGNORE INTO snapshots (tag, status, parent_tag, created_at, data) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![rec.tag, rec.status.as_str(), rec.parent_tag, rec.created_at_unix, data],
+                params![rec.tag.as_str(), rec.status.as_str(), rec.parent_tag.as_ref().map(|t| t.as_str()), rec.created_at_unix, data],
             )?;
             if n == 0 {
                 return Err(Error::AlreadyExists(format!("snapshot {:?} already exists", rec.tag)));
@@ -284,7 +301,7 @@ impl Store {
         self.with(|c| {
             c.execute(
                 "UPDATE snapshots SET status = ?2, parent_tag = ?3, data = ?4 WHERE tag = ?1",
-                params![rec.tag, rec.status.as_str(), rec.parent_tag, data],
+                params![rec.tag.as_str(), rec.status.as_str(), rec.parent_tag.as_ref().map(|t| t.as_str()), data],
             )?;
             Ok(())
         })
@@ -302,11 +319,7 @@ impl Store {
         self.with(|c| {
             let mut stmt = c.prepare("SELECT data FROM snapshots ORDER BY created_at, tag")?;
             let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-            let mut out = vec![];
-            for row in rows {
-                out.push(from_json(&row?)?);
-            }
-            Ok(out)
+            Ok(decode_rows(rows))
         })
     }
 
@@ -333,7 +346,7 @@ impl Store {
             c.execute(
                 "INSERT INTO sandboxes (id, snapshot_tag, status, created_at, data) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT(id) DO UPDATE SET status = excluded.status, data = excluded.data",
-                params![rec.id, rec.snapshot_tag, rec.status.as_str(), rec.created_at_unix, data],
+                params![rec.id.as_str(), rec.snapshot_tag.as_str(), rec.status.as_str(), rec.created_at_unix, data],
             )?;
             Ok(())
         })
@@ -343,11 +356,7 @@ impl Store {
         self.with(|c| {
             let mut stmt = c.prepare("SELECT data FROM sandboxes ORDER BY created_at, id")?;
             let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-            let mut out = vec![];
-            for row in rows {
-                out.push(from_json(&row?)?);
-            }
-            Ok(out)
+            Ok(decode_rows(rows))
         })
     }
 
@@ -364,7 +373,7 @@ impl Store {
         let data = to_json(rec)?;
         self.with(|c| {
             let n =
-                c.execute("INSERT OR IGNORE INTO workspaces (name, data) VALUES (?1, ?2)", params![rec.name, data])?;
+                c.execute("INSERT OR IGNORE INTO workspaces (name, data) VALUES (?1, ?2)", params![rec.name.as_str(), data])?;
             if n == 0 {
                 return Err(Error::AlreadyExists(format!("workspace {:?} already exists", rec.name)));
             }
@@ -375,7 +384,7 @@ impl Store {
     pub fn update_workspace(&self, rec: &WorkspaceRecord) -> Result<()> {
         let data = to_json(rec)?;
         self.with(|c| {
-            c.execute("UPDATE workspaces SET data = ?2 WHERE name = ?1", params![rec.name, data])?;
+            c.execute("UPDATE workspaces SET data = ?2 WHERE name = ?1", params![rec.name.as_str(), data])?;
             Ok(())
         })
     }
@@ -392,11 +401,7 @@ impl Store {
         self.with(|c| {
             let mut stmt = c.prepare("SELECT data FROM workspaces ORDER BY name")?;
             let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-            let mut out = vec![];
-            for row in rows {
-                out.push(from_json(&row?)?);
-            }
-            Ok(out)
+            Ok(decode_rows(rows))
         })
     }
 
@@ -443,14 +448,14 @@ mod tests {
 
     fn snap(tag: &str, parent: Option<&str>) -> SnapshotRecord {
         SnapshotRecord {
-            tag: tag.into(),
+            tag: Tag::parse(tag).unwrap(),
             status: SnapshotStatus::Writing,
             status_reason: String::new(),
             image: "python".into(),
             vcpus: 1,
             mem_mib: 256,
             kind: "base".into(),
-            parent_tag: parent.map(Into::into),
+            parent_tag: parent.map(|p| Tag::parse(p).unwrap()),
             created_at_unix: 1,
             memory_digest: String::new(),
             state_digest: String::new(),
@@ -480,6 +485,25 @@ mod tests {
         let r: SnapshotRecord = serde_json::from_value(v).unwrap();
         assert_eq!((r.owner.as_str(), r.shared), ("", false));
         assert!(!crate::core::tenants::Principal::admin().owner().is_empty());
+    }
+
+    #[test]
+    fn a_record_with_a_bad_name_is_skipped_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        store.insert_snapshot(&snap("good", None)).unwrap();
+        let bad = serde_json::to_string(&snap("good", None)).unwrap().replace("\"good\"", "\"../evil\"");
+        store
+            .with(|c| {
+                c.execute(
+                    "INSERT INTO snapshots (tag, status, parent_tag, created_at, data) VALUES ('x', 'ready', NULL, 2, ?1)",
+                    [bad],
+                )?;
+                Ok(())
+            })
+            .unwrap();
+        let tags: Vec<String> = store.list_snapshots().unwrap().into_iter().map(|r| r.tag.to_string()).collect();
+        assert_eq!(tags, vec!["good"]);
     }
 
     #[test]

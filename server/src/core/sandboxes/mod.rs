@@ -115,6 +115,15 @@ pub struct CreateSandboxes {
     pub owner: String,
 }
 
+/// Sandboxes reattached at once after a restart.
+const ADOPT_CONCURRENCY: usize = 32;
+/// How long a live sandbox's agent has to accept and answer after a
+/// restart before the sandbox is taken for dead. Generous: a host running
+/// a hundred VMs on two cores answers slowly, and a sandbox taken for dead
+/// is killed.
+const ADOPT_CONNECT: Duration = Duration::from_secs(10);
+const ADOPT_PING: Duration = Duration::from_secs(20);
+
 impl Runtime {
     pub async fn create_sandboxes(self: &Arc<Self>, req: CreateSandboxes) -> Result<Vec<SandboxRecord>> {
         if req.n == 0 || req.n > MAX_CHILDREN {
@@ -129,14 +138,14 @@ impl Runtime {
                 if snap.status_reason.is_empty() { String::new() } else { format!(" ({})", snap.status_reason) }
             )));
         }
-        if self.busy_tags.lock().unwrap().contains(&snap.tag) {
+        if self.busy_tags.lock().unwrap().contains(snap.tag.as_str()) {
             return Err(Error::FailedPrecondition(format!("snapshot {:?} is being deleted", snap.tag)));
         }
         let mut spec = snap.vm_spec()?;
         let state = self.layout.snapshot_dir(&req.tag).join("state");
         let own = super::volumes::parse_stored(&req.settings.volumes);
         let plugged =
-            super::volumes::plug(&snap.tag, &spec.drives, &super::volumes::parse_stored(&snap.volumes), &own)?;
+            super::volumes::plug(snap.tag.as_str(), &spec.drives, &super::volumes::parse_stored(&snap.volumes), &own)?;
         let rw = super::volumes::read_write_files(&plugged.volumes);
         if !rw.is_empty() && req.n > 1 {
             return Err(Error::FailedPrecondition(format!(
@@ -182,11 +191,11 @@ impl Runtime {
         let mounts = plugged.mounts;
         // Pooled VMMs have no network of their own and the snapshot's disks.
         let mut pooled =
-            if req.settings.network == "nat" { vec![] } else { self.pools.take(&snap.tag, &spec, req.n as usize) };
+            if req.settings.network == "nat" { vec![] } else { self.pools.take(snap.tag.as_str(), &spec, req.n as usize) };
         let from_pool = pooled.len();
         let slots: Vec<Option<super::pool::Pooled>> = (0..req.n).map(|_| pooled.pop()).collect();
         let plan = SpawnPlan {
-            tag: &snap.tag,
+            tag: snap.tag.as_str(),
             spec: &spec,
             state: &state,
             workspace: &req.workspace,
@@ -323,8 +332,8 @@ impl Runtime {
         let hostname = id.as_str().to_string();
         let expires_at_unix = deadline_unix(settings.ttl_secs);
         let record = SandboxRecord {
-            id: id.to_string(),
-            snapshot_tag: tag.to_string(),
+            id: id.clone(),
+            snapshot_tag: Tag::parse(tag)?,
             pid: vm.pid,
             pid_start: vm.start_time,
             created_at_unix: now_unix(),
@@ -605,34 +614,41 @@ impl Runtime {
     /// After a restart: reattach to VMMs that are still running, reap the
     /// records of those that are gone, remove work dirs nobody owns.
     pub(crate) async fn adopt_sandboxes(self: &Arc<Self>) -> Result<()> {
-        let mut known = std::collections::HashSet::new();
-        for rec in self.store.list_sandboxes()? {
-            let Ok(id) = SandboxId::parse(&rec.id) else {
-                let _ = self.store.delete_sandbox(&rec.id);
-                continue;
-            };
+        let mut known: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let records = self.store.list_sandboxes()?;
+        // Reattach to the live ones concurrently: with many VMs sharing the
+        // host's cores each agent is slow to answer, and one at a time the
+        // waits would add up.
+        let mut attached: std::collections::HashMap<SandboxId, Result<Arc<Sandbox>>> = stream::iter(
+            records.iter().filter(|r| r.status == SandboxStatus::Running && process::is_alive(r.pid, r.pid_start)),
+        )
+        .map(|rec| async move {
+            let dir = VmDir(self.layout.sandbox_dir(&rec.id));
+            (rec.id.clone(), self.adopt_one(rec, &rec.id, &dir).await)
+        })
+        .buffer_unordered(ADOPT_CONCURRENCY)
+        .collect()
+        .await;
+        for rec in records {
+            let id = rec.id.clone();
             let dir = VmDir(self.layout.sandbox_dir(&id));
-            let adopted = if rec.status == SandboxStatus::Running && process::is_alive(rec.pid, rec.pid_start) {
-                self.adopt_one(&rec, &id, &dir).await
-            } else {
-                Err(Error::Unavailable("not running".into()))
-            };
+            let adopted = attached.remove(&id).unwrap_or_else(|| Err(Error::Unavailable("not running".into())));
             match adopted {
                 Ok(sb) => {
                     let rw = super::volumes::read_write_files(&super::volumes::parse_stored(&rec.settings.volumes));
-                    let _ = self.reserve_rw_volumes(&rw, &rec.id, None);
-                    known.insert(rec.id.clone());
+                    let _ = self.reserve_rw_volumes(&rw, rec.id.as_str(), None);
+                    known.insert(rec.id.to_string());
                     if let Some(n) = &rec.net {
                         self.net_adopt(n);
                     }
-                    self.sandboxes.write().await.insert(rec.id.clone(), sb);
+                    self.sandboxes.write().await.insert(rec.id.to_string(), sb);
                     tracing::info!(id = %rec.id, pid = rec.pid, "adopted sandbox");
                 }
                 Err(e) => {
                     tracing::info!(id = %rec.id, "reaping sandbox: {e}");
                     process::kill(rec.pid, rec.pid_start, Duration::from_secs(5)).await;
                     let _ = self.store.ledger_remove("vmm", &process::ledger_key(rec.pid, rec.pid_start));
-                    self.remove_limits(&rec.id);
+                    self.remove_limits(rec.id.as_str());
                     if let Some(n) = &rec.net {
                         self.net_teardown(n).await;
                     }
@@ -640,7 +656,7 @@ impl Runtime {
                     if matches!(rec.status, SandboxStatus::Starting | SandboxStatus::Killing) {
                         // Never reported to anyone, or being deleted when the
                         // last daemon stopped: finish the delete and forget it.
-                        let _ = self.store.delete_sandbox(&rec.id);
+                        let _ = self.store.delete_sandbox(rec.id.as_str());
                         if rec.status == SandboxStatus::Killing {
                             self.events.emit_for("killed", &rec, "");
                             if !rec.workspace.is_empty() {
@@ -661,9 +677,9 @@ impl Runtime {
                     }
                     dead.net = None;
                     let _ = self.store.put_sandbox(&dead);
-                    known.insert(dead.id.clone());
+                    known.insert(dead.id.to_string());
                     let sb = self.dead_sandbox(&dead, &id, &dir);
-                    self.sandboxes.write().await.insert(dead.id.clone(), sb);
+                    self.sandboxes.write().await.insert(dead.id.to_string(), sb);
                 }
             }
         }
@@ -708,8 +724,8 @@ impl Runtime {
 
     async fn adopt_one(self: &Arc<Self>, rec: &SandboxRecord, id: &SandboxId, dir: &VmDir) -> Result<Arc<Sandbox>> {
         let vm = self.backend.attach(rec.pid, rec.pid_start, dir).await?;
-        let agent = AgentClient::connect(&dir.agent_socket(), Duration::from_secs(2)).await?;
-        agent.ping(Duration::from_secs(5)).await?;
+        let agent = AgentClient::connect(&dir.agent_socket(), ADOPT_CONNECT).await?;
+        agent.ping(ADOPT_PING).await?;
         Ok(Arc::new(Sandbox {
             id: id.clone(),
             pid: rec.pid,

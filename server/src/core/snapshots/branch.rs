@@ -53,10 +53,10 @@ impl Runtime {
         let sb = self.sandbox(&req.id).await?;
         sb.ensure_running()?;
         let source_tag = sb.snapshot().snapshot_tag;
-        let parent = self.store.get_snapshot(&source_tag)?.ok_or_else(|| {
+        let parent = self.store.get_snapshot(source_tag.as_str())?.ok_or_else(|| {
             Error::FailedPrecondition(format!("sandbox {}'s snapshot {source_tag:?} no longer exists", req.id))
         })?;
-        let parent_tag = Tag::parse(&parent.tag)?;
+        let parent_tag = parent.tag.clone();
         let parent_mem = std::fs::canonicalize(self.layout.snapshot_dir(&parent_tag).join("mem"))
             .map_err(|e| Error::internal("parent memory file", e))?;
         let mapping =
@@ -65,7 +65,7 @@ impl Runtime {
             .map_err(|e| Error::internal("read pagemap", e))?;
         if req.measure_only {
             let mut rec = parent.clone();
-            rec.tag = String::new();
+            // The record keeps the parent's tag: nothing is stored under it.
             rec.status_reason = "measured only; no snapshot was taken".into();
             rec.dirty_bytes = before.len() as u64 * PAGE;
             rec.branched_from = req.id.to_string();
@@ -101,7 +101,7 @@ impl Runtime {
             BranchMode::Full => ("full", None),
         };
         let mut rec = SnapshotRecord {
-            tag: tag.to_string(),
+            tag: tag.clone(),
             status: SnapshotStatus::Writing,
             status_reason: String::new(),
             image: parent.image.clone(),
@@ -235,7 +235,7 @@ impl Runtime {
             let result = finish.await.map_err(|e| Error::internal("branch writer", e)).and_then(|r| r);
             match result {
                 Ok(mut rec) => {
-                    let final_dir = rt.layout.snapshot_dir(&Tag::parse(&rec.tag)?);
+                    let final_dir = rt.layout.snapshot_dir(&rec.tag);
                     if let Err(e) = std::fs::rename(&staging, &final_dir) {
                         cleanup(&rt);
                         return Err(Error::internal("rename snapshot into place", e));
@@ -243,7 +243,7 @@ impl Runtime {
                     let _ = rt.store.ledger_remove("staging", &staging_key);
                     rec.status = SnapshotStatus::Ready;
                     rt.store.update_snapshot(&rec)?;
-                    rt.events.emit_ws("branch_done", rec.branched_from.as_str(), "", &rec.tag, &rec.owner, "");
+                    rt.events.emit_ws("branch_done", rec.branched_from.as_str(), "", rec.tag.as_str(), &rec.owner, "");
                     Ok(rec)
                 }
                 Err(e) => {
@@ -289,7 +289,7 @@ impl Runtime {
         let mut spec = src.vm_spec()?;
         spec.mem_file = final_dir.join("mem");
         let mut rec = src.clone();
-        rec.tag = to.to_string();
+        rec.tag = to.clone();
         rec.status = SnapshotStatus::Writing;
         rec.kind = "full".into();
         rec.parent_tag = None;
@@ -368,7 +368,7 @@ impl Runtime {
                 by,
             })
             .await?;
-        let id = SandboxId::parse(&kids[0].id)?;
+        let id = kids[0].id.clone();
         let result = async {
             let mut stream = self
                 .exec(

@@ -93,7 +93,7 @@ impl Runtime {
             nic: true,
         };
         let rec = SnapshotRecord {
-            tag: req.tag.to_string(),
+            tag: req.tag.clone(),
             status: SnapshotStatus::Writing,
             status_reason: String::new(),
             image: req.image.clone(),
@@ -142,7 +142,7 @@ impl Runtime {
                 if bg.status == SnapshotStatus::Ready { "snapshot_ready" } else { "snapshot_failed" },
                 "",
                 "",
-                &bg.tag,
+                bg.tag.as_str(),
                 &bg.owner,
                 &bg.status_reason,
             );
@@ -169,7 +169,7 @@ impl Runtime {
         std::fs::create_dir_all(dir.path()).map_err(|e| Error::internal("create vm dir", e))?;
         let started = Instant::now();
         let mut vm = self.backend.boot(&boot_spec, &dir).await?;
-        self.store.ledger_add("vmm", &process::ledger_key(vm.pid, vm.start_time), &rec.tag)?;
+        self.store.ledger_add("vmm", &process::ledger_key(vm.pid, vm.start_time), rec.tag.as_str())?;
         let result: Result<()> = async {
             let agent = AgentClient::connect(&dir.agent_socket(), Duration::from_secs(10)).await?;
             let deadline = Instant::now() + req.warm_timeout;
@@ -264,17 +264,17 @@ impl Runtime {
     /// A record with its chain, dependents and live children.
     pub async fn view_of(&self, record: SnapshotRecord) -> Result<SnapshotView> {
         let mut ancestors = vec![];
-        let mut cur = record.parent_tag.clone();
+        let mut cur = record.parent_tag.as_ref().map(|t| t.to_string());
         while let Some(p) = cur {
             if ancestors.contains(&p) || ancestors.len() > 1024 {
                 break;
             }
             ancestors.push(p.clone());
-            cur = self.store.get_snapshot(&p)?.and_then(|r| r.parent_tag);
+            cur = self.store.get_snapshot(&p)?.and_then(|r| r.parent_tag.map(|t| t.to_string()));
         }
         ancestors.reverse();
-        let dependents = self.store.snapshot_children(&record.tag)?;
-        let live_sandboxes = self.sandboxes_of(&record.tag).await.len() as u32;
+        let dependents = self.store.snapshot_children(record.tag.as_str())?;
+        let live_sandboxes = self.sandboxes_of(record.tag.as_str()).await.len() as u32;
         Ok(SnapshotView { record, ancestors, dependents, live_sandboxes })
     }
 
@@ -297,7 +297,7 @@ impl Runtime {
         if rec.status == SnapshotStatus::Writing {
             return Err(Error::FailedPrecondition(format!("snapshot {:?} is still being written", rec.tag)));
         }
-        let _busy = BusyTag::take(&self.busy_tags, &rec.tag)
+        let _busy = BusyTag::take(&self.busy_tags, rec.tag.as_str())
             .ok_or_else(|| Error::FailedPrecondition(format!("snapshot {:?} is being deleted", rec.tag)))?;
         self.delete_snapshot_locked(&rec, cascade, force).await
     }
@@ -310,7 +310,7 @@ impl Runtime {
     ) -> Result<(Vec<String>, Vec<String>)> {
         // The subtree in post-order (children before parents).
         let mut order = vec![];
-        let mut stack = vec![(rec.tag.clone(), false)];
+        let mut stack = vec![(rec.tag.to_string(), false)];
         while let Some((t, expanded)) = stack.pop() {
             if expanded {
                 order.push(t);
@@ -321,7 +321,7 @@ impl Runtime {
                 stack.push((c, false));
             }
         }
-        let dependents = self.store.snapshot_children(&rec.tag)?;
+        let dependents = self.store.snapshot_children(rec.tag.as_str())?;
         if !dependents.is_empty() && !cascade && !force {
             return Err(Error::FailedPrecondition(format!(
                 "snapshot {:?} has dependents: {}; pass cascade=true to delete them or force=true to orphan them",
@@ -329,7 +329,7 @@ impl Runtime {
                 dependents.join(", ")
             )));
         }
-        let doomed: Vec<String> = if cascade { order } else { vec![rec.tag.clone()] };
+        let doomed: Vec<String> = if cascade { order } else { vec![rec.tag.to_string()] };
         if !force {
             for t in &doomed {
                 let users = self.sandboxes_of(t).await;

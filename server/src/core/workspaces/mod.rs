@@ -65,11 +65,11 @@ impl Runtime {
         }
         let now = now_unix();
         let mut rec = WorkspaceRecord {
-            name: name.to_string(),
+            name: name.clone(),
             status: WorkspaceStatus::Running,
             status_reason: String::new(),
             live_sandbox_id: String::new(),
-            source_snapshot_tag: source.to_string(),
+            source_snapshot_tag: source.clone(),
             state_tag: String::new(),
             settings: settings.clone(),
             created_at_unix: now,
@@ -111,13 +111,13 @@ impl Runtime {
                 tag: from.clone(),
                 n: 1,
                 settings,
-                workspace: rec.name.clone(),
+                workspace: rec.name.to_string(),
                 prewarm: false,
                 by,
                 owner: rec.owner.clone(),
             })
             .await?;
-        Ok(kids[0].id.clone())
+        Ok(kids[0].id.to_string())
     }
 
     pub async fn suspend_workspace(self: &Arc<Self>, name: &WorkspaceName) -> Result<WorkspaceRecord> {
@@ -144,7 +144,7 @@ impl Runtime {
             })
             .await?;
         self.delete_sandboxes(std::slice::from_ref(&id), None, false).await?;
-        let old_state = std::mem::replace(&mut rec.state_tag, snap.tag.clone());
+        let old_state = std::mem::replace(&mut rec.state_tag, snap.tag.to_string());
         rec.generation = generation;
         rec.status = WorkspaceStatus::Suspended;
         rec.live_sandbox_id = String::new();
@@ -152,7 +152,7 @@ impl Runtime {
         rec.updated_at_unix = rec.suspended_at_unix;
         rec.ttl_used_secs += ran_for;
         self.store.update_workspace(&rec)?;
-        self.events.emit_ws("suspended", id.as_str(), &rec.name, &snap.tag, &rec.owner, "");
+        self.events.emit_ws("suspended", id.as_str(), rec.name.as_str(), snap.tag.as_str(), &rec.owner, "");
         if !old_state.is_empty() {
             self.collect_state(&old_state).await;
         }
@@ -170,15 +170,15 @@ impl Runtime {
         if rec.status == WorkspaceStatus::Running {
             return Err(Error::FailedPrecondition(format!("workspace {:?} is already running", rec.name)));
         }
-        let from = if rec.state_tag.is_empty() { &rec.source_snapshot_tag } else { &rec.state_tag };
-        let from = Tag::parse(from)?;
+        let from = if rec.state_tag.is_empty() { rec.source_snapshot_tag.to_string() } else { rec.state_tag.clone() };
+        let from = Tag::parse(&from)?;
         let id = self.start_workspace_sandbox(&rec, &from, by).await?;
         rec.live_sandbox_id = id.clone();
         rec.status = WorkspaceStatus::Running;
         rec.status_reason = String::new();
         rec.updated_at_unix = now_unix();
         self.store.update_workspace(&rec)?;
-        self.events.emit_ws("resumed", &id, &rec.name, from.as_str(), &rec.owner, "");
+        self.events.emit_ws("resumed", &id, rec.name.as_str(), from.as_str(), &rec.owner, "");
         Ok(rec)
     }
 
@@ -223,8 +223,8 @@ impl Runtime {
             }
             let Some(state) = self.store.get_snapshot(&ws.state_tag)? else { continue };
             let rw = super::volumes::read_write_files(&super::volumes::parse_stored(&state.volumes));
-            if let Err(e) = self.reserve_rw_volumes(&rw, &workspace_holder(&ws.name), None) {
-                tracing::warn!(workspace = ws.name, "volumes of a suspended workspace: {e}");
+            if let Err(e) = self.reserve_rw_volumes(&rw, &workspace_holder(ws.name.as_str()), None) {
+                tracing::warn!(workspace = %ws.name, "volumes of a suspended workspace: {e}");
             }
         }
         Ok(())
