@@ -232,7 +232,9 @@ async fn twenty_live_sandboxes_survive_a_crash_and_take_load() {
     }
 
     // Load: 25 execs per sandbox, 50 at once.
-    let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(reqwest::header::AUTHORIZATION, d.bearer().expect("the daemon's token").parse().unwrap());
+    let client = reqwest::Client::builder().pool_max_idle_per_host(64).default_headers(auth).build().unwrap();
     let base = d.http_url();
     let jobs: Vec<(String, usize)> = (0..25).flat_map(|i| ids.iter().map(move |id| (id.clone(), i))).collect();
     let total = jobs.len();
@@ -333,8 +335,8 @@ async fn chaos_with_cut_off_calls_and_daemon_kills_leaks_nothing() {
 
 /// A daemon killed with many live sandboxes adopts every one on restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_adopts_thirty_live_sandboxes() {
+async fn a_restart_adopts_a_hundred_live_sandboxes() {
     let _serial = serial().await;
-    let (adopted, forked) = forkd_integration::chaos::adopt(30, "minimal").await.unwrap();
-    eprintln!("30 sandboxes forked in {forked:?}; adopted after SIGKILL in {adopted:?}");
+    let (adopted, forked) = forkd_integration::chaos::adopt(100, "minimal").await.unwrap();
+    eprintln!("100 sandboxes forked in {forked:?}; adopted after SIGKILL in {adopted:?}");
 }

@@ -845,7 +845,20 @@ async fn audit_log_has_one_line_per_request() {
         keys.sort();
         assert_eq!(
             keys,
-            ["http_status", "latency_us", "method", "path", "peer", "protocol", "rpc", "status", "ts", "user_agent"],
+            [
+                "http_status",
+                "latency_us",
+                "method",
+                "path",
+                "peer",
+                "principal",
+                "protocol",
+                "resource",
+                "rpc",
+                "status",
+                "ts",
+                "user_agent"
+            ],
             "{ctx}"
         );
     }
@@ -983,8 +996,9 @@ async fn metrics_show_build_gauges_and_rpc_latency() {
 
 /// A daemon started directly (not through the harness) so it can be given
 /// its own guest dir: fake kernel and initramfs files and a fake image, with
-/// `/bin/false` as QEMU. A CreateSnapshot then passes every check, records a
-/// "writing" snapshot, and fails when the "VMM" exits: no VM ever runs.
+/// a script that exits after 3 s as QEMU. A CreateSnapshot then passes every
+/// check, records a "writing" snapshot, and fails when the "VMM" exits: no
+/// VM ever runs.
 struct FakeGuestDaemon {
     child: std::process::Child,
     addr: String,
@@ -1005,8 +1019,14 @@ impl FakeGuestDaemon {
         let image = guest.join("images/minimal.ext4");
         std::fs::write(&image, b"not an image").unwrap();
         let data_dir = tmp.path().join("data");
+        // The "VMM" fails, but only after a while: a snapshot stays
+        // "writing" long enough to be seen so, whatever the machine's load.
+        let vmm = tmp.path().join("fake-qemu");
+        std::fs::write(&vmm, "#!/usr/bin/sh\n/usr/bin/sleep 3\nexit 1\n").unwrap();
+        std::fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let mut child = Command::new(server_bin())
-            .args(["--bind", "127.0.0.1:0", "--no-auth", "--log", "warn", "--accel", "tcg", "--qemu", "/bin/false"])
+            .args(["--bind", "127.0.0.1:0", "--no-auth", "--log", "warn", "--accel", "tcg", "--qemu"])
+            .arg(&vmm)
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--guest-dir")
@@ -1404,4 +1424,62 @@ async fn junk_paths_add_at_most_one_metric_series() {
     let new: Vec<&String> = after.difference(&before).filter(|s| !s.contains("\"/metrics\"")).collect();
     assert!(new.len() <= 1, "junk paths grew series: {new:?}");
     assert!(new.iter().all(|s| s.contains("rpc=\"unknown\"")), "{new:?}");
+}
+
+#[tokio::test]
+async fn a_principal_over_its_rate_gets_429_and_health_is_never_limited() {
+    let mut args = no_vm_args();
+    args.extend(["--rate-limit".into(), "5".into()]);
+    let d = Daemon::start(Options { token: Some(TEST_TOKEN.into()), extra_args: args, ..Default::default() });
+    let mut refused = None;
+    for _ in 0..40 {
+        let r = d.get("/v1/snapshots").send().await.unwrap();
+        if r.status() == 429 {
+            refused = Some((r.headers().get("retry-after").cloned(), json_of(r).await.1));
+            break;
+        }
+    }
+    let (retry, body) = refused.expect("40 requests at once stayed within 5 a second (burst 10)");
+    assert!(retry.is_some(), "a Retry-After header");
+    assert_eq!(body["code"], "RESOURCE_EXHAUSTED", "{body}");
+    assert!(body["error"].as_str().unwrap().contains("admin"), "{body}");
+    let e = d.system().await.get_version(api::GetVersionRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "gRPC shares the bucket");
+    for _ in 0..20 {
+        assert_eq!(d.anon().get(url(&d, "/healthz")).send().await.unwrap().status(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(d.get("/v1/snapshots").send().await.unwrap().status(), 200, "refilled");
+}
+
+#[tokio::test]
+async fn cors_only_for_configured_origins() {
+    let origin = |d: &Daemon, o: &'static str, method: reqwest::Method| {
+        d.anon()
+            .request(method, url(d, "/v1/snapshots"))
+            .header("origin", o)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization,content-type")
+    };
+    // By default no page may read an answer: no CORS headers at all.
+    let d = start(true);
+    let r = origin(&d, "https://app.example", reqwest::Method::GET).bearer_auth(TEST_TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("access-control-allow-origin").is_none(), "{:?}", r.headers());
+    drop(d);
+
+    let mut args = no_vm_args();
+    args.extend(["--cors-origin".into(), "https://app.example".into()]);
+    let d = Daemon::start(Options { token: Some(TEST_TOKEN.into()), extra_args: args, ..Default::default() });
+    let pre = origin(&d, "https://app.example", reqwest::Method::OPTIONS).send().await.unwrap();
+    assert!(pre.status().is_success(), "a preflight needs no token: {}", pre.status());
+    assert_eq!(pre.headers()["access-control-allow-origin"], "https://app.example");
+    let other = origin(&d, "https://evil.example", reqwest::Method::OPTIONS).send().await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none(), "{:?}", other.headers());
+    // The real request still needs the token.
+    let r = origin(&d, "https://app.example", reqwest::Method::GET).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    drop(d);
+    let stderr = expect_refusal(&["--bind", "127.0.0.1:0", "--no-auth", "--cors-origin", "app.example"]);
+    assert!(stderr.contains("--cors-origin"), "{stderr}");
 }

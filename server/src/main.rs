@@ -54,6 +54,14 @@ struct Args {
     /// Repeatable (comma-separated in the env). Other names get 421.
     #[arg(long, env = "FORKD_ALLOWED_HOST", value_delimiter = ',')]
     allowed_host: Vec<String>,
+    /// Requests a second each principal may make (bursts of twice that);
+    /// more get 429 / RESOURCE_EXHAUSTED. 0 = no limit.
+    #[arg(long, env = "FORKD_RATE_LIMIT", default_value_t = 0)]
+    rate_limit: u32,
+    /// An origin (`https://app.example`) whose web pages may call the daemon
+    /// (CORS). Repeatable; none by default, so no page can read an answer.
+    #[arg(long, env = "FORKD_CORS_ORIGIN", value_delimiter = ',')]
+    cors_origin: Vec<String>,
     /// Connections open at once; more are closed at accept.
     #[arg(long, env = "FORKD_MAX_CONNECTIONS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -303,7 +311,26 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
             }
         });
     }
-    let cfg = EdgeConfig { principals: token, audit, max_body: args.max_body_bytes, tls, allowed_hosts, limits };
+    let cors_origins = args
+        .cors_origin
+        .iter()
+        .map(|o| {
+            let ok = (o.starts_with("https://") || o.starts_with("http://")) && !o.trim_end_matches('/').contains("/.");
+            let v = http::HeaderValue::from_str(o.trim_end_matches('/')).ok().filter(|_| ok);
+            v.ok_or_else(|| anyhow::anyhow!("--cors-origin {o:?}: expected an origin like https://app.example"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rate_limit = (args.rate_limit > 0).then(|| Arc::new(edge::rate_limit::RateLimiter::new(args.rate_limit)));
+    let cfg = EdgeConfig {
+        principals: token,
+        rate_limit,
+        cors_origins,
+        audit,
+        max_body: args.max_body_bytes,
+        tls,
+        allowed_hosts,
+        limits,
+    };
     let services = Services { rt: rt.clone(), data_dir: data_dir.display().to_string(), auth: auth_mode };
     let app = edge::app(services, &cfg).await?;
     let listener = tokio::net::TcpListener::bind(args.bind).await.with_context(|| format!("bind {}", args.bind))?;

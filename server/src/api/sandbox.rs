@@ -151,7 +151,7 @@ impl SandboxService for Services {
         let p = principal(&r);
         let r = r.into_inner();
         let tag = Tag::parse_field(&r.snapshot_tag, "snapshot_tag").map_err(Error::from)?;
-        self.usable_snapshot(&p, &tag)?;
+        crate::core::sandboxes::check_n(r.n.unwrap_or(1))?;
         if r.hugepages {
             return Err(not_yet("hugepages"));
         }
@@ -176,6 +176,9 @@ impl SandboxService for Services {
         settings.validate_lifecycle()?;
         self.rt.check_network(&settings)?;
         crate::core::limits::validate_limits(&settings)?;
+        // Inputs first: a bad request is a 400 whether or not the snapshot
+        // exists (or may be seen).
+        self.usable_snapshot(&p, &tag)?;
         let req = CreateSandboxes {
             tag,
             n: r.n.unwrap_or(1),
@@ -263,10 +266,7 @@ impl SandboxService for Services {
                 .await
                 .into_iter()
                 .filter(|s| p.owns(&s.owner))
-                .filter(|s| {
-                    all || ids.iter().any(|i| *i == s.id)
-                        || tag.as_ref().is_some_and(|t| *t == s.snapshot_tag)
-                })
+                .filter(|s| all || ids.iter().any(|i| *i == s.id) || tag.as_ref().is_some_and(|t| *t == s.snapshot_tag))
                 .map(|s| s.id)
                 .collect();
             let deleted =

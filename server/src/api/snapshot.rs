@@ -91,6 +91,12 @@ impl SnapshotService for Services {
         let p = principal(&r);
         let r = r.into_inner();
         let t = tag("tag", &r.tag)?;
+        if r.cascade && r.force {
+            return Err(Error::InvalidArgument(
+                "invalid cascade/force: choose one of cascade (delete dependents) and force (orphan them)".into(),
+            )
+            .into());
+        }
         self.own_snapshot(&p, &t)?;
         if !p.is_admin() && (r.cascade || r.force) && !self.owns_subtree(&p, &t)? {
             return Err(Error::FailedPrecondition(format!(
@@ -124,6 +130,9 @@ impl SnapshotService for Services {
         let r = r.into_inner();
         let from = tag("from_tag", &r.from_tag)?;
         let to = tag("tag", &r.tag)?;
+        if r.exec.is_empty() {
+            return Err(Error::invalid("exec", "must name a command").into());
+        }
         self.usable_snapshot(&p, &from)?;
         let by = (*p).clone();
         let secs = if r.timeout_secs == 0 { 300 } else { r.timeout_secs.min(24 * 3600) };
@@ -188,8 +197,13 @@ impl Services {
         }
         let mut out = convert::snapshot(&view);
         if !p.is_admin() {
-            out.live_sandboxes =
-                self.rt.list_sandboxes(Some(view.record.tag.as_str())).await.iter().filter(|s| p.owns(&s.owner)).count() as u32;
+            out.live_sandboxes = self
+                .rt
+                .list_sandboxes(Some(view.record.tag.as_str()))
+                .await
+                .iter()
+                .filter(|s| p.owns(&s.owner))
+                .count() as u32;
         }
         out
     }

@@ -47,7 +47,6 @@ impl WorkspaceService for Services {
         let n = name(&r.name)?;
         crate::edge::audit::acted_on(format!("workspace {n}"));
         let source = Tag::parse_field(&r.snapshot_tag, "snapshot_tag").map_err(Error::from)?;
-        self.usable_snapshot(&p, &source)?;
         let settings = SandboxSettings {
             memory_limit_mib: r.memory_limit_mib,
             cpu_quota: r.cpu_quota,
@@ -59,6 +58,9 @@ impl WorkspaceService for Services {
             ..Default::default()
         };
         self.rt.check_network(&settings)?;
+        // Inputs first: a bad request is a 400 whether or not the snapshot
+        // exists (or may be seen).
+        self.usable_snapshot(&p, &source)?;
         let by = (*p).clone();
         let rec = self
             .owned("create workspace", |rt| async move { rt.create_workspace(n, source, settings, by).await })

@@ -94,7 +94,11 @@ impl Runtime {
         owned.extend(spawning_ids());
         owned.extend(self.pools.ids());
         if let Ok(recs) = self.store.list_sandboxes() {
-            owned.extend(recs.into_iter().filter(|r| r.status != super::state::SandboxStatus::Starting).map(|r| r.id.to_string()));
+            owned.extend(
+                recs.into_iter()
+                    .filter(|r| r.status != super::state::SandboxStatus::Starting)
+                    .map(|r| r.id.to_string()),
+            );
         }
         owned
     }
@@ -181,8 +185,9 @@ impl Runtime {
 
         // Records of spawns that were abandoned half-way.
         if !startup {
-            for r in
-                records.iter().filter(|r| r.status == super::state::SandboxStatus::Starting && !owned.contains(r.id.as_str()))
+            for r in records
+                .iter()
+                .filter(|r| r.status == super::state::SandboxStatus::Starting && !owned.contains(r.id.as_str()))
             {
                 process::kill(r.pid, r.pid_start, Duration::from_secs(5)).await;
                 let _ = self.store.ledger_remove("vmm", &process::ledger_key(r.pid, r.pid_start));

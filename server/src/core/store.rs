@@ -242,9 +242,7 @@ fn to_json<T: Serialize>(v: &T) -> Result<String> {
 /// Records of a listing; a row that does not decode (a damaged or edited
 /// store: names are validated on the way in) is left out and logged, so
 /// one bad row never stops the daemon from starting.
-fn decode_rows<T: for<'de> Deserialize<'de>>(
-    rows: impl Iterator<Item = rusqlite::Result<String>>,
-) -> Vec<T> {
+fn decode_rows<T: for<'de> Deserialize<'de>>(rows: impl Iterator<Item = rusqlite::Result<String>>) -> Vec<T> {
     let mut out = vec![];
     for row in rows {
         match row.map_err(Error::from).and_then(|d| from_json(&d)) {
@@ -372,8 +370,10 @@ impl Store {
     pub fn insert_workspace(&self, rec: &WorkspaceRecord) -> Result<()> {
         let data = to_json(rec)?;
         self.with(|c| {
-            let n =
-                c.execute("INSERT OR IGNORE INTO workspaces (name, data) VALUES (?1, ?2)", params![rec.name.as_str(), data])?;
+            let n = c.execute(
+                "INSERT OR IGNORE INTO workspaces (name, data) VALUES (?1, ?2)",
+                params![rec.name.as_str(), data],
+            )?;
             if n == 0 {
                 return Err(Error::AlreadyExists(format!("workspace {:?} already exists", rec.name)));
             }

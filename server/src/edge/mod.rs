@@ -8,6 +8,7 @@ pub mod conn;
 pub mod host_check;
 pub mod metrics;
 pub mod principals;
+pub mod rate_limit;
 pub mod rest;
 pub mod tls;
 pub mod token_file;
@@ -39,6 +40,10 @@ pub struct EdgeConfig {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Names the `Host` header may carry besides the bind address and loopback.
     pub allowed_hosts: Arc<host_check::AllowedHosts>,
+    /// Requests a second per principal (`--rate-limit`), if limited.
+    pub rate_limit: Option<Arc<rate_limit::RateLimiter>>,
+    /// Origins whose pages may call the daemon (`--cors-origin`); none by default.
+    pub cors_origins: Vec<http::HeaderValue>,
     pub limits: conn::ConnLimits,
 }
 
@@ -98,13 +103,24 @@ pub async fn app(services: Services, cfg: &EdgeConfig) -> anyhow::Result<Router>
         async move { if auth::is_grpc(&req) { grpc.oneshot(req).await } else { rest.oneshot(req).await } }
     });
     let observe = audit::Observe { audit: cfg.audit.clone(), metrics };
-    Ok(Router::new()
+    let mut router = Router::new()
         .fallback_service(dispatch)
+        .layer(axum::middleware::from_fn_with_state(cfg.rate_limit.clone(), rate_limit::limit))
         .layer(axum::middleware::from_fn_with_state(cfg.principals.clone(), auth::require_token))
         // The host check runs before auth: a rebinding page learns nothing,
         // not even whether a token would be needed.
-        .layer(axum::middleware::from_fn_with_state(cfg.allowed_hosts.clone(), host_check::require_known_host))
-        .layer(axum::middleware::from_fn_with_state(observe, audit::observe)))
+        .layer(axum::middleware::from_fn_with_state(cfg.allowed_hosts.clone(), host_check::require_known_host));
+    // No CORS headers unless the operator names origins: a web page cannot
+    // read any answer. Preflights are answered here, before auth.
+    if !cfg.cors_origins.is_empty() {
+        router = router.layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(cfg.cors_origins.clone())
+                .allow_methods([http::Method::GET, http::Method::POST, http::Method::PUT, http::Method::DELETE])
+                .allow_headers([http::header::AUTHORIZATION, http::header::CONTENT_TYPE, http::header::ACCEPT]),
+        );
+    }
+    Ok(router.layer(axum::middleware::from_fn_with_state(observe, audit::observe)))
 }
 
 /// Accepts connections until `shutdown` resolves, within `limits`: at

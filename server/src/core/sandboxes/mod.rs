@@ -124,11 +124,17 @@ const ADOPT_CONCURRENCY: usize = 32;
 const ADOPT_CONNECT: Duration = Duration::from_secs(10);
 const ADOPT_PING: Duration = Duration::from_secs(20);
 
+/// How many children one fork may ask for.
+pub fn check_n(n: u32) -> Result<()> {
+    if n == 0 || n > MAX_CHILDREN {
+        return Err(Error::invalid("n", format!("{n} is outside 1..={MAX_CHILDREN}")));
+    }
+    Ok(())
+}
+
 impl Runtime {
     pub async fn create_sandboxes(self: &Arc<Self>, req: CreateSandboxes) -> Result<Vec<SandboxRecord>> {
-        if req.n == 0 || req.n > MAX_CHILDREN {
-            return Err(Error::invalid("n", format!("{} is outside 1..={MAX_CHILDREN}", req.n)));
-        }
+        check_n(req.n)?;
         let snap = self.get_snapshot(&req.tag)?;
         if snap.status != SnapshotStatus::Ready {
             return Err(Error::FailedPrecondition(format!(
@@ -190,8 +196,11 @@ impl Runtime {
         let req = CreateSandboxes { settings: settings_with_volumes, ..req };
         let mounts = plugged.mounts;
         // Pooled VMMs have no network of their own and the snapshot's disks.
-        let mut pooled =
-            if req.settings.network == "nat" { vec![] } else { self.pools.take(snap.tag.as_str(), &spec, req.n as usize) };
+        let mut pooled = if req.settings.network == "nat" {
+            vec![]
+        } else {
+            self.pools.take(snap.tag.as_str(), &spec, req.n as usize)
+        };
         let from_pool = pooled.len();
         let slots: Vec<Option<super::pool::Pooled>> = (0..req.n).map(|_| pooled.pop()).collect();
         let plan = SpawnPlan {
