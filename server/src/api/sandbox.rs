@@ -266,7 +266,7 @@ impl SandboxService for Services {
                 .await
                 .into_iter()
                 .filter(|s| p.owns(&s.owner))
-                .filter(|s| all || ids.iter().any(|i| *i == s.id) || tag.as_ref().is_some_and(|t| *t == s.snapshot_tag))
+                .filter(|s| all || ids.contains(&s.id) || tag.as_ref().is_some_and(|t| *t == s.snapshot_tag))
                 .map(|s| s.id)
                 .collect();
             let deleted =
