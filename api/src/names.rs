@@ -29,8 +29,16 @@ fn too_long(value: &str) -> String {
 macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident, $field:literal, $check:path) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub struct $name(String);
+
+        /// Debug-formats as the quoted name, the way a `String` would, so
+        /// messages read `snapshot "py"`.
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
 
         impl $name {
             /// Validates `value`; the error names the request field.
@@ -218,5 +226,6 @@ mod serde_tests {
         assert_eq!(serde_json::from_str::<Tag>("\"py-1\"").unwrap(), t);
         assert!(serde_json::from_str::<Tag>("\"..\"").is_err());
         assert!(serde_json::from_str::<SandboxId>("\"../../etc\"").is_err());
+        assert_eq!(format!("{t:?}"), "\"py-1\"");
     }
 }

@@ -27,6 +27,10 @@ pub enum Resource {
     Net(SandboxNet),
     /// A VM work dir (ledger kind `workdir`).
     WorkDir(PathBuf),
+    /// A snapshot's row while it is being written.
+    SnapshotRow(String),
+    /// A snapshot being written (ledger kind `staging`).
+    Staging(PathBuf),
 }
 
 impl Resource {
@@ -38,6 +42,8 @@ impl Resource {
             Resource::SandboxRow(_) => 1,
             Resource::Net(_) => 2,
             Resource::WorkDir(_) => 3,
+            Resource::SnapshotRow(_) => 4,
+            Resource::Staging(_) => 5,
         }
     }
 }
@@ -116,6 +122,19 @@ impl Runtime {
                 }
                 Resource::Net(n) => self.net_teardown(&n).await,
                 Resource::WorkDir(dir) => self.remove_workdir(&crate::vmm::VmDir(dir)),
+                Resource::SnapshotRow(tag) => {
+                    // Only a record still being written: never a finished one.
+                    if let Ok(Some(r)) = self.store.get_snapshot(&tag)
+                        && r.status == super::store::SnapshotStatus::Writing
+                    {
+                        let _ = self.store.delete_snapshot(&tag);
+                    }
+                }
+                Resource::Staging(dir) => {
+                    if self.layout.remove_dir(&dir).is_ok() {
+                        let _ = self.store.ledger_remove("staging", &dir.display().to_string());
+                    }
+                }
             }
         }
         n

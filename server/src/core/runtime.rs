@@ -119,7 +119,7 @@ pub struct Runtime {
     pub events: Events,
     pub(crate) sandboxes: RwLock<HashMap<String, Arc<Sandbox>>>,
     /// Snapshot tags with a deletion in progress.
-    pub(crate) busy_tags: std::sync::Mutex<std::collections::HashSet<String>>,
+    pub(crate) busy_tags: super::snapshots::busy::BusyTags,
     live_count_cache: std::sync::atomic::AtomicUsize,
     /// Branches allowed in flight at once.
     pub(crate) branch_slots: Arc<tokio::sync::Semaphore>,

@@ -147,8 +147,8 @@ impl Runtime {
         // this check sees the deletion.
         let refused = {
             let mut pools = self.pools.by_tag.lock().unwrap();
-            let going = self.busy_tags.lock().unwrap().contains(tag.as_str())
-                || !matches!(self.store.get_snapshot(tag.as_str()), Ok(Some(_)));
+            let going =
+                self.busy_tags.contains(tag.as_str()) || !matches!(self.store.get_snapshot(tag.as_str()), Ok(Some(_)));
             if going {
                 Some(pooled)
             } else {

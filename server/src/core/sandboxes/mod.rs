@@ -144,7 +144,7 @@ impl Runtime {
                 if snap.status_reason.is_empty() { String::new() } else { format!(" ({})", snap.status_reason) }
             )));
         }
-        if self.busy_tags.lock().unwrap().contains(snap.tag.as_str()) {
+        if self.busy_tags.contains(snap.tag.as_str()) {
             return Err(Error::FailedPrecondition(format!("snapshot {:?} is being deleted", snap.tag)));
         }
         let mut spec = snap.vm_spec()?;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use forkd_api::names::{SandboxId, Tag};
 
+use crate::core::leases::Resource;
 use crate::core::runtime::Runtime;
 use crate::core::store::{SnapshotRecord, SnapshotStatus};
 use crate::core::{Error, Result, ids, now_unix};
@@ -302,7 +303,11 @@ impl Runtime {
             return Err(Error::AlreadyExists(format!("snapshot {:?} already exists", to.as_str())));
         }
         self.store.insert_snapshot(&rec)?;
+        let row = self.lease(Resource::SnapshotRow(to.to_string()));
         let staging = self.layout.staging_for(to, &ids::nonce());
+        let staging_key = staging.display().to_string();
+        self.store.ledger_add("staging", &staging_key, to.as_str())?;
+        let staged = self.lease(Resource::Staging(staging.clone()));
         let src_dir = self.layout.snapshot_dir(tag);
         let st = staging.clone();
         let spec_for_json = rec.vm.clone();
@@ -320,20 +325,31 @@ impl Runtime {
             ))
         })
         .await
-        .map_err(|e| Error::internal("compact", e))?;
-        match result.and_then(|v| std::fs::rename(&staging, &final_dir).map(|_| v)) {
-            Ok((m, s, size)) => {
-                rec.memory_digest = m;
-                rec.state_digest = s;
-                rec.physical_size_bytes = size;
-                rec.status = SnapshotStatus::Ready;
-                self.store.update_snapshot(&rec)?;
+        .map_err(|e| Error::internal("compact", e))
+        .and_then(|r| r.map_err(|e| Error::internal("compact", e)));
+        let renamed = result.and_then(|v| {
+            std::fs::rename(&staging, &final_dir).map_err(|e| Error::internal("rename snapshot into place", e))?;
+            staged.commit();
+            let _ = self.store.ledger_remove("staging", &staging_key);
+            Ok(v)
+        });
+        let finished = renamed.and_then(|(m, s, size)| {
+            rec.memory_digest = m;
+            rec.state_digest = s;
+            rec.physical_size_bytes = size;
+            rec.status = SnapshotStatus::Ready;
+            self.store.update_snapshot(&rec)
+        });
+        match finished {
+            Ok(()) => {
+                row.commit();
                 Ok(rec)
             }
             Err(e) => {
-                let _ = self.layout.remove_dir(&staging);
-                let _ = self.store.delete_snapshot(to.as_str());
-                Err(Error::internal("compact", e))
+                // The leases not committed release the row and the staging dir.
+                drop(row);
+                self.release_dropped().await;
+                Err(e)
             }
         }
     }

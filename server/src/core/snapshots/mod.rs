@@ -2,6 +2,7 @@
 //! and deleting (with dependents and live children taken into account).
 
 pub mod branch;
+pub mod busy;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -297,7 +298,9 @@ impl Runtime {
         if rec.status == SnapshotStatus::Writing {
             return Err(Error::FailedPrecondition(format!("snapshot {:?} is still being written", rec.tag)));
         }
-        let _busy = BusyTag::take(&self.busy_tags, rec.tag.as_str())
+        let _busy = self
+            .busy_tags
+            .take(rec.tag.as_str())
             .ok_or_else(|| Error::FailedPrecondition(format!("snapshot {:?} is being deleted", rec.tag)))?;
         self.delete_snapshot_locked(&rec, cascade, force).await
     }
@@ -369,50 +372,9 @@ impl Runtime {
     }
 }
 
-/// A tag marked busy for as long as the lease lives: dropped on every path
-/// (an error, a panic, a future dropped mid-way), so no tag stays busy.
-struct BusyTag<'a> {
-    set: &'a std::sync::Mutex<std::collections::HashSet<String>>,
-    tag: String,
-}
-
-impl<'a> BusyTag<'a> {
-    fn take(set: &'a std::sync::Mutex<std::collections::HashSet<String>>, tag: &str) -> Option<Self> {
-        let inserted = set.lock().unwrap_or_else(|p| p.into_inner()).insert(tag.to_string());
-        inserted.then(|| BusyTag { set, tag: tag.to_string() })
-    }
-}
-
-impl Drop for BusyTag<'_> {
-    fn drop(&mut self) {
-        self.set.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.tag);
-    }
-}
-
 /// Writes the VM configuration next to the snapshot's files, so tools on the
 /// host (benchmarks, export) can restore it without the daemon's store.
 pub fn write_vm_json(dir: &std::path::Path, spec: &VmSpec) -> Result<()> {
     let text = serde_json::to_vec_pretty(spec).map_err(|e| Error::internal("encode vm.json", e))?;
     std::fs::write(dir.join("vm.json"), text).map_err(|e| Error::internal("write vm.json", e))
-}
-
-#[cfg(test)]
-mod busy_tag_tests {
-    use super::*;
-
-    #[test]
-    fn a_busy_tag_is_released_on_every_path() {
-        let set = std::sync::Mutex::new(std::collections::HashSet::new());
-        {
-            let _a = BusyTag::take(&set, "py").unwrap();
-            assert!(BusyTag::take(&set, "py").is_none(), "one holder at a time");
-        }
-        assert!(set.lock().unwrap().is_empty());
-        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let _b = BusyTag::take(&set, "py").unwrap();
-            panic!("mid-delete");
-        }));
-        assert!(caught.is_err());
-        assert!(BusyTag::take(&set, "py").is_some(), "released by the unwind");
-    }
 }
