@@ -134,17 +134,13 @@ impl Runtime {
             shared: false,
         };
         self.store.insert_snapshot(&rec)?;
+        // Until the snapshot is in place, its row and staging dir are leases:
+        // any failure below (or a panic) releases both.
+        let row = self.lease(Resource::SnapshotRow(tag.to_string()));
         let staging = self.layout.staging_for(&tag, &ids::nonce());
         let staging_key = staging.display().to_string();
         self.store.ledger_add("staging", &staging_key, tag.as_str())?;
-        let cleanup = {
-            let (staging, key, tag) = (staging.clone(), staging_key.clone(), tag.to_string());
-            move |rt: &Runtime| {
-                let _ = rt.layout.remove_dir(&staging);
-                let _ = rt.store.ledger_remove("staging", &key);
-                let _ = rt.store.delete_snapshot(&tag);
-            }
-        };
+        let staged = self.lease(Resource::Staging(staging.clone()));
         let captured = async {
             std::fs::create_dir_all(&staging).map_err(|e| Error::internal("create staging dir", e))?;
             let mut buf = CaptureBuffer::new(before.len() * PAGE as usize + CAPTURE_SLACK)
@@ -193,7 +189,8 @@ impl Runtime {
         let (pages, n, buf, pause) = match captured {
             Ok(v) => v,
             Err(e) => {
-                cleanup(self);
+                drop((row, staged));
+                self.release_dropped().await;
                 return Err(e);
             }
         };
@@ -230,25 +227,26 @@ impl Runtime {
             rec.physical_size_bytes = layout::disk_usage(&staging2);
             Ok(rec)
         });
-        let cleanup_later = cleanup.clone();
         let finish = async move {
-            let cleanup = cleanup_later;
-            let result = finish.await.map_err(|e| Error::internal("branch writer", e)).and_then(|r| r);
-            match result {
-                Ok(mut rec) => {
-                    let final_dir = rt.layout.snapshot_dir(&rec.tag);
-                    if let Err(e) = std::fs::rename(&staging, &final_dir) {
-                        cleanup(&rt);
-                        return Err(Error::internal("rename snapshot into place", e));
-                    }
-                    let _ = rt.store.ledger_remove("staging", &staging_key);
-                    rec.status = SnapshotStatus::Ready;
-                    rt.store.update_snapshot(&rec)?;
+            let written = finish.await.map_err(|e| Error::internal("branch writer", e)).and_then(|r| r);
+            let placed = written.and_then(|mut rec| {
+                let final_dir = rt.layout.snapshot_dir(&rec.tag);
+                std::fs::rename(&staging, &final_dir).map_err(|e| Error::internal("rename snapshot into place", e))?;
+                staged.commit();
+                let _ = rt.store.ledger_remove("staging", &staging_key);
+                rec.status = SnapshotStatus::Ready;
+                rt.store.update_snapshot(&rec)?;
+                Ok(rec)
+            });
+            match placed {
+                Ok(rec) => {
+                    row.commit();
                     rt.events.emit_ws("branch_done", rec.branched_from.as_str(), "", rec.tag.as_str(), &rec.owner, "");
                     Ok(rec)
                 }
                 Err(e) => {
-                    cleanup(&rt);
+                    drop(row);
+                    rt.release_dropped().await;
                     Err(e)
                 }
             }
