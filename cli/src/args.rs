@@ -735,6 +735,16 @@ pub struct DoctorArgs {
     /// Skip the daemon check (host checks only).
     #[arg(long)]
     pub no_daemon: bool,
+
+    /// First uid of the daemon's VMM uid range (as forkd-server's flag); the
+    /// confinement probe runs QEMU as the last uid of the range.
+    #[arg(long, env = "FORKD_VMM_UID_BASE", default_value_t = 2_000_000_000)]
+    pub vmm_uid_base: u32,
+
+    /// Size of the daemon's VMM uid range.
+    #[arg(long, env = "FORKD_VMM_UID_COUNT", default_value_t = 65536,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub vmm_uid_count: u32,
 }
 
 impl DoctorArgs {

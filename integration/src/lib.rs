@@ -268,6 +268,37 @@ pub fn vmms_under(dir: &Path) -> Vec<u32> {
     out
 }
 
+/// The cgroup of `pid` that holds its memory limit: the `memory`
+/// controller's path on cgroup v1, the unified path on v2 (e.g.
+/// `/forkd/sb-…`). Empty when the process is gone.
+pub fn memory_cgroup_of(pid: u32) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let mut unified = String::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        if controllers.split(',').any(|c| c == "memory") {
+            return path.to_string();
+        }
+        if controllers.is_empty() {
+            unified = path.to_string();
+        }
+    }
+    unified
+}
+
+/// The children of the `forkd` cgroup in the memory hierarchy (v1) or the
+/// unified one (v2), by name.
+pub fn forkd_cgroups() -> Vec<String> {
+    let dirs = [Path::new("/sys/fs/cgroup/memory/forkd"), Path::new("/sys/fs/cgroup/forkd")];
+    let Some(dir) = dirs.iter().find(|d| d.is_dir()) else { return vec![] };
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn kill_vmms_under(dir: &Path) {
     for pid in vmms_under(dir) {
         unsafe {

@@ -155,3 +155,58 @@ async fn cleanup_lists_then_removes_orphans() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Runs `forkd doctor --no-daemon --json` under a capability bounding set.
+fn doctor_with_caps(bounding: &str) -> Value {
+    let out = Command::new("setpriv")
+        .arg(format!("--bounding-set={bounding}"))
+        .arg(cli_bin())
+        .args(["--json", "doctor", "--no-daemon"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn qemus_of_doctor() -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| String::from_utf8_lossy(c).contains("-machine\0none\0-nodefaults"))
+        .count()
+}
+
+#[test]
+fn doctor_probes_the_confinement_a_vmm_gets_here() {
+    // With the shipped unit's capabilities a jailed QEMU is fully confined.
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/forkd-server.service"),
+    )
+    .unwrap();
+    let caps: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .unwrap()
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let report = doctor_with_caps(&format!("-all,{}", caps.join(",")));
+    let c = check(&report, "vmm-confinement");
+    assert_eq!(c["status"], "pass", "{c}");
+    let detail = c["detail"].as_str().unwrap();
+    for want in ["CapEff 0x0", "CapPrm 0x0", "CapBnd 0x0", "seccomp 2", "no_new_privs 1", "own mount ns true"] {
+        assert!(detail.contains(want), "{want} in {detail}");
+    }
+
+    // Without the capabilities the jail needs, doctor says so, and the probe
+    // leaves no QEMU behind.
+    let report = doctor_with_caps("-all");
+    let c = check(&report, "vmm-confinement");
+    assert_eq!(c["status"], "fail", "{c}");
+    assert!(c["fix"].as_str().unwrap().contains("CAP_SETUID"), "{c}");
+    // Able to start it but not to kill it or look inside: a warning, and
+    // still nothing left running.
+    let report = doctor_with_caps("-all,+sys_admin,+setuid,+setgid,+setpcap,+chown");
+    assert_eq!(check(&report, "vmm-confinement")["status"], "warn", "{report}");
+    assert_eq!(qemus_of_doctor(), 0, "a probe QEMU was left running");
+}

@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use forkd_integration::{Daemon, Options, vmms_under};
+use forkd_integration::{Daemon, Options, forkd_cgroups, memory_cgroup_of, vmms_under};
 use serde_json::json;
 
 /// The capability names of the unit's CapabilityBoundingSet, as setpriv
@@ -48,7 +48,29 @@ async fn vmms_are_jailed_under_the_units_capabilities() {
         ..Default::default()
     });
     post_ok(&d, "/v1/snapshots", json!({ "tag": "jailed", "image": "minimal" })).await;
+    // The bake's VMM is confined like a sandbox's, in a cgroup of its own.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let bake = loop {
+        if let Some(pid) = vmms_under(&d.data_dir).first() {
+            break *pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "no bake VMM appeared");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    // It enters its cgroup once QEMU answers on its control socket.
+    let mut bake_cgroup = memory_cgroup_of(bake);
+    while !bake_cgroup.starts_with("/forkd/") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        bake_cgroup = memory_cgroup_of(bake);
+    }
+    assert!(bake_cgroup.starts_with("/forkd/bake-"), "bake VMM in {bake_cgroup}");
+    let status = std::fs::read_to_string(format!("/proc/{bake}/status")).unwrap();
+    assert_eq!(u64::from_str_radix(&status_field(&status, "CapEff:"), 16).unwrap(), 0, "bake VMM CapEff");
+    assert_eq!(status_field(&status, "Seccomp:"), "2", "bake VMM runs under seccomp");
+    assert_ne!(status_field(&status, "Uid:").split_whitespace().next().unwrap(), "0", "bake VMM runs as root");
     wait_ready(&d, "jailed").await;
+    let leaf = bake_cgroup.trim_start_matches("/forkd/").to_string();
+    assert!(!forkd_cgroups().contains(&leaf), "the bake's cgroup {leaf} is removed once it is done");
     let ids = fork(&d, "jailed", 2).await;
     let daemon_ns = std::fs::read_link(format!("/proc/{}/ns/mnt", d.pid())).unwrap();
     assert_eq!(vmms_under(&d.data_dir).len(), 2, "one VMM per sandbox");

@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use common::{fork, fork_with, sh, wait_ready};
-use forkd_integration::{Daemon, Options, vmms_under};
+use forkd_integration::{Daemon, Options, forkd_cgroups, memory_cgroup_of, vmms_under};
 use serde_json::json;
 
 /// `forkd_pool_vmms` for `tag` from /metrics (0 when absent).
@@ -69,6 +69,10 @@ async fn pooled_vmms_serve_spawns_and_never_leak() {
     assert_eq!(settle_vmms(&d, 4).await, 4, "2 children + 2 pooled");
     let pooled: BTreeSet<String> = sandbox_dirs(&d).into_iter().filter(|n| !first.contains(n)).collect();
     assert_eq!(pooled.len(), 2, "{pooled:?}");
+    // Every VMM, the pooled ones too, is in the cgroup of its own id.
+    let cgroups: BTreeSet<String> = vmms_under(&d.data_dir).into_iter().map(memory_cgroup_of).collect();
+    let want: BTreeSet<String> = sandbox_dirs(&d).iter().map(|n| format!("/forkd/{n}")).collect();
+    assert_eq!(cgroups, want, "VMMs and their cgroups");
 
     // The reconciler (every 5 s) counts them as owned.
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -101,6 +105,8 @@ async fn pooled_vmms_serve_spawns_and_never_leak() {
     assert_eq!(settle_vmms(&d, 0).await, 0);
     assert_eq!(pool_size(&d, "p").await, 0);
     assert!(sandbox_dirs(&d).is_empty(), "{:?}", sandbox_dirs(&d));
+    let left: Vec<String> = forkd_cgroups().into_iter().filter(|c| pooled.contains(c) || first.contains(c)).collect();
+    assert!(left.is_empty(), "cgroups left behind: {left:?}");
 
     // A crash leaves a pooled VMM behind; the next daemon reaps it and
     // adopts the live sandbox.
@@ -108,11 +114,19 @@ async fn pooled_vmms_serve_spawns_and_never_leak() {
     wait_ready(&d, "q").await;
     let live = fork_with(&d, "q", 1, json!({ "prewarm": true })).await[0]["id"].as_str().unwrap().to_string();
     wait_pool(&d, "q", 1).await;
+    let crashed_pool: Vec<String> = sandbox_dirs(&d).into_iter().filter(|n| *n != live).collect();
+    assert_eq!(crashed_pool.len(), 1);
+    assert!(forkd_cgroups().contains(&crashed_pool[0]), "the pooled VMM's cgroup");
     d.crash();
     assert_eq!(vmms_under(&d.data_dir).len(), 2);
     let mut d = Daemon::start(opts.clone());
     assert_eq!(settle_vmms(&d, 1).await, 1, "the pooled VMM is reaped");
     assert_eq!(sandbox_dirs(&d), BTreeSet::from([live.clone()]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while forkd_cgroups().contains(&crashed_pool[0]) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!forkd_cgroups().contains(&crashed_pool[0]), "the reaped pooled VMM's cgroup is gone");
     assert_eq!(sh(&d, &live, "hostname").await["stdout"], format!("{live}\n"));
 
     // A graceful stop drains the pool; the live sandbox stays for adoption.

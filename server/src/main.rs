@@ -245,8 +245,6 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
     }
     let egress_deny = forkd_server::host::net::parse_deny(&args.egress_deny, args.bind)
         .map_err(|e| anyhow::anyhow!("--egress-deny: {e}"))?;
-    let accel = probe::choose_accel(args.accel, &qemu, &guest, &data_dir).await?;
-    tracing::info!(accel = accel.accel.as_str(), reason = %accel.reason, "accelerator chosen");
     let volume_root = args.volume_root.clone().unwrap_or_else(|| data_dir.join("volumes"));
     std::fs::create_dir_all(&volume_root).with_context(|| format!("create --volume-root {}", volume_root.display()))?;
     let volume_root = forkd_server::host::paths::Root::new(&volume_root)
@@ -265,6 +263,9 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
         }
     };
     let qemu_config = QemuConfig { jail, volume_root: Some(volume_root.clone()), console_cap: args.console_log_bytes };
+    // The KVM boot probe runs its VMM confined like every other.
+    let accel = probe::choose_accel(args.accel, &qemu, &guest, &data_dir, &qemu_config).await?;
+    tracing::info!(accel = accel.accel.as_str(), reason = %accel.reason, "accelerator chosen");
     let backend = Arc::new(
         QemuBackend::with_config(qemu, accel.accel, qemu_config).context("prepare VMM confinement (--vmm-jail)")?,
     );

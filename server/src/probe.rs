@@ -9,8 +9,9 @@ use std::time::Duration;
 use crate::agent::AgentClient;
 use crate::core::runtime::GuestAssets;
 use crate::core::snapshots::kernel_cmdline;
+use crate::host::cgroup::{self, Cgroups};
 use crate::vmm::accel::{AccelChoice, AccelDecision, KvmFacts, decide_from_facts};
-use crate::vmm::qemu::QemuBackend;
+use crate::vmm::qemu::{QemuBackend, QemuConfig};
 use crate::vmm::{Accel, Backend, VmDir, VmSpec, process};
 
 /// Host TSC frequency in kHz, from /proc/cpuinfo ("cpu MHz").
@@ -34,6 +35,7 @@ pub async fn choose_accel(
     qemu: &Path,
     guest: &GuestAssets,
     data_dir: &Path,
+    confinement: &QemuConfig,
 ) -> anyhow::Result<AccelDecision> {
     let facts = KvmFacts::read();
     if let Some(d) = decide_from_facts(choice, &facts).map_err(anyhow::Error::msg)? {
@@ -51,7 +53,7 @@ pub async fn choose_accel(
     {
         return Ok(d);
     }
-    let ok = boot_probe(qemu, guest, data_dir).await;
+    let ok = boot_probe(qemu, guest, data_dir, confinement).await;
     let decision = if ok {
         AccelDecision { accel: Accel::Kvm, reason: "KVM booted the guest kernel (probe)".into() }
     } else {
@@ -67,7 +69,9 @@ pub async fn choose_accel(
     Ok(decision)
 }
 
-async fn boot_probe(qemu: &Path, guest: &GuestAssets, data_dir: &Path) -> bool {
+/// Boots the `minimal` image under KVM, confined as `confinement` says and
+/// in a cgroup of its own, and asks its agent for a ping.
+async fn boot_probe(qemu: &Path, guest: &GuestAssets, data_dir: &Path, confinement: &QemuConfig) -> bool {
     let Ok(image) = guest.image("minimal") else { return false };
     let dir = data_dir.join(format!("probe.{}", std::process::id()));
     if std::fs::create_dir_all(&dir).is_err() {
@@ -85,21 +89,48 @@ async fn boot_probe(qemu: &Path, guest: &GuestAssets, data_dir: &Path) -> bool {
         drives: vec![],
         nic: false,
     };
-    let backend: Arc<dyn Backend> = Arc::new(QemuBackend::new(PathBuf::from(qemu), Accel::Kvm));
+    let backend: Arc<dyn Backend> = match QemuBackend::with_config(PathBuf::from(qemu), Accel::Kvm, confinement.clone())
+    {
+        Ok(b) => Arc::new(b),
+        Err(e) => {
+            tracing::warn!("KVM probe: preparing VMM confinement: {e}");
+            let _ = std::fs::remove_dir_all(&dir);
+            return false;
+        }
+    };
     let vmdir = VmDir(dir.clone());
+    let cgroups = Cgroups::host();
+    let cgroup_name = cgroup::sandbox_name(&format!("probe-{}", std::process::id()));
+    if let Some(cg) = &cgroups {
+        let limits = cgroup::Limits {
+            memory_bytes: (spec.mem_mib + crate::core::limits::BAKE_EXTRA_MIB) as u64 * 1024 * 1024,
+            cpu_quota: 0.0,
+            pids_max: crate::core::limits::VMM_THREAD_HEADROOM,
+        };
+        if let Err(e) = cg.create(&cgroup_name, &limits) {
+            tracing::warn!("KVM probe: creating cgroup {cgroup_name}: {e}");
+            let _ = std::fs::remove_dir_all(&dir);
+            return false;
+        }
+    }
     let ok = match backend.boot(&spec, &vmdir).await {
         Ok(mut vm) => {
-            let answered = async {
-                let agent = AgentClient::connect(&vmdir.agent_socket(), Duration::from_secs(5)).await.ok()?;
-                agent.ping(Duration::from_secs(10)).await.ok()
-            }
-            .await
-            .is_some();
+            let placed = cgroups.as_ref().is_none_or(|cg| cg.add_pid(&cgroup_name, vm.pid).is_ok());
+            let answered = placed
+                && async {
+                    let agent = AgentClient::connect(&vmdir.agent_socket(), Duration::from_secs(5)).await.ok()?;
+                    agent.ping(Duration::from_secs(10)).await.ok()
+                }
+                .await
+                .is_some();
             process::kill_and_reap(vm.pid, vm.start_time, vm.child.take()).await;
             answered
         }
         Err(_) => false,
     };
+    if let Some(cg) = &cgroups {
+        let _ = cg.remove(&cgroup_name, Duration::from_secs(2));
+    }
     let _ = std::fs::remove_dir_all(&dir);
     ok
 }

@@ -8,6 +8,8 @@ use std::process::Command;
 use forkd_api::v1::GetVersionRequest;
 use forkd_server::host::cgroup::{Cgroups, Version};
 use forkd_server::vmm::accel::KvmFacts;
+use forkd_server::vmm::jail::probe as jail_probe;
+use forkd_server::vmm::jail::{JailConfig, UidRange};
 use serde_json::json;
 
 use crate::args::{DoctorArgs, GlobalArgs};
@@ -355,6 +357,54 @@ fn hugepages() -> Check {
     }
 }
 
+/// Starts QEMU jailed as the daemon would and reports what the kernel says
+/// of it: the confinement this host can really give a VMM.
+async fn vmm_confinement(a: &DoctorArgs) -> Check {
+    const NAME: &str = "vmm-confinement";
+    if !nix::unistd::geteuid().is_root() {
+        return check(NAME, Level::Skip, "not root: the jail probe needs the daemon's privileges", "sudo forkd doctor");
+    }
+    let Some(qemu) = on_path("qemu-system-x86_64") else {
+        return check(NAME, Level::Skip, "qemu-system-x86_64 not found", "scripts/setup-host.sh");
+    };
+    let mountpoint = std::env::temp_dir().join(format!("forkd-doctor-jail-{}", std::process::id()));
+    let cfg = JailConfig {
+        enabled: true,
+        uids: UidRange { base: a.vmm_uid_base, count: a.vmm_uid_count, gid: a.vmm_uid_base },
+        mountpoint: mountpoint.clone(),
+    };
+    let secrets = vec![
+        PathBuf::from("/etc/shadow"),
+        a.data_dir.join("token"),
+        a.data_dir.join("forkd.db"),
+        a.data_dir.join("sandboxes"),
+    ];
+    let observed = tokio::task::spawn_blocking(move || jail_probe::run(&qemu, &cfg, &secrets)).await;
+    let _ = std::fs::remove_dir(&mountpoint);
+    match observed {
+        Ok(Ok(o)) if o.confined() => check(NAME, Level::Pass, format!("a jailed QEMU runs with {}", o.describe()), ""),
+        Ok(Ok(o)) if o.own_mount_ns.is_none() && o.uid != 0 && o.cap_eff == 0 && o.seccomp == 2 => check(
+            NAME,
+            Level::Warn,
+            format!("a jailed QEMU runs with {}; its mount namespace could not be inspected", o.describe()),
+            "run forkd doctor with CAP_SYS_PTRACE (as the shipped unit grants the daemon) to check the namespace",
+        ),
+        Ok(Ok(o)) => check(
+            NAME,
+            Level::Fail,
+            format!("a jailed QEMU is not fully confined: {}", o.describe()),
+            "run forkd-server with the shipped unit's capabilities (deploy/systemd) on a kernel with seccomp and mount namespaces",
+        ),
+        Ok(Err(e)) => check(
+            NAME,
+            Level::Fail,
+            format!("QEMU cannot be started jailed: {e}"),
+            "grant CAP_SETUID, CAP_SETGID, CAP_SETPCAP, CAP_SYS_ADMIN and CAP_CHOWN (see deploy/systemd), and use a QEMU built with seccomp",
+        ),
+        Err(e) => check(NAME, Level::Fail, format!("the jail probe failed: {e}"), ""),
+    }
+}
+
 /// How the daemon says it confines its VMMs.
 fn vmm_jail(confinement: &str) -> Check {
     if confinement.starts_with("jail") {
@@ -434,6 +484,7 @@ pub async fn checks(global: &GlobalArgs, a: &DoctorArgs) -> Vec<Check> {
     out.push(firecracker());
     out.push(guest_assets(&a.guest_dir()));
     out.push(cgroups());
+    out.push(vmm_confinement(a).await);
     out.extend(netns());
     out.push(free_space(&a.data_dir));
     out.push(userfaultfd());

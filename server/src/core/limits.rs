@@ -33,6 +33,12 @@ pub const MAX_PIDS: u32 = 4_194_304;
 pub const VMM_THREAD_HEADROOM: u32 = 256;
 /// How long removal waits for the last process of a cgroup to leave it.
 const RMDIR_WAIT: Duration = Duration::from_secs(2);
+/// Extra memory a snapshot bake gets over a sandbox's default limit: a boot
+/// from scratch translates the guest's whole start-up path (TCG) and reads
+/// its image through the page cache, which a restored child does not.
+pub const BAKE_EXTRA_MIB: u32 = 256;
+/// Prefix of the cgroups of snapshot bakes (`forkd/bake-<nonce>`).
+pub const BAKE_CGROUP_PREFIX: &str = "bake-";
 
 /// INVALID_ARGUMENT naming the field when a limit is out of range.
 pub fn validate_limits(s: &SandboxSettings) -> Result<()> {
@@ -174,14 +180,51 @@ impl Runtime {
         Ok(guard)
     }
 
+    /// A cgroup for a VMM that serves no sandbox yet: a pooled VMM waiting
+    /// for its fork (`forkd/<id>`, which the fork then takes over with the
+    /// sandbox's limits) or a snapshot bake (`forkd/bake-<nonce>`). It gets
+    /// `memory_mib` (0 = no limit) and the VMM's thread headroom as its pids
+    /// limit; ledgered for `owner` before it exists. None when the host has
+    /// no cgroup hierarchy (the VMM then runs as a sandbox without limits
+    /// does); an error when it has one and the cgroup cannot be made.
+    pub(crate) fn helper_cgroup(&self, name: String, owner: &str, memory_mib: u32) -> Result<Option<String>> {
+        let Some(cg) = Cgroups::host() else { return Ok(None) };
+        self.store.ledger_add("cgroup", &name, owner)?;
+        let limits = cgroup::Limits {
+            memory_bytes: memory_mib as u64 * 1024 * 1024,
+            cpu_quota: 0.0,
+            pids_max: VMM_THREAD_HEADROOM,
+        };
+        if let Err(e) = cg.create(&name, &limits) {
+            self.remove_cgroup(&name);
+            return Err(Error::internal(&format!("creating cgroup {name}"), e));
+        }
+        Ok(Some(name))
+    }
+
+    /// Moves `pid` into the helper cgroup `name` (from `helper_cgroup`).
+    pub(crate) fn enter_cgroup(&self, name: &str, pid: u32) -> Result<()> {
+        match Cgroups::host() {
+            Some(cg) => cg.add_pid(name, pid).map_err(|e| Error::internal(&format!("placing the VMM in {name}"), e)),
+            None => Ok(()),
+        }
+    }
+
     /// Removes a sandbox's cgroup, killing whatever still runs in it, and
     /// forgets it in the ledger once it is gone. Idempotent.
     pub(crate) fn remove_limits(&self, id: &str) {
-        let name = cgroup::sandbox_name(id);
+        self.remove_cgroup(&cgroup::sandbox_name(id));
+    }
+
+    /// Removes the cgroup `name` (a sandbox's or a helper's), killing
+    /// whatever still runs in it, and forgets it in the ledger once it is
+    /// gone. Idempotent.
+    pub(crate) fn remove_cgroup(&self, name: &str) {
+        let name = name.to_string();
         let gone = match Cgroups::host() {
             Some(cg) => {
                 for pid in cg.procs(&name) {
-                    tracing::info!(id, pid, "killing a process left in the sandbox's cgroup");
+                    tracing::info!(%name, pid, "killing a process left in the cgroup");
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(pid as i32),
                         nix::sys::signal::Signal::SIGKILL,

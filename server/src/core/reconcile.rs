@@ -5,7 +5,8 @@
 //!   and that nobody killed ends "exited" with a reason.
 //! - Anything forkd-named that no sandbox owns is removed: VMM processes
 //!   whose sockets live under `<data>/sandboxes/`, work dirs there, ledger
-//!   entries of sandboxes that no longer exist, and `forkd/*` cgroups.
+//!   entries of sandboxes that no longer exist, and `forkd/*` cgroups (at
+//!   start-up also the cgroups of snapshot bakes, `forkd/bake-*`).
 //!
 //! A sandbox is owned while it is listed, while it is being spawned, or
 //! while the store holds a record for it that is past "starting". Host state
@@ -136,6 +137,15 @@ impl Runtime {
 
         // Ledger entries of sandboxes that no longer exist.
         for e in &ledger {
+            // Cgroups of snapshot bakes: none is baking before the daemon
+            // serves, so at start-up every one left is an orphan.
+            if e.kind == "cgroup" && is_bake_cgroup(&e.key) {
+                if startup {
+                    self.remove_cgroup(&e.key);
+                    reaped("cgroup", &e.key);
+                }
+                continue;
+            }
             let Ok(id) = SandboxId::parse(&e.owner) else {
                 if startup && e.kind == "staging" && under(Path::new(&e.key), &staging_dir) {
                     let _ = self.layout.remove_dir(Path::new(&e.key));
@@ -267,4 +277,24 @@ impl Runtime {
 
 fn under(p: &Path, dir: &Path) -> bool {
     p.starts_with(dir) && !p.components().any(|c| matches!(c, std::path::Component::ParentDir))
+}
+
+/// A snapshot bake's cgroup (`forkd/bake-<nonce>`).
+fn is_bake_cgroup(name: &str) -> bool {
+    name.strip_prefix(cgroup::PARENT)
+        .and_then(|r| r.strip_prefix('/'))
+        .is_some_and(|r| r.starts_with(super::limits::BAKE_CGROUP_PREFIX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_bake_cgroup;
+
+    #[test]
+    fn bake_cgroups_are_told_from_sandbox_cgroups() {
+        assert!(is_bake_cgroup("forkd/bake-a1b2c3d4"));
+        assert!(!is_bake_cgroup("forkd/sb-a1b2c3d4"));
+        assert!(!is_bake_cgroup("other/bake-a1b2c3d4"));
+        assert!(!is_bake_cgroup("forkdbake-x"));
+    }
 }

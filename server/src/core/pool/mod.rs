@@ -4,8 +4,9 @@
 //! cost of a spawn) is off its path.
 //!
 //! A pooled VMM is an ordinary future sandbox as far as the host is
-//! concerned: its id, work dir and process are in the ledger under that id,
-//! and the reconciler counts it as owned. It has no sandbox record, so after
+//! concerned: its id, work dir, cgroup and process are in the ledger under
+//! that id, and the reconciler counts it as owned. It waits in the cgroup
+//! `forkd/<id>` with the default limits of a sandbox of its size. It has no sandbox record, so after
 //! a daemon restart it is reaped as an orphan. Only children with the
 //! snapshot's own disks and no network of their own are served from a pool
 //! (a pooled process has its devices fixed already).
@@ -18,6 +19,7 @@ use futures::StreamExt;
 
 use super::runtime::Runtime;
 use super::{Error, Result, ids};
+use crate::host::cgroup;
 use crate::vmm::{PendingVm, VmDir, VmSpec, process};
 
 /// Most pooled VMMs kept for one snapshot.
@@ -131,9 +133,20 @@ impl Runtime {
     async fn start_pooled_as(self: &Arc<Self>, tag: &Tag, spec: &VmSpec, id: SandboxId) -> Result<()> {
         let dir = VmDir(self.layout.sandbox_dir(&id));
         self.create_workdir(&id, &dir)?;
+        // A waiting VMM is confined like a sandbox of its size: the fork
+        // that takes it re-applies its own limits to the same cgroup.
+        let memory_mib = self.admission.default_memory_limit_mib(spec.mem_mib);
+        let cgroup = match self.helper_cgroup(cgroup::sandbox_name(id.as_str()), id.as_str(), memory_mib) {
+            Ok(c) => c,
+            Err(e) => {
+                self.remove_workdir(&dir);
+                return Err(e);
+            }
+        };
         let vm = match self.backend.prestart(spec, &dir).await {
             Ok(vm) => vm,
             Err(e) => {
+                self.remove_limits(id.as_str());
                 self.remove_workdir(&dir);
                 return Err(e.into());
             }
@@ -141,6 +154,12 @@ impl Runtime {
         let key = process::ledger_key(vm.pid(), vm.start_time());
         self.store.ledger_add("vmm", &key, id.as_str())?;
         let pooled = Pooled { id, dir, spec: spec.clone(), vm };
+        if let Some(name) = &cgroup
+            && let Err(e) = self.enter_cgroup(name, pooled.vm.pid())
+        {
+            self.discard_pooled(pooled).await;
+            return Err(e);
+        }
         // The snapshot may have started going away meanwhile. Checked and
         // pushed under the pool's lock: a deletion marks the tag busy before
         // it drains the pool under that lock, so either it sees this VMM or
@@ -170,6 +189,7 @@ impl Runtime {
         let key = process::ledger_key(p.vm.pid(), p.vm.start_time());
         p.vm.kill().await;
         let _ = self.store.ledger_remove("vmm", &key);
+        self.remove_limits(p.id.as_str());
         self.remove_workdir(&p.dir);
     }
 

@@ -168,10 +168,57 @@ impl Runtime {
         let boot_spec = VmSpec { mem_file: mem.clone(), ..spec.clone() };
         let dir = VmDir(staging.join("vm"));
         std::fs::create_dir_all(dir.path()).map_err(|e| Error::internal("create vm dir", e))?;
+        // The booting parent runs in a cgroup of its own, with room for a
+        // boot from scratch over a sandbox's default limit.
+        let memory_mib = match self.admission.default_memory_limit_mib(spec.mem_mib) {
+            0 => 0,
+            m => m.saturating_add(super::limits::BAKE_EXTRA_MIB),
+        };
+        let cgroup_name =
+            crate::host::cgroup::sandbox_name(&format!("{}{}", super::limits::BAKE_CGROUP_PREFIX, ids::nonce()));
+        let cgroup = self.helper_cgroup(cgroup_name, rec.tag.as_str(), memory_mib)?;
+        let result = self.bake_in(rec, &boot_spec, &dir, staging, req, cgroup.as_deref()).await;
+        if let Some(name) = &cgroup {
+            self.remove_cgroup(name);
+        }
+        result?;
+        let _ = std::fs::remove_dir_all(dir.path());
+        let (mem_d, state_d) = tokio::task::spawn_blocking({
+            let mem = mem.clone();
+            let state = staging.join("state");
+            move || Ok::<_, std::io::Error>((digest::sha256_file(&mem)?, digest::sha256_file(&state)?))
+        })
+        .await
+        .map_err(|e| Error::internal("digest", e))?
+        .map_err(|e| Error::internal("digest", e))?;
+        rec.memory_digest = mem_d;
+        rec.state_digest = state_d;
+        write_vm_json(staging, &spec)?;
+        rec.physical_size_bytes = layout::disk_usage(staging);
+        let final_dir = spec.mem_file.parent().expect("snapshot dir").to_path_buf();
+        std::fs::rename(staging, &final_dir).map_err(|e| Error::internal("rename snapshot into place", e))?;
+        rec.status = SnapshotStatus::Ready;
+        Ok(())
+    }
+
+    /// Boots the parent (in `cgroup`), waits for its runtime and warm-up,
+    /// and saves its device state into `staging`; the VMM is gone on return.
+    async fn bake_in(
+        &self,
+        rec: &mut SnapshotRecord,
+        boot_spec: &VmSpec,
+        dir: &VmDir,
+        staging: &std::path::Path,
+        req: &CreateSnapshot,
+        cgroup: Option<&str>,
+    ) -> Result<()> {
         let started = Instant::now();
-        let mut vm = self.backend.boot(&boot_spec, &dir).await?;
+        let mut vm = self.backend.boot(boot_spec, dir).await?;
         self.store.ledger_add("vmm", &process::ledger_key(vm.pid, vm.start_time), rec.tag.as_str())?;
         let result: Result<()> = async {
+            if let Some(name) = cgroup {
+                self.enter_cgroup(name, vm.pid)?;
+            }
             let agent = AgentClient::connect(&dir.agent_socket(), Duration::from_secs(10)).await?;
             let deadline = Instant::now() + req.warm_timeout;
             loop {
@@ -221,24 +268,7 @@ impl Runtime {
         .await;
         process::kill_and_reap(vm.pid, vm.start_time, vm.child.take()).await;
         let _ = self.store.ledger_remove("vmm", &process::ledger_key(vm.pid, vm.start_time));
-        result?;
-        let _ = std::fs::remove_dir_all(dir.path());
-        let (mem_d, state_d) = tokio::task::spawn_blocking({
-            let mem = mem.clone();
-            let state = staging.join("state");
-            move || Ok::<_, std::io::Error>((digest::sha256_file(&mem)?, digest::sha256_file(&state)?))
-        })
-        .await
-        .map_err(|e| Error::internal("digest", e))?
-        .map_err(|e| Error::internal("digest", e))?;
-        rec.memory_digest = mem_d;
-        rec.state_digest = state_d;
-        write_vm_json(staging, &spec)?;
-        rec.physical_size_bytes = layout::disk_usage(staging);
-        let final_dir = spec.mem_file.parent().expect("snapshot dir").to_path_buf();
-        std::fs::rename(staging, &final_dir).map_err(|e| Error::internal("rename snapshot into place", e))?;
-        rec.status = SnapshotStatus::Ready;
-        Ok(())
+        result
     }
 
     /// RESOURCE_EXHAUSTED, before anything is written, when a snapshot

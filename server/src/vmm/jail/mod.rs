@@ -15,6 +15,7 @@
 
 mod enter;
 pub mod netns;
+pub mod probe;
 pub mod uids;
 
 use std::ffi::CString;
