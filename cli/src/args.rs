@@ -159,6 +159,26 @@ pub enum Command {
     )]
     Share(ShareArgs),
 
+    /// Write a snapshot (and its chain) to a .tar.zst archive.
+    #[command(
+        long_about = "Stream a snapshot from the daemon into a .tar.zst archive: the snapshot, the chain \
+            of ancestors it is a layer over, and a manifest with every file's size and sha256. Memory \
+            keeps only its non-zero pages. The file is written beside its name and renamed when \
+            complete. Works against a remote daemon (--url).",
+        after_help = "Examples:\n  forkd pack py -o py.tar.zst\n  forkd pack branch1 -o b.tar.zst --flat\n  \
+            forkd pack branch1 -o layer.tar.zst --layer-only"
+    )]
+    Pack(PackArgs),
+
+    /// Add the snapshots of a .tar.zst archive to the daemon.
+    #[command(
+        long_about = "Stream an archive made by `forkd pack` to the daemon, which checks every entry, size \
+            and digest and that it has the same guest kernel, initramfs and image before anything \
+            becomes visible. A tag that exists is refused unless --as gives another.",
+        after_help = "Examples:\n  forkd unpack py.tar.zst\n  forkd unpack py.tar.zst --as py2"
+    )]
+    Unpack(UnpackArgs),
+
     /// Derive a snapshot by running a command in a child of another.
     #[command(
         long_about = "Fork a transient sandbox from --from, run a command in it, save the \
@@ -465,6 +485,36 @@ pub struct ShareArgs {
     /// Make it private again.
     #[arg(long)]
     pub off: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PackArgs {
+    /// Snapshot to pack.
+    #[arg(value_name = "TAG")]
+    pub tag: Tag,
+
+    /// Archive to write (.tar.zst).
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: PathBuf,
+
+    /// One flat image of the snapshot, without its ancestors.
+    #[arg(long, conflicts_with = "layer_only")]
+    pub flat: bool,
+
+    /// Only the snapshot's own diff layer (the importing host needs its parent).
+    #[arg(long)]
+    pub layer_only: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct UnpackArgs {
+    /// Archive made by `forkd pack`.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// Tag for the archive's snapshot here (its ancestors keep their tags).
+    #[arg(long = "as", value_name = "NEWTAG")]
+    pub as_tag: Option<Tag>,
 }
 
 #[derive(Args, Debug)]

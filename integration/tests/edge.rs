@@ -699,14 +699,14 @@ async fn unimplemented_rpcs_say_so() {
             .await;
     assert_error(&e, 501, "UNIMPLEMENTED", "PullSnapshot");
 
+    // Export is implemented: a snapshot that does not exist is NOT_FOUND.
     let e = d
         .snapshots()
         .await
-        .export_snapshot(api::ExportSnapshotRequest { tag: "x".into(), layer_only: false })
+        .export_snapshot(api::ExportSnapshotRequest { tag: "x".into(), layer_only: false, flat: false })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
-    assert!(e.message().contains("not implemented"), "{e:?}");
+    assert_eq!(e.code(), Code::NotFound);
     let e = d
         .snapshots()
         .await

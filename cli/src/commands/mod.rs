@@ -7,6 +7,7 @@ mod exec;
 mod sandboxes;
 mod snapshots;
 mod system;
+mod transfer;
 mod volume;
 mod workspaces;
 
@@ -41,6 +42,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Command::Rmi(a) => snapshots::rmi(&conn, a, json).await,
                 Command::Compact(a) => snapshots::compact(&conn, a, json).await,
                 Command::Share(a) => snapshots::share(&conn, a, json).await,
+                Command::Pack(a) => transfer::pack(&conn, a, json).await,
+                Command::Unpack(a) => transfer::unpack(&conn, a, json).await,
                 Command::SnapshotDiff(a) => snapshots::derive(&conn, a, json).await,
                 Command::Fork(a) => sandboxes::fork(&conn, a, json).await,
                 Command::Ls(a) => sandboxes::ls(&conn, a, json).await,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use forkd_api::names::Tag;
 use forkd_api::v1::{self as api, snapshot_service_server::SnapshotService};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Services;
@@ -15,10 +15,16 @@ use super::status::not_yet;
 use crate::core::Error;
 use crate::core::snapshots::CreateSnapshot;
 use crate::core::snapshots::SnapshotView;
+use crate::core::snapshots::transfer::ExportMode;
 use crate::core::store::SnapshotStatus;
 use crate::core::tenants::Principal;
+use crate::memory::pack;
+use crate::memory::pack::write::Progress;
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<api::DataChunk, Status>> + Send>>;
+
+/// Bytes buffered between the archive writer and an export's stream.
+const EXPORT_PIPE: usize = 256 << 10;
 
 fn tag(field: &'static str, v: &str) -> Result<Tag, Status> {
     Ok(Tag::parse_field(v, field).map_err(Error::from)?)
@@ -162,16 +168,64 @@ impl SnapshotService for Services {
 
     async fn export_snapshot(
         &self,
-        _r: Request<api::ExportSnapshotRequest>,
+        r: Request<api::ExportSnapshotRequest>,
     ) -> Result<Response<Self::ExportSnapshotStream>, Status> {
-        Err(not_yet("ExportSnapshot"))
+        let p = principal(&r);
+        let r = r.into_inner();
+        let t = tag("tag", &r.tag)?;
+        self.usable_snapshot(&p, &t)?;
+        let mode = match (r.layer_only, r.flat) {
+            (true, true) => {
+                return Err(Error::InvalidArgument(
+                    "invalid layer_only/flat: choose one of layer_only (only its layer) and flat (one flat image)"
+                        .into(),
+                )
+                .into());
+            }
+            (true, false) => ExportMode::LayerOnly,
+            (false, true) => ExportMode::Flat,
+            (false, false) => ExportMode::Chain,
+        };
+        let plan = self.rt.export_plan(&t, mode).await?;
+        let manifest = serde_json::to_vec_pretty(&plan.manifest).map_err(|e| Error::internal("manifest", e))?;
+        // The archive is written into one end of a bounded pipe and streamed
+        // from the other: a slow client slows the writer, and a client that
+        // goes away stops it.
+        let (w, rd) = tokio::io::duplex(EXPORT_PIPE);
+        let writer = tokio::spawn(pack::write::write(w, manifest, plan.sources, Progress::default()));
+        let data = tokio_util::io::ReaderStream::with_capacity(rd, EXPORT_PIPE)
+            .map(|b| b.map(|data| api::DataChunk { data: data.to_vec() }).map_err(|e| Status::internal(e.to_string())));
+        let outcome = futures::stream::once(async move {
+            match writer.await {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(Err(Status::from(Error::from(e)))),
+                Err(e) => Some(Err(Status::internal(format!("export: {e}")))),
+            }
+        })
+        .filter_map(|x| async move { x });
+        Ok(Response::new(Box::pin(data.chain(outcome)) as ChunkStream))
     }
 
     async fn import_snapshot(
         &self,
-        _r: Request<Streaming<api::ImportSnapshotRequest>>,
+        r: Request<Streaming<api::ImportSnapshotRequest>>,
     ) -> Result<Response<api::Snapshot>, Status> {
-        Err(not_yet("ImportSnapshot"))
+        let p = principal(&r);
+        let mut s = r.into_inner();
+        let first = s.message().await?.ok_or_else(|| Error::invalid("data", "the archive is empty"))?;
+        let rename = if first.tag.is_empty() { None } else { Some(tag("tag", &first.tag)?) };
+        if let Some(t) = &rename {
+            crate::edge::audit::acted_on(format!("snapshot {t}"));
+        }
+        let head = futures::stream::once(async move { Ok::<_, std::io::Error>(bytes::Bytes::from(first.data)) });
+        let rest = s.map(|m| {
+            m.map(|m| bytes::Bytes::from(m.data)).map_err(|st| std::io::Error::other(st.message().to_string()))
+        });
+        let input = tokio_util::io::StreamReader::new(Box::pin(head.chain(rest)));
+        let rec = self.rt.import_archive(input, rename, p.owner(), Progress::default()).await?;
+        crate::edge::audit::acted_on(format!("snapshot {}", rec.tag));
+        let view = self.rt.view_of(rec).await?;
+        Ok(Response::new(self.snapshot_for(&p, view).await))
     }
 
     async fn push_snapshot(

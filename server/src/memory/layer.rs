@@ -29,18 +29,29 @@ pub fn write_layer(path: &Path, pages: &[u64], data: &[u8]) -> std::io::Result<S
         h.update(b);
         w.write_all(b)
     };
-    put(MAGIC, &mut w)?;
-    put(&(PAGE as u32).to_le_bytes(), &mut w)?;
-    put(&(pages.len() as u64).to_le_bytes(), &mut w)?;
-    let mut idx = Vec::with_capacity(pages.len() * 8);
-    for p in pages {
-        idx.extend_from_slice(&p.to_le_bytes());
-    }
-    put(&idx, &mut w)?;
+    put(&encode_head(pages), &mut w)?;
     put(data, &mut w)?;
     let f = w.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
     Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+/// The header and page index of a layer naming `pages`: everything that
+/// comes before the pages themselves.
+pub fn encode_head(pages: &[u64]) -> Vec<u8> {
+    let mut head = Vec::with_capacity(HEAD as usize + pages.len() * 8);
+    head.extend_from_slice(MAGIC);
+    head.extend_from_slice(&(PAGE as u32).to_le_bytes());
+    head.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+    for p in pages {
+        head.extend_from_slice(&p.to_le_bytes());
+    }
+    head
+}
+
+/// Bytes of a layer naming `count` pages.
+pub fn encoded_len(count: u64) -> u64 {
+    HEAD + count * (8 + PAGE)
 }
 
 /// Size of the fixed header: magic, page size, page count.
@@ -153,13 +164,22 @@ pub fn apply(layer: &Path, flat: &Path) -> std::io::Result<()> {
     {
         return Err(invalid(format!("layer page {last} is beyond the {flat_pages}-page parent")));
     }
-    let mut buf = vec![0u8; PAGE as usize];
+    // Runs of consecutive pages are copied together (up to RUN pages).
+    const RUN: usize = 256;
+    let mut buf = vec![0u8; RUN * PAGE as usize];
     let mut off = data_off;
-    for p in &pages {
-        l.read_exact_at(&mut buf, off)?;
+    let mut i = 0;
+    while i < pages.len() {
+        let mut n = 1;
+        while i + n < pages.len() && n < RUN && pages[i + n] == pages[i] + n as u64 {
+            n += 1;
+        }
+        let bytes = &mut buf[..n * PAGE as usize];
+        l.read_exact_at(bytes, off)?;
         // In range: checked against the parent's size above.
-        f.write_all_at(&buf, p * PAGE)?;
-        off += PAGE;
+        f.write_all_at(bytes, pages[i] * PAGE)?;
+        off += n as u64 * PAGE;
+        i += n;
     }
     f.sync_all()
 }

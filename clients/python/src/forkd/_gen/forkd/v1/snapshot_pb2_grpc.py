@@ -155,15 +155,19 @@ class SnapshotServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportSnapshot(self, request, context):
-        """Streams a packed .tar.zst of the snapshot (and its chain) with a sha256
-        manifest.
+        """Streams a packed .tar.zst of the snapshot and the chain of ancestors it
+        is a layer over (or one flat image, or only its own layer), with a
+        manifest of every file's size and sha256. Memory holds only its
+        non-zero pages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ImportSnapshot(self, request_iterator, context):
-        """Receives a packed snapshot; the first message carries the tag.
+        """Receives a packed snapshot; the first message carries the tag. Nothing
+        becomes visible until every file and digest checked out; a refused or
+        broken archive leaves nothing behind.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,189 @@
+//! Reading an archive into a staging directory, trusting nothing: the
+//! manifest first (bounded, validated), then each entry checked against it
+//! before a byte of it is written, digests checked as the bytes arrive, and
+//! memory checked once it is expanded. Only as many bytes as the manifest
+//! declares are ever decompressed, so a small archive cannot expand into a
+//! large one (a zip bomb stops at the first byte over).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use async_compression::tokio::bufread::ZstdDecoder;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use super::manifest::{FileEntry, FileKind, MANIFEST_PATH, MAX_MANIFEST_BYTES, Manifest};
+use super::tarball::{self, BLOCK};
+use super::{PackError, write::Progress};
+use crate::memory::{digest, layer};
+
+/// Bytes copied at a time.
+const CHUNK: usize = 1 << 20;
+
+async fn read_block<R: AsyncRead + Unpin>(r: &mut R) -> Result<[u8; BLOCK], PackError> {
+    let mut b = [0u8; BLOCK];
+    r.read_exact(&mut b).await.map_err(|e| truncated_or(e, "the archive ends inside a header"))?;
+    Ok(b)
+}
+
+fn truncated_or(e: std::io::Error, what: &str) -> PackError {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => PackError::invalid(what),
+        // zstd frame errors surface as "other" I/O errors from the decoder.
+        std::io::ErrorKind::Other | std::io::ErrorKind::InvalidData => {
+            PackError::invalid(format!("not a zstd-compressed archive or corrupt: {e}"))
+        }
+        _ => PackError::Io(e),
+    }
+}
+
+async fn skip<R: AsyncRead + Unpin>(r: &mut R, n: usize) -> Result<(), PackError> {
+    let mut pad = [0u8; BLOCK];
+    r.read_exact(&mut pad[..n]).await.map_err(|e| truncated_or(e, "the archive ends inside padding"))?;
+    Ok(())
+}
+
+/// An archive being read: its manifest is known (and valid); its files
+/// have not been read yet.
+pub struct Archive<R: AsyncRead + Unpin> {
+    r: ZstdDecoder<BufReader<R>>,
+    pub manifest: Manifest,
+}
+
+/// Opens the archive on `input` and reads and validates its manifest.
+pub async fn open<R: AsyncRead + Unpin + Send>(input: R) -> Result<Archive<R>, PackError> {
+    let mut r = ZstdDecoder::new(BufReader::with_capacity(CHUNK, input));
+    let first = read_block(&mut r).await?;
+    let (path, size) = tarball::parse(&first)?.ok_or_else(|| PackError::invalid("the archive is empty"))?;
+    if path != MANIFEST_PATH {
+        return Err(PackError::invalid(format!("the first entry is {path:?}, not {MANIFEST_PATH}")));
+    }
+    if size > MAX_MANIFEST_BYTES {
+        return Err(PackError::invalid(format!("manifest.json is {size} bytes (at most {MAX_MANIFEST_BYTES})")));
+    }
+    let mut text = vec![0u8; size as usize];
+    r.read_exact(&mut text).await.map_err(|e| truncated_or(e, "the archive ends inside manifest.json"))?;
+    skip(&mut r, tarball::padding(size)).await?;
+    let manifest = Manifest::parse(&text)?;
+    Ok(Archive { r, manifest })
+}
+
+impl<R: AsyncRead + Unpin + Send> Archive<R> {
+    /// Reads every file into `dir` (an empty directory), each at its
+    /// archive path beneath it, checking each against the manifest.
+    pub async fn read_files(mut self, dir: &Path, progress: &Progress) -> Result<Manifest, PackError> {
+        let r = &mut self.r;
+        let manifest = self.manifest;
+        let mut expected: HashMap<&str, &FileEntry> = manifest.files().map(|f| (f.path.as_str(), f)).collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let block = read_block(r).await?;
+            let Some((path, size)) = tarball::parse(&block)? else { break };
+            if seen.contains(&path) {
+                return Err(PackError::invalid(format!("entry {path:?} appears twice")));
+            }
+            let Some(entry) = expected.remove(path.as_str()) else {
+                return Err(PackError::invalid(format!("entry {path:?} is not in the manifest")));
+            };
+            if size != entry.size {
+                return Err(PackError::invalid(format!(
+                    "entry {path:?} is {size} bytes; the manifest says {}",
+                    entry.size
+                )));
+            }
+            seen.insert(path.clone());
+            let target = dir.join(&path);
+            if let Some(parent) = target.parent() {
+                tokio::fs::create_dir_all(parent).await?;
+            }
+            let mut out = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&target).await?;
+            let mut h = Sha256::new();
+            let hashed = entry.kind != FileKind::Pages;
+            let mut left = size;
+            while left > 0 {
+                let n = (left as usize).min(CHUNK);
+                r.read_exact(&mut buf[..n])
+                    .await
+                    .map_err(|e| truncated_or(e, &format!("the archive ends inside {path:?}")))?;
+                if hashed {
+                    h.update(&buf[..n]);
+                }
+                out.write_all(&buf[..n]).await?;
+                left -= n as u64;
+                progress.add(n as u64);
+            }
+            out.flush().await?;
+            drop(out);
+            skip(r, tarball::padding(size)).await?;
+            if hashed {
+                let got = format!("sha256:{}", hex::encode(h.finalize()));
+                if got != entry.sha256 {
+                    return Err(PackError::invalid(format!(
+                        "{path:?} has digest {got}; the manifest says {}",
+                        entry.sha256
+                    )));
+                }
+            }
+        }
+        if let Some(missing) = manifest.files().find(|f| !seen.contains(&f.path)) {
+            return Err(PackError::invalid(format!("entry {:?} named by the manifest is missing", missing.path)));
+        }
+        Ok(manifest)
+    }
+}
+
+/// Expands the memory of every snapshot read into `dir` (blocking): a root's
+/// pages over zeros, a layer over the memory before it (`outside_parent`:
+/// the memory of the snapshot a layer-only archive requires). Every flat
+/// memory must hash to its record's digest. Leaves `snapshots/<tag>/mem` (and
+/// `layer`) beside each `state`.
+pub fn expand(dir: &Path, manifest: &Manifest, outside_parent: Option<&Path>) -> Result<(), PackError> {
+    let mut parent: Option<PathBuf> = outside_parent.map(Path::to_path_buf);
+    for e in &manifest.snapshots {
+        let r = &e.record;
+        let snap = dir.join("snapshots").join(r.tag.as_str());
+        let mem = snap.join("mem");
+        let body = &e.files[1];
+        let src = dir.join(&body.path);
+        match body.kind {
+            FileKind::Pages => {
+                let f = std::fs::File::create(&mem)?;
+                f.set_len(r.mem_mib as u64 * (1 << 20))?;
+                drop(f);
+                layer::apply(&src, &mem).map_err(|e| PackError::invalid(format!("{:?}: {e}", body.path)))?;
+                std::fs::remove_file(&src)?;
+            }
+            FileKind::Layer => {
+                let Some(p) = &parent else {
+                    return Err(PackError::invalid(format!("{:?} has no memory to apply to", body.path)));
+                };
+                layer::clone_or_copy(p, &mem)?;
+                let f = std::fs::OpenOptions::new().write(true).open(&mem)?;
+                if f.metadata()?.len() != r.mem_mib as u64 * (1 << 20) {
+                    return Err(PackError::invalid(format!(
+                        "snapshot {:?} has {} MiB but its parent's memory differs in size",
+                        r.tag.as_str(),
+                        r.mem_mib
+                    )));
+                }
+                drop(f);
+                layer::apply(&src, &mem).map_err(|e| PackError::invalid(format!("{:?}: {e}", body.path)))?;
+            }
+            FileKind::State => unreachable!("validated: the second file is memory"),
+        }
+        // A layer was checked as it arrived (its digest is the snapshot's
+        // memory digest) and its parent before it; flat memory is checked
+        // once expanded.
+        let got = if body.kind == FileKind::Pages { digest::sha256_file(&mem)? } else { r.memory_digest.clone() };
+        if got != r.memory_digest {
+            return Err(PackError::invalid(format!(
+                "the memory of snapshot {:?} has digest {got}; the manifest says {}",
+                r.tag.as_str(),
+                r.memory_digest
+            )));
+        }
+        parent = Some(mem);
+    }
+    Ok(())
+}
