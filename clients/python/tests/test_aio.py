@@ -47,8 +47,8 @@ def test_typed_errors(daemon: Daemon) -> None:
             await c.workspaces.create("w1", "nope")
         with pytest.raises(forkd.UnimplementedError, match="PushSnapshot"):
             await c.snapshots.push("py", "file:///tmp/forkd-push")
-        with pytest.raises(forkd.UnimplementedError, match="ExportSnapshot"):
-            async for _ in c.snapshots.export("py"):
+        with pytest.raises(forkd.NotFoundError, match="no-such-snapshot"):
+            async for _ in c.snapshots.export("no-such-snapshot"):
                 pass  # pragma: no cover
         with pytest.raises(forkd.NotFoundError):
             await c.fork("nope", n=2)
