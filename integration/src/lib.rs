@@ -287,18 +287,6 @@ pub fn memory_cgroup_of(pid: u32) -> String {
     unified
 }
 
-/// The children of the `forkd` cgroup in the memory hierarchy (v1) or the
-/// unified one (v2), by name.
-pub fn forkd_cgroups() -> Vec<String> {
-    let dirs = [Path::new("/sys/fs/cgroup/memory/forkd"), Path::new("/sys/fs/cgroup/forkd")];
-    let Some(dir) = dirs.iter().find(|d| d.is_dir()) else { return vec![] };
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
-        })
-        .unwrap_or_default()
-}
-
 pub fn kill_vmms_under(dir: &Path) {
     for pid in vmms_under(dir) {
         unsafe {

@@ -127,6 +127,23 @@ pub fn cgroup_file(id: &str, controller: &str, file: &str) -> Option<String> {
     std::fs::read_to_string(root.join("forkd").join(id).join(file)).ok()
 }
 
+/// The capability names of the shipped systemd unit's
+/// CapabilityBoundingSet, as `setpriv --bounding-set` wants them
+/// (`-all,+net_admin,…`).
+pub fn unit_bounding_set() -> String {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/forkd-server.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    let caps: Vec<String> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets a bounding set")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    assert!(!caps.is_empty());
+    format!("-all,{}", caps.join(","))
+}
+
 /// Processes in `forkd/<name>` (any hierarchy).
 pub fn cgroup_procs(name: &str) -> BTreeSet<u32> {
     let mut out = BTreeSet::new();

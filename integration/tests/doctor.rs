@@ -179,18 +179,7 @@ fn qemus_of_doctor() -> usize {
 #[test]
 fn doctor_probes_the_confinement_a_vmm_gets_here() {
     // With the shipped unit's capabilities a jailed QEMU is fully confined.
-    let unit = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/forkd-server.service"),
-    )
-    .unwrap();
-    let caps: Vec<String> = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
-        .unwrap()
-        .split_whitespace()
-        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
-        .collect();
-    let report = doctor_with_caps(&format!("-all,{}", caps.join(",")));
+    let report = doctor_with_caps(&forkd_integration::support::unit_bounding_set());
     let c = check(&report, "vmm-confinement");
     assert_eq!(c["status"], "pass", "{c}");
     let detail = c["detail"].as_str().unwrap();

@@ -10,24 +10,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use forkd_integration::{Daemon, Options, forkd_cgroups, memory_cgroup_of, vmms_under};
+use forkd_integration::{Daemon, Options, memory_cgroup_of, vmms_under};
 use serde_json::json;
-
-/// The capability names of the unit's CapabilityBoundingSet, as setpriv
-/// wants them (`+net_admin,…`).
-fn unit_bounding_set() -> String {
-    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/forkd-server.service");
-    let text = std::fs::read_to_string(&unit).unwrap();
-    let caps: Vec<String> = text
-        .lines()
-        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
-        .expect("the unit sets a bounding set")
-        .split_whitespace()
-        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
-        .collect();
-    assert!(!caps.is_empty());
-    format!("-all,{}", caps.join(","))
-}
 
 fn status_field(status: &str, key: &str) -> String {
     status.lines().find_map(|l| l.strip_prefix(key)).map(|v| v.trim().to_string()).unwrap_or_default()

@@ -8,7 +8,8 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use common::{fork, fork_with, sh, wait_ready};
-use forkd_integration::{Daemon, Options, forkd_cgroups, memory_cgroup_of, vmms_under};
+use forkd_integration::support::forkd_cgroups;
+use forkd_integration::{Daemon, Options, memory_cgroup_of, vmms_under};
 use serde_json::json;
 
 /// `forkd_pool_vmms` for `tag` from /metrics (0 when absent).

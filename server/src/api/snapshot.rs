@@ -19,7 +19,6 @@ use crate::core::snapshots::transfer::ExportMode;
 use crate::core::store::SnapshotStatus;
 use crate::core::tenants::Principal;
 use crate::memory::pack;
-use crate::memory::pack::write::Progress;
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<api::DataChunk, Status>> + Send>>;
 
@@ -192,7 +191,7 @@ impl SnapshotService for Services {
         // from the other: a slow client slows the writer, and a client that
         // goes away stops it.
         let (w, rd) = tokio::io::duplex(EXPORT_PIPE);
-        let writer = tokio::spawn(pack::write::write(w, manifest, plan.sources, Progress::default()));
+        let writer = tokio::spawn(pack::write::write(w, manifest, plan.sources));
         let data = tokio_util::io::ReaderStream::with_capacity(rd, EXPORT_PIPE)
             .map(|b| b.map(|data| api::DataChunk { data: data.to_vec() }).map_err(|e| Status::internal(e.to_string())));
         let outcome = futures::stream::once(async move {
@@ -222,7 +221,7 @@ impl SnapshotService for Services {
             m.map(|m| bytes::Bytes::from(m.data)).map_err(|st| std::io::Error::other(st.message().to_string()))
         });
         let input = tokio_util::io::StreamReader::new(Box::pin(head.chain(rest)));
-        let rec = self.rt.import_archive(input, rename, p.owner(), Progress::default()).await?;
+        let rec = self.rt.import_archive(input, rename, p.owner()).await?;
         crate::edge::audit::acted_on(format!("snapshot {}", rec.tag));
         let view = self.rt.view_of(rec).await?;
         Ok(Response::new(self.snapshot_for(&p, view).await))

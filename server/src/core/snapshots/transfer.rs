@@ -18,7 +18,7 @@ use crate::core::{Error, Result, ids};
 use crate::memory::digest;
 use crate::memory::layout;
 use crate::memory::pack::manifest::{FORMAT, FileEntry, GuestDigests, MAX_SNAPSHOTS, Requires, SnapshotEntry};
-use crate::memory::pack::write::{Body, Progress, Source};
+use crate::memory::pack::write::{Body, Source};
 use crate::memory::pack::{self, FileKind, Manifest, PackError};
 
 /// What an export holds.
@@ -36,13 +36,6 @@ pub enum ExportMode {
 pub struct ExportPlan {
     pub manifest: Manifest,
     pub sources: Vec<Source>,
-}
-
-impl ExportPlan {
-    /// Bytes of the tar before compression (manifest and padding aside).
-    pub fn total_bytes(&self) -> u64 {
-        self.manifest.total_bytes()
-    }
 }
 
 impl From<PackError> for Error {
@@ -169,8 +162,9 @@ impl Runtime {
                     .push(Source { path: state_entry.path.clone(), body: Body::File { file: state, len: state_len } });
                 let mem_entry = if layered {
                     let (f, len) = open("layer")?;
-                    let sha256 =
-                        digest::sha256_file(&dir.join("layer")).map_err(|e| Error::internal("digest layer", e))?;
+                    // A diff's memory digest is its layer's, taken when the
+                    // layer was written: no second read of the layer.
+                    let sha256 = rec.memory_digest.clone();
                     let e =
                         FileEntry { path: format!("snapshots/{t}/layer"), kind: FileKind::Layer, size: len, sha256 };
                     sources.push(Source { path: e.path.clone(), body: Body::File { file: f, len } });
@@ -276,7 +270,6 @@ impl Runtime {
         input: R,
         rename: Option<Tag>,
         owner: String,
-        progress: Progress,
     ) -> Result<SnapshotRecord> {
         let archive = pack::read::open(input).await?;
         let outside_parent = self.check_import(&archive.manifest, rename.as_ref())?;
@@ -285,7 +278,7 @@ impl Runtime {
         let staged = self.lease(Resource::Staging(staging.clone()));
         let result = async {
             tokio::fs::create_dir_all(&staging).await.map_err(|e| Error::internal("create staging dir", e))?;
-            let manifest = archive.read_files(&staging, &progress).await?;
+            let manifest = archive.read_files(&staging).await?;
             // Everything arrived: from here on the work is the runtime's,
             // whatever the client does.
             let rt = self.clone();

@@ -12,9 +12,9 @@ use async_compression::tokio::bufread::ZstdDecoder;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 
+use super::PackError;
 use super::manifest::{FileEntry, FileKind, MANIFEST_PATH, MAX_MANIFEST_BYTES, Manifest};
 use super::tarball::{self, BLOCK};
-use super::{PackError, write::Progress};
 use crate::memory::{digest, layer};
 
 /// Bytes copied at a time.
@@ -71,7 +71,7 @@ pub async fn open<R: AsyncRead + Unpin + Send>(input: R) -> Result<Archive<R>, P
 impl<R: AsyncRead + Unpin + Send> Archive<R> {
     /// Reads every file into `dir` (an empty directory), each at its
     /// archive path beneath it, checking each against the manifest.
-    pub async fn read_files(mut self, dir: &Path, progress: &Progress) -> Result<Manifest, PackError> {
+    pub async fn read_files(mut self, dir: &Path) -> Result<Manifest, PackError> {
         let r = &mut self.r;
         let manifest = self.manifest;
         let mut expected: HashMap<&str, &FileEntry> = manifest.files().map(|f| (f.path.as_str(), f)).collect();
@@ -111,7 +111,6 @@ impl<R: AsyncRead + Unpin + Send> Archive<R> {
                 }
                 out.write_all(&buf[..n]).await?;
                 left -= n as u64;
-                progress.add(n as u64);
             }
             out.flush().await?;
             drop(out);
@@ -159,15 +158,13 @@ pub fn expand(dir: &Path, manifest: &Manifest, outside_parent: Option<&Path>) ->
                     return Err(PackError::invalid(format!("{:?} has no memory to apply to", body.path)));
                 };
                 layer::clone_or_copy(p, &mem)?;
-                let f = std::fs::OpenOptions::new().write(true).open(&mem)?;
-                if f.metadata()?.len() != r.mem_mib as u64 * (1 << 20) {
+                if std::fs::metadata(&mem)?.len() != r.mem_mib as u64 * (1 << 20) {
                     return Err(PackError::invalid(format!(
                         "snapshot {:?} has {} MiB but its parent's memory differs in size",
                         r.tag.as_str(),
                         r.mem_mib
                     )));
                 }
-                drop(f);
                 layer::apply(&src, &mem).map_err(|e| PackError::invalid(format!("{:?}: {e}", body.path)))?;
             }
             FileKind::State => unreachable!("validated: the second file is memory"),

@@ -6,8 +6,6 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_compression::Level;
 use async_compression::tokio::write::ZstdEncoder;
@@ -49,26 +47,12 @@ pub struct Source {
     pub body: Body,
 }
 
-/// Counts the uncompressed bytes written so far (for progress).
-#[derive(Debug, Default, Clone)]
-pub struct Progress(Arc<AtomicU64>);
-
-impl Progress {
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-}
-
 /// Writes the archive: `manifest` (its JSON), then `sources` in order.
 /// Returns the uncompressed tar size.
 pub async fn write<W: AsyncWrite + Unpin + Send>(
     out: W,
     manifest: Vec<u8>,
     sources: Vec<Source>,
-    progress: Progress,
 ) -> Result<u64, PackError> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(DEPTH);
     let reader = tokio::task::spawn_blocking(move || {
@@ -83,7 +67,6 @@ pub async fn write<W: AsyncWrite + Unpin + Send>(
             let chunk = chunk?;
             enc.write_all(&chunk).await?;
             total += chunk.len() as u64;
-            progress.add(chunk.len() as u64);
         }
         enc.shutdown().await?;
         Ok(())
