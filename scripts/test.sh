@@ -23,6 +23,10 @@ cargo build --workspace --all-targets --locked
 step "guest assets"
 scripts/build-guest.sh
 
+step "S3 API server for the remote tests"
+FORKD_MOTO_SERVER=$(scripts/setup-s3.sh)
+export FORKD_MOTO_SERVER
+
 step "accelerator"
 target_dir="${CARGO_TARGET_DIR:-target}"
 "$target_dir/debug/forkd-server" --help >/dev/null

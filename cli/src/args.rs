@@ -179,6 +179,30 @@ pub enum Command {
     )]
     Unpack(UnpackArgs),
 
+    /// Upload a snapshot (and its chain) to the daemon's remote object store.
+    #[command(
+        long_about = "Push a snapshot and the chain of ancestors it is a layer over to the object \
+            store the daemon was started with (--remote on forkd-server). Blobs are named by their \
+            sha256: only what the remote lacks is uploaded, so pushing a branch after its parent \
+            sends just the branch's layer, and a second push sends nothing. Admins only.",
+        after_help = "Examples:\n  forkd push py\n  forkd push py-branch --json"
+    )]
+    Push(TagArg),
+
+    /// Download a snapshot (and what this host lacks of its chain) from the remote.
+    #[command(
+        long_about = "Pull a snapshot from the daemon's remote object store. Ancestors this host \
+            already has are kept; the rest is downloaded into staging, every size and digest is \
+            checked, and only then do the snapshots appear. Forks of a tag that is not here pull \
+            it by themselves when the daemon has a remote (see forkd fork --no-pull-missing).",
+        after_help = "Examples:\n  forkd pull py-branch\n  forkd pull py --json"
+    )]
+    Pull(TagArg),
+
+    /// The daemon's remote object store.
+    #[command(subcommand)]
+    Remote(RemoteCommand),
+
     /// Derive a snapshot by running a command in a child of another.
     #[command(
         long_about = "Fork a transient sandbox from --from, run a command in it, save the \
@@ -655,6 +679,15 @@ pub struct ForkArgs {
     #[arg(long)]
     pub live_fork: bool,
 
+    /// Pull the snapshot from the daemon's remote first if it is not on the
+    /// daemon's host (the default when the daemon has a remote).
+    #[arg(long, conflicts_with = "no_pull_missing")]
+    pub pull_missing: bool,
+
+    /// Never pull: a snapshot that is not on the host is NOT_FOUND.
+    #[arg(long)]
+    pub no_pull_missing: bool,
+
     /// Print only the new ids, one per line.
     #[arg(long, short = 'q', conflicts_with = "json")]
     pub quiet: bool,
@@ -729,6 +762,13 @@ pub struct EvalArgs {
     /// Give up on the evaluation after this long.
     #[arg(long, value_name = "DURATION", value_parser = parse_secs)]
     pub timeout: Option<u32>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RemoteCommand {
+    /// List the snapshots the remote holds.
+    #[command(visible_alias = "list", after_help = "Examples:\n  forkd remote ls\n  forkd remote ls --json")]
+    Ls,
 }
 
 #[derive(Subcommand, Debug)]

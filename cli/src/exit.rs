@@ -60,6 +60,12 @@ impl CliError {
             status.message().to_string()
         };
         let message = match status.code() {
+            // The transport's own failure carries its cause; an UNAVAILABLE
+            // the daemon answered (a guest agent or an object store out of
+            // reach) does not, and is not about reaching the daemon.
+            Code::Unavailable if std::error::Error::source(status).is_none() && !status.message().is_empty() => {
+                format!("unavailable: {detail}")
+            }
             Code::Unavailable => unreachable_message(url, &detail_with_source(status, &detail)),
             Code::Unauthenticated => {
                 format!("{detail} (pass a token with --token, --token-file, FORKD_TOKEN or FORKD_TOKEN_FILE)")
@@ -197,11 +203,22 @@ mod tests {
 
     #[test]
     fn unavailable_names_the_url_and_the_server() {
-        let err = CliError::from_status(&tonic::Status::unavailable("connection refused"), "http://127.0.0.1:1");
+        // A transport failure: tonic's status carries the error as its source.
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let mut status = tonic::Status::unavailable("connection refused");
+        status.set_source(std::sync::Arc::new(refused));
+        let err = CliError::from_status(&status, "http://127.0.0.1:1");
         assert_eq!(err.code, UNREACHABLE);
         assert!(err.message.contains("http://127.0.0.1:1"));
         assert!(err.message.contains("forkd-server"));
         assert!(err.message.contains("connection refused"));
+    }
+
+    #[test]
+    fn unavailable_answered_by_the_daemon_is_not_about_reaching_it() {
+        let err = CliError::from_status(&tonic::Status::unavailable("remote: store down"), "http://127.0.0.1:1");
+        assert_eq!(err.code, UNREACHABLE);
+        assert_eq!(err.message, "unavailable: remote: store down");
     }
 
     #[test]

@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use forkd_api::v1::{
     CompactSnapshotRequest, CreateSnapshotRequest, DeleteSnapshotRequest, DeleteSnapshotResponse,
-    DeriveSnapshotRequest, ExportSnapshotRequest, GetSnapshotRequest, ImportSnapshotRequest, ListSnapshotsRequest,
-    ListSnapshotsResponse, PullSnapshotRequest, PushSnapshotRequest, PushSnapshotResponse,
+    DeriveSnapshotRequest, ExportSnapshotRequest, GetSnapshotRequest, ImportSnapshotRequest,
+    ListRemoteSnapshotsRequest, ListRemoteSnapshotsResponse, ListSnapshotsRequest, ListSnapshotsResponse,
+    PullSnapshotRequest, PushSnapshotRequest, PushSnapshotResponse,
     snapshot_service_server::{SnapshotService, SnapshotServiceServer},
 };
 use forkd_api::v1::{
@@ -371,6 +372,13 @@ impl SnapshotService for Mock {
 
     async fn pull_snapshot(&self, _: Request<PullSnapshotRequest>) -> Result<Response<Snapshot>, Status> {
         Err(Status::unimplemented("mock"))
+    }
+
+    async fn list_remote_snapshots(
+        &self,
+        _: Request<ListRemoteSnapshotsRequest>,
+    ) -> Result<Response<ListRemoteSnapshotsResponse>, Status> {
+        Err(Status::failed_precondition("this daemon has no remote: start it with --remote URL"))
     }
 }
 

@@ -3,6 +3,7 @@
 //! and kills every VM it left behind, so a failing test leaks nothing.
 
 pub mod chaos;
+pub mod s3;
 pub mod support;
 
 use std::io::{BufRead, BufReader};
@@ -53,6 +54,9 @@ pub struct Options {
     /// A command the daemon is started under, e.g. `setpriv
     /// --bounding-set …` to run it as the shipped systemd unit would.
     pub wrapper: Vec<String>,
+    /// Environment variables the daemon gets besides the test's own (e.g.
+    /// an object store's credentials and endpoint).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Daemon {
@@ -95,6 +99,7 @@ impl Daemon {
             // FORKD_TEST_LOG=info shows the daemons' logs while debugging a test.
             .arg(std::env::var("FORKD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .args(&opts.extra_args)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(tok) = &opts.token {

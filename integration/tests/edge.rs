@@ -694,10 +694,11 @@ async fn unimplemented_rpcs_say_so() {
     )
     .await;
     assert_error(&e, 501, "UNIMPLEMENTED", "ExecInteractive is not implemented");
+    // A daemon without a remote says how to give it one.
     let e =
         json_of(d.post("/v1/snapshots/pull", json!({ "remote": "file:///tmp/x", "tag": "p" })).send().await.unwrap())
             .await;
-    assert_error(&e, 501, "UNIMPLEMENTED", "PullSnapshot");
+    assert_error(&e, 409, "FAILED_PRECONDITION", "--remote");
 
     // Export is implemented: a snapshot that does not exist is NOT_FOUND.
     let e = d
@@ -713,8 +714,9 @@ async fn unimplemented_rpcs_say_so() {
         .push_snapshot(api::PushSnapshotRequest { tag: "a".into(), remote: "file:///tmp/forkd-edge-push".into() })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
-    assert!(e.message().contains("PushSnapshot"), "{e:?}");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("--remote"), "{e:?}");
+    assert!(!std::path::Path::new("/tmp/forkd-edge-push").exists(), "a client never picks the remote");
     assert_untouched(&d).await;
 }
 

@@ -13,4 +13,5 @@ pub mod edge;
 pub mod host;
 pub mod memory;
 pub mod probe;
+pub mod remote;
 pub mod vmm;

@@ -149,6 +149,17 @@ struct Args {
     /// keep 16 MiB (or this, if smaller) unless they ask otherwise.
     #[arg(long, env = "FORKD_MAX_EXEC_OUTPUT_BYTES", default_value_t = forkd_server::api::sandbox::MAX_EXEC_OUTPUT_BYTES)]
     max_exec_output_bytes: u64,
+    /// Object store that snapshots are pushed to and pulled from:
+    /// s3://bucket/prefix, gs://bucket/prefix, az://container/prefix,
+    /// file:///dir or http(s)://host/path (WebDAV). Credentials come from
+    /// each store's standard environment variables (AWS_*, GOOGLE_*,
+    /// AZURE_*; AWS_ENDPOINT and AWS_ALLOW_HTTP for S3-compatible servers).
+    #[arg(long, env = "FORKD_REMOTE")]
+    remote: Option<String>,
+    /// Whether a fork of a tag that is not here pulls it from the remote
+    /// first (default: yes when --remote is set).
+    #[arg(long, env = "FORKD_PULL_MISSING", default_value_t = true, action = clap::ArgAction::Set)]
+    pull_missing: bool,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "FORKD_LOG", default_value = "info")]
     log: String,
@@ -162,6 +173,9 @@ enum JailChoice {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // One TLS crypto provider for the whole process (the edge and the
+    // object store clients): ring.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     // Capability sets belong to each thread: drop them before the async
     // runtime starts its threads, so every thread has only what is kept.
     let caps = forkd_server::host::caps::drop_daemon_caps();
@@ -262,6 +276,14 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
             None
         }
     };
+    let remote = match &args.remote {
+        Some(url) => {
+            let r = forkd_server::remote::Remote::open(url).with_context(|| format!("--remote {url}"))?;
+            tracing::info!(remote = %url, pull_missing = args.pull_missing, "snapshots travel through a remote");
+            Some(Arc::new(r))
+        }
+        None => None,
+    };
     let qemu_config = QemuConfig { jail, volume_root: Some(volume_root.clone()), console_cap: args.console_log_bytes };
     // The KVM boot probe runs its VMM confined like every other.
     let accel = probe::choose_accel(args.accel, &qemu, &guest, &data_dir, &qemu_config).await?;
@@ -289,6 +311,8 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
             volume_root,
             vmm_jail: args.vmm_jail == JailChoice::On,
             max_exec_output_bytes: args.max_exec_output_bytes,
+            remote,
+            pull_missing: args.pull_missing,
         },
     )
     .await?;

@@ -4,6 +4,7 @@ mod bench;
 mod cleanup;
 mod doctor;
 mod exec;
+mod remote;
 mod sandboxes;
 mod snapshots;
 mod system;
@@ -44,6 +45,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Command::Share(a) => snapshots::share(&conn, a, json).await,
                 Command::Pack(a) => transfer::pack(&conn, a, json).await,
                 Command::Unpack(a) => transfer::unpack(&conn, a, json).await,
+                Command::Push(a) => remote::push(&conn, a, json).await,
+                Command::Pull(a) => remote::pull(&conn, a, json).await,
+                Command::Remote(c) => remote::run(&conn, c, json).await,
                 Command::SnapshotDiff(a) => snapshots::derive(&conn, a, json).await,
                 Command::Fork(a) => sandboxes::fork(&conn, a, json).await,
                 Command::Ls(a) => sandboxes::ls(&conn, a, json).await,

@@ -32,6 +32,11 @@ pub async fn fork(conn: &Conn, args: ForkArgs, as_json: bool) -> anyhow::Result<
         volumes: r.volumes,
         prewarm: args.prewarm,
         live_fork: args.live_fork,
+        pull_missing: match (args.pull_missing, args.no_pull_missing) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
         hugepages: args.hugepages,
     };
     let resp = conn.call(conn.sandboxes().create_sandboxes(req)).await?;

@@ -45,8 +45,12 @@ def test_typed_errors(daemon: Daemon) -> None:
             await c.snapshots.create("../etc", wait=False)
         with pytest.raises(forkd.NotFoundError, match='snapshot "nope"'):
             await c.workspaces.create("w1", "nope")
-        with pytest.raises(forkd.UnimplementedError, match="PushSnapshot"):
-            await c.snapshots.push("py", "file:///tmp/forkd-push")
+        with pytest.raises(forkd.UnimplementedError, match="live_fork"):
+            await c.fork("py", live_fork=True)
+        with pytest.raises(forkd.ConflictError, match="--remote"):
+            await c.snapshots.push("py")
+        with pytest.raises(forkd.ConflictError, match="--remote"):
+            await c.snapshots.list_remote()
         with pytest.raises(forkd.NotFoundError, match="no-such-snapshot"):
             async for _ in c.snapshots.export("no-such-snapshot"):
                 pass  # pragma: no cover

@@ -78,12 +78,21 @@ def test_bad_tag_is_invalid_argument(client: forkd.Client) -> None:
 
 
 def test_unimplemented_rpc(client: forkd.Client) -> None:
-    with pytest.raises(forkd.UnimplementedError, match="PushSnapshot") as ei:
-        client.snapshots.push("py", "file:///tmp/forkd-push")
+    with pytest.raises(forkd.UnimplementedError, match="live_fork") as ei:
+        client.fork("py", live_fork=True)
     assert ei.value.code_name == "UNIMPLEMENTED"
     # It is also a NotImplementedError, for callers that feature-test generically.
     with pytest.raises(NotImplementedError):
-        client.snapshots.pull("file:///tmp/forkd-push", "py")
+        client.fork("py", live_fork=True)
+
+
+def test_remote_needs_a_configured_remote(client: forkd.Client) -> None:
+    with pytest.raises(forkd.ConflictError, match="--remote"):
+        client.snapshots.push("py", "file:///tmp/forkd-push")
+    with pytest.raises(forkd.ConflictError, match="--remote"):
+        client.snapshots.pull("py")
+    with pytest.raises(forkd.ConflictError, match="--remote"):
+        client.snapshots.list_remote()
 
 
 def test_workspace_errors(client: forkd.Client) -> None:

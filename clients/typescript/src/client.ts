@@ -21,6 +21,7 @@ import type {
   OutputChunk,
   PingResult,
   PushResult,
+  RemoteSnapshot,
   SnapshotInfo,
   VersionInfo,
   WorkspaceInfo,
@@ -66,6 +67,9 @@ export interface ForkOptions {
   prewarm?: boolean;
   liveFork?: boolean;
   hugepages?: boolean;
+  /** Pull the snapshot from the daemon's remote first when it is not on the
+   * daemon's host (unset: the daemon's --pull-missing setting). */
+  pullMissing?: boolean;
 }
 
 export interface ExecOptions {
@@ -444,12 +448,22 @@ export class Snapshots {
     return call(this.c.rpc.snap.importSnapshot(requests(), this.c.opts()));
   }
 
-  push(tag: string, remote: string): Promise<PushResult> {
+  /** Uploads `tag` and its chain to the daemon's remote (`--remote`): only
+   * the blobs the remote lacks. `remote`, if given, must be the daemon's own
+   * remote URL. Admins only. */
+  push(tag: string, remote = ""): Promise<PushResult> {
     return call(this.c.rpc.snap.pushSnapshot({ tag, remote }, this.c.opts()));
   }
 
-  pull(remote: string, tag = ""): Promise<SnapshotInfo> {
+  /** Downloads `tag` (and what this host lacks of its chain) from the
+   * daemon's remote; verified before it is visible. */
+  pull(tag: string, remote = ""): Promise<SnapshotInfo> {
     return call(this.c.rpc.snap.pullSnapshot({ remote, tag }, this.c.opts()));
+  }
+
+  /** The snapshots the daemon's remote holds. */
+  async listRemote(): Promise<RemoteSnapshot[]> {
+    return (await call(this.c.rpc.snap.listRemoteSnapshots({}, this.c.opts()))).snapshots;
   }
 }
 

@@ -5,7 +5,11 @@
 
 export type { Snapshot as SnapshotInfo, Sandbox as SandboxInfo, Workspace as WorkspaceInfo } from "./gen/forkd/v1/common_pb.js";
 export type { FileInfo, Event, PingResponse as PingResult } from "./gen/forkd/v1/sandbox_pb.js";
-export type { DeleteSnapshotResponse as DeleteSnapshotResult, PushSnapshotResponse as PushResult } from "./gen/forkd/v1/snapshot_pb.js";
+export type {
+  DeleteSnapshotResponse as DeleteSnapshotResult,
+  PushSnapshotResponse as PushResult,
+  RemoteSnapshot,
+} from "./gen/forkd/v1/snapshot_pb.js";
 export type { VersionInfo } from "./gen/forkd/v1/system_pb.js";
 export type { DeleteWorkspaceResponse as DeleteWorkspaceResult } from "./gen/forkd/v1/workspace_pb.js";
 

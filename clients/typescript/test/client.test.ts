@@ -99,12 +99,18 @@ describe("against a daemon", () => {
   });
 
   it("maps UNIMPLEMENTED", async () => {
-    await assert.rejects(c.snapshots.push("py", "file:///tmp/forkd-push"), (e: unknown) => {
+    await assert.rejects(c.fork("py", { liveFork: true }), (e: unknown) => {
       assert.ok(e instanceof UnimplementedError);
       assert.equal(e.codeName, "UNIMPLEMENTED");
-      assert.match(e.message, /PushSnapshot/);
+      assert.match(e.message, /live_fork/);
       return true;
     });
+  });
+
+  it("needs a remote for push, pull and listRemote", async () => {
+    await assert.rejects(c.snapshots.push("py", "file:///tmp/forkd-push"), /--remote/);
+    await assert.rejects(c.snapshots.pull("py"), /--remote/);
+    await assert.rejects(c.snapshots.listRemote(), /--remote/);
   });
 
   it("maps workspace errors", async () => {

@@ -178,6 +178,7 @@ impl SandboxService for Services {
         crate::core::limits::validate_limits(&settings)?;
         // Inputs first: a bad request is a 400 whether or not the snapshot
         // exists (or may be seen).
+        self.rt.pull_if_missing(&tag, p.owner(), r.pull_missing).await?;
         self.usable_snapshot(&p, &tag)?;
         let req = CreateSandboxes {
             tag,

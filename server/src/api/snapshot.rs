@@ -11,7 +11,6 @@ use tonic::{Request, Response, Status, Streaming};
 use super::Services;
 use super::access::principal;
 use super::convert;
-use super::status::not_yet;
 use crate::core::Error;
 use crate::core::snapshots::CreateSnapshot;
 use crate::core::snapshots::SnapshotView;
@@ -229,17 +228,83 @@ impl SnapshotService for Services {
 
     async fn push_snapshot(
         &self,
-        _r: Request<api::PushSnapshotRequest>,
+        r: Request<api::PushSnapshotRequest>,
     ) -> Result<Response<api::PushSnapshotResponse>, Status> {
-        Err(not_yet("PushSnapshot"))
+        let p = principal(&r);
+        let r = r.into_inner();
+        let t = tag("tag", &r.tag)?;
+        self.named_remote(&r.remote)?;
+        self.usable_snapshot(&p, &t)?;
+        if !p.is_admin() {
+            // A remote's tags are shared by every node and every tenant.
+            return Err(Error::PermissionDenied("only an admin may push to the remote".into()).into());
+        }
+        let rt = self.rt.clone();
+        let report = crate::core::operations::owned("push", async move { rt.push_snapshot(&t).await }, None).await?;
+        Ok(Response::new(api::PushSnapshotResponse {
+            url: report.url,
+            bytes: report.uploaded_bytes,
+            uploaded_blobs: report.uploaded_blobs,
+            present_blobs: report.present_blobs,
+            total_bytes: report.total_bytes,
+            manifest_written: report.manifest_written,
+            seconds: report.seconds,
+        }))
     }
 
-    async fn pull_snapshot(&self, _r: Request<api::PullSnapshotRequest>) -> Result<Response<api::Snapshot>, Status> {
-        Err(not_yet("PullSnapshot"))
+    async fn pull_snapshot(&self, r: Request<api::PullSnapshotRequest>) -> Result<Response<api::Snapshot>, Status> {
+        let p = principal(&r);
+        let r = r.into_inner();
+        let t = tag("tag", &r.tag)?;
+        self.named_remote(&r.remote)?;
+        if let Some(have) = self.rt.store.get_snapshot(t.as_str())?
+            && !p.may_use_snapshot(&have.owner, have.shared)
+        {
+            // Another tenant's tag: as if it were not here, and not ours to replace.
+            return Err(Error::AlreadyExists(format!("snapshot {:?} already exists here", t.as_str())).into());
+        }
+        let (rt, owner, pulled) = (self.rt.clone(), p.owner(), t.clone());
+        let rec =
+            crate::core::operations::owned("pull", async move { rt.pull_snapshot(&pulled, owner).await }, None).await?;
+        let view = self.rt.view_of(rec).await?;
+        Ok(Response::new(self.snapshot_for(&p, view).await))
+    }
+
+    async fn list_remote_snapshots(
+        &self,
+        _r: Request<api::ListRemoteSnapshotsRequest>,
+    ) -> Result<Response<api::ListRemoteSnapshotsResponse>, Status> {
+        let url = self.rt.remote()?.url().to_string();
+        let snapshots = self
+            .rt
+            .remote_tags()
+            .await?
+            .into_iter()
+            .map(|t| api::RemoteSnapshot {
+                tag: t.tag.to_string(),
+                pushed_unix: t.pushed_unix,
+                manifest_bytes: t.manifest_bytes,
+            })
+            .collect();
+        Ok(Response::new(api::ListRemoteSnapshotsResponse { url, snapshots }))
     }
 }
 
 impl Services {
+    /// Checks a request's `remote`: empty or the daemon's own URL. A client
+    /// never chooses where the daemon reads or writes.
+    fn named_remote(&self, asked: &str) -> Result<(), Status> {
+        let remote = self.rt.remote()?;
+        if !asked.is_empty() && asked != remote.url() {
+            return Err(Error::InvalidArgument(format!(
+                "invalid remote: this daemon uses only its configured remote {}; leave remote empty",
+                remote.url()
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
     /// A snapshot as the principal may see it: dependents it may not see
     /// are left out, and a tenant counts only its own live sandboxes.
     async fn snapshot_for(&self, p: &Principal, mut view: SnapshotView) -> api::Snapshot {

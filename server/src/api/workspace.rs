@@ -60,6 +60,7 @@ impl WorkspaceService for Services {
         self.rt.check_network(&settings)?;
         // Inputs first: a bad request is a 400 whether or not the snapshot
         // exists (or may be seen).
+        self.rt.pull_if_missing(&source, p.owner(), None).await?;
         self.usable_snapshot(&p, &source)?;
         let by = (*p).clone();
         let rec = self

@@ -107,6 +107,10 @@ pub struct RuntimeConfig {
     pub vmm_jail: bool,
     /// Largest `max_output_bytes` a unary exec may ask for.
     pub max_exec_output_bytes: u64,
+    /// Where snapshots are pushed to and pulled from (`--remote`).
+    pub remote: Option<Arc<crate::remote::Remote>>,
+    /// Whether a fork of a tag that is not here pulls it from the remote.
+    pub pull_missing: bool,
 }
 
 pub struct Runtime {
@@ -137,6 +141,8 @@ pub struct Runtime {
     pub(crate) net_slots: super::network::slots::NetSlots,
     /// Serialises operations on one workspace.
     pub(crate) workspace_locks: super::workspaces::locks::WorkspaceLocks,
+    /// Pulls in progress, so forks of one missing tag share a pull.
+    pub(crate) pulls: super::snapshots::remote::PullFlights,
 }
 
 impl Runtime {
@@ -161,6 +167,7 @@ impl Runtime {
             busy_tags: Default::default(),
             live_count_cache: Default::default(),
             workspace_locks: Default::default(),
+            pulls: Default::default(),
             net_slots: Default::default(),
             volume_claims: Default::default(),
             pools: Default::default(),

@@ -55,6 +55,7 @@ from .types import (
     FileInfo,
     PingResult,
     PushResult,
+    RemoteSnapshot,
     SandboxInfo,
     SnapshotInfo,
     VersionInfo,
@@ -252,11 +253,15 @@ class Snapshots:
     async def import_(self, tag: str, chunks: Iterable[bytes]) -> SnapshotInfo:
         return await self._c._rpc(self._c._snap.ImportSnapshot, c.import_requests(tag, chunks))
 
-    async def push(self, tag: str, remote: str) -> PushResult:
+    async def push(self, tag: str, remote: str = "") -> PushResult:
         return await self._c._rpc(self._c._snap.PushSnapshot, snapshot_pb2.PushSnapshotRequest(tag=tag, remote=remote))
 
-    async def pull(self, remote: str, tag: str = "") -> SnapshotInfo:
+    async def pull(self, tag: str, remote: str = "") -> SnapshotInfo:
         return await self._c._rpc(self._c._snap.PullSnapshot, snapshot_pb2.PullSnapshotRequest(remote=remote, tag=tag))
+
+    async def list_remote(self) -> List[RemoteSnapshot]:
+        resp = await self._c._rpc(self._c._snap.ListRemoteSnapshots, snapshot_pb2.ListRemoteSnapshotsRequest())
+        return list(resp.snapshots)
 
 
 class Sandboxes:

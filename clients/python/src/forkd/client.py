@@ -29,6 +29,7 @@ from .types import (
     FileInfo,
     PingResult,
     PushResult,
+    RemoteSnapshot,
     SandboxInfo,
     SnapshotInfo,
     VersionInfo,
@@ -226,11 +227,21 @@ class Snapshots:
         """Stores a packed snapshot (as produced by :meth:`export`) as ``tag``."""
         return self._c._rpc(self._c._snap.ImportSnapshot, c.import_requests(tag, chunks))
 
-    def push(self, tag: str, remote: str) -> PushResult:
+    def push(self, tag: str, remote: str = "") -> PushResult:
+        """Uploads ``tag`` and its chain to the daemon's remote (``--remote``);
+        only the blobs the remote lacks. ``remote``, if given, must be the
+        daemon's own remote URL. Admins only."""
         return self._c._rpc(self._c._snap.PushSnapshot, snapshot_pb2.PushSnapshotRequest(tag=tag, remote=remote))
 
-    def pull(self, remote: str, tag: str = "") -> SnapshotInfo:
+    def pull(self, tag: str, remote: str = "") -> SnapshotInfo:
+        """Downloads ``tag`` (and what this host lacks of its chain) from the
+        daemon's remote; verified before it is visible."""
         return self._c._rpc(self._c._snap.PullSnapshot, snapshot_pb2.PullSnapshotRequest(remote=remote, tag=tag))
+
+    def list_remote(self) -> List[RemoteSnapshot]:
+        """The snapshots the daemon's remote holds."""
+        resp = self._c._rpc(self._c._snap.ListRemoteSnapshots, snapshot_pb2.ListRemoteSnapshotsRequest())
+        return list(resp.snapshots)
 
 
 class Sandboxes:

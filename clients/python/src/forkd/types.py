@@ -23,6 +23,7 @@ __all__ = [
     "PingResult",
     "DeleteSnapshotResult",
     "PushResult",
+    "RemoteSnapshot",
     "ExecResult",
     "EvalResult",
 ]
@@ -36,6 +37,7 @@ Event = sandbox_pb2.Event
 PingResult = sandbox_pb2.PingResponse
 DeleteSnapshotResult = snapshot_pb2.DeleteSnapshotResponse
 PushResult = snapshot_pb2.PushSnapshotResponse
+RemoteSnapshot = snapshot_pb2.RemoteSnapshot
 DeleteWorkspaceResult = workspace_pb2.DeleteWorkspaceResponse
 
 

@@ -3,6 +3,7 @@
 
 pub mod branch;
 pub mod busy;
+pub mod remote;
 pub mod transfer;
 
 use std::sync::Arc;

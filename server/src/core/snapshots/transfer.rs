@@ -197,7 +197,7 @@ impl Runtime {
     /// written: other guest assets or accelerator, tags in use, a missing
     /// parent, not enough disk. Returns the parent memory a layer-only
     /// archive builds on.
-    fn check_import(&self, m: &Manifest, rename: Option<&Tag>) -> Result<Option<PathBuf>> {
+    pub(super) fn check_import(&self, m: &Manifest, rename: Option<&Tag>) -> Result<Option<PathBuf>> {
         let local = guest_digests(&self.guest.dir, &m.snapshots[0].record.image).map_err(|_| {
             Error::FailedPrecondition(format!(
                 "image {:?} is not on this host: the archive needs it",
@@ -295,7 +295,7 @@ impl Runtime {
 
     /// Expands and verifies the staged snapshots and moves them into the
     /// store with their records: all of them or none.
-    async fn finish_import(
+    pub(super) async fn finish_import(
         self: &Arc<Self>,
         manifest: Manifest,
         staging: &Path,

@@ -93,42 +93,65 @@ impl<R: AsyncRead + Unpin + Send> Archive<R> {
                 )));
             }
             seen.insert(path.clone());
-            let target = dir.join(&path);
-            if let Some(parent) = target.parent() {
-                tokio::fs::create_dir_all(parent).await?;
-            }
-            let mut out = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&target).await?;
-            let mut h = Sha256::new();
-            let hashed = entry.kind != FileKind::Pages;
-            let mut left = size;
-            while left > 0 {
-                let n = (left as usize).min(CHUNK);
-                r.read_exact(&mut buf[..n])
-                    .await
-                    .map_err(|e| truncated_or(e, &format!("the archive ends inside {path:?}")))?;
-                if hashed {
-                    h.update(&buf[..n]);
-                }
-                out.write_all(&buf[..n]).await?;
-                left -= n as u64;
-            }
-            out.flush().await?;
-            drop(out);
+            copy_entry(r, entry, dir, &mut buf).await?;
             skip(r, tarball::padding(size)).await?;
-            if hashed {
-                let got = format!("sha256:{}", hex::encode(h.finalize()));
-                if got != entry.sha256 {
-                    return Err(PackError::invalid(format!(
-                        "{path:?} has digest {got}; the manifest says {}",
-                        entry.sha256
-                    )));
-                }
-            }
         }
         if let Some(missing) = manifest.files().find(|f| !seen.contains(&f.path)) {
             return Err(PackError::invalid(format!("entry {:?} named by the manifest is missing", missing.path)));
         }
         Ok(manifest)
+    }
+}
+
+/// Copies exactly `entry.size` bytes from `r` into `dir/<entry.path>` (a
+/// new file), checking the digest of what it holds (memory pages are
+/// checked once expanded).
+async fn copy_entry<R: AsyncRead + Unpin>(
+    r: &mut R,
+    entry: &FileEntry,
+    dir: &Path,
+    buf: &mut [u8],
+) -> Result<(), PackError> {
+    let path = &entry.path;
+    let target = dir.join(path);
+    if let Some(parent) = target.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    let mut out = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&target).await?;
+    let mut h = Sha256::new();
+    let hashed = entry.kind != FileKind::Pages;
+    let mut left = entry.size;
+    while left > 0 {
+        let n = (left as usize).min(buf.len());
+        r.read_exact(&mut buf[..n]).await.map_err(|e| truncated_or(e, &format!("the archive ends inside {path:?}")))?;
+        if hashed {
+            h.update(&buf[..n]);
+        }
+        out.write_all(&buf[..n]).await?;
+        left -= n as u64;
+    }
+    out.flush().await?;
+    if hashed {
+        let got = format!("sha256:{}", hex::encode(h.finalize()));
+        if got != entry.sha256 {
+            return Err(PackError::invalid(format!("{path:?} has digest {got}; the manifest says {}", entry.sha256)));
+        }
+    }
+    Ok(())
+}
+
+/// Reads one file stored alone as a zstd stream (a remote's blob) into
+/// `dir/<entry.path>`: exactly the size the manifest states (not a byte
+/// more is decompressed) and the digest it states.
+pub async fn read_blob<R: AsyncRead + Unpin + Send>(input: R, entry: &FileEntry, dir: &Path) -> Result<(), PackError> {
+    let mut r = ZstdDecoder::new(BufReader::with_capacity(CHUNK, input));
+    let mut buf = vec![0u8; CHUNK];
+    copy_entry(&mut r, entry, dir, &mut buf).await?;
+    let mut one = [0u8; 1];
+    match r.read(&mut one).await {
+        Ok(0) => Ok(()),
+        Ok(_) => Err(PackError::invalid(format!("{:?} holds more than the {} bytes stated", entry.path, entry.size))),
+        Err(e) => Err(truncated_or(e, "the blob ends early")),
     }
 }
 

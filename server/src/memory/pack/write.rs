@@ -54,9 +54,32 @@ pub async fn write<W: AsyncWrite + Unpin + Send>(
     manifest: Vec<u8>,
     sources: Vec<Source>,
 ) -> Result<u64, PackError> {
+    compress(out, move |send| produce(&manifest, sources, send)).await
+}
+
+/// Writes one file's bytes alone, zstd-compressed: a blob of a remote.
+/// Returns the uncompressed size.
+pub async fn write_body<W: AsyncWrite + Unpin + Send>(out: W, body: Body) -> Result<u64, PackError> {
+    compress(out, move |send| emit_body(&body, send).map(|_| ())).await
+}
+
+/// Hands one chunk to the compressor.
+type Emit<'a> = &'a dyn Fn(Vec<u8>) -> std::io::Result<()>;
+
+/// Runs `produce` on a blocking thread, compressing what it sends into
+/// `out`. Returns the bytes it sent.
+async fn compress<W, P>(out: W, produce: P) -> Result<u64, PackError>
+where
+    W: AsyncWrite + Unpin + Send,
+    P: FnOnce(Emit<'_>) -> std::io::Result<()> + Send + 'static,
+{
     let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(DEPTH);
     let reader = tokio::task::spawn_blocking(move || {
-        if let Err(e) = produce(&manifest, sources, &tx) {
+        let send = |b: Vec<u8>| {
+            tx.blocking_send(Ok(Bytes::from(b)))
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the archive's reader went away"))
+        };
+        if let Err(e) = produce(&send) {
             let _ = tx.blocking_send(Err(e));
         }
     });
@@ -78,16 +101,8 @@ pub async fn write<W: AsyncWrite + Unpin + Send>(
     result.map(|_| total)
 }
 
-/// Emits every block of the tar into `tx`.
-fn produce(
-    manifest: &[u8],
-    sources: Vec<Source>,
-    tx: &tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
-) -> std::io::Result<()> {
-    let send = |b: Vec<u8>| {
-        tx.blocking_send(Ok(Bytes::from(b)))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the archive's reader went away"))
-    };
+/// Emits every block of the tar.
+fn produce(manifest: &[u8], sources: Vec<Source>, send: Emit<'_>) -> std::io::Result<()> {
     let head = |path: &str, size: u64| {
         tarball::header(path, size).map(|h| h.to_vec()).map_err(|e| std::io::Error::other(e.to_string()))
     };
@@ -98,47 +113,7 @@ fn produce(
     for s in sources {
         let size = s.body.size();
         send(head(&s.path, size)?)?;
-        let mut sent = 0u64;
-        match &s.body {
-            Body::File { file, len } => {
-                let mut off = 0u64;
-                while off < *len {
-                    let want = ((*len - off) as usize).min(CHUNK);
-                    let mut buf = vec![0u8; want];
-                    file.read_exact_at(&mut buf, off)?;
-                    off += want as u64;
-                    sent += want as u64;
-                    send(buf)?;
-                }
-            }
-            Body::Pages { file, pages } => {
-                let head = layer::encode_head(pages);
-                sent += head.len() as u64;
-                send(head)?;
-                // Runs of consecutive pages are read together.
-                let run_max = CHUNK / PAGE as usize;
-                let mut buf = Vec::with_capacity(CHUNK);
-                let mut i = 0;
-                while i < pages.len() {
-                    let mut n = 1;
-                    while i + n < pages.len() && n < run_max && pages[i + n] == pages[i] + n as u64 {
-                        n += 1;
-                    }
-                    let at = buf.len();
-                    buf.resize(at + n * PAGE as usize, 0);
-                    file.read_exact_at(&mut buf[at..], pages[i] * PAGE)?;
-                    i += n;
-                    if buf.len() >= CHUNK {
-                        sent += buf.len() as u64;
-                        send(std::mem::replace(&mut buf, Vec::with_capacity(CHUNK)))?;
-                    }
-                }
-                if !buf.is_empty() {
-                    sent += buf.len() as u64;
-                    send(buf)?;
-                }
-            }
-        }
+        let sent = emit_body(&s.body, send)?;
         debug_assert_eq!(sent, size);
         let pad = tarball::padding(size);
         if pad > 0 {
@@ -146,4 +121,50 @@ fn produce(
         }
     }
     send(tarball::END.to_vec())
+}
+
+/// Emits the bytes of one body; returns how many.
+fn emit_body(body: &Body, send: Emit<'_>) -> std::io::Result<u64> {
+    let mut sent = 0u64;
+    match body {
+        Body::File { file, len } => {
+            let mut off = 0u64;
+            while off < *len {
+                let want = ((*len - off) as usize).min(CHUNK);
+                let mut buf = vec![0u8; want];
+                file.read_exact_at(&mut buf, off)?;
+                off += want as u64;
+                sent += want as u64;
+                send(buf)?;
+            }
+        }
+        Body::Pages { file, pages } => {
+            let head = layer::encode_head(pages);
+            sent += head.len() as u64;
+            send(head)?;
+            // Runs of consecutive pages are read together.
+            let run_max = CHUNK / PAGE as usize;
+            let mut buf = Vec::with_capacity(CHUNK);
+            let mut i = 0;
+            while i < pages.len() {
+                let mut n = 1;
+                while i + n < pages.len() && n < run_max && pages[i + n] == pages[i] + n as u64 {
+                    n += 1;
+                }
+                let at = buf.len();
+                buf.resize(at + n * PAGE as usize, 0);
+                file.read_exact_at(&mut buf[at..], pages[i] * PAGE)?;
+                i += n;
+                if buf.len() >= CHUNK {
+                    sent += buf.len() as u64;
+                    send(std::mem::replace(&mut buf, Vec::with_capacity(CHUNK)))?;
+                }
+            }
+            if !buf.is_empty() {
+                sent += buf.len() as u64;
+                send(buf)?;
+            }
+        }
+    }
+    Ok(sent)
 }

@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file forkd/v1/snapshot.proto.
  */
 export const file_forkd_v1_snapshot: GenFile = /*@__PURE__*/
-  fileDesc("Chdmb3JrZC92MS9zbmFwc2hvdC5wcm90bxIIZm9ya2QudjEijAIKFUNyZWF0ZVNuYXBzaG90UmVxdWVzdBILCgN0YWcYASABKAkSDQoFaW1hZ2UYAiABKAkSDQoFdmNwdXMYAyABKA0SDwoHbWVtX21pYhgEIAEoDRIZChF3YXJtX3RpbWVvdXRfc2VjcxgFIAEoDRIRCgl3YXJtX2V2YWwYBiABKAkSDwoHdm9sdW1lcxgHIAMoCRI7CgZsYWJlbHMYCCADKAsyKy5mb3JrZC52MS5DcmVhdGVTbmFwc2hvdFJlcXVlc3QuTGFiZWxzRW50cnkSDAoEd2FpdBgJIAEoCBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIk0KFExpc3RTbmFwc2hvdHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoDRISCgpwYWdlX3Rva2VuGAIgASgJEg4KBnN0YXR1cxgDIAEoCSJXChVMaXN0U25hcHNob3RzUmVzcG9uc2USJQoJc25hcHNob3RzGAEgAygLMhIuZm9ya2QudjEuU25hcHNob3QSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiEKEkdldFNuYXBzaG90UmVxdWVzdBILCgN0YWcYASABKAkiRAoVRGVsZXRlU25hcHNob3RSZXF1ZXN0EgsKA3RhZxgBIAEoCRIPCgdjYXNjYWRlGAIgASgIEg0KBWZvcmNlGAMgASgIIjsKFkRlbGV0ZVNuYXBzaG90UmVzcG9uc2USDwoHZGVsZXRlZBgBIAMoCRIQCghvcnBoYW5lZBgCIAMoCSIxChZDb21wYWN0U25hcHNob3RSZXF1ZXN0EgsKA3RhZxgBIAEoCRIKCgJ0bxgCIAEoCSJaChVEZXJpdmVTbmFwc2hvdFJlcXVlc3QSEAoIZnJvbV90YWcYASABKAkSCwoDdGFnGAIgASgJEgwKBGV4ZWMYAyADKAkSFAoMdGltZW91dF9zZWNzGAQgASgNIkYKFUV4cG9ydFNuYXBzaG90UmVxdWVzdBILCgN0YWcYASABKAkSEgoKbGF5ZXJfb25seRgCIAEoCBIMCgRmbGF0GAMgASgIIjIKFUltcG9ydFNuYXBzaG90UmVxdWVzdBILCgN0YWcYASABKAkSDAoEZGF0YRgCIAEoDCIyChNQdXNoU25hcHNob3RSZXF1ZXN0EgsKA3RhZxgBIAEoCRIOCgZyZW1vdGUYAiABKAkiMgoUUHVzaFNuYXBzaG90UmVzcG9uc2USCwoDdXJsGAEgASgJEg0KBWJ5dGVzGAIgASgEIjIKE1B1bGxTbmFwc2hvdFJlcXVlc3QSDgoGcmVtb3RlGAEgASgJEgsKA3RhZxgCIAEoCSIzChRTaGFyZVNuYXBzaG90UmVxdWVzdBILCgN0YWcYASABKAkSDgoGc2hhcmVkGAIgASgIMs8JCg9TbmFwc2hvdFNlcnZpY2USXwoOQ3JlYXRlU25hcHNob3QSHy5mb3JrZC52MS5DcmVhdGVTbmFwc2hvdFJlcXVlc3QaEi5mb3JrZC52MS5TbmFwc2hvdCIYgtPkkwISOgEqIg0vdjEvc25hcHNob3RzEnIKDUxpc3RTbmFwc2hvdHMSHi5mb3JrZC52MS5MaXN0U25hcHNob3RzUmVxdWVzdBofLmZvcmtkLnYxLkxpc3RTbmFwc2hvdHNSZXNwb25zZSIggtPkkwIaYglzbmFwc2hvdHMSDS92MS9zbmFwc2hvdHMSeAoLR2V0U25hcHNob3QSHC5mb3JrZC52MS5HZXRTbmFwc2hvdFJlcXVlc3QaEi5mb3JrZC52MS5TbmFwc2hvdCI3gtPkkwIxWhUSEy92MS9zbmFwc2hvdHMve3RhZ30SGC92MS9zbmFwc2hvdHMve3RhZ30vaW5mbxJwCg5EZWxldGVTbmFwc2hvdBIfLmZvcmtkLnYxLkRlbGV0ZVNuYXBzaG90UmVxdWVzdBogLmZvcmtkLnYxLkRlbGV0ZVNuYXBzaG90UmVzcG9uc2UiG4LT5JMCFSoTL3YxL3NuYXBzaG90cy97dGFnfRJvCg9Db21wYWN0U25hcHNob3QSIC5mb3JrZC52MS5Db21wYWN0U25hcHNob3RSZXF1ZXN0GhIuZm9ya2QudjEuU25hcHNob3QiJoLT5JMCIDoBKiIbL3YxL3NuYXBzaG90cy97dGFnfS9jb21wYWN0EnEKDkRlcml2ZVNuYXBzaG90Eh8uZm9ya2QudjEuRGVyaXZlU25hcHNob3RSZXF1ZXN0GhIuZm9ya2QudjEuU25hcHNob3QiKoLT5JMCJDoBKiIfL3YxL3NuYXBzaG90cy97ZnJvbV90YWd9L2Rlcml2ZRJpCg1TaGFyZVNuYXBzaG90Eh4uZm9ya2QudjEuU2hhcmVTbmFwc2hvdFJlcXVlc3QaEi5mb3JrZC52MS5TbmFwc2hvdCIkgtPkkwIeOgEqIhkvdjEvc25hcHNob3RzL3t0YWd9L3NoYXJlEmwKDkV4cG9ydFNuYXBzaG90Eh8uZm9ya2QudjEuRXhwb3J0U25hcHNob3RSZXF1ZXN0GhMuZm9ya2QudjEuRGF0YUNodW5rIiKC0+STAhwSGi92MS9zbmFwc2hvdHMve3RhZ30vZXhwb3J0MAESaAoOSW1wb3J0U25hcHNob3QSHy5mb3JrZC52MS5JbXBvcnRTbmFwc2hvdFJlcXVlc3QaEi5mb3JrZC52MS5TbmFwc2hvdCIfgtPkkwIZOgEqIhQvdjEvc25hcHNob3RzL2ltcG9ydCgBEnIKDFB1c2hTbmFwc2hvdBIdLmZvcmtkLnYxLlB1c2hTbmFwc2hvdFJlcXVlc3QaHi5mb3JrZC52MS5QdXNoU25hcHNob3RSZXNwb25zZSIjgtPkkwIdOgEqIhgvdjEvc25hcHNob3RzL3t0YWd9L3B1c2gSYAoMUHVsbFNuYXBzaG90Eh0uZm9ya2QudjEuUHVsbFNuYXBzaG90UmVxdWVzdBoSLmZvcmtkLnYxLlNuYXBzaG90Ih2C0+STAhc6ASoiEi92MS9zbmFwc2hvdHMvcHVsbGIGcHJvdG8z", [file_google_api_annotations, file_forkd_v1_common]);
+  fileDesc("Chdmb3JrZC92MS9zbmFwc2hvdC5wcm90bxIIZm9ya2QudjEijAIKFUNyZWF0ZVNuYXBzaG90UmVxdWVzdBILCgN0YWcYASABKAkSDQoFaW1hZ2UYAiABKAkSDQoFdmNwdXMYAyABKA0SDwoHbWVtX21pYhgEIAEoDRIZChF3YXJtX3RpbWVvdXRfc2VjcxgFIAEoDRIRCgl3YXJtX2V2YWwYBiABKAkSDwoHdm9sdW1lcxgHIAMoCRI7CgZsYWJlbHMYCCADKAsyKy5mb3JrZC52MS5DcmVhdGVTbmFwc2hvdFJlcXVlc3QuTGFiZWxzRW50cnkSDAoEd2FpdBgJIAEoCBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIk0KFExpc3RTbmFwc2hvdHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoDRISCgpwYWdlX3Rva2VuGAIgASgJEg4KBnN0YXR1cxgDIAEoCSJXChVMaXN0U25hcHNob3RzUmVzcG9uc2USJQoJc25hcHNob3RzGAEgAygLMhIuZm9ya2QudjEuU25hcHNob3QSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiEKEkdldFNuYXBzaG90UmVxdWVzdBILCgN0YWcYASABKAkiRAoVRGVsZXRlU25hcHNob3RSZXF1ZXN0EgsKA3RhZxgBIAEoCRIPCgdjYXNjYWRlGAIgASgIEg0KBWZvcmNlGAMgASgIIjsKFkRlbGV0ZVNuYXBzaG90UmVzcG9uc2USDwoHZGVsZXRlZBgBIAMoCRIQCghvcnBoYW5lZBgCIAMoCSIxChZDb21wYWN0U25hcHNob3RSZXF1ZXN0EgsKA3RhZxgBIAEoCRIKCgJ0bxgCIAEoCSJaChVEZXJpdmVTbmFwc2hvdFJlcXVlc3QSEAoIZnJvbV90YWcYASABKAkSCwoDdGFnGAIgASgJEgwKBGV4ZWMYAyADKAkSFAoMdGltZW91dF9zZWNzGAQgASgNIkYKFUV4cG9ydFNuYXBzaG90UmVxdWVzdBILCgN0YWcYASABKAkSEgoKbGF5ZXJfb25seRgCIAEoCBIMCgRmbGF0GAMgASgIIjIKFUltcG9ydFNuYXBzaG90UmVxdWVzdBILCgN0YWcYASABKAkSDAoEZGF0YRgCIAEoDCIyChNQdXNoU25hcHNob3RSZXF1ZXN0EgsKA3RhZxgBIAEoCRIOCgZyZW1vdGUYAiABKAkioQEKFFB1c2hTbmFwc2hvdFJlc3BvbnNlEgsKA3VybBgBIAEoCRINCgVieXRlcxgCIAEoBBIWCg51cGxvYWRlZF9ibG9icxgDIAEoDRIVCg1wcmVzZW50X2Jsb2JzGAQgASgNEhMKC3RvdGFsX2J5dGVzGAUgASgEEhgKEG1hbmlmZXN0X3dyaXR0ZW4YBiABKAgSDwoHc2Vjb25kcxgHIAEoASIyChNQdWxsU25hcHNob3RSZXF1ZXN0Eg4KBnJlbW90ZRgBIAEoCRILCgN0YWcYAiABKAkiHAoaTGlzdFJlbW90ZVNuYXBzaG90c1JlcXVlc3QiSgoOUmVtb3RlU25hcHNob3QSCwoDdGFnGAEgASgJEhMKC3B1c2hlZF91bml4GAIgASgDEhYKDm1hbmlmZXN0X2J5dGVzGAMgASgEIlcKG0xpc3RSZW1vdGVTbmFwc2hvdHNSZXNwb25zZRILCgN1cmwYASABKAkSKwoJc25hcHNob3RzGAIgAygLMhguZm9ya2QudjEuUmVtb3RlU25hcHNob3QiMwoUU2hhcmVTbmFwc2hvdFJlcXVlc3QSCwoDdGFnGAEgASgJEg4KBnNoYXJlZBgCIAEoCDLSCgoPU25hcHNob3RTZXJ2aWNlEl8KDkNyZWF0ZVNuYXBzaG90Eh8uZm9ya2QudjEuQ3JlYXRlU25hcHNob3RSZXF1ZXN0GhIuZm9ya2QudjEuU25hcHNob3QiGILT5JMCEjoBKiINL3YxL3NuYXBzaG90cxJyCg1MaXN0U25hcHNob3RzEh4uZm9ya2QudjEuTGlzdFNuYXBzaG90c1JlcXVlc3QaHy5mb3JrZC52MS5MaXN0U25hcHNob3RzUmVzcG9uc2UiIILT5JMCGmIJc25hcHNob3RzEg0vdjEvc25hcHNob3RzEngKC0dldFNuYXBzaG90EhwuZm9ya2QudjEuR2V0U25hcHNob3RSZXF1ZXN0GhIuZm9ya2QudjEuU25hcHNob3QiN4LT5JMCMVoVEhMvdjEvc25hcHNob3RzL3t0YWd9EhgvdjEvc25hcHNob3RzL3t0YWd9L2luZm8ScAoORGVsZXRlU25hcHNob3QSHy5mb3JrZC52MS5EZWxldGVTbmFwc2hvdFJlcXVlc3QaIC5mb3JrZC52MS5EZWxldGVTbmFwc2hvdFJlc3BvbnNlIhuC0+STAhUqEy92MS9zbmFwc2hvdHMve3RhZ30SbwoPQ29tcGFjdFNuYXBzaG90EiAuZm9ya2QudjEuQ29tcGFjdFNuYXBzaG90UmVxdWVzdBoSLmZvcmtkLnYxLlNuYXBzaG90IiaC0+STAiA6ASoiGy92MS9zbmFwc2hvdHMve3RhZ30vY29tcGFjdBJxCg5EZXJpdmVTbmFwc2hvdBIfLmZvcmtkLnYxLkRlcml2ZVNuYXBzaG90UmVxdWVzdBoSLmZvcmtkLnYxLlNuYXBzaG90IiqC0+STAiQ6ASoiHy92MS9zbmFwc2hvdHMve2Zyb21fdGFnfS9kZXJpdmUSaQoNU2hhcmVTbmFwc2hvdBIeLmZvcmtkLnYxLlNoYXJlU25hcHNob3RSZXF1ZXN0GhIuZm9ya2QudjEuU25hcHNob3QiJILT5JMCHjoBKiIZL3YxL3NuYXBzaG90cy97dGFnfS9zaGFyZRJsCg5FeHBvcnRTbmFwc2hvdBIfLmZvcmtkLnYxLkV4cG9ydFNuYXBzaG90UmVxdWVzdBoTLmZvcmtkLnYxLkRhdGFDaHVuayIigtPkkwIcEhovdjEvc25hcHNob3RzL3t0YWd9L2V4cG9ydDABEmgKDkltcG9ydFNuYXBzaG90Eh8uZm9ya2QudjEuSW1wb3J0U25hcHNob3RSZXF1ZXN0GhIuZm9ya2QudjEuU25hcHNob3QiH4LT5JMCGToBKiIUL3YxL3NuYXBzaG90cy9pbXBvcnQoARJyCgxQdXNoU25hcHNob3QSHS5mb3JrZC52MS5QdXNoU25hcHNob3RSZXF1ZXN0Gh4uZm9ya2QudjEuUHVzaFNuYXBzaG90UmVzcG9uc2UiI4LT5JMCHToBKiIYL3YxL3NuYXBzaG90cy97dGFnfS9wdXNoEmAKDFB1bGxTbmFwc2hvdBIdLmZvcmtkLnYxLlB1bGxTbmFwc2hvdFJlcXVlc3QaEi5mb3JrZC52MS5TbmFwc2hvdCIdgtPkkwIXOgEqIhIvdjEvc25hcHNob3RzL3B1bGwSgAEKE0xpc3RSZW1vdGVTbmFwc2hvdHMSJC5mb3JrZC52MS5MaXN0UmVtb3RlU25hcHNob3RzUmVxdWVzdBolLmZvcmtkLnYxLkxpc3RSZW1vdGVTbmFwc2hvdHNSZXNwb25zZSIcgtPkkwIWEhQvdjEvcmVtb3RlL3NuYXBzaG90c2IGcHJvdG8z", [file_google_api_annotations, file_forkd_v1_common]);
 
 /**
  * @generated from message forkd.v1.CreateSnapshotRequest
@@ -334,7 +334,8 @@ export type PushSnapshotRequest = Message<"forkd.v1.PushSnapshotRequest"> & {
   tag: string;
 
   /**
-   * Object store URL: s3://bucket/prefix, gs://…, az://…, file:///dir.
+   * Empty, or the daemon's remote URL exactly: a daemon pushes only to the
+   * remote its operator configured.
    *
    * @generated from field: string remote = 2;
    */
@@ -353,14 +354,49 @@ export const PushSnapshotRequestSchema: GenMessage<PushSnapshotRequest> = /*@__P
  */
 export type PushSnapshotResponse = Message<"forkd.v1.PushSnapshotResponse"> & {
   /**
+   * The remote pushed to.
+   *
    * @generated from field: string url = 1;
    */
   url: string;
 
   /**
+   * Compressed bytes uploaded (0 when the remote had everything).
+   *
    * @generated from field: uint64 bytes = 2;
    */
   bytes: bigint;
+
+  /**
+   * Blobs uploaded, and blobs the remote already had.
+   *
+   * @generated from field: uint32 uploaded_blobs = 3;
+   */
+  uploadedBlobs: number;
+
+  /**
+   * @generated from field: uint32 present_blobs = 4;
+   */
+  presentBlobs: number;
+
+  /**
+   * Bytes of the snapshot chain's files (uncompressed; memory sparse).
+   *
+   * @generated from field: uint64 total_bytes = 5;
+   */
+  totalBytes: bigint;
+
+  /**
+   * Whether the tag's manifest was written (false: it was already there).
+   *
+   * @generated from field: bool manifest_written = 6;
+   */
+  manifestWritten: boolean;
+
+  /**
+   * @generated from field: double seconds = 7;
+   */
+  seconds: number;
 };
 
 /**
@@ -375,6 +411,8 @@ export const PushSnapshotResponseSchema: GenMessage<PushSnapshotResponse> = /*@_
  */
 export type PullSnapshotRequest = Message<"forkd.v1.PullSnapshotRequest"> & {
   /**
+   * Empty, or the daemon's remote URL exactly.
+   *
    * @generated from field: string remote = 1;
    */
   remote: string;
@@ -391,6 +429,70 @@ export type PullSnapshotRequest = Message<"forkd.v1.PullSnapshotRequest"> & {
  */
 export const PullSnapshotRequestSchema: GenMessage<PullSnapshotRequest> = /*@__PURE__*/
   messageDesc(file_forkd_v1_snapshot, 12);
+
+/**
+ * @generated from message forkd.v1.ListRemoteSnapshotsRequest
+ */
+export type ListRemoteSnapshotsRequest = Message<"forkd.v1.ListRemoteSnapshotsRequest"> & {
+};
+
+/**
+ * Describes the message forkd.v1.ListRemoteSnapshotsRequest.
+ * Use `create(ListRemoteSnapshotsRequestSchema)` to create a new message.
+ */
+export const ListRemoteSnapshotsRequestSchema: GenMessage<ListRemoteSnapshotsRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_snapshot, 13);
+
+/**
+ * @generated from message forkd.v1.RemoteSnapshot
+ */
+export type RemoteSnapshot = Message<"forkd.v1.RemoteSnapshot"> & {
+  /**
+   * @generated from field: string tag = 1;
+   */
+  tag: string;
+
+  /**
+   * When its manifest was last written (Unix seconds).
+   *
+   * @generated from field: int64 pushed_unix = 2;
+   */
+  pushedUnix: bigint;
+
+  /**
+   * @generated from field: uint64 manifest_bytes = 3;
+   */
+  manifestBytes: bigint;
+};
+
+/**
+ * Describes the message forkd.v1.RemoteSnapshot.
+ * Use `create(RemoteSnapshotSchema)` to create a new message.
+ */
+export const RemoteSnapshotSchema: GenMessage<RemoteSnapshot> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_snapshot, 14);
+
+/**
+ * @generated from message forkd.v1.ListRemoteSnapshotsResponse
+ */
+export type ListRemoteSnapshotsResponse = Message<"forkd.v1.ListRemoteSnapshotsResponse"> & {
+  /**
+   * @generated from field: string url = 1;
+   */
+  url: string;
+
+  /**
+   * @generated from field: repeated forkd.v1.RemoteSnapshot snapshots = 2;
+   */
+  snapshots: RemoteSnapshot[];
+};
+
+/**
+ * Describes the message forkd.v1.ListRemoteSnapshotsResponse.
+ * Use `create(ListRemoteSnapshotsResponseSchema)` to create a new message.
+ */
+export const ListRemoteSnapshotsResponseSchema: GenMessage<ListRemoteSnapshotsResponse> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_snapshot, 15);
 
 /**
  * @generated from message forkd.v1.ShareSnapshotRequest
@@ -414,7 +516,7 @@ export type ShareSnapshotRequest = Message<"forkd.v1.ShareSnapshotRequest"> & {
  * Use `create(ShareSnapshotRequestSchema)` to create a new message.
  */
 export const ShareSnapshotRequestSchema: GenMessage<ShareSnapshotRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 13);
+  messageDesc(file_forkd_v1_snapshot, 16);
 
 /**
  * SnapshotService owns the snapshot store: booting and warming base
@@ -524,7 +626,9 @@ export const SnapshotService: GenService<{
     output: typeof SnapshotSchema;
   },
   /**
-   * Uploads a snapshot to an object store.
+   * Uploads a snapshot and its chain of ancestors to the daemon's remote
+   * object store (--remote): only the blobs the remote lacks, then the
+   * tag's manifest. Admins only: tags in a remote are shared by every node.
    *
    * @generated from rpc forkd.v1.SnapshotService.PushSnapshot
    */
@@ -534,7 +638,9 @@ export const SnapshotService: GenService<{
     output: typeof PushSnapshotResponseSchema;
   },
   /**
-   * Downloads a snapshot from an object store.
+   * Downloads a snapshot (and whatever of its chain this host lacks) from
+   * the daemon's remote; every size and digest is checked before it is
+   * visible.
    *
    * @generated from rpc forkd.v1.SnapshotService.PullSnapshot
    */
@@ -542,6 +648,16 @@ export const SnapshotService: GenService<{
     methodKind: "unary";
     input: typeof PullSnapshotRequestSchema;
     output: typeof SnapshotSchema;
+  },
+  /**
+   * The tags the daemon's remote holds.
+   *
+   * @generated from rpc forkd.v1.SnapshotService.ListRemoteSnapshots
+   */
+  listRemoteSnapshots: {
+    methodKind: "unary";
+    input: typeof ListRemoteSnapshotsRequestSchema;
+    output: typeof ListRemoteSnapshotsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_forkd_v1_snapshot, 0);

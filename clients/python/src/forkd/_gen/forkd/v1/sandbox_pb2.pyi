@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateSandboxesRequest(_message.Message):
-    __slots__ = ("snapshot_tag", "n", "memory_limit_mib", "cpu_quota", "pids_limit", "network", "allow", "per_child_netns", "ttl_secs", "idle_timeout_secs", "labels", "volumes", "prewarm", "live_fork", "hugepages")
+    __slots__ = ("snapshot_tag", "n", "memory_limit_mib", "cpu_quota", "pids_limit", "network", "allow", "per_child_netns", "ttl_secs", "idle_timeout_secs", "labels", "volumes", "prewarm", "live_fork", "hugepages", "pull_missing")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class CreateSandboxesRequest(_message.Message):
     PREWARM_FIELD_NUMBER: _ClassVar[int]
     LIVE_FORK_FIELD_NUMBER: _ClassVar[int]
     HUGEPAGES_FIELD_NUMBER: _ClassVar[int]
+    PULL_MISSING_FIELD_NUMBER: _ClassVar[int]
     snapshot_tag: str
     n: int
     memory_limit_mib: int
@@ -47,7 +48,8 @@ class CreateSandboxesRequest(_message.Message):
     prewarm: bool
     live_fork: bool
     hugepages: bool
-    def __init__(self, snapshot_tag: _Optional[str] = ..., n: _Optional[int] = ..., memory_limit_mib: _Optional[int] = ..., cpu_quota: _Optional[float] = ..., pids_limit: _Optional[int] = ..., network: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., per_child_netns: _Optional[bool] = ..., ttl_secs: _Optional[int] = ..., idle_timeout_secs: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., volumes: _Optional[_Iterable[str]] = ..., prewarm: _Optional[bool] = ..., live_fork: _Optional[bool] = ..., hugepages: _Optional[bool] = ...) -> None: ...
+    pull_missing: bool
+    def __init__(self, snapshot_tag: _Optional[str] = ..., n: _Optional[int] = ..., memory_limit_mib: _Optional[int] = ..., cpu_quota: _Optional[float] = ..., pids_limit: _Optional[int] = ..., network: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., per_child_netns: _Optional[bool] = ..., ttl_secs: _Optional[int] = ..., idle_timeout_secs: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., volumes: _Optional[_Iterable[str]] = ..., prewarm: _Optional[bool] = ..., live_fork: _Optional[bool] = ..., hugepages: _Optional[bool] = ..., pull_missing: _Optional[bool] = ...) -> None: ...
 
 class CreateSandboxesResponse(_message.Message):
     __slots__ = ("sandboxes",)

@@ -126,12 +126,22 @@ class PushSnapshotRequest(_message.Message):
     def __init__(self, tag: _Optional[str] = ..., remote: _Optional[str] = ...) -> None: ...
 
 class PushSnapshotResponse(_message.Message):
-    __slots__ = ("url", "bytes")
+    __slots__ = ("url", "bytes", "uploaded_blobs", "present_blobs", "total_bytes", "manifest_written", "seconds")
     URL_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    UPLOADED_BLOBS_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_BLOBS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
     url: str
     bytes: int
-    def __init__(self, url: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+    uploaded_blobs: int
+    present_blobs: int
+    total_bytes: int
+    manifest_written: bool
+    seconds: float
+    def __init__(self, url: _Optional[str] = ..., bytes: _Optional[int] = ..., uploaded_blobs: _Optional[int] = ..., present_blobs: _Optional[int] = ..., total_bytes: _Optional[int] = ..., manifest_written: _Optional[bool] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class PullSnapshotRequest(_message.Message):
     __slots__ = ("remote", "tag")
@@ -140,6 +150,28 @@ class PullSnapshotRequest(_message.Message):
     remote: str
     tag: str
     def __init__(self, remote: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
+
+class ListRemoteSnapshotsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RemoteSnapshot(_message.Message):
+    __slots__ = ("tag", "pushed_unix", "manifest_bytes")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    tag: str
+    pushed_unix: int
+    manifest_bytes: int
+    def __init__(self, tag: _Optional[str] = ..., pushed_unix: _Optional[int] = ..., manifest_bytes: _Optional[int] = ...) -> None: ...
+
+class ListRemoteSnapshotsResponse(_message.Message):
+    __slots__ = ("url", "snapshots")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    snapshots: _containers.RepeatedCompositeFieldContainer[RemoteSnapshot]
+    def __init__(self, url: _Optional[str] = ..., snapshots: _Optional[_Iterable[_Union[RemoteSnapshot, _Mapping]]] = ...) -> None: ...
 
 class ShareSnapshotRequest(_message.Message):
     __slots__ = ("tag", "shared")

@@ -93,6 +93,11 @@ class SnapshotServiceStub:
                 request_serializer=forkd_dot_v1_dot_snapshot__pb2.PullSnapshotRequest.SerializeToString,
                 response_deserializer=forkd_dot_v1_dot_common__pb2.Snapshot.FromString,
                 _registered_method=True)
+        self.ListRemoteSnapshots = channel.unary_unary(
+                '/forkd.v1.SnapshotService/ListRemoteSnapshots',
+                request_serializer=forkd_dot_v1_dot_snapshot__pb2.ListRemoteSnapshotsRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_snapshot__pb2.ListRemoteSnapshotsResponse.FromString,
+                _registered_method=True)
 
 
 class SnapshotServiceServicer:
@@ -174,14 +179,25 @@ class SnapshotServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PushSnapshot(self, request, context):
-        """Uploads a snapshot to an object store.
+        """Uploads a snapshot and its chain of ancestors to the daemon's remote
+        object store (--remote): only the blobs the remote lacks, then the
+        tag's manifest. Admins only: tags in a remote are shared by every node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PullSnapshot(self, request, context):
-        """Downloads a snapshot from an object store.
+        """Downloads a snapshot (and whatever of its chain this host lacks) from
+        the daemon's remote; every size and digest is checked before it is
+        visible.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRemoteSnapshots(self, request, context):
+        """The tags the daemon's remote holds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -244,6 +260,11 @@ def add_SnapshotServiceServicer_to_server(servicer, server):
                     servicer.PullSnapshot,
                     request_deserializer=forkd_dot_v1_dot_snapshot__pb2.PullSnapshotRequest.FromString,
                     response_serializer=forkd_dot_v1_dot_common__pb2.Snapshot.SerializeToString,
+            ),
+            'ListRemoteSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRemoteSnapshots,
+                    request_deserializer=forkd_dot_v1_dot_snapshot__pb2.ListRemoteSnapshotsRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_snapshot__pb2.ListRemoteSnapshotsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -546,6 +567,33 @@ class SnapshotService:
             '/forkd.v1.SnapshotService/PullSnapshot',
             forkd_dot_v1_dot_snapshot__pb2.PullSnapshotRequest.SerializeToString,
             forkd_dot_v1_dot_common__pb2.Snapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRemoteSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SnapshotService/ListRemoteSnapshots',
+            forkd_dot_v1_dot_snapshot__pb2.ListRemoteSnapshotsRequest.SerializeToString,
+            forkd_dot_v1_dot_snapshot__pb2.ListRemoteSnapshotsResponse.FromString,
             options,
             channel_credentials,
             insecure,
