@@ -22,6 +22,13 @@
 #
 #   MOTO=/path/to/moto_server bench/scripts/transfer.sh
 #
+# Time a release build (the debug build the tests use compresses and hashes
+# at a fraction of the speed):
+#
+#   cargo build --release -p forkd-server -p forkd
+#   FORKD_SERVER_BIN=target/release/forkd-server FORKD_BIN=target/release/forkd \
+#     bench/scripts/transfer.sh
+#
 # Environment: MOTO (moto_server; default /var/cache/forkd/s3-venv/bin/moto_server),
 # FORKD_SERVER_BIN and FORKD_BIN (default $CARGO_TARGET_DIR/debug or
 # target/debug), FORKD_GUEST_DIR (default /var/lib/forkd/guest), SIZES

@@ -68,8 +68,7 @@ async fn pull_in_flight(data_dir: &Path) {
     loop {
         let staging = data_dir.join("staging");
         for e in std::fs::read_dir(&staging).into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().starts_with("pull.") && e.path().join("snapshots/py/mem.pages").exists()
-            {
+            if e.file_name().to_string_lossy().starts_with("pull.") && e.path().join("snapshots/py/mem").exists() {
                 return;
             }
         }

@@ -253,6 +253,11 @@ async fn hostile_archives_are_refused(d: &Daemon, work: &Path, good: &str) {
     bad_pages[last] ^= 0xff;
     std::fs::write(&pages, &bad_pages).unwrap();
     cases.push(("memory", tar("memory", all), "memory of snapshot"));
+    // A page index that points outside the memory.
+    let mut outside_pages = good_pages.clone();
+    outside_pages[20..28].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&pages, &outside_pages).unwrap();
+    cases.push(("page-index", tar("page-index", all), "page"));
     std::fs::write(&pages, &good_pages).unwrap();
     // Not an archive at all, and a truncated one.
     let junk = work.join("junk.tar.zst");

@@ -55,7 +55,7 @@ pub fn encoded_len(count: u64) -> u64 {
 }
 
 /// Size of the fixed header: magic, page size, page count.
-const HEAD: u64 = 20;
+pub const HEAD: u64 = 20;
 /// Most pages a layer may name: 1 TiB of guest memory. A count above it is
 /// corruption, whatever the file's length says.
 pub const MAX_PAGES: u64 = (1 << 40) / PAGE;

@@ -74,8 +74,9 @@ impl Remote {
         }
     }
 
-    /// Downloads the blob of `entry` into `dir/<entry.path>`.
-    pub async fn get_blob(&self, entry: &FileEntry, dir: &FsPath) -> Result<(), RemoteError> {
+    /// Downloads the blob of `entry` into `dir/<entry.path>` (memory pages:
+    /// expanded into the `memory` of that size and digest they describe).
+    pub async fn get_blob(&self, entry: &FileEntry, dir: &FsPath, memory: (u64, &str)) -> Result<(), RemoteError> {
         let key = Self::blob_key(&entry.sha256)?;
         let got = match self.store.get(&key).await {
             Ok(g) => g,
@@ -100,7 +101,7 @@ impl Remote {
         // apart from what the decoder finds wrong with the bytes.
         let stream = got.into_stream().map_err(|e| std::io::Error::new(TRANSFER_FAILED, e));
         let input = tokio_util::io::StreamReader::new(stream).take(bound);
-        pack::read::read_blob(input, entry, dir).await.map_err(|e| match e {
+        pack::read::read_blob(input, entry, dir, memory).await.map_err(|e| match e {
             PackError::Invalid(m) => RemoteError::Invalid(format!("blob {}: {m}", entry.sha256)),
             PackError::Io(e) if e.kind() == TRANSFER_FAILED => RemoteError::Transfer(format!(
                 "blob {}: {}",

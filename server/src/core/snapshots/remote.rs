@@ -151,10 +151,17 @@ impl Runtime {
         let staged = self.lease(Resource::Staging(staging.clone()));
         let result = async {
             tokio::fs::create_dir_all(&staging).await.map_err(|e| Error::internal("create staging dir", e))?;
-            let files: Vec<_> = manifest.files().cloned().collect();
-            futures::stream::iter(files.into_iter().map(|f| {
+            let files: Vec<_> = manifest
+                .snapshots
+                .iter()
+                .flat_map(|e| {
+                    let memory = (e.record.mem_mib as u64 * (1 << 20), e.record.memory_digest.clone());
+                    e.files.iter().map(move |f| (f.clone(), memory.clone()))
+                })
+                .collect();
+            futures::stream::iter(files.into_iter().map(|(f, (bytes, digest))| {
                 let (remote, dir) = (remote.clone(), staging.clone());
-                async move { remote.get_blob(&f, &dir).await }
+                async move { remote.get_blob(&f, &dir, (bytes, &digest)).await }
             }))
             .buffer_unordered(BLOBS_IN_FLIGHT)
             .try_collect::<Vec<()>>()

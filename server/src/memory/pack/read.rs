@@ -9,16 +9,22 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use async_compression::tokio::bufread::ZstdDecoder;
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
+use std::os::unix::fs::FileExt;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use super::PackError;
 use super::manifest::{FileEntry, FileKind, MANIFEST_PATH, MAX_MANIFEST_BYTES, Manifest};
 use super::tarball::{self, BLOCK};
-use crate::memory::{digest, layer};
+use crate::memory::dirty::PAGE;
+use crate::memory::layer;
 
 /// Bytes copied at a time.
 const CHUNK: usize = 1 << 20;
+/// Bytes of expanded memory written between two writeback kicks.
+const WRITEBACK_EVERY: u64 = 32 << 20;
 
 async fn read_block<R: AsyncRead + Unpin>(r: &mut R) -> Result<[u8; BLOCK], PackError> {
     let mut b = [0u8; BLOCK];
@@ -75,6 +81,11 @@ impl<R: AsyncRead + Unpin + Send> Archive<R> {
         let r = &mut self.r;
         let manifest = self.manifest;
         let mut expected: HashMap<&str, &FileEntry> = manifest.files().map(|f| (f.path.as_str(), f)).collect();
+        let mem_bytes: HashMap<&str, u64> = manifest
+            .snapshots
+            .iter()
+            .flat_map(|e| e.files.iter().map(move |f| (f.path.as_str(), e.record.mem_mib as u64 * (1 << 20))))
+            .collect();
         let mut seen = std::collections::HashSet::new();
         let mut buf = vec![0u8; CHUNK];
         loop {
@@ -93,7 +104,12 @@ impl<R: AsyncRead + Unpin + Send> Archive<R> {
                 )));
             }
             seen.insert(path.clone());
-            copy_entry(r, entry, dir, &mut buf).await?;
+            if entry.kind == FileKind::Pages {
+                let memory = &manifest.snapshots.iter().find(|e| e.files.contains(entry)).expect("listed").record;
+                expand_pages(r, entry, dir, mem_bytes[path.as_str()], &memory.memory_digest).await?;
+            } else {
+                copy_entry(r, entry, dir, &mut buf).await?;
+            }
             skip(r, tarball::padding(size)).await?;
         }
         if let Some(missing) = manifest.files().find(|f| !seen.contains(&f.path)) {
@@ -143,16 +159,149 @@ async fn copy_entry<R: AsyncRead + Unpin>(
 /// Reads one file stored alone as a zstd stream (a remote's blob) into
 /// `dir/<entry.path>`: exactly the size the manifest states (not a byte
 /// more is decompressed) and the digest it states.
-pub async fn read_blob<R: AsyncRead + Unpin + Send>(input: R, entry: &FileEntry, dir: &Path) -> Result<(), PackError> {
+/// A memory's pages are expanded into `mem` as they arrive (see
+/// `expand_pages`); `memory` is the size and digest of that memory.
+pub async fn read_blob<R: AsyncRead + Unpin + Send>(
+    input: R,
+    entry: &FileEntry,
+    dir: &Path,
+    memory: (u64, &str),
+) -> Result<(), PackError> {
     let mut r = ZstdDecoder::new(BufReader::with_capacity(CHUNK, input));
-    let mut buf = vec![0u8; CHUNK];
-    copy_entry(&mut r, entry, dir, &mut buf).await?;
+    if entry.kind == FileKind::Pages {
+        expand_pages(&mut r, entry, dir, memory.0, memory.1).await?;
+    } else {
+        let mut buf = vec![0u8; CHUNK];
+        copy_entry(&mut r, entry, dir, &mut buf).await?;
+    }
     let mut one = [0u8; 1];
     match r.read(&mut one).await {
         Ok(0) => Ok(()),
         Ok(_) => Err(PackError::invalid(format!("{:?} holds more than the {} bytes stated", entry.path, entry.size))),
         Err(e) => Err(truncated_or(e, "the blob ends early")),
     }
+}
+
+/// Expands a memory's pages (`mem.pages`, the diff-layer encoding over
+/// zeros) from `r` straight into `<dir>/<snapshot>/mem`, a sparse file of
+/// `mem_bytes`: the index is checked (ascending, inside the memory), each run
+/// of pages is written where it belongs, and the whole memory — zeros between
+/// the pages included — is hashed in order and must equal `digest`. Writing
+/// and hashing run on a blocking thread while this task decompresses the
+/// next run, and the file is synced before it counts as read.
+async fn expand_pages<R: AsyncRead + Unpin>(
+    r: &mut R,
+    entry: &FileEntry,
+    dir: &Path,
+    mem_bytes: u64,
+    digest: &str,
+) -> Result<(), PackError> {
+    let path = &entry.path;
+    let ends = |e| truncated_or(e, &format!("the archive ends inside {path:?}"));
+    let mut head = vec![0u8; layer::HEAD as usize];
+    r.read_exact(&mut head).await.map_err(ends)?;
+    let count = u64::from_le_bytes(head[12..20].try_into().expect("8 bytes"));
+    let mem_pages = mem_bytes / PAGE;
+    if count > mem_pages || layer::encoded_len(count) != entry.size {
+        return Err(PackError::invalid(format!("{path:?} names {count} pages in {} bytes", entry.size)));
+    }
+    head.resize(head.len() + count as usize * 8, 0);
+    r.read_exact(&mut head[layer::HEAD as usize..]).await.map_err(ends)?;
+    let (pages, _) = layer::read_index_from(&mut head.as_slice(), entry.size)
+        .map_err(|e| PackError::invalid(format!("{path:?}: {e}")))?;
+    if pages.last().is_some_and(|&p| p >= mem_pages) {
+        return Err(PackError::invalid(format!("{path:?} has a page beyond its {mem_bytes}-byte memory")));
+    }
+    drop(head);
+    let mem = dir.join(path).with_file_name("mem");
+    if let Some(parent) = mem.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&mem)?;
+    file.set_len(mem_bytes)?;
+    // Runs of consecutive pages, in order, go to the writer as they arrive.
+    // Writing (a copy into the page cache) and hashing each cost about as
+    // much as decompressing: they run on two threads of their own.
+    let (to_disk, mut disk_rx) = tokio::sync::mpsc::channel::<(u64, Bytes)>(4);
+    let (to_hash, mut hash_rx) = tokio::sync::mpsc::channel::<(u64, Bytes)>(4);
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // Writeback starts behind the writes, so the closing fsync finds
+        // little left to do.
+        let mut unsynced = 0u64;
+        let mut from = 0u64;
+        while let Some((at, data)) = disk_rx.blocking_recv() {
+            file.write_all_at(&data, at)?;
+            unsynced += data.len() as u64;
+            if unsynced >= WRITEBACK_EVERY {
+                let end = at + data.len() as u64;
+                // SAFETY: an advisory call on an open descriptor; errors
+                // surface at the fsync below.
+                unsafe {
+                    libc::sync_file_range(
+                        file.as_raw_fd(),
+                        from as i64,
+                        (end - from) as i64,
+                        libc::SYNC_FILE_RANGE_WRITE,
+                    )
+                };
+                from = end;
+                unsynced = 0;
+            }
+        }
+        file.sync_all()
+    });
+    let hasher = tokio::task::spawn_blocking(move || -> String {
+        let zeros = vec![0u8; CHUNK];
+        let mut h = Sha256::new();
+        // Bytes of the memory hashed so far; the gaps between runs are zeros.
+        let mut hashed = 0u64;
+        let zeros_until = |h: &mut Sha256, hashed: &mut u64, end: u64| {
+            while *hashed < end {
+                let n = ((end - *hashed) as usize).min(CHUNK);
+                h.update(&zeros[..n]);
+                *hashed += n as u64;
+            }
+        };
+        while let Some((at, data)) = hash_rx.blocking_recv() {
+            zeros_until(&mut h, &mut hashed, at);
+            h.update(&data);
+            hashed += data.len() as u64;
+        }
+        zeros_until(&mut h, &mut hashed, mem_bytes);
+        format!("sha256:{}", hex::encode(h.finalize()))
+    });
+    let run_max = CHUNK / PAGE as usize;
+    let mut i = 0;
+    let mut sent = Ok(());
+    while i < pages.len() {
+        let mut n = 1;
+        while i + n < pages.len() && n < run_max && pages[i + n] == pages[i] + n as u64 {
+            n += 1;
+        }
+        let mut data = vec![0u8; n * PAGE as usize];
+        if let Err(e) = r.read_exact(&mut data).await {
+            sent = Err(ends(e));
+            break;
+        }
+        let data = Bytes::from(data);
+        let at = pages[i] * PAGE;
+        if to_hash.send((at, data.clone())).await.is_err() || to_disk.send((at, data)).await.is_err() {
+            break; // the writer failed; its error says why
+        }
+        i += n;
+    }
+    drop((to_disk, to_hash));
+    let written = writer.await.map_err(|e| std::io::Error::other(e.to_string()))?;
+    let got = hasher.await.map_err(|e| std::io::Error::other(e.to_string()))?;
+    sent?;
+    written?;
+    if got != digest {
+        return Err(PackError::invalid(format!(
+            "the memory of snapshot in {path:?} has digest {got}; the manifest says {digest}"
+        )));
+    }
+    Ok(())
 }
 
 /// Expands the memory of every snapshot read into `dir` (blocking): a root's
@@ -170,11 +319,10 @@ pub fn expand(dir: &Path, manifest: &Manifest, outside_parent: Option<&Path>) ->
         let src = dir.join(&body.path);
         match body.kind {
             FileKind::Pages => {
-                let f = std::fs::File::create(&mem)?;
-                f.set_len(r.mem_mib as u64 * (1 << 20))?;
-                drop(f);
-                layer::apply(&src, &mem).map_err(|e| PackError::invalid(format!("{:?}: {e}", body.path)))?;
-                std::fs::remove_file(&src)?;
+                // Expanded and verified as it was read (expand_pages).
+                if !mem.is_file() {
+                    return Err(PackError::invalid(format!("{:?} was not read", body.path)));
+                }
             }
             FileKind::Layer => {
                 let Some(p) = &parent else {
@@ -193,16 +341,8 @@ pub fn expand(dir: &Path, manifest: &Manifest, outside_parent: Option<&Path>) ->
             FileKind::State => unreachable!("validated: the second file is memory"),
         }
         // A layer was checked as it arrived (its digest is the snapshot's
-        // memory digest) and its parent before it; flat memory is checked
-        // once expanded.
-        let got = if body.kind == FileKind::Pages { digest::sha256_file(&mem)? } else { r.memory_digest.clone() };
-        if got != r.memory_digest {
-            return Err(PackError::invalid(format!(
-                "the memory of snapshot {:?} has digest {got}; the manifest says {}",
-                r.tag.as_str(),
-                r.memory_digest
-            )));
-        }
+        // memory digest) and its parent before it; flat memory was checked
+        // as it was expanded.
         parent = Some(mem);
     }
     Ok(())
