@@ -347,3 +347,62 @@ pub fn expand(dir: &Path, manifest: &Manifest, outside_parent: Option<&Path>) ->
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+    use crate::memory::digest;
+    use crate::memory::pack::pages::nonzero_pages;
+    use crate::memory::pack::write::{Body, write_body};
+
+    /// A sparse 4 MiB memory with a few pages of data, its digest, and its
+    /// pages encoded and compressed as a blob.
+    async fn memory_blob(dir: &Path) -> (u64, String, Vec<u8>, FileEntry) {
+        let len = 1024 * PAGE;
+        let p = dir.join("src-mem");
+        let f = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&p).unwrap();
+        f.set_len(len).unwrap();
+        f.write_all_at(&[7u8; 3 * PAGE as usize], 10 * PAGE).unwrap();
+        f.write_all_at(&[9u8; PAGE as usize], 1023 * PAGE).unwrap();
+        let pages = nonzero_pages(&f, len).unwrap();
+        assert_eq!(pages, vec![10, 11, 12, 1023]);
+        let digest = digest::sha256_file(&p).unwrap();
+        let body = Body::Pages { file: f, pages };
+        let entry = FileEntry {
+            path: "snapshots/t/mem.pages".into(),
+            kind: FileKind::Pages,
+            size: body.size(),
+            sha256: digest.clone(),
+        };
+        let mut blob = vec![];
+        write_body(&mut blob, body).await.unwrap();
+        (len, digest, blob, entry)
+    }
+
+    #[tokio::test]
+    async fn pages_expand_into_the_memory_they_came_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let (len, digest, blob, entry) = memory_blob(dir.path()).await;
+        let out = dir.path().join("out");
+        read_blob(blob.as_slice(), &entry, &out, (len, &digest)).await.unwrap();
+        let mem = out.join("snapshots/t/mem");
+        assert_eq!(std::fs::read(&mem).unwrap(), std::fs::read(dir.path().join("src-mem")).unwrap());
+        assert!(!out.join("snapshots/t/mem.pages").exists(), "no pages file is left");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_digest_a_short_blob_or_a_page_outside_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (len, digest, blob, entry) = memory_blob(dir.path()).await;
+        let other = format!("sha256:{}", "0".repeat(64));
+        let e = read_blob(blob.as_slice(), &entry, &dir.path().join("a"), (len, &other)).await.unwrap_err();
+        assert!(e.to_string().contains("has digest"), "{e}");
+        let e = read_blob(&blob[..blob.len() / 2], &entry, &dir.path().join("b"), (len, &digest)).await.unwrap_err();
+        assert!(matches!(e, PackError::Invalid(_)), "{e}");
+        // The same pages in a memory too small to hold page 1023.
+        let e = read_blob(blob.as_slice(), &entry, &dir.path().join("c"), (512 * PAGE, &digest)).await.unwrap_err();
+        assert!(e.to_string().contains("page"), "{e}");
+    }
+}
