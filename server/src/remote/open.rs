@@ -45,7 +45,16 @@ impl Remote {
         let store: Arc<dyn ObjectStore> = match scheme {
             ObjectStoreScheme::Local => {
                 let dir = parsed.to_file_path().map_err(|_| bad("not an absolute file path".into()))?;
-                std::fs::create_dir_all(&dir).map_err(|e| bad(format!("create {}: {e}", dir.display())))?;
+                if !dir.exists() {
+                    // Snapshot memory holds whatever the guests held: a
+                    // directory made here is the daemon's alone.
+                    use std::os::unix::fs::DirBuilderExt;
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(&dir)
+                        .map_err(|e| bad(format!("create {}: {e}", dir.display())))?;
+                }
                 let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?;
                 return Ok(Remote { store: Arc::new(LimitStore::new(fs, MAX_REQUESTS)), url: url.to_string() });
             }
@@ -117,6 +126,9 @@ mod tests {
         let url = format!("file://{}/remote", dir.path().display());
         assert!(Remote::open(&url).is_ok());
         assert!(dir.path().join("remote").is_dir());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("remote")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "a remote dir made by the daemon is its own");
         for bad in ["memory:///", "ftp://host/x", "not a url", "s3://", "file://host/dir"] {
             assert!(Remote::open(bad).is_err(), "{bad} was accepted");
         }
