@@ -39,6 +39,29 @@ pub async fn post_ok(d: &Daemon, path: &str, body: Value) -> Value {
     v
 }
 
+/// Branches sandbox `id` into snapshot `tag` (`mode` "diff" or "full");
+/// panics unless 200.
+pub async fn branch(d: &Daemon, id: &str, tag: &str, mode: &str) -> Value {
+    post_ok(d, &format!("/v1/sandboxes/{id}/branch"), json!({ "tag": tag, "mode": mode })).await
+}
+
+/// Evaluates `code` in the sandbox's interpreter; panics unless it ran.
+pub async fn eval(d: &Daemon, id: &str, code: &str) -> String {
+    let v = post_ok(d, &format!("/v1/sandboxes/{id}/eval"), json!({ "code": code })).await;
+    assert_eq!(v["exit_code"], 0, "eval {code:?} in {id}: {v}");
+    v["result"].as_str().unwrap().to_string()
+}
+
+/// Runs the CLI against `d`: (exit code, stdout, stderr).
+pub fn cli_output(d: &Daemon, args: &[&str]) -> (i32, String, String) {
+    let out = d.cli().args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Forks `n` children with extra request fields; panics unless 200.
 pub async fn fork_with(d: &Daemon, tag: &str, n: u32, extra: Value) -> Vec<Value> {
     let mut body = json!({ "snapshot_tag": tag, "n": n });

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::{fork, wait_ready};
+use common::{branch, eval, fork, wait_ready};
 use forkd_api::v1 as api;
 use forkd_integration::{Daemon, Options};
 use serde_json::{Value, json};
@@ -15,27 +15,6 @@ async fn sh(d: &Daemon, id: &str, script: &str) -> Value {
     let r = d.post(&format!("/v1/sandboxes/{id}/exec"), json!({ "args": ["sh", "-c", script] })).send().await.unwrap();
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
-}
-
-async fn eval(d: &Daemon, id: &str, code: &str) -> String {
-    let v: Value = d
-        .post(&format!("/v1/sandboxes/{id}/eval"), json!({ "code": code }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(v["exit_code"], 0, "eval {code:?} in {id}: {}", v["error"]);
-    v["result"].as_str().unwrap().to_string()
-}
-
-async fn branch(d: &Daemon, id: &str, tag: &str, mode: &str) -> Value {
-    let r = d.post(&format!("/v1/sandboxes/{id}/branch"), json!({ "tag": tag, "mode": mode })).send().await.unwrap();
-    let status = r.status();
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(status, 200, "branch {id} → {tag}: {v}");
-    v
 }
 
 async fn info(d: &Daemon, tag: &str) -> Value {

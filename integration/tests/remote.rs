@@ -11,7 +11,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{bake, fork, fork_with, leaks, sh, wait_ready};
+use common::{bake, branch, cli_output, eval, fork, fork_with, leaks, sh, wait_ready};
 use forkd_integration::s3::{CutProxy, S3Server};
 use forkd_integration::{Daemon, Options, TEST_TOKEN};
 use serde_json::{Value, json};
@@ -22,20 +22,10 @@ fn remote_opts(remote: &str, env: Vec<(String, String)>) -> Options {
     Options { extra_args: vec!["--remote".into(), remote.into()], env, ..Default::default() }
 }
 
-/// Runs the CLI against `d`: (exit code, stdout, stderr).
-fn cli(d: &Daemon, args: &[&str]) -> (i32, String, String) {
-    let out = d.cli().args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn cli_json(d: &Daemon, args: &[&str]) -> Value {
     let mut all = vec!["--json"];
     all.extend_from_slice(args);
-    let (code, out, err) = cli(d, &all);
+    let (code, out, err) = cli_output(d, &all);
     assert_eq!(code, 0, "forkd {args:?}: {out} {err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("forkd {args:?}: {e}: {out}"))
 }
@@ -43,18 +33,6 @@ fn cli_json(d: &Daemon, args: &[&str]) -> Value {
 async fn snapshot(d: &Daemon, tag: &str) -> (u16, Value) {
     let r = d.get(&format!("/v1/snapshots/{tag}")).send().await.unwrap();
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-}
-
-async fn branch(d: &Daemon, id: &str, tag: &str) {
-    let r = d.post(&format!("/v1/sandboxes/{id}/branch"), json!({ "tag": tag, "mode": "diff" })).send().await.unwrap();
-    assert_eq!(r.status(), 200, "branch {id} → {tag}: {}", r.text().await.unwrap());
-}
-
-async fn eval(d: &Daemon, id: &str, code: &str) -> String {
-    let r = d.post(&format!("/v1/sandboxes/{id}/eval"), json!({ "code": code })).send().await.unwrap();
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["exit_code"], 0, "eval {code:?} in {id}: {v}");
-    v["result"].as_str().unwrap_or_default().trim().to_string()
 }
 
 async fn post(d: &Daemon, path: &str, body: Value) -> (u16, Value) {
@@ -104,7 +82,7 @@ async fn a_branch_pushed_on_one_node_forks_on_another_through_s3() {
     let child = fork(&a, "py", 1).await.remove(0);
     assert_eq!(sh(&a, &child, "echo travelled > /root/note; sync").await["exit_code"], 0);
     eval(&a, &child, "marker = 41").await;
-    branch(&a, &child, "pyb").await;
+    branch(&a, &child, "pyb", "diff").await;
     let first = cli_json(&a, &["push", "pyb"]);
     assert_eq!(first["uploaded_blobs"], 4, "py's state and memory, pyb's state and layer: {first}");
     assert_eq!(first["present_blobs"], 0, "{first}");
@@ -217,7 +195,7 @@ async fn file_remotes_share_pulls_refuse_corruption_and_stay_the_operators() {
     wait_ready(&a, "m").await;
     let child = fork(&a, "m", 1).await.remove(0);
     assert_eq!(sh(&a, &child, "echo layered > /root/l; sync").await["exit_code"], 0);
-    branch(&a, &child, "m2").await;
+    branch(&a, &child, "m2", "diff").await;
 
     // Clients never choose where the daemon writes; tenants do not push.
     let (status, v) = post(&a, "/v1/snapshots/m/push", json!({ "remote": "file:///etc/forkd-x" })).await;
@@ -252,7 +230,7 @@ async fn file_remotes_share_pulls_refuse_corruption_and_stay_the_operators() {
     assert_eq!(m2["parent_tag"], "m", "{m2}");
     let k = fork(&b, "m2", 1).await.remove(0);
     assert_eq!(sh(&b, &k, "cat /root/l").await["stdout"], "layered\n");
-    let (code, _, err) = cli(&b, &["pull", "nowhere"]);
+    let (code, _, err) = cli_output(&b, &["pull", "nowhere"]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("not in remote"), "{err}");
 

@@ -9,18 +9,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fork, sh, wait_ready};
+use common::{branch, cli_output, fork, sh, wait_ready};
 use forkd_integration::{Daemon, Options};
 use futures::StreamExt;
 use serde_json::{Value, json};
-
-async fn branch(d: &Daemon, id: &str, tag: &str) -> Value {
-    let r = d.post(&format!("/v1/sandboxes/{id}/branch"), json!({ "tag": tag, "mode": "diff" })).send().await.unwrap();
-    let status = r.status();
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(status, 200, "branch {id} → {tag}: {v}");
-    v
-}
 
 async fn snapshot(d: &Daemon, tag: &str) -> Option<Value> {
     let r = d.get(&format!("/v1/snapshots/{tag}")).send().await.unwrap();
@@ -28,16 +20,6 @@ async fn snapshot(d: &Daemon, tag: &str) -> Option<Value> {
         return None;
     }
     Some(r.json().await.unwrap())
-}
-
-/// Runs the CLI against `d`; returns (exit code, stdout JSON or text, stderr).
-fn cli(d: &Daemon, args: &[&str]) -> (i32, String, String) {
-    let out = d.cli().args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn sh_ok(script: &str) {
@@ -92,14 +74,14 @@ async fn snapshots_travel_between_hosts_in_archives() {
         sh(&a, &c1, "echo one > /root/one; dd if=/dev/urandom of=/root/r1 bs=1M count=4 2>/dev/null; sync").await["exit_code"],
         0
     );
-    branch(&a, &c1, "b1").await;
+    branch(&a, &c1, "b1", "diff").await;
     let c2 = fork(&a, "b1", 1).await.remove(0);
     assert_eq!(sh(&a, &c2, "echo two > /root/two; sync").await["exit_code"], 0);
-    let b2 = branch(&a, &c2, "b2").await;
+    let b2 = branch(&a, &c2, "b2", "diff").await;
     assert_eq!(b2["parent_tag"], "b1");
 
     // pack b2 (the chain of three) with the CLI, --json reports the file.
-    let (code, out, err) = cli(&a, &["--json", "pack", "b2", "-o", &file("b2.tar.zst")]);
+    let (code, out, err) = cli_output(&a, &["--json", "pack", "b2", "-o", &file("b2.tar.zst")]);
     assert_eq!(code, 0, "{out} {err}");
     let packed: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(packed["bytes"].as_u64().unwrap(), std::fs::metadata(file("b2.tar.zst")).unwrap().len());
@@ -124,7 +106,7 @@ async fn snapshots_travel_between_hosts_in_archives() {
     assert!(packed["bytes"].as_u64().unwrap() < 64 << 20, "{packed}");
 
     // unpack on B: the whole chain appears, digests equal A's.
-    let (code, out, err) = cli(&b, &["--json", "unpack", &file("b2.tar.zst")]);
+    let (code, out, err) = cli_output(&b, &["--json", "unpack", &file("b2.tar.zst")]);
     assert_eq!(code, 0, "{out} {err}");
     for tag in ["m", "b1", "b2"] {
         let (sa, sb) = (snapshot(&a, tag).await.unwrap(), snapshot(&b, tag).await.unwrap());
@@ -140,19 +122,19 @@ async fn snapshots_travel_between_hosts_in_archives() {
     assert_eq!(sh(&b, &on_b, "hostname").await["stdout"], format!("{on_b}\n"), "its own identity");
 
     // The same tag again is a conflict (exit 4); --as imports it beside.
-    let (code, _, err) = cli(&b, &["unpack", &file("b2.tar.zst")]);
+    let (code, _, err) = cli_output(&b, &["unpack", &file("b2.tar.zst")]);
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("already exists"), "{err}");
-    let (code, out, err) = cli(&b, &["--json", "unpack", &file("b2.tar.zst"), "--as", "b2again"]);
+    let (code, out, err) = cli_output(&b, &["--json", "unpack", &file("b2.tar.zst"), "--as", "b2again"]);
     assert_eq!(code, 0, "{out} {err}");
     let again: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(again["tag"], "b2again");
     assert_eq!(again["parent_tag"], "b1", "ancestors B has are reused");
 
     // --flat: one flat image.
-    let (code, _, err) = cli(&a, &["pack", "b2", "--flat", "-o", &file("flat.tar.zst")]);
+    let (code, _, err) = cli_output(&a, &["pack", "b2", "--flat", "-o", &file("flat.tar.zst")]);
     assert_eq!(code, 0, "{err}");
-    let (code, out, err) = cli(&b, &["--json", "unpack", &file("flat.tar.zst"), "--as", "b2flat"]);
+    let (code, out, err) = cli_output(&b, &["--json", "unpack", &file("flat.tar.zst"), "--as", "b2flat"]);
     assert_eq!(code, 0, "{out} {err}");
     let flat: Value = serde_json::from_str(&out).unwrap();
     assert!(flat["parent_tag"].as_str().unwrap_or("").is_empty(), "{flat}");
@@ -161,18 +143,18 @@ async fn snapshots_travel_between_hosts_in_archives() {
     assert_eq!(sh(&b, &on_flat, "cat /root/one /root/two").await["stdout"], "one\ntwo\n");
 
     // --layer-only: B has b1 already, so b2's layer alone suffices …
-    let (code, _, err) = cli(&a, &["pack", "b2", "--layer-only", "-o", &file("layer.tar.zst")]);
+    let (code, _, err) = cli_output(&a, &["pack", "b2", "--layer-only", "-o", &file("layer.tar.zst")]);
     assert_eq!(code, 0, "{err}");
     assert!(
         std::fs::metadata(file("layer.tar.zst")).unwrap().len() < std::fs::metadata(file("b2.tar.zst")).unwrap().len()
     );
-    let (code, out, err) = cli(&b, &["--json", "unpack", &file("layer.tar.zst"), "--as", "b2layer"]);
+    let (code, out, err) = cli_output(&b, &["--json", "unpack", &file("layer.tar.zst"), "--as", "b2layer"]);
     assert_eq!(code, 0, "{out} {err}");
     let on_layer = fork(&b, "b2layer", 1).await.remove(0);
     assert_eq!(sh(&b, &on_layer, "cat /root/two").await["stdout"], "two\n");
     // … and a host without b1 refuses it, naming the parent.
     let c = Daemon::start(Options::default());
-    let (code, _, err) = cli(&c, &["unpack", &file("layer.tar.zst")]);
+    let (code, _, err) = cli_output(&c, &["unpack", &file("layer.tar.zst")]);
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("\"b1\""), "{err}");
 

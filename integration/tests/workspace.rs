@@ -5,19 +5,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{post_ok, wait_ready};
+use common::{eval, post_ok, wait_ready};
 use forkd_api::v1 as api;
 use forkd_integration::{Daemon, Options, vmms_under};
 use serde_json::{Value, json};
 
 async fn sh(d: &Daemon, id: &str, script: &str) -> Value {
     post_ok(d, &format!("/v1/sandboxes/{id}/exec"), json!({ "args": ["sh", "-c", script] })).await
-}
-
-async fn eval(d: &Daemon, id: &str, code: &str) -> String {
-    let v = post_ok(d, &format!("/v1/sandboxes/{id}/eval"), json!({ "code": code })).await;
-    assert_eq!(v["exit_code"], 0, "{v}");
-    v["result"].as_str().unwrap().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -173,9 +173,6 @@ enum JailChoice {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // One TLS crypto provider for the whole process (the edge and the
-    // object store clients): ring.
-    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     // Capability sets belong to each thread: drop them before the async
     // runtime starts its threads, so every thread has only what is kept.
     let caps = forkd_server::host::caps::drop_daemon_caps();

@@ -2,36 +2,19 @@
 //! the object store the daemon was started with.
 
 use forkd_api::v1::{ListRemoteSnapshotsRequest, PullSnapshotRequest, PushSnapshotRequest};
-use indicatif::ProgressBar;
 
 use crate::args::{RemoteCommand, TagArg};
 use crate::client::Conn;
 use crate::json;
 use crate::output::{age, emit, emit_json, human_bytes, now_unix, table};
-
-/// A spinner with the elapsed time on a terminal: the daemon reports no
-/// progress of a push or pull, only its end.
-fn spinner(msg: String) -> Option<ProgressBar> {
-    use std::io::IsTerminal;
-    if !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("static template is valid"),
-    );
-    bar.set_message(msg);
-    bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    Some(bar)
-}
+use crate::progress::Progress;
 
 pub async fn push(conn: &Conn, args: TagArg, as_json: bool) -> anyhow::Result<u8> {
-    let bar = spinner(format!("pushing {}", args.tag));
+    // The daemon reports no progress of a push or pull, only its end.
+    let progress = Progress::start(format!("pushing {}", args.tag));
     let req = PushSnapshotRequest { tag: args.tag.to_string(), remote: String::new() };
     let result = conn.call(conn.snapshots().push_snapshot(req)).await;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    progress.finish();
     let r = result?;
     if as_json {
         emit_json(&serde_json::json!({
@@ -59,13 +42,11 @@ pub async fn push(conn: &Conn, args: TagArg, as_json: bool) -> anyhow::Result<u8
 }
 
 pub async fn pull(conn: &Conn, args: TagArg, as_json: bool) -> anyhow::Result<u8> {
-    let bar = spinner(format!("pulling {}", args.tag));
+    let progress = Progress::start(format!("pulling {}", args.tag));
     let started = std::time::Instant::now();
     let req = PullSnapshotRequest { tag: args.tag.to_string(), remote: String::new() };
     let result = conn.call(conn.snapshots().pull_snapshot(req)).await;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    progress.finish();
     let snap = result?;
     let secs = started.elapsed().as_secs_f64();
     if as_json {

@@ -89,6 +89,11 @@ pub struct SnapshotRecord {
 }
 
 impl SnapshotRecord {
+    /// Bytes of its guest memory.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_mib as u64 * (1 << 20)
+    }
+
     /// The VM configuration its children are restored with.
     pub fn vm_spec(&self) -> Result<crate::vmm::VmSpec> {
         self.vm

@@ -49,6 +49,22 @@ pub fn encode_head(pages: &[u64]) -> Vec<u8> {
     head
 }
 
+/// Runs of consecutive page numbers in `pages` (ascending), each at most
+/// `max` pages long, as (first page, pages in the run): what can be read or
+/// written in one call.
+pub fn runs(pages: &[u64], max: usize) -> impl Iterator<Item = (u64, usize)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let first = *pages.get(i)?;
+        let mut n = 1;
+        while i + n < pages.len() && n < max && pages[i + n] == first + n as u64 {
+            n += 1;
+        }
+        i += n;
+        Some((first, n))
+    })
+}
+
 /// Bytes of a layer naming `count` pages.
 pub fn encoded_len(count: u64) -> u64 {
     HEAD + count * (8 + PAGE)
@@ -168,18 +184,12 @@ pub fn apply(layer: &Path, flat: &Path) -> std::io::Result<()> {
     const RUN: usize = 256;
     let mut buf = vec![0u8; RUN * PAGE as usize];
     let mut off = data_off;
-    let mut i = 0;
-    while i < pages.len() {
-        let mut n = 1;
-        while i + n < pages.len() && n < RUN && pages[i + n] == pages[i] + n as u64 {
-            n += 1;
-        }
+    for (first, n) in runs(&pages, RUN) {
         let bytes = &mut buf[..n * PAGE as usize];
         l.read_exact_at(bytes, off)?;
         // In range: checked against the parent's size above.
-        f.write_all_at(bytes, pages[i] * PAGE)?;
+        f.write_all_at(bytes, first * PAGE)?;
         off += n as u64 * PAGE;
-        i += n;
     }
     f.sync_all()
 }

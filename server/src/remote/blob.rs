@@ -17,6 +17,7 @@ use object_store::buffered::BufWriter;
 use tokio::io::{AsyncReadExt, AsyncWrite};
 
 use super::{Remote, RemoteError};
+use crate::core::store::SnapshotRecord;
 use crate::memory::pack::manifest::FileEntry;
 use crate::memory::pack::write::Body;
 use crate::memory::pack::{self, PackError};
@@ -74,9 +75,9 @@ impl Remote {
         }
     }
 
-    /// Downloads the blob of `entry` into `dir/<entry.path>` (memory pages:
-    /// expanded into the `memory` of that size and digest they describe).
-    pub async fn get_blob(&self, entry: &FileEntry, dir: &FsPath, memory: (u64, &str)) -> Result<(), RemoteError> {
+    /// Downloads the blob of `entry`, a file of `record`, into
+    /// `dir/<entry.path>` (memory pages: expanded into the record's memory).
+    pub async fn get_blob(&self, entry: &FileEntry, record: &SnapshotRecord, dir: &FsPath) -> Result<(), RemoteError> {
         let key = Self::blob_key(&entry.sha256)?;
         let got = match self.store.get(&key).await {
             Ok(g) => g,
@@ -101,7 +102,7 @@ impl Remote {
         // apart from what the decoder finds wrong with the bytes.
         let stream = got.into_stream().map_err(|e| std::io::Error::new(TRANSFER_FAILED, e));
         let input = tokio_util::io::StreamReader::new(stream).take(bound);
-        pack::read::read_blob(input, entry, dir, memory).await.map_err(|e| match e {
+        pack::read::read_blob(input, entry, record, dir).await.map_err(|e| match e {
             PackError::Invalid(m) => RemoteError::Invalid(format!("blob {}: {m}", entry.sha256)),
             PackError::Io(e) if e.kind() == TRANSFER_FAILED => RemoteError::Transfer(format!(
                 "blob {}: {}",

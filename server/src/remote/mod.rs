@@ -29,7 +29,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 
-use crate::memory::pack::manifest::MAX_MANIFEST_BYTES;
+use crate::memory::pack::manifest::{MAX_MANIFEST_BYTES, is_digest};
 
 /// Why a remote operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,11 +76,10 @@ impl Remote {
     }
 
     fn blob_key(sha256: &str) -> Result<Path, RemoteError> {
-        let hex = sha256
-            .strip_prefix("sha256:")
-            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .ok_or_else(|| RemoteError::Invalid(format!("a blob name {sha256:?} that is no sha256 digest")))?;
-        Ok(Path::from(format!("blobs/sha256/{}", hex.to_ascii_lowercase())))
+        match sha256.strip_prefix("sha256:") {
+            Some(hex) if is_digest(sha256) => Ok(Path::from(format!("blobs/sha256/{}", hex.to_ascii_lowercase()))),
+            _ => Err(RemoteError::Invalid(format!("a blob name {sha256:?} that is no sha256 digest"))),
+        }
     }
 
     fn tag_key(tag: &Tag) -> Path {

@@ -36,8 +36,9 @@ impl Remote {
     /// `file:///absolute/dir` (created if missing), or `http(s)://host/path`
     /// for a WebDAV server.
     pub fn open(url: &str) -> Result<Remote, RemoteError> {
-        // The HTTP clients' TLS uses the process's provider (ring); the
-        // daemon installs it first thing, this covers any other caller.
+        // The stores' HTTP clients take their TLS from the process's default
+        // provider: ring, as the edge uses (it names its own provider, so
+        // this is the only place the daemon needs a default).
         let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
         let bad = |m: String| RemoteError::Config(format!("{url:?}: {m}"));
         let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;

@@ -16,11 +16,10 @@ use std::time::Instant;
 use forkd_api::names::Tag;
 use futures::{StreamExt, TryStreamExt};
 
-use super::transfer::ExportMode;
-use crate::core::leases::Resource;
+use super::transfer::{ExportMode, ready_with_memory};
 use crate::core::runtime::Runtime;
-use crate::core::store::{SnapshotRecord, SnapshotStatus};
-use crate::core::{Error, Result, ids};
+use crate::core::store::SnapshotRecord;
+use crate::core::{Error, Result};
 use crate::memory::pack::Manifest;
 use crate::memory::pack::manifest::Requires;
 use crate::remote::{Remote, RemoteError, RemoteTag};
@@ -136,7 +135,7 @@ impl Runtime {
         }
         let top = &manifest.snapshots.last().expect("validated").record;
         if let Some(have) = self.store.get_snapshot(tag.as_str())? {
-            if have.memory_digest == top.memory_digest && have.status == SnapshotStatus::Ready {
+            if ready_with_memory(&have, &top.memory_digest) {
                 return Ok(have);
             }
             return Err(Error::AlreadyExists(format!(
@@ -146,31 +145,21 @@ impl Runtime {
         }
         let manifest = self.trim_present(manifest)?;
         let outside_parent = self.check_import(&manifest, None)?;
-        let staging = self.layout.staging_dir().join(format!("pull.{}", ids::nonce()));
-        self.store.ledger_add("staging", &staging.display().to_string(), "pull")?;
-        let staged = self.lease(Resource::Staging(staging.clone()));
-        let result = async {
-            tokio::fs::create_dir_all(&staging).await.map_err(|e| Error::internal("create staging dir", e))?;
-            let files: Vec<_> = manifest
-                .snapshots
-                .iter()
-                .flat_map(|e| {
-                    let memory = (e.record.mem_mib as u64 * (1 << 20), e.record.memory_digest.clone());
-                    e.files.iter().map(move |f| (f.clone(), memory.clone()))
-                })
-                .collect();
-            futures::stream::iter(files.into_iter().map(|(f, (bytes, digest))| {
-                let (remote, dir) = (remote.clone(), staging.clone());
-                async move { remote.get_blob(&f, &dir, (bytes, &digest)).await }
-            }))
-            .buffer_unordered(BLOBS_IN_FLIGHT)
-            .try_collect::<Vec<()>>()
-            .await?;
-            self.finish_import(manifest, &staging, outside_parent, None, owner).await
-        }
-        .await;
-        drop(staged);
-        self.release_dropped().await;
+        let result = self
+            .in_staging("pull", |staging| async move {
+                // Owned per download: a stream of futures borrowing the
+                // manifest would not be Send for the runtime-owned pull.
+                let files: Vec<_> = manifest.files_with_records().map(|(f, r)| (f.clone(), r.clone())).collect();
+                futures::stream::iter(files.into_iter().map(|(f, rec)| {
+                    let (remote, dir) = (remote.clone(), staging.clone());
+                    async move { remote.get_blob(&f, &rec, &dir).await }
+                }))
+                .buffer_unordered(BLOBS_IN_FLIGHT)
+                .try_collect::<Vec<()>>()
+                .await?;
+                self.finish_import(manifest, &staging, outside_parent, None, owner).await
+            })
+            .await;
         if result.is_ok() {
             self.events.emit_ws("snapshot_pulled", "", "", tag.as_str(), "", "");
         }
@@ -186,7 +175,7 @@ impl Runtime {
         while keep_from + 1 < n {
             let r = &m.snapshots[keep_from].record;
             match self.store.get_snapshot(r.tag.as_str())? {
-                Some(have) if have.memory_digest == r.memory_digest && have.status == SnapshotStatus::Ready => {
+                Some(have) if ready_with_memory(&have, &r.memory_digest) => {
                     keep_from += 1;
                 }
                 _ => break,

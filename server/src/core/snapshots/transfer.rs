@@ -64,6 +64,12 @@ fn guest_digests(guest_dir: &Path, image: &str) -> Result<GuestDigests> {
     })
 }
 
+/// Whether `have`, a snapshot of this host, is ready and holds the memory
+/// `digest` names: a snapshot an archive or a pull may build on or reuse.
+pub(super) fn ready_with_memory(have: &SnapshotRecord, digest: &str) -> bool {
+    have.status == SnapshotStatus::Ready && have.memory_digest == digest
+}
+
 /// A record as it travels: nothing of this host (owner, sharing, sizes).
 fn portable(mut r: SnapshotRecord) -> SnapshotRecord {
     r.owner = String::new();
@@ -233,7 +239,7 @@ impl Runtime {
             let tag = if i + 1 == n { rename.unwrap_or(&e.record.tag) } else { &e.record.tag };
             if let Some(have) = self.store.get_snapshot(tag.as_str())? {
                 // An ancestor this host already has, byte for byte, is reused.
-                if i + 1 < n && have.memory_digest == e.record.memory_digest && have.status == SnapshotStatus::Ready {
+                if i + 1 < n && ready_with_memory(&have, &e.record.memory_digest) {
                     continue;
                 }
                 return Err(Error::AlreadyExists(format!(
@@ -246,7 +252,7 @@ impl Runtime {
         let parent = match &m.requires {
             None => None,
             Some(q) => match self.store.get_snapshot(q.tag.as_str())? {
-                Some(p) if p.memory_digest == q.memory_digest && p.status == SnapshotStatus::Ready => {
+                Some(p) if ready_with_memory(&p, &q.memory_digest) => {
                     Some(self.layout.snapshot_dir(&p.tag).join("mem"))
                 }
                 _ => {
@@ -258,7 +264,7 @@ impl Runtime {
                 }
             },
         };
-        let expanded: u64 = m.snapshots.iter().map(|e| e.record.mem_mib as u64 * (1 << 20)).sum();
+        let expanded: u64 = m.snapshots.iter().map(|e| e.record.mem_bytes()).sum();
         self.admit_snapshot_write("import", m.total_bytes() + expanded)?;
         Ok(parent)
     }
@@ -273,19 +279,32 @@ impl Runtime {
     ) -> Result<SnapshotRecord> {
         let archive = pack::read::open(input).await?;
         let outside_parent = self.check_import(&archive.manifest, rename.as_ref())?;
-        let staging = self.layout.staging_dir().join(format!("import.{}", ids::nonce()));
-        self.store.ledger_add("staging", &staging.display().to_string(), "import")?;
-        let staged = self.lease(Resource::Staging(staging.clone()));
-        let result = async {
-            tokio::fs::create_dir_all(&staging).await.map_err(|e| Error::internal("create staging dir", e))?;
+        self.in_staging("import", |staging| async move {
             let manifest = archive.read_files(&staging).await?;
             // Everything arrived: from here on the work is the runtime's,
             // whatever the client does.
             let rt = self.clone();
-            let st = staging.clone();
-            tokio::spawn(async move { rt.finish_import(manifest, &st, outside_parent, rename, owner).await })
+            tokio::spawn(async move { rt.finish_import(manifest, &staging, outside_parent, rename, owner).await })
                 .await
                 .map_err(|e| Error::internal("import", e))?
+        })
+        .await
+    }
+
+    /// Runs `work` in a new staging dir `<what>.<nonce>`, ledgered and
+    /// leased: whatever is left there is removed when `work` ends, however
+    /// it ends.
+    pub(super) async fn in_staging<T, F, Fut>(self: &Arc<Self>, what: &str, work: F) -> Result<T>
+    where
+        F: FnOnce(PathBuf) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let staging = self.layout.staging_dir().join(format!("{what}.{}", ids::nonce()));
+        self.store.ledger_add("staging", &staging.display().to_string(), what)?;
+        let staged = self.lease(Resource::Staging(staging.clone()));
+        let result = async {
+            tokio::fs::create_dir_all(&staging).await.map_err(|e| Error::internal("create staging dir", e))?;
+            work(staging.clone()).await
         }
         .await;
         drop(staged);
@@ -320,7 +339,7 @@ impl Runtime {
                 }
                 if i + 1 < n
                     && let Some(have) = self.store.get_snapshot(rec.tag.as_str())?
-                    && have.memory_digest == rec.memory_digest
+                    && ready_with_memory(&have, &rec.memory_digest)
                 {
                     continue; // reused (checked before the files were read)
                 }

@@ -87,7 +87,8 @@ pub struct Manifest {
     pub requires: Option<Requires>,
 }
 
-fn is_digest(d: &str) -> bool {
+/// Whether `d` is a "sha256:" digest of 64 hex digits.
+pub fn is_digest(d: &str) -> bool {
     d.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
@@ -148,7 +149,7 @@ impl Manifest {
             if !layered && r.parent_tag.is_some() {
                 return bad(format!("snapshot {tag:?} is flat but names a parent"));
             }
-            let mem_pages = r.mem_mib as u64 * (1 << 20) / PAGE;
+            let mem_pages = r.mem_bytes() / PAGE;
             let want = [FileKind::State, if layered { FileKind::Layer } else { FileKind::Pages }];
             if e.files.len() != want.len() {
                 return bad(format!("snapshot {tag:?} must have exactly {} files", want.len()));
@@ -193,7 +194,12 @@ impl Manifest {
 
     /// Every file entry, in archive order.
     pub fn files(&self) -> impl Iterator<Item = &FileEntry> {
-        self.snapshots.iter().flat_map(|e| e.files.iter())
+        self.files_with_records().map(|(f, _)| f)
+    }
+
+    /// Every file entry with the record of the snapshot it belongs to.
+    pub fn files_with_records(&self) -> impl Iterator<Item = (&FileEntry, &SnapshotRecord)> {
+        self.snapshots.iter().flat_map(|e| e.files.iter().map(move |f| (f, &e.record)))
     }
 
     /// Bytes the archive's files hold (before compression).

@@ -1,23 +1,23 @@
 //! Reading an archive into a staging directory, trusting nothing: the
 //! manifest first (bounded, validated), then each entry checked against it
 //! before a byte of it is written, digests checked as the bytes arrive, and
-//! memory checked once it is expanded. Only as many bytes as the manifest
+//! memory checked as it is expanded. Only as many bytes as the manifest
 //! declares are ever decompressed, so a small archive cannot expand into a
 //! large one (a zip bomb stops at the first byte over).
 
 use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use async_compression::tokio::bufread::ZstdDecoder;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use std::os::unix::fs::FileExt;
-
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use super::PackError;
 use super::manifest::{FileEntry, FileKind, MANIFEST_PATH, MAX_MANIFEST_BYTES, Manifest};
 use super::tarball::{self, BLOCK};
+use crate::core::store::SnapshotRecord;
 use crate::memory::dirty::PAGE;
 use crate::memory::layer;
 
@@ -80,12 +80,8 @@ impl<R: AsyncRead + Unpin + Send> Archive<R> {
     pub async fn read_files(mut self, dir: &Path) -> Result<Manifest, PackError> {
         let r = &mut self.r;
         let manifest = self.manifest;
-        let mut expected: HashMap<&str, &FileEntry> = manifest.files().map(|f| (f.path.as_str(), f)).collect();
-        let mem_bytes: HashMap<&str, u64> = manifest
-            .snapshots
-            .iter()
-            .flat_map(|e| e.files.iter().map(move |f| (f.path.as_str(), e.record.mem_mib as u64 * (1 << 20))))
-            .collect();
+        let mut expected: HashMap<&str, (&FileEntry, &SnapshotRecord)> =
+            manifest.files_with_records().map(|(f, r)| (f.path.as_str(), (f, r))).collect();
         let mut seen = std::collections::HashSet::new();
         let mut buf = vec![0u8; CHUNK];
         loop {
@@ -94,7 +90,7 @@ impl<R: AsyncRead + Unpin + Send> Archive<R> {
             if seen.contains(&path) {
                 return Err(PackError::invalid(format!("entry {path:?} appears twice")));
             }
-            let Some(entry) = expected.remove(path.as_str()) else {
+            let Some((entry, record)) = expected.remove(path.as_str()) else {
                 return Err(PackError::invalid(format!("entry {path:?} is not in the manifest")));
             };
             if size != entry.size {
@@ -105,8 +101,7 @@ impl<R: AsyncRead + Unpin + Send> Archive<R> {
             }
             seen.insert(path.clone());
             if entry.kind == FileKind::Pages {
-                let memory = &manifest.snapshots.iter().find(|e| e.files.contains(entry)).expect("listed").record;
-                expand_pages(r, entry, dir, mem_bytes[path.as_str()], &memory.memory_digest).await?;
+                expand_pages(r, entry, record, dir).await?;
             } else {
                 copy_entry(r, entry, dir, &mut buf).await?;
             }
@@ -120,8 +115,7 @@ impl<R: AsyncRead + Unpin + Send> Archive<R> {
 }
 
 /// Copies exactly `entry.size` bytes from `r` into `dir/<entry.path>` (a
-/// new file), checking the digest of what it holds (memory pages are
-/// checked once expanded).
+/// new file), checking the digest of what it holds.
 async fn copy_entry<R: AsyncRead + Unpin>(
     r: &mut R,
     entry: &FileEntry,
@@ -135,41 +129,35 @@ async fn copy_entry<R: AsyncRead + Unpin>(
     }
     let mut out = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&target).await?;
     let mut h = Sha256::new();
-    let hashed = entry.kind != FileKind::Pages;
     let mut left = entry.size;
     while left > 0 {
         let n = (left as usize).min(buf.len());
         r.read_exact(&mut buf[..n]).await.map_err(|e| truncated_or(e, &format!("the archive ends inside {path:?}")))?;
-        if hashed {
-            h.update(&buf[..n]);
-        }
+        h.update(&buf[..n]);
         out.write_all(&buf[..n]).await?;
         left -= n as u64;
     }
     out.flush().await?;
-    if hashed {
-        let got = format!("sha256:{}", hex::encode(h.finalize()));
-        if got != entry.sha256 {
-            return Err(PackError::invalid(format!("{path:?} has digest {got}; the manifest says {}", entry.sha256)));
-        }
+    let got = format!("sha256:{}", hex::encode(h.finalize()));
+    if got != entry.sha256 {
+        return Err(PackError::invalid(format!("{path:?} has digest {got}; the manifest says {}", entry.sha256)));
     }
     Ok(())
 }
 
-/// Reads one file stored alone as a zstd stream (a remote's blob) into
-/// `dir/<entry.path>`: exactly the size the manifest states (not a byte
-/// more is decompressed) and the digest it states.
-/// A memory's pages are expanded into `mem` as they arrive (see
-/// `expand_pages`); `memory` is the size and digest of that memory.
+/// Reads one file of `record` stored alone as a zstd stream (a remote's
+/// blob) into `dir/<entry.path>`: exactly the size the manifest states (not
+/// a byte more is decompressed) and the digest it states. Memory pages are
+/// expanded into the record's memory as they arrive (`expand_pages`).
 pub async fn read_blob<R: AsyncRead + Unpin + Send>(
     input: R,
     entry: &FileEntry,
+    record: &SnapshotRecord,
     dir: &Path,
-    memory: (u64, &str),
 ) -> Result<(), PackError> {
     let mut r = ZstdDecoder::new(BufReader::with_capacity(CHUNK, input));
     if entry.kind == FileKind::Pages {
-        expand_pages(&mut r, entry, dir, memory.0, memory.1).await?;
+        expand_pages(&mut r, entry, record, dir).await?;
     } else {
         let mut buf = vec![0u8; CHUNK];
         copy_entry(&mut r, entry, dir, &mut buf).await?;
@@ -184,19 +172,19 @@ pub async fn read_blob<R: AsyncRead + Unpin + Send>(
 
 /// Expands a memory's pages (`mem.pages`, the diff-layer encoding over
 /// zeros) from `r` straight into `<dir>/<snapshot>/mem`, a sparse file of
-/// `mem_bytes`: the index is checked (ascending, inside the memory), each run
-/// of pages is written where it belongs, and the whole memory — zeros between
-/// the pages included — is hashed in order and must equal `digest`. Writing
-/// and hashing run on a blocking thread while this task decompresses the
-/// next run, and the file is synced before it counts as read.
+/// the record's memory size: the index is checked (ascending, inside the
+/// memory), each run of pages is written where it belongs, and the whole
+/// memory — zeros between the pages included — is hashed in order and must
+/// equal the record's memory digest. Writing and hashing run on blocking
+/// threads of their own while this task decompresses the next run, and the
+/// file is synced before it counts as read.
 async fn expand_pages<R: AsyncRead + Unpin>(
     r: &mut R,
     entry: &FileEntry,
+    record: &SnapshotRecord,
     dir: &Path,
-    mem_bytes: u64,
-    digest: &str,
 ) -> Result<(), PackError> {
-    let path = &entry.path;
+    let (path, mem_bytes, digest) = (&entry.path, record.mem_bytes(), &record.memory_digest);
     let ends = |e| truncated_or(e, &format!("the archive ends inside {path:?}"));
     let mut head = vec![0u8; layer::HEAD as usize];
     r.read_exact(&mut head).await.map_err(ends)?;
@@ -271,32 +259,25 @@ async fn expand_pages<R: AsyncRead + Unpin>(
         zeros_until(&mut h, &mut hashed, mem_bytes);
         format!("sha256:{}", hex::encode(h.finalize()))
     });
-    let run_max = CHUNK / PAGE as usize;
-    let mut i = 0;
     let mut sent = Ok(());
-    while i < pages.len() {
-        let mut n = 1;
-        while i + n < pages.len() && n < run_max && pages[i + n] == pages[i] + n as u64 {
-            n += 1;
-        }
+    for (first, n) in layer::runs(&pages, CHUNK / PAGE as usize) {
         let mut data = vec![0u8; n * PAGE as usize];
         if let Err(e) = r.read_exact(&mut data).await {
             sent = Err(ends(e));
             break;
         }
         let data = Bytes::from(data);
-        let at = pages[i] * PAGE;
+        let at = first * PAGE;
         if to_hash.send((at, data.clone())).await.is_err() || to_disk.send((at, data)).await.is_err() {
             break; // the writer failed; its error says why
         }
-        i += n;
     }
     drop((to_disk, to_hash));
     let written = writer.await.map_err(|e| std::io::Error::other(e.to_string()))?;
     let got = hasher.await.map_err(|e| std::io::Error::other(e.to_string()))?;
     sent?;
     written?;
-    if got != digest {
+    if &got != digest {
         return Err(PackError::invalid(format!(
             "the memory of snapshot in {path:?} has digest {got}; the manifest says {digest}"
         )));
@@ -306,9 +287,9 @@ async fn expand_pages<R: AsyncRead + Unpin>(
 
 /// Expands the memory of every snapshot read into `dir` (blocking): a root's
 /// pages over zeros, a layer over the memory before it (`outside_parent`:
-/// the memory of the snapshot a layer-only archive requires). Every flat
-/// memory must hash to its record's digest. Leaves `snapshots/<tag>/mem` (and
-/// `layer`) beside each `state`.
+/// the memory of the snapshot a layer-only archive requires). Flat memory
+/// was expanded and checked as it was read. Leaves `snapshots/<tag>/mem`
+/// (and `layer`) beside each `state`.
 pub fn expand(dir: &Path, manifest: &Manifest, outside_parent: Option<&Path>) -> Result<(), PackError> {
     let mut parent: Option<PathBuf> = outside_parent.map(Path::to_path_buf);
     for e in &manifest.snapshots {
@@ -316,7 +297,6 @@ pub fn expand(dir: &Path, manifest: &Manifest, outside_parent: Option<&Path>) ->
         let snap = dir.join("snapshots").join(r.tag.as_str());
         let mem = snap.join("mem");
         let body = &e.files[1];
-        let src = dir.join(&body.path);
         match body.kind {
             FileKind::Pages => {
                 // Expanded and verified as it was read (expand_pages).
@@ -329,14 +309,15 @@ pub fn expand(dir: &Path, manifest: &Manifest, outside_parent: Option<&Path>) ->
                     return Err(PackError::invalid(format!("{:?} has no memory to apply to", body.path)));
                 };
                 layer::clone_or_copy(p, &mem)?;
-                if std::fs::metadata(&mem)?.len() != r.mem_mib as u64 * (1 << 20) {
+                if std::fs::metadata(&mem)?.len() != r.mem_bytes() {
                     return Err(PackError::invalid(format!(
                         "snapshot {:?} has {} MiB but its parent's memory differs in size",
                         r.tag.as_str(),
                         r.mem_mib
                     )));
                 }
-                layer::apply(&src, &mem).map_err(|e| PackError::invalid(format!("{:?}: {e}", body.path)))?;
+                layer::apply(&dir.join(&body.path), &mem)
+                    .map_err(|e| PackError::invalid(format!("{:?}: {e}", body.path)))?;
             }
             FileKind::State => unreachable!("validated: the second file is memory"),
         }
@@ -357,9 +338,9 @@ mod tests {
     use crate::memory::pack::pages::nonzero_pages;
     use crate::memory::pack::write::{Body, write_body};
 
-    /// A sparse 4 MiB memory with a few pages of data, its digest, and its
-    /// pages encoded and compressed as a blob.
-    async fn memory_blob(dir: &Path) -> (u64, String, Vec<u8>, FileEntry) {
+    /// A record of a 4 MiB memory with a few pages of data (a sparse file),
+    /// and those pages encoded and compressed as a blob.
+    async fn memory_blob(dir: &Path) -> (SnapshotRecord, Vec<u8>, FileEntry) {
         let len = 1024 * PAGE;
         let p = dir.join("src-mem");
         let f = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&p).unwrap();
@@ -378,15 +359,20 @@ mod tests {
         };
         let mut blob = vec![];
         write_body(&mut blob, body).await.unwrap();
-        (len, digest, blob, entry)
+        let record: SnapshotRecord = serde_json::from_value(serde_json::json!({
+            "tag": "t", "status": "ready", "image": "minimal", "vcpus": 1, "mem_mib": 4, "kind": "base",
+            "created_at_unix": 0, "backend": "qemu", "accel": "tcg", "memory_digest": digest,
+        }))
+        .unwrap();
+        (record, blob, entry)
     }
 
     #[tokio::test]
     async fn pages_expand_into_the_memory_they_came_from() {
         let dir = tempfile::tempdir().unwrap();
-        let (len, digest, blob, entry) = memory_blob(dir.path()).await;
+        let (record, blob, entry) = memory_blob(dir.path()).await;
         let out = dir.path().join("out");
-        read_blob(blob.as_slice(), &entry, &out, (len, &digest)).await.unwrap();
+        read_blob(blob.as_slice(), &entry, &record, &out).await.unwrap();
         let mem = out.join("snapshots/t/mem");
         assert_eq!(std::fs::read(&mem).unwrap(), std::fs::read(dir.path().join("src-mem")).unwrap());
         assert!(!out.join("snapshots/t/mem.pages").exists(), "no pages file is left");
@@ -395,14 +381,15 @@ mod tests {
     #[tokio::test]
     async fn a_wrong_digest_a_short_blob_or_a_page_outside_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let (len, digest, blob, entry) = memory_blob(dir.path()).await;
-        let other = format!("sha256:{}", "0".repeat(64));
-        let e = read_blob(blob.as_slice(), &entry, &dir.path().join("a"), (len, &other)).await.unwrap_err();
+        let (record, blob, entry) = memory_blob(dir.path()).await;
+        let other = SnapshotRecord { memory_digest: format!("sha256:{}", "0".repeat(64)), ..record.clone() };
+        let e = read_blob(blob.as_slice(), &entry, &other, &dir.path().join("a")).await.unwrap_err();
         assert!(e.to_string().contains("has digest"), "{e}");
-        let e = read_blob(&blob[..blob.len() / 2], &entry, &dir.path().join("b"), (len, &digest)).await.unwrap_err();
+        let e = read_blob(&blob[..blob.len() / 2], &entry, &record, &dir.path().join("b")).await.unwrap_err();
         assert!(matches!(e, PackError::Invalid(_)), "{e}");
         // The same pages in a memory too small to hold page 1023.
-        let e = read_blob(blob.as_slice(), &entry, &dir.path().join("c"), (512 * PAGE, &digest)).await.unwrap_err();
+        let small = SnapshotRecord { mem_mib: 2, ..record.clone() };
+        let e = read_blob(blob.as_slice(), &entry, &small, &dir.path().join("c")).await.unwrap_err();
         assert!(e.to_string().contains("page"), "{e}");
     }
 }

@@ -143,18 +143,11 @@ fn emit_body(body: &Body, send: Emit<'_>) -> std::io::Result<u64> {
             sent += head.len() as u64;
             send(head)?;
             // Runs of consecutive pages are read together.
-            let run_max = CHUNK / PAGE as usize;
             let mut buf = Vec::with_capacity(CHUNK);
-            let mut i = 0;
-            while i < pages.len() {
-                let mut n = 1;
-                while i + n < pages.len() && n < run_max && pages[i + n] == pages[i] + n as u64 {
-                    n += 1;
-                }
+            for (first, n) in layer::runs(pages, CHUNK / PAGE as usize) {
                 let at = buf.len();
                 buf.resize(at + n * PAGE as usize, 0);
-                file.read_exact_at(&mut buf[at..], pages[i] * PAGE)?;
-                i += n;
+                file.read_exact_at(&mut buf[at..], first * PAGE)?;
                 if buf.len() >= CHUNK {
                     sent += buf.len() as u64;
                     send(std::mem::replace(&mut buf, Vec::with_capacity(CHUNK)))?;
