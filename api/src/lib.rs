@@ -2,6 +2,7 @@
 //! encoded descriptor set (for server reflection and REST transcoding), and the
 //! validated names that every path on the host is built from.
 
+pub mod codes;
 pub mod names;
 
 /// `forkd.v1`: messages and the tonic clients and servers of every service.

@@ -693,7 +693,7 @@ async fn unimplemented_rpcs_say_so() {
         d.post("/v1/exec/interactive", json!({ "start": { "id": "sb-abc", "args": ["sh"] } })).send().await.unwrap(),
     )
     .await;
-    assert_error(&e, 501, "UNIMPLEMENTED", "ExecInteractive is not implemented");
+    assert_error(&e, 501, "UNIMPLEMENTED", "ExecInteractive is bidirectional: use gRPC, or the WebSocket route");
     // A daemon without a remote says how to give it one.
     let e =
         json_of(d.post("/v1/snapshots/pull", json!({ "remote": "file:///tmp/x", "tag": "p" })).send().await.unwrap())

@@ -17,7 +17,7 @@ pub const HOME: &str = "/root";
 const CHUNK: usize = 64 * 1024;
 /// After the main process exits, output still buffered in the pipes is read;
 /// a background process that keeps them open is not waited for longer.
-const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
+pub const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
 
 /// The environment every process starts from, before the request's own.
 pub fn base_env() -> BTreeMap<String, String> {
@@ -31,6 +31,59 @@ pub fn base_env() -> BTreeMap<String, String> {
 
 pub fn env_vec(env: &BTreeMap<String, String>) -> Result<Vec<std::ffi::CString>, std::io::Error> {
     env.iter().map(|(k, v)| sys::cstr(format!("{k}={v}"))).collect()
+}
+
+/// A command converted for `execve`: program found on PATH, argv, the
+/// environment (the base one plus the request's) and the working directory.
+pub struct Prepared {
+    pub program: std::ffi::CString,
+    pub argv: Vec<std::ffi::CString>,
+    pub envp: Vec<std::ffi::CString>,
+    pub cwd: std::ffi::CString,
+    pub cwd_text: String,
+}
+
+pub fn prepare(
+    args: &[String],
+    req_env: &std::collections::HashMap<String, String>,
+    req_cwd: &str,
+) -> Result<Prepared, forkd_agent_protocol::v1::AgentError> {
+    if args.is_empty() || args[0].is_empty() {
+        return Err(error(Kind::Invalid, "exec needs at least a program name"));
+    }
+    let mut env = base_env();
+    for (k, v) in req_env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(error(Kind::Invalid, format!("bad environment variable name {k:?}")));
+        }
+        env.insert(k.clone(), v.clone());
+    }
+    let cwd = if req_cwd.is_empty() {
+        if std::path::Path::new(HOME).is_dir() { HOME.to_string() } else { "/".to_string() }
+    } else {
+        req_cwd.to_string()
+    };
+    let search = env.get("PATH").cloned().unwrap_or_default();
+    let program = proc::resolve_program(&args[0], &search)
+        .ok_or_else(|| error(Kind::NotFound, format!("{}: command not found", args[0])))?;
+    let bad = |e: std::io::Error| io_error("exec arguments", &e);
+    Ok(Prepared {
+        program: sys::cstr(&program).map_err(bad)?,
+        argv: args.iter().map(sys::cstr).collect::<Result<Vec<_>, _>>().map_err(bad)?,
+        envp: env_vec(&env).map_err(bad)?,
+        cwd: sys::cstr(&cwd).map_err(bad)?,
+        cwd_text: cwd,
+    })
+}
+
+/// The error for a failed spawn: a missing working directory is named as
+/// such rather than as a missing program.
+pub fn spawn_error(e: &std::io::Error, program: &str, cwd: &str) -> forkd_agent_protocol::v1::AgentError {
+    if e.raw_os_error() == Some(libc::ENOENT) && !std::path::Path::new(cwd).is_dir() {
+        io_error(&format!("cwd {cwd}"), e)
+    } else {
+        io_error(&format!("exec {program}"), e)
+    }
 }
 
 /// Lets Cancel reach a running exec.
@@ -53,7 +106,7 @@ impl ExecHandle {
 
 /// SIGKILLs a process group until it is gone, for at most two seconds: a
 /// fork bomb may still be forking while the first signal is delivered.
-fn kill_group(pgid: i32) {
+pub fn kill_group(pgid: i32) {
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
         if unsafe { libc::kill(-pgid, libc::SIGKILL) } != 0 {
@@ -78,27 +131,8 @@ fn start_and_stream(
     id: u64,
     req: ExecRequest,
 ) -> Result<ExecExit, forkd_agent_protocol::v1::AgentError> {
-    if req.args.is_empty() || req.args[0].is_empty() {
-        return Err(error(Kind::Invalid, "exec needs at least a program name"));
-    }
-    let mut env = base_env();
-    for (k, v) in &req.env {
-        if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(error(Kind::Invalid, format!("bad environment variable name {k:?}")));
-        }
-        env.insert(k.clone(), v.clone());
-    }
-    let cwd = if req.cwd.is_empty() {
-        if std::path::Path::new(HOME).is_dir() { HOME.to_string() } else { "/".to_string() }
-    } else {
-        req.cwd.clone()
-    };
-    let search = env.get("PATH").cloned().unwrap_or_default();
-    let program = proc::resolve_program(&req.args[0], &search)
-        .ok_or_else(|| error(Kind::NotFound, format!("{}: command not found", req.args[0])))?;
-    let bad = |e: std::io::Error| io_error("exec arguments", &e);
-    let argv = req.args.iter().map(sys::cstr).collect::<Result<Vec<_>, _>>().map_err(bad)?;
-
+    let cmd = prepare(&req.args, &req.env, &req.cwd)?;
+    let cwd = cmd.cwd_text.clone();
     let (out_r, out_w) = sys::pipe().map_err(|e| io_error("pipe", &e))?;
     let (err_r, err_w) = sys::pipe().map_err(|e| io_error("pipe", &e))?;
     let (in_r, in_w) = sys::pipe().map_err(|e| io_error("pipe", &e))?;
@@ -111,21 +145,16 @@ fn start_and_stream(
     agent.register(id, Running::Exec(handle.clone()));
 
     let spec = Spec {
-        program: sys::cstr(&program).map_err(bad)?,
-        argv,
-        envp: env_vec(&env).map_err(bad)?,
-        cwd: Some(sys::cstr(&cwd).map_err(bad)?),
+        program: cmd.program,
+        argv: cmd.argv,
+        envp: cmd.envp,
+        cwd: Some(cmd.cwd),
         fds: vec![(in_r.as_raw_fd(), 0), (out_w.as_raw_fd(), 1), (err_w.as_raw_fd(), 2)],
         new_group: true,
+        session_on_tty: false,
     };
     let started = Instant::now();
-    let child = proc::spawn(&spec, Some(wake_w2)).map_err(|e| {
-        if e.raw_os_error() == Some(libc::ENOENT) && !std::path::Path::new(&cwd).is_dir() {
-            io_error(&format!("cwd {cwd}"), &e)
-        } else {
-            io_error(&format!("exec {}", req.args[0]), &e)
-        }
-    })?;
+    let child = proc::spawn(&spec, Some(wake_w2)).map_err(|e| spawn_error(&e, &req.args[0], &cwd))?;
     handle.pgid.store(child.pid, Ordering::SeqCst);
     if handle.cancelled.load(Ordering::SeqCst) {
         handle.cancel();

@@ -15,12 +15,14 @@ mod init;
 mod limits;
 mod log;
 mod proc;
+mod procs;
 mod reinit;
 mod runtime;
 mod server;
 mod sys;
 #[cfg(test)]
 mod tests;
+mod watch;
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;

@@ -134,6 +134,9 @@ pub struct Spec {
     pub fds: Vec<(RawFd, RawFd)>,
     /// Put the child in a new process group (its pgid = its pid).
     pub new_group: bool,
+    /// Start a new session instead (implies a new group) and make fd 0,
+    /// a terminal, its controlling terminal.
+    pub session_on_tty: bool,
 }
 
 pub struct Child {
@@ -174,7 +177,7 @@ pub fn spawn(spec: &Spec, wake: Option<OwnedFd>) -> io::Result<Child> {
         pid
     };
     r.spawned.notify_all();
-    if spec.new_group {
+    if spec.new_group && !spec.session_on_tty {
         // Also done by the child; doing it here closes the window in which a
         // kill of the group could miss it.
         unsafe { libc::setpgid(pid, pid) };
@@ -217,7 +220,11 @@ unsafe fn child_after_fork(
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         // The Rust runtime ignores SIGPIPE; programs expect the default.
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        if spec.new_group {
+        if spec.session_on_tty {
+            if libc::setsid() < 0 {
+                fail(err_fd);
+            }
+        } else if spec.new_group {
             libc::setpgid(0, 0);
         }
         if cgroup_fd >= 0 && libc::write(cgroup_fd, b"0".as_ptr().cast(), 1) != 1 {
@@ -238,6 +245,9 @@ unsafe fn child_after_fork(
             if libc::dup2(lifted[i], dst) < 0 {
                 fail(err_fd);
             }
+        }
+        if spec.session_on_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            fail(err_fd);
         }
         if let Some(dir) = cwd
             && libc::chdir(dir) < 0
@@ -291,6 +301,7 @@ mod tests {
             cwd: None,
             fds: vec![],
             new_group: true,
+            session_on_tty: false,
         }
     }
 

@@ -172,6 +172,7 @@ impl Runtime {
                     (resp_w.as_raw_fd(), 4),
                 ],
                 new_group: true,
+                session_on_tty: false,
             };
             let child = proc::spawn(&spec, None)?;
             Ok(Proc { child, to: req_w, from: LineReader { fd: resp_r, buf: Vec::new() } })

@@ -2,9 +2,10 @@
 
 use crate::exec::{self, ExecHandle};
 use crate::runtime::Runtime;
-use crate::{files, log, reinit, sys};
+use crate::{files, log, procs, reinit, sys, watch};
 use forkd_agent_protocol::v1::{
-    Ack, AgentError, Pong, Request, Response, agent_error::Kind, request::Body as Req, response::Body as Resp,
+    Ack, AgentError, Pong, ProcInputDone, Request, Response, agent_error::Kind, request::Body as Req,
+    response::Body as Resp,
 };
 use forkd_agent_protocol::{FrameDecoder, MAGIC, encode_frame};
 use std::collections::HashMap;
@@ -69,7 +70,13 @@ impl Writer {
 pub enum Running {
     Exec(Arc<ExecHandle>),
     Eval,
+    /// A process attach or a file watch: it belongs to the connection that
+    /// asked for it and ends with it (or when cancelled).
+    Stream(Arc<AtomicBool>),
 }
+
+/// Most attach and watch streams at once.
+const MAX_STREAMS: usize = 64;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -141,6 +148,7 @@ pub struct Agent {
     /// Where the agent publishes state files (sandbox-id).
     pub run_dir: String,
     running: Mutex<HashMap<u64, Running>>,
+    pub procs: procs::Table,
 }
 
 pub type Reply = Result<Resp, AgentError>;
@@ -183,6 +191,7 @@ impl Agent {
             sandbox_id: Mutex::new(String::new()),
             run_dir: run_dir.to_string(),
             running: Mutex::new(HashMap::new()),
+            procs: procs::Table::default(),
         })
     }
 
@@ -228,7 +237,43 @@ impl Agent {
                 self.runtime.interrupt();
                 Ok(Resp::Ack(Ack {}))
             }
+            Some(Running::Stream(c)) => {
+                c.store(true, Ordering::SeqCst);
+                Ok(Resp::Ack(Ack {}))
+            }
             None => Err(error(Kind::NotFound, format!("no running request {target}"))),
+        }
+    }
+
+    /// Ends every attach and watch stream: their host connection is gone
+    /// (or, after a restore, belonged to the parent). Processes keep running.
+    pub fn cancel_streams(&self) {
+        if let Ok(g) = self.running.lock() {
+            for r in g.values() {
+                if let Running::Stream(c) = r {
+                    c.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    /// Runs a long-lived stream registered for Cancel, within the limit.
+    fn stream(self: &Arc<Self>, id: u64, f: impl FnOnce(&Arc<Agent>, &AtomicBool) -> Result<(), AgentError>) {
+        let flag = Arc::new(AtomicBool::new(false));
+        {
+            let Ok(mut g) = self.running.lock() else { return };
+            let streams = g.values().filter(|r| matches!(r, Running::Stream(_))).count();
+            if streams >= MAX_STREAMS {
+                drop(g);
+                self.reply(id, Err(error(Kind::TooLarge, format!("more than {MAX_STREAMS} attach/watch streams"))));
+                return;
+            }
+            g.insert(id, Running::Stream(flag.clone()));
+        }
+        let r = f(self, &flag);
+        self.unregister(id);
+        if let Err(e) = r {
+            self.send(id, Resp::Error(e));
         }
     }
 
@@ -258,6 +303,8 @@ impl Agent {
     fn handle(self: Arc<Self>, id: u64, body: Req) {
         let r = match body {
             Req::Reinit(r) => {
+                // Streams of the connection this VM was snapshotted with.
+                self.cancel_streams();
                 let sandbox_id = r.sandbox_id.clone();
                 let r = reinit::reinit(&self, r).map(Resp::ReinitDone);
                 self.reply(id, r);
@@ -281,6 +328,19 @@ impl Agent {
             Req::Stat(s) => files::stat(&s.path).map(Resp::FileStat),
             Req::Remove(r) => files::remove(&r).map(|_| Resp::Ack(Ack {})),
             Req::Mount(m) => files::mount(&m).map(|_| Resp::Ack(Ack {})),
+            Req::ProcStart(p) => procs::start(&self, p).map(Resp::ProcInfo),
+            Req::ProcAttach(a) => {
+                self.stream(id, |agent, cancelled| procs::attach(agent, id, a, cancelled));
+                return;
+            }
+            Req::Watch(w) => {
+                self.stream(id, |agent, cancelled| watch::run(agent, id, w, cancelled));
+                return;
+            }
+            Req::ProcInput(i) => procs::input(&self, i).map(|written| Resp::ProcInputDone(ProcInputDone { written })),
+            Req::ProcSignal(s) => procs::signal(&self, s).map(|_| Resp::Ack(Ack {})),
+            Req::ProcResize(r) => procs::resize(&self, r).map(|_| Resp::Ack(Ack {})),
+            Req::ProcList(_) => Ok(Resp::ProcTable(self.procs.list())),
             Req::Ping(_) | Req::Cancel(_) => unreachable!("answered inline"),
         };
         self.reply(id, r);
@@ -343,6 +403,7 @@ pub fn serve(agent: &Arc<Agent>, fd: RawFd, reconnecting: bool) {
             disconnected = true;
         }
         if disconnected {
+            agent.cancel_streams();
             if !reconnecting {
                 return;
             }

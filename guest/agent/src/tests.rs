@@ -252,3 +252,194 @@ fn python_runtime_keeps_state() {
     assert!(rt.reseed(&[7u8; 32]));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+mod processes {
+    use super::*;
+    use forkd_agent_protocol::v1::{
+        ProcAttachRequest, ProcInputRequest, ProcListRequest, ProcResizeRequest, ProcSelector, ProcSignalRequest,
+        ProcStartRequest, PtySize, WatchRequest, file_event::Kind as EventKind,
+    };
+
+    fn by_tag(t: &str) -> Option<ProcSelector> {
+        Some(ProcSelector { pid: 0, tag: t.into() })
+    }
+
+    fn start(c: &mut Client, req: ProcStartRequest) -> u32 {
+        match c.call(Req::ProcStart(req)) {
+            Resp::ProcInfo(i) => i.pid,
+            other => panic!("start: {other:?}"),
+        }
+    }
+
+    /// Attaches and reads until the exit; returns (output, exit code).
+    fn attach_all(c: &mut Client, sel: Option<ProcSelector>, from: u64) -> (String, i32) {
+        let id = c.send(Req::ProcAttach(ProcAttachRequest { process: sel, from_offset: from }));
+        let mut out = Vec::new();
+        loop {
+            let r = c.recv();
+            assert_eq!(r.id, id);
+            match r.body.unwrap() {
+                Resp::ProcOutput(o) => {
+                    out.extend(o.data);
+                    if let Some(x) = o.exit {
+                        return (String::from_utf8_lossy(&out).into_owned(), x.exit_code);
+                    }
+                }
+                other => panic!("attach: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn stdin_stream_feeds_head_and_close_ends_cat() {
+        let mut c = Client::start(Runtime::new("", vec![], "/tmp"));
+        start(
+            &mut c,
+            ProcStartRequest {
+                args: args(&["head", "-n", "2"]),
+                tag: "head".into(),
+                stdin: true,
+                ..Default::default()
+            },
+        );
+        for line in ["one\n", "two\n"] {
+            let r =
+                c.call(Req::ProcInput(ProcInputRequest { process: by_tag("head"), data: line.into(), close: false }));
+            assert!(matches!(r, Resp::ProcInputDone(ref d) if d.written == line.len() as u64), "{r:?}");
+        }
+        assert_eq!(attach_all(&mut c, by_tag("head"), 0), ("one\ntwo\n".into(), 0));
+
+        start(&mut c, ProcStartRequest { args: args(&["cat"]), tag: "cat".into(), stdin: true, ..Default::default() });
+        c.call(Req::ProcInput(ProcInputRequest { process: by_tag("cat"), data: b"hi".to_vec(), close: true }));
+        assert_eq!(attach_all(&mut c, by_tag("cat"), 0), ("hi".into(), 0));
+        // Input to a process without stdin is refused with a reason.
+        start(&mut c, ProcStartRequest { args: args(&["sleep", "5"]), tag: "nostdin".into(), ..Default::default() });
+        match c.call(Req::ProcInput(ProcInputRequest { process: by_tag("nostdin"), data: b"x".to_vec(), close: false }))
+        {
+            Resp::Error(e) => assert!(e.message.contains("stdin"), "{}", e.message),
+            other => panic!("{other:?}"),
+        }
+        c.call(Req::ProcSignal(ProcSignalRequest { process: by_tag("nostdin"), signal: 9 }));
+        assert_eq!(attach_all(&mut c, by_tag("nostdin"), 0).1, -1);
+    }
+
+    #[test]
+    fn detached_output_is_replayed_from_the_ring_and_tags_are_unique() {
+        let mut c = Client::start(Runtime::new("", vec![], "/tmp"));
+        let pid = start(
+            &mut c,
+            ProcStartRequest {
+                args: args(&["sh", "-c", "for i in 1 2 3; do echo $i; done; exit 4"]),
+                tag: "count".into(),
+                ..Default::default()
+            },
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let (out, code) = attach_all(&mut c, Some(ProcSelector { pid, tag: String::new() }), 0);
+        assert_eq!((out.as_str(), code), ("1\n2\n3\n", 4));
+        // A second attach replays again; one from an offset skips.
+        assert_eq!(attach_all(&mut c, by_tag("count"), 2).0, "2\n3\n");
+        match c.call(Req::ProcList(ProcListRequest {})) {
+            Resp::ProcTable(t) => {
+                let p = t.processes.iter().find(|p| p.tag == "count").unwrap();
+                assert_eq!(p.output_bytes, 6);
+                assert_eq!(p.exit.unwrap().exit_code, 4);
+            }
+            other => panic!("{other:?}"),
+        }
+        start(&mut c, ProcStartRequest { args: args(&["sleep", "5"]), tag: "dup".into(), ..Default::default() });
+        match c.call(Req::ProcStart(ProcStartRequest {
+            args: args(&["true"]),
+            tag: "dup".into(),
+            ..Default::default()
+        })) {
+            Resp::Error(e) => assert_eq!(e.kind, Kind::Exists as i32),
+            other => panic!("{other:?}"),
+        }
+        c.call(Req::ProcSignal(ProcSignalRequest { process: by_tag("dup"), signal: 15 }));
+        match c.call(Req::ProcAttach(ProcAttachRequest { process: by_tag("missing"), from_offset: 0 })) {
+            Resp::Error(e) => assert_eq!(e.kind, Kind::NotFound as i32),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pty_has_the_size_and_follows_resizes() {
+        let mut c = Client::start(Runtime::new("", vec![], "/tmp"));
+        if !std::path::Path::new("/dev/ptmx").exists() {
+            panic!("no /dev/ptmx on this host");
+        }
+        start(
+            &mut c,
+            ProcStartRequest {
+                args: args(&["sh", "-c", "stty size; read x; stty size"]),
+                tag: "tty".into(),
+                pty: Some(PtySize { rows: 33, cols: 101 }),
+                ..Default::default()
+            },
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        c.call(Req::ProcResize(ProcResizeRequest {
+            process: by_tag("tty"),
+            size: Some(PtySize { rows: 20, cols: 60 }),
+        }));
+        c.call(Req::ProcInput(ProcInputRequest { process: by_tag("tty"), data: b"go\r".to_vec(), close: false }));
+        let (out, code) = attach_all(&mut c, by_tag("tty"), 0);
+        assert_eq!(code, 0);
+        assert!(out.contains("33 101"), "{out:?}");
+        assert!(out.contains("20 60"), "{out:?}");
+    }
+
+    #[test]
+    fn watch_reports_create_write_rename_remove_in_order() {
+        let mut c = Client::start(Runtime::new("", vec![], "/tmp"));
+        let dir = tempfile_dir();
+        let id = c.send(Req::Watch(WatchRequest { path: dir.clone(), recursive: true }));
+        let armed = c.recv();
+        assert_eq!(armed.id, id);
+        assert!(matches!(armed.body, Some(Resp::WatchEvents(_))));
+        std::fs::create_dir(format!("{dir}/sub")).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::write(format!("{dir}/sub/a"), b"1").unwrap();
+        std::fs::rename(format!("{dir}/sub/a"), format!("{dir}/sub/b")).unwrap();
+        std::fs::remove_file(format!("{dir}/sub/b")).unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < 5 {
+            match c.recv().body.unwrap() {
+                Resp::WatchEvents(w) => {
+                    for e in w.events {
+                        seen.push((
+                            EventKind::try_from(e.kind).unwrap(),
+                            e.path.replace(&dir, ""),
+                            e.from.replace(&dir, ""),
+                        ));
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let want = [
+            (EventKind::Create, "/sub", ""),
+            (EventKind::Create, "/sub/a", ""),
+            (EventKind::Write, "/sub/a", ""),
+            (EventKind::Rename, "/sub/b", "/sub/a"),
+            (EventKind::Remove, "/sub/b", ""),
+        ];
+        let got: Vec<(EventKind, &str, &str)> = seen.iter().map(|(k, p, f)| (*k, p.as_str(), f.as_str())).collect();
+        assert_eq!(got, want);
+        c.call(Req::Cancel(CancelRequest { target_id: id }));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir() -> String {
+        let d = std::env::temp_dir().join(format!("forkd-watch-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&d).unwrap();
+        d.to_string_lossy().into_owned()
+    }
+
+    fn rand_suffix() -> u64 {
+        let mut b = [0u8; 8];
+        sys::getrandom(&mut b).unwrap();
+        u64::from_le_bytes(b)
+    }
+}

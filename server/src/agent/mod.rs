@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use forkd_agent_protocol::v1::{self as pb, request, response};
@@ -25,6 +25,9 @@ use tokio::sync::{Mutex, mpsc};
 
 /// Responses queued per request before the channel's reader waits.
 const QUEUE_PER_REQUEST: usize = 4;
+/// Responses queued for a lossy stream (attach, watch) before it is
+/// dropped as lagged.
+const LOSSY_QUEUE: usize = 64;
 /// Longest a write to the guest may take.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Malformed frames tolerated before the channel is broken.
@@ -75,7 +78,16 @@ pub enum AgentError {
     Io(#[from] std::io::Error),
 }
 
-type Waiters = Arc<std::sync::Mutex<HashMap<u64, mpsc::Sender<response::Body>>>>;
+/// Where one request's responses go. A lossy waiter (a process attach or a
+/// file watch, which may live for hours behind a slow client) never makes
+/// the channel's reader wait: when its queue is full it is dropped and
+/// marked lagged, and its owner resumes from what it last saw.
+struct Waiter {
+    tx: mpsc::Sender<response::Body>,
+    lagged: Option<Arc<AtomicBool>>,
+}
+
+type Waiters = Arc<std::sync::Mutex<HashMap<u64, Waiter>>>;
 type Failure = Arc<std::sync::OnceLock<String>>;
 
 /// A connection to one guest agent. Cheap to share behind an `Arc`.
@@ -138,11 +150,21 @@ impl AgentClient {
                     match dec.next_message::<pb::Response>() {
                         Ok(Some(resp)) => {
                             let Some(body) = resp.body else { continue };
-                            let tx = reader_waiters.lock().unwrap().get(&resp.id).cloned();
-                            // Waiting here is the backpressure: a slow reader
-                            // of this response stalls the guest, not memory.
-                            if let Some(tx) = tx {
-                                let _ = tx.send(body).await;
+                            let waiter =
+                                reader_waiters.lock().unwrap().get(&resp.id).map(|w| (w.tx.clone(), w.lagged.clone()));
+                            match waiter {
+                                // Waiting here is the backpressure: a slow reader
+                                // of this response stalls the guest, not memory.
+                                Some((tx, None)) => {
+                                    let _ = tx.send(body).await;
+                                }
+                                Some((tx, Some(lagged))) => {
+                                    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(body) {
+                                        lagged.store(true, Ordering::SeqCst);
+                                        reader_waiters.lock().unwrap().remove(&resp.id);
+                                    }
+                                }
+                                None => {}
                             }
                         }
                         Ok(None) => break,
@@ -201,12 +223,21 @@ impl AgentClient {
 
     /// Sends a request and returns the receiver of its responses.
     async fn send(&self, body: request::Body) -> Result<(u64, Responses), AgentError> {
+        self.send_with(body, None).await
+    }
+
+    async fn send_with(
+        &self,
+        body: request::Body,
+        lagged: Option<Arc<AtomicBool>>,
+    ) -> Result<(u64, Responses), AgentError> {
         if let Some(why) = self.failure() {
             return Err(AgentError::Broken(why.to_string()));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(QUEUE_PER_REQUEST);
-        self.waiters.lock().unwrap().insert(id, tx);
+        let queue = if lagged.is_some() { LOSSY_QUEUE } else { QUEUE_PER_REQUEST };
+        let (tx, rx) = mpsc::channel(queue);
+        self.waiters.lock().unwrap().insert(id, Waiter { tx, lagged });
         let frame = encode_frame(&pb::Request { id, body: Some(body) });
         if let Err(e) = write_frame(&self.writer, &frame, &self.failure, &self.waiters).await {
             self.waiters.lock().unwrap().remove(&id);
@@ -269,15 +300,7 @@ impl AgentClient {
         let deadline = (req.timeout_ms > 0)
             .then(|| tokio::time::Instant::now() + Duration::from_millis(req.timeout_ms as u64) + EXEC_GRACE);
         let (id, rx) = self.send(request::Body::Exec(req)).await?;
-        Ok(ExecStream {
-            deadline,
-            id,
-            rx,
-            done: false,
-            writer: self.writer.clone(),
-            failure: self.failure.clone(),
-            waiters: self.waiters.clone(),
-        })
+        Ok(ExecStream { deadline, rx, cancel: self.cancel_on_drop(id) })
     }
 
     pub async fn read_file(&self, req: pb::ReadFileRequest, timeout: Duration) -> Result<pb::FileData, AgentError> {
@@ -320,6 +343,136 @@ impl AgentClient {
             response::Body::Ack(_) => Ok(()),
             _ => Err(AgentError::Unexpected("mount")),
         }
+    }
+
+    /// Starts a process of the guest's process table.
+    pub async fn proc_start(&self, req: pb::ProcStartRequest, timeout: Duration) -> Result<pb::ProcInfo, AgentError> {
+        match self.call(request::Body::ProcStart(req), "proc_start", timeout).await? {
+            response::Body::ProcInfo(i) => Ok(i),
+            _ => Err(AgentError::Unexpected("proc_start")),
+        }
+    }
+
+    pub async fn proc_list(&self, timeout: Duration) -> Result<pb::ProcTable, AgentError> {
+        match self.call(request::Body::ProcList(pb::ProcListRequest {}), "proc_list", timeout).await? {
+            response::Body::ProcTable(t) => Ok(t),
+            _ => Err(AgentError::Unexpected("proc_list")),
+        }
+    }
+
+    /// Writes input for a process; answers how much of it went in.
+    pub async fn proc_input(&self, req: pb::ProcInputRequest, timeout: Duration) -> Result<u64, AgentError> {
+        match self.call(request::Body::ProcInput(req), "proc_input", timeout).await? {
+            response::Body::ProcInputDone(d) => Ok(d.written),
+            _ => Err(AgentError::Unexpected("proc_input")),
+        }
+    }
+
+    /// A signal or a resize for a process: answered with an ack.
+    pub async fn proc_control(&self, body: request::Body, timeout: Duration) -> Result<(), AgentError> {
+        match self.call(body, "process control", timeout).await? {
+            response::Body::Ack(_) => Ok(()),
+            _ => Err(AgentError::Unexpected("process control")),
+        }
+    }
+
+    /// Follows a process's output from an offset. The stream is lossy: a
+    /// consumer that falls behind sees it end as lagged and attaches again
+    /// from the last offset it got (the output waits in the guest's ring).
+    pub async fn proc_attach(&self, req: pb::ProcAttachRequest) -> Result<Subscription, AgentError> {
+        self.subscribe(request::Body::ProcAttach(req)).await
+    }
+
+    /// Follows file-system events under a guest directory (lossy, as
+    /// [`proc_attach`](Self::proc_attach)).
+    pub async fn watch(&self, req: pb::WatchRequest) -> Result<Subscription, AgentError> {
+        self.subscribe(request::Body::Watch(req)).await
+    }
+
+    fn cancel_on_drop(&self, id: u64) -> CancelOnDrop {
+        CancelOnDrop {
+            id,
+            done: false,
+            writer: self.writer.clone(),
+            failure: self.failure.clone(),
+            waiters: self.waiters.clone(),
+        }
+    }
+
+    async fn subscribe(&self, body: request::Body) -> Result<Subscription, AgentError> {
+        let lagged = Arc::new(AtomicBool::new(false));
+        let (id, rx) = self.send_with(body, Some(lagged.clone())).await?;
+        Ok(Subscription { rx, lagged, cancel: self.cancel_on_drop(id) })
+    }
+}
+
+/// How a subscription's stream of responses ended.
+#[derive(Debug)]
+pub enum SubscriptionEnd {
+    /// The consumer fell behind: the agent was told to stop; resume.
+    Lagged,
+    /// The channel closed or broke.
+    Closed(AgentError),
+}
+
+/// A long-lived stream of responses (attach, watch); cancelled in the
+/// guest when dropped.
+pub struct Subscription {
+    rx: Responses,
+    lagged: Arc<AtomicBool>,
+    cancel: CancelOnDrop,
+}
+
+impl Subscription {
+    /// The next response; guest errors come back as `Err(Closed(Guest))`.
+    pub async fn next(&mut self) -> Result<response::Body, SubscriptionEnd> {
+        match self.rx.recv().await {
+            Some(response::Body::Error(e)) => {
+                self.cancel.done = true;
+                Err(SubscriptionEnd::Closed(AgentError::Guest { kind: e.kind, message: guest_text(&e.message) }))
+            }
+            Some(b) => Ok(b),
+            None if self.lagged.load(Ordering::SeqCst) => Err(SubscriptionEnd::Lagged),
+            None => {
+                self.cancel.done = true;
+                Err(SubscriptionEnd::Closed(match self.cancel.failure.get() {
+                    Some(why) => AgentError::Broken(why.clone()),
+                    None => AgentError::Closed,
+                }))
+            }
+        }
+    }
+
+    /// The guest ended the stream itself (e.g. the process exited): no
+    /// cancel is needed.
+    pub fn finished(&mut self) {
+        self.cancel.done = true;
+    }
+}
+
+/// Tells the guest to stop request `id` unless it finished.
+struct CancelOnDrop {
+    id: u64,
+    done: bool,
+    writer: Arc<Mutex<OwnedWriteHalf>>,
+    failure: Failure,
+    waiters: Waiters,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.done || self.failure.get().is_some() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        let frame = encode_frame(&pb::Request {
+            id: self.id.wrapping_add(1 << 63),
+            body: Some(request::Body::Cancel(pb::CancelRequest { target_id: self.id })),
+        });
+        let (writer, failure, waiters) = (self.writer.clone(), self.failure.clone(), self.waiters.clone());
+        handle.spawn(async move {
+            let _ = write_frame(&writer, &frame, &failure, &waiters).await;
+        });
     }
 }
 
@@ -370,35 +523,14 @@ impl Drop for Responses {
 pub struct ExecStream {
     /// When the host gives up on the exit status (None: no timeout).
     deadline: Option<tokio::time::Instant>,
-    id: u64,
     rx: Responses,
-    done: bool,
-    writer: Arc<Mutex<OwnedWriteHalf>>,
-    failure: Failure,
-    waiters: Waiters,
-}
-
-impl Drop for ExecStream {
-    fn drop(&mut self) {
-        if self.done || self.failure.get().is_some() {
-            return;
-        }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
-        let frame = encode_frame(&pb::Request {
-            id: self.id.wrapping_add(1 << 63),
-            body: Some(request::Body::Cancel(pb::CancelRequest { target_id: self.id })),
-        });
-        let (writer, failure, waiters) = (self.writer.clone(), self.failure.clone(), self.waiters.clone());
-        handle.spawn(async move {
-            let _ = write_frame(&writer, &frame, &failure, &waiters).await;
-        });
-    }
+    cancel: CancelOnDrop,
 }
 
 impl ExecStream {
     /// Next piece of output; `Ok(None)` after the exit status.
     pub async fn next(&mut self) -> Result<Option<ExecEvent>, AgentError> {
-        if self.done {
+        if self.cancel.done {
             return Ok(None);
         }
         let next = match self.deadline {
@@ -411,8 +543,8 @@ impl ExecStream {
         };
         match next {
             None => {
-                self.done = true;
-                Err(match self.failure.get() {
+                self.cancel.done = true;
+                Err(match self.cancel.failure.get() {
                     Some(why) => AgentError::Broken(why.clone()),
                     None => AgentError::Closed,
                 })
@@ -423,11 +555,11 @@ impl ExecStream {
                 ExecEvent::Stdout(o.data)
             })),
             Some(response::Body::ExecExit(x)) => {
-                self.done = true;
+                self.cancel.done = true;
                 Ok(Some(ExecEvent::Exit(x)))
             }
             Some(response::Body::Error(e)) => {
-                self.done = true;
+                self.cancel.done = true;
                 Err(AgentError::Guest { kind: e.kind, message: guest_text(&e.message) })
             }
             Some(_) => Err(AgentError::Unexpected("exec")),

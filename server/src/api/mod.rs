@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod convert;
+pub mod process;
 pub mod sandbox;
 pub mod snapshot;
 pub mod status;

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::Services;
 use super::access::principal;
 use super::convert;
+use super::process;
 use super::status::not_yet;
 use crate::agent::ExecEvent;
 use crate::core::Error;
@@ -56,6 +57,13 @@ fn exec_request(r: &api::ExecRequest) -> Result<(SandboxId, pb::ExecRequest), St
     let id = sandbox_id(&r.id)?;
     if r.args.is_empty() {
         return Err(Error::invalid("args", "must name a command").into());
+    }
+    if r.pty.is_some() || !r.tag.is_empty() {
+        return Err(Error::invalid(
+            if r.pty.is_some() { "pty" } else { "tag" },
+            "is for ExecInteractive and StartProcess; Exec and ExecStream run without a terminal or handle",
+        )
+        .into());
     }
     if r.timeout_secs > MAX_EXEC_SECS {
         return Err(Error::invalid("timeout_secs", format!("{} exceeds {MAX_EXEC_SECS}", r.timeout_secs)).into());
@@ -333,9 +341,192 @@ impl SandboxService for Services {
 
     async fn exec_interactive(
         &self,
-        _r: Request<Streaming<api::ExecInput>>,
+        r: Request<Streaming<api::ExecInput>>,
     ) -> Result<Response<Self::ExecInteractiveStream>, Status> {
-        Err(not_yet("ExecInteractive"))
+        let p = principal(&r);
+        let mut input = r.into_inner();
+        let start = match input.message().await? {
+            Some(api::ExecInput { input: Some(api::exec_input::Input::Start(s)) }) => s,
+            Some(_) => return Err(Error::invalid("start", "the first message must start the command").into()),
+            None => return Err(Error::invalid("start", "the stream ended before a start message").into()),
+        };
+        let id = self.own_sandbox(&p, &start.id).await?;
+        if start.timeout_secs > MAX_EXEC_SECS {
+            return Err(
+                Error::invalid("timeout_secs", format!("{} exceeds {MAX_EXEC_SECS}", start.timeout_secs)).into()
+            );
+        }
+        let req = process::Start {
+            args: start.args,
+            env: start.env,
+            cwd: start.cwd,
+            tag: start.tag,
+            pty: start.pty,
+            stdin: true,
+            timeout_secs: start.timeout_secs,
+        }
+        .into_agent()?;
+        let sb = self.rt.agent_of(&id).await?;
+        let info = sb.agent.proc_start(req, process::CONTROL_TIMEOUT).await.map_err(Error::from)?;
+        let sel = forkd_agent_protocol::v1::ProcSelector { pid: info.pid, tag: String::new() };
+        // Input runs in its own task, in order; when the client goes away
+        // the process keeps running (it can be attached again).
+        let (in_sb, in_sel) = (sb.clone(), sel.clone());
+        let (err_tx, mut err_rx) = tokio::sync::mpsc::channel::<Status>(2);
+        let stdin = process::stdin_feeder(sb.clone(), sel.clone(), err_tx.clone());
+        tokio::spawn(async move {
+            loop {
+                let msg = match input.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) | Err(_) => return,
+                };
+                let Some(i) = msg.input else { continue };
+                if let Err(e) = process::apply_input(&in_sb, &in_sel, i, &stdin).await {
+                    let _ = err_tx.send(e.into()).await;
+                    return;
+                }
+            }
+        });
+        let out = async_stream(move |tx| async move {
+            let (ftx, mut frx) = tokio::sync::mpsc::channel(16);
+            let follow = tokio::spawn(process::follow(sb, sel, 0, true, ftx));
+            loop {
+                tokio::select! {
+                    ev = frx.recv() => match ev {
+                        Some(ev) => if tx.send(ev).await.is_err() { break },
+                        None => break,
+                    },
+                    Some(e) = err_rx.recv() => {
+                        let _ = tx.send(Err(e)).await;
+                        break;
+                    }
+                }
+            }
+            follow.abort();
+        });
+        Ok(Response::new(out))
+    }
+
+    async fn start_process(&self, r: Request<api::StartProcessRequest>) -> Result<Response<api::ProcessInfo>, Status> {
+        let p = principal(&r);
+        let r = r.into_inner();
+        let id = self.own_sandbox(&p, &r.id).await?;
+        let req = process::Start {
+            args: r.args,
+            env: r.env,
+            cwd: r.cwd,
+            tag: r.tag,
+            pty: r.pty,
+            stdin: r.stdin,
+            timeout_secs: r.timeout_secs,
+        }
+        .into_agent()?;
+        let sb = self.rt.agent_of(&id).await?;
+        let info = sb.agent.proc_start(req, process::CONTROL_TIMEOUT).await.map_err(Error::from)?;
+        Ok(Response::new(process::process_info(info)))
+    }
+
+    async fn list_processes(
+        &self,
+        r: Request<api::ListProcessesRequest>,
+    ) -> Result<Response<api::ListProcessesResponse>, Status> {
+        let p = principal(&r);
+        let id = self.own_sandbox(&p, &r.get_ref().id).await?;
+        let sb = self.rt.agent_of(&id).await?;
+        let t = sb.agent.proc_list(process::CONTROL_TIMEOUT).await.map_err(Error::from)?;
+        Ok(Response::new(api::ListProcessesResponse {
+            processes: t.processes.into_iter().map(process::process_info).collect(),
+        }))
+    }
+
+    type AttachProcessStream = BoxStream<api::ExecEvent>;
+
+    async fn attach_process(
+        &self,
+        r: Request<api::AttachProcessRequest>,
+    ) -> Result<Response<Self::AttachProcessStream>, Status> {
+        let p = principal(&r);
+        let r = r.into_inner();
+        let id = self.own_sandbox(&p, &r.id).await?;
+        let sel = process::selector(&r.process)?;
+        let sb = self.rt.agent_of(&id).await?;
+        // Fail before the stream starts when there is no such process.
+        process::info(&sb, &sel).await?;
+        let offset = r.from_offset;
+        Ok(Response::new(async_stream(move |tx| process::follow(sb, sel, offset, true, tx))))
+    }
+
+    async fn signal_process(
+        &self,
+        r: Request<api::SignalProcessRequest>,
+    ) -> Result<Response<api::ProcessInfo>, Status> {
+        let p = principal(&r);
+        let r = r.into_inner();
+        let id = self.own_sandbox(&p, &r.id).await?;
+        let sel = process::selector(&r.process)?;
+        let signal = process::signal_number(if r.signal.is_empty() { "TERM" } else { &r.signal })?;
+        let sb = self.rt.agent_of(&id).await?;
+        let body = forkd_agent_protocol::v1::request::Body::ProcSignal(pb::ProcSignalRequest {
+            process: Some(sel.clone()),
+            signal,
+        });
+        process::control(&sb, body).await?;
+        Ok(Response::new(process::info(&sb, &sel).await?))
+    }
+
+    async fn send_stdin(&self, r: Request<api::SendStdinRequest>) -> Result<Response<api::ProcessInfo>, Status> {
+        let p = principal(&r);
+        let r = r.into_inner();
+        let id = self.own_sandbox(&p, &r.id).await?;
+        let sel = process::selector(&r.process)?;
+        process::check_stdin(&r.data)?;
+        let sb = self.rt.agent_of(&id).await?;
+        let deadline = tokio::time::Instant::now() + process::SEND_STDIN_WAIT;
+        process::send_input(&sb, &sel, &r.data, r.close, Some(deadline)).await?;
+        Ok(Response::new(process::info(&sb, &sel).await?))
+    }
+
+    async fn close_stdin(&self, r: Request<api::CloseStdinRequest>) -> Result<Response<api::ProcessInfo>, Status> {
+        let p = principal(&r);
+        let r = r.into_inner();
+        let id = self.own_sandbox(&p, &r.id).await?;
+        let sel = process::selector(&r.process)?;
+        let sb = self.rt.agent_of(&id).await?;
+        process::send_input(&sb, &sel, &[], true, None).await?;
+        Ok(Response::new(process::info(&sb, &sel).await?))
+    }
+
+    async fn resize_pty(&self, r: Request<api::ResizePtyRequest>) -> Result<Response<api::ProcessInfo>, Status> {
+        let p = principal(&r);
+        let r = r.into_inner();
+        let id = self.own_sandbox(&p, &r.id).await?;
+        let sel = process::selector(&r.process)?;
+        let size = process::pty_size("size", &r.size.unwrap_or_default())?;
+        let sb = self.rt.agent_of(&id).await?;
+        let body = forkd_agent_protocol::v1::request::Body::ProcResize(pb::ProcResizeRequest {
+            process: Some(sel.clone()),
+            size: Some(size),
+        });
+        process::control(&sb, body).await?;
+        Ok(Response::new(process::info(&sb, &sel).await?))
+    }
+
+    type WatchFilesStream = BoxStream<api::FileEvents>;
+
+    async fn watch_files(
+        &self,
+        r: Request<api::WatchFilesRequest>,
+    ) -> Result<Response<Self::WatchFilesStream>, Status> {
+        let p = principal(&r);
+        let r = r.into_inner();
+        let id = self.own_sandbox(&p, &r.id).await?;
+        let path = guest_path("path", &r.path)?;
+        let sb = self.rt.agent_of(&id).await?;
+        let req = pb::WatchRequest { path, recursive: r.recursive };
+        // The agent's first answer (the watch is armed, or an error such as
+        // a missing directory) decides the status; the rest streams.
+        let sub = process::arm_watch(&sb, &req).await?;
+        Ok(Response::new(async_stream(move |tx| process::watch(sb, req, sub, tx))))
     }
 
     async fn eval(&self, r: Request<api::EvalRequest>) -> Result<Response<api::EvalResponse>, Status> {

@@ -81,6 +81,7 @@ impl From<crate::agent::AgentError> for Error {
                     Kind::TooLarge => Error::ResourceExhausted(message),
                     Kind::Timeout => Error::DeadlineExceeded(message),
                     Kind::Exists => Error::AlreadyExists(message),
+                    Kind::Exited => Error::FailedPrecondition(message),
                     Kind::Internal => Error::Internal(format!("guest agent: {message}")),
                 }
             }

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod principals;
 pub mod rate_limit;
 pub mod rest;
+pub mod terminal;
 pub mod tls;
 pub mod token_file;
 
@@ -80,6 +81,7 @@ pub async fn grpc_router(services: Services) -> anyhow::Result<Router> {
 /// The whole application: dispatch by content type, behind the layers.
 pub async fn app(services: Services, cfg: &EdgeConfig) -> anyhow::Result<Router> {
     let rt = services.rt.clone();
+    let term_services = services.clone();
     let grpc = grpc_router(services).await?;
     let transcoder = Arc::new(rest::Transcoder::new(grpc.clone(), cfg.max_body)?);
     let metrics = Arc::new(metrics::Metrics::new(rt)?);
@@ -92,6 +94,10 @@ pub async fn app(services: Services, cfg: &EdgeConfig) -> anyhow::Result<Router>
                 let m = m2.clone();
                 async move { ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()).into_response() }
             }),
+        )
+        .route(
+            terminal::ROUTE,
+            get(move |path, query, req: Request| terminal::handle(term_services.clone(), path, query, req)),
         )
         .fallback(move |req: Request| {
             let t = transcoder.clone();
@@ -182,7 +188,10 @@ pub async fn serve(
                 Some(acc) => match tokio::time::timeout(limits.header_timeout, acc.accept(stream)).await {
                     Ok(Ok(s)) => {
                         builder
-                            .serve_connection(TokioIo::new(conn::FirstByteDeadline::new(s, limits.header_timeout)), svc)
+                            .serve_connection_with_upgrades(
+                                TokioIo::new(conn::FirstByteDeadline::new(s, limits.header_timeout)),
+                                svc,
+                            )
                             .await
                     }
                     Ok(Err(e)) => {
@@ -195,8 +204,9 @@ pub async fn serve(
                     }
                 },
                 None => {
+                    // With upgrades: the terminal route is a WebSocket.
                     builder
-                        .serve_connection(
+                        .serve_connection_with_upgrades(
                             TokioIo::new(conn::FirstByteDeadline::new(stream, limits.header_timeout)),
                             svc,
                         )

@@ -133,6 +133,16 @@ impl Transcoder {
     }
 
     async fn call(&self, route: &Route, vars: Vec<(String, String)>, req: Request<Body>) -> Result<Resp, RestError> {
+        if route.rpc.is_client_streaming() && route.rpc.is_server_streaming() {
+            // Input and output interleave: one HTTP request cannot carry that.
+            return Err(RestError(
+                Code::Unimplemented,
+                format!(
+                    "{} is bidirectional: use gRPC, or the WebSocket route GET /v1/sandboxes/{{id}}/terminal",
+                    route.rpc.name()
+                ),
+            ));
+        }
         let input = route.rpc.input();
         // Who is asking travels with the transcoded call.
         let principal = req.extensions().get::<std::sync::Arc<crate::core::tenants::Principal>>().cloned();
