@@ -4,7 +4,8 @@
 #   - QEMU 10 from bookworm-backports (pinned per-package with -t, so no other
 #     package changes version: backports keep their default priority of 100),
 #   - image tools (mmdebstrap, e2fsprogs, cpio, zstd, busybox-static),
-#   - host tooling the daemon and tests use (iproute2, nftables, sqlite3 not needed).
+#   - host tooling the daemon and tests use (iproute2, nftables, sqlite3 not needed;
+#     tmux drives `forkd exec -it` in integration/tests/terminal.rs).
 # The guest kernel is fetched separately by scripts/fetch-kernel.sh into forkd's data.
 set -euo pipefail
 
@@ -39,7 +40,7 @@ if [ "$need_update" = 1 ] || [ ! -f "$stamp" ] || [ -n "$(find "$stamp" -mmin +7
   mkdir -p "$(dirname "$stamp")" && touch "$stamp"
 fi
 
-want_base=(mmdebstrap e2fsprogs cpio zstd xz-utils busybox-static iproute2 nftables ca-certificates)
+want_base=(mmdebstrap e2fsprogs cpio zstd xz-utils busybox-static iproute2 nftables ca-certificates tmux)
 missing=()
 for p in "${want_base[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

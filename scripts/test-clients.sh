@@ -8,7 +8,9 @@
 #      (clients/typescript)
 #
 # The daemon binary is $FORKD_SERVER_BIN, else $CARGO_TARGET_DIR/debug or
-# target/debug (built with cargo when missing). FORKD_E2E=1 adds the tests
+# target/debug (built with cargo when missing); the `forkd` CLI, which the
+# MCP tests run as `forkd mcp`, is $FORKD_CLI_BIN, found the same way.
+# FORKD_E2E=1 adds the tests
 # that fork real microVMs (guest assets from scripts/build-guest.sh; the
 # snapshot image is $FORKD_E2E_IMAGE, default python).
 #
@@ -39,13 +41,29 @@ fi
 export FORKD_SERVER_BIN
 echo "$FORKD_SERVER_BIN"
 
+step "forkd (CLI) binary"
+if [ -z "${FORKD_CLI_BIN:-}" ]; then
+  FORKD_CLI_BIN="${CARGO_TARGET_DIR:-$root/target}/debug/forkd"
+  if [ ! -x "$FORKD_CLI_BIN" ]; then
+    cargo build -p forkd --locked || { echo "test-clients.sh: cannot build forkd" >&2; exit 1; }
+  fi
+fi
+if [ ! -x "$FORKD_CLI_BIN" ]; then
+  echo "test-clients.sh: forkd not found at $FORKD_CLI_BIN" >&2
+  exit 1
+fi
+export FORKD_CLI_BIN
+echo "$FORKD_CLI_BIN"
+
 step "python environment ($venv)"
 mkdir -p "$cache_dir"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv" || { echo "test-clients.sh: cannot create $venv" >&2; exit 1; }
 fi
+# mcp: the official MCP SDK, whose stdio client drives `forkd mcp` in
+# tests/test_mcp.py (pinned: the tests check its protocol exchange).
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    -r clients/python/requirements-gen.txt "pytest>=8" "mypy>=1.10" types-protobuf grpc-stubs \
+    -r clients/python/requirements-gen.txt "pytest>=8" "mypy>=1.10" types-protobuf grpc-stubs "mcp==2.3.0" \
   || { echo "test-clients.sh: pip install failed" >&2; exit 1; }
 # A real (non-editable) install, so the tests exercise the package as users
 # get it: generated modules included, nothing imported from the source tree.

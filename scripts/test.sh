@@ -49,7 +49,8 @@ rust_passed=$(awk '/^test result:/ {s += $4} END {print s + 0}' "$log")
 rust_failed=$(awk '/^test result:/ {s += $6} END {print s + 0}' "$log")
 
 step "clients (python, typescript) against a real daemon"
-FORKD_E2E=1 FORKD_SERVER_BIN="$target_dir/debug/forkd-server" scripts/test-clients.sh
+FORKD_E2E=1 FORKD_SERVER_BIN="$target_dir/debug/forkd-server" FORKD_CLI_BIN="$target_dir/debug/forkd" \
+  scripts/test-clients.sh
 
 step "deployment files"
 scripts/check-deploy.sh

@@ -252,14 +252,74 @@ pub enum Command {
             this process's stdout and stderr as they are produced, and forkd exits with \
             the command's exit status (128+N when signal N ended it, 124 when it timed \
             out). Options for forkd go before the command; everything from the command \
-            on is passed through untouched (use -- if the command starts with '-').",
+            on is passed through untouched (use -- if the command starts with '-').\n\n\
+            -i streams this process's stdin to the command as it is read; its end closes \
+            the command's stdin. -t runs the command on a pseudo-terminal the size of this \
+            terminal (24x80 without one), resized along with it, and passes $TERM on; \
+            without -i the command reads end-of-file from it. Together, -it is an \
+            interactive session: this terminal is put in raw mode, so every key goes to \
+            the command (Ctrl-C interrupts it, Ctrl-D ends its input, Ctrl-Z suspends \
+            it), and it is restored when forkd exits. -it needs \
+            stdin to be a terminal and fails (exit 2) when it is not: use -i alone to \
+            pipe input. With -i or -t there is no time limit unless --timeout is given, \
+            and the command is a process of the sandbox: if forkd loses the connection \
+            it keeps running (forkd ps, forkd attach). Signals sent to forkd are passed \
+            on: INT and QUIT as they are; TERM and HUP end the session, and the command \
+            gets HUP on a terminal, the same signal otherwise.\n\n\
+            -d starts the command in the background and prints its pid and tag (--json: \
+            the whole process record); follow it with forkd attach, stop it with forkd \
+            signal. Its output is kept (the last 1 MiB) and its exit status remembered \
+            for 10 minutes.",
         after_help = "Examples:\n  \
             forkd exec sb-abc123 -- ls -la /\n  \
             forkd exec sb-abc123 --env DEBUG=1 --cwd /tmp -- python3 script.py\n  \
             echo hello | forkd exec -i sb-abc123 -- cat\n  \
-            forkd exec sb-abc123 --timeout 5 -- sleep 60; echo $?   # 124"
+            forkd exec sb-abc123 --timeout 5 -- sleep 60; echo $?   # 124\n  \
+            forkd exec -it sb-abc123 -- bash\n  \
+            forkd exec -d --tag web sb-abc123 -- python3 -m http.server 8000"
     )]
     Exec(ExecArgs),
+
+    /// List a sandbox's processes (started with exec -d, -i or -t).
+    #[command(
+        long_about = "List the processes of a sandbox started with `forkd exec -d`, -i or -t \
+            (or their API calls), running and recently exited, as a table: \
+            PID TAG STATUS STARTED OUTPUT COMMAND. OUTPUT counts every byte the process \
+            wrote, including what is no longer kept.",
+        after_help = "Examples:\n  forkd ps sb-abc123\n  forkd ps sb-abc123 --json"
+    )]
+    Ps(IdArg),
+
+    /// Follow a process's output until it exits.
+    #[command(
+        long_about = "Print a process's output: what the daemon still keeps of it (the last \
+            1 MiB), then what it writes from now on, until it exits; forkd then exits with \
+            its status (128+N when signal N ended it). --no-replay starts at the current \
+            end. Ctrl-C detaches (exit 130) and leaves the process running. The process \
+            is named by its pid or its tag. Output only: nothing is sent to its stdin.",
+        after_help = "Examples:\n  forkd attach sb-abc123 web\n  forkd attach sb-abc123 4242 --no-replay"
+    )]
+    Attach(AttachArgs),
+
+    /// Send a signal to a process (and its process group).
+    #[command(
+        long_about = "Send a signal, by name (TERM, INT, KILL, SIGHUP, …) or number (1-64), \
+            to a process's process group. The process is named by its pid or its tag.",
+        after_help = "Examples:\n  forkd signal sb-abc123 web TERM\n  forkd signal sb-abc123 4242 9"
+    )]
+    Signal(SignalArgs),
+
+    /// Print changes to files under a guest directory as they happen.
+    #[command(
+        long_about = "Watch a guest directory, and every directory below it unless \
+            --no-recursive, and print one line per change until interrupted: its kind \
+            (create, write, remove, rename, chmod) and path, with a trailing / for a \
+            directory and (from OLD) for a rename. \"watching …\" on stderr says when \
+            the watch is armed. --json prints NDJSON: one {kind, path, from, is_dir} \
+            object per event, and {\"overflow\": true} where events were lost.",
+        after_help = "Examples:\n  forkd watch sb-abc123 /root\n  forkd watch sb-abc123 /tmp --no-recursive --json"
+    )]
+    Watch(WatchArgs),
 
     /// Evaluate Python in a sandbox's warm interpreter.
     #[command(
@@ -355,6 +415,31 @@ pub enum Command {
             forkd volume-create /srv/forkd-volumes/x.ext4       # with forkd-server --volume-root /srv/forkd-volumes"
     )]
     VolumeCreate(VolumeCreateArgs),
+
+    /// Serve the daemon as MCP tools for AI agents (stdio, or HTTP with --http).
+    #[command(
+        long_about = "Run a Model Context Protocol server whose tools drive the daemon: list and \
+            create snapshots, spawn, inspect and kill sandboxes, run commands and Python, start \
+            background processes and read their output, read and write files, branch sandboxes. \
+            It speaks MCP on stdin/stdout (the way editors and desktop assistants start servers) or, \
+            with --http, streamable HTTP at http://ADDR/mcp. It connects to the daemon with the \
+            global options (--url, --token, --token-file, --ca-cert) or their FORKD_* variables.",
+        after_help = "Examples:\n  forkd mcp\n  forkd mcp --http 127.0.0.1:8765\n  \
+            FORKD_URL=https://forkd.example:8889 FORKD_TOKEN_FILE=~/.forkd-token forkd mcp"
+    )]
+    Mcp(McpArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct McpArgs {
+    /// Serve streamable HTTP on this address (path /mcp) instead of stdio.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<std::net::SocketAddr>,
+
+    /// Allow --http on a non-loopback address. Whoever reaches it drives the
+    /// daemon with this client's token.
+    #[arg(long, requires = "http")]
+    pub insecure_bind: bool,
 }
 
 #[derive(Args, Debug)]
@@ -717,12 +802,14 @@ pub struct KillArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(group(ArgGroup::new("process_mode").multiple(true).args(["stdin", "tty", "detach"])))]
 pub struct ExecArgs {
     /// Sandbox id (sb-…).
     #[arg(value_name = "ID")]
     pub id: SandboxId,
 
-    /// Kill the command after this long (daemon default: 60s).
+    /// Kill the command after this long (daemon default: 60s; no limit with -i, -t
+    /// or -d).
     #[arg(long, value_name = "DURATION", value_parser = parse_secs)]
     pub timeout: Option<u32>,
 
@@ -734,9 +821,22 @@ pub struct ExecArgs {
     #[arg(long, short = 'w', value_name = "DIR")]
     pub cwd: Option<String>,
 
-    /// Read this process's stdin to the end and feed it to the command.
-    #[arg(long = "stdin", short = 'i')]
+    /// Stream this process's stdin to the command (with -d: keep the
+    /// command's stdin open for the API's SendStdin).
+    #[arg(long = "stdin", short = 'i', visible_alias = "interactive")]
     pub stdin: bool,
+
+    /// Run the command on a pseudo-terminal; -it for an interactive session.
+    #[arg(long, short = 't')]
+    pub tty: bool,
+
+    /// Start the command in the background; print its pid and tag.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+
+    /// Name the process for attach and signal (with -d, -i or -t).
+    #[arg(long, value_name = "TAG", requires = "process_mode", value_parser = parse_process_tag)]
+    pub tag: Option<String>,
 
     /// The command and its arguments.
     #[arg(
@@ -747,6 +847,51 @@ pub struct ExecArgs {
         allow_hyphen_values = true
     )]
     pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    /// Sandbox id (sb-…).
+    #[arg(value_name = "ID")]
+    pub id: SandboxId,
+
+    /// The process: its pid or its tag.
+    #[arg(value_name = "PID|TAG", value_parser = parse_process)]
+    pub process: String,
+
+    /// Print only output written from now on.
+    #[arg(long)]
+    pub no_replay: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SignalArgs {
+    /// Sandbox id (sb-…).
+    #[arg(value_name = "ID")]
+    pub id: SandboxId,
+
+    /// The process: its pid or its tag.
+    #[arg(value_name = "PID|TAG", value_parser = parse_process)]
+    pub process: String,
+
+    /// A signal name (TERM, SIGINT, kill) or number (1-64).
+    #[arg(value_name = "SIGNAL")]
+    pub signal: String,
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    /// Sandbox id (sb-…).
+    #[arg(value_name = "ID")]
+    pub id: SandboxId,
+
+    /// Absolute guest directory to watch.
+    #[arg(value_name = "PATH", value_parser = parse_guest_dir)]
+    pub path: String,
+
+    /// Only the directory itself, not the ones below it.
+    #[arg(long)]
+    pub no_recursive: bool,
 }
 
 #[derive(Args, Debug)]
@@ -939,6 +1084,37 @@ pub fn parse_volume(s: &str) -> Result<String, String> {
         Some(m) => format!("{host}:{guest}:{m}"),
         None => format!("{host}:{guest}"),
     })
+}
+
+/// A process tag, as the daemon accepts it: 1-64 of `[A-Za-z0-9._-]`,
+/// starting with a letter or digit, not all digits (those name pids).
+pub fn parse_process_tag(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !s.bytes().all(|b| b.is_ascii_digit());
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?}: a tag is 1-64 of letters, digits, '.', '_' and '-', not all digits"))
+    }
+}
+
+/// A process: a pid (digits, not 0) or a tag.
+pub fn parse_process(s: &str) -> Result<String, String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return match s.parse::<u32>() {
+            Ok(pid) if pid > 0 => Ok(pid.to_string()),
+            _ => Err(format!("{s:?} is not a pid")),
+        };
+    }
+    parse_process_tag(s).map_err(|_| format!("{s:?} is neither a pid nor a process tag"))
+}
+
+/// An absolute guest path.
+pub fn parse_guest_dir(s: &str) -> Result<String, String> {
+    if s.starts_with('/') { Ok(s.to_string()) } else { Err(format!("{s:?}: the guest path must be absolute")) }
 }
 
 #[cfg(test)]
@@ -1251,6 +1427,62 @@ mod tests {
         usage_error(&["exec", "sb-a", "--"]);
         usage_error(&["exec", "bad", "ls"]);
         usage_error(&["exec", "sb-a", "--env", "=x", "ls"]);
+    }
+
+    #[test]
+    fn exec_interactive_and_detached() {
+        let Command::Exec(a) = ok(&["exec", "-it", "sb-a", "--", "sh"]).command else { panic!() };
+        assert!(a.stdin && a.tty && !a.detach);
+        assert_eq!(a.command, vec!["sh"]);
+        let Command::Exec(a) = ok(&["exec", "sb-a", "-t", "--interactive", "bash", "-l"]).command else { panic!() };
+        assert!(a.stdin && a.tty);
+        assert_eq!(a.command, vec!["bash", "-l"]);
+        let Command::Exec(a) = ok(&["exec", "-d", "--tag", "counter", "sb-a", "--", "sh", "-c", "x"]).command else {
+            panic!()
+        };
+        assert!(a.detach && !a.stdin && !a.tty);
+        assert_eq!(a.tag.as_deref(), Some("counter"));
+        assert_eq!(a.command, vec!["sh", "-c", "x"]);
+        // Flags after the command belong to it.
+        let Command::Exec(a) = ok(&["exec", "sb-a", "ls", "-t", "-d"]).command else { panic!() };
+        assert!(!a.tty && !a.detach);
+        ok(&["exec", "-i", "--tag", "job.1_a-b", "sb-a", "cat"]);
+        // A tag names a process: only with -d, -i or -t, and not all digits.
+        usage_error(&["exec", "--tag", "x", "sb-a", "ls"]);
+        usage_error(&["exec", "-d", "--tag", "123", "sb-a", "ls"]);
+        usage_error(&["exec", "-d", "--tag", "-x", "sb-a", "ls"]);
+        usage_error(&["exec", "-d", "--tag", "a/b", "sb-a", "ls"]);
+        usage_error(&["exec", "-d", "sb-a"]);
+    }
+
+    #[test]
+    fn processes_and_watch() {
+        let Command::Ps(a) = ok(&["ps", "sb-a", "--json"]).command else { panic!() };
+        assert_eq!(a.id.as_str(), "sb-a");
+        usage_error(&["ps"]);
+
+        let Command::Attach(a) = ok(&["attach", "sb-a", "counter"]).command else { panic!() };
+        assert_eq!(a.process, "counter");
+        assert!(!a.no_replay);
+        let Command::Attach(a) = ok(&["attach", "sb-a", "042", "--no-replay"]).command else { panic!() };
+        assert_eq!(a.process, "42");
+        assert!(a.no_replay);
+        usage_error(&["attach", "sb-a"]);
+        usage_error(&["attach", "sb-a", "0"]);
+        usage_error(&["attach", "sb-a", "../x"]);
+
+        let Command::Signal(a) = ok(&["signal", "sb-a", "counter", "TERM"]).command else { panic!() };
+        assert_eq!((a.process.as_str(), a.signal.as_str()), ("counter", "TERM"));
+        ok(&["signal", "sb-a", "7", "9"]);
+        usage_error(&["signal", "sb-a", "counter"]);
+
+        let Command::Watch(a) = ok(&["watch", "sb-a", "/tmp"]).command else { panic!() };
+        assert_eq!(a.path, "/tmp");
+        assert!(!a.no_recursive);
+        let Command::Watch(a) = ok(&["watch", "sb-a", "/tmp", "--no-recursive"]).command else { panic!() };
+        assert!(a.no_recursive);
+        usage_error(&["watch", "sb-a", "tmp"]);
+        usage_error(&["watch", "sb-a"]);
     }
 
     #[test]

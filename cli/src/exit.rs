@@ -30,8 +30,8 @@ Exit codes:
   6  daemon unreachable
   7  not implemented by this daemon
   8  resource exhausted or deadline exceeded
-  `forkd exec` exits with the command's own status instead: 128+N when signal
-  N ended it, 124 when it timed out.";
+  `forkd exec` and `forkd attach` exit with the command's own status instead:
+  128+N when signal N ended it, 124 when it timed out.";
 
 /// A failure with the exit code it maps to. Printed as `forkd: <message>`.
 #[derive(Debug, thiserror::Error)]

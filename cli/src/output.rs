@@ -68,7 +68,7 @@ pub fn human_bytes(bytes: u64) -> String {
 pub fn mib(mib: u32) -> String {
     if mib == 0 {
         NONE.to_string()
-    } else if mib % 1024 == 0 {
+    } else if mib.is_multiple_of(1024) {
         format!("{} GiB", mib / 1024)
     } else {
         format!("{mib} MiB")

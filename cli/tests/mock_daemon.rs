@@ -10,20 +10,22 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use forkd_api::v1::{
+    AttachProcessRequest, CloseStdinRequest, CreateSandboxesRequest, CreateSandboxesResponse, DataChunk,
+    DeleteSandboxRequest, DeleteSandboxesRequest, DeleteSandboxesResponse, EvalRequest, EvalResponse, Event, ExecEvent,
+    ExecInput, ExecRequest, ExecResponse, FileEvents, FileInfo, GetSandboxRequest, GetVersionRequest, ListFilesRequest,
+    ListFilesResponse, ListProcessesRequest, ListProcessesResponse, ListSandboxesRequest, ListSandboxesResponse,
+    PingRequest, PingResponse, ProcessInfo, ReadFileRequest, RemoveFileRequest, RemoveFileResponse, ResizePtyRequest,
+    Sandbox, SendStdinRequest, SignalProcessRequest, Snapshot, StartProcessRequest, StatFileRequest, VersionInfo,
+    WatchEventsRequest, WatchFilesRequest, WriteFileRequest, exec_event,
+    sandbox_service_server::{SandboxService, SandboxServiceServer},
+    system_service_server::{SystemService, SystemServiceServer},
+};
+use forkd_api::v1::{
     CompactSnapshotRequest, CreateSnapshotRequest, DeleteSnapshotRequest, DeleteSnapshotResponse,
     DeriveSnapshotRequest, ExportSnapshotRequest, GetSnapshotRequest, ImportSnapshotRequest,
     ListRemoteSnapshotsRequest, ListRemoteSnapshotsResponse, ListSnapshotsRequest, ListSnapshotsResponse,
     PullSnapshotRequest, PushSnapshotRequest, PushSnapshotResponse,
     snapshot_service_server::{SnapshotService, SnapshotServiceServer},
-};
-use forkd_api::v1::{
-    CreateSandboxesRequest, CreateSandboxesResponse, DataChunk, DeleteSandboxRequest, DeleteSandboxesRequest,
-    DeleteSandboxesResponse, EvalRequest, EvalResponse, Event, ExecEvent, ExecInput, ExecRequest, ExecResponse,
-    FileInfo, GetSandboxRequest, GetVersionRequest, ListFilesRequest, ListFilesResponse, ListSandboxesRequest,
-    ListSandboxesResponse, PingRequest, PingResponse, ReadFileRequest, RemoveFileRequest, RemoveFileResponse, Sandbox,
-    Snapshot, StatFileRequest, VersionInfo, WatchEventsRequest, WriteFileRequest, exec_event,
-    sandbox_service_server::{SandboxService, SandboxServiceServer},
-    system_service_server::{SystemService, SystemServiceServer},
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -187,6 +189,48 @@ impl SandboxService for Mock {
         &self,
         _: Request<Streaming<ExecInput>>,
     ) -> Result<Response<Self::ExecInteractiveStream>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn start_process(&self, _: Request<StartProcessRequest>) -> Result<Response<ProcessInfo>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn list_processes(
+        &self,
+        _: Request<ListProcessesRequest>,
+    ) -> Result<Response<ListProcessesResponse>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    type AttachProcessStream = BoxStream<ExecEvent>;
+
+    async fn attach_process(
+        &self,
+        _: Request<AttachProcessRequest>,
+    ) -> Result<Response<Self::AttachProcessStream>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn signal_process(&self, _: Request<SignalProcessRequest>) -> Result<Response<ProcessInfo>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn send_stdin(&self, _: Request<SendStdinRequest>) -> Result<Response<ProcessInfo>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn close_stdin(&self, _: Request<CloseStdinRequest>) -> Result<Response<ProcessInfo>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn resize_pty(&self, _: Request<ResizePtyRequest>) -> Result<Response<ProcessInfo>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    type WatchFilesStream = BoxStream<FileEvents>;
+
+    async fn watch_files(&self, _: Request<WatchFilesRequest>) -> Result<Response<Self::WatchFilesStream>, Status> {
         Err(Status::unimplemented("mock"))
     }
 

@@ -1,6 +1,7 @@
 //! `exec`: run a command in a sandbox with its output streamed through.
+//! `-i`/`-t` go to [`super::interactive`], `-d` to [`super::processes`].
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 
 use forkd_api::v1::{ExecRequest, ExecResponse, exec_event::Event};
 
@@ -8,14 +9,19 @@ use crate::args::ExecArgs;
 use crate::client::Conn;
 use crate::exit::{CliError, FAILURE, exec_exit_code};
 
-pub async fn exec(conn: &Conn, args: ExecArgs) -> anyhow::Result<u8> {
-    let stdin = if args.stdin {
-        let mut buf = Vec::new();
-        std::io::stdin().read_to_end(&mut buf).map_err(|e| anyhow::anyhow!("reading stdin: {e}"))?;
-        buf
-    } else {
-        Vec::new()
-    };
+pub async fn exec(conn: &Conn, args: ExecArgs, as_json: bool) -> anyhow::Result<u8> {
+    if args.detach {
+        return super::processes::start(conn, args, as_json).await;
+    }
+    if args.stdin || args.tty {
+        return super::interactive::run(conn, args).await;
+    }
+    buffered(conn, args, Vec::new()).await
+}
+
+/// The command with `stdin` given up front (possibly empty), its output
+/// streamed.
+pub(super) async fn buffered(conn: &Conn, args: ExecArgs, stdin: Vec<u8>) -> anyhow::Result<u8> {
     let req = ExecRequest {
         id: args.id.to_string(),
         args: args.command,
@@ -25,6 +31,7 @@ pub async fn exec(conn: &Conn, args: ExecArgs) -> anyhow::Result<u8> {
         stdin,
         // Streamed: no unary output cap applies.
         max_output_bytes: 0,
+        ..Default::default()
     };
     // --timeout bounds the whole call here, output included, as gRPC
     // deadlines do.
@@ -48,7 +55,7 @@ async fn stream(conn: &Conn, req: ExecRequest) -> anyhow::Result<ExecResponse> {
             return Err(CliError::new(FAILURE, "the daemon ended the output stream without an exit status").into());
         };
         match event.event {
-            Some(Event::Stdout(data)) => out.write(&data)?,
+            Some(Event::Stdout(data) | Event::Pty(data)) => out.write(&data)?,
             Some(Event::Stderr(data)) => err.write(&data)?,
             Some(Event::Exit(exit)) => {
                 // The stream normally carries all output in chunks; the final
@@ -62,26 +69,27 @@ async fn stream(conn: &Conn, req: ExecRequest) -> anyhow::Result<ExecResponse> {
                 }
                 return Ok(exit);
             }
-            // An event from a newer daemon that this client does not know.
-            None => {}
+            // Events of interactive exec and attach; one from a newer daemon
+            // that this client does not know.
+            Some(Event::Started(_) | Event::Dropped(_)) | None => {}
         }
     }
 }
 
 /// A local output that tolerates its reader going away (`| head`): the rest
 /// of the output is dropped but the command still runs to its exit status.
-struct Sink<W: Write> {
+pub(super) struct Sink<W: Write> {
     inner: W,
     closed: bool,
     wrote: bool,
 }
 
 impl<W: Write> Sink<W> {
-    fn new(inner: W) -> Self {
+    pub(super) fn new(inner: W) -> Self {
         Self { inner, closed: false, wrote: false }
     }
 
-    fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+    pub(super) fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
         self.wrote = true;
         if self.closed {
             return Ok(());

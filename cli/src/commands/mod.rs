@@ -4,6 +4,9 @@ mod bench;
 mod cleanup;
 mod doctor;
 mod exec;
+mod interactive;
+mod mcp;
+mod processes;
 mod remote;
 mod sandboxes;
 mod snapshots;
@@ -54,9 +57,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Command::Kill(a) => sandboxes::kill(&conn, a, json).await,
                 Command::Eval(a) => sandboxes::eval(&conn, a, json).await,
                 Command::Ping(a) => sandboxes::ping(&conn, a, json).await,
-                Command::Exec(a) => exec::exec(&conn, a).await,
+                Command::Exec(a) => exec::exec(&conn, a, json).await,
+                Command::Ps(a) => processes::ps(&conn, a, json).await,
+                Command::Attach(a) => processes::attach(&conn, a).await,
+                Command::Signal(a) => processes::signal_process(&conn, a, json).await,
+                Command::Watch(a) => processes::watch(&conn, a, json).await,
                 Command::Workspace(c) => workspaces::run(&conn, c, json).await,
                 Command::Bench(a) => bench::run(&conn, a, json).await,
+                Command::Mcp(a) => mcp::run(conn, a).await,
                 Command::Completions(_)
                 | Command::Version
                 | Command::VolumeCreate(_)
