@@ -67,6 +67,39 @@ def test_typed_errors(daemon: Daemon) -> None:
     run(daemon, body)
 
 
+def test_process_and_watch_calls_on_unknown_sandbox(daemon: Daemon) -> None:
+    async def body(c: forkd.aio.Client) -> None:
+        ghost = forkd.aio.Sandbox(c, forkd.types.SandboxInfo(id="sb-aaaaaaaaaaaa"))
+        with pytest.raises(forkd.NotFoundError):
+            await ghost.start_process(["sleep", "1"], tag="t")
+        with pytest.raises(forkd.NotFoundError):
+            await ghost.processes()
+        with pytest.raises(forkd.NotFoundError):
+            await ghost.attach("t").wait()
+        with pytest.raises(forkd.NotFoundError):
+            await ghost.signal(1, "TERM")
+        with pytest.raises(forkd.NotFoundError):
+            await ghost.send_stdin("t", b"x", close=True)
+        with pytest.raises(forkd.NotFoundError):
+            await ghost.close_stdin("t")
+        with pytest.raises(forkd.NotFoundError):
+            await ghost.resize("t", 24, 80)
+        with pytest.raises(forkd.NotFoundError):
+            await ghost.exec_interactive(["sh"], pty=(24, 80))
+        with pytest.raises(forkd.NotFoundError):
+            async with ghost.exec_interactive(["sh"]):
+                pass  # pragma: no cover
+        with pytest.raises(forkd.NotFoundError):
+            await ghost.watch("/tmp")
+        # Arguments are checked when the call is made, before any await.
+        with pytest.raises(ValueError):
+            ghost.exec_interactive(["sh"], pty=(0, 80))
+        with pytest.raises(ValueError):
+            ghost.watch("relative")
+
+    run(daemon, body)
+
+
 def test_wrong_token(daemon: Daemon) -> None:
     async def body(c: forkd.aio.Client) -> None:
         with pytest.raises(forkd.AuthenticationError):

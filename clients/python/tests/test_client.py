@@ -161,6 +161,54 @@ def test_sandbox_calls_on_unknown_ids(client: forkd.Client) -> None:
     ghost.kill()  # killing a gone sandbox succeeds
 
 
+def test_process_and_watch_calls_on_unknown_sandbox(client: forkd.Client) -> None:
+    ghost = forkd.Sandbox(client, forkd.types.SandboxInfo(id="sb-aaaaaaaaaaaa"))
+    with pytest.raises(forkd.NotFoundError):
+        ghost.start_process(["sleep", "1"], tag="t")
+    with pytest.raises(forkd.NotFoundError):
+        ghost.processes()
+    with pytest.raises(forkd.NotFoundError):
+        ghost.attach("t").wait()
+    with pytest.raises(forkd.NotFoundError):
+        ghost.signal(1, "TERM")
+    with pytest.raises(forkd.NotFoundError):
+        ghost.send_stdin("t", b"x", close=True)
+    with pytest.raises(forkd.NotFoundError):
+        ghost.close_stdin("t")
+    with pytest.raises(forkd.NotFoundError):
+        ghost.resize("t", 24, 80)
+    with pytest.raises(forkd.NotFoundError):
+        ghost.exec_interactive(["sh"], pty=(24, 80))
+    with pytest.raises(forkd.NotFoundError):
+        ghost.watch("/tmp")
+
+
+def test_process_arguments_are_checked_locally() -> None:
+    # An unreachable daemon: every refusal below happens before a call.
+    with forkd.Client("http://127.0.0.1:1", token=TOKEN) as c:
+        sb = forkd.Sandbox(c, forkd.types.SandboxInfo(id="sb-aaaaaaaaaaaa"))
+        with pytest.raises(TypeError):
+            sb.start_process([])
+        with pytest.raises(ValueError, match="1-1000"):
+            sb.start_process("true", pty=(0, 80))
+        with pytest.raises(ValueError):
+            sb.start_process("true", tag="")
+        with pytest.raises(ValueError):
+            sb.start_process("true", timeout=0)
+        with pytest.raises(ValueError):
+            sb.attach(0)
+        with pytest.raises(ValueError):
+            sb.attach("t", from_offset=-1)
+        with pytest.raises(ValueError, match="1-64"):
+            sb.signal("t", 99)
+        with pytest.raises(ValueError):
+            sb.resize("t", 24, 0)
+        with pytest.raises(ValueError):
+            sb.exec_interactive("sh", pty=(24, 5000))
+        with pytest.raises(ValueError, match="absolute"):
+            sb.watch("relative/dir")
+
+
 def test_environment_configuration(daemon: Daemon, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("FORKD_URL", daemon.url)
     monkeypatch.setenv("FORKD_TOKEN", TOKEN)

@@ -113,3 +113,142 @@ def test_exec_event() -> None:
     assert _common.exec_event(sandbox_pb2.ExecEvent(stderr=b"b")) == ("stderr", b"b")
     kind, value = _common.exec_event(sandbox_pb2.ExecEvent(exit=sandbox_pb2.ExecResponse(exit_code=4)))
     assert kind == "exit" and value.exit_code == 4
+
+
+def test_pty_size() -> None:
+    assert _common.pty_arg(None) is None
+    size = _common.pty_arg((24, 80))
+    assert size is not None and (size.rows, size.cols) == (24, 80)
+    assert (_common.pty_size(1, 1000).rows, _common.pty_size(1, 1000).cols) == (1, 1000)
+    for bad in [(0, 80), (24, 1001), (-1, 5)]:
+        with pytest.raises(ValueError, match="1-1000"):
+            _common.pty_arg(bad)
+    for bad_type in [(24.0, 80), ("24", "80"), (True, 80)]:
+        with pytest.raises(TypeError):
+            _common.pty_arg(bad_type)  # type: ignore[arg-type]
+    for not_a_pair in [24, (24,), (24, 80, 1)]:
+        with pytest.raises(TypeError, match="pair"):
+            _common.pty_arg(not_a_pair)  # type: ignore[arg-type]
+
+
+def test_process_ref() -> None:
+    assert _common.process_ref(42) == "42"
+    assert _common.process_ref("counter") == "counter"
+    assert _common.process_ref("42") == "42"  # digits name a pid, as the daemon reads them
+    info = forkd.ProcessInfo(
+        pid=7, tag="t", args=("sh",), cwd="/", pty=False, stdin_open=False,
+        started_unix_ms=1, output_bytes=0, running=True,
+    )
+    assert _common.process_ref(info) == "7"
+    with pytest.raises(ValueError):
+        _common.process_ref(0)
+    with pytest.raises(ValueError):
+        _common.process_ref("")
+    with pytest.raises(TypeError):
+        _common.process_ref(True)
+    with pytest.raises(TypeError):
+        _common.process_ref(4.2)  # type: ignore[arg-type]
+
+
+def test_signal_arg() -> None:
+    import signal
+
+    assert _common.signal_arg(9) == "9"
+    assert _common.signal_arg(signal.SIGTERM) == "15"
+    assert _common.signal_arg("INT") == "INT"
+    assert _common.signal_arg(" SIGKILL ") == "SIGKILL"
+    for bad in (0, 65, -9):
+        with pytest.raises(ValueError, match="1-64"):
+            _common.signal_arg(bad)
+    with pytest.raises(ValueError):
+        _common.signal_arg("  ")
+    with pytest.raises(TypeError):
+        _common.signal_arg(None)  # type: ignore[arg-type]
+
+
+def test_start_process_request() -> None:
+    r = _common.start_process_request("sb-x", "sleep 1", "bg", (30, 100), True, {"A": "1"}, "/tmp", 1.5)
+    assert (list(r.args), r.tag, r.pty.rows, r.pty.cols, r.stdin, dict(r.env), r.cwd, r.timeout_secs) == (
+        ["sh", "-c", "sleep 1"], "bg", 30, 100, True, {"A": "1"}, "/tmp", 2,
+    )
+    r = _common.start_process_request("sb-x", ["cat"], None, None, False, None, None, None)
+    assert (r.tag, r.HasField("pty"), r.stdin, r.timeout_secs) == ("", False, False, 0)  # 0 = no limit
+    with pytest.raises(ValueError):
+        _common.start_process_request("sb-x", ["cat"], "", None, False, None, None, None)
+
+
+def test_interactive_start() -> None:
+    msg = _common.interactive_start("sb-x", ["sh"], (24, 80), "term", None, None, None)
+    assert msg.WhichOneof("input") == "start"
+    s = msg.start
+    assert (s.id, list(s.args), s.pty.rows, s.pty.cols, s.tag, s.timeout_secs) == ("sb-x", ["sh"], 24, 80, "term", 0)
+    assert not _common.interactive_start("sb-x", "cat", None, None, None, None, 5).start.HasField("pty")
+
+
+def test_stdin_requests_chunking() -> None:
+    data = b"x" * (2 * _common.STDIN_CHUNK + 5)
+    reqs = _common.stdin_requests("sb-x", "cat", data, True)
+    assert [len(r.data) for r in reqs] == [_common.STDIN_CHUNK, _common.STDIN_CHUNK, 5]
+    assert [r.close for r in reqs] == [False, False, True]
+    assert {r.process for r in reqs} == {"cat"}
+    only_close = _common.stdin_requests("sb-x", 12, b"", True)
+    assert [(r.process, r.data, r.close) for r in only_close] == [("12", b"", True)]
+    assert _common.stdin_requests("sb-x", "cat", "héllo", False)[0].data == "héllo".encode()
+
+
+def test_attach_and_watch_requests() -> None:
+    r = _common.attach_request("sb-x", "counter", 10)
+    assert (r.process, r.from_offset) == ("counter", 10)
+    with pytest.raises(ValueError):
+        _common.attach_request("sb-x", "counter", -1)
+    w = _common.watch_request("sb-x", "/tmp", False)
+    assert (w.path, w.recursive) == ("/tmp", False)
+    with pytest.raises(ValueError, match="absolute"):
+        _common.watch_request("sb-x", "tmp", True)
+
+
+def test_file_events() -> None:
+    K = sandbox_pb2.FileEvent.Kind
+    batch = sandbox_pb2.FileEvents(
+        events=[
+            sandbox_pb2.FileEvent(kind=K.CREATE, path="/w/a"),
+            sandbox_pb2.FileEvent(kind=K.RENAME, path="/w/b", **{"from": "/w/a"}),
+            sandbox_pb2.FileEvent(kind=K.CREATE, path="/w/d", is_dir=True),
+        ],
+        overflow=True,
+    )
+    assert _common.file_events(batch, "/w") == [
+        forkd.FileEvent("overflow", "/w"),
+        forkd.FileEvent("create", "/w/a"),
+        forkd.FileEvent("rename", "/w/b", from_="/w/a"),
+        forkd.FileEvent("create", "/w/d", is_dir=True),
+    ]
+    assert [e.kind for e in _common.file_events(sandbox_pb2.FileEvents(events=[
+        sandbox_pb2.FileEvent(kind=k) for k in (K.WRITE, K.REMOVE, K.CHMOD)
+    ]), "/")] == ["write", "remove", "chmod"]
+
+
+def test_process_output() -> None:
+    out = _common.ProcessOutput()
+    info = sandbox_pb2.ProcessInfo(pid=3, tag="t", args=["cat"], running=True, output_bytes=9)
+    for ev in [
+        sandbox_pb2.ExecEvent(started=info),
+        sandbox_pb2.ExecEvent(dropped=4),
+        sandbox_pb2.ExecEvent(stdout=b"ab"),
+        sandbox_pb2.ExecEvent(stderr=b"e"),
+        sandbox_pb2.ExecEvent(stdout=b""),
+        sandbox_pb2.ExecEvent(pty=b"c"),
+    ]:
+        out.feed(ev)
+    assert out.info is not None and (out.info.pid, out.info.tag, out.info.args, out.info.exit) == (3, "t", ("cat",), None)
+    assert out.dropped == 4
+    assert list(out.pending) == [("stdout", b"ab"), ("stderr", b"e"), ("pty", b"c")]
+    with pytest.raises(forkd.ForkdError, match="without an exit"):
+        out.finish()
+    out.feed(sandbox_pb2.ExecEvent(exit=sandbox_pb2.ExecResponse(exit_code=-1, signal=15)))
+    out.finish()
+    assert out.result == forkd.ExecResult(stdout="abc", stderr="e", exit_code=-1, signal=15)
+    done = forkd.ProcessInfo._from_pb(
+        sandbox_pb2.ProcessInfo(pid=3, exit=sandbox_pb2.ExecResponse(exit_code=0), running=False)
+    )
+    assert done.exit is not None and done.exit.ok and not done.running

@@ -3,11 +3,22 @@
 
 import { accessSync, constants as fsConstants, readFileSync, statSync } from "node:fs";
 
+import type { MessageInitShape } from "@bufbuild/protobuf";
 import { createClient, type CallOptions, type Client as RpcClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 
 import type { Sandbox as SandboxMsg, Snapshot } from "./gen/forkd/v1/common_pb.js";
-import { SandboxService, type ExecEvent, type ExecResponse, type EvalResponse, type FileInfo } from "./gen/forkd/v1/sandbox_pb.js";
+import {
+  FileEvent_Kind,
+  SandboxService,
+  type ExecEvent,
+  type ExecInputSchema,
+  type ExecResponse,
+  type EvalResponse,
+  type FileEvents,
+  type FileInfo,
+  type ProcessInfo as ProcessInfoMsg,
+} from "./gen/forkd/v1/sandbox_pb.js";
 import { SnapshotService } from "./gen/forkd/v1/snapshot_pb.js";
 import { SystemService } from "./gen/forkd/v1/system_pb.js";
 import { WorkspaceService } from "./gen/forkd/v1/workspace_pb.js";
@@ -18,8 +29,14 @@ import type {
   EvalResult,
   Event,
   ExecResult,
+  FileEvent,
+  FileEventKind,
   OutputChunk,
   PingResult,
+  ProcessChunk,
+  ProcessInfo,
+  ProcessRef,
+  PtySize,
   PushResult,
   RemoteSnapshot,
   SnapshotInfo,
@@ -31,6 +48,10 @@ export const DEFAULT_URL = "http://127.0.0.1:8889";
 
 /** Bytes per WriteFile message; well under the daemon's 16 MiB message limit. */
 export const WRITE_CHUNK = 1 << 20;
+
+/** Most stdin bytes per SendStdin call (the daemon's limit) and per
+ * interactive stdin message. */
+export const STDIN_CHUNK = 1 << 20;
 
 /** Extra time a call's deadline gets beyond the command timeout it carries,
  * so the daemon's own timeout (and its clean result) wins the race. */
@@ -80,6 +101,34 @@ export interface ExecOptions {
   stdin?: string | Uint8Array;
   /** Throw CommandError when the command fails (exec only). */
   check?: boolean;
+  signal?: AbortSignal;
+}
+
+/** Options of `startProcess`. */
+export interface StartProcessOptions {
+  /** Names the process for later calls: 1–64 of [A-Za-z0-9._-], not all digits. */
+  tag?: string;
+  /** Run on a pseudo-terminal of this size. */
+  pty?: PtySize;
+  /** Keep stdin open for `sendStdin` (a PTY always has input). */
+  stdin?: boolean;
+  env?: Record<string, string>;
+  cwd?: string;
+  /** Seconds until the process group is killed; by default no limit. */
+  timeout?: number;
+}
+
+/** Options of `execInteractive`. */
+export interface InteractiveOptions {
+  /** Run on a pseudo-terminal of this size. */
+  pty?: PtySize;
+  /** Names the process, to attach to it later. */
+  tag?: string;
+  env?: Record<string, string>;
+  cwd?: string;
+  /** Seconds until the process group is killed; by default no limit. */
+  timeout?: number;
+  /** Aborting it detaches, as `close()` does. */
   signal?: AbortSignal;
 }
 
@@ -210,6 +259,126 @@ function toBytes(data: string | Uint8Array): Uint8Array {
 }
 
 const decoder = new TextDecoder();
+
+/** `data` in STDIN_CHUNK pieces; at least one (possibly empty). */
+function stdinChunks(data: string | Uint8Array): Uint8Array[] {
+  const blob = toBytes(data);
+  const out: Uint8Array[] = [];
+  for (let off = 0; off < blob.length; off += STDIN_CHUNK) out.push(blob.subarray(off, off + STDIN_CHUNK));
+  return out.length ? out : [new Uint8Array()];
+}
+
+/** Checks a terminal size: integers of 1–1000. */
+export function ptySize(size: PtySize): PtySize {
+  if (typeof size !== "object" || size === null) throw new TypeError("a terminal size is { rows, cols }");
+  for (const [name, v] of [["rows", size.rows], ["cols", size.cols]] as const) {
+    if (typeof v !== "number" || !Number.isInteger(v)) throw new TypeError(`pty ${name} must be an integer, not ${String(v)}`);
+    if (v < 1 || v > 1000) throw new RangeError(`pty ${name} must be 1-1000, not ${v}`);
+  }
+  return { rows: size.rows, cols: size.cols };
+}
+
+/** The daemon's name for a process: its pid (digits) or its tag. */
+export function processRef(p: ProcessRef): string {
+  if (typeof p === "object" && p !== null && typeof p.pid === "number") return String(p.pid);
+  if (typeof p === "number") {
+    if (!Number.isInteger(p) || p < 1) throw new RangeError(`a pid is a positive integer, not ${p}`);
+    return String(p);
+  }
+  if (typeof p !== "string") throw new TypeError("a process is a pid, a tag or a ProcessInfo");
+  if (!p) throw new RangeError("the process tag is empty");
+  return p;
+}
+
+/** A signal as the daemon takes it: a number (1–64) or a name ("TERM", "SIGINT", "kill"). */
+export function signalArg(sig: string | number): string {
+  if (typeof sig === "number") {
+    if (!Number.isInteger(sig) || sig < 1 || sig > 64) throw new RangeError(`signal numbers are 1-64, not ${sig}`);
+    return String(sig);
+  }
+  if (typeof sig !== "string") throw new TypeError("a signal is a number or a name");
+  const name = sig.trim();
+  if (!name) throw new RangeError("the signal name is empty");
+  return name;
+}
+
+function optionalTag(tag: string | undefined): string {
+  if (tag !== undefined && (typeof tag !== "string" || !tag)) throw new RangeError("tag must be a non-empty string");
+  return tag ?? "";
+}
+
+function processInfo(p: ProcessInfoMsg): ProcessInfo {
+  return {
+    pid: p.pid,
+    tag: p.tag,
+    args: [...p.args],
+    cwd: p.cwd,
+    pty: p.pty,
+    stdinOpen: p.stdinOpen,
+    startedUnixMs: Number(p.startedUnixMs),
+    outputBytes: Number(p.outputBytes),
+    running: p.running,
+    exit: p.exit ? execResult(p.exit) : undefined,
+  };
+}
+
+/** One FileEvents message as FileEvents, an "overflow" marker first when
+ * events were lost before them. */
+function fileEvents(batch: FileEvents, root: string): FileEvent[] {
+  const out: FileEvent[] = batch.overflow ? [{ kind: "overflow", path: root, from: "", isDir: false }] : [];
+  for (const e of batch.events) {
+    const name = FileEvent_Kind[e.kind] as string | undefined;
+    const kind = (name ? name.toLowerCase() : `unknown-${e.kind}`) as FileEventKind;
+    out.push({ kind, path: e.path, from: e.from, isDir: e.isDir });
+  }
+  return out;
+}
+
+/** After aborting a stream: reads it once more, so that the transport sees
+ * the abort and releases the call (its deadline timer among others) even
+ * when nobody reads the stream any more. */
+function settle(it: AsyncIterator<unknown>): void {
+  it.next().then(
+    () => {},
+    () => {},
+  );
+}
+
+/** An AbortController that also aborts when `outer` does. */
+function linkedAbort(outer: AbortSignal | undefined): AbortController {
+  const ac = new AbortController();
+  if (outer?.aborted) ac.abort(outer.reason);
+  else outer?.addEventListener("abort", () => ac.abort(outer.reason), { once: true });
+  return ac;
+}
+
+/** The request stream of an interactive exec: messages pushed by the
+ * handle's methods, in order, until it is closed. */
+class Outbox<T> implements AsyncIterable<T> {
+  private readonly items: T[] = [];
+  private wake: (() => void) | undefined;
+  closed = false;
+
+  push(item: T): void {
+    this.items.push(item);
+    this.wake?.();
+  }
+
+  close(): void {
+    this.closed = true;
+    this.wake?.();
+  }
+
+  async *[Symbol.asyncIterator](): AsyncGenerator<T> {
+    for (;;) {
+      while (this.items.length) yield this.items.shift()!;
+      if (this.closed) return;
+      await new Promise<void>((res) => (this.wake = res));
+      this.wake = undefined;
+    }
+  }
+}
+
 
 function concat(parts: Uint8Array[]): Uint8Array {
   const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
@@ -539,6 +708,139 @@ export class Sandbox {
     return new ExecStream(typed(events));
   }
 
+  /** Starts a detached process: it keeps running after this call and when
+   * clients go away; read its output with `attach`. */
+  async startProcess(args: Args, opts: StartProcessOptions = {}): Promise<ProcessInfo> {
+    const req = {
+      id: this.id,
+      args: argv(args),
+      env: opts.env ?? {},
+      cwd: opts.cwd ?? "",
+      tag: optionalTag(opts.tag),
+      pty: opts.pty === undefined ? undefined : ptySize(opts.pty),
+      stdin: !!opts.stdin,
+      timeoutSecs: wholeSeconds(opts.timeout),
+    };
+    return processInfo(await call(this.client.rpc.sb.startProcess(req, this.client.opts())));
+  }
+
+  /** Processes started with `startProcess` or `execInteractive`, running and recently exited. */
+  async processes(): Promise<ProcessInfo[]> {
+    const resp = await call(this.client.rpc.sb.listProcesses({ id: this.id }, this.client.opts()));
+    return resp.processes.map(processInfo);
+  }
+
+  /** A process's output: what is still buffered (from `fromOffset`), then
+   * live until it exits: `for await (const { stream, data } of sb.attach(p))`;
+   * `result` holds the exit afterwards. */
+  attach(process: ProcessRef, opts: { fromOffset?: number | bigint; signal?: AbortSignal } = {}): ProcessStream {
+    const from = opts.fromOffset ?? 0;
+    if (typeof from === "number" ? !Number.isInteger(from) || from < 0 : from < 0n) {
+      throw new RangeError(`fromOffset must be a non-negative integer, not ${from}`);
+    }
+    const req = { id: this.id, process: processRef(process), fromOffset: BigInt(from) };
+    const abort = linkedAbort(opts.signal);
+    // No deadline: the call lasts as long as the process.
+    return new ProcessStream(this.client.rpc.sb.attachProcess(req, { signal: abort.signal }), abort);
+  }
+
+  /** Sends a signal to the process's group: a number or a name ("TERM", "SIGINT", "kill"). */
+  async signal(process: ProcessRef, sig: string | number): Promise<ProcessInfo> {
+    const req = { id: this.id, process: processRef(process), signal: signalArg(sig) };
+    return processInfo(await call(this.client.rpc.sb.signalProcess(req, this.client.opts())));
+  }
+
+  /** Writes to the process's stdin (its terminal, for a PTY); `close` ends
+   * stdin after the data. Strings are UTF-8. */
+  async sendStdin(process: ProcessRef, data: string | Uint8Array, opts: { close?: boolean } = {}): Promise<ProcessInfo> {
+    const ref = processRef(process);
+    const parts = stdinChunks(data);
+    let info: ProcessInfoMsg | undefined;
+    for (const [i, part] of parts.entries()) {
+      const close = !!opts.close && i === parts.length - 1;
+      info = await call(this.client.rpc.sb.sendStdin({ id: this.id, process: ref, data: part, close }, this.client.opts()));
+    }
+    return processInfo(info!);
+  }
+
+  /** Ends the process's stdin (it reads end of file). */
+  async closeStdin(process: ProcessRef): Promise<ProcessInfo> {
+    const req = { id: this.id, process: processRef(process) };
+    return processInfo(await call(this.client.rpc.sb.closeStdin(req, this.client.opts())));
+  }
+
+  /** Sets the terminal size of a process on a PTY. */
+  async resize(process: ProcessRef, rows: number, cols: number): Promise<ProcessInfo> {
+    const req = { id: this.id, process: processRef(process), size: ptySize({ rows, cols }) };
+    return processInfo(await call(this.client.rpc.sb.resizePty(req, this.client.opts())));
+  }
+
+  /**
+   * Starts a command to talk to, resolving once it runs: `send`,
+   * `closeStdin`, `resize`, `signal`; iterate it for output and `wait()` for
+   * the exit. `pty` runs it on a terminal. The command is a process of the
+   * sandbox: `close()` detaches and it keeps running.
+   */
+  async execInteractive(args: Args, opts: InteractiveOptions = {}): Promise<InteractiveProcess> {
+    const start = {
+      id: this.id,
+      args: argv(args),
+      timeoutSecs: wholeSeconds(opts.timeout),
+      env: opts.env ?? {},
+      cwd: opts.cwd ?? "",
+      pty: opts.pty === undefined ? undefined : ptySize(opts.pty),
+      tag: optionalTag(opts.tag),
+    };
+    const outbox = new Outbox<MessageInitShape<typeof ExecInputSchema>>();
+    outbox.push({ input: { case: "start", value: start } });
+    const abort = linkedAbort(opts.signal);
+    // No deadline unless the command has a timeout: it lasts as long as the process.
+    const timeoutMs = opts.timeout === undefined ? undefined : this.client.opts(opts.timeout).timeoutMs;
+    const events = this.client.rpc.sb.execInteractive(outbox, { timeoutMs, signal: abort.signal });
+    const p = new InteractiveProcess(events, abort, outbox);
+    try {
+      await p.untilStarted();
+    } catch (e) {
+      p.close();
+      throw e;
+    }
+    return p;
+  }
+
+  /**
+   * File-system changes under the guest directory `path` (and below it,
+   * unless `recursive: false`), resolving once the daemon has armed the
+   * watch: `for await (const ev of watch)`. It never ends by itself:
+   * `close()` it (or abort `signal`).
+   */
+  async watch(path: string, opts: { recursive?: boolean; signal?: AbortSignal } = {}): Promise<FileWatch> {
+    if (!path.startsWith("/")) throw new RangeError(`the watched path must be absolute, not ${JSON.stringify(path)}`);
+    const abort = linkedAbort(opts.signal);
+    let armed!: () => void;
+    const headers = new Promise<void>((res) => (armed = res));
+    const batches = this.client.rpc.sb.watchFiles(
+      { id: this.id, path, recursive: opts.recursive ?? true },
+      {
+        ...this.client.opts(undefined, abort.signal),
+        // Headers without a status mean the watch is armed; a refusal (no
+        // such directory, ...) is a trailers-only answer and fails `first`.
+        onHeader: (h) => {
+          if (!h.has("grpc-status")) armed();
+        },
+      },
+    );
+    const it = batches[Symbol.asyncIterator]();
+    const first = it.next();
+    first.catch(() => {}); // awaited below or by the iteration; never unhandled
+    try {
+      await Promise.race([headers, first]);
+    } catch (e) {
+      abort.abort();
+      throw toForkdError(e);
+    }
+    return new FileWatch(it, first, abort, path);
+  }
+
   /** Evaluates Python in the warm interpreter; names persist between calls. */
   async eval(code: string, opts: { timeout?: number; check?: boolean; signal?: AbortSignal } = {}): Promise<EvalResult> {
     const req = { id: this.id, code, timeoutSecs: wholeSeconds(opts.timeout) };
@@ -628,6 +930,248 @@ export class ExecStream implements AsyncIterable<OutputChunk> {
       // Draining: the output is collected into the result.
     }
     return this.result!;
+  }
+}
+
+/**
+ * Output of a process (`Sandbox.attach`): an async iterable of
+ * `{ stream: "stdout" | "stderr" | "pty", data }`. `info` is the process as
+ * it was when the stream began, `dropped` the bytes no longer buffered, and
+ * `result` the exit, with the output this stream saw (PTY output in
+ * `stdout`), once it has ended. Iteration may stop (break) and resume;
+ * `cancel()` stops following the process without affecting it.
+ */
+export class ProcessStream implements AsyncIterable<ProcessChunk> {
+  info: ProcessInfo | undefined;
+  dropped = 0;
+  result: ExecResult | undefined;
+  private readonly pending: ProcessChunk[] = [];
+  private readonly out: Uint8Array[] = [];
+  private readonly err: Uint8Array[] = [];
+  private readonly it: AsyncIterator<ExecEvent>;
+  private done = false;
+
+  constructor(
+    events: AsyncIterable<ExecEvent>,
+    private readonly abort: AbortController,
+  ) {
+    this.it = events[Symbol.asyncIterator]();
+  }
+
+  get pid(): number | undefined {
+    return this.info?.pid;
+  }
+
+  private feed(ev: ExecEvent): void {
+    const e = ev.event;
+    switch (e.case) {
+      case "stdout":
+      case "stderr":
+      case "pty":
+        if (e.value.length) {
+          (e.case === "stderr" ? this.err : this.out).push(e.value);
+          this.pending.push({ stream: e.case, data: e.value });
+        }
+        break;
+      case "started":
+        this.info = processInfo(e.value);
+        break;
+      case "dropped":
+        this.dropped += Number(e.value);
+        break;
+      case "exit":
+        this.result = execResult(e.value, decoder.decode(concat(this.out)), decoder.decode(concat(this.err)));
+        break;
+    }
+  }
+
+  /** Reads one event; false once the stream has ended. The stream is read
+   * to its very end, past the exit, so that the call completes. */
+  private async event(): Promise<boolean> {
+    if (this.done) return false;
+    let r: IteratorResult<ExecEvent>;
+    try {
+      r = await this.it.next();
+    } catch (e) {
+      this.done = true;
+      this.ended();
+      throw toForkdError(e);
+    }
+    if (r.done) {
+      this.done = true;
+      this.ended();
+      if (this.result === undefined) throw new ForkdError("process output ended without an exit status");
+      return false;
+    }
+    this.feed(r.value);
+    return true;
+  }
+
+  /** @internal The stream is over (for the request side of subclasses). */
+  protected ended(): void {}
+
+  /** @internal Reads until the process handle arrives; output stays queued. */
+  async untilStarted(): Promise<void> {
+    while (this.info === undefined && this.result === undefined) {
+      if (!(await this.event())) return;
+    }
+  }
+
+  /** The next chunk of output, or undefined once the process has exited. */
+  async read(): Promise<ProcessChunk | undefined> {
+    while (this.pending.length === 0) {
+      if (!(await this.event())) return undefined;
+    }
+    return this.pending.shift();
+  }
+
+  async *[Symbol.asyncIterator](): AsyncGenerator<ProcessChunk> {
+    for (;;) {
+      const chunk = await this.read();
+      if (chunk === undefined) return;
+      yield chunk;
+    }
+  }
+
+  /** Consumes the rest of the output and resolves to the exit. */
+  async wait(): Promise<ExecResult> {
+    while ((await this.read()) !== undefined) {
+      // Draining: the output is collected into the result.
+    }
+    return this.result!;
+  }
+
+  /** Stops following the process (it keeps running). */
+  cancel(): void {
+    if (this.done) return;
+    this.abort.abort();
+    settle(this.it);
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.cancel();
+  }
+}
+
+/**
+ * A command started with `Sandbox.execInteractive`: write to it with
+ * `send`, `closeStdin`, `resize` and `signal`; read it as a ProcessStream
+ * and `wait()` for the exit. `info` (and `pid`) is known from the start.
+ * `close()` detaches: the process keeps running and can be attached again
+ * by pid or tag.
+ */
+export class InteractiveProcess extends ProcessStream {
+  private closed = false;
+
+  constructor(
+    events: AsyncIterable<ExecEvent>,
+    abort: AbortController,
+    private readonly outbox: Outbox<MessageInitShape<typeof ExecInputSchema>>,
+  ) {
+    super(events, abort);
+  }
+
+  private put(msg: MessageInitShape<typeof ExecInputSchema>): void {
+    if (this.result !== undefined) throw new ForkdError("the process has exited");
+    if (this.closed || this.outbox.closed) throw new ForkdError("the interactive session is closed");
+    this.outbox.push(msg);
+  }
+
+  /** Writes to the process's stdin (its terminal, for a PTY); strings are UTF-8. */
+  send(data: string | Uint8Array): void {
+    for (const part of stdinChunks(data)) if (part.length) this.put({ input: { case: "stdin", value: part } });
+  }
+
+  /** Ends the process's stdin (it reads end of file). */
+  closeStdin(): void {
+    this.put({ input: { case: "eof", value: true } });
+  }
+
+  /** Sets the terminal size (PTY only). */
+  resize(rows: number, cols: number): void {
+    this.put({ input: { case: "resize", value: ptySize({ rows, cols }) } });
+  }
+
+  /** Signals the process's group: a number or a name ("INT", "TERM", ...). */
+  signal(sig: string | number): void {
+    this.put({ input: { case: "signal", value: signalArg(sig) } });
+  }
+
+  protected override ended(): void {
+    this.outbox.close();
+  }
+
+  /** Detaches: stops the stream; the process keeps running. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.outbox.close();
+    super.cancel();
+  }
+
+  /** The same as `close()`. */
+  override cancel(): void {
+    this.close();
+  }
+
+  override async [Symbol.asyncDispose](): Promise<void> {
+    this.close();
+  }
+}
+
+/**
+ * File-system changes under a guest directory (`Sandbox.watch`): an endless
+ * async iterable of FileEvent in the order they happened. Iteration may stop
+ * (break) and resume; `close()` ends it.
+ */
+export class FileWatch implements AsyncIterable<FileEvent> {
+  private readonly pending: FileEvent[] = [];
+  private closed = false;
+
+  constructor(
+    private readonly it: AsyncIterator<FileEvents>,
+    private first: Promise<IteratorResult<FileEvents>> | undefined,
+    private readonly abort: AbortController,
+    /** The watched directory. */
+    readonly path: string,
+  ) {}
+
+  /** The next event; undefined once the watch is closed. */
+  async read(): Promise<FileEvent | undefined> {
+    while (this.pending.length === 0) {
+      if (this.closed) return undefined;
+      let r: IteratorResult<FileEvents>;
+      try {
+        const next = this.first ?? this.it.next();
+        this.first = undefined;
+        r = await next;
+      } catch (e) {
+        if (this.closed) return undefined;
+        throw toForkdError(e);
+      }
+      if (r.done) return undefined;
+      this.pending.push(...fileEvents(r.value, this.path));
+    }
+    return this.pending.shift();
+  }
+
+  async *[Symbol.asyncIterator](): AsyncGenerator<FileEvent> {
+    for (;;) {
+      const ev = await this.read();
+      if (ev === undefined) return;
+      yield ev;
+    }
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.abort.abort();
+    settle(this.it);
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.close();
   }
 }
 

@@ -7,6 +7,9 @@ export {
   DEFAULT_URL,
   ExecStream,
   Files,
+  FileWatch,
+  InteractiveProcess,
+  ProcessStream,
   Sandbox,
   SandboxGroup,
   Sandboxes,
@@ -15,8 +18,19 @@ export {
   argv,
   isLoopbackUrl,
   parseUrl,
+  processRef,
+  ptySize,
+  signalArg,
 } from "./client.js";
-export type { ClientOptions, CreateSnapshotOptions, ExecOptions, ForkOptions, WorkspaceOptions } from "./client.js";
+export type {
+  ClientOptions,
+  CreateSnapshotOptions,
+  ExecOptions,
+  ForkOptions,
+  InteractiveOptions,
+  StartProcessOptions,
+  WorkspaceOptions,
+} from "./client.js";
 export {
   AuthenticationError,
   CommandError,

@@ -1,7 +1,8 @@
 // Value types returned by the client. Records (snapshots, sandboxes, files,
 // workspaces, the version) are the generated protobuf-es messages, renamed so
 // they do not clash with the client's handle classes; command and evaluation
-// results are plain objects because callers branch on them constantly.
+// results, processes and file events are plain objects because callers
+// branch on them constantly.
 
 export type { Snapshot as SnapshotInfo, Sandbox as SandboxInfo, Workspace as WorkspaceInfo } from "./gen/forkd/v1/common_pb.js";
 export type { FileInfo, Event, PingResponse as PingResult } from "./gen/forkd/v1/sandbox_pb.js";
@@ -44,4 +45,57 @@ export interface EvalResult {
 export interface OutputChunk {
   stream: "stdout" | "stderr";
   data: Uint8Array;
+}
+
+/** One piece of a process's output: "pty" for a process on a terminal
+ * (its stdout and stderr together). */
+export interface ProcessChunk {
+  stream: "stdout" | "stderr" | "pty";
+  data: Uint8Array;
+}
+
+/** A terminal size. Each is 1–1000. */
+export interface PtySize {
+  rows: number;
+  cols: number;
+}
+
+/** A process of a sandbox, started with `startProcess` or `execInteractive`;
+ * name it by `pid` or `tag` in later calls. */
+export interface ProcessInfo {
+  pid: number;
+  /** The tag it was started with ("" for none). */
+  tag: string;
+  args: string[];
+  cwd: string;
+  /** Runs on a pseudo-terminal (its output arrives as "pty" chunks). */
+  pty: boolean;
+  /** Its stdin still accepts `sendStdin`. */
+  stdinOpen: boolean;
+  startedUnixMs: number;
+  /** Output bytes produced so far, including those no longer buffered:
+   * `attach(p, { fromOffset: p.outputBytes })` shows only new output. */
+  outputBytes: number;
+  running: boolean;
+  /** How it ended (output not included); undefined while it runs. */
+  exit: ExecResult | undefined;
+}
+
+/** A process: its pid, its tag (digits name a pid), or its ProcessInfo. */
+export type ProcessRef = number | string | ProcessInfo;
+
+/**
+ * What happened to a path under a watched directory. "overflow": events were
+ * lost at this point (a queue was full); `path` is the watched directory, to
+ * be rescanned.
+ */
+export type FileEventKind = "create" | "write" | "remove" | "rename" | "chmod" | "overflow";
+
+/** A change under a watched guest directory. */
+export interface FileEvent {
+  kind: FileEventKind;
+  path: string;
+  /** For "rename": the path it had before ("" otherwise). */
+  from: string;
+  isDir: boolean;
 }

@@ -27,6 +27,9 @@ import {
   argv,
   isLoopbackUrl,
   parseUrl,
+  processRef,
+  ptySize,
+  signalArg,
   toForkdError,
 } from "../src/index.js";
 import { SandboxSchema } from "../src/gen/forkd/v1/common_pb.js";
@@ -169,6 +172,19 @@ describe("against a daemon", () => {
     await ghost.kill(); // killing a gone sandbox succeeds
   });
 
+  it("types errors of process and watch calls on an unknown sandbox", async () => {
+    const ghost = new Sandbox(c, create(SandboxSchema, { id: "sb-aaaaaaaaaaaa" }));
+    await assert.rejects(ghost.startProcess(["sleep", "1"], { tag: "t" }), NotFoundError);
+    await assert.rejects(ghost.processes(), NotFoundError);
+    await assert.rejects(ghost.attach("t").wait(), NotFoundError);
+    await assert.rejects(ghost.signal(1, "TERM"), NotFoundError);
+    await assert.rejects(ghost.sendStdin("t", "x", { close: true }), NotFoundError);
+    await assert.rejects(ghost.closeStdin("t"), NotFoundError);
+    await assert.rejects(ghost.resize("t", 24, 80), NotFoundError);
+    await assert.rejects(ghost.execInteractive(["sh"], { pty: { rows: 24, cols: 80 } }), NotFoundError);
+    await assert.rejects(ghost.watch("/tmp"), NotFoundError);
+  });
+
   it("reads FORKD_URL and FORKD_TOKEN", async () => {
     const saved = { u: process.env.FORKD_URL, t: process.env.FORKD_TOKEN };
     process.env.FORKD_URL = d.url;
@@ -288,6 +304,35 @@ describe("without a daemon", () => {
     assert.deepEqual(argv("echo hi | wc -c"), ["sh", "-c", "echo hi | wc -c"]);
     assert.deepEqual(argv(["ls", "/"]), ["ls", "/"]);
     assert.throws(() => argv([]), TypeError);
+  });
+
+  it("checks process arguments before calling the daemon", async () => {
+    assert.equal(processRef(42), "42");
+    assert.equal(processRef("counter"), "counter");
+    assert.equal(processRef({ pid: 7 } as never), "7");
+    for (const bad of [0, -1, 1.5]) assert.throws(() => processRef(bad), RangeError, String(bad));
+    assert.throws(() => processRef(""), RangeError);
+    assert.throws(() => processRef(null as never), TypeError);
+    assert.deepEqual(ptySize({ rows: 24, cols: 80 }), { rows: 24, cols: 80 });
+    for (const [rows, cols] of [[0, 80], [24, 1001]]) assert.throws(() => ptySize({ rows: rows!, cols: cols! }), RangeError);
+    assert.throws(() => ptySize({ rows: 2.5, cols: 80 }), TypeError);
+    assert.equal(signalArg(9), "9");
+    assert.equal(signalArg(" INT "), "INT");
+    for (const bad of [0, 65, 2.5]) assert.throws(() => signalArg(bad), RangeError, String(bad));
+    assert.throws(() => signalArg(""), RangeError);
+
+    // A sandbox on an unreachable daemon: every refusal below is local.
+    const sb = new Sandbox(new Client({ url: "http://127.0.0.1:1", token: TOKEN }), create(SandboxSchema, { id: "sb-aaaaaaaaaaaa" }));
+    await assert.rejects(sb.startProcess([], {}), TypeError);
+    await assert.rejects(sb.startProcess("true", { pty: { rows: 0, cols: 80 } }), RangeError);
+    await assert.rejects(sb.startProcess("true", { tag: "" }), RangeError);
+    await assert.rejects(sb.startProcess("true", { timeout: 0 }), RangeError);
+    assert.throws(() => sb.attach(0), RangeError);
+    assert.throws(() => sb.attach("t", { fromOffset: -1 }), RangeError);
+    await assert.rejects(sb.signal("t", 99), RangeError);
+    await assert.rejects(sb.resize("t", 24, 0), RangeError);
+    await assert.rejects(sb.execInteractive("sh", { pty: { rows: 24, cols: 5000 } }), RangeError);
+    await assert.rejects(sb.watch("relative/dir"), RangeError);
   });
 
   it("carries the result on CommandError", () => {

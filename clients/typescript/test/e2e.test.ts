@@ -4,10 +4,48 @@
 import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
 
-import { Client, CommandError, ConflictError, InvalidArgumentError, NotFoundError, type SnapshotInfo } from "../src/index.js";
+import {
+  Client,
+  CommandError,
+  ConflictError,
+  ForkdError,
+  InvalidArgumentError,
+  NotFoundError,
+  type FileEvent,
+  type ProcessChunk,
+  type SnapshotInfo,
+} from "../src/index.js";
 import { Daemon, E2E, E2E_TAG } from "./daemon.js";
 
 const text = (b: Uint8Array) => new TextDecoder().decode(b);
+
+/** Prints "tick 0", "tick 1", ... five times a second until stopped. */
+const COUNTER = 'i=0; while :; do echo "tick $i"; i=$((i+1)); sleep 0.2; done';
+
+/** Output (and the streams it came on) up to the chunk holding `needle`; the
+ * process's own timeout ends the stream if it never comes. Breaking out
+ * leaves the stream open for more. */
+async function readUntil(chunks: AsyncIterable<ProcessChunk>, needle: string): Promise<{ seen: string; kinds: Set<string> }> {
+  let seen = "";
+  const kinds = new Set<string>();
+  for await (const { stream, data } of chunks) {
+    seen += text(data);
+    kinds.add(stream);
+    if (seen.includes(needle)) return { seen, kinds };
+  }
+  throw new Error(`${JSON.stringify(needle)} never arrived; got ${JSON.stringify(seen)}`);
+}
+
+/** [kind, path] of each event up to the one `done` accepts, repeats in a row folded. */
+async function eventsUntil(events: AsyncIterable<FileEvent>, done: (e: FileEvent) => boolean): Promise<[string, string][]> {
+  const out: [string, string][] = [];
+  for await (const e of events) {
+    const last = out[out.length - 1];
+    if (!last || last[0] !== e.kind || last[1] !== e.path) out.push([e.kind, e.path]);
+    if (done(e)) return out;
+  }
+  throw new Error(`the watch ended early: ${JSON.stringify(out)}`);
+}
 
 describe("e2e", { skip: E2E ? false : "needs microVMs: set FORKD_E2E=1" }, () => {
   let d: Daemon;
@@ -161,6 +199,173 @@ describe("e2e", { skip: E2E ? false : "needs microVMs: set FORKD_E2E=1" }, () =>
       },
       { ttlSecs: 300 },
     );
+  });
+
+  it("runs detached processes: list, attach, signal", async () => {
+    await c.withSandbox(E2E_TAG, async (sb) => {
+      const p = await sb.startProcess(COUNTER, { tag: "counter", timeout: 120 });
+      assert.deepEqual([p.tag, p.args, p.running, p.pty, p.exit], ["counter", ["sh", "-c", COUNTER], true, false, undefined]);
+      assert.ok(p.pid > 1 && p.startedUnixMs > 0);
+      const listed = (await sb.processes()).find((q) => q.tag === "counter");
+      assert.ok(listed?.running && listed.pid === p.pid);
+      await assert.rejects(sb.startProcess(["true"], { tag: "counter" }), ConflictError);
+
+      const stream = sb.attach("counter");
+      const { seen, kinds } = await readUntil(stream, "tick 3\n");
+      assert.ok(seen.startsWith("tick 0\ntick 1\n"), seen);
+      assert.deepEqual([...kinds], ["stdout"]);
+      assert.equal(stream.pid, p.pid);
+      assert.equal(stream.dropped, 0);
+      await sb.signal("counter", "TERM");
+      const r = await stream.wait();
+      assert.deepEqual([r.exitCode, r.signal, r.ok], [-1, 15, false]);
+      assert.ok(r.stdout.startsWith("tick 0\ntick 1\ntick 2\ntick 3\n"), r.stdout);
+
+      const gone = (await sb.processes()).find((q) => q.pid === p.pid)!;
+      assert.ok(!gone.running && gone.exit?.signal === 15);
+      assert.equal(gone.outputBytes, new TextEncoder().encode(r.stdout).length);
+      assert.equal((await sb.attach(p.pid).wait()).stdout, r.stdout);
+      assert.equal((await sb.attach(gone, { fromOffset: gone.outputBytes }).wait()).stdout, "");
+      await assert.rejects(sb.signal("no-such-process", "TERM"), NotFoundError);
+      await assert.rejects(sb.signal(p, "NOT-A-SIGNAL"), InvalidArgumentError);
+    });
+  });
+
+  it("keeps the last MiB of a process's output", async () => {
+    await c.withSandbox(E2E_TAG, async (sb) => {
+      const p = await sb.startProcess("head -c 1500000 /dev/zero | tr '\\0' x; echo end", { timeout: 60 });
+      await sb.attach(p).wait(); // until it has exited
+      const total = 1500000 + "end\n".length;
+      const replay = sb.attach(p);
+      const r = await replay.wait();
+      assert.equal(replay.info?.outputBytes, total);
+      assert.deepEqual([replay.dropped, r.stdout.length], [total - (1 << 20), 1 << 20]);
+      const tail = sb.attach(p, { fromOffset: total - 6 });
+      assert.deepEqual([(await tail.wait()).stdout, tail.dropped], ["xxend\n", 0]);
+    });
+  });
+
+  it("feeds and closes a process's stdin", async () => {
+    await c.withSandbox(E2E_TAG, async (sb) => {
+      const head = await sb.startProcess(["head", "-n", "2"], { stdin: true, timeout: 60 });
+      assert.ok(head.stdinOpen);
+      await sb.sendStdin(head, "one\n");
+      await sb.sendStdin(head, new TextEncoder().encode("two\n"));
+      const r = await sb.attach(head).wait();
+      assert.deepEqual([r.exitCode, r.stdout, r.stderr], [0, "one\ntwo\n", ""]);
+
+      await sb.startProcess(["cat"], { stdin: true, tag: "cat", timeout: 60 });
+      await sb.sendStdin("cat", "no newline");
+      assert.equal((await sb.closeStdin("cat")).stdinOpen, false);
+      const rc = await sb.attach("cat").wait();
+      assert.deepEqual([rc.exitCode, rc.stdout], [0, "no newline"]);
+
+      const wc = await sb.startProcess(["wc", "-c"], { stdin: true, timeout: 60 });
+      const big = new Uint8Array(3 * (1 << 20) + 11).fill(120); // several SendStdin calls
+      await sb.sendStdin(wc, big, { close: true });
+      assert.equal((await sb.attach(wc).wait()).stdout.trim(), String(big.length));
+    });
+  });
+
+  it("runs a process on a PTY and resizes it", async () => {
+    await c.withSandbox(E2E_TAG, async (sb) => {
+      const p = await sb.startProcess(["sh", "-c", "stty size; read line; stty size"], { pty: { rows: 24, cols: 80 }, tag: "tty", timeout: 60 });
+      assert.ok(p.pty && p.stdinOpen);
+      const stream = sb.attach("tty");
+      const { kinds } = await readUntil(stream, "24 80");
+      assert.deepEqual([...kinds], ["pty"]);
+      assert.ok((await sb.resize("tty", 40, 120)).pty);
+      await sb.sendStdin("tty", "\n");
+      const r = await stream.wait();
+      assert.ok(r.exitCode === 0 && r.stdout.includes("40 120"), JSON.stringify(r));
+    });
+  });
+
+  it("talks to an interactive shell on a PTY", async () => {
+    await c.withSandbox(E2E_TAG, async (sb) => {
+      const term = await sb.execInteractive(["sh"], { pty: { rows: 24, cols: 80 }, tag: "shell", timeout: 120 });
+      try {
+        assert.ok(term.info?.pty && term.info.tag === "shell" && term.pid);
+        assert.deepEqual((await sb.processes()).filter((q) => q.tag === "shell").map((q) => q.pid), [term.pid]);
+        term.send("stty size\n");
+        await readUntil(term, "24 80");
+        term.resize(50, 132);
+        term.send("stty size\n");
+        await readUntil(term, "50 132");
+        term.send("exit 3\n");
+        const r = await term.wait();
+        assert.ok(r.exitCode === 3 && r.stdout.includes("50 132"), JSON.stringify(r));
+        assert.throws(() => term.send("too late\n"), (e: unknown) => e instanceof ForkdError && /exited/.test(e.message));
+      } finally {
+        term.close();
+      }
+    });
+  });
+
+  it("pipes, signals and detaches interactive commands", async () => {
+    await c.withSandbox(E2E_TAG, async (sb) => {
+      const cat = await sb.execInteractive(["cat"], { timeout: 60 });
+      assert.equal(cat.info?.pty, false);
+      cat.send("hello\n");
+      assert.deepEqual([...(await readUntil(cat, "hello\n")).kinds], ["stdout"]);
+      cat.closeStdin();
+      const r = await cat.wait();
+      assert.deepEqual([r.exitCode, r.stdout], [0, "hello\n"]);
+
+      const sleeper = await sb.execInteractive(["sleep", "60"], { timeout: 120 });
+      sleeper.signal("INT");
+      assert.equal((await sleeper.wait()).signal, 2);
+
+      // Closing the handle detaches; the process keeps running.
+      const first = await sb.execInteractive(["sh", "-c", "read x; echo got $x"], { tag: "later", timeout: 60 });
+      first.close();
+      assert.equal(first.result, undefined);
+      await sb.sendStdin("later", "it\n");
+      assert.equal((await sb.attach("later").wait()).stdout, "got it\n");
+    });
+  });
+
+  it("watches files", async () => {
+    await c.withSandbox(E2E_TAG, async (sb) => {
+      await sb.exec("mkdir -p /tmp/w", { check: true });
+      const events = await sb.watch("/tmp/w");
+      try {
+        await sb.exec("echo hi > /tmp/w/a", { check: true });
+        assert.deepEqual(await eventsUntil(events, (e) => e.kind === "write"), [
+          ["create", "/tmp/w/a"],
+          ["write", "/tmp/w/a"],
+        ]);
+        await sb.exec("mv /tmp/w/a /tmp/w/b && mkdir /tmp/w/d", { check: true });
+        const seen: FileEvent[] = [];
+        for await (const e of events) {
+          seen.push(e);
+          if (e.isDir) break;
+        }
+        assert.deepEqual(seen, [
+          { kind: "rename", path: "/tmp/w/b", from: "/tmp/w/a", isDir: false },
+          { kind: "create", path: "/tmp/w/d", from: "", isDir: true },
+        ]);
+        // Directories created under the watch are watched too.
+        await sb.exec("echo x > /tmp/w/d/inner && chmod 600 /tmp/w/d/inner && rm /tmp/w/b", { check: true });
+        assert.deepEqual(await eventsUntil(events, (e) => e.kind === "remove"), [
+          ["create", "/tmp/w/d/inner"],
+          ["write", "/tmp/w/d/inner"],
+          ["chmod", "/tmp/w/d/inner"],
+          ["remove", "/tmp/w/b"],
+        ]);
+      } finally {
+        events.close();
+      }
+      assert.equal(await events.read(), undefined);
+      const flat = await sb.watch("/tmp/w", { recursive: false });
+      try {
+        await sb.exec("touch /tmp/w/d/deep && touch /tmp/w/top", { check: true });
+        assert.deepEqual(await flat.read(), { kind: "create", path: "/tmp/w/top", from: "", isDir: false });
+      } finally {
+        flat.close();
+      }
+      await assert.rejects(sb.watch("/tmp/no-such-dir"), NotFoundError);
+    });
   });
 
   it("suspends and resumes a workspace", async () => {

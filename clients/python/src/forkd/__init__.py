@@ -11,7 +11,19 @@ snapshots, run commands and Python in them, move files, branch and kill.
 The asyncio flavour is :mod:`forkd.aio`.
 """
 
-from .client import Client, ExecStream, Files, Sandbox, SandboxGroup, Sandboxes, Snapshots, Workspaces
+from .client import (
+    Client,
+    ExecStream,
+    Files,
+    FileWatch,
+    InteractiveProcess,
+    ProcessStream,
+    Sandbox,
+    SandboxGroup,
+    Sandboxes,
+    Snapshots,
+    Workspaces,
+)
 from .errors import (
     AuthenticationError,
     CommandError,
@@ -26,7 +38,7 @@ from .errors import (
     UnavailableError,
     UnimplementedError,
 )
-from .types import EvalResult, ExecResult
+from .types import EvalResult, ExecResult, FileEvent, ProcessInfo
 
 __version__ = "0.1.0"
 
@@ -39,8 +51,13 @@ __all__ = [
     "Workspaces",
     "Files",
     "ExecStream",
+    "ProcessStream",
+    "InteractiveProcess",
+    "FileWatch",
     "ExecResult",
     "EvalResult",
+    "ProcessInfo",
+    "FileEvent",
     "ForkdError",
     "NotFoundError",
     "AuthenticationError",

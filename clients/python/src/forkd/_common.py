@@ -8,18 +8,27 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from collections import deque
+from typing import Any, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
 import grpc
 
 from ._gen.forkd.v1 import sandbox_pb2, snapshot_pb2, workspace_pb2
 from .errors import ForkdError
+from .types import ExecResult, FileEvent, ProcessInfo
 
 DEFAULT_URL = "http://127.0.0.1:8889"
 
 #: Bytes per WriteFile message; well under the daemon's 16 MiB message limit.
 WRITE_CHUNK = 1 << 20
+
+#: Most stdin bytes per SendStdin call (the daemon's limit) and per
+#: interactive stdin message.
+STDIN_CHUNK = 1 << 20
+
+#: Terminal rows and columns, each 1-1000.
+MAX_PTY = 1000
 
 #: Extra time a call's gRPC deadline gets beyond the command timeout it
 #: carries, so the daemon's own timeout (and its clean result) wins the race.
@@ -33,6 +42,12 @@ CHANNEL_OPTIONS: List[Tuple[str, Any]] = [
 Args = Union[str, Sequence[str]]
 Data = Union[bytes, bytearray, memoryview, str]
 PathLike = Union[str, "os.PathLike[str]"]
+#: A process of a sandbox: its pid, its tag, or its ProcessInfo.
+ProcessRef = Union[int, str, ProcessInfo]
+#: A signal: a number (``signal.SIGTERM`` works) or a name ("TERM", "SIGINT", "kill").
+Sig = Union[int, str]
+#: A terminal size: (rows, cols).
+PtyArg = Tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -286,3 +301,179 @@ def exec_event(ev: sandbox_pb2.ExecEvent) -> Tuple[str, Any]:
     if which == "exit":
         return "exit", ev.exit
     return "", None
+
+
+def pty_size(rows: int, cols: int) -> sandbox_pb2.PtySize:
+    for name, v in (("rows", rows), ("cols", cols)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"pty {name} must be an int, not {type(v).__name__}")
+        if not 1 <= v <= MAX_PTY:
+            raise ValueError(f"pty {name} must be 1-{MAX_PTY}, not {v}")
+    return sandbox_pb2.PtySize(rows=rows, cols=cols)
+
+
+def pty_arg(pty: Optional[PtyArg]) -> Optional[sandbox_pb2.PtySize]:
+    """``(rows, cols)`` as a PtySize; None stays None (no terminal)."""
+    if pty is None:
+        return None
+    try:
+        rows, cols = pty
+    except (TypeError, ValueError):
+        raise TypeError(f"pty must be a (rows, cols) pair, not {pty!r}") from None
+    return pty_size(rows, cols)
+
+
+def process_ref(process: ProcessRef) -> str:
+    """The daemon's name for a process: its pid (digits) or its tag."""
+    if isinstance(process, ProcessInfo):
+        return str(process.pid)
+    if isinstance(process, bool) or not isinstance(process, (int, str)):
+        raise TypeError(f"a process is a pid, a tag or a ProcessInfo, not {type(process).__name__}")
+    if isinstance(process, int):
+        if process < 1:
+            raise ValueError(f"pid must be positive, not {process}")
+        return str(process)
+    if not process:
+        raise ValueError("the process tag is empty")
+    return process
+
+
+def signal_arg(sig: Sig) -> str:
+    """A signal as the daemon takes it: "15", "TERM", "SIGINT", ..."""
+    if isinstance(sig, bool) or not isinstance(sig, (int, str)):
+        raise TypeError(f"a signal is a number or a name, not {type(sig).__name__}")
+    if isinstance(sig, int):
+        if not 1 <= sig <= 64:
+            raise ValueError(f"signal numbers are 1-64, not {sig}")
+        return str(int(sig))
+    name = sig.strip()
+    if not name:
+        raise ValueError("the signal name is empty")
+    return name
+
+
+def optional_tag(tag: Optional[str]) -> str:
+    if tag is not None and (not isinstance(tag, str) or not tag):
+        raise ValueError(f"tag must be a non-empty string, not {tag!r}")
+    return tag or ""
+
+
+def start_process_request(
+    sandbox_id: str,
+    args: Args,
+    tag: Optional[str],
+    pty: Optional[PtyArg],
+    stdin: bool,
+    env: Optional[Mapping[str, str]],
+    cwd: Optional[str],
+    timeout: Optional[float],
+) -> sandbox_pb2.StartProcessRequest:
+    return sandbox_pb2.StartProcessRequest(
+        id=sandbox_id,
+        args=argv(args),
+        env=dict(env or {}),
+        cwd=cwd or "",
+        tag=optional_tag(tag),
+        pty=pty_arg(pty),
+        stdin=stdin,
+        timeout_secs=whole_seconds(timeout),
+    )
+
+
+def interactive_start(
+    sandbox_id: str,
+    args: Args,
+    pty: Optional[PtyArg],
+    tag: Optional[str],
+    env: Optional[Mapping[str, str]],
+    cwd: Optional[str],
+    timeout: Optional[float],
+) -> sandbox_pb2.ExecInput:
+    """The first ExecInteractive message: the command (timeout None = no limit)."""
+    req = sandbox_pb2.ExecRequest(
+        id=sandbox_id,
+        args=argv(args),
+        timeout_secs=whole_seconds(timeout),
+        env=dict(env or {}),
+        cwd=cwd or "",
+        pty=pty_arg(pty),
+        tag=optional_tag(tag),
+    )
+    return sandbox_pb2.ExecInput(start=req)
+
+
+def chunks(data: Data) -> List[bytes]:
+    """``data`` in STDIN_CHUNK pieces; at least one (possibly empty)."""
+    blob = as_bytes(data)
+    return [blob[off : off + STDIN_CHUNK] for off in range(0, len(blob), STDIN_CHUNK)] or [b""]
+
+
+def stdin_requests(sandbox_id: str, process: ProcessRef, data: Data, close: bool) -> List[sandbox_pb2.SendStdinRequest]:
+    """SendStdin calls for ``data``; only the last one closes stdin."""
+    ref = process_ref(process)
+    parts = chunks(data)
+    return [
+        sandbox_pb2.SendStdinRequest(id=sandbox_id, process=ref, data=p, close=close and i == len(parts) - 1)
+        for i, p in enumerate(parts)
+    ]
+
+
+def attach_request(sandbox_id: str, process: ProcessRef, from_offset: int) -> sandbox_pb2.AttachProcessRequest:
+    if isinstance(from_offset, bool) or not isinstance(from_offset, int):
+        raise TypeError(f"from_offset must be an int, not {type(from_offset).__name__}")
+    if from_offset < 0:
+        raise ValueError(f"from_offset must not be negative, not {from_offset}")
+    return sandbox_pb2.AttachProcessRequest(id=sandbox_id, process=process_ref(process), from_offset=from_offset)
+
+
+def watch_request(sandbox_id: str, path: str, recursive: bool) -> sandbox_pb2.WatchFilesRequest:
+    path = os.fspath(path)
+    if not path.startswith("/"):
+        raise ValueError(f"the watched path must be absolute, not {path!r}")
+    return sandbox_pb2.WatchFilesRequest(id=sandbox_id, path=path, recursive=recursive)
+
+
+def file_events(batch: sandbox_pb2.FileEvents, root: str) -> List[FileEvent]:
+    """One FileEvents message as FileEvents, an "overflow" marker first when
+    events were lost before them."""
+    out = [FileEvent(kind="overflow", path=root)] if batch.overflow else []
+    out.extend(FileEvent._from_pb(e) for e in batch.events)
+    return out
+
+
+class ProcessOutput:
+    """Bookkeeping of an ExecEvent stream of a process (attach, interactive):
+    the process (``started``), the bytes lost to the ring buffer
+    (``dropped``), the output, and the exit."""
+
+    def __init__(self) -> None:
+        self.info: Optional[ProcessInfo] = None
+        self.dropped = 0
+        self.result: Optional[ExecResult] = None
+        self.pending: Deque[Tuple[str, bytes]] = deque()
+        self._out: List[bytes] = []
+        self._err: List[bytes] = []
+
+    def feed(self, ev: sandbox_pb2.ExecEvent) -> None:
+        """Takes one event; output is queued in ``pending``."""
+        which = ev.WhichOneof("event")
+        if which in ("stdout", "stderr", "pty"):
+            data: bytes = getattr(ev, which)
+            if data:
+                (self._err if which == "stderr" else self._out).append(data)
+                self.pending.append((which, data))
+        elif which == "started":
+            self.info = ProcessInfo._from_pb(ev.started)
+        elif which == "dropped":
+            self.dropped += ev.dropped
+        elif which == "exit":
+            self.result = ExecResult._from_pb(
+                ev.exit,
+                stdout=b"".join(self._out).decode(errors="replace"),
+                stderr=b"".join(self._err).decode(errors="replace"),
+            )
+
+    def finish(self) -> None:
+        """The stream ended: it must have carried the exit."""
+        if self.result is None:
+            raise ForkdError("process output ended without an exit status")

@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import deque
 from typing import (
     Any,
     AsyncIterable,
     AsyncIterator,
     Awaitable,
     Callable,
+    Deque,
     Generator,
     Generic,
     Iterable,
@@ -45,15 +47,17 @@ from ._gen.forkd.v1 import (
     workspace_pb2,
     workspace_pb2_grpc,
 )
-from .errors import DeadlineExceededError, ForkdError, NotFoundError, SnapshotFailedError, from_rpc_error
+from .errors import DeadlineExceededError, ForkdError, NotFoundError, SnapshotFailedError, error_class, from_rpc_error
 from .types import (
     DeleteSnapshotResult,
     DeleteWorkspaceResult,
     EvalResult,
     Event,
     ExecResult,
+    FileEvent,
     FileInfo,
     PingResult,
+    ProcessInfo,
     PushResult,
     RemoteSnapshot,
     SandboxInfo,
@@ -62,10 +66,23 @@ from .types import (
     WorkspaceInfo,
 )
 
-__all__ = ["Client", "Sandbox", "SandboxGroup", "Files", "ExecStream", "Snapshots", "Sandboxes", "Workspaces"]
+__all__ = [
+    "Client",
+    "Sandbox",
+    "SandboxGroup",
+    "Files",
+    "ExecStream",
+    "ProcessStream",
+    "InteractiveProcess",
+    "FileWatch",
+    "Snapshots",
+    "Sandboxes",
+    "Workspaces",
+]
 
 T = TypeVar("T")
 C = TypeVar("C", "Sandbox", "SandboxGroup")
+H = TypeVar("H", "InteractiveProcess", "FileWatch")
 
 
 class _Rpc:
@@ -79,8 +96,17 @@ class _Rpc:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
 
-    def stream(self, method: Callable[..., Any], request: Any, timeout: Optional[float] = None) -> "_Typed":
-        return _Typed(method(request, metadata=self.metadata, timeout=timeout if timeout is not None else self.timeout))
+    def stream(
+        self, method: Callable[..., Any], request: Any, timeout: Optional[float] = None, *, bounded: bool = True
+    ) -> "_Typed":
+        """A streaming call. ``timeout`` None means the client default, or
+        no deadline at all when not ``bounded`` (a call that lasts as long
+        as a process). ``request`` None opens a call written with ``write``."""
+        if timeout is None and bounded:
+            timeout = self.timeout
+        if request is None:
+            return _Typed(method(metadata=self.metadata, timeout=timeout))
+        return _Typed(method(request, metadata=self.metadata, timeout=timeout))
 
 
 class _Typed:
@@ -123,6 +149,26 @@ class _Spawn(Generic[C]):
     async def __aexit__(self, *exc: object) -> None:
         if self._value is not None:
             await self._value.kill()
+
+
+class _Opening(Generic[H]):
+    """What ``exec_interactive``/``watch`` return: await it for the handle,
+    or use it with ``async with`` to have the handle closed on exit."""
+
+    def __init__(self, make: Callable[[], Awaitable[H]]) -> None:
+        self._make: Callable[[], Awaitable[H]] = make
+        self._value: Optional[H] = None
+
+    def __await__(self) -> Generator[Any, None, H]:
+        return self._make().__await__()
+
+    async def __aenter__(self) -> H:
+        self._value = await self._make()
+        return self._value
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._value is not None:
+            self._value.close()
 
 
 class Client:
@@ -345,6 +391,95 @@ class Sandbox:
             self._c._rpc.stream(self._c._sb.ExecStream, req, timeout=c.deadline(self._c._rpc.timeout, timeout or 60))
         )
 
+    async def start_process(
+        self,
+        args: c.Args,
+        *,
+        tag: Optional[str] = None,
+        pty: Optional[c.PtyArg] = None,
+        stdin: bool = False,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> ProcessInfo:
+        """Starts a detached process; see :meth:`forkd.Sandbox.start_process`."""
+        req = c.start_process_request(self.id, args, tag, pty, stdin, env, cwd, timeout)
+        return ProcessInfo._from_pb(await self._c._rpc(self._c._sb.StartProcess, req))
+
+    async def processes(self) -> List[ProcessInfo]:
+        resp = await self._c._rpc(self._c._sb.ListProcesses, sandbox_pb2.ListProcessesRequest(id=self.id))
+        return [ProcessInfo._from_pb(p) for p in resp.processes]
+
+    def attach(self, process: c.ProcessRef, from_offset: int = 0) -> "ProcessStream":
+        """``async for stream, data in sb.attach(p)``: buffered output, then
+        live until the process exits; ``.result`` afterwards."""
+        req = c.attach_request(self.id, process, from_offset)
+        return ProcessStream(self._c._rpc.stream(self._c._sb.AttachProcess, req, bounded=False))
+
+    async def signal(self, process: c.ProcessRef, sig: c.Sig) -> ProcessInfo:
+        req = sandbox_pb2.SignalProcessRequest(id=self.id, process=c.process_ref(process), signal=c.signal_arg(sig))
+        return ProcessInfo._from_pb(await self._c._rpc(self._c._sb.SignalProcess, req))
+
+    async def send_stdin(self, process: c.ProcessRef, data: c.Data, *, close: bool = False) -> ProcessInfo:
+        info: Optional[sandbox_pb2.ProcessInfo] = None
+        for req in c.stdin_requests(self.id, process, data, close):
+            info = await self._c._rpc(self._c._sb.SendStdin, req)
+        assert info is not None
+        return ProcessInfo._from_pb(info)
+
+    async def close_stdin(self, process: c.ProcessRef) -> ProcessInfo:
+        req = sandbox_pb2.CloseStdinRequest(id=self.id, process=c.process_ref(process))
+        return ProcessInfo._from_pb(await self._c._rpc(self._c._sb.CloseStdin, req))
+
+    async def resize(self, process: c.ProcessRef, rows: int, cols: int) -> ProcessInfo:
+        req = sandbox_pb2.ResizePtyRequest(id=self.id, process=c.process_ref(process), size=c.pty_size(rows, cols))
+        return ProcessInfo._from_pb(await self._c._rpc(self._c._sb.ResizePty, req))
+
+    def exec_interactive(
+        self,
+        args: c.Args,
+        *,
+        pty: Optional[c.PtyArg] = None,
+        tag: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> "_Opening[InteractiveProcess]":
+        """Starts a command to talk to; ``await`` it for the handle, or
+        ``async with`` it to detach on exit (the process keeps running).
+        See :meth:`forkd.Sandbox.exec_interactive`."""
+        start = c.interactive_start(self.id, args, pty, tag, env, cwd, timeout)
+        deadline = None if timeout is None else c.deadline(self._c._rpc.timeout, timeout)
+
+        async def make() -> InteractiveProcess:
+            p = InteractiveProcess(self._c._rpc.stream(self._c._sb.ExecInteractive, None, deadline, bounded=False))
+            try:
+                await p._write(start)
+                await p._until_started()
+            except BaseException:
+                p.close()
+                raise
+            return p
+
+        return _Opening(make)
+
+    def watch(self, path: str, recursive: bool = True) -> "_Opening[FileWatch]":
+        """File-system changes under ``path``; ``await`` it (or ``async
+        with`` it, to cancel on exit) for an endless async iterator of
+        FileEvent. It is ready once the daemon has accepted the watch."""
+        req = c.watch_request(self.id, path, recursive)
+
+        async def make() -> FileWatch:
+            w = FileWatch(self._c._rpc.stream(self._c._sb.WatchFiles, req), req.path)
+            try:
+                await w._ready()
+            except BaseException:
+                w.close()
+                raise
+            return w
+
+        return _Opening(make)
+
     async def eval(self, code: str, timeout: Optional[float] = None, *, check: bool = False) -> EvalResult:
         req = sandbox_pb2.EvalRequest(id=self.id, code=code, timeout_secs=c.whole_seconds(timeout))
         resp = await self._c._rpc(self._c._sb.Eval, req, timeout=c.deadline(self._c._rpc.timeout, timeout or 60))
@@ -420,6 +555,180 @@ class ExecStream:
 
     def cancel(self) -> None:
         self._stream.cancel()
+
+
+class ProcessStream:
+    """``async for stream, data in ...`` yields ("stdout"|"stderr"|"pty",
+    bytes); ``info``, ``dropped`` and ``result`` as in
+    :class:`forkd.ProcessStream`. Iteration may stop and resume."""
+
+    def __init__(self, stream: _Typed) -> None:
+        self._stream = stream
+        self._out = c.ProcessOutput()
+        self._done = False
+
+    @property
+    def info(self) -> Optional[ProcessInfo]:
+        return self._out.info
+
+    @property
+    def pid(self) -> Optional[int]:
+        return None if self._out.info is None else self._out.info.pid
+
+    @property
+    def dropped(self) -> int:
+        return self._out.dropped
+
+    @property
+    def result(self) -> Optional[ExecResult]:
+        return self._out.result
+
+    @property
+    def exit_code(self) -> Optional[int]:
+        return None if self._out.result is None else self._out.result.exit_code
+
+    def __aiter__(self) -> "ProcessStream":
+        return self
+
+    async def _event(self) -> bool:
+        """Reads one event; False once the stream has ended (it is read to
+        its very end, past the exit, so that the call completes)."""
+        if self._done:
+            return False
+        try:
+            ev = await self._stream.__anext__()
+        except StopAsyncIteration:
+            self._done = True
+            self._out.finish()
+            return False
+        except ForkdError:
+            self._done = True
+            raise
+        self._out.feed(ev)
+        return True
+
+    async def __anext__(self) -> Tuple[str, bytes]:
+        while not self._out.pending:
+            if not await self._event():
+                raise StopAsyncIteration
+        return self._out.pending.popleft()
+
+    async def _until_started(self) -> None:
+        while self._out.info is None and self._out.result is None:
+            if not await self._event():
+                return
+
+    async def wait(self) -> ExecResult:
+        async for _ in self:
+            pass
+        assert self._out.result is not None
+        return self._out.result
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    async def __aenter__(self) -> "ProcessStream":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self._done:
+            self.cancel()
+
+
+class InteractiveProcess(ProcessStream):
+    """A command started with :meth:`Sandbox.exec_interactive`; its methods
+    are coroutines that write to the call. :meth:`close` detaches (the
+    process keeps running)."""
+
+    def __init__(self, stream: _Typed) -> None:
+        super().__init__(stream)
+        self._closed = False
+
+    async def _write(self, msg: sandbox_pb2.ExecInput) -> None:
+        if self._out.result is not None:
+            raise ForkdError("the process has exited")
+        if self._closed:
+            raise ForkdError("the interactive session is closed")
+        try:
+            await self._stream.call.write(msg)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        except asyncio.InvalidStateError:
+            raise ForkdError("the interactive session has ended") from None
+
+    async def send(self, data: c.Data) -> None:
+        for part in c.chunks(data):
+            if part:
+                await self._write(sandbox_pb2.ExecInput(stdin=part))
+
+    async def close_stdin(self) -> None:
+        await self._write(sandbox_pb2.ExecInput(eof=True))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._write(sandbox_pb2.ExecInput(resize=c.pty_size(rows, cols)))
+
+    async def signal(self, sig: c.Sig) -> None:
+        await self._write(sandbox_pb2.ExecInput(signal=c.signal_arg(sig)))
+
+    def close(self) -> None:
+        """Detaches: stops the stream; the process keeps running."""
+        if not self._closed:
+            self._closed = True
+            if not self._done:
+                ProcessStream.cancel(self)
+
+    cancel = close
+
+    async def __aenter__(self) -> "InteractiveProcess":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FileWatch:
+    """``async for event in ...`` yields :class:`~forkd.types.FileEvent`
+    without end; :meth:`close` (or leaving ``async with``) ends it."""
+
+    def __init__(self, stream: _Typed, path: str) -> None:
+        self._stream = stream
+        self.path = path
+        self._pending: Deque[FileEvent] = deque()
+        self._cancelled = False
+
+    async def _ready(self) -> None:
+        call = self._stream.call
+        # The response headers mean the daemon has accepted the watch; a
+        # refusal (no such directory, ...) ends the call before them.
+        await call.initial_metadata()
+        if call.done():
+            code = await call.code()
+            if code != grpc.StatusCode.OK:
+                raise error_class(code)(await call.details() or code.name, code)
+
+    def __aiter__(self) -> "FileWatch":
+        return self
+
+    async def __anext__(self) -> FileEvent:
+        while not self._pending:
+            try:
+                batch = await self._stream.__anext__()
+            except ForkdError as e:
+                if self._cancelled and e.code == grpc.StatusCode.CANCELLED:
+                    raise StopAsyncIteration from None
+                raise
+            except asyncio.CancelledError:
+                if self._cancelled:
+                    raise StopAsyncIteration from None
+                raise
+            self._pending.extend(c.file_events(batch, self.path))
+        return self._pending.popleft()
+
+    def close(self) -> None:
+        self._cancelled = True
+        self._stream.cancel()
+
+    cancel = close
 
 
 class Files:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import queue
 import time
-from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from collections import deque
+from typing import Any, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import grpc
 
@@ -26,8 +28,10 @@ from .types import (
     EvalResult,
     Event,
     ExecResult,
+    FileEvent,
     FileInfo,
     PingResult,
+    ProcessInfo,
     PushResult,
     RemoteSnapshot,
     SandboxInfo,
@@ -36,7 +40,19 @@ from .types import (
     WorkspaceInfo,
 )
 
-__all__ = ["Client", "Sandbox", "SandboxGroup", "Files", "ExecStream", "Snapshots", "Sandboxes", "Workspaces"]
+__all__ = [
+    "Client",
+    "Sandbox",
+    "SandboxGroup",
+    "Files",
+    "ExecStream",
+    "ProcessStream",
+    "InteractiveProcess",
+    "FileWatch",
+    "Snapshots",
+    "Sandboxes",
+    "Workspaces",
+]
 
 T = TypeVar("T")
 
@@ -54,8 +70,15 @@ class _Rpc:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
 
-    def stream(self, method: Callable[..., Any], request: Any, timeout: Optional[float] = None) -> "_Typed":
-        call = method(request, metadata=self.metadata, timeout=timeout if timeout is not None else self.timeout)
+    def stream(
+        self, method: Callable[..., Any], request: Any, timeout: Optional[float] = None, *, bounded: bool = True
+    ) -> "_Typed":
+        """A streaming call. ``timeout`` None means the client default, or
+        no deadline at all when not ``bounded`` (a call that lasts as long
+        as a process)."""
+        if timeout is None and bounded:
+            timeout = self.timeout
+        call = method(request, metadata=self.metadata, timeout=timeout)
         return _Typed(call)
 
 
@@ -337,6 +360,96 @@ class Sandbox:
         req = c.exec_request(self.id, args, timeout, env, cwd, stdin)
         return ExecStream(self._c._rpc.stream(self._c._sb.ExecStream, req, timeout=c.deadline(self._c._rpc.timeout, timeout or 60)))
 
+    def start_process(
+        self,
+        args: c.Args,
+        *,
+        tag: Optional[str] = None,
+        pty: Optional[c.PtyArg] = None,
+        stdin: bool = False,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> ProcessInfo:
+        """Starts a detached process: it keeps running after this call and
+        when clients go away; read its output with :meth:`attach`.
+
+        ``tag`` names it for later calls (else use its pid); ``pty=(rows,
+        cols)`` runs it on a terminal; ``stdin=True`` keeps its stdin open
+        for :meth:`send_stdin`; ``timeout`` (seconds, default none) kills it.
+        """
+        req = c.start_process_request(self.id, args, tag, pty, stdin, env, cwd, timeout)
+        return ProcessInfo._from_pb(self._c._rpc(self._c._sb.StartProcess, req))
+
+    def processes(self) -> List[ProcessInfo]:
+        """Processes started with :meth:`start_process` or
+        :meth:`exec_interactive`, running and recently exited."""
+        resp = self._c._rpc(self._c._sb.ListProcesses, sandbox_pb2.ListProcessesRequest(id=self.id))
+        return [ProcessInfo._from_pb(p) for p in resp.processes]
+
+    def attach(self, process: c.ProcessRef, from_offset: int = 0) -> "ProcessStream":
+        """A process's output: what is still buffered (from ``from_offset``),
+        then live until it exits. Iterate for ``(stream, bytes)`` pairs
+        ("stdout", "stderr" or "pty"); ``.result`` holds the exit afterwards."""
+        req = c.attach_request(self.id, process, from_offset)
+        return ProcessStream(self._c._rpc.stream(self._c._sb.AttachProcess, req, bounded=False))
+
+    def signal(self, process: c.ProcessRef, sig: c.Sig) -> ProcessInfo:
+        """Sends a signal to the process's group: a number or a name
+        ("TERM", "SIGINT", "kill", ``signal.SIGKILL``)."""
+        req = sandbox_pb2.SignalProcessRequest(id=self.id, process=c.process_ref(process), signal=c.signal_arg(sig))
+        return ProcessInfo._from_pb(self._c._rpc(self._c._sb.SignalProcess, req))
+
+    def send_stdin(self, process: c.ProcessRef, data: c.Data, *, close: bool = False) -> ProcessInfo:
+        """Writes to the process's stdin (its terminal, for a PTY); ``close``
+        ends stdin after the data. ``str`` is UTF-8 encoded."""
+        info: Optional[sandbox_pb2.ProcessInfo] = None
+        for req in c.stdin_requests(self.id, process, data, close):
+            info = self._c._rpc(self._c._sb.SendStdin, req)
+        assert info is not None
+        return ProcessInfo._from_pb(info)
+
+    def close_stdin(self, process: c.ProcessRef) -> ProcessInfo:
+        """Ends the process's stdin (it reads end of file)."""
+        req = sandbox_pb2.CloseStdinRequest(id=self.id, process=c.process_ref(process))
+        return ProcessInfo._from_pb(self._c._rpc(self._c._sb.CloseStdin, req))
+
+    def resize(self, process: c.ProcessRef, rows: int, cols: int) -> ProcessInfo:
+        """Sets the terminal size of a process on a PTY."""
+        req = sandbox_pb2.ResizePtyRequest(id=self.id, process=c.process_ref(process), size=c.pty_size(rows, cols))
+        return ProcessInfo._from_pb(self._c._rpc(self._c._sb.ResizePty, req))
+
+    def exec_interactive(
+        self,
+        args: c.Args,
+        *,
+        pty: Optional[c.PtyArg] = None,
+        tag: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> "InteractiveProcess":
+        """Starts a command and returns a handle to talk to it: ``send``,
+        ``close_stdin``, ``resize``, ``signal``; iterate it for output and
+        ``wait()`` for the exit. ``pty=(rows, cols)`` runs it on a terminal.
+        ``timeout`` (seconds) kills it; by default it has no limit.
+
+        The command is a process of the sandbox: closing the handle (or
+        leaving its ``with`` block) detaches, and it keeps running.
+        """
+        start = c.interactive_start(self.id, args, pty, tag, env, cwd, timeout)
+        deadline = None if timeout is None else c.deadline(self._c._rpc.timeout, timeout)
+        return InteractiveProcess(self._c._rpc, self._c._sb.ExecInteractive, start, deadline)
+
+    def watch(self, path: str, recursive: bool = True) -> "FileWatch":
+        """Changes under the guest directory ``path`` as they happen (also
+        in directories below it unless ``recursive=False``): an endless
+        iterator of FileEvent; :meth:`FileWatch.cancel` (or leaving its
+        ``with`` block) ends it. Returns once the daemon has accepted the
+        watch."""
+        req = c.watch_request(self.id, path, recursive)
+        return FileWatch(self._c._rpc.stream(self._c._sb.WatchFiles, req), req.path)
+
     def eval(self, code: str, timeout: Optional[float] = None, *, check: bool = False) -> EvalResult:
         """Evaluates Python in the sandbox's warm interpreter; names persist
         between calls. ``result`` is the repr of the last expression."""
@@ -420,6 +533,235 @@ class ExecStream:
 
     def cancel(self) -> None:
         self._stream.cancel()
+
+
+class ProcessStream:
+    """Output of a process (:meth:`Sandbox.attach`): iterate for ``(stream,
+    bytes)`` pairs, stream being "stdout", "stderr" or "pty". ``info`` is
+    the process as it was when the stream began, ``dropped`` the bytes
+    that were no longer buffered, and ``result`` the exit, with the output
+    this stream saw (PTY output in ``stdout``), once it has ended.
+
+    Iteration may stop and resume; :meth:`cancel` (or leaving a ``with``
+    block) stops following the process without affecting it.
+    """
+
+    def __init__(self, stream: _Typed) -> None:
+        self._stream = stream
+        self._out = c.ProcessOutput()
+        self._done = False
+
+    @property
+    def info(self) -> Optional[ProcessInfo]:
+        return self._out.info
+
+    @property
+    def pid(self) -> Optional[int]:
+        return None if self._out.info is None else self._out.info.pid
+
+    @property
+    def dropped(self) -> int:
+        return self._out.dropped
+
+    @property
+    def result(self) -> Optional[ExecResult]:
+        return self._out.result
+
+    @property
+    def exit_code(self) -> Optional[int]:
+        return None if self._out.result is None else self._out.result.exit_code
+
+    def __iter__(self) -> "ProcessStream":
+        return self
+
+    def _event(self) -> bool:
+        """Reads one event; False once the stream has ended (it is read to
+        its very end, past the exit, so that the call completes)."""
+        if self._done:
+            return False
+        try:
+            ev = next(self._stream)
+        except StopIteration:
+            self._done = True
+            self._ended()
+            self._out.finish()
+            return False
+        except ForkdError:
+            self._done = True
+            self._ended()
+            raise
+        self._out.feed(ev)
+        return True
+
+    def _ended(self) -> None:
+        """The stream is over (for the request side of subclasses)."""
+
+    def __next__(self) -> Tuple[str, bytes]:
+        while not self._out.pending:
+            if not self._event():
+                raise StopIteration
+        return self._out.pending.popleft()
+
+    def _until_started(self) -> None:
+        """Reads events until the process handle arrives (output that comes
+        first stays queued for iteration)."""
+        while self._out.info is None and self._out.result is None:
+            if not self._event():
+                return
+
+    def wait(self) -> ExecResult:
+        """Consumes the rest of the output and returns the exit."""
+        for _ in self:
+            pass
+        assert self._out.result is not None
+        return self._out.result
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    def __enter__(self) -> "ProcessStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._done:
+            self.cancel()
+
+
+_CLOSED = None  # the request queue's end marker
+
+
+def _drain(requests: "queue.Queue[Optional[sandbox_pb2.ExecInput]]") -> Iterator[sandbox_pb2.ExecInput]:
+    """The request stream of an interactive exec. It holds the queue, not
+    the handle, so a dropped handle is collected (and its __del__ ends this)."""
+    while True:
+        msg = requests.get()
+        if msg is _CLOSED:
+            return
+        yield msg
+
+
+class InteractiveProcess(ProcessStream):
+    """A command started with :meth:`Sandbox.exec_interactive`: write to it
+    with :meth:`send`, :meth:`close_stdin`, :meth:`resize` and
+    :meth:`signal`; iterate it for output (as :class:`ProcessStream`) and
+    :meth:`wait` for the exit. ``info`` (and ``pid``) is known on return.
+
+    :meth:`close` (or leaving a ``with`` block) detaches: the process keeps
+    running and can be attached again by pid or tag.
+    """
+
+    def __init__(
+        self, rpc: _Rpc, method: Callable[..., Any], start: sandbox_pb2.ExecInput, timeout: Optional[float]
+    ) -> None:
+        # gRPC reads the request iterator on a thread of its own; the
+        # methods below only queue messages for it.
+        self._requests: "queue.Queue[Optional[sandbox_pb2.ExecInput]]" = queue.Queue()
+        self._requests.put(start)
+        self._closed = False
+        super().__init__(rpc.stream(method, _drain(self._requests), timeout, bounded=False))
+        try:
+            self._until_started()
+        except BaseException:
+            self.close()
+            raise
+
+    def _put(self, msg: sandbox_pb2.ExecInput) -> None:
+        if self._out.result is not None:
+            raise ForkdError("the process has exited")
+        if self._closed:
+            raise ForkdError("the interactive session is closed")
+        self._requests.put(msg)
+
+    def send(self, data: c.Data) -> None:
+        """Writes to the process's stdin (its terminal, for a PTY); ``str``
+        is UTF-8 encoded."""
+        for part in c.chunks(data):
+            if part:
+                self._put(sandbox_pb2.ExecInput(stdin=part))
+
+    def close_stdin(self) -> None:
+        """Ends the process's stdin (it reads end of file)."""
+        self._put(sandbox_pb2.ExecInput(eof=True))
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Sets the terminal size (PTY only)."""
+        self._put(sandbox_pb2.ExecInput(resize=c.pty_size(rows, cols)))
+
+    def signal(self, sig: c.Sig) -> None:
+        """Signals the process's group: a number or a name ("INT", "TERM", ...)."""
+        self._put(sandbox_pb2.ExecInput(signal=c.signal_arg(sig)))
+
+    def _ended(self) -> None:
+        self._requests.put(_CLOSED)
+
+    def close(self) -> None:
+        """Detaches: stops the stream; the process keeps running."""
+        if not self._closed:
+            self._closed = True
+            self._requests.put(_CLOSED)
+            if not self._done:
+                ProcessStream.cancel(self)
+
+    cancel = close
+
+    def __enter__(self) -> "InteractiveProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A dropped handle detaches; never leave gRPC's request thread
+        # blocked on the queue.
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+
+class FileWatch:
+    """File-system changes under a guest directory (:meth:`Sandbox.watch`):
+    an endless iterator of :class:`~forkd.types.FileEvent`, in the order
+    they happened; :meth:`cancel` (from any thread) or leaving a ``with``
+    block ends it."""
+
+    def __init__(self, stream: _Typed, path: str) -> None:
+        self._stream = stream
+        self.path = path
+        self._pending: "Deque[FileEvent]" = deque()
+        self._cancelled = False
+        call = stream.call
+        # The response headers mean the daemon has accepted the watch; a
+        # refusal (no such directory, ...) ends the call before them.
+        call.initial_metadata()
+        if call.done() and call.code() != grpc.StatusCode.OK:
+            raise from_rpc_error(call)
+
+    def __iter__(self) -> "FileWatch":
+        return self
+
+    def __next__(self) -> FileEvent:
+        while not self._pending:
+            try:
+                batch = next(self._stream)
+            except ForkdError as e:
+                if self._cancelled and e.code == grpc.StatusCode.CANCELLED:
+                    raise StopIteration from None
+                raise
+            self._pending.extend(c.file_events(batch, self.path))
+        return self._pending.popleft()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._stream.cancel()
+
+    close = cancel
+
+    def __enter__(self) -> "FileWatch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
 
 
 class Files:

@@ -2,13 +2,15 @@
 
 Descriptive records (snapshots, sandboxes, files, workspaces, the version)
 are the generated protobuf messages, re-exported here under names that do not
-clash with the client's handle classes. Command and evaluation results are
-small dataclasses with helpers, because callers branch on them constantly.
+clash with the client's handle classes. Command and evaluation results,
+processes and file events are small dataclasses with helpers, because callers
+branch on them constantly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 from ._gen.forkd.v1 import common_pb2, sandbox_pb2, snapshot_pb2, system_pb2, workspace_pb2
 from .errors import CommandError
@@ -26,6 +28,8 @@ __all__ = [
     "RemoteSnapshot",
     "ExecResult",
     "EvalResult",
+    "ProcessInfo",
+    "FileEvent",
 ]
 
 SnapshotInfo = common_pb2.Snapshot
@@ -106,3 +110,65 @@ class EvalResult:
     @classmethod
     def _from_pb(cls, r: sandbox_pb2.EvalResponse) -> "EvalResult":
         return cls(result=r.result, error=r.error, exit_code=r.exit_code, stdout=r.stdout, stderr=r.stderr)
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A process of a sandbox, started with ``start_process`` or
+    ``exec_interactive``; name it by ``pid`` or ``tag`` in later calls."""
+
+    pid: int
+    #: The tag it was started with ("" for none).
+    tag: str
+    args: Tuple[str, ...]
+    cwd: str
+    #: Runs on a pseudo-terminal (its output arrives as "pty" chunks).
+    pty: bool
+    #: Its stdin still accepts ``send_stdin``.
+    stdin_open: bool
+    started_unix_ms: int
+    #: Output bytes produced so far, including those no longer buffered:
+    #: ``attach(p, from_offset=p.output_bytes)`` shows only new output.
+    output_bytes: int
+    running: bool
+    #: How it ended (output not included); None while it runs.
+    exit: Optional[ExecResult] = None
+
+    @classmethod
+    def _from_pb(cls, p: sandbox_pb2.ProcessInfo) -> "ProcessInfo":
+        return cls(
+            pid=p.pid,
+            tag=p.tag,
+            args=tuple(p.args),
+            cwd=p.cwd,
+            pty=p.pty,
+            stdin_open=p.stdin_open,
+            started_unix_ms=p.started_unix_ms,
+            output_bytes=p.output_bytes,
+            running=p.running,
+            exit=ExecResult._from_pb(p.exit) if p.HasField("exit") else None,
+        )
+
+
+@dataclass(frozen=True)
+class FileEvent:
+    """A change under a watched guest directory.
+
+    ``kind`` is "create", "write", "remove", "rename" (``from_`` is the old
+    path) or "chmod"; or "overflow": events were lost at this point (a queue
+    was full) and ``path`` is the watched directory, to be rescanned.
+    """
+
+    kind: str
+    path: str
+    #: For "rename": the path it had before.
+    from_: str = ""
+    is_dir: bool = False
+
+    @classmethod
+    def _from_pb(cls, e: sandbox_pb2.FileEvent) -> "FileEvent":
+        try:
+            kind = sandbox_pb2.FileEvent.Kind.Name(e.kind).lower()
+        except ValueError:  # a kind newer than this client
+            kind = f"unknown-{e.kind}"
+        return cls(kind=kind, path=e.path, from_=getattr(e, "from"), is_dir=e.is_dir)

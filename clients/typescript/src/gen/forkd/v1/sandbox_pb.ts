@@ -4,8 +4,8 @@
 // @generated from file forkd/v1/sandbox.proto (package forkd.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import { file_google_api_annotations } from "../../google/api/annotations_pb.js";
 import type { DataChunkSchema, Sandbox, SandboxSchema, SnapshotSchema } from "./common_pb.js";
 import { file_forkd_v1_common } from "./common_pb.js";
@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file forkd/v1/sandbox.proto.
  */
 export const file_forkd_v1_sandbox: GenFile = /*@__PURE__*/
-  fileDesc("ChZmb3JrZC92MS9zYW5kYm94LnByb3RvEghmb3JrZC52MSLMAwoWQ3JlYXRlU2FuZGJveGVzUmVxdWVzdBIUCgxzbmFwc2hvdF90YWcYASABKAkSDgoBbhgCIAEoDUgAiAEBEhgKEG1lbW9yeV9saW1pdF9taWIYAyABKA0SEQoJY3B1X3F1b3RhGAQgASgBEhIKCnBpZHNfbGltaXQYBSABKA0SDwoHbmV0d29yaxgGIAEoCRINCgVhbGxvdxgHIAMoCRIXCg9wZXJfY2hpbGRfbmV0bnMYCCABKAgSEAoIdHRsX3NlY3MYCSABKA0SGQoRaWRsZV90aW1lb3V0X3NlY3MYCiABKA0SPAoGbGFiZWxzGAsgAygLMiwuZm9ya2QudjEuQ3JlYXRlU2FuZGJveGVzUmVxdWVzdC5MYWJlbHNFbnRyeRIPCgd2b2x1bWVzGAwgAygJEg8KB3ByZXdhcm0YDSABKAgSEQoJbGl2ZV9mb3JrGA4gASgIEhEKCWh1Z2VwYWdlcxgPIAEoCBIZCgxwdWxsX21pc3NpbmcYECABKAhIAYgBARotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgQKAl9uQg8KDV9wdWxsX21pc3NpbmciPwoXQ3JlYXRlU2FuZGJveGVzUmVzcG9uc2USJAoJc2FuZGJveGVzGAEgAygLMhEuZm9ya2QudjEuU2FuZGJveCJTChRMaXN0U2FuZGJveGVzUmVxdWVzdBIUCgxzbmFwc2hvdF90YWcYASABKAkSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkiVgoVTGlzdFNhbmRib3hlc1Jlc3BvbnNlEiQKCXNhbmRib3hlcxgBIAMoCzIRLmZvcmtkLnYxLlNhbmRib3gSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIh8KEUdldFNhbmRib3hSZXF1ZXN0EgoKAmlkGAEgASgJIiIKFERlbGV0ZVNhbmRib3hSZXF1ZXN0EgoKAmlkGAEgASgJIkgKFkRlbGV0ZVNhbmRib3hlc1JlcXVlc3QSCwoDaWRzGAEgAygJEhQKDHNuYXBzaG90X3RhZxgCIAEoCRILCgNhbGwYAyABKAgiKgoXRGVsZXRlU2FuZGJveGVzUmVzcG9uc2USDwoHZGVsZXRlZBgBIAMoCSLMAQoLRXhlY1JlcXVlc3QSCgoCaWQYASABKAkSDAoEYXJncxgCIAMoCRIUCgx0aW1lb3V0X3NlY3MYAyABKA0SKwoDZW52GAQgAygLMh4uZm9ya2QudjEuRXhlY1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAUgASgJEg0KBXN0ZGluGAYgASgMEhgKEG1heF9vdXRwdXRfYnl0ZXMYByABKAQaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKtAQoMRXhlY1Jlc3BvbnNlEg4KBnN0ZG91dBgBIAEoCRIOCgZzdGRlcnIYAiABKAkSEQoJZXhpdF9jb2RlGAMgASgFEg4KBnNpZ25hbBgEIAEoBRIRCgl0aW1lZF9vdXQYBSABKAgSEwoLZHVyYXRpb25fbXMYBiABKAESGAoQc3Rkb3V0X3RydW5jYXRlZBgHIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGAggASgIImAKCUV4ZWNFdmVudBIQCgZzdGRvdXQYASABKAxIABIQCgZzdGRlcnIYAiABKAxIABImCgRleGl0GAMgASgLMhYuZm9ya2QudjEuRXhlY1Jlc3BvbnNlSABCBwoFZXZlbnQiXAoJRXhlY0lucHV0EiYKBXN0YXJ0GAEgASgLMhUuZm9ya2QudjEuRXhlY1JlcXVlc3RIABIPCgVzdGRpbhgCIAEoDEgAEg0KA2VvZhgDIAEoCEgAQgcKBWlucHV0Ij0KC0V2YWxSZXF1ZXN0EgoKAmlkGAEgASgJEgwKBGNvZGUYAiABKAkSFAoMdGltZW91dF9zZWNzGAMgASgNImAKDEV2YWxSZXNwb25zZRIOCgZyZXN1bHQYASABKAkSDQoFZXJyb3IYAiABKAkSEQoJZXhpdF9jb2RlGAMgASgFEg4KBnN0ZG91dBgEIAEoCRIOCgZzdGRlcnIYBSABKAkiGQoLUGluZ1JlcXVlc3QSCgoCaWQYASABKAkiWgoMUGluZ1Jlc3BvbnNlEgoKAm9rGAEgASgIEhIKCmxhdGVuY3lfbXMYAiABKAESEwoLdXB0aW1lX3NlY3MYAyABKAESFQoNcnVudGltZV9yZWFkeRgEIAEoCCJ2Cg1CcmFuY2hSZXF1ZXN0EgoKAmlkGAEgASgJEgsKA3RhZxgCIAEoCRIMCgRtb2RlGAMgASgJEgwKBGRpZmYYBCABKAgSFAoMbWVhc3VyZV9kaWZmGAUgASgIEhEKBHdhaXQYBiABKAhIAIgBAUIHCgVfd2FpdCIrCg9SZWFkRmlsZVJlcXVlc3QSCgoCaWQYASABKAkSDAoEcGF0aBgCIAEoCSJIChBXcml0ZUZpbGVSZXF1ZXN0EgoKAmlkGAEgASgJEgwKBHBhdGgYAiABKAkSDAoEZGF0YRgDIAEoDBIMCgRtb2RlGAQgASgNIooBCghGaWxlSW5mbxIMCgRuYW1lGAEgASgJEgwKBHBhdGgYAiABKAkSDAoEc2l6ZRgDIAEoBBIMCgRtb2RlGAQgASgNEg4KBmlzX2RpchgFIAEoCBISCgppc19zeW1saW5rGAYgASgIEhIKCm10aW1lX3VuaXgYByABKAMSDgoGZGlnZXN0GAggASgJIiwKEExpc3RGaWxlc1JlcXVlc3QSCgoCaWQYASABKAkSDAoEcGF0aBgCIAEoCSI4ChFMaXN0RmlsZXNSZXNwb25zZRIjCgdlbnRyaWVzGAEgAygLMhIuZm9ya2QudjEuRmlsZUluZm8iKwoPU3RhdEZpbGVSZXF1ZXN0EgoKAmlkGAEgASgJEgwKBHBhdGgYAiABKAkiQAoRUmVtb3ZlRmlsZVJlcXVlc3QSCgoCaWQYASABKAkSDAoEcGF0aBgCIAEoCRIRCglyZWN1cnNpdmUYAyABKAgiFAoSUmVtb3ZlRmlsZVJlc3BvbnNlIjMKE1JlbmV3U2FuZGJveFJlcXVlc3QSCgoCaWQYASABKAkSEAoIdHRsX3NlY3MYAiABKA0iUQoSV2F0Y2hFdmVudHNSZXF1ZXN0EhIKCnNhbmRib3hfaWQYASABKAkSEQoJd29ya3NwYWNlGAIgASgJEhQKDHNuYXBzaG90X3RhZxgDIAEoCSJ2CgVFdmVudBIMCgRraW5kGAEgASgJEhIKCnNhbmRib3hfaWQYAiABKAkSEQoJd29ya3NwYWNlGAMgASgJEhQKDHNuYXBzaG90X3RhZxgEIAEoCRIOCgZyZWFzb24YBSABKAkSEgoKYXRfdW5peF9tcxgGIAEoAzLjDgoOU2FuZGJveFNlcnZpY2USewoPQ3JlYXRlU2FuZGJveGVzEiAuZm9ya2QudjEuQ3JlYXRlU2FuZGJveGVzUmVxdWVzdBohLmZvcmtkLnYxLkNyZWF0ZVNhbmRib3hlc1Jlc3BvbnNlIiOC0+STAh06ASpiCXNhbmRib3hlcyINL3YxL3NhbmRib3hlcxJyCg1MaXN0U2FuZGJveGVzEh4uZm9ya2QudjEuTGlzdFNhbmRib3hlc1JlcXVlc3QaHy5mb3JrZC52MS5MaXN0U2FuZGJveGVzUmVzcG9uc2UiIILT5JMCGmIJc2FuZGJveGVzEg0vdjEvc2FuZGJveGVzElgKCkdldFNhbmRib3gSGy5mb3JrZC52MS5HZXRTYW5kYm94UmVxdWVzdBoRLmZvcmtkLnYxLlNhbmRib3giGoLT5JMCFBISL3YxL3NhbmRib3hlcy97aWR9Em4KDURlbGV0ZVNhbmRib3gSHi5mb3JrZC52MS5EZWxldGVTYW5kYm94UmVxdWVzdBohLmZvcmtkLnYxLkRlbGV0ZVNhbmRib3hlc1Jlc3BvbnNlIhqC0+STAhQqEi92MS9zYW5kYm94ZXMve2lkfRJ3Cg9EZWxldGVTYW5kYm94ZXMSIC5mb3JrZC52MS5EZWxldGVTYW5kYm94ZXNSZXF1ZXN0GiEuZm9ya2QudjEuRGVsZXRlU2FuZGJveGVzUmVzcG9uc2UiH4LT5JMCGToBKiIUL3YxL3NhbmRib3hlcy9kZWxldGUSWQoERXhlYxIVLmZvcmtkLnYxLkV4ZWNSZXF1ZXN0GhYuZm9ya2QudjEuRXhlY1Jlc3BvbnNlIiKC0+STAhw6ASoiFy92MS9zYW5kYm94ZXMve2lkfS9leGVjEmUKCkV4ZWNTdHJlYW0SFS5mb3JrZC52MS5FeGVjUmVxdWVzdBoTLmZvcmtkLnYxLkV4ZWNFdmVudCIpgtPkkwIjOgEqIh4vdjEvc2FuZGJveGVzL3tpZH0vZXhlYy9zdHJlYW0wARJgCg9FeGVjSW50ZXJhY3RpdmUSEy5mb3JrZC52MS5FeGVjSW5wdXQaEy5mb3JrZC52MS5FeGVjRXZlbnQiH4LT5JMCGToBKiIUL3YxL2V4ZWMvaW50ZXJhY3RpdmUoATABElkKBEV2YWwSFS5mb3JrZC52MS5FdmFsUmVxdWVzdBoWLmZvcmtkLnYxLkV2YWxSZXNwb25zZSIigtPkkwIcOgEqIhcvdjEvc2FuZGJveGVzL3tpZH0vZXZhbBJ0CgRQaW5nEhUuZm9ya2QudjEuUGluZ1JlcXVlc3QaFi5mb3JrZC52MS5QaW5nUmVzcG9uc2UiPYLT5JMCNzoBKloZEhcvdjEvc2FuZGJveGVzL3tpZH0vcGluZyIXL3YxL3NhbmRib3hlcy97aWR9L3BpbmcSWwoGQnJhbmNoEhcuZm9ya2QudjEuQnJhbmNoUmVxdWVzdBoSLmZvcmtkLnYxLlNuYXBzaG90IiSC0+STAh46ASoiGS92MS9zYW5kYm94ZXMve2lkfS9icmFuY2gSZgoIUmVhZEZpbGUSGS5mb3JrZC52MS5SZWFkRmlsZVJlcXVlc3QaEy5mb3JrZC52MS5EYXRhQ2h1bmsiKILT5JMCIhIgL3YxL3NhbmRib3hlcy97aWR9L2ZpbGVzL2NvbnRlbnQwARJqCglXcml0ZUZpbGUSGi5mb3JrZC52MS5Xcml0ZUZpbGVSZXF1ZXN0GhIuZm9ya2QudjEuRmlsZUluZm8iK4LT5JMCJToBKhogL3YxL3NhbmRib3hlcy97aWR9L2ZpbGVzL2NvbnRlbnQoARJvCglMaXN0RmlsZXMSGi5mb3JrZC52MS5MaXN0RmlsZXNSZXF1ZXN0GhsuZm9ya2QudjEuTGlzdEZpbGVzUmVzcG9uc2UiKYLT5JMCI2IHZW50cmllcxIYL3YxL3NhbmRib3hlcy97aWR9L2ZpbGVzEmAKCFN0YXRGaWxlEhkuZm9ya2QudjEuU3RhdEZpbGVSZXF1ZXN0GhIuZm9ya2QudjEuRmlsZUluZm8iJYLT5JMCHxIdL3YxL3NhbmRib3hlcy97aWR9L2ZpbGVzL3N0YXQSaQoKUmVtb3ZlRmlsZRIbLmZvcmtkLnYxLlJlbW92ZUZpbGVSZXF1ZXN0GhwuZm9ya2QudjEuUmVtb3ZlRmlsZVJlc3BvbnNlIiCC0+STAhoqGC92MS9zYW5kYm94ZXMve2lkfS9maWxlcxJlCgxSZW5ld1NhbmRib3gSHS5mb3JrZC52MS5SZW5ld1NhbmRib3hSZXF1ZXN0GhEuZm9ya2QudjEuU2FuZGJveCIjgtPkkwIdOgEqIhgvdjEvc2FuZGJveGVzL3tpZH0vcmVuZXcSUgoLV2F0Y2hFdmVudHMSHC5mb3JrZC52MS5XYXRjaEV2ZW50c1JlcXVlc3QaDy5mb3JrZC52MS5FdmVudCISgtPkkwIMEgovdjEvZXZlbnRzMAFiBnByb3RvMw", [file_google_api_annotations, file_forkd_v1_common]);
+  fileDesc("ChZmb3JrZC92MS9zYW5kYm94LnByb3RvEghmb3JrZC52MSLMAwoWQ3JlYXRlU2FuZGJveGVzUmVxdWVzdBIUCgxzbmFwc2hvdF90YWcYASABKAkSDgoBbhgCIAEoDUgAiAEBEhgKEG1lbW9yeV9saW1pdF9taWIYAyABKA0SEQoJY3B1X3F1b3RhGAQgASgBEhIKCnBpZHNfbGltaXQYBSABKA0SDwoHbmV0d29yaxgGIAEoCRINCgVhbGxvdxgHIAMoCRIXCg9wZXJfY2hpbGRfbmV0bnMYCCABKAgSEAoIdHRsX3NlY3MYCSABKA0SGQoRaWRsZV90aW1lb3V0X3NlY3MYCiABKA0SPAoGbGFiZWxzGAsgAygLMiwuZm9ya2QudjEuQ3JlYXRlU2FuZGJveGVzUmVxdWVzdC5MYWJlbHNFbnRyeRIPCgd2b2x1bWVzGAwgAygJEg8KB3ByZXdhcm0YDSABKAgSEQoJbGl2ZV9mb3JrGA4gASgIEhEKCWh1Z2VwYWdlcxgPIAEoCBIZCgxwdWxsX21pc3NpbmcYECABKAhIAYgBARotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgQKAl9uQg8KDV9wdWxsX21pc3NpbmciPwoXQ3JlYXRlU2FuZGJveGVzUmVzcG9uc2USJAoJc2FuZGJveGVzGAEgAygLMhEuZm9ya2QudjEuU2FuZGJveCJTChRMaXN0U2FuZGJveGVzUmVxdWVzdBIUCgxzbmFwc2hvdF90YWcYASABKAkSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkiVgoVTGlzdFNhbmRib3hlc1Jlc3BvbnNlEiQKCXNhbmRib3hlcxgBIAMoCzIRLmZvcmtkLnYxLlNhbmRib3gSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIh8KEUdldFNhbmRib3hSZXF1ZXN0EgoKAmlkGAEgASgJIiIKFERlbGV0ZVNhbmRib3hSZXF1ZXN0EgoKAmlkGAEgASgJIkgKFkRlbGV0ZVNhbmRib3hlc1JlcXVlc3QSCwoDaWRzGAEgAygJEhQKDHNuYXBzaG90X3RhZxgCIAEoCRILCgNhbGwYAyABKAgiKgoXRGVsZXRlU2FuZGJveGVzUmVzcG9uc2USDwoHZGVsZXRlZBgBIAMoCSL5AQoLRXhlY1JlcXVlc3QSCgoCaWQYASABKAkSDAoEYXJncxgCIAMoCRIUCgx0aW1lb3V0X3NlY3MYAyABKA0SKwoDZW52GAQgAygLMh4uZm9ya2QudjEuRXhlY1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAUgASgJEg0KBXN0ZGluGAYgASgMEhgKEG1heF9vdXRwdXRfYnl0ZXMYByABKAQSHgoDcHR5GAggASgLMhEuZm9ya2QudjEuUHR5U2l6ZRILCgN0YWcYCSABKAkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKtAQoMRXhlY1Jlc3BvbnNlEg4KBnN0ZG91dBgBIAEoCRIOCgZzdGRlcnIYAiABKAkSEQoJZXhpdF9jb2RlGAMgASgFEg4KBnNpZ25hbBgEIAEoBRIRCgl0aW1lZF9vdXQYBSABKAgSEwoLZHVyYXRpb25fbXMYBiABKAESGAoQc3Rkb3V0X3RydW5jYXRlZBgHIAEoCBIYChBzdGRlcnJfdHJ1bmNhdGVkGAggASgIIqwBCglFeGVjRXZlbnQSEAoGc3Rkb3V0GAEgASgMSAASEAoGc3RkZXJyGAIgASgMSAASJgoEZXhpdBgDIAEoCzIWLmZvcmtkLnYxLkV4ZWNSZXNwb25zZUgAEg0KA3B0eRgEIAEoDEgAEigKB3N0YXJ0ZWQYBSABKAsyFS5mb3JrZC52MS5Qcm9jZXNzSW5mb0gAEhEKB2Ryb3BwZWQYBiABKARIAEIHCgVldmVudCKTAQoJRXhlY0lucHV0EiYKBXN0YXJ0GAEgASgLMhUuZm9ya2QudjEuRXhlY1JlcXVlc3RIABIPCgVzdGRpbhgCIAEoDEgAEg0KA2VvZhgDIAEoCEgAEiMKBnJlc2l6ZRgEIAEoCzIRLmZvcmtkLnYxLlB0eVNpemVIABIQCgZzaWduYWwYBSABKAlIAEIHCgVpbnB1dCIlCgdQdHlTaXplEgwKBHJvd3MYASABKA0SDAoEY29scxgCIAEoDSLvAQoTU3RhcnRQcm9jZXNzUmVxdWVzdBIKCgJpZBgBIAEoCRIMCgRhcmdzGAIgAygJEjMKA2VudhgDIAMoCzImLmZvcmtkLnYxLlN0YXJ0UHJvY2Vzc1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAQgASgJEgsKA3RhZxgFIAEoCRIeCgNwdHkYBiABKAsyES5mb3JrZC52MS5QdHlTaXplEg0KBXN0ZGluGAcgASgIEhQKDHRpbWVvdXRfc2VjcxgIIAEoDRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIskBCgtQcm9jZXNzSW5mbxILCgNwaWQYASABKA0SCwoDdGFnGAIgASgJEgwKBGFyZ3MYAyADKAkSCwoDY3dkGAQgASgJEgsKA3B0eRgFIAEoCBISCgpzdGRpbl9vcGVuGAYgASgIEhcKD3N0YXJ0ZWRfdW5peF9tcxgHIAEoAxIUCgxvdXRwdXRfYnl0ZXMYCCABKAQSDwoHcnVubmluZxgJIAEoCBIkCgRleGl0GAogASgLMhYuZm9ya2QudjEuRXhlY1Jlc3BvbnNlIiIKFExpc3RQcm9jZXNzZXNSZXF1ZXN0EgoKAmlkGAEgASgJIkEKFUxpc3RQcm9jZXNzZXNSZXNwb25zZRIoCglwcm9jZXNzZXMYASADKAsyFS5mb3JrZC52MS5Qcm9jZXNzSW5mbyJIChRBdHRhY2hQcm9jZXNzUmVxdWVzdBIKCgJpZBgBIAEoCRIPCgdwcm9jZXNzGAIgASgJEhMKC2Zyb21fb2Zmc2V0GAMgASgEIkMKFFNpZ25hbFByb2Nlc3NSZXF1ZXN0EgoKAmlkGAEgASgJEg8KB3Byb2Nlc3MYAiABKAkSDgoGc2lnbmFsGAMgASgJIkwKEFNlbmRTdGRpblJlcXVlc3QSCgoCaWQYASABKAkSDwoHcHJvY2VzcxgCIAEoCRIMCgRkYXRhGAMgASgMEg0KBWNsb3NlGAQgASgIIjAKEUNsb3NlU3RkaW5SZXF1ZXN0EgoKAmlkGAEgASgJEg8KB3Byb2Nlc3MYAiABKAkiUAoQUmVzaXplUHR5UmVxdWVzdBIKCgJpZBgBIAEoCRIPCgdwcm9jZXNzGAIgASgJEh8KBHNpemUYAyABKAsyES5mb3JrZC52MS5QdHlTaXplIkAKEVdhdGNoRmlsZXNSZXF1ZXN0EgoKAmlkGAEgASgJEgwKBHBhdGgYAiABKAkSEQoJcmVjdXJzaXZlGAMgASgIIqEBCglGaWxlRXZlbnQSJgoEa2luZBgBIAEoDjIYLmZvcmtkLnYxLkZpbGVFdmVudC5LaW5kEgwKBHBhdGgYAiABKAkSDAoEZnJvbRgDIAEoCRIOCgZpc19kaXIYBCABKAgiQAoES2luZBIKCgZDUkVBVEUQABIJCgVXUklURRABEgoKBlJFTU9WRRACEgoKBlJFTkFNRRADEgkKBUNITU9EEAQiQwoKRmlsZUV2ZW50cxIjCgZldmVudHMYASADKAsyEy5mb3JrZC52MS5GaWxlRXZlbnQSEAoIb3ZlcmZsb3cYAiABKAgiPQoLRXZhbFJlcXVlc3QSCgoCaWQYASABKAkSDAoEY29kZRgCIAEoCRIUCgx0aW1lb3V0X3NlY3MYAyABKA0iYAoMRXZhbFJlc3BvbnNlEg4KBnJlc3VsdBgBIAEoCRINCgVlcnJvchgCIAEoCRIRCglleGl0X2NvZGUYAyABKAUSDgoGc3Rkb3V0GAQgASgJEg4KBnN0ZGVychgFIAEoCSIZCgtQaW5nUmVxdWVzdBIKCgJpZBgBIAEoCSJaCgxQaW5nUmVzcG9uc2USCgoCb2sYASABKAgSEgoKbGF0ZW5jeV9tcxgCIAEoARITCgt1cHRpbWVfc2VjcxgDIAEoARIVCg1ydW50aW1lX3JlYWR5GAQgASgIInYKDUJyYW5jaFJlcXVlc3QSCgoCaWQYASABKAkSCwoDdGFnGAIgASgJEgwKBG1vZGUYAyABKAkSDAoEZGlmZhgEIAEoCBIUCgxtZWFzdXJlX2RpZmYYBSABKAgSEQoEd2FpdBgGIAEoCEgAiAEBQgcKBV93YWl0IisKD1JlYWRGaWxlUmVxdWVzdBIKCgJpZBgBIAEoCRIMCgRwYXRoGAIgASgJIkgKEFdyaXRlRmlsZVJlcXVlc3QSCgoCaWQYASABKAkSDAoEcGF0aBgCIAEoCRIMCgRkYXRhGAMgASgMEgwKBG1vZGUYBCABKA0iigEKCEZpbGVJbmZvEgwKBG5hbWUYASABKAkSDAoEcGF0aBgCIAEoCRIMCgRzaXplGAMgASgEEgwKBG1vZGUYBCABKA0SDgoGaXNfZGlyGAUgASgIEhIKCmlzX3N5bWxpbmsYBiABKAgSEgoKbXRpbWVfdW5peBgHIAEoAxIOCgZkaWdlc3QYCCABKAkiLAoQTGlzdEZpbGVzUmVxdWVzdBIKCgJpZBgBIAEoCRIMCgRwYXRoGAIgASgJIjgKEUxpc3RGaWxlc1Jlc3BvbnNlEiMKB2VudHJpZXMYASADKAsyEi5mb3JrZC52MS5GaWxlSW5mbyIrCg9TdGF0RmlsZVJlcXVlc3QSCgoCaWQYASABKAkSDAoEcGF0aBgCIAEoCSJAChFSZW1vdmVGaWxlUmVxdWVzdBIKCgJpZBgBIAEoCRIMCgRwYXRoGAIgASgJEhEKCXJlY3Vyc2l2ZRgDIAEoCCIUChJSZW1vdmVGaWxlUmVzcG9uc2UiMwoTUmVuZXdTYW5kYm94UmVxdWVzdBIKCgJpZBgBIAEoCRIQCgh0dGxfc2VjcxgCIAEoDSJRChJXYXRjaEV2ZW50c1JlcXVlc3QSEgoKc2FuZGJveF9pZBgBIAEoCRIRCgl3b3Jrc3BhY2UYAiABKAkSFAoMc25hcHNob3RfdGFnGAMgASgJInYKBUV2ZW50EgwKBGtpbmQYASABKAkSEgoKc2FuZGJveF9pZBgCIAEoCRIRCgl3b3Jrc3BhY2UYAyABKAkSFAoMc25hcHNob3RfdGFnGAQgASgJEg4KBnJlYXNvbhgFIAEoCRISCgphdF91bml4X21zGAYgASgDMrcWCg5TYW5kYm94U2VydmljZRJ7Cg9DcmVhdGVTYW5kYm94ZXMSIC5mb3JrZC52MS5DcmVhdGVTYW5kYm94ZXNSZXF1ZXN0GiEuZm9ya2QudjEuQ3JlYXRlU2FuZGJveGVzUmVzcG9uc2UiI4LT5JMCHToBKmIJc2FuZGJveGVzIg0vdjEvc2FuZGJveGVzEnIKDUxpc3RTYW5kYm94ZXMSHi5mb3JrZC52MS5MaXN0U2FuZGJveGVzUmVxdWVzdBofLmZvcmtkLnYxLkxpc3RTYW5kYm94ZXNSZXNwb25zZSIggtPkkwIaYglzYW5kYm94ZXMSDS92MS9zYW5kYm94ZXMSWAoKR2V0U2FuZGJveBIbLmZvcmtkLnYxLkdldFNhbmRib3hSZXF1ZXN0GhEuZm9ya2QudjEuU2FuZGJveCIagtPkkwIUEhIvdjEvc2FuZGJveGVzL3tpZH0SbgoNRGVsZXRlU2FuZGJveBIeLmZvcmtkLnYxLkRlbGV0ZVNhbmRib3hSZXF1ZXN0GiEuZm9ya2QudjEuRGVsZXRlU2FuZGJveGVzUmVzcG9uc2UiGoLT5JMCFCoSL3YxL3NhbmRib3hlcy97aWR9EncKD0RlbGV0ZVNhbmRib3hlcxIgLmZvcmtkLnYxLkRlbGV0ZVNhbmRib3hlc1JlcXVlc3QaIS5mb3JrZC52MS5EZWxldGVTYW5kYm94ZXNSZXNwb25zZSIfgtPkkwIZOgEqIhQvdjEvc2FuZGJveGVzL2RlbGV0ZRJZCgRFeGVjEhUuZm9ya2QudjEuRXhlY1JlcXVlc3QaFi5mb3JrZC52MS5FeGVjUmVzcG9uc2UiIoLT5JMCHDoBKiIXL3YxL3NhbmRib3hlcy97aWR9L2V4ZWMSZQoKRXhlY1N0cmVhbRIVLmZvcmtkLnYxLkV4ZWNSZXF1ZXN0GhMuZm9ya2QudjEuRXhlY0V2ZW50IimC0+STAiM6ASoiHi92MS9zYW5kYm94ZXMve2lkfS9leGVjL3N0cmVhbTABEmAKD0V4ZWNJbnRlcmFjdGl2ZRITLmZvcmtkLnYxLkV4ZWNJbnB1dBoTLmZvcmtkLnYxLkV4ZWNFdmVudCIfgtPkkwIZOgEqIhQvdjEvZXhlYy9pbnRlcmFjdGl2ZSgBMAESbQoMU3RhcnRQcm9jZXNzEh0uZm9ya2QudjEuU3RhcnRQcm9jZXNzUmVxdWVzdBoVLmZvcmtkLnYxLlByb2Nlc3NJbmZvIieC0+STAiE6ASoiHC92MS9zYW5kYm94ZXMve2lkfS9wcm9jZXNzZXMSgQEKDUxpc3RQcm9jZXNzZXMSHi5mb3JrZC52MS5MaXN0UHJvY2Vzc2VzUmVxdWVzdBofLmZvcmtkLnYxLkxpc3RQcm9jZXNzZXNSZXNwb25zZSIvgtPkkwIpYglwcm9jZXNzZXMSHC92MS9zYW5kYm94ZXMve2lkfS9wcm9jZXNzZXMSfQoNQXR0YWNoUHJvY2VzcxIeLmZvcmtkLnYxLkF0dGFjaFByb2Nlc3NSZXF1ZXN0GhMuZm9ya2QudjEuRXhlY0V2ZW50IjWC0+STAi8SLS92MS9zYW5kYm94ZXMve2lkfS9wcm9jZXNzZXMve3Byb2Nlc3N9L2F0dGFjaDABEoABCg1TaWduYWxQcm9jZXNzEh4uZm9ya2QudjEuU2lnbmFsUHJvY2Vzc1JlcXVlc3QaFS5mb3JrZC52MS5Qcm9jZXNzSW5mbyI4gtPkkwIyOgEqIi0vdjEvc2FuZGJveGVzL3tpZH0vcHJvY2Vzc2VzL3twcm9jZXNzfS9zaWduYWwSdwoJU2VuZFN0ZGluEhouZm9ya2QudjEuU2VuZFN0ZGluUmVxdWVzdBoVLmZvcmtkLnYxLlByb2Nlc3NJbmZvIjeC0+STAjE6ASoiLC92MS9zYW5kYm94ZXMve2lkfS9wcm9jZXNzZXMve3Byb2Nlc3N9L3N0ZGluEn8KCkNsb3NlU3RkaW4SGy5mb3JrZC52MS5DbG9zZVN0ZGluUmVxdWVzdBoVLmZvcmtkLnYxLlByb2Nlc3NJbmZvIj2C0+STAjc6ASoiMi92MS9zYW5kYm94ZXMve2lkfS9wcm9jZXNzZXMve3Byb2Nlc3N9L3N0ZGluL2Nsb3NlEngKCVJlc2l6ZVB0eRIaLmZvcmtkLnYxLlJlc2l6ZVB0eVJlcXVlc3QaFS5mb3JrZC52MS5Qcm9jZXNzSW5mbyI4gtPkkwIyOgEqIi0vdjEvc2FuZGJveGVzL3tpZH0vcHJvY2Vzc2VzL3twcm9jZXNzfS9yZXNpemUSaQoKV2F0Y2hGaWxlcxIbLmZvcmtkLnYxLldhdGNoRmlsZXNSZXF1ZXN0GhQuZm9ya2QudjEuRmlsZUV2ZW50cyImgtPkkwIgEh4vdjEvc2FuZGJveGVzL3tpZH0vZmlsZXMvd2F0Y2gwARJZCgRFdmFsEhUuZm9ya2QudjEuRXZhbFJlcXVlc3QaFi5mb3JrZC52MS5FdmFsUmVzcG9uc2UiIoLT5JMCHDoBKiIXL3YxL3NhbmRib3hlcy97aWR9L2V2YWwSdAoEUGluZxIVLmZvcmtkLnYxLlBpbmdSZXF1ZXN0GhYuZm9ya2QudjEuUGluZ1Jlc3BvbnNlIj2C0+STAjc6ASpaGRIXL3YxL3NhbmRib3hlcy97aWR9L3BpbmciFy92MS9zYW5kYm94ZXMve2lkfS9waW5nElsKBkJyYW5jaBIXLmZvcmtkLnYxLkJyYW5jaFJlcXVlc3QaEi5mb3JrZC52MS5TbmFwc2hvdCIkgtPkkwIeOgEqIhkvdjEvc2FuZGJveGVzL3tpZH0vYnJhbmNoEmYKCFJlYWRGaWxlEhkuZm9ya2QudjEuUmVhZEZpbGVSZXF1ZXN0GhMuZm9ya2QudjEuRGF0YUNodW5rIiiC0+STAiISIC92MS9zYW5kYm94ZXMve2lkfS9maWxlcy9jb250ZW50MAESagoJV3JpdGVGaWxlEhouZm9ya2QudjEuV3JpdGVGaWxlUmVxdWVzdBoSLmZvcmtkLnYxLkZpbGVJbmZvIiuC0+STAiU6ASoaIC92MS9zYW5kYm94ZXMve2lkfS9maWxlcy9jb250ZW50KAESbwoJTGlzdEZpbGVzEhouZm9ya2QudjEuTGlzdEZpbGVzUmVxdWVzdBobLmZvcmtkLnYxLkxpc3RGaWxlc1Jlc3BvbnNlIimC0+STAiNiB2VudHJpZXMSGC92MS9zYW5kYm94ZXMve2lkfS9maWxlcxJgCghTdGF0RmlsZRIZLmZvcmtkLnYxLlN0YXRGaWxlUmVxdWVzdBoSLmZvcmtkLnYxLkZpbGVJbmZvIiWC0+STAh8SHS92MS9zYW5kYm94ZXMve2lkfS9maWxlcy9zdGF0EmkKClJlbW92ZUZpbGUSGy5mb3JrZC52MS5SZW1vdmVGaWxlUmVxdWVzdBocLmZvcmtkLnYxLlJlbW92ZUZpbGVSZXNwb25zZSIggtPkkwIaKhgvdjEvc2FuZGJveGVzL3tpZH0vZmlsZXMSZQoMUmVuZXdTYW5kYm94Eh0uZm9ya2QudjEuUmVuZXdTYW5kYm94UmVxdWVzdBoRLmZvcmtkLnYxLlNhbmRib3giI4LT5JMCHToBKiIYL3YxL3NhbmRib3hlcy97aWR9L3JlbmV3ElIKC1dhdGNoRXZlbnRzEhwuZm9ya2QudjEuV2F0Y2hFdmVudHNSZXF1ZXN0Gg8uZm9ya2QudjEuRXZlbnQiEoLT5JMCDBIKL3YxL2V2ZW50czABYgZwcm90bzM", [file_google_api_annotations, file_forkd_v1_common]);
 
 /**
  * @generated from message forkd.v1.CreateSandboxesRequest
@@ -297,7 +297,7 @@ export type ExecRequest = Message<"forkd.v1.ExecRequest"> & {
   args: string[];
 
   /**
-   * 0 = the server default (60 s).
+   * 0 = the server default (60 s); for ExecInteractive, no limit.
    *
    * @generated from field: uint32 timeout_secs = 3;
    */
@@ -330,6 +330,20 @@ export type ExecRequest = Message<"forkd.v1.ExecRequest"> & {
    * @generated from field: uint64 max_output_bytes = 7;
    */
   maxOutputBytes: bigint;
+
+  /**
+   * ExecInteractive only: run on a pseudo-terminal of this size.
+   *
+   * @generated from field: forkd.v1.PtySize pty = 8;
+   */
+  pty?: PtySize | undefined;
+
+  /**
+   * ExecInteractive only: a tag to attach to the process by later.
+   *
+   * @generated from field: string tag = 9;
+   */
+  tag: string;
 };
 
 /**
@@ -420,6 +434,31 @@ export type ExecEvent = Message<"forkd.v1.ExecEvent"> & {
      */
     value: ExecResponse;
     case: "exit";
+  } | {
+    /**
+     * Output of a process on a PTY (stdout and stderr together).
+     *
+     * @generated from field: bytes pty = 4;
+     */
+    value: Uint8Array;
+    case: "pty";
+  } | {
+    /**
+     * ExecInteractive and AttachProcess: the process, first.
+     *
+     * @generated from field: forkd.v1.ProcessInfo started = 5;
+     */
+    value: ProcessInfo;
+    case: "started";
+  } | {
+    /**
+     * AttachProcess: bytes of output that were no longer in the ring
+     * buffer when the replay began.
+     *
+     * @generated from field: uint64 dropped = 6;
+     */
+    value: bigint;
+    case: "dropped";
   } | { case: undefined; value?: undefined };
 };
 
@@ -457,6 +496,22 @@ export type ExecInput = Message<"forkd.v1.ExecInput"> & {
      */
     value: boolean;
     case: "eof";
+  } | {
+    /**
+     * A new terminal size (PTY only).
+     *
+     * @generated from field: forkd.v1.PtySize resize = 4;
+     */
+    value: PtySize;
+    case: "resize";
+  } | {
+    /**
+     * A signal for the process's group, by number (2 = SIGINT) or name.
+     *
+     * @generated from field: string signal = 5;
+     */
+    value: string;
+    case: "signal";
   } | { case: undefined; value?: undefined };
 };
 
@@ -466,6 +521,462 @@ export type ExecInput = Message<"forkd.v1.ExecInput"> & {
  */
 export const ExecInputSchema: GenMessage<ExecInput> = /*@__PURE__*/
   messageDesc(file_forkd_v1_sandbox, 11);
+
+/**
+ * @generated from message forkd.v1.PtySize
+ */
+export type PtySize = Message<"forkd.v1.PtySize"> & {
+  /**
+   * 1–1000 each.
+   *
+   * @generated from field: uint32 rows = 1;
+   */
+  rows: number;
+
+  /**
+   * @generated from field: uint32 cols = 2;
+   */
+  cols: number;
+};
+
+/**
+ * Describes the message forkd.v1.PtySize.
+ * Use `create(PtySizeSchema)` to create a new message.
+ */
+export const PtySizeSchema: GenMessage<PtySize> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 12);
+
+/**
+ * @generated from message forkd.v1.StartProcessRequest
+ */
+export type StartProcessRequest = Message<"forkd.v1.StartProcessRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: repeated string args = 2;
+   */
+  args: string[];
+
+  /**
+   * @generated from field: map<string, string> env = 3;
+   */
+  env: { [key: string]: string };
+
+  /**
+   * @generated from field: string cwd = 4;
+   */
+  cwd: string;
+
+  /**
+   * Names the process for attach, signal and stdin; unique in the sandbox.
+   * 1–64 of [A-Za-z0-9._-], starting with a letter or digit, not all digits.
+   *
+   * @generated from field: string tag = 5;
+   */
+  tag: string;
+
+  /**
+   * Run on a pseudo-terminal of this size.
+   *
+   * @generated from field: forkd.v1.PtySize pty = 6;
+   */
+  pty?: PtySize | undefined;
+
+  /**
+   * Keep stdin open for SendStdin (a PTY always has input).
+   *
+   * @generated from field: bool stdin = 7;
+   */
+  stdin: boolean;
+
+  /**
+   * 0 = no limit; the process group is killed when it expires.
+   *
+   * @generated from field: uint32 timeout_secs = 8;
+   */
+  timeoutSecs: number;
+};
+
+/**
+ * Describes the message forkd.v1.StartProcessRequest.
+ * Use `create(StartProcessRequestSchema)` to create a new message.
+ */
+export const StartProcessRequestSchema: GenMessage<StartProcessRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 13);
+
+/**
+ * @generated from message forkd.v1.ProcessInfo
+ */
+export type ProcessInfo = Message<"forkd.v1.ProcessInfo"> & {
+  /**
+   * @generated from field: uint32 pid = 1;
+   */
+  pid: number;
+
+  /**
+   * @generated from field: string tag = 2;
+   */
+  tag: string;
+
+  /**
+   * @generated from field: repeated string args = 3;
+   */
+  args: string[];
+
+  /**
+   * @generated from field: string cwd = 4;
+   */
+  cwd: string;
+
+  /**
+   * @generated from field: bool pty = 5;
+   */
+  pty: boolean;
+
+  /**
+   * @generated from field: bool stdin_open = 6;
+   */
+  stdinOpen: boolean;
+
+  /**
+   * @generated from field: int64 started_unix_ms = 7;
+   */
+  startedUnixMs: bigint;
+
+  /**
+   * Output bytes produced so far (including those no longer buffered).
+   *
+   * @generated from field: uint64 output_bytes = 8;
+   */
+  outputBytes: bigint;
+
+  /**
+   * @generated from field: bool running = 9;
+   */
+  running: boolean;
+
+  /**
+   * Set once the process has exited.
+   *
+   * @generated from field: forkd.v1.ExecResponse exit = 10;
+   */
+  exit?: ExecResponse | undefined;
+};
+
+/**
+ * Describes the message forkd.v1.ProcessInfo.
+ * Use `create(ProcessInfoSchema)` to create a new message.
+ */
+export const ProcessInfoSchema: GenMessage<ProcessInfo> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 14);
+
+/**
+ * @generated from message forkd.v1.ListProcessesRequest
+ */
+export type ListProcessesRequest = Message<"forkd.v1.ListProcessesRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message forkd.v1.ListProcessesRequest.
+ * Use `create(ListProcessesRequestSchema)` to create a new message.
+ */
+export const ListProcessesRequestSchema: GenMessage<ListProcessesRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 15);
+
+/**
+ * @generated from message forkd.v1.ListProcessesResponse
+ */
+export type ListProcessesResponse = Message<"forkd.v1.ListProcessesResponse"> & {
+  /**
+   * @generated from field: repeated forkd.v1.ProcessInfo processes = 1;
+   */
+  processes: ProcessInfo[];
+};
+
+/**
+ * Describes the message forkd.v1.ListProcessesResponse.
+ * Use `create(ListProcessesResponseSchema)` to create a new message.
+ */
+export const ListProcessesResponseSchema: GenMessage<ListProcessesResponse> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 16);
+
+/**
+ * @generated from message forkd.v1.AttachProcessRequest
+ */
+export type AttachProcessRequest = Message<"forkd.v1.AttachProcessRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * A pid or a tag.
+   *
+   * @generated from field: string process = 2;
+   */
+  process: string;
+
+  /**
+   * Output offset to start from: 0 = everything still buffered (a replay);
+   * `output_bytes` from ProcessInfo = only new output.
+   *
+   * @generated from field: uint64 from_offset = 3;
+   */
+  fromOffset: bigint;
+};
+
+/**
+ * Describes the message forkd.v1.AttachProcessRequest.
+ * Use `create(AttachProcessRequestSchema)` to create a new message.
+ */
+export const AttachProcessRequestSchema: GenMessage<AttachProcessRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 17);
+
+/**
+ * @generated from message forkd.v1.SignalProcessRequest
+ */
+export type SignalProcessRequest = Message<"forkd.v1.SignalProcessRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: string process = 2;
+   */
+  process: string;
+
+  /**
+   * A number (1–64) or a name: "TERM", "SIGINT", "kill", …
+   *
+   * @generated from field: string signal = 3;
+   */
+  signal: string;
+};
+
+/**
+ * Describes the message forkd.v1.SignalProcessRequest.
+ * Use `create(SignalProcessRequestSchema)` to create a new message.
+ */
+export const SignalProcessRequestSchema: GenMessage<SignalProcessRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 18);
+
+/**
+ * @generated from message forkd.v1.SendStdinRequest
+ */
+export type SendStdinRequest = Message<"forkd.v1.SendStdinRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: string process = 2;
+   */
+  process: string;
+
+  /**
+   * At most 1 MiB per call.
+   *
+   * @generated from field: bytes data = 3;
+   */
+  data: Uint8Array;
+
+  /**
+   * @generated from field: bool close = 4;
+   */
+  close: boolean;
+};
+
+/**
+ * Describes the message forkd.v1.SendStdinRequest.
+ * Use `create(SendStdinRequestSchema)` to create a new message.
+ */
+export const SendStdinRequestSchema: GenMessage<SendStdinRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 19);
+
+/**
+ * @generated from message forkd.v1.CloseStdinRequest
+ */
+export type CloseStdinRequest = Message<"forkd.v1.CloseStdinRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: string process = 2;
+   */
+  process: string;
+};
+
+/**
+ * Describes the message forkd.v1.CloseStdinRequest.
+ * Use `create(CloseStdinRequestSchema)` to create a new message.
+ */
+export const CloseStdinRequestSchema: GenMessage<CloseStdinRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 20);
+
+/**
+ * @generated from message forkd.v1.ResizePtyRequest
+ */
+export type ResizePtyRequest = Message<"forkd.v1.ResizePtyRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: string process = 2;
+   */
+  process: string;
+
+  /**
+   * @generated from field: forkd.v1.PtySize size = 3;
+   */
+  size?: PtySize | undefined;
+};
+
+/**
+ * Describes the message forkd.v1.ResizePtyRequest.
+ * Use `create(ResizePtyRequestSchema)` to create a new message.
+ */
+export const ResizePtyRequestSchema: GenMessage<ResizePtyRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 21);
+
+/**
+ * @generated from message forkd.v1.WatchFilesRequest
+ */
+export type WatchFilesRequest = Message<"forkd.v1.WatchFilesRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * An absolute guest directory.
+   *
+   * @generated from field: string path = 2;
+   */
+  path: string;
+
+  /**
+   * Also watch every directory below (including ones created later).
+   *
+   * @generated from field: bool recursive = 3;
+   */
+  recursive: boolean;
+};
+
+/**
+ * Describes the message forkd.v1.WatchFilesRequest.
+ * Use `create(WatchFilesRequestSchema)` to create a new message.
+ */
+export const WatchFilesRequestSchema: GenMessage<WatchFilesRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 22);
+
+/**
+ * @generated from message forkd.v1.FileEvent
+ */
+export type FileEvent = Message<"forkd.v1.FileEvent"> & {
+  /**
+   * @generated from field: forkd.v1.FileEvent.Kind kind = 1;
+   */
+  kind: FileEvent_Kind;
+
+  /**
+   * @generated from field: string path = 2;
+   */
+  path: string;
+
+  /**
+   * RENAME: the old path.
+   *
+   * @generated from field: string from = 3;
+   */
+  from: string;
+
+  /**
+   * @generated from field: bool is_dir = 4;
+   */
+  isDir: boolean;
+};
+
+/**
+ * Describes the message forkd.v1.FileEvent.
+ * Use `create(FileEventSchema)` to create a new message.
+ */
+export const FileEventSchema: GenMessage<FileEvent> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 23);
+
+/**
+ * @generated from enum forkd.v1.FileEvent.Kind
+ */
+export enum FileEvent_Kind {
+  /**
+   * @generated from enum value: CREATE = 0;
+   */
+  CREATE = 0,
+
+  /**
+   * @generated from enum value: WRITE = 1;
+   */
+  WRITE = 1,
+
+  /**
+   * @generated from enum value: REMOVE = 2;
+   */
+  REMOVE = 2,
+
+  /**
+   * @generated from enum value: RENAME = 3;
+   */
+  RENAME = 3,
+
+  /**
+   * @generated from enum value: CHMOD = 4;
+   */
+  CHMOD = 4,
+}
+
+/**
+ * Describes the enum forkd.v1.FileEvent.Kind.
+ */
+export const FileEvent_KindSchema: GenEnum<FileEvent_Kind> = /*@__PURE__*/
+  enumDesc(file_forkd_v1_sandbox, 23, 0);
+
+/**
+ * Events in the order they happened. `overflow`: events were lost before
+ * these (a queue was full: the guest kernel's, the agent's, or this
+ * stream's own when its client reads slower than events arrive).
+ *
+ * @generated from message forkd.v1.FileEvents
+ */
+export type FileEvents = Message<"forkd.v1.FileEvents"> & {
+  /**
+   * @generated from field: repeated forkd.v1.FileEvent events = 1;
+   */
+  events: FileEvent[];
+
+  /**
+   * @generated from field: bool overflow = 2;
+   */
+  overflow: boolean;
+};
+
+/**
+ * Describes the message forkd.v1.FileEvents.
+ * Use `create(FileEventsSchema)` to create a new message.
+ */
+export const FileEventsSchema: GenMessage<FileEvents> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 24);
 
 /**
  * @generated from message forkd.v1.EvalRequest
@@ -492,7 +1003,7 @@ export type EvalRequest = Message<"forkd.v1.EvalRequest"> & {
  * Use `create(EvalRequestSchema)` to create a new message.
  */
 export const EvalRequestSchema: GenMessage<EvalRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 12);
+  messageDesc(file_forkd_v1_sandbox, 25);
 
 /**
  * @generated from message forkd.v1.EvalResponse
@@ -529,7 +1040,7 @@ export type EvalResponse = Message<"forkd.v1.EvalResponse"> & {
  * Use `create(EvalResponseSchema)` to create a new message.
  */
 export const EvalResponseSchema: GenMessage<EvalResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 13);
+  messageDesc(file_forkd_v1_sandbox, 26);
 
 /**
  * @generated from message forkd.v1.PingRequest
@@ -546,7 +1057,7 @@ export type PingRequest = Message<"forkd.v1.PingRequest"> & {
  * Use `create(PingRequestSchema)` to create a new message.
  */
 export const PingRequestSchema: GenMessage<PingRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 14);
+  messageDesc(file_forkd_v1_sandbox, 27);
 
 /**
  * @generated from message forkd.v1.PingResponse
@@ -578,7 +1089,7 @@ export type PingResponse = Message<"forkd.v1.PingResponse"> & {
  * Use `create(PingResponseSchema)` to create a new message.
  */
 export const PingResponseSchema: GenMessage<PingResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 15);
+  messageDesc(file_forkd_v1_sandbox, 28);
 
 /**
  * @generated from message forkd.v1.BranchRequest
@@ -630,7 +1141,7 @@ export type BranchRequest = Message<"forkd.v1.BranchRequest"> & {
  * Use `create(BranchRequestSchema)` to create a new message.
  */
 export const BranchRequestSchema: GenMessage<BranchRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 16);
+  messageDesc(file_forkd_v1_sandbox, 29);
 
 /**
  * @generated from message forkd.v1.ReadFileRequest
@@ -652,7 +1163,7 @@ export type ReadFileRequest = Message<"forkd.v1.ReadFileRequest"> & {
  * Use `create(ReadFileRequestSchema)` to create a new message.
  */
 export const ReadFileRequestSchema: GenMessage<ReadFileRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 17);
+  messageDesc(file_forkd_v1_sandbox, 30);
 
 /**
  * @generated from message forkd.v1.WriteFileRequest
@@ -684,7 +1195,7 @@ export type WriteFileRequest = Message<"forkd.v1.WriteFileRequest"> & {
  * Use `create(WriteFileRequestSchema)` to create a new message.
  */
 export const WriteFileRequestSchema: GenMessage<WriteFileRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 18);
+  messageDesc(file_forkd_v1_sandbox, 31);
 
 /**
  * @generated from message forkd.v1.FileInfo
@@ -738,7 +1249,7 @@ export type FileInfo = Message<"forkd.v1.FileInfo"> & {
  * Use `create(FileInfoSchema)` to create a new message.
  */
 export const FileInfoSchema: GenMessage<FileInfo> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 19);
+  messageDesc(file_forkd_v1_sandbox, 32);
 
 /**
  * @generated from message forkd.v1.ListFilesRequest
@@ -760,7 +1271,7 @@ export type ListFilesRequest = Message<"forkd.v1.ListFilesRequest"> & {
  * Use `create(ListFilesRequestSchema)` to create a new message.
  */
 export const ListFilesRequestSchema: GenMessage<ListFilesRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 20);
+  messageDesc(file_forkd_v1_sandbox, 33);
 
 /**
  * @generated from message forkd.v1.ListFilesResponse
@@ -777,7 +1288,7 @@ export type ListFilesResponse = Message<"forkd.v1.ListFilesResponse"> & {
  * Use `create(ListFilesResponseSchema)` to create a new message.
  */
 export const ListFilesResponseSchema: GenMessage<ListFilesResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 21);
+  messageDesc(file_forkd_v1_sandbox, 34);
 
 /**
  * @generated from message forkd.v1.StatFileRequest
@@ -799,7 +1310,7 @@ export type StatFileRequest = Message<"forkd.v1.StatFileRequest"> & {
  * Use `create(StatFileRequestSchema)` to create a new message.
  */
 export const StatFileRequestSchema: GenMessage<StatFileRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 22);
+  messageDesc(file_forkd_v1_sandbox, 35);
 
 /**
  * @generated from message forkd.v1.RemoveFileRequest
@@ -826,7 +1337,7 @@ export type RemoveFileRequest = Message<"forkd.v1.RemoveFileRequest"> & {
  * Use `create(RemoveFileRequestSchema)` to create a new message.
  */
 export const RemoveFileRequestSchema: GenMessage<RemoveFileRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 23);
+  messageDesc(file_forkd_v1_sandbox, 36);
 
 /**
  * @generated from message forkd.v1.RemoveFileResponse
@@ -839,7 +1350,7 @@ export type RemoveFileResponse = Message<"forkd.v1.RemoveFileResponse"> & {
  * Use `create(RemoveFileResponseSchema)` to create a new message.
  */
 export const RemoveFileResponseSchema: GenMessage<RemoveFileResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 24);
+  messageDesc(file_forkd_v1_sandbox, 37);
 
 /**
  * @generated from message forkd.v1.RenewSandboxRequest
@@ -861,7 +1372,7 @@ export type RenewSandboxRequest = Message<"forkd.v1.RenewSandboxRequest"> & {
  * Use `create(RenewSandboxRequestSchema)` to create a new message.
  */
 export const RenewSandboxRequestSchema: GenMessage<RenewSandboxRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 25);
+  messageDesc(file_forkd_v1_sandbox, 38);
 
 /**
  * @generated from message forkd.v1.WatchEventsRequest
@@ -888,7 +1399,7 @@ export type WatchEventsRequest = Message<"forkd.v1.WatchEventsRequest"> & {
  * Use `create(WatchEventsRequestSchema)` to create a new message.
  */
 export const WatchEventsRequestSchema: GenMessage<WatchEventsRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 26);
+  messageDesc(file_forkd_v1_sandbox, 39);
 
 /**
  * A lifecycle event.
@@ -936,7 +1447,7 @@ export type Event = Message<"forkd.v1.Event"> & {
  * Use `create(EventSchema)` to create a new message.
  */
 export const EventSchema: GenMessage<Event> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 27);
+  messageDesc(file_forkd_v1_sandbox, 40);
 
 /**
  * SandboxService forks copy-on-write children from a ready snapshot and runs
@@ -1017,7 +1528,12 @@ export const SandboxService: GenService<{
     output: typeof ExecEventSchema;
   },
   /**
-   * Interactive exec: stdin from the client, optional PTY. gRPC only.
+   * Interactive exec: the first message starts the command (optionally on
+   * a PTY, `start.pty`); later ones carry stdin, its end, window sizes and
+   * signals. Events: `started` (the process handle), output, `exit`. The
+   * command is a process of the sandbox (see StartProcess): when the client
+   * goes away it keeps running and can be attached again. gRPC only; over
+   * HTTP use the WebSocket route /v1/sandboxes/{id}/terminal (docs/rest.md).
    *
    * @generated from rpc forkd.v1.SandboxService.ExecInteractive
    */
@@ -1025,6 +1541,86 @@ export const SandboxService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof ExecInputSchema;
     output: typeof ExecEventSchema;
+  },
+  /**
+   * Starts a process that outlives this request (detached). It keeps
+   * running when clients go away; its output is kept in a 1 MiB ring
+   * buffer for attach; its exit status is remembered for 10 minutes. A
+   * branch of the sandbox carries it into every child.
+   *
+   * @generated from rpc forkd.v1.SandboxService.StartProcess
+   */
+  startProcess: {
+    methodKind: "unary";
+    input: typeof StartProcessRequestSchema;
+    output: typeof ProcessInfoSchema;
+  },
+  /**
+   * Processes started with StartProcess or ExecInteractive, running and
+   * recently exited.
+   *
+   * @generated from rpc forkd.v1.SandboxService.ListProcesses
+   */
+  listProcesses: {
+    methodKind: "unary";
+    input: typeof ListProcessesRequestSchema;
+    output: typeof ListProcessesResponseSchema;
+  },
+  /**
+   * Replays the output still in the ring buffer, then follows it live; the
+   * last event is the exit (NDJSON over REST).
+   *
+   * @generated from rpc forkd.v1.SandboxService.AttachProcess
+   */
+  attachProcess: {
+    methodKind: "server_streaming";
+    input: typeof AttachProcessRequestSchema;
+    output: typeof ExecEventSchema;
+  },
+  /**
+   * @generated from rpc forkd.v1.SandboxService.SignalProcess
+   */
+  signalProcess: {
+    methodKind: "unary";
+    input: typeof SignalProcessRequestSchema;
+    output: typeof ProcessInfoSchema;
+  },
+  /**
+   * Writes to the process's stdin (its terminal, for a PTY); `close` ends
+   * stdin after the data.
+   *
+   * @generated from rpc forkd.v1.SandboxService.SendStdin
+   */
+  sendStdin: {
+    methodKind: "unary";
+    input: typeof SendStdinRequestSchema;
+    output: typeof ProcessInfoSchema;
+  },
+  /**
+   * @generated from rpc forkd.v1.SandboxService.CloseStdin
+   */
+  closeStdin: {
+    methodKind: "unary";
+    input: typeof CloseStdinRequestSchema;
+    output: typeof ProcessInfoSchema;
+  },
+  /**
+   * @generated from rpc forkd.v1.SandboxService.ResizePty
+   */
+  resizePty: {
+    methodKind: "unary";
+    input: typeof ResizePtyRequestSchema;
+    output: typeof ProcessInfoSchema;
+  },
+  /**
+   * Streams file-system changes under a guest directory (NDJSON over REST).
+   *
+   * @generated from rpc forkd.v1.SandboxService.WatchFiles
+   */
+  watchFiles: {
+    methodKind: "server_streaming";
+    input: typeof WatchFilesRequestSchema;
+    output: typeof FileEventsSchema;
   },
   /**
    * Evaluates Python in the warm interpreter's persistent namespace.

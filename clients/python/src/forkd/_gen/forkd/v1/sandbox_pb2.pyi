@@ -1,6 +1,7 @@
 from forkd._gen.google.api import annotations_pb2 as _annotations_pb2
 from forkd._gen.forkd.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -104,7 +105,7 @@ class DeleteSandboxesResponse(_message.Message):
     def __init__(self, deleted: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExecRequest(_message.Message):
-    __slots__ = ("id", "args", "timeout_secs", "env", "cwd", "stdin", "max_output_bytes")
+    __slots__ = ("id", "args", "timeout_secs", "env", "cwd", "stdin", "max_output_bytes", "pty", "tag")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +120,8 @@ class ExecRequest(_message.Message):
     CWD_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PTY_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
     id: str
     args: _containers.RepeatedScalarFieldContainer[str]
     timeout_secs: int
@@ -126,7 +129,9 @@ class ExecRequest(_message.Message):
     cwd: str
     stdin: bytes
     max_output_bytes: int
-    def __init__(self, id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., timeout_secs: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., stdin: _Optional[bytes] = ..., max_output_bytes: _Optional[int] = ...) -> None: ...
+    pty: PtySize
+    tag: str
+    def __init__(self, id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., timeout_secs: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., stdin: _Optional[bytes] = ..., max_output_bytes: _Optional[int] = ..., pty: _Optional[_Union[PtySize, _Mapping]] = ..., tag: _Optional[str] = ...) -> None: ...
 
 class ExecResponse(_message.Message):
     __slots__ = ("stdout", "stderr", "exit_code", "signal", "timed_out", "duration_ms", "stdout_truncated", "stderr_truncated")
@@ -149,24 +154,196 @@ class ExecResponse(_message.Message):
     def __init__(self, stdout: _Optional[str] = ..., stderr: _Optional[str] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., timed_out: _Optional[bool] = ..., duration_ms: _Optional[float] = ..., stdout_truncated: _Optional[bool] = ..., stderr_truncated: _Optional[bool] = ...) -> None: ...
 
 class ExecEvent(_message.Message):
-    __slots__ = ("stdout", "stderr", "exit")
+    __slots__ = ("stdout", "stderr", "exit", "pty", "started", "dropped")
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
     EXIT_FIELD_NUMBER: _ClassVar[int]
+    PTY_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     stdout: bytes
     stderr: bytes
     exit: ExecResponse
-    def __init__(self, stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exit: _Optional[_Union[ExecResponse, _Mapping]] = ...) -> None: ...
+    pty: bytes
+    started: ProcessInfo
+    dropped: int
+    def __init__(self, stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exit: _Optional[_Union[ExecResponse, _Mapping]] = ..., pty: _Optional[bytes] = ..., started: _Optional[_Union[ProcessInfo, _Mapping]] = ..., dropped: _Optional[int] = ...) -> None: ...
 
 class ExecInput(_message.Message):
-    __slots__ = ("start", "stdin", "eof")
+    __slots__ = ("start", "stdin", "eof", "resize", "signal")
     START_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     EOF_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
     start: ExecRequest
     stdin: bytes
     eof: bool
-    def __init__(self, start: _Optional[_Union[ExecRequest, _Mapping]] = ..., stdin: _Optional[bytes] = ..., eof: _Optional[bool] = ...) -> None: ...
+    resize: PtySize
+    signal: str
+    def __init__(self, start: _Optional[_Union[ExecRequest, _Mapping]] = ..., stdin: _Optional[bytes] = ..., eof: _Optional[bool] = ..., resize: _Optional[_Union[PtySize, _Mapping]] = ..., signal: _Optional[str] = ...) -> None: ...
+
+class PtySize(_message.Message):
+    __slots__ = ("rows", "cols")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    cols: int
+    def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ...) -> None: ...
+
+class StartProcessRequest(_message.Message):
+    __slots__ = ("id", "args", "env", "cwd", "tag", "pty", "stdin", "timeout_secs")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    PTY_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.ScalarMap[str, str]
+    cwd: str
+    tag: str
+    pty: PtySize
+    stdin: bool
+    timeout_secs: int
+    def __init__(self, id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., tag: _Optional[str] = ..., pty: _Optional[_Union[PtySize, _Mapping]] = ..., stdin: _Optional[bool] = ..., timeout_secs: _Optional[int] = ...) -> None: ...
+
+class ProcessInfo(_message.Message):
+    __slots__ = ("pid", "tag", "args", "cwd", "pty", "stdin_open", "started_unix_ms", "output_bytes", "running", "exit")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    PTY_FIELD_NUMBER: _ClassVar[int]
+    STDIN_OPEN_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    tag: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    cwd: str
+    pty: bool
+    stdin_open: bool
+    started_unix_ms: int
+    output_bytes: int
+    running: bool
+    exit: ExecResponse
+    def __init__(self, pid: _Optional[int] = ..., tag: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., pty: _Optional[bool] = ..., stdin_open: _Optional[bool] = ..., started_unix_ms: _Optional[int] = ..., output_bytes: _Optional[int] = ..., running: _Optional[bool] = ..., exit: _Optional[_Union[ExecResponse, _Mapping]] = ...) -> None: ...
+
+class ListProcessesRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListProcessesResponse(_message.Message):
+    __slots__ = ("processes",)
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    processes: _containers.RepeatedCompositeFieldContainer[ProcessInfo]
+    def __init__(self, processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ...) -> None: ...
+
+class AttachProcessRequest(_message.Message):
+    __slots__ = ("id", "process", "from_offset")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    FROM_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    process: str
+    from_offset: int
+    def __init__(self, id: _Optional[str] = ..., process: _Optional[str] = ..., from_offset: _Optional[int] = ...) -> None: ...
+
+class SignalProcessRequest(_message.Message):
+    __slots__ = ("id", "process", "signal")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    process: str
+    signal: str
+    def __init__(self, id: _Optional[str] = ..., process: _Optional[str] = ..., signal: _Optional[str] = ...) -> None: ...
+
+class SendStdinRequest(_message.Message):
+    __slots__ = ("id", "process", "data", "close")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    process: str
+    data: bytes
+    close: bool
+    def __init__(self, id: _Optional[str] = ..., process: _Optional[str] = ..., data: _Optional[bytes] = ..., close: _Optional[bool] = ...) -> None: ...
+
+class CloseStdinRequest(_message.Message):
+    __slots__ = ("id", "process")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    process: str
+    def __init__(self, id: _Optional[str] = ..., process: _Optional[str] = ...) -> None: ...
+
+class ResizePtyRequest(_message.Message):
+    __slots__ = ("id", "process", "size")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    process: str
+    size: PtySize
+    def __init__(self, id: _Optional[str] = ..., process: _Optional[str] = ..., size: _Optional[_Union[PtySize, _Mapping]] = ...) -> None: ...
+
+class WatchFilesRequest(_message.Message):
+    __slots__ = ("id", "path", "recursive")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    RECURSIVE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    path: str
+    recursive: bool
+    def __init__(self, id: _Optional[str] = ..., path: _Optional[str] = ..., recursive: _Optional[bool] = ...) -> None: ...
+
+class FileEvent(_message.Message):
+    __slots__ = ("kind", "path", "is_dir")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CREATE: _ClassVar[FileEvent.Kind]
+        WRITE: _ClassVar[FileEvent.Kind]
+        REMOVE: _ClassVar[FileEvent.Kind]
+        RENAME: _ClassVar[FileEvent.Kind]
+        CHMOD: _ClassVar[FileEvent.Kind]
+    CREATE: FileEvent.Kind
+    WRITE: FileEvent.Kind
+    REMOVE: FileEvent.Kind
+    RENAME: FileEvent.Kind
+    CHMOD: FileEvent.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    IS_DIR_FIELD_NUMBER: _ClassVar[int]
+    kind: FileEvent.Kind
+    path: str
+    is_dir: bool
+    def __init__(self, kind: _Optional[_Union[FileEvent.Kind, str]] = ..., path: _Optional[str] = ..., is_dir: _Optional[bool] = ..., **kwargs) -> None: ...
+
+class FileEvents(_message.Message):
+    __slots__ = ("events", "overflow")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[FileEvent]
+    overflow: bool
+    def __init__(self, events: _Optional[_Iterable[_Union[FileEvent, _Mapping]]] = ..., overflow: _Optional[bool] = ...) -> None: ...
 
 class EvalRequest(_message.Message):
     __slots__ = ("id", "code", "timeout_secs")

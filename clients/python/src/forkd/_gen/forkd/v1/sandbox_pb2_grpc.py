@@ -79,6 +79,46 @@ class SandboxServiceStub:
                 request_serializer=forkd_dot_v1_dot_sandbox__pb2.ExecInput.SerializeToString,
                 response_deserializer=forkd_dot_v1_dot_sandbox__pb2.ExecEvent.FromString,
                 _registered_method=True)
+        self.StartProcess = channel.unary_unary(
+                '/forkd.v1.SandboxService/StartProcess',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.StartProcessRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.ProcessInfo.FromString,
+                _registered_method=True)
+        self.ListProcesses = channel.unary_unary(
+                '/forkd.v1.SandboxService/ListProcesses',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.ListProcessesRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.ListProcessesResponse.FromString,
+                _registered_method=True)
+        self.AttachProcess = channel.unary_stream(
+                '/forkd.v1.SandboxService/AttachProcess',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.AttachProcessRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.ExecEvent.FromString,
+                _registered_method=True)
+        self.SignalProcess = channel.unary_unary(
+                '/forkd.v1.SandboxService/SignalProcess',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.SignalProcessRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.ProcessInfo.FromString,
+                _registered_method=True)
+        self.SendStdin = channel.unary_unary(
+                '/forkd.v1.SandboxService/SendStdin',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.SendStdinRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.ProcessInfo.FromString,
+                _registered_method=True)
+        self.CloseStdin = channel.unary_unary(
+                '/forkd.v1.SandboxService/CloseStdin',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.CloseStdinRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.ProcessInfo.FromString,
+                _registered_method=True)
+        self.ResizePty = channel.unary_unary(
+                '/forkd.v1.SandboxService/ResizePty',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.ResizePtyRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.ProcessInfo.FromString,
+                _registered_method=True)
+        self.WatchFiles = channel.unary_stream(
+                '/forkd.v1.SandboxService/WatchFiles',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.WatchFilesRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.FileEvents.FromString,
+                _registered_method=True)
         self.Eval = channel.unary_unary(
                 '/forkd.v1.SandboxService/Eval',
                 request_serializer=forkd_dot_v1_dot_sandbox__pb2.EvalRequest.SerializeToString,
@@ -189,7 +229,71 @@ class SandboxServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExecInteractive(self, request_iterator, context):
-        """Interactive exec: stdin from the client, optional PTY. gRPC only.
+        """Interactive exec: the first message starts the command (optionally on
+        a PTY, `start.pty`); later ones carry stdin, its end, window sizes and
+        signals. Events: `started` (the process handle), output, `exit`. The
+        command is a process of the sandbox (see StartProcess): when the client
+        goes away it keeps running and can be attached again. gRPC only; over
+        HTTP use the WebSocket route /v1/sandboxes/{id}/terminal (docs/rest.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartProcess(self, request, context):
+        """Starts a process that outlives this request (detached). It keeps
+        running when clients go away; its output is kept in a 1 MiB ring
+        buffer for attach; its exit status is remembered for 10 minutes. A
+        branch of the sandbox carries it into every child.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProcesses(self, request, context):
+        """Processes started with StartProcess or ExecInteractive, running and
+        recently exited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttachProcess(self, request, context):
+        """Replays the output still in the ring buffer, then follows it live; the
+        last event is the exit (NDJSON over REST).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignalProcess(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendStdin(self, request, context):
+        """Writes to the process's stdin (its terminal, for a PTY); `close` ends
+        stdin after the data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseStdin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResizePty(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchFiles(self, request, context):
+        """Streams file-system changes under a guest directory (NDJSON over REST).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -306,6 +410,46 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.ExecInteractive,
                     request_deserializer=forkd_dot_v1_dot_sandbox__pb2.ExecInput.FromString,
                     response_serializer=forkd_dot_v1_dot_sandbox__pb2.ExecEvent.SerializeToString,
+            ),
+            'StartProcess': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartProcess,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.StartProcessRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.ProcessInfo.SerializeToString,
+            ),
+            'ListProcesses': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProcesses,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.ListProcessesRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.ListProcessesResponse.SerializeToString,
+            ),
+            'AttachProcess': grpc.unary_stream_rpc_method_handler(
+                    servicer.AttachProcess,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.AttachProcessRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.ExecEvent.SerializeToString,
+            ),
+            'SignalProcess': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalProcess,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.SignalProcessRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.ProcessInfo.SerializeToString,
+            ),
+            'SendStdin': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendStdin,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.SendStdinRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.ProcessInfo.SerializeToString,
+            ),
+            'CloseStdin': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseStdin,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.CloseStdinRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.ProcessInfo.SerializeToString,
+            ),
+            'ResizePty': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResizePty,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.ResizePtyRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.ProcessInfo.SerializeToString,
+            ),
+            'WatchFiles': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchFiles,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.WatchFilesRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.FileEvents.SerializeToString,
             ),
             'Eval': grpc.unary_unary_rpc_method_handler(
                     servicer.Eval,
@@ -578,6 +722,222 @@ class SandboxService:
             '/forkd.v1.SandboxService/ExecInteractive',
             forkd_dot_v1_dot_sandbox__pb2.ExecInput.SerializeToString,
             forkd_dot_v1_dot_sandbox__pb2.ExecEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SandboxService/StartProcess',
+            forkd_dot_v1_dot_sandbox__pb2.StartProcessRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.ProcessInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProcesses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SandboxService/ListProcesses',
+            forkd_dot_v1_dot_sandbox__pb2.ListProcessesRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.ListProcessesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/forkd.v1.SandboxService/AttachProcess',
+            forkd_dot_v1_dot_sandbox__pb2.AttachProcessRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.ExecEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SandboxService/SignalProcess',
+            forkd_dot_v1_dot_sandbox__pb2.SignalProcessRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.ProcessInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendStdin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SandboxService/SendStdin',
+            forkd_dot_v1_dot_sandbox__pb2.SendStdinRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.ProcessInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseStdin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SandboxService/CloseStdin',
+            forkd_dot_v1_dot_sandbox__pb2.CloseStdinRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.ProcessInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResizePty(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SandboxService/ResizePty',
+            forkd_dot_v1_dot_sandbox__pb2.ResizePtyRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.ProcessInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/forkd.v1.SandboxService/WatchFiles',
+            forkd_dot_v1_dot_sandbox__pb2.WatchFilesRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.FileEvents.FromString,
             options,
             channel_credentials,
             insecure,
