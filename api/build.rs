@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "forkd/v1/sandbox.proto",
     "forkd/v1/workspace.proto",
     "forkd/v1/system.proto",
+    "forkd/v1/image.proto",
 ];
 
 fn main() {

@@ -6,6 +6,9 @@ pub mod codes;
 pub mod names;
 
 /// `forkd.v1`: messages and the tonic clients and servers of every service.
+/// (Streams such as `ImageProgress` end with a large message after many
+/// small ones; boxing would only make the generated code harder to use.)
+#[allow(clippy::large_enum_variant)]
 pub mod v1 {
     tonic::include_proto!("forkd.v1");
 }
@@ -19,8 +22,13 @@ pub mod google_api {
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/forkd_descriptor.bin"));
 
 /// The fully qualified names of the public services.
-pub const SERVICES: &[&str] =
-    &["forkd.v1.SnapshotService", "forkd.v1.SandboxService", "forkd.v1.WorkspaceService", "forkd.v1.SystemService"];
+pub const SERVICES: &[&str] = &[
+    "forkd.v1.SnapshotService",
+    "forkd.v1.SandboxService",
+    "forkd.v1.WorkspaceService",
+    "forkd.v1.SystemService",
+    "forkd.v1.ImageService",
+];
 
 /// Version of this build, reported by `/version` and `forkd version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -11,3 +11,12 @@ forkd_base_files() {
   # No network by default; Reinit writes a real one when a sandbox gets one.
   : > "$root/etc/resolv.conf"
 }
+
+# Documentation, manuals and translations are dead weight in a sandbox image.
+FORKD_DPKG_OPTS=(
+  --dpkgopt='path-exclude=/usr/share/man/*'
+  --dpkgopt='path-exclude=/usr/share/doc/*'
+  --dpkgopt='path-include=/usr/share/doc/*/copyright'
+  --dpkgopt='path-exclude=/usr/share/locale/*'
+  --dpkgopt='path-exclude=/usr/share/info/*'
+)

@@ -6,7 +6,10 @@
 #   guest/images/python.sh ROOTDIR
 #
 # Inputs that change the result (and so the cache key): this file, common.sh
-# and FORKD_DEBIAN_MIRROR.
+# and FORKD_DEBIAN_MIRROR. Image builds (server images::build) also set
+# FORKD_EXTRA_PACKAGES (comma-separated Debian packages to add) and
+# FORKD_APT_CACHE (a directory keeping downloaded packages across builds);
+# scripts/build-guest.sh sets neither.
 set -euo pipefail
 root=$1
 here=$(cd "$(dirname "$0")" && pwd)
@@ -14,17 +17,22 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 suite=bookworm
 mirror=${FORKD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-packages=python3,python3-numpy,busybox
+packages=python3,python3-numpy,busybox${FORKD_EXTRA_PACKAGES:+,$FORKD_EXTRA_PACKAGES}
+# The cache is bound over the archive directory while mmdebstrap runs (its
+# essential set is kept there too) and unbound before the final clean-up,
+# which never runs `apt-get clean` on it.
+cache_opts=()
+if [ -n "${FORKD_APT_CACHE:-}" ]; then
+  cache_opts=(--skip=essential/unlink --skip=cleanup/apt/cache
+    --setup-hook='mkdir -p "$1/var/cache/apt/archives" && mount --bind "$FORKD_APT_CACHE" "$1/var/cache/apt/archives"'
+    --customize-hook='umount "$1/var/cache/apt/archives"')
+fi
 
-# Documentation, manuals and translations are dead weight in a sandbox image.
 # stdin is closed: without a mirror argument mmdebstrap would read sources from it.
 mmdebstrap --variant=essential --mode=root --format=directory \
   --include="$packages" \
-  --dpkgopt='path-exclude=/usr/share/man/*' \
-  --dpkgopt='path-exclude=/usr/share/doc/*' \
-  --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-  --dpkgopt='path-exclude=/usr/share/locale/*' \
-  --dpkgopt='path-exclude=/usr/share/info/*' \
+  "${FORKD_DPKG_OPTS[@]}" \
+  "${cache_opts[@]}" \
   "$suite" "$root" "deb $mirror $suite main" </dev/null
 
 forkd_base_files "$root"

@@ -11,6 +11,7 @@ pub mod api;
 pub mod core;
 pub mod edge;
 pub mod host;
+pub mod images;
 pub mod memory;
 pub mod probe;
 pub mod remote;

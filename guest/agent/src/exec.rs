@@ -36,6 +36,8 @@ pub fn env_vec(env: &BTreeMap<String, String>) -> Result<Vec<std::ffi::CString>,
 /// A command converted for `execve`: program found on PATH, argv, the
 /// environment (the base one plus the request's) and the working directory.
 pub struct Prepared {
+    /// `(uid, gid)` to switch to, when not root.
+    pub ids: Option<(u32, u32)>,
     pub program: std::ffi::CString,
     pub argv: Vec<std::ffi::CString>,
     pub envp: Vec<std::ffi::CString>,
@@ -47,11 +49,17 @@ pub fn prepare(
     args: &[String],
     req_env: &std::collections::HashMap<String, String>,
     req_cwd: &str,
+    user: &str,
 ) -> Result<Prepared, forkd_agent_protocol::v1::AgentError> {
     if args.is_empty() || args[0].is_empty() {
         return Err(error(Kind::Invalid, "exec needs at least a program name"));
     }
+    let account = crate::users::resolve(user)?;
     let mut env = base_env();
+    if let Some(a) = &account {
+        env.insert("HOME".into(), a.home.clone());
+        env.insert("USER".into(), a.name.clone());
+    }
     for (k, v) in req_env {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
             return Err(error(Kind::Invalid, format!("bad environment variable name {k:?}")));
@@ -59,7 +67,8 @@ pub fn prepare(
         env.insert(k.clone(), v.clone());
     }
     let cwd = if req_cwd.is_empty() {
-        if std::path::Path::new(HOME).is_dir() { HOME.to_string() } else { "/".to_string() }
+        let home = account.as_ref().map_or(HOME, |a| a.home.as_str());
+        if std::path::Path::new(home).is_dir() { home.to_string() } else { "/".to_string() }
     } else {
         req_cwd.to_string()
     };
@@ -68,6 +77,7 @@ pub fn prepare(
         .ok_or_else(|| error(Kind::NotFound, format!("{}: command not found", args[0])))?;
     let bad = |e: std::io::Error| io_error("exec arguments", &e);
     Ok(Prepared {
+        ids: account.map(|a| (a.uid, a.gid)),
         program: sys::cstr(&program).map_err(bad)?,
         argv: args.iter().map(sys::cstr).collect::<Result<Vec<_>, _>>().map_err(bad)?,
         envp: env_vec(&env).map_err(bad)?,
@@ -131,7 +141,7 @@ fn start_and_stream(
     id: u64,
     req: ExecRequest,
 ) -> Result<ExecExit, forkd_agent_protocol::v1::AgentError> {
-    let cmd = prepare(&req.args, &req.env, &req.cwd)?;
+    let cmd = prepare(&req.args, &req.env, &req.cwd, &req.user)?;
     let cwd = cmd.cwd_text.clone();
     let (out_r, out_w) = sys::pipe().map_err(|e| io_error("pipe", &e))?;
     let (err_r, err_w) = sys::pipe().map_err(|e| io_error("pipe", &e))?;
@@ -152,6 +162,7 @@ fn start_and_stream(
         fds: vec![(in_r.as_raw_fd(), 0), (out_w.as_raw_fd(), 1), (err_w.as_raw_fd(), 2)],
         new_group: true,
         session_on_tty: false,
+        ids: cmd.ids,
     };
     let started = Instant::now();
     let child = proc::spawn(&spec, Some(wake_w2)).map_err(|e| spawn_error(&e, &req.args[0], &cwd))?;

@@ -22,6 +22,7 @@ mod server;
 mod sys;
 #[cfg(test)]
 mod tests;
+mod users;
 mod watch;
 
 use std::os::fd::AsRawFd;

@@ -137,6 +137,8 @@ pub struct Spec {
     /// Start a new session instead (implies a new group) and make fd 0,
     /// a terminal, its controlling terminal.
     pub session_on_tty: bool,
+    /// Switch to `(uid, gid)` (with no supplementary groups) before exec.
+    pub ids: Option<(u32, u32)>,
 }
 
 pub struct Child {
@@ -254,6 +256,12 @@ unsafe fn child_after_fork(
         {
             fail(err_fd);
         }
+        if let Some((uid, gid)) = spec.ids {
+            let groups = [gid];
+            if libc::setgroups(1, groups.as_ptr()) < 0 || libc::setgid(gid) < 0 || libc::setuid(uid) < 0 {
+                fail(err_fd);
+            }
+        }
         libc::execve(spec.program.as_ptr(), argv.as_ptr(), envp.as_ptr());
         fail(err_fd)
     }
@@ -302,6 +310,7 @@ mod tests {
             fds: vec![],
             new_group: true,
             session_on_tty: false,
+            ids: None,
         }
     }
 

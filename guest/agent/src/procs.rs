@@ -228,7 +228,7 @@ fn set_size(fd: RawFd, size: &PtySize) -> std::io::Result<()> {
 
 /// Starts a process and its pump; answers with its info.
 pub fn start(agent: &Arc<Agent>, req: ProcStartRequest) -> Result<ProcInfo, AgentError> {
-    let cmd = exec::prepare(&req.args, &req.env, &req.cwd)?;
+    let cmd = exec::prepare(&req.args, &req.env, &req.cwd, &req.user)?;
     {
         let mut g = agent.procs.procs.lock().map_err(|_| error(Kind::Internal, "process table lock poisoned"))?;
         Table::prune(&mut g);
@@ -287,6 +287,7 @@ pub fn start(agent: &Arc<Agent>, req: ProcStartRequest) -> Result<ProcInfo, Agen
         fds,
         new_group: true,
         session_on_tty: master.is_some(),
+        ids: cmd.ids,
     };
     let started = Instant::now();
     let child = proc::spawn(&spec, Some(wake_w)).map_err(|e| exec::spawn_error(&e, &req.args[0], &cmd.cwd_text))?;

@@ -173,6 +173,7 @@ impl Runtime {
                 ],
                 new_group: true,
                 session_on_tty: false,
+                ids: None,
             };
             let child = proc::spawn(&spec, None)?;
             Ok(Proc { child, to: req_w, from: LineReader { fd: resp_r, buf: Vec::new() } })

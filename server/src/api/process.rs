@@ -104,9 +104,21 @@ pub struct Start {
     pub pty: Option<api::PtySize>,
     pub stdin: bool,
     pub timeout_secs: u32,
+    pub user: String,
 }
 
 impl Start {
+    /// The agent's request, with what the request left out taken from the
+    /// sandbox's image.
+    pub fn into_agent_for(
+        mut self,
+        rt: &crate::core::runtime::Runtime,
+        sb: &Sandbox,
+    ) -> Result<pb::ProcStartRequest, Error> {
+        rt.image_defaults(sb, &mut self.env, &mut self.cwd, &mut self.user);
+        self.into_agent()
+    }
+
     pub fn into_agent(self) -> Result<pb::ProcStartRequest, Error> {
         if self.args.is_empty() || self.args[0].is_empty() {
             return Err(Error::invalid("args", "must name a command"));
@@ -130,6 +142,7 @@ impl Start {
             pty,
             stdin: self.stdin,
             timeout_ms: self.timeout_secs.saturating_mul(1000),
+            user: self.user,
         })
     }
 }

@@ -77,6 +77,7 @@ fn exec_request(r: &api::ExecRequest) -> Result<(SandboxId, pb::ExecRequest), St
             cwd: r.cwd.clone(),
             timeout_ms: secs * 1000,
             stdin: r.stdin.clone(),
+            user: r.user.clone(),
         },
     ))
 }
@@ -364,9 +365,10 @@ impl SandboxService for Services {
             pty: start.pty,
             stdin: true,
             timeout_secs: start.timeout_secs,
-        }
-        .into_agent()?;
+            user: start.user,
+        };
         let sb = self.rt.agent_of(&id).await?;
+        let req = req.into_agent_for(&self.rt, &sb)?;
         let info = sb.agent.proc_start(req, process::CONTROL_TIMEOUT).await.map_err(Error::from)?;
         let sel = forkd_agent_protocol::v1::ProcSelector { pid: info.pid, tag: String::new() };
         // Input runs in its own task, in order; when the client goes away
@@ -419,9 +421,10 @@ impl SandboxService for Services {
             pty: r.pty,
             stdin: r.stdin,
             timeout_secs: r.timeout_secs,
-        }
-        .into_agent()?;
+            user: r.user,
+        };
         let sb = self.rt.agent_of(&id).await?;
+        let req = req.into_agent_for(&self.rt, &sb)?;
         let info = sb.agent.proc_start(req, process::CONTROL_TIMEOUT).await.map_err(Error::from)?;
         Ok(Response::new(process::process_info(info)))
     }

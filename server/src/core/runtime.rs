@@ -27,6 +27,9 @@ pub struct ImageInfo {
     pub path: PathBuf,
     pub runtime: String,
     pub warm: String,
+    /// What a snapshot records as its image: the built-in name, or the
+    /// store image's digest (stable when names move).
+    pub record_name: String,
 }
 
 impl GuestAssets {
@@ -44,22 +47,19 @@ impl GuestAssets {
         if image.is_empty() {
             return Err(Error::invalid("image", "must not be empty (use \"python\" or \"minimal\")"));
         }
-        if image.contains('/') {
+        if image.starts_with('/') {
             return Err(Error::invalid(
                 "image",
-                format!(
-                    "{image:?}: images are named from the image store (\"python\", \"minimal\"), never by host path"
-                ),
+                format!("{image:?}: images are named from the image store (see `forkd image ls`), never by host path"),
             ));
         }
         let (runtime, warm) = match image {
             "python" => ("python", "numpy"),
             "minimal" => ("none", ""),
             _ => {
-                return Err(Error::invalid(
-                    "image",
-                    format!("{image:?} is not in the image store (use \"python\" or \"minimal\")"),
-                ));
+                return Err(Error::NotFound(format!(
+                    "image {image:?} is not in the image store (built in: \"python\", \"minimal\"; see `forkd image ls`)"
+                )));
             }
         };
         let path = self.dir.join("images").join(format!("{image}.ext4"));
@@ -69,7 +69,7 @@ impl GuestAssets {
                 path.display()
             )));
         }
-        Ok(ImageInfo { path, runtime: runtime.into(), warm: warm.into() })
+        Ok(ImageInfo { path, runtime: runtime.into(), warm: warm.into(), record_name: image.to_string() })
     }
 
     pub fn check(&self) -> Result<()> {
@@ -143,9 +143,37 @@ pub struct Runtime {
     pub(crate) workspace_locks: super::workspaces::locks::WorkspaceLocks,
     /// Pulls in progress, so forks of one missing tag share a pull.
     pub(crate) pulls: super::snapshots::remote::PullFlights,
+    /// The image store (built-in images live in the guest assets).
+    pub images: Arc<crate::images::manage::Images>,
 }
 
 impl Runtime {
+    /// An image by name or digest: a built-in one of the guest assets, or
+    /// one of the image store.
+    pub fn resolve_image(&self, image: &str) -> Result<ImageInfo> {
+        if matches!(image, "python" | "minimal") || image.is_empty() || image.starts_with('/') {
+            return self.guest.image(image);
+        }
+        let Some((rec, _)) = self.images.store.get(image) else {
+            return self.guest.image(image);
+        };
+        let path = self.images.store.rootfs(&rec.digest);
+        Ok(ImageInfo {
+            path,
+            runtime: if rec.runtime.is_empty() { "none".into() } else { rec.runtime.clone() },
+            warm: String::new(),
+            record_name: rec.digest,
+        })
+    }
+
+    /// Snapshots whose image is `digest`.
+    pub fn snapshots_using_image(&self, digest: &str) -> Vec<String> {
+        self.store
+            .list_snapshots()
+            .map(|l| l.into_iter().filter(|s| s.image == digest).map(|s| s.tag.as_str().to_string()).collect())
+            .unwrap_or_default()
+    }
+
     pub async fn open(
         data_dir: PathBuf,
         guest: GuestAssets,
@@ -156,7 +184,10 @@ impl Runtime {
         let layout = Layout::new(data_dir);
         layout.create().map_err(|e| Error::internal(&format!("create data dir {}", layout.root().display()), e))?;
         let store = Store::open(&layout.db())?;
+        let cache = std::env::var_os("FORKD_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/cache/forkd".into());
+        let images = crate::images::manage::Images::new(layout.root(), cache, guest.dir.clone());
         let rt = Arc::new(Runtime {
+            images,
             layout,
             store,
             backend,

@@ -23,8 +23,9 @@ use axum::extract::Request;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use forkd_api::v1::{
-    sandbox_service_server::SandboxServiceServer, snapshot_service_server::SnapshotServiceServer,
-    system_service_server::SystemServiceServer, workspace_service_server::WorkspaceServiceServer,
+    image_service_server::ImageServiceServer, sandbox_service_server::SandboxServiceServer,
+    snapshot_service_server::SnapshotServiceServer, system_service_server::SystemServiceServer,
+    workspace_service_server::WorkspaceServiceServer,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -58,6 +59,7 @@ pub async fn grpc_router(services: Services) -> anyhow::Result<Router> {
     health_reporter.set_serving::<SnapshotServiceServer<Services>>().await;
     health_reporter.set_serving::<WorkspaceServiceServer<Services>>().await;
     health_reporter.set_serving::<SystemServiceServer<Services>>().await;
+    health_reporter.set_serving::<ImageServiceServer<Services>>().await;
     // Keep the reporter alive for the life of the process.
     std::mem::forget(health_reporter);
     let reflection = tonic_reflection::server::Builder::configure()
@@ -74,6 +76,7 @@ pub async fn grpc_router(services: Services) -> anyhow::Result<Router> {
         .add_service(SnapshotServiceServer::new(services.clone()).max_decoding_message_size(MAX_GRPC_MESSAGE))
         .add_service(SandboxServiceServer::new(services.clone()).max_decoding_message_size(MAX_GRPC_MESSAGE))
         .add_service(WorkspaceServiceServer::new(services.clone()))
+        .add_service(ImageServiceServer::new(services.clone()).max_decoding_message_size(MAX_GRPC_MESSAGE))
         .add_service(SystemServiceServer::new(services));
     Ok(routes.prepare().into_axum_router())
 }

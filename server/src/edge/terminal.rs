@@ -110,8 +110,9 @@ async fn prepare(
                 pty: Some(api::PtySize { rows: q.rows, cols: q.cols }),
                 stdin: true,
                 timeout_secs: 0,
+                user: String::new(),
             }
-            .into_agent()?;
+            .into_agent_for(&services.rt, &sb)?;
             let info = sb.agent.proc_start(req, process::CONTROL_TIMEOUT).await.map_err(Error::from)?;
             pb::ProcSelector { pid: info.pid, tag: String::new() }
         }

@@ -22,6 +22,7 @@ pub const KEEP: &[(Capability, &str)] = &[
     (Capability::CAP_SYS_PTRACE, "reading a VMM's memory to branch it (process_vm_readv)"),
     (Capability::CAP_SYS_RESOURCE, "raising limits for many VMMs"),
     (Capability::CAP_IPC_LOCK, "locked and huge-page guest memory"),
+    (Capability::CAP_SETFCAP, "mapping root into the user namespaces of image builds"),
 ];
 
 /// The outcome of dropping capabilities at start.

@@ -589,12 +589,41 @@ impl Runtime {
         Ok(deleted)
     }
 
-    pub async fn exec(&self, id: &SandboxId, req: pb::ExecRequest) -> Result<ExecStream> {
+    pub async fn exec(&self, id: &SandboxId, mut req: pb::ExecRequest) -> Result<ExecStream> {
         if req.args.is_empty() {
             return Err(Error::invalid("args", "must name a command"));
         }
         let sb = self.sandbox(id).await?;
+        self.image_defaults(&sb, &mut req.env, &mut req.cwd, &mut req.user);
         Ok(sb.live_agent()?.exec(req).await?)
+    }
+
+    /// Fills what a command did not say from the sandbox's image config:
+    /// its environment under the request's, its working dir and its user.
+    pub fn image_defaults(
+        &self,
+        sb: &Sandbox,
+        env: &mut std::collections::HashMap<String, String>,
+        cwd: &mut String,
+        user: &mut String,
+    ) {
+        let tag = sb.snapshot().snapshot_tag;
+        let Ok(Some(snap)) = self.store.get_snapshot(tag.as_str()) else { return };
+        if !crate::images::store::is_digest(&snap.image) {
+            return;
+        }
+        let Some(config) = self.images.config(&snap.image) else { return };
+        for kv in &config.env {
+            if let Some((k, v)) = kv.split_once('=') {
+                env.entry(k.to_string()).or_insert_with(|| v.to_string());
+            }
+        }
+        if cwd.is_empty() {
+            cwd.clone_from(&config.working_dir);
+        }
+        if user.is_empty() {
+            user.clone_from(&config.user);
+        }
     }
 
     pub async fn eval(&self, id: &SandboxId, code: String, timeout: Duration) -> Result<pb::EvalResult> {

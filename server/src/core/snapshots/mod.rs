@@ -75,7 +75,7 @@ impl Runtime {
             return Err(Error::invalid("mem_mib", format!("{} is outside 64..=65536", req.mem_mib)));
         }
         self.guest.check()?;
-        let image = self.guest.image(&req.image)?;
+        let image = self.resolve_image(&req.image)?;
         self.admit_snapshot_write(&format!("snapshot {:?}", req.tag.as_str()), req.mem_mib as u64 * MIB)?;
         let final_dir = self.layout.snapshot_dir(&req.tag);
         let staging = self.layout.staging_for(&req.tag, &ids::nonce());
@@ -99,7 +99,7 @@ impl Runtime {
             tag: req.tag.clone(),
             status: SnapshotStatus::Writing,
             status_reason: String::new(),
-            image: req.image.clone(),
+            image: image.record_name.clone(),
             vcpus: req.vcpus,
             mem_mib: req.mem_mib,
             kind: "base".into(),

@@ -223,7 +223,7 @@ impl Runtime {
                 )));
             }
         }
-        self.guest.image(&m.snapshots[0].record.image)?;
+        self.resolve_image(&m.snapshots[0].record.image)?;
         let top = &m.snapshots.last().expect("validated").record;
         if top.accel != self.accel.accel.as_str() || top.backend != self.backend.name() {
             return Err(Error::FailedPrecondition(format!(
@@ -344,7 +344,7 @@ impl Runtime {
                     continue; // reused (checked before the files were read)
                 }
                 let final_dir = self.layout.snapshot_dir(&rec.tag);
-                let image = self.guest.image(&rec.image)?;
+                let image = self.resolve_image(&rec.image)?;
                 if let Some(vm) = rec.vm.as_mut() {
                     vm.kernel = self.guest.kernel();
                     vm.initrd = self.guest.initrd();
