@@ -6,6 +6,7 @@
 #   <out>/images/minimal.ext4   busybox root (read-only in the guest)
 #   <out>/images/python.ext4    Debian root with python3 + numpy
 #   <out>/manifest.json         versions, sha256 of every file, per-image runtime
+#   <out>/recipes/*.sh          the image recipes, for the daemon's image builds
 #
 #   scripts/build-guest.sh [--out DIR] [--only minimal|python|none]
 #
@@ -27,7 +28,7 @@ while [ $# -gt 0 ]; do
     --out=*) out=${1#--out=}; shift ;;
     --only) only=$2; shift 2 ;;
     --only=*) only=${1#--only=}; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "build-guest.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -37,6 +38,9 @@ case "$only" in
   none) images=() ;;
   *) echo "build-guest.sh: --only takes minimal, python or none" >&2; exit 2 ;;
 esac
+
+# Only the daemon's image builds add packages or a download cache to a recipe.
+unset FORKD_EXTRA_PACKAGES FORKD_APT_CACHE
 
 started=$(date +%s%N)
 log() { printf 'build-guest: [%5.1fs] %s\n' "$(( ($(date +%s%N) - started) / 1000000 ))e-3" "$*"; }
@@ -197,7 +201,19 @@ for name in "${images[@]}"; do
   note_key "$rel" "$key"
 done
 
-# ---- 5. manifest ---------------------------------------------------------------
+# ---- 5. recipes ----------------------------------------------------------------
+# The daemon builds derived images (`forkd image build`) from these copies, so
+# it never needs the repository. Replaced only when they changed.
+if ! diff -rq "$repo/guest/images" "$out/recipes" >/dev/null 2>&1; then
+  rm -rf "$out/.recipes.tmp"
+  mkdir -p "$out/.recipes.tmp"
+  cp -p "$repo"/guest/images/*.sh "$out/.recipes.tmp/"
+  rm -rf "$out/recipes"
+  mv "$out/.recipes.tmp" "$out/recipes"
+  log "recipes: -> $out/recipes"
+fi
+
+# ---- 6. manifest ---------------------------------------------------------------
 log "manifest: hashing outputs"
 python3 - "$out" "$tmp/keys" "$kver" "$(cat "$kdir/package")" \
   "$(cd "$repo" && sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -1)" <<'PY'

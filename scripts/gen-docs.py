@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROTO = ROOT / "proto"
 OUT = ROOT / "docs" / "api.md"
 FILES = ["forkd/v1/common.proto", "forkd/v1/snapshot.proto", "forkd/v1/sandbox.proto",
-         "forkd/v1/workspace.proto", "forkd/v1/system.proto"]
+         "forkd/v1/workspace.proto", "forkd/v1/system.proto", "forkd/v1/image.proto"]
 PACKAGE = "forkd.v1"
 
 # The generated google.api modules register the http option as an extension,

@@ -27,6 +27,9 @@ step "S3 API server for the remote tests"
 FORKD_MOTO_SERVER=$(scripts/setup-s3.sh)
 export FORKD_MOTO_SERVER
 
+step "OCI registry and skopeo for the image-pull tests"
+scripts/setup-registry.sh
+
 step "accelerator"
 target_dir="${CARGO_TARGET_DIR:-target}"
 "$target_dir/debug/forkd-server" --help >/dev/null

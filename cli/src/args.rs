@@ -428,6 +428,348 @@ pub enum Command {
             FORKD_URL=https://forkd.example:8889 FORKD_TOKEN_FILE=~/.forkd-token forkd mcp"
     )]
     Mcp(McpArgs),
+
+    /// The image store: list, inspect, remove, import, pull and build images.
+    #[command(
+        subcommand,
+        long_about = "Manage the daemon's image store: the root file systems snapshots boot from, \
+            with their OCI configuration (env, working dir, user). The built-in images python and \
+            minimal come with the guest; others are imported from an OCI image layout, an OCI \
+            archive or a `docker save` tarball, pulled from a registry, or built from a base with \
+            Debian and pip packages. An image is named by any of its names or by its digest \
+            (sha256:…; a unique prefix of it will do). `forkd snapshot --image` takes either.",
+        after_help = "Examples:\n  \
+            forkd image ls\n  \
+            forkd image import ./app-layout --name team/app:1\n  \
+            forkd image pull localhost:5000/team/app:1\n  \
+            forkd image build py-req --from python --pip requests\n  \
+            forkd image inspect team/app:1\n  \
+            forkd image rm team/app:1"
+    )]
+    Image(ImageCommand),
+
+    /// Build a parent image: `image build`, `image import` or `image pull` by what it is given.
+    #[command(subcommand)]
+    Parent(ParentCommand),
+
+    /// Get an image (from the store, a local path or a registry) and snapshot it.
+    #[command(
+        long_about = "Get an image and bake a snapshot of it: REF is used as it is when it names \
+            an image of the store (a name or digest); an existing local path is imported (an OCI \
+            image layout directory, an OCI archive or a `docker save` tarball); anything else is \
+            pulled from its registry. The snapshot is then created from the image's digest and \
+            waited for, as `forkd snapshot` does.",
+        after_help = "Examples:\n  \
+            forkd from-image python --tag py\n  \
+            forkd from-image ./app.tar --tag app --mem-mib 512\n  \
+            forkd from-image localhost:5000/team/app:1 --tag app --vcpus 2"
+    )]
+    FromImage(FromImageArgs),
+
+    /// Run one command in a fresh child of an image, like `docker run --rm`.
+    #[command(
+        long_about = "Run a command in a fresh sandbox of an image and exit with its status.\n\n\
+            The image is found as `forkd from-image` finds it (the store, a local path to \
+            import, or a registry to pull from); with --apt or --pip a derived image is built \
+            from it (the daemon caches builds by their inputs). A snapshot of the image is \
+            baked once and reused by later runs: its tag is run-<12 hex digits> of a hash of \
+            the image's digest and the memory and vCPU settings (or --tag). One child is \
+            forked from it, the command runs with this process's stdin, stdout and stderr \
+            attached (on a terminal when stdin and stdout are both terminals, as `exec -it`), \
+            and the child is killed afterwards — also on Ctrl-C or an error — unless --keep. \
+            Signals are passed on as `forkd exec -i` does; when the command has not ended 3s \
+            after one, or at a second, the child is killed and forkd exits 128+N. --timings \
+            prints how long each phase took (image, build, bake, fork, exec, kill) on stderr.",
+        after_help = "Examples:\n  \
+            forkd run --image python -- python3 -c 'print(2 + 2)'\n  \
+            forkd run --image python --pip requests -- python3 -c 'import requests'\n  \
+            forkd run --image ./app-layout -e MODE=test --workdir /app -- ./check.sh\n  \
+            forkd run --image python --timings -- true\n  \
+            forkd run --image python -- bash          # interactive on a terminal"
+    )]
+    Run(RunArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// List the images of the store.
+    #[command(
+        visible_alias = "list",
+        long_about = "List the store's images as a table: NAMES DIGEST SOURCE SIZE RUNTIME CREATED. \
+            DIGEST is the first 12 hex digits (the built-in images have none); RUNTIME is python \
+            when the image has python3 (its snapshots get the warm interpreter).",
+        after_help = "Examples:\n  forkd image ls\n  forkd image ls --json"
+    )]
+    Ls,
+
+    /// Print everything about one image as JSON.
+    #[command(after_help = "Examples:\n  forkd image inspect python\n  forkd image inspect sha256:3f2a9c")]
+    Inspect(ImageRefArg),
+
+    /// Remove images, or only one of an image's names.
+    #[command(
+        visible_alias = "remove",
+        long_about = "Remove images. Given one of several names of an image, only that name goes; \
+            given its last name or its digest, the image goes. An image a snapshot was made from \
+            is refused (exit 4) until those snapshots are deleted.",
+        after_help = "Examples:\n  forkd image rm team/app:1\n  forkd image rm sha256:3f2a9c0d1e2f"
+    )]
+    Rm(ImageRmArgs),
+
+    /// Import an OCI image layout, an OCI archive or a `docker save` tarball.
+    #[command(
+        long_about = "Send an image to the daemon's store. PATH is an OCI image layout directory \
+            (oci-layout, index.json, blobs/; it is streamed as a tar, which is what an OCI \
+            archive is), an OCI archive file, or a `docker save` tarball. The daemon applies the \
+            layers in order with their whiteouts and writes the root file system; nothing is \
+            visible until it is complete. Prints the image's name and digest.",
+        after_help = "Examples:\n  \
+            forkd image import ./app-layout --name team/app:1\n  \
+            docker save app:1 -o app.tar && forkd image import app.tar\n  \
+            forkd image import multi.tar --ref app:2 --name app2"
+    )]
+    Import(ImageImportArgs),
+
+    /// Pull an image from a registry (linux/amd64).
+    #[command(
+        long_about = "Have the daemon pull an image from a registry, verifying every blob's \
+            digest, with one progress bar per layer. The image is named by the reference unless \
+            --name is given. --json prints only the final image.",
+        after_help = "Examples:\n  \
+            forkd image pull localhost:5000/team/app:1\n  \
+            forkd image pull docker.io/library/python:3.12-slim --name py312"
+    )]
+    Pull(ImagePullArgs),
+
+    /// Build an image from a base with Debian packages, pip packages and commands.
+    #[command(
+        long_about = "Have the daemon build an image: the base (--from: python, the default, \
+            minimal, or an image of the store) with Debian packages (--apt), then pip packages \
+            (--pip), then commands (--run, each through sh -c), in that order. Builds are cached \
+            by a digest of their inputs: the same inputs again are answered at once. The build's \
+            output is shown as it comes.",
+        after_help = "Examples:\n  \
+            forkd image build py-req --pip requests\n  \
+            forkd image build tools --from minimal --apt curl --apt jq\n  \
+            forkd image build app-deps --from team/app:1 --pip flask --run 'mkdir -p /data'"
+    )]
+    Build(ImageBuildArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ImageRefArg {
+    /// An image name or digest (sha256:…, or a unique prefix of it).
+    #[arg(value_name = "NAME|DIGEST", value_parser = parse_image_ref)]
+    pub image: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ImageRmArgs {
+    /// Image names or digests.
+    #[arg(value_name = "NAME|DIGEST", required = true, value_parser = parse_image_ref)]
+    pub images: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ImageImportArgs {
+    /// An OCI image layout directory, an OCI archive or a `docker save` tarball.
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+
+    /// Name of the image in the store (default: the name the archive gives it, if any).
+    #[arg(long, value_name = "NAME", value_parser = parse_image_name)]
+    pub name: Option<String>,
+
+    /// Which image of an archive that holds several: its reference name or tag.
+    #[arg(long = "ref", value_name = "REF", value_parser = parse_nonempty)]
+    pub reference: Option<String>,
+
+    /// Accept device nodes and FIFOs in layers (refused by default).
+    #[arg(long)]
+    pub allow_devices: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ImagePullArgs {
+    /// Registry reference, e.g. localhost:5000/team/app:1.
+    #[arg(value_name = "REF", value_parser = parse_reference)]
+    pub reference: String,
+
+    /// Name of the image in the store (default: the reference).
+    #[arg(long, value_name = "NAME", value_parser = parse_image_name)]
+    pub name: Option<String>,
+}
+
+/// Packages and commands a build adds to its base.
+#[derive(Args, Debug, Default, Clone)]
+pub struct BuildSteps {
+    /// A Debian package to install (apt-get). Repeatable.
+    #[arg(long = "apt", value_name = "PKG", value_parser = parse_package)]
+    pub apt: Vec<String>,
+
+    /// A pip requirement to install (e.g. requests, numpy==2.1). Repeatable.
+    #[arg(long = "pip", value_name = "PKG", value_parser = parse_package)]
+    pub pip: Vec<String>,
+
+    /// A shell command to run, after the packages. Repeatable, in order.
+    #[arg(long = "run", value_name = "CMD", value_parser = parse_nonempty)]
+    pub run: Vec<String>,
+}
+
+impl BuildSteps {
+    pub fn is_empty(&self) -> bool {
+        self.apt.is_empty() && self.pip.is_empty() && self.run.is_empty()
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ImageBuildArgs {
+    /// Name of the built image.
+    #[arg(value_name = "NAME", value_parser = parse_image_name)]
+    pub name: String,
+
+    /// Base: python (default), minimal, or an image of the store.
+    #[arg(long, value_name = "python|minimal|IMAGE", value_parser = parse_image_ref)]
+    pub from: Option<String>,
+
+    #[command(flatten)]
+    pub steps: BuildSteps,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ParentCommand {
+    /// Build, import or pull an image to snapshot parents from.
+    #[command(
+        long_about = "Make an image for parent snapshots, doing what its arguments ask:\n\n\
+            With --apt, --extra, --pip or --run: `forkd image build`, from IMAGE (found as \
+            `forkd from-image` finds it: the store, a local path to import, or a registry to \
+            pull from), named --name or parent-<12 hex digits of its \
+            inputs>. With --from, the first argument is instead the new image's name, exactly \
+            as `forkd image build NAME --from BASE`.\n\n\
+            Without them: IMAGE is imported when it is a local path (`forkd image import`), \
+            and pulled otherwise (`forkd image pull`), named --name if given.",
+        after_help = "Examples:\n  \
+            forkd parent build python --extra curl --pip requests\n  \
+            forkd parent build py-tools --from python --apt jq\n  \
+            forkd parent build ./app-layout --name team/app:1\n  \
+            forkd parent build localhost:5000/team/app:1"
+    )]
+    Build(ParentBuildArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ParentBuildArgs {
+    /// The base image, path or reference; with --from, the new image's name.
+    #[arg(value_name = "IMAGE", value_parser = parse_nonempty)]
+    pub image: String,
+
+    /// Build from this base, naming the result IMAGE (as `image build IMAGE --from BASE`).
+    #[arg(long, value_name = "python|minimal|IMAGE", value_parser = parse_image_ref)]
+    pub from: Option<String>,
+
+    /// Name of the resulting image.
+    #[arg(long, value_name = "NAME", value_parser = parse_image_name, conflicts_with = "from")]
+    pub name: Option<String>,
+
+    /// A Debian package to install (apt-get). Repeatable.
+    #[arg(long = "apt", visible_alias = "extra", value_name = "PKG", value_parser = parse_package)]
+    pub apt: Vec<String>,
+
+    /// A pip requirement to install. Repeatable.
+    #[arg(long = "pip", value_name = "PKG", value_parser = parse_package)]
+    pub pip: Vec<String>,
+
+    /// A shell command to run, after the packages. Repeatable, in order.
+    #[arg(long = "run", value_name = "CMD", value_parser = parse_nonempty)]
+    pub run: Vec<String>,
+
+    /// With an archive path: which image of an archive that holds several.
+    #[arg(long = "ref", value_name = "REF", value_parser = parse_nonempty)]
+    pub reference: Option<String>,
+
+    /// With a path: accept device nodes and FIFOs in layers.
+    #[arg(long)]
+    pub allow_devices: bool,
+}
+
+impl ParentBuildArgs {
+    pub fn steps(&self) -> BuildSteps {
+        BuildSteps { apt: self.apt.clone(), pip: self.pip.clone(), run: self.run.clone() }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct FromImageArgs {
+    /// An image of the store (name or digest), a local path to import, or a
+    /// registry reference to pull.
+    #[arg(value_name = "REF", value_parser = parse_nonempty)]
+    pub image: String,
+
+    /// Tag of the new snapshot.
+    #[arg(long, short = 't', value_name = "TAG")]
+    pub tag: Tag,
+
+    /// Guest memory in MiB (daemon default: 256).
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..))]
+    pub mem_mib: Option<u32>,
+
+    /// vCPUs of the VM (daemon default: 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub vcpus: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The image: of the store (name or digest), a local path to import, or a
+    /// registry reference to pull.
+    #[arg(long, value_name = "REF", value_parser = parse_nonempty)]
+    pub image: String,
+
+    /// A Debian package to add to the image first (cached build). Repeatable.
+    #[arg(long = "apt", value_name = "PKG", value_parser = parse_package)]
+    pub apt: Vec<String>,
+
+    /// A pip requirement to add to the image first (cached build). Repeatable.
+    #[arg(long = "pip", value_name = "PKG", value_parser = parse_package)]
+    pub pip: Vec<String>,
+
+    /// Snapshot to bake or reuse instead of run-<hash>.
+    #[arg(long, short = 't', value_name = "TAG")]
+    pub tag: Option<Tag>,
+
+    /// Guest memory in MiB of the snapshot (daemon default: 256).
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..))]
+    pub mem_mib: Option<u32>,
+
+    /// vCPUs of the snapshot (daemon default: 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub vcpus: Option<u32>,
+
+    /// An environment variable KEY=VALUE for the command. Repeatable.
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub env: Vec<(String, String)>,
+
+    /// Working directory of the command (default: the image's).
+    #[arg(long, short = 'w', visible_alias = "cwd", value_name = "DIR", value_parser = parse_guest_dir)]
+    pub workdir: Option<String>,
+
+    /// Leave the sandbox running afterwards (its id goes to stderr).
+    #[arg(long)]
+    pub keep: bool,
+
+    /// Print how long each phase took on stderr.
+    #[arg(long)]
+    pub timings: bool,
+
+    /// The command and its arguments.
+    #[arg(
+        value_name = "CMD",
+        required = true,
+        num_args = 1..,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub command: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -488,10 +830,11 @@ pub struct SnapshotArgs {
     #[arg(long, short = 't', value_name = "TAG", required_unless_present = "from_sandbox")]
     pub tag: Option<Tag>,
 
-    /// Image to boot: python, minimal, or the path of an image file.
+    /// Image to boot: python, minimal, an image of the store (see `forkd
+    /// image ls`), or the path of an image file.
     #[arg(
         long,
-        value_name = "python|minimal|PATH",
+        value_name = "python|minimal|IMAGE|PATH",
         value_parser = parse_image,
         required_unless_present = "from_sandbox",
         conflicts_with = "from_sandbox"
@@ -1047,13 +1390,15 @@ fn parse_cpu_quota(s: &str) -> Result<f64, String> {
     }
 }
 
-/// `python`, `minimal`, or a path. Paths are made absolute because the
-/// daemon resolves them itself and has its own working directory.
+/// `python`, `minimal`, an image of the store (name or digest), or a path.
+/// Paths are made absolute because the daemon resolves them itself and has
+/// its own working directory. A path is what starts with `/` or `.`, or a
+/// name with a `/` that is a file here; `team/app:1` is an image name.
 pub fn parse_image(s: &str) -> Result<String, String> {
     if s.is_empty() {
         return Err("the image must not be empty".into());
     }
-    if s.contains('/') || s.starts_with('.') {
+    if s.starts_with(['/', '.']) || (s.contains('/') && std::path::Path::new(s).is_file()) {
         let abs = std::path::absolute(s).map_err(|e| format!("{s:?}: {e}"))?;
         return abs.to_str().map(str::to_string).ok_or_else(|| format!("{s:?}: path is not valid UTF-8"));
     }
@@ -1115,6 +1460,74 @@ pub fn parse_process(s: &str) -> Result<String, String> {
 /// An absolute guest path.
 pub fn parse_guest_dir(s: &str) -> Result<String, String> {
     if s.starts_with('/') { Ok(s.to_string()) } else { Err(format!("{s:?}: the guest path must be absolute")) }
+}
+
+/// Longest image name the daemon keeps.
+const IMAGE_NAME_MAX: usize = 255;
+
+/// An image name as the daemon's store takes it: 1-255 of
+/// `[A-Za-z0-9._-/:@+]`, starting with a letter or digit, without `..`,
+/// and not a digest.
+pub fn parse_image_name(s: &str) -> Result<String, String> {
+    if s.starts_with("sha256:") {
+        return Err(format!("{s:?} is a digest, not a name"));
+    }
+    let ok = !s.is_empty()
+        && s.len() <= IMAGE_NAME_MAX
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/:@+".contains(&b))
+        && !s.contains("..");
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?}: an image name is 1-{IMAGE_NAME_MAX} of letters, digits and . _ - / : @ +, \
+             starting with a letter or digit, without '..'"
+        ))
+    }
+}
+
+/// An image of the store: a name, or a digest `sha256:<hex>` (a prefix
+/// of one will do: it is looked up).
+pub fn parse_image_ref(s: &str) -> Result<String, String> {
+    match s.strip_prefix("sha256:") {
+        Some(hex)
+            if !hex.is_empty() && hex.len() <= 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+        {
+            Ok(s.to_string())
+        }
+        Some(_) => Err(format!("{s:?}: a digest is sha256: and up to 64 lowercase hex digits")),
+        None => parse_image_name(s),
+    }
+}
+
+/// Any non-empty text without control characters.
+pub fn parse_nonempty(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.chars().any(char::is_control) {
+        return Err(format!("{s:?} holds control characters"));
+    }
+    Ok(s.to_string())
+}
+
+/// A registry reference: one word.
+pub fn parse_reference(s: &str) -> Result<String, String> {
+    let s = parse_nonempty(s)?;
+    if s.contains(char::is_whitespace) {
+        return Err(format!("{s:?}: a reference holds no spaces (e.g. localhost:5000/team/app:1)"));
+    }
+    Ok(s)
+}
+
+/// A package for apt or pip: one word that is not an option.
+pub fn parse_package(s: &str) -> Result<String, String> {
+    let s = parse_reference(s).map_err(|_| format!("{s:?}: a package is one word without spaces, e.g. numpy==2.1"))?;
+    if s.starts_with('-') {
+        return Err(format!("{s:?}: a package may not start with '-'"));
+    }
+    Ok(s)
 }
 
 #[cfg(test)]
@@ -1547,6 +1960,179 @@ mod tests {
     }
 
     #[test]
+    fn image_store() {
+        assert!(matches!(ok(&["image", "ls", "--json"]).command, Command::Image(ImageCommand::Ls)));
+        ok(&["image", "list"]);
+        let Command::Image(ImageCommand::Inspect(a)) = ok(&["image", "inspect", "sha256:3f2a"]).command else {
+            panic!()
+        };
+        assert_eq!(a.image, "sha256:3f2a");
+        let Command::Image(ImageCommand::Rm(a)) = ok(&["image", "rm", "team/app:1", "python"]).command else {
+            panic!()
+        };
+        assert_eq!(a.images, vec!["team/app:1", "python"]);
+        usage_error(&["image", "rm"]);
+        usage_error(&["image", "inspect", "sha256:XYZ"]);
+        usage_error(&["image", "inspect", "../etc"]);
+        usage_error(&["image"]);
+
+        let Command::Image(ImageCommand::Import(a)) =
+            ok(&["image", "import", "./layout", "--name", "team/app:1", "--ref", "app:2", "--allow-devices"]).command
+        else {
+            panic!()
+        };
+        assert_eq!(a.path, PathBuf::from("./layout"));
+        assert_eq!(a.name.as_deref(), Some("team/app:1"));
+        assert_eq!(a.reference.as_deref(), Some("app:2"));
+        assert!(a.allow_devices);
+        usage_error(&["image", "import"]);
+        usage_error(&["image", "import", "x.tar", "--name", "sha256:00"]);
+        usage_error(&["image", "import", "x.tar", "--name", "a b"]);
+
+        let Command::Image(ImageCommand::Pull(a)) =
+            ok(&["image", "pull", "localhost:5000/team/app:1", "--name", "app"]).command
+        else {
+            panic!()
+        };
+        assert_eq!((a.reference.as_str(), a.name.as_deref()), ("localhost:5000/team/app:1", Some("app")));
+        usage_error(&["image", "pull", "two words"]);
+
+        let Command::Image(ImageCommand::Build(a)) = ok(&[
+            "image",
+            "build",
+            "py-req",
+            "--from",
+            "minimal",
+            "--apt",
+            "curl",
+            "--apt",
+            "jq",
+            "--pip",
+            "numpy==2.1",
+            "--run",
+            "mkdir -p /data",
+        ])
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.name, "py-req");
+        assert_eq!(a.from.as_deref(), Some("minimal"));
+        assert_eq!(a.steps.apt, vec!["curl", "jq"]);
+        assert_eq!(a.steps.pip, vec!["numpy==2.1"]);
+        assert_eq!(a.steps.run, vec!["mkdir -p /data"]);
+        let Command::Image(ImageCommand::Build(a)) = ok(&["image", "build", "plain"]).command else { panic!() };
+        assert!(a.from.is_none() && a.steps.is_empty());
+        usage_error(&["image", "build"]);
+        usage_error(&["image", "build", "x", "--apt", "-y"]);
+        usage_error(&["image", "build", "x", "--pip", "a b"]);
+        usage_error(&["image", "build", "x", "--run", ""]);
+    }
+
+    #[test]
+    fn parent_build() {
+        let Command::Parent(ParentCommand::Build(a)) =
+            ok(&["parent", "build", "python", "--extra", "curl", "--apt", "jq", "--pip", "requests"]).command
+        else {
+            panic!()
+        };
+        assert_eq!(a.image, "python");
+        assert_eq!(a.apt, vec!["curl", "jq"], "--extra is --apt");
+        assert_eq!(a.steps().pip, vec!["requests"]);
+        let Command::Parent(ParentCommand::Build(a)) =
+            ok(&["parent", "build", "tools", "--from", "minimal", "--apt", "jq"]).command
+        else {
+            panic!()
+        };
+        assert_eq!((a.image.as_str(), a.from.as_deref()), ("tools", Some("minimal")));
+        let Command::Parent(ParentCommand::Build(a)) =
+            ok(&["parent", "build", "./app.tar", "--name", "app", "--ref", "app:1"]).command
+        else {
+            panic!()
+        };
+        assert_eq!((a.name.as_deref(), a.reference.as_deref()), (Some("app"), Some("app:1")));
+        usage_error(&["parent", "build"]);
+        usage_error(&["parent", "build", "x", "--from", "python", "--name", "y"]);
+        usage_error(&["parent"]);
+    }
+
+    #[test]
+    fn from_image_and_run() {
+        let Command::FromImage(a) =
+            ok(&["from-image", "localhost:5000/app:1", "--tag", "app", "--mem-mib", "512", "--vcpus", "2"]).command
+        else {
+            panic!()
+        };
+        assert_eq!(a.image, "localhost:5000/app:1");
+        assert_eq!((a.tag.as_str(), a.mem_mib, a.vcpus), ("app", Some(512), Some(2)));
+        usage_error(&["from-image", "python"]);
+        usage_error(&["from-image", "python", "--tag", "a/b"]);
+        usage_error(&["from-image", "--tag", "x"]);
+
+        let Command::Run(a) = ok(&[
+            "run",
+            "--image",
+            "python",
+            "--pip",
+            "requests",
+            "--apt",
+            "curl",
+            "-e",
+            "A=1",
+            "--workdir",
+            "/srv",
+            "--tag",
+            "mine",
+            "--keep",
+            "--timings",
+            "--",
+            "python3",
+            "-c",
+            "print(1)",
+        ])
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(a.image, "python");
+        assert_eq!((a.apt.as_slice(), a.pip.as_slice()), (&["curl".to_string()][..], &["requests".to_string()][..]));
+        assert_eq!(a.env, vec![("A".into(), "1".into())]);
+        assert_eq!(a.workdir.as_deref(), Some("/srv"));
+        assert_eq!(a.tag.unwrap().as_str(), "mine");
+        assert!(a.keep && a.timings);
+        assert_eq!(a.command, vec!["python3", "-c", "print(1)"]);
+
+        // Without --, everything from the command on belongs to it.
+        let Command::Run(a) = ok(&["run", "--image", "python", "sh", "-c", "exit 3", "--keep"]).command else {
+            panic!()
+        };
+        assert_eq!(a.command, vec!["sh", "-c", "exit 3", "--keep"]);
+        assert!(!a.keep && !a.timings && a.tag.is_none());
+        usage_error(&["run", "--image", "python"]);
+        usage_error(&["run", "--", "true"]);
+        usage_error(&["run", "--image", "", "--", "true"]);
+        usage_error(&["run", "--image", "python", "--workdir", "rel", "--", "true"]);
+        usage_error(&["run", "--image", "python", "--mem-mib", "0", "--", "true"]);
+    }
+
+    #[test]
+    fn image_names_and_refs() {
+        assert_eq!(parse_image_name("localhost:5000/team/app:1"), Ok("localhost:5000/team/app:1".into()));
+        assert_eq!(parse_image_name("app@sha256:ab+x"), Ok("app@sha256:ab+x".into()));
+        for bad in ["", "-x", "/abs", "a b", "a/../b", "sha256:00", &"a".repeat(256)] {
+            assert!(parse_image_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_image_ref(&format!("sha256:{}", "0".repeat(64))).is_ok());
+        assert!(parse_image_ref(&format!("sha256:{}", "0".repeat(65))).is_err());
+        assert!(parse_image_ref("sha256:").is_err());
+        assert!(parse_image_ref("python").is_ok());
+        assert!(parse_package("numpy>=2,<3").is_ok());
+        assert!(parse_package("--index-url").is_err());
+        assert!(parse_nonempty("a\nb").is_err());
+        assert!(parse_nonempty(" ").is_err());
+    }
+
+    #[test]
     fn completions() {
         for shell in ["bash", "zsh", "fish"] {
             let Command::Completions(_) = ok(&["completions", shell]).command else { panic!() };
@@ -1568,6 +2154,8 @@ mod tests {
         assert!(parse_key_value("=a").is_err());
         assert_eq!(parse_image("python"), Ok("python".into()));
         assert_eq!(parse_image("/x/y.img"), Ok("/x/y.img".into()));
+        assert_eq!(parse_image("team/app:1"), Ok("team/app:1".into()), "an image name, not a path");
+        assert!(parse_image("./y.img").unwrap().starts_with('/'));
         assert!(parse_image("").is_err());
         assert_eq!(parse_volume("/h:/g:rw"), Ok("/h:/g:rw".into()));
         assert!(parse_volume("/h").is_err());

@@ -6,8 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use forkd_api::v1::{
-    sandbox_service_client::SandboxServiceClient, snapshot_service_client::SnapshotServiceClient,
-    system_service_client::SystemServiceClient, workspace_service_client::WorkspaceServiceClient,
+    image_service_client::ImageServiceClient, sandbox_service_client::SandboxServiceClient,
+    snapshot_service_client::SnapshotServiceClient, system_service_client::SystemServiceClient,
+    workspace_service_client::WorkspaceServiceClient,
 };
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -141,6 +142,10 @@ impl Conn {
 
     pub fn system(&self) -> SystemServiceClient<Svc> {
         SystemServiceClient::new(self.svc()).max_decoding_message_size(MAX_MESSAGE)
+    }
+
+    pub fn images(&self) -> ImageServiceClient<Svc> {
+        ImageServiceClient::new(self.svc()).max_decoding_message_size(MAX_MESSAGE)
     }
 
     /// Awaits one call, bounded by --timeout, and maps a failure to its exit

@@ -21,6 +21,11 @@ use forkd_api::v1::{
     system_service_server::{SystemService, SystemServiceServer},
 };
 use forkd_api::v1::{
+    BuildImageRequest, DeleteImageRequest, DeleteImageResponse, GetImageRequest, Image, ImageProgress,
+    ImportImageRequest, LayerProgress, ListImagesRequest, ListImagesResponse, PullImageRequest, image_progress,
+    image_service_server::{ImageService, ImageServiceServer},
+};
+use forkd_api::v1::{
     CompactSnapshotRequest, CreateSnapshotRequest, DeleteSnapshotRequest, DeleteSnapshotResponse,
     DeriveSnapshotRequest, ExportSnapshotRequest, GetSnapshotRequest, ImportSnapshotRequest,
     ListRemoteSnapshotsRequest, ListRemoteSnapshotsResponse, ListSnapshotsRequest, ListSnapshotsResponse,
@@ -38,6 +43,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 struct Mock {
     /// GetSnapshot calls per tag: a snapshot "finishes" after a few polls.
     polls: Arc<Mutex<HashMap<String, u32>>>,
+    /// Snapshots created, by tag: their image and labels show in GetSnapshot.
+    created: Arc<Mutex<HashMap<String, CreateSnapshotRequest>>>,
 }
 
 fn authorize<T>(req: &Request<T>) -> Result<(), Status> {
@@ -319,7 +326,11 @@ impl SnapshotService for Mock {
             return Err(Status::already_exists("snapshot \"taken\" already exists"));
         }
         assert!(!r.wait, "the client polls instead of waiting");
-        Ok(Response::new(snap(&r.tag, "writing")))
+        let mut s = snap(&r.tag, "writing");
+        s.image = r.image.clone();
+        s.labels = r.labels.clone();
+        self.created.lock().unwrap().insert(r.tag.clone(), r);
+        Ok(Response::new(s))
     }
 
     async fn list_snapshots(
@@ -345,15 +356,28 @@ impl SnapshotService for Mock {
             *n += 1;
             *n
         };
+        let created = self.created.lock().unwrap().get(&tag).cloned();
+        let answer = |status: &str| {
+            let mut s = snap(&tag, status);
+            if let Some(c) = &created {
+                s.image = c.image.clone();
+                s.labels = c.labels.clone();
+            }
+            Ok(Response::new(s))
+        };
         match tag.as_str() {
             "nope" => Err(Status::not_found("snapshot \"nope\" not found")),
+            // `forkd run`'s snapshots exist once created.
+            t if t.starts_with("run-") && created.is_none() => {
+                Err(Status::not_found(format!("snapshot {t:?} not found")))
+            }
             "broken" if polls >= 2 => {
                 let mut s = snap(&tag, "failed");
                 s.status_reason = "guest never became ready".into();
                 Ok(Response::new(s))
             }
-            _ if polls >= 3 => Ok(Response::new(snap(&tag, "ready"))),
-            _ => Ok(Response::new(snap(&tag, "writing"))),
+            _ if polls >= 3 => answer("ready"),
+            _ => answer("writing"),
         }
     }
 
@@ -426,6 +450,147 @@ impl SnapshotService for Mock {
     }
 }
 
+/// A full digest of one repeated byte.
+fn digest(byte: &str) -> String {
+    format!("sha256:{}", byte.repeat(32))
+}
+
+fn stored(digest: String, names: &[&str], source: &str) -> Image {
+    Image {
+        digest,
+        names: names.iter().map(|n| n.to_string()).collect(),
+        source: source.into(),
+        size_bytes: 12 << 20,
+        created_at_unix: 1,
+        config: Some(Default::default()),
+        ..Default::default()
+    }
+}
+
+/// The store: python (built in, no digest), team/app:1 alias app, and
+/// used:1, which a snapshot was made from.
+fn images() -> Vec<Image> {
+    let python = Image {
+        names: vec!["python".into()],
+        source: "builtin".into(),
+        runtime: "python".into(),
+        size_bytes: 300 << 20,
+        ..Default::default()
+    };
+    let mut used = stored(digest("cd"), &["used:1"], "pull");
+    used.snapshots = vec!["py".into()];
+    vec![python, stored(digest("ab"), &["team/app:1", "app"], "import"), used]
+}
+
+fn progress(event: image_progress::Event) -> Result<ImageProgress, Status> {
+    Ok(ImageProgress { event: Some(event) })
+}
+
+#[tonic::async_trait]
+impl ImageService for Mock {
+    type PullImageStream = BoxStream<ImageProgress>;
+    type BuildImageStream = BoxStream<ImageProgress>;
+
+    async fn list_images(&self, req: Request<ListImagesRequest>) -> Result<Response<ListImagesResponse>, Status> {
+        authorize(&req)?;
+        Ok(Response::new(ListImagesResponse { images: images() }))
+    }
+
+    async fn get_image(&self, req: Request<GetImageRequest>) -> Result<Response<Image>, Status> {
+        authorize(&req)?;
+        let name = req.into_inner().name;
+        images()
+            .into_iter()
+            .find(|i| i.digest == name || i.names.contains(&name))
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("image {name:?} not found (see `forkd image ls`)")))
+    }
+
+    async fn delete_image(&self, req: Request<DeleteImageRequest>) -> Result<Response<DeleteImageResponse>, Status> {
+        authorize(&req)?;
+        let name = req.into_inner().name;
+        let Some(image) = images().into_iter().find(|i| i.digest == name || i.names.contains(&name)) else {
+            return Err(Status::not_found(format!("image {name:?} not found")));
+        };
+        if !image.snapshots.is_empty() {
+            let msg = format!("image {name:?} is used by snapshots: {}", image.snapshots.join(", "));
+            return Err(Status::failed_precondition(msg));
+        }
+        // A name of several goes alone; the last name or the digest takes the image.
+        let removed = image.names.len() == 1 || name == image.digest || name == "team/app:1";
+        Ok(Response::new(DeleteImageResponse { digest: image.digest, removed }))
+    }
+
+    async fn import_image(&self, req: Request<Streaming<ImportImageRequest>>) -> Result<Response<Image>, Status> {
+        authorize(&req)?;
+        let mut stream = req.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("the archive is empty"))?;
+        let mut data = first.data.clone();
+        let mut messages = 1;
+        while let Some(m) = stream.message().await? {
+            assert!(m.name.is_empty() && m.r#ref.is_empty(), "only the first message names the image");
+            data.extend(m.data);
+            messages += 1;
+        }
+        // Echo what came: the entries of the tar, so tests see the layout.
+        let mut entries = Vec::new();
+        if let Ok(list) = tar::Archive::new(&data[..]).entries() {
+            for e in list.flatten() {
+                entries.push(
+                    e.path().map(|p| p.display().to_string().trim_end_matches('/').to_string()).unwrap_or_default(),
+                );
+            }
+        }
+        let name = if first.name.is_empty() { "from-archive:1".to_string() } else { first.name.clone() };
+        let mut image = stored(digest("ee"), &[&name], "import");
+        image.origin = format!(
+            "bytes={} messages={messages} ref={} devices={} entries={}",
+            data.len(),
+            first.r#ref,
+            first.allow_devices,
+            entries.join(",")
+        );
+        Ok(Response::new(image))
+    }
+
+    async fn pull_image(&self, req: Request<PullImageRequest>) -> Result<Response<Self::PullImageStream>, Status> {
+        authorize(&req)?;
+        let r = req.into_inner();
+        let layer = |digest: String, done: u64| {
+            progress(image_progress::Event::Layer(LayerProgress { digest, done, total: 2048 }))
+        };
+        if r.reference.starts_with("missing") {
+            let events = vec![Err(Status::not_found(format!("{}: manifest unknown", r.reference)))];
+            return Ok(Response::new(Box::pin(tokio_stream::iter(events))));
+        }
+        let name = if r.name.is_empty() { r.reference.clone() } else { r.name };
+        let mut image = stored(digest("ff"), &[&name], "pull");
+        image.origin = r.reference;
+        let events = vec![
+            layer(digest("01"), 0),
+            layer(digest("01"), 2048),
+            layer(digest("02"), 1024),
+            layer(digest("02"), 2048),
+            progress(image_progress::Event::Image(image)),
+        ];
+        Ok(Response::new(Box::pin(tokio_stream::iter(events))))
+    }
+
+    async fn build_image(&self, req: Request<BuildImageRequest>) -> Result<Response<Self::BuildImageStream>, Status> {
+        authorize(&req)?;
+        let r = req.into_inner();
+        let mut image = stored(digest("bb"), &[&r.name], "build");
+        image.origin = format!("from {}; apt {:?}; pip {:?}; run {:?}", r.from, r.apt, r.pip, r.run);
+        image.runtime = "python".into();
+        let events = vec![
+            progress(image_progress::Event::Log("step 1\n".into())),
+            progress(image_progress::Event::Log("\x1b[32mok\x1b[0m 10%\r100%".into())),
+            progress(image_progress::Event::Image(image)),
+        ];
+        Ok(Response::new(Box::pin(tokio_stream::iter(events))))
+    }
+}
+
 /// A mock daemon on a loopback port, stopped when dropped.
 struct Daemon {
     url: String,
@@ -458,6 +623,7 @@ impl Daemon {
                 builder
                     .add_service(SystemServiceServer::new(mock.clone()))
                     .add_service(SandboxServiceServer::new(mock.clone()))
+                    .add_service(ImageServiceServer::new(mock.clone()))
                     .add_service(SnapshotServiceServer::new(mock))
                     .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
                         let _ = stop_rx.await;
@@ -852,4 +1018,234 @@ fn help_and_completions_need_no_daemon() {
         assert_eq!(code(&o), 0, "{shell}");
         assert!(stdout(&o).contains("snapshot-info"), "{shell}");
     }
+}
+
+#[test]
+fn image_ls_inspect_rm() {
+    let d = Daemon::start();
+    let o = d.forkd(&["image", "ls"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let text = stdout(&o);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "NAMES           DIGEST        SOURCE   SIZE       RUNTIME  CREATED", "{text}");
+    assert!(lines[1].starts_with("python          -             builtin  300.0 MiB  python   -"), "{text}");
+    assert!(lines[2].starts_with("team/app:1,app  abababababab  import   12.0 MiB   -"), "{text}");
+
+    let o = d.forkd(&["image", "ls", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[2]["snapshots"], serde_json::json!(["py"]));
+    assert_eq!(v[1]["size_bytes"], 12 << 20);
+
+    // Always JSON; by name, by digest prefix with and without sha256:.
+    for name in ["app", "sha256:abab", "abababab"] {
+        let o = d.forkd(&["image", "inspect", name]);
+        assert_eq!(code(&o), 0, "{name}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["digest"], format!("sha256:{}", "ab".repeat(32)), "{name}");
+    }
+    let o = d.forkd(&["image", "inspect", "nope"]);
+    assert_eq!(code(&o), 3);
+    assert_eq!(stderr(&o), "forkd: image \"nope\" not found (see `forkd image ls`)\n");
+
+    // The daemon's refusal, as it says it.
+    let o = d.forkd(&["image", "rm", "used:1"]);
+    assert_eq!(code(&o), 4);
+    assert_eq!(stderr(&o), "forkd: image \"used:1\" is used by snapshots: py\n");
+    let o = d.forkd(&["image", "rm", "app"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), format!("untagged app (sha256:{} keeps its other names)\n", "ab".repeat(32)));
+    let o = d.forkd(&["image", "rm", "abababab"]);
+    assert_eq!(stdout(&o), format!("removed sha256:{} (abababab)\n", "ab".repeat(32)));
+    // Every image is tried; the first failure decides the exit code.
+    let o = d.forkd(&["image", "rm", "nope", "team/app:1", "--json"]);
+    assert_eq!(code(&o), 3);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!([{ "name": "team/app:1", "digest": format!("sha256:{}", "ab".repeat(32)), "removed": true }])
+    );
+}
+
+/// A small OCI image layout under a fresh temp dir.
+fn layout(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("forkd-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(dir.join("index.json"), br#"{"schemaVersion":2,"manifests":[]}"#).unwrap();
+    std::fs::write(dir.join("blobs/sha256").join("1".repeat(64)), vec![1u8; 600 << 10]).unwrap();
+    dir
+}
+
+#[test]
+fn image_import_streams_layouts_and_archives() {
+    let d = Daemon::start();
+    let dir = layout("import");
+    let o = d.forkd(&["image", "import", dir.to_str().unwrap(), "--name", "team/x:1", "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["names"], serde_json::json!(["team/x:1"]));
+    let origin = v["origin"].as_str().unwrap();
+    let blob = format!("blobs/sha256/{}", "1".repeat(64));
+    assert!(origin.contains(&format!("entries=blobs,blobs/sha256,{blob},index.json,oci-layout")), "{origin}");
+    assert!(origin.contains("ref= devices=false"), "{origin}");
+    assert!(!origin.contains("messages=1 "), "sent in several messages: {origin}");
+
+    // A file goes as it is, with --ref and --allow-devices in the first message.
+    let archive = dir.with_extension("tar");
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.append_dir_all(".", &dir).unwrap();
+    let bytes = tar.into_inner().unwrap();
+    std::fs::write(&archive, &bytes).unwrap();
+    let o = d.forkd(&["image", "import", archive.to_str().unwrap(), "--ref", "app:2", "--allow-devices"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).starts_with(&format!("imported from-archive:1 (sha256:{}, 12.0 MiB)", "ee".repeat(32))));
+    let o = d.forkd(&["image", "import", archive.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["origin"].as_str().unwrap().starts_with(&format!("bytes={} ", bytes.len())), "{v}");
+
+    // Refused before anything is sent.
+    let o = d.forkd(&["image", "import", "/nonexistent/layout"]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).starts_with("forkd: cannot read /nonexistent/layout: "), "{}", stderr(&o));
+    std::fs::remove_file(dir.join("oci-layout")).unwrap();
+    let o = d.forkd(&["image", "import", dir.to_str().unwrap()]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("not an OCI image layout (it has no oci-layout)"), "{}", stderr(&o));
+    std::fs::write(&archive, "not a tar").unwrap();
+    let o = d.forkd(&["image", "import", archive.to_str().unwrap()]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("is not a tar archive"), "{}", stderr(&o));
+    std::fs::remove_file(&archive).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn image_pull_and_build_show_progress() {
+    let d = Daemon::start();
+    let o = d.forkd(&["image", "pull", "localhost:5000/team/app:1", "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // Only the image on stdout.
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["names"], serde_json::json!(["localhost:5000/team/app:1"]));
+    // Not a terminal: a line per finished layer.
+    let err = stderr(&o);
+    assert!(err.starts_with("pulling localhost:5000/team/app:1\n"), "{err}");
+    assert!(err.contains("  layer 010101010101: 2.0 KiB done\n"), "{err}");
+    assert_eq!(err.matches("layer 020202020202").count(), 1, "{err}");
+    let o = d.forkd(&["image", "pull", "localhost:5000/team/app:1", "--name", "app2"]);
+    assert!(stdout(&o).starts_with("pulled app2 (sha256:ffff"), "{}", stdout(&o));
+    let o = d.forkd(&["image", "pull", "missing/x:1"]);
+    assert_eq!(code(&o), 3);
+    assert!(stderr(&o).ends_with("forkd: missing/x:1: manifest unknown\n"), "{}", stderr(&o));
+
+    let o = d.forkd(&["image", "build", "py-req", "--pip", "requests", "--apt", "curl", "--run", "true"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), format!("built py-req (sha256:{}, 12.0 MiB, runtime python)\n", "bb".repeat(32)));
+    // Build output indented, without escapes; the last of a \r-updated line.
+    assert_eq!(stderr(&o), "building py-req from python\n  step 1\n  100%\n");
+    let o = d.forkd(&["image", "build", "x", "--from", "sha256:abab", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["origin"], format!("from sha256:{}; apt []; pip []; run []", "ab".repeat(32)), "prefix looked up");
+}
+
+#[test]
+fn parent_build_builds_imports_or_pulls() {
+    let d = Daemon::start();
+    let o = d.forkd(&["parent", "build", "python", "--extra", "curl", "--pip", "requests", "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["origin"], r#"from python; apt ["curl"]; pip ["requests"]; run []"#);
+    let name = v["names"][0].as_str().unwrap();
+    assert!(name.starts_with("parent-") && name.len() == 19, "{name}");
+    // From a store image: its digest is the base.
+    let o = d.forkd(&["parent", "build", "app", "--apt", "jq", "--name", "app-jq", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["names"], serde_json::json!(["app-jq"]));
+    assert!(v["origin"].as_str().unwrap().starts_with(&format!("from sha256:{};", "ab".repeat(32))));
+    // As `image build NAME --from BASE`.
+    let o = d.forkd(&["parent", "build", "tools", "--from", "minimal", "--apt", "jq", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (v["names"][0].as_str(), v["origin"].as_str()),
+        (Some("tools"), Some(r#"from minimal; apt ["jq"]; pip []; run []"#))
+    );
+
+    let dir = layout("parent");
+    let o = d.forkd(&["parent", "build", dir.to_str().unwrap(), "--name", "p:1"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("imported p:1 (sha256:eeee"), "{}", stdout(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+    let o = d.forkd(&["parent", "build", "localhost:5000/base:1"]);
+    assert!(stdout(&o).starts_with("pulled localhost:5000/base:1 (sha256:ffff"), "{}", stdout(&o));
+    let o = d.forkd(&["parent", "build", "./missing-dir"]);
+    assert_eq!(code(&o), 2);
+    assert_eq!(stderr(&o), "forkd: ./missing-dir: no such file or directory\n");
+    let o = d.forkd(&["parent", "build", "localhost:5000/base:1", "--ref", "x"]);
+    assert_eq!(code(&o), 2);
+}
+
+#[test]
+fn from_image_snapshots_the_digest() {
+    let d = Daemon::start();
+    let o = d.forkd(&["from-image", "app", "--tag", "fromapp", "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["status"], "ready");
+    assert_eq!(v["image"], format!("sha256:{}", "ab".repeat(32)));
+    assert!(stderr(&o).starts_with("image app (sha256:abab"), "{}", stderr(&o));
+    // A built-in has no digest: its name goes.
+    let o = d.forkd(&["from-image", "python", "--tag", "frompy", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["image"], "python");
+    // Not in the store, not a path: pulled.
+    let o = d.forkd(&["from-image", "localhost:5000/new:1", "--tag", "fromreg", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["image"], format!("sha256:{}", "ff".repeat(32)));
+    let o = d.forkd(&["from-image", "/no/such/layout", "--tag", "x"]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("no image of the store"), "{}", stderr(&o));
+}
+
+#[test]
+fn run_bakes_once_then_reuses_and_passes_the_exit_code() {
+    let d = Daemon::start();
+    // The mock has no ExecInteractive: piped stdin goes the buffered way.
+    let o = d.forkd(&["run", "--image", "python", "--timings", "--", "ok"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "hello world\n");
+    let err = stderr(&o);
+    assert!(err.contains("warning\n"), "{err}");
+    assert!(err.contains("PHASE  TIME"), "{err}");
+    let bake = err.lines().find(|l| l.starts_with("bake ")).unwrap();
+    assert!(bake.contains("run-") && bake.ends_with(" baked"), "{err}");
+    assert!(err.lines().any(|l| l.starts_with("fork ") && l.ends_with("sb-new0")), "{err}");
+    assert!(err.lines().any(|l| l.starts_with("exec ") && l.ends_with("exit 0")), "{err}");
+    let kill = err.lines().find(|l| l.starts_with("kill ")).unwrap();
+    assert!(kill.contains(" ms"), "the child was killed: {err}");
+
+    let o = d.forkd(&["run", "--image", "python", "--timings", "--keep", "fail"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert_eq!(stdout(&o), "partial\n");
+    let err = stderr(&o);
+    assert!(err.lines().any(|l| l.starts_with("bake ") && l.ends_with(" reused")), "{err}");
+    assert!(err.contains("forkd: kept sandbox sb-new0\n"), "{err}");
+
+    let o = d.forkd(&["run", "--image", "python", "--timings", "--json", "--", "killed"]);
+    assert_eq!(code(&o), 137);
+    let timings: serde_json::Value = serde_json::from_str(stderr(&o).lines().last().unwrap()).unwrap();
+    assert_eq!(timings["phases"][1]["phase"], "build");
+    assert_eq!(timings["phases"][1]["ms"], serde_json::Value::Null);
+
+    // With packages: a build first, and the snapshot of the built image.
+    let o = d.forkd(&["run", "--image", "python", "--pip", "requests", "--timings", "--", "ok"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.lines().any(|l| l.starts_with("build ") && l.contains("(sha256:bbbb")), "{err}");
+
+    // A tag that holds someone else's snapshot is not taken over.
+    let o = d.forkd(&["run", "--image", "python", "--tag", "py", "--", "ok"]);
+    assert_eq!(code(&o), 4);
+    assert!(stderr(&o).contains("was not baked by `forkd run`"), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "");
 }

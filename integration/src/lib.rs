@@ -3,6 +3,8 @@
 //! and kills every VM it left behind, so a failing test leaks nothing.
 
 pub mod chaos;
+pub mod oci;
+pub mod registry;
 pub mod s3;
 pub mod support;
 

@@ -4,10 +4,12 @@ mod bench;
 mod cleanup;
 mod doctor;
 mod exec;
+mod images;
 mod interactive;
 mod mcp;
 mod processes;
 mod remote;
+mod run;
 mod sandboxes;
 mod snapshots;
 mod system;
@@ -65,6 +67,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Command::Workspace(c) => workspaces::run(&conn, c, json).await,
                 Command::Bench(a) => bench::run(&conn, a, json).await,
                 Command::Mcp(a) => mcp::run(conn, a).await,
+                Command::Image(c) => images::run(&conn, c, json).await,
+                Command::Parent(c) => images::parent(&conn, c, json).await,
+                Command::FromImage(a) => images::from_image(&conn, a, json).await,
+                Command::Run(a) => run::run(&conn, a, json).await,
                 Command::Completions(_)
                 | Command::Version
                 | Command::VolumeCreate(_)

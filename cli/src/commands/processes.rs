@@ -32,6 +32,7 @@ pub async fn start(conn: &Conn, args: ExecArgs, as_json: bool) -> anyhow::Result
         pty: args.tty.then(|| super::interactive::local_size().unwrap_or(super::interactive::DEFAULT_SIZE)),
         stdin: args.stdin,
         timeout_secs: args.timeout.unwrap_or(0),
+        ..Default::default()
     };
     let info = conn.call(conn.sandboxes().start_process(req)).await?;
     if as_json {

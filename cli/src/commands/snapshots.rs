@@ -151,7 +151,7 @@ fn is_settled(status: &str) -> bool {
 
 /// Waits for a snapshot an RPC just made to settle, then prints it (and its
 /// failure, if it failed).
-async fn settle_and_show(conn: &Conn, snap: Snapshot, label: &str, as_json: bool) -> anyhow::Result<u8> {
+pub(super) async fn settle_and_show(conn: &Conn, snap: Snapshot, label: &str, as_json: bool) -> anyhow::Result<u8> {
     let snap = settle(conn, snap, label).await?;
     report(&snap, as_json)?;
     if as_json {
@@ -163,7 +163,7 @@ async fn settle_and_show(conn: &Conn, snap: Snapshot, label: &str, as_json: bool
 }
 
 /// Polls until the snapshot is no longer being written, showing progress.
-async fn settle(conn: &Conn, mut snap: Snapshot, label: &str) -> anyhow::Result<Snapshot> {
+pub(super) async fn settle(conn: &Conn, mut snap: Snapshot, label: &str) -> anyhow::Result<Snapshot> {
     if is_settled(&snap.status) {
         return Ok(snap);
     }
@@ -187,7 +187,7 @@ async fn settle(conn: &Conn, mut snap: Snapshot, label: &str) -> anyhow::Result<
 
 /// Turns a snapshot that ended anywhere but "ready" into an error (after
 /// printing it in JSON mode, so scripts still see the record).
-fn report(snap: &Snapshot, as_json: bool) -> anyhow::Result<()> {
+pub(super) fn report(snap: &Snapshot, as_json: bool) -> anyhow::Result<()> {
     if snap.status == "ready" {
         return Ok(());
     }

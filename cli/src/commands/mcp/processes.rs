@@ -242,6 +242,7 @@ impl ForkdMcp {
             pty: p.pty.then_some(PTY_SIZE),
             stdin: p.stdin,
             timeout_secs: p.timeout_secs.unwrap_or(0),
+            ..Default::default()
         };
         let info = unary(&self.conn, self.conn.sandboxes().start_process(req)).await?;
         Ok(Answer(views::process(&info)))

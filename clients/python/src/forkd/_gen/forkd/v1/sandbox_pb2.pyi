@@ -105,7 +105,7 @@ class DeleteSandboxesResponse(_message.Message):
     def __init__(self, deleted: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExecRequest(_message.Message):
-    __slots__ = ("id", "args", "timeout_secs", "env", "cwd", "stdin", "max_output_bytes", "pty", "tag")
+    __slots__ = ("id", "args", "timeout_secs", "env", "cwd", "stdin", "max_output_bytes", "pty", "tag", "user")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,7 @@ class ExecRequest(_message.Message):
     MAX_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     PTY_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
     id: str
     args: _containers.RepeatedScalarFieldContainer[str]
     timeout_secs: int
@@ -131,7 +132,8 @@ class ExecRequest(_message.Message):
     max_output_bytes: int
     pty: PtySize
     tag: str
-    def __init__(self, id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., timeout_secs: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., stdin: _Optional[bytes] = ..., max_output_bytes: _Optional[int] = ..., pty: _Optional[_Union[PtySize, _Mapping]] = ..., tag: _Optional[str] = ...) -> None: ...
+    user: str
+    def __init__(self, id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., timeout_secs: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., stdin: _Optional[bytes] = ..., max_output_bytes: _Optional[int] = ..., pty: _Optional[_Union[PtySize, _Mapping]] = ..., tag: _Optional[str] = ..., user: _Optional[str] = ...) -> None: ...
 
 class ExecResponse(_message.Message):
     __slots__ = ("stdout", "stderr", "exit_code", "signal", "timed_out", "duration_ms", "stdout_truncated", "stderr_truncated")
@@ -192,7 +194,7 @@ class PtySize(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ...) -> None: ...
 
 class StartProcessRequest(_message.Message):
-    __slots__ = ("id", "args", "env", "cwd", "tag", "pty", "stdin", "timeout_secs")
+    __slots__ = ("id", "args", "env", "cwd", "tag", "pty", "stdin", "timeout_secs", "user")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +210,7 @@ class StartProcessRequest(_message.Message):
     PTY_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECS_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
     id: str
     args: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
@@ -216,7 +219,8 @@ class StartProcessRequest(_message.Message):
     pty: PtySize
     stdin: bool
     timeout_secs: int
-    def __init__(self, id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., tag: _Optional[str] = ..., pty: _Optional[_Union[PtySize, _Mapping]] = ..., stdin: _Optional[bool] = ..., timeout_secs: _Optional[int] = ...) -> None: ...
+    user: str
+    def __init__(self, id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., tag: _Optional[str] = ..., pty: _Optional[_Union[PtySize, _Mapping]] = ..., stdin: _Optional[bool] = ..., timeout_secs: _Optional[int] = ..., user: _Optional[str] = ...) -> None: ...
 
 class ProcessInfo(_message.Message):
     __slots__ = ("pid", "tag", "args", "cwd", "pty", "stdin_open", "started_unix_ms", "output_bytes", "running", "exit")
