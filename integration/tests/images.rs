@@ -102,6 +102,15 @@ async fn docker_save_import_and_hostile_archives() {
     let got = import(&d, "", img.docker_save("saved/app:2")).await.expect("docker save import");
     assert_eq!(got.names, vec!["saved/app:2".to_string()]);
     assert_eq!(got.config.unwrap().env[0], "GREETING=hello from the image");
+    // It has no python3: a warm-up eval is refused, saying why.
+    assert_eq!(got.runtime, "");
+    let r = d
+        .post("/v1/snapshots", json!({ "tag": "nopy", "image": "saved/app:2", "warm_eval": "x = 1" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert!(r.text().await.unwrap().contains("has no python3"));
     // Removed again (nothing uses it).
     let r = d.delete("/v1/images/saved%2Fapp:2").send().await.unwrap();
     assert_eq!(r.status(), 200);

@@ -76,6 +76,13 @@ impl Runtime {
         }
         self.guest.check()?;
         let image = self.resolve_image(&req.image)?;
+        if !req.warm_eval.is_empty() && image.runtime == "none" {
+            return Err(Error::FailedPrecondition(format!(
+                "image {:?} has no python3, so its snapshots have no warm interpreter to run warm_eval in \
+                 (build one with python: forkd image build NAME --from IMAGE --apt python3)",
+                req.image
+            )));
+        }
         self.admit_snapshot_write(&format!("snapshot {:?}", req.tag.as_str()), req.mem_mib as u64 * MIB)?;
         let final_dir = self.layout.snapshot_dir(&req.tag);
         let staging = self.layout.staging_for(&req.tag, &ids::nonce());
