@@ -62,8 +62,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # mcp: the official MCP SDK, whose stdio client drives `forkd mcp` in
 # tests/test_mcp.py (pinned: the tests check its protocol exchange).
+# e2b: E2B's own SDK, which tests/test_e2b.py drives unchanged against
+# forkd's E2B compatibility layer (pinned: the tests pin its wire protocol).
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
     -r clients/python/requirements-gen.txt "pytest>=8" "mypy>=1.10" types-protobuf grpc-stubs "mcp==2.3.0" \
+    "e2b==2.63.0" \
   || { echo "test-clients.sh: pip install failed" >&2; exit 1; }
 # A real (non-editable) install, so the tests exercise the package as users
 # get it: generated modules included, nothing imported from the source tree.

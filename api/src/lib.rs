@@ -18,6 +18,22 @@ pub mod google_api {
     tonic::include_proto!("google.api");
 }
 
+/// E2B's envd messages (`process`, `filesystem`), served by forkd's E2B
+/// compatibility layer.
+pub mod e2b {
+    pub mod process {
+        tonic::include_proto!("process");
+    }
+    /// (A watch event with its entry is larger than the other variants;
+    /// the generated code is used as generated.)
+    #[allow(clippy::large_enum_variant)]
+    pub mod filesystem {
+        tonic::include_proto!("filesystem");
+    }
+    /// Encoded `FileDescriptorSet` of the envd protos, for their JSON encoding.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/e2b_descriptor.bin"));
+}
+
 /// Encoded `FileDescriptorSet` of every forkd proto and its imports.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/forkd_descriptor.bin"));
 

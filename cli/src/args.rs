@@ -429,6 +429,10 @@ pub enum Command {
     )]
     Mcp(McpArgs),
 
+    /// E2B compatibility: point E2B's SDKs at this daemon.
+    #[command(subcommand)]
+    E2b(E2bCommand),
+
     /// The image store: list, inspect, remove, import, pull and build images.
     #[command(
         subcommand,
@@ -770,6 +774,19 @@ pub struct RunArgs {
         allow_hyphen_values = true
     )]
     pub command: Vec<String>,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum E2bCommand {
+    /// Print the environment that points E2B's SDKs at this daemon.
+    #[command(
+        long_about = "Print E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY for the daemon the global \
+            options name (--url, --token, --token-file), as shell exports: E2B's Python and \
+            JavaScript SDKs then create sandboxes on forkd, unchanged. A template is a forkd \
+            snapshot tag. The key is the token itself: keep the output private.",
+        after_help = "Examples:\n  eval \"$(forkd e2b env)\"\n  forkd e2b env --json"
+    )]
+    Env,
 }
 
 #[derive(Args, Debug)]

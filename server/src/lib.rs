@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod api;
 pub mod core;
+pub mod e2b;
 pub mod edge;
 pub mod host;
 pub mod images;

@@ -3,6 +3,7 @@
 mod bench;
 mod cleanup;
 mod doctor;
+mod e2b;
 mod exec;
 mod images;
 mod interactive;
@@ -38,6 +39,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Doctor(a) => doctor::run(&global, a).await,
         Command::Cleanup(a) => cleanup::run(&global, a).await,
         Command::VolumeCreate(a) => volume::create(a),
+        // Only prints settings: needs no connection.
+        Command::E2b(c) => e2b::run(&global, c, json),
         command => {
             let conn = Conn::connect(&global).await?;
             match command {
@@ -74,6 +77,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Command::Completions(_)
                 | Command::Version
                 | Command::VolumeCreate(_)
+                | Command::E2b(_)
                 | Command::Doctor(_)
                 | Command::Cleanup(_) => unreachable!("handled above"),
             }

@@ -4,12 +4,12 @@
 use crate::server::{error, io_error};
 use crate::{exec::HOME, sys};
 use forkd_agent_protocol::v1::{
-    AgentError, DirListing, FileData, FileStat, MountRequest, ReadFileRequest, RemoveRequest, WriteFileRequest,
-    agent_error::Kind,
+    AgentError, DirListing, FileData, FileStat, MakeDirRequest, MountRequest, ReadFileRequest, RemoveRequest,
+    RenameRequest, WriteFileRequest, agent_error::Kind,
 };
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -102,7 +102,12 @@ pub fn write_file(req: &WriteFileRequest) -> Result<(), AgentError> {
     Ok(())
 }
 
-fn file_stat(path: &Path, md: &fs::Metadata) -> FileStat {
+fn file_stat(path: &Path, md: &fs::Metadata, names: &crate::users::Names) -> FileStat {
+    let symlink_target = if md.file_type().is_symlink() {
+        fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default()
+    } else {
+        String::new()
+    };
     FileStat {
         name: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "/".into()),
         path: path.display().to_string(),
@@ -111,13 +116,43 @@ fn file_stat(path: &Path, md: &fs::Metadata) -> FileStat {
         is_dir: md.is_dir(),
         is_symlink: md.file_type().is_symlink(),
         mtime_unix: md.mtime(),
+        uid: md.uid(),
+        gid: md.gid(),
+        owner: names.user(md.uid()),
+        group: names.group(md.gid()),
+        symlink_target,
     }
 }
 
 pub fn stat(path: &str) -> Result<FileStat, AgentError> {
     let p = resolve(path)?;
     let md = fs::symlink_metadata(&p).map_err(|e| io_error(&p.display().to_string(), &e))?;
-    Ok(file_stat(&p, &md))
+    Ok(file_stat(&p, &md, &crate::users::Names::load()))
+}
+
+pub fn make_dir(req: &MakeDirRequest) -> Result<FileStat, AgentError> {
+    let p = resolve(&req.path)?;
+    let shown = p.display().to_string();
+    if fs::symlink_metadata(&p).is_ok() {
+        return Err(error(Kind::Exists, format!("{shown}: already exists")));
+    }
+    let mode = if req.mode & 0o7777 == 0 { 0o755 } else { req.mode & 0o7777 };
+    fs::DirBuilder::new().recursive(true).mode(mode).create(&p).map_err(|e| io_error(&shown, &e))?;
+    stat(&shown)
+}
+
+pub fn rename(req: &RenameRequest) -> Result<FileStat, AgentError> {
+    let (from, to) = (resolve(&req.from)?, resolve(&req.to)?);
+    let shown = from.display().to_string();
+    if from == Path::new("/") {
+        return Err(error(Kind::Permission, "refusing to move /"));
+    }
+    fs::symlink_metadata(&from).map_err(|e| io_error(&shown, &e))?;
+    if let Some(parent) = to.parent() {
+        fs::create_dir_all(parent).map_err(|e| io_error(&parent.display().to_string(), &e))?;
+    }
+    fs::rename(&from, &to).map_err(|e| io_error(&format!("{shown} -> {}", to.display()), &e))?;
+    stat(&to.display().to_string())
 }
 
 pub fn list_dir(path: &str) -> Result<DirListing, AgentError> {
@@ -125,12 +160,13 @@ pub fn list_dir(path: &str) -> Result<DirListing, AgentError> {
     let shown = p.display().to_string();
     let rd = fs::read_dir(&p).map_err(|e| io_error(&shown, &e))?;
     let mut entries = Vec::new();
+    let names = crate::users::Names::load();
     for ent in rd {
         let ent = ent.map_err(|e| io_error(&shown, &e))?;
         let ep = ent.path();
         // An entry removed while listing is skipped, not an error.
         if let Ok(md) = fs::symlink_metadata(&ep) {
-            entries.push(file_stat(&ep, &md));
+            entries.push(file_stat(&ep, &md, &names));
         }
     }
     entries.sort_by(|a, b| a.name.cmp(&b.name));

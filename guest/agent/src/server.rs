@@ -327,6 +327,8 @@ impl Agent {
             Req::ListDir(l) => files::list_dir(&l.path).map(Resp::DirListing),
             Req::Stat(s) => files::stat(&s.path).map(Resp::FileStat),
             Req::Remove(r) => files::remove(&r).map(|_| Resp::Ack(Ack {})),
+            Req::MakeDir(m) => files::make_dir(&m).map(Resp::FileStat),
+            Req::Rename(r) => files::rename(&r).map(Resp::FileStat),
             Req::Mount(m) => files::mount(&m).map(|_| Resp::Ack(Ack {})),
             Req::ProcStart(p) => procs::start(&self, p).map(Resp::ProcInfo),
             Req::ProcAttach(a) => {

@@ -14,6 +14,36 @@ pub struct Account {
     pub home: String,
 }
 
+/// Names of uids and gids, read once from the guest's files (for listings).
+pub struct Names {
+    users: Vec<(u32, String)>,
+    groups: Vec<(u32, String)>,
+}
+
+impl Names {
+    pub fn load() -> Names {
+        let read = |path: &str| -> Vec<(u32, String)> {
+            std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split(':').collect();
+                    Some((f.get(2)?.parse().ok()?, f[0].to_string()))
+                })
+                .collect()
+        };
+        Names { users: read("/etc/passwd"), groups: read("/etc/group") }
+    }
+
+    pub fn user(&self, uid: u32) -> String {
+        self.users.iter().find(|(id, _)| *id == uid).map(|(_, n)| n.clone()).unwrap_or_default()
+    }
+
+    pub fn group(&self, gid: u32) -> String {
+        self.groups.iter().find(|(id, _)| *id == gid).map(|(_, n)| n.clone()).unwrap_or_default()
+    }
+}
+
 /// `None` for root (or ""), else the account, from the guest's files.
 pub fn resolve(user: &str) -> Result<Option<Account>, AgentError> {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();

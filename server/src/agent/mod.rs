@@ -338,6 +338,20 @@ impl AgentClient {
         }
     }
 
+    pub async fn make_dir(&self, path: String, timeout: Duration) -> Result<pb::FileStat, AgentError> {
+        match self.call(request::Body::MakeDir(pb::MakeDirRequest { path, mode: 0 }), "make_dir", timeout).await? {
+            response::Body::FileStat(s) => Ok(s),
+            _ => Err(AgentError::Unexpected("make_dir")),
+        }
+    }
+
+    pub async fn rename(&self, from: String, to: String, timeout: Duration) -> Result<pb::FileStat, AgentError> {
+        match self.call(request::Body::Rename(pb::RenameRequest { from, to }), "rename", timeout).await? {
+            response::Body::FileStat(s) => Ok(s),
+            _ => Err(AgentError::Unexpected("rename")),
+        }
+    }
+
     pub async fn mount(&self, req: pb::MountRequest, timeout: Duration) -> Result<(), AgentError> {
         match self.call(request::Body::Mount(req), "mount", timeout).await? {
             response::Body::Ack(_) => Ok(()),

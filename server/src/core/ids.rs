@@ -21,6 +21,11 @@ pub fn branch_tag(id: &SandboxId) -> Tag {
     Tag::parse(&tag).expect("generated tags are valid")
 }
 
+/// `len` random characters of `[a-z0-9]`.
+pub fn random_name(len: usize) -> String {
+    random_suffix(len)
+}
+
 /// A short random token for staging names.
 pub fn nonce() -> String {
     random_suffix(8)

@@ -97,7 +97,15 @@ impl Runtime {
         if rec.workspace.is_empty() {
             self.delete_sandboxes(&[sid], None, false).await?;
         } else {
-            self.suspend_workspace(&WorkspaceName::parse(&rec.workspace)?).await?;
+            let name = WorkspaceName::parse(&rec.workspace)?;
+            match self.get_workspace(&name).map(|w| w.on_expiry) {
+                Ok(super::state::ExpiryAction::Delete) => {
+                    self.delete_workspace(&name).await?;
+                }
+                _ => {
+                    self.suspend_workspace(&name).await?;
+                }
+            }
         }
         Ok(())
     }

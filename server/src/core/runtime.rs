@@ -154,6 +154,12 @@ impl Runtime {
         if matches!(image, "python" | "minimal") || image.is_empty() || image.starts_with('/') {
             return self.guest.image(image);
         }
+        // A name that could never be stored is a bad request, not a miss.
+        if !image.starts_with("sha256:")
+            && let Err(e) = crate::images::store::check_name(image)
+        {
+            return Err(Error::invalid("image", e));
+        }
         let Some((rec, _)) = self.images.store.get(image) else {
             return self.guest.image(image);
         };

@@ -57,6 +57,17 @@ impl std::fmt::Display for SandboxStatus {
     }
 }
 
+/// What a workspace's TTL running out does to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpiryAction {
+    /// Suspend: the state is kept and the TTL stops running.
+    #[default]
+    Suspend,
+    /// Delete it, state and all.
+    Delete,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkspaceStatus {

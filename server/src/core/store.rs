@@ -194,6 +194,19 @@ pub struct WorkspaceRecord {
     /// The principal it belongs to ("" = admins only).
     #[serde(default)]
     pub owner: String,
+    /// What its TTL running out does.
+    #[serde(default)]
+    pub on_expiry: super::state::ExpiryAction,
+    /// Free-form key/value pairs its creator attached (E2B metadata).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Environment every process started through the E2B API gets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Its source snapshot was made for it and goes with the last
+    /// workspace that owns it.
+    #[serde(default)]
+    pub owns_source: bool,
 }
 
 /// One host resource forkd owns: recorded before it is created, removed after

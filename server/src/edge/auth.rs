@@ -66,6 +66,9 @@ impl Token {
 #[derive(Clone, Debug)]
 pub struct AuditPrincipal(pub String);
 
+/// Where E2B's SDKs put the key (server/src/e2b).
+const E2B_TOKEN_HEADERS: &[&str] = &["x-api-key", "x-access-token", "e2b-traffic-access-token"];
+
 pub fn is_grpc(req: &Request) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
@@ -94,11 +97,20 @@ pub async fn require_token(
     if is_open(req.uri().path()) {
         return next.run(req).await;
     }
-    let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
-        // The scheme name is case-insensitive (RFC 7235).
-        let (scheme, rest) = v.split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then_some(rest)
-    });
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            // The scheme name is case-insensitive (RFC 7235).
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(rest)
+        })
+        // E2B's SDKs send the key as `X-API-Key` to the control API and as
+        // `X-Access-Token` (or, from the code interpreter,
+        // `E2B-Traffic-Access-Token`) with sandbox traffic; their
+        // `Authorization` names a user in the sandbox, not a credential.
+        .or_else(|| E2B_TOKEN_HEADERS.iter().find_map(|h| req.headers().get(*h).and_then(|v| v.to_str().ok())));
     match presented.and_then(|p| principals.find(p.trim())) {
         Some(principal) => {
             let name = AuditPrincipal(principal.name.to_string());
@@ -116,9 +128,14 @@ pub async fn require_token(
             if is_grpc(&req) {
                 tonic::Status::unauthenticated(msg).into_http::<Body>()
             } else {
-                let mut r = Response::new(Body::from(
-                    serde_json::to_vec(&codes::error_body(tonic::Code::Unauthenticated, msg)).unwrap_or_default(),
-                ));
+                // E2B's SDKs parse their own error shape.
+                let e2b = req.uri().path().starts_with("/e2b/") || crate::e2b::is_sandbox_traffic(&req);
+                let body = if e2b {
+                    serde_json::json!({ "code": 401, "message": msg })
+                } else {
+                    codes::error_body(tonic::Code::Unauthenticated, msg)
+                };
+                let mut r = Response::new(Body::from(serde_json::to_vec(&body).unwrap_or_default()));
                 *r.status_mut() = StatusCode::UNAUTHORIZED;
                 r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -85,6 +85,8 @@ pub async fn grpc_router(services: Services) -> anyhow::Result<Router> {
 pub async fn app(services: Services, cfg: &EdgeConfig) -> anyhow::Result<Router> {
     let rt = services.rt.clone();
     let term_services = services.clone();
+    let e2b = crate::e2b::E2b::new(services.clone());
+    let e2b_sandbox = e2b.clone();
     let grpc = grpc_router(services).await?;
     let transcoder = Arc::new(rest::Transcoder::new(grpc.clone(), cfg.max_body)?);
     let metrics = Arc::new(metrics::Metrics::new(rt)?);
@@ -102,6 +104,7 @@ pub async fn app(services: Services, cfg: &EdgeConfig) -> anyhow::Result<Router>
             terminal::ROUTE,
             get(move |path, query, req: Request| terminal::handle(term_services.clone(), path, query, req)),
         )
+        .nest("/e2b", crate::e2b::control::router(e2b))
         .fallback(move |req: Request| {
             let t = transcoder.clone();
             async move { t.handle(req).await }
@@ -109,7 +112,16 @@ pub async fn app(services: Services, cfg: &EdgeConfig) -> anyhow::Result<Router>
     let dispatch = tower::service_fn(move |req: Request| {
         let grpc = grpc.clone();
         let rest = rest_router.clone();
-        async move { if auth::is_grpc(&req) { grpc.oneshot(req).await } else { rest.oneshot(req).await } }
+        let e2b = e2b_sandbox.clone();
+        async move {
+            if crate::e2b::is_sandbox_traffic(&req) {
+                Ok(crate::e2b::handle(e2b, req).await)
+            } else if auth::is_grpc(&req) {
+                grpc.oneshot(req).await
+            } else {
+                rest.oneshot(req).await
+            }
+        }
     });
     let observe = audit::Observe { audit: cfg.audit.clone(), metrics };
     let mut router = Router::new()

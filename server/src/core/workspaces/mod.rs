@@ -30,6 +30,17 @@ pub fn state_tag(name: &WorkspaceName, generation: u64) -> Tag {
     Tag::parse(&tag).expect("derived tags are valid")
 }
 
+/// What a workspace is created with besides its sandbox settings.
+#[derive(Debug, Clone, Default)]
+pub struct WorkspaceOptions {
+    pub on_expiry: super::state::ExpiryAction,
+    pub metadata: std::collections::BTreeMap<String, String>,
+    pub env: std::collections::BTreeMap<String, String>,
+    /// The source snapshot was made for it (an E2B fork): it goes with the
+    /// last workspace that owns it.
+    pub owns_source: bool,
+}
+
 impl Runtime {
     fn workspace_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.workspace_locks.of(name)
@@ -51,6 +62,17 @@ impl Runtime {
         source: Tag,
         settings: SandboxSettings,
         by: super::tenants::Principal,
+    ) -> Result<WorkspaceRecord> {
+        self.create_workspace_with(name, source, settings, by, WorkspaceOptions::default()).await
+    }
+
+    pub async fn create_workspace_with(
+        self: &Arc<Self>,
+        name: WorkspaceName,
+        source: Tag,
+        settings: SandboxSettings,
+        by: super::tenants::Principal,
+        opts: WorkspaceOptions,
     ) -> Result<WorkspaceRecord> {
         settings.validate_lifecycle()?;
         let lock = self.workspace_lock(name.as_str());
@@ -78,6 +100,10 @@ impl Runtime {
             ttl_used_secs: 0,
             generation: 0,
             owner: by.owner(),
+            on_expiry: opts.on_expiry,
+            metadata: opts.metadata,
+            env: opts.env,
+            owns_source: opts.owns_source,
         };
         // The record first: the name is taken before any VM exists.
         self.store.insert_workspace(&rec)?;
@@ -182,6 +208,28 @@ impl Runtime {
         Ok(rec)
     }
 
+    /// Sets the time left to run to `secs` from now: the live sandbox's
+    /// TTL, and the budget a resume starts from.
+    pub async fn set_workspace_timeout(&self, name: &WorkspaceName, secs: u32) -> Result<WorkspaceRecord> {
+        if secs == 0 || secs > 30 * 24 * 3600 {
+            return Err(Error::invalid("timeout", format!("{secs} s is not 1 s–30 days")));
+        }
+        let lock = self.workspace_lock(name.as_str());
+        let _g = lock.lock().await;
+        let mut rec = self.get_workspace(name)?;
+        let mut used = rec.ttl_used_secs;
+        if rec.status == WorkspaceStatus::Running
+            && let Ok(id) = SandboxId::parse(&rec.live_sandbox_id)
+        {
+            let sb = self.renew(&id, secs).await?;
+            used += (now_unix() - sb.created_at_unix).max(0) as u64;
+        }
+        rec.settings.ttl_secs = (used + secs as u64).min(u32::MAX as u64) as u32;
+        rec.updated_at_unix = now_unix();
+        self.store.update_workspace(&rec)?;
+        Ok(rec)
+    }
+
     /// Kills the live sandbox and removes every state snapshot; never the source.
     pub async fn delete_workspace(self: &Arc<Self>, name: &WorkspaceName) -> Result<Vec<String>> {
         let lock = self.workspace_lock(name.as_str());
@@ -197,6 +245,14 @@ impl Runtime {
         self.store.delete_workspace(name.as_str())?;
         self.release_rw_volumes(&workspace_holder(name.as_str()));
         self.workspace_locks.forget(name.as_str());
+        if rec.owns_source {
+            let others = self.store.list_workspaces()?;
+            if !others.iter().any(|w| w.source_snapshot_tag == rec.source_snapshot_tag)
+                && self.collect_state(rec.source_snapshot_tag.as_str()).await
+            {
+                deleted.push(rec.source_snapshot_tag.to_string());
+            }
+        }
         Ok(deleted)
     }
 
