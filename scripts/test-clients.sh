@@ -66,7 +66,7 @@ fi
 # forkd's E2B compatibility layer (pinned: the tests pin its wire protocol).
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
     -r clients/python/requirements-gen.txt "pytest>=8" "mypy>=1.10" types-protobuf grpc-stubs "mcp==2.3.0" \
-    "e2b==2.63.0" \
+    "e2b==2.63.0" "e2b-code-interpreter==2.11.5" \
   || { echo "test-clients.sh: pip install failed" >&2; exit 1; }
 # A real (non-editable) install, so the tests exercise the package as users
 # get it: generated modules included, nothing imported from the source tree.

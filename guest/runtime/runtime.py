@@ -9,9 +9,16 @@ Protocol: one JSON object per line. Requests arrive on REQ_FD, replies leave on
 RESP_FD; the process's own stdout/stderr are never used for it, so anything the
 evaluated code prints cannot corrupt a reply.
 
-  -> {"op": "eval", "id": N, "code": "...", "timeout": seconds}   (0 = none)
+  -> {"op": "eval", "id": N, "code": "...", "timeout": seconds,    (0 = none)
+      "context": "", "rich": false, "env": {}, "cwd": "", "drop_context": false}
   <- {"id": N, "result": repr-or-"", "error": traceback-or-"", "exit_code": 0|1|124,
-      "stdout": "...", "stderr": "..."}
+      "stdout": "...", "stderr": "...", "error_name": "", "error_value": "",
+      "results": [{"data": {"text": ..., "html": ..., "png": base64}, "main": bool}]}
+
+A context is a namespace of its own, made on first use; "" is the one the
+warm-up imported into (new contexts start with the same imports). With
+"rich", the last value's representations and every open matplotlib figure
+(as PNG, then closed) come back as results.
   -> {"op": "reseed", "seed": "<hex>"}      <- {"ok": true}
   -> {"op": "ping"}                         <- {"ok": true}
 
@@ -19,6 +26,7 @@ The first line written is {"ready": true, "warm_ms": ..., "warm_error": ...}.
 """
 
 import ast
+import base64
 import builtins
 import io
 import json
@@ -34,6 +42,7 @@ ALIASES = {"numpy": "np", "pandas": "pd", "matplotlib.pyplot": "plt"}
 # below the agent channel's frame limit.
 MAX_TEXT = 1 << 20
 THIS_FILE = os.path.abspath(__file__)
+MAX_CONTEXTS = 64
 
 
 class EvalTimeout(BaseException):
@@ -136,13 +145,111 @@ def split_code(code):
     return body, (compile(tail, "<eval>", "eval") if tail is not None else None)
 
 
-def evaluate(namespace, code, timeout):
+# Rich results past this many characters in all are left out (one reply
+# must stay below the agent channel's frame limit).
+MAX_RICH = 3 << 20
+# The representations a value may offer, by result kind.
+REPRS = (("html", "_repr_html_"), ("markdown", "_repr_markdown_"), ("svg", "_repr_svg_"),
+         ("latex", "_repr_latex_"), ("json", "_repr_json_"))
+
+
+def rich_value(value):
+    """The last value's representations, each kind only when it offers one."""
+    data = {"text": repr(value)}
+    for kind, method in REPRS:
+        f = getattr(value, method, None)
+        if callable(f):
+            try:
+                rep = f()
+            except Exception:
+                continue
+            if rep is not None:
+                data[kind] = rep if isinstance(rep, str) else json.dumps(rep)
+    png = getattr(value, "_repr_png_", None)
+    if callable(png):
+        try:
+            raw = png()
+            if isinstance(raw, bytes):
+                data["png"] = base64.b64encode(raw).decode()
+        except Exception:
+            pass
+    return data
+
+
+def figures():
+    """Every open matplotlib figure as a PNG result; the figures are closed."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return []
+    out = []
+    for num in plt.get_fignums():
+        buf = io.BytesIO()
+        try:
+            plt.figure(num).savefig(buf, format="png")
+            out.append({"data": {"text": "<Figure %d>" % num, "png": base64.b64encode(buf.getvalue()).decode()},
+                        "main": False})
+        except Exception:
+            pass
+    plt.close("all")
+    return out
+
+
+def within_budget(results):
+    kept, used = [], 0
+    for r in results:
+        size = sum(len(v) for v in r["data"].values())
+        if used + size > MAX_RICH:
+            kept.append({"data": {"text": "[result left out: more than %d characters of results]" % MAX_RICH},
+                         "main": r["main"]})
+            continue
+        used += size
+        kept.append(r)
+    return kept
+
+
+class Scoped:
+    """Environment variables and a working directory for one evaluation."""
+
+    def __init__(self, env, cwd):
+        self.env = env or {}
+        self.cwd = cwd
+
+    def __enter__(self):
+        self.saved_env = {k: os.environ.get(k) for k in self.env}
+        os.environ.update({str(k): str(v) for k, v in self.env.items()})
+        self.saved_cwd = None
+        if self.cwd:
+            self.saved_cwd = os.getcwd()
+            os.chdir(self.cwd)
+        return self
+
+    def __exit__(self, *exc):
+        for k, v in self.saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if self.saved_cwd is not None:
+            try:
+                os.chdir(self.saved_cwd)
+            except OSError:
+                pass
+        return False
+
+
+def evaluate(namespace, code, timeout, rich=False, env=None, cwd=""):
     global _active
-    reply = {"result": "", "error": "", "exit_code": 0, "stdout": "", "stderr": ""}
+    reply = {"result": "", "error": "", "exit_code": 0, "stdout": "", "stderr": "",
+             "error_name": "", "error_value": "", "results": []}
     try:
         body, tail = split_code(code)
     except (SyntaxError, ValueError, OverflowError, RecursionError) as e:
-        reply.update(error=format_error(e), exit_code=1)
+        reply.update(error=format_error(e), exit_code=1, error_name=type(e).__name__, error_value=str(e))
+        return reply
+    try:
+        scope = Scoped(env, cwd).__enter__()
+    except OSError as e:
+        reply.update(error=format_error(e), exit_code=1, error_name=type(e).__name__, error_value=str(e))
         return reply
     out, err = io.StringIO(), io.StringIO()
     saved_streams = sys.stdout, sys.stderr
@@ -160,10 +267,13 @@ def evaluate(namespace, code, timeout):
                     if value is not None:
                         namespace["_"] = value
                         reply["result"] = repr(value)
+                        if rich:
+                            reply["results"].append({"data": rich_value(value), "main": True})
             except EvalTimeout:
-                reply.update(error="TimeoutError: evaluation exceeded %gs\n" % timeout, exit_code=124)
+                reply.update(error="TimeoutError: evaluation exceeded %gs\n" % timeout, exit_code=124,
+                             error_name="TimeoutError", error_value="evaluation exceeded %gs" % timeout)
             except BaseException as e:  # SystemExit and KeyboardInterrupt included
-                reply.update(error=format_error(e), exit_code=1)
+                reply.update(error=format_error(e), exit_code=1, error_name=type(e).__name__, error_value=str(e))
             finally:
                 _active = False
                 signal.setitimer(signal.ITIMER_REAL, 0)
@@ -171,7 +281,13 @@ def evaluate(namespace, code, timeout):
     except EvalTimeout:
         # The alarm landed in the cleanup itself.
         sys.stdout, sys.stderr = saved_streams
-        reply.update(error="TimeoutError: evaluation exceeded %gs\n" % timeout, exit_code=124)
+        reply.update(error="TimeoutError: evaluation exceeded %gs\n" % timeout, exit_code=124,
+                     error_name="TimeoutError", error_value="evaluation exceeded %gs" % timeout)
+    finally:
+        scope.__exit__()
+    if rich:
+        # Figures first, as a notebook shows them, then the value.
+        reply["results"] = within_budget(figures() + reply["results"])
     texts = getattr(capture, "texts", ["", ""])
     reply["stdout"] = clip(out.getvalue() + texts[0])
     reply["stderr"] = clip(err.getvalue() + texts[1])
@@ -210,7 +326,10 @@ def main(argv):
     signal.signal(signal.SIGINT, _on_interrupt)
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     t0 = time.monotonic()
-    warm_error = warm(namespace, os.environ.get("FORKD_WARM", "").split(","))
+    warm_modules = os.environ.get("FORKD_WARM", "").split(",")
+    warm_error = warm(namespace, warm_modules)
+    # Named contexts (MAX_CONTEXTS at most), each a namespace of its own.
+    contexts = {}
     send(
         resp_fd,
         {
@@ -236,7 +355,28 @@ def main(argv):
         op = req.get("op")
         try:
             if op == "eval":
-                reply = evaluate(namespace, str(req.get("code", "")), float(req.get("timeout") or 0))
+                name = str(req.get("context") or "")
+                if req.get("drop_context"):
+                    contexts.pop(name, None)
+                    reply = {"result": "", "error": "", "exit_code": 0, "stdout": "", "stderr": ""}
+                else:
+                    if not name:
+                        ns = namespace
+                    elif name in contexts:
+                        ns = contexts[name]
+                    elif len(contexts) >= MAX_CONTEXTS:
+                        ns = None
+                    else:
+                        ns = contexts[name] = {"__name__": "__main__", "__builtins__": builtins}
+                        warm(ns, warm_modules)
+                    if ns is None:
+                        reply = {"result": "", "error": "too many contexts (%d); drop one first\n" % MAX_CONTEXTS,
+                                 "exit_code": 1, "stdout": "", "stderr": "", "error_name": "RuntimeError",
+                                 "error_value": "too many contexts"}
+                    else:
+                        env = req.get("env") if isinstance(req.get("env"), dict) else {}
+                        reply = evaluate(ns, str(req.get("code", "")), float(req.get("timeout") or 0),
+                                         bool(req.get("rich")), env, str(req.get("cwd") or ""))
                 reply["id"] = req.get("id")
             elif op == "reseed":
                 reseed(str(req.get("seed", "")))

@@ -124,6 +124,34 @@ class RuntimeTest(unittest.TestCase):
         os.write(self.rt.req_w, b"not json\n")
         self.assertEqual(json.loads(self.rt.reader.readline())["exit_code"], 1)
 
+    def test_contexts_are_separate_namespaces_and_can_be_dropped(self):
+        self.rt.call(op="eval", id=1, code="shared = 1", context="a")
+        self.assertEqual(self.rt.call(op="eval", id=2, code="shared", context="a")["result"], "1")
+        other = self.rt.call(op="eval", id=3, code="shared", context="b")
+        self.assertEqual(other["error_name"], "NameError")
+        # New contexts start with the warm-up imports.
+        self.assertEqual(self.rt.call(op="eval", id=4, code="json.dumps(1)", context="b")["result"], "'1'")
+        self.rt.call(op="eval", id=5, code="", context="a", drop_context=True)
+        gone = self.rt.call(op="eval", id=6, code="shared", context="a")
+        self.assertEqual(gone["exit_code"], 1)
+
+    def test_rich_results_and_structured_errors(self):
+        self.rt.call(op="eval", id=1, code="class H:\n    def _repr_html_(self): return '<b>x</b>'")
+        r = self.rt.call(op="eval", id=2, code="H()", rich=True)
+        self.assertEqual(len(r["results"]), 1)
+        self.assertTrue(r["results"][0]["main"])
+        self.assertEqual(r["results"][0]["data"]["html"], "<b>x</b>")
+        e = self.rt.call(op="eval", id=3, code="raise KeyError('k')", rich=True)
+        self.assertEqual((e["error_name"], e["error_value"]), ("KeyError", "'k'"))
+        self.assertIn("Traceback", e["error"])
+
+    def test_env_and_cwd_hold_for_one_evaluation(self):
+        r = self.rt.call(op="eval", id=1, code="import os\n(os.environ['FORKD_T'], os.getcwd())",
+                         env={"FORKD_T": "v"}, cwd="/")
+        self.assertEqual(r["result"], "('v', '/')")
+        after = self.rt.eval("os.environ.get('FORKD_T')")
+        self.assertEqual(after["result"], "")
+
     def test_large_output_is_clipped(self):
         r = self.rt.eval("print('x' * (3 << 20))")
         self.assertLess(len(r["stdout"]), (1 << 20) + 100)

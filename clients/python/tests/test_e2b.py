@@ -1,4 +1,5 @@
-"""E2B's own Python SDK (`e2b`, pinned by scripts/test-clients.sh), unchanged,
+"""E2B's own Python SDKs (`e2b` and `e2b-code-interpreter`, pinned by
+scripts/test-clients.sh), unchanged,
 against a real forkd daemon and real microVMs, configured only with its
 documented environment variables: E2B_API_URL (forkd's /e2b), E2B_SANDBOX_URL
 (forkd's address) and E2B_API_KEY (a forkd token). A template is a forkd
@@ -9,8 +10,10 @@ Runs with FORKD_E2E=1 (it forks VMs).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import subprocess
 import time
 import urllib.request
 from typing import Iterator, List
@@ -35,6 +38,17 @@ BOB = "bOb-5hG8jK2mN6qS9vX3zC7fD1wE4r"
 TEMPLATE = "e2b-base"
 
 
+def share(d: Daemon, tag: str) -> None:
+    """Lets every tenant start sandboxes from an admin's snapshot."""
+    req = urllib.request.Request(
+        f"{d.url}/v1/snapshots/{tag}/share",
+        data=json.dumps({"shared": True}).encode(),
+        headers={"authorization": f"Bearer {TOKEN}", "content-type": "application/json"},
+        method="POST",
+    )
+    urllib.request.urlopen(req, timeout=30).read()
+
+
 @pytest.fixture(scope="module")
 def e2b_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     if not E2E:
@@ -50,13 +64,7 @@ def e2b_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         image = os.environ.get("FORKD_E2E_IMAGE", "python")
         with d.client() as c:
             c.snapshots.create(TEMPLATE, image=image, timeout=900)
-        req = urllib.request.Request(
-            f"{d.url}/v1/snapshots/{TEMPLATE}/share",
-            data=json.dumps({"shared": True}).encode(),
-            headers={"authorization": f"Bearer {TOKEN}", "content-type": "application/json"},
-            method="POST",
-        )
-        urllib.request.urlopen(req, timeout=30).read()
+        share(d, TEMPLATE)
         yield d
     finally:
         d.stop()
@@ -191,6 +199,11 @@ def test_lifecycle_pause_resume_and_fork(e2b_env: Daemon) -> None:
         assert (info.end_at - info.started_at).total_seconds() > 600
         listed = Sandbox.list(query=e2b.SandboxQuery(metadata={"suite": "life"})).next_items()
         assert [x.sandbox_id for x in listed] == [s.sandbox_id]
+        m = s.get_metrics()
+        assert len(m) == 1
+        assert m[0].cpu_count >= 1 and 0 <= m[0].cpu_used_pct <= 100
+        assert 0 < m[0].mem_used < m[0].mem_total
+        assert 0 < m[0].disk_used <= m[0].disk_total
         again = Sandbox.connect(s.sandbox_id)
         assert again.commands.run("echo via-connect").stdout == "via-connect\n"
 
@@ -246,5 +259,77 @@ def test_errors_and_tenants(e2b_env: Daemon, monkeypatch: pytest.MonkeyPatch) ->
             Sandbox.list().next_items()
         monkeypatch.setenv("E2B_API_KEY", ALICE)
         assert s.is_running()
+    finally:
+        s.kill()
+
+
+# ---- the code interpreter (e2b-code-interpreter) ---------------------------
+
+MPL_TEMPLATE = "e2b-mpl"
+
+
+@pytest.fixture(scope="module")
+def mpl_template(e2b_daemon: Daemon) -> str:
+    """A template whose image has matplotlib, built the way a user would."""
+    from .test_mcp import cli_bin
+
+    env = dict(os.environ, FORKD_URL=e2b_daemon.url, FORKD_TOKEN=TOKEN)
+    build = subprocess.run(
+        [str(cli_bin()), "image", "build", "mpl", "--from", "python", "--apt", "python3-matplotlib"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    warm = "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt"
+    with e2b_daemon.client() as c:
+        c.snapshots.create(MPL_TEMPLATE, image="mpl", warm_eval=warm, timeout=900)
+    share(e2b_daemon, MPL_TEMPLATE)
+    return MPL_TEMPLATE
+
+
+def test_code_interpreter(e2b_env: Daemon, mpl_template: str) -> None:
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    s = CodeSandbox.create(template=mpl_template, timeout=600)
+    try:
+        # State is kept between calls; the last expression is the text.
+        s.run_code("x = 20")
+        seen: List[str] = []
+        ex = s.run_code("print('sum', x + 1)\nx * 2 + 2", on_stdout=lambda m: seen.append(m.line))
+        assert ex.text == "42"
+        assert ex.logs.stdout == ["sum 21\n"]
+        assert seen == ["sum 21\n"]
+        assert ex.error is None
+
+        # An exception comes back as an error, not a raise.
+        ex = s.run_code("1 / 0")
+        assert ex.error is not None
+        assert ex.error.name == "ZeroDivisionError"
+        assert ex.error.value == "division by zero"
+        assert "Traceback" in ex.error.traceback
+
+        # Contexts are separate namespaces.
+        ctx = s.create_code_context()
+        assert any(c.id == ctx.id for c in s.list_code_contexts())
+        ex = s.run_code("x", context=ctx)
+        assert ex.error is not None and ex.error.name == "NameError"
+        s.run_code("y = 5", context=ctx)
+        assert s.run_code("y", context=ctx).text == "5"
+        s.restart_code_context(ctx)
+        assert s.run_code("y", context=ctx).error is not None
+        s.remove_code_context(ctx)
+        assert all(c.id != ctx.id for c in s.list_code_contexts())
+
+        # Environment variables for one execution.
+        ex = s.run_code("import os\nos.environ.get('MY_VAR')", envs={"MY_VAR": "set"})
+        assert ex.text == "'set'"
+
+        # A matplotlib chart is a PNG result.
+        ex = s.run_code("plt.plot([1, 2, 3], [4, 1, 9])\nplt.title('t')\nplt.show()")
+        pngs = [r.png for r in ex.results if r.png]
+        assert len(pngs) == 1, ex
+        assert base64.b64decode(pngs[0])[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         s.kill()

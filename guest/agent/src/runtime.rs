@@ -10,7 +10,7 @@
 use crate::exec::{DEFAULT_PATH, HOME, base_env, env_vec};
 use crate::proc::{self, Child, Spec};
 use crate::{log, sys};
-use forkd_agent_protocol::v1::EvalResult;
+use forkd_agent_protocol::v1::{EvalRequest, EvalResult, RichResult};
 use serde_json::{Value, json};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -84,6 +84,22 @@ impl LineReader {
             }
         }
     }
+}
+
+/// The rich results of a reply: string representations only, the rest
+/// dropped.
+fn rich_results(v: &Value) -> Vec<RichResult> {
+    let Some(list) = v.get("results").and_then(Value::as_array) else { return vec![] };
+    list.iter()
+        .map(|r| RichResult {
+            data: r
+                .get("data")
+                .and_then(Value::as_object)
+                .map(|d| d.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+                .unwrap_or_default(),
+            main: r.get("main").and_then(Value::as_bool).unwrap_or(false),
+        })
+        .collect()
 }
 
 fn eval_error(exit_code: i32, msg: impl Into<String>) -> EvalResult {
@@ -229,7 +245,8 @@ impl Runtime {
         self.start_background();
     }
 
-    pub fn eval(self: &Arc<Self>, code: &str, timeout_ms: u32) -> EvalResult {
+    pub fn eval(self: &Arc<Self>, req: &EvalRequest) -> EvalResult {
+        let timeout_ms = req.timeout_ms;
         if self.kind.is_empty() {
             return eval_error(2, "this image has no warm runtime");
         }
@@ -248,7 +265,17 @@ impl Runtime {
         let Some(p) = g.as_mut() else { return eval_error(2, "the python runtime is not available") };
         let id = self.seq.fetch_add(1, Ordering::SeqCst);
         let timeout = Duration::from_millis(timeout_ms as u64);
-        let msg = json!({"op": "eval", "id": id, "code": code, "timeout": timeout.as_secs_f64()});
+        let msg = json!({
+            "op": "eval",
+            "id": id,
+            "code": req.code,
+            "timeout": timeout.as_secs_f64(),
+            "context": req.context,
+            "rich": req.rich,
+            "env": req.env,
+            "cwd": req.cwd,
+            "drop_context": req.drop_context,
+        });
         let deadline = (timeout_ms > 0).then(|| Instant::now() + timeout + KILL_GRACE);
         match self.call(p, &msg, deadline) {
             Ok(v) => EvalResult {
@@ -257,6 +284,9 @@ impl Runtime {
                 exit_code: v.get("exit_code").and_then(Value::as_i64).unwrap_or(1) as i32,
                 stdout: str_field(&v, "stdout"),
                 stderr: str_field(&v, "stderr"),
+                error_name: str_field(&v, "error_name"),
+                error_value: str_field(&v, "error_value"),
+                results: rich_results(&v),
             },
             Err(LineError::Timeout) => {
                 self.discard(&mut g);

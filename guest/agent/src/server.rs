@@ -318,7 +318,7 @@ impl Agent {
             }
             Req::Eval(e) => {
                 self.register(id, Running::Eval);
-                let r = self.runtime.eval(&e.code, e.timeout_ms);
+                let r = self.runtime.eval(&e);
                 self.unregister(id);
                 Ok(Resp::EvalResult(r))
             }

@@ -128,7 +128,7 @@ fn ping_exec_and_errors() {
     let Resp::Error(e) = end else { panic!("{end:?}") };
     assert_eq!(e.kind, Kind::Invalid as i32);
 
-    match c.call(Req::Eval(EvalRequest { code: "1".into(), timeout_ms: 0 })) {
+    match c.call(Req::Eval(EvalRequest { code: "1".into(), timeout_ms: 0, ..Default::default() })) {
         Resp::EvalResult(r) => assert_eq!(r.exit_code, 2),
         other => panic!("unexpected {other:?}"),
     }
@@ -231,9 +231,11 @@ fn python_runtime_keeps_state() {
     let rt = Runtime::new("python", vec!["json".into()], &dir.to_string_lossy());
     rt.start_background();
     let mut c = Client::start(rt.clone());
-    let eval = |c: &mut Client, code: &str, timeout_ms| match c
-        .call(Req::Eval(EvalRequest { code: code.into(), timeout_ms }))
-    {
+    let eval = |c: &mut Client, code: &str, timeout_ms| match c.call(Req::Eval(EvalRequest {
+        code: code.into(),
+        timeout_ms,
+        ..Default::default()
+    })) {
         Resp::EvalResult(r) => r,
         other => panic!("unexpected {other:?}"),
     };

@@ -51,6 +51,12 @@ pub fn router(state: Arc<E2b>) -> Router {
         .route("/sandboxes/{id}/fork", post(fork))
         .route("/sandboxes/{id}/snapshots", post(snapshot))
         .route("/sandboxes/{id}/metrics", get(metrics))
+        .route(
+            "/sandboxes/{id}/network",
+            axum::routing::put(|| async {
+                fail(&Status::unimplemented("forkd's E2B sandboxes have no network device to configure"))
+            }),
+        )
         .route("/snapshots", get(list_snapshots))
         .route("/templates/{id}", delete(delete_snapshot))
         .fallback(|| async { fail(&Status::not_found("no such E2B API route")) })
@@ -371,6 +377,7 @@ async fn kill(State(e): State<Arc<E2b>>, Extension(p): P, Path(id): Path<String>
             let ws = sandboxes::workspace(&e.services, &p, &id)?;
             let name = ws.name.clone();
             e.services.owned("kill E2B sandbox", |rt| async move { rt.delete_workspace(&name).await }).await?;
+            e.contexts.forget(&id);
             Ok(no_content())
         }
         .await,
@@ -534,8 +541,15 @@ async fn delete_snapshot(State(e): State<Arc<E2b>>, Extension(p): P, Path(id): P
 async fn metrics(State(e): State<Arc<E2b>>, Extension(p): P, Path(id): Path<String>) -> Response {
     respond(
         async {
-            sandboxes::workspace(&e.services, &p, &id)?;
-            Err(Status::unimplemented("per-sandbox metrics are not available from forkd yet"))
+            let ws = sandboxes::workspace(&e.services, &p, &id)?;
+            // A paused sandbox has no samples.
+            if ws.status != WorkspaceStatus::Running {
+                return Ok(json_response(StatusCode::OK, &json!([])));
+            }
+            let (sb, _) = sandboxes::live(&e.services, &p, &id).await?;
+            let cpus = e.services.rt.get_snapshot(&ws.source_snapshot_tag).map(|s| s.vcpus.max(1)).unwrap_or(1);
+            let one = super::metrics::sample(&sb, cpus).await?;
+            Ok(json_response(StatusCode::OK, &json!([one])))
         }
         .await,
     )

@@ -11,6 +11,8 @@ pub mod connect;
 pub mod control;
 pub mod files;
 pub mod filesystem;
+pub mod interpreter;
+pub mod metrics;
 pub mod process;
 pub mod sandboxes;
 pub mod watchers;
@@ -38,11 +40,12 @@ pub const ENVD_PORT: u16 = 49983;
 pub struct E2b {
     pub services: Services,
     pub watchers: Arc<watchers::Watchers>,
+    pub contexts: interpreter::Contexts,
 }
 
 impl E2b {
     pub fn new(services: Services) -> Arc<E2b> {
-        Arc::new(E2b { services, watchers: Default::default() })
+        Arc::new(E2b { services, watchers: Default::default(), contexts: Default::default() })
     }
 }
 
@@ -85,9 +88,21 @@ pub async fn handle(e: Arc<E2b>, req: Request) -> Response {
         .rsplit_once("/process.Process/")
         .map(|(_, m)| ("process", m.to_string()))
         .or_else(|| path.rsplit_once("/filesystem.Filesystem/").map(|(_, m)| ("filesystem", m.to_string())));
+    if port == interpreter::PORT {
+        let t =
+            process::Target { services: &e.services, principal: &principal, sandbox: &sandbox, user: String::new() };
+        let method = req.method().clone();
+        let body = match axum::body::to_bytes(req.into_body(), (2 << 20) + 4096).await {
+            Ok(b) => b,
+            Err(_) => return files::error(&Status::invalid_argument("request body too large")),
+        };
+        return interpreter::handle(t, &e.contexts, &method, &path, body).await.unwrap_or_else(|s| files::error(&s));
+    }
     if port != ENVD_PORT {
         let s = Status::unavailable(format!(
-            "port {port} is not open: forkd serves E2B's sandbox daemon (port {ENVD_PORT}) only"
+            "port {port} is not open: forkd serves E2B's sandbox daemon (port {ENVD_PORT}) and code \
+             interpreter (port {}) only",
+            interpreter::PORT
         ));
         return if rpc.is_some() { connect::error(None, &s) } else { files::error(&s) };
     }

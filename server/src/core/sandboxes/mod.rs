@@ -630,7 +630,10 @@ impl Runtime {
         let sb = self.sandbox(id).await?;
         let r = sb
             .live_agent()?
-            .eval(pb::EvalRequest { code, timeout_ms: timeout.as_millis() as u32 }, timeout + Duration::from_secs(5))
+            .eval(
+                pb::EvalRequest { code, timeout_ms: timeout.as_millis() as u32, ..Default::default() },
+                timeout + Duration::from_secs(5),
+            )
             .await?;
         Ok(r)
     }

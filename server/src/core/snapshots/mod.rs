@@ -261,7 +261,11 @@ impl Runtime {
             if !req.warm_eval.is_empty() {
                 let r = agent
                     .eval(
-                        forkd_agent_protocol::v1::EvalRequest { code: req.warm_eval.clone(), timeout_ms: 0 },
+                        forkd_agent_protocol::v1::EvalRequest {
+                            code: req.warm_eval.clone(),
+                            timeout_ms: 0,
+                            ..Default::default()
+                        },
                         req.warm_timeout,
                     )
                     .await?;
