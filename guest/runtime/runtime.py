@@ -10,7 +10,8 @@ RESP_FD; the process's own stdout/stderr are never used for it, so anything the
 evaluated code prints cannot corrupt a reply.
 
   -> {"op": "eval", "id": N, "code": "...", "timeout": seconds,    (0 = none)
-      "context": "", "rich": false, "env": {}, "cwd": "", "drop_context": false}
+      "context": "", "rich": false, "env": {}, "cwd": "", "drop_context": false, "stream": false}
+  <- (with "stream") {"id": N, "out": "stdout"|"stderr", "text": "..."} as the code prints
   <- {"id": N, "result": repr-or-"", "error": traceback-or-"", "exit_code": 0|1|124,
       "stdout": "...", "stderr": "...", "error_name": "", "error_value": "",
       "results": [{"data": {"text": ..., "html": ..., "png": base64}, "main": bool}]}
@@ -207,6 +208,51 @@ def within_budget(results):
     return kept
 
 
+class Streamed(io.TextIOBase):
+    """A stdout or stderr that sends what is written a line at a time (or
+    64 KiB, or on flush), as {"id", "out", "text"} lines before the reply
+    (at most MAX_TEXT characters in all; the rest is dropped with a note)."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, fd, req_id, name):
+        self.fd, self.req_id, self.name, self.sent, self.pending = fd, req_id, name, 0, ""
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        if not isinstance(text, str):
+            text = str(text)
+        self.pending += text
+        cut = self.pending.rfind("\n") + 1
+        if cut == 0 and len(self.pending) >= self.CHUNK:
+            cut = len(self.pending)
+        if cut:
+            ready, self.pending = self.pending[:cut], self.pending[cut:]
+            self._send(ready)
+        return len(text)
+
+    def flush(self):
+        if self.pending:
+            ready, self.pending = self.pending, ""
+            self._send(ready)
+
+    def _send(self, text):
+        if self.sent > MAX_TEXT:
+            return
+        part = text[: MAX_TEXT - self.sent + 1]
+        self.sent += len(part)
+        if self.sent > MAX_TEXT:
+            part = part[:-1] + "\n[... output cut at %d characters]\n" % MAX_TEXT
+        # A timeout or a cancel must not land in the middle of a line.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGINT})
+        try:
+            send(self.fd, {"id": self.req_id, "out": self.name, "text": clip(part)})
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 class Scoped:
     """Environment variables and a working directory for one evaluation."""
 
@@ -237,7 +283,7 @@ class Scoped:
         return False
 
 
-def evaluate(namespace, code, timeout, rich=False, env=None, cwd=""):
+def evaluate(namespace, code, timeout, rich=False, env=None, cwd="", stream=None):
     global _active
     reply = {"result": "", "error": "", "exit_code": 0, "stdout": "", "stderr": "",
              "error_name": "", "error_value": "", "results": []}
@@ -251,7 +297,11 @@ def evaluate(namespace, code, timeout, rich=False, env=None, cwd=""):
     except OSError as e:
         reply.update(error=format_error(e), exit_code=1, error_name=type(e).__name__, error_value=str(e))
         return reply
-    out, err = io.StringIO(), io.StringIO()
+    # `stream` is (fd, request id): printed text goes out as it is written.
+    if stream:
+        out, err = Streamed(stream[0], stream[1], "stdout"), Streamed(stream[0], stream[1], "stderr")
+    else:
+        out, err = io.StringIO(), io.StringIO()
     saved_streams = sys.stdout, sys.stderr
     capture = FdCapture()
     try:
@@ -278,6 +328,9 @@ def evaluate(namespace, code, timeout, rich=False, env=None, cwd=""):
                 _active = False
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 sys.stdout, sys.stderr = saved_streams
+                if stream:
+                    out.flush()
+                    err.flush()
     except EvalTimeout:
         # The alarm landed in the cleanup itself.
         sys.stdout, sys.stderr = saved_streams
@@ -289,8 +342,9 @@ def evaluate(namespace, code, timeout, rich=False, env=None, cwd=""):
         # Figures first, as a notebook shows them, then the value.
         reply["results"] = within_budget(figures() + reply["results"])
     texts = getattr(capture, "texts", ["", ""])
-    reply["stdout"] = clip(out.getvalue() + texts[0])
-    reply["stderr"] = clip(err.getvalue() + texts[1])
+    printed = ("", "") if stream else (out.getvalue(), err.getvalue())
+    reply["stdout"] = clip(printed[0] + texts[0])
+    reply["stderr"] = clip(printed[1] + texts[1])
     reply["result"] = clip(reply["result"])
     reply["error"] = clip(reply["error"])
     return reply
@@ -375,8 +429,9 @@ def main(argv):
                                  "error_value": "too many contexts"}
                     else:
                         env = req.get("env") if isinstance(req.get("env"), dict) else {}
+                        stream = (resp_fd, req.get("id")) if req.get("stream") else None
                         reply = evaluate(ns, str(req.get("code", "")), float(req.get("timeout") or 0),
-                                         bool(req.get("rich")), env, str(req.get("cwd") or ""))
+                                         bool(req.get("rich")), env, str(req.get("cwd") or ""), stream)
                 reply["id"] = req.get("id")
             elif op == "reseed":
                 reseed(str(req.get("seed", "")))

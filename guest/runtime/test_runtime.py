@@ -152,6 +152,21 @@ class RuntimeTest(unittest.TestCase):
         after = self.rt.eval("os.environ.get('FORKD_T')")
         self.assertEqual(after["result"], "")
 
+    def test_streamed_output_comes_before_the_reply(self):
+        req = {"op": "eval", "id": 9, "code": "import sys\nprint('a')\nprint('b', file=sys.stderr)\n1", "stream": True}
+        os.write(self.rt.req_w, (json.dumps(req) + "\n").encode())
+        lines = []
+        while True:
+            v = json.loads(self.rt.reader.readline())
+            lines.append(v)
+            if "out" not in v:
+                break
+        outs = [(v["out"], v["text"]) for v in lines[:-1]]
+        self.assertEqual("".join(t for s, t in outs if s == "stdout"), "a\n")
+        self.assertEqual("".join(t for s, t in outs if s == "stderr"), "b\n")
+        self.assertTrue(all(v["id"] == 9 for v in lines))
+        self.assertEqual((lines[-1]["stdout"], lines[-1]["result"]), ("", "1"))
+
     def test_large_output_is_clipped(self):
         r = self.rt.eval("print('x' * (3 << 20))")
         self.assertLess(len(r["stdout"]), (1 << 20) + 100)

@@ -112,6 +112,12 @@ def test_commands(sbx: Sandbox) -> None:
     sbx.commands.send_stdin(h.pid, "abc\n")
     assert h.wait().stdout == "got:abc\n"
 
+    # Input as a stream (a client-streaming call), then stdin closed.
+    h = sbx.commands.run("cat", background=True, stdin=True)
+    sbx.commands.stream_input(h.pid, iter(["one\n", b"two\n"]))
+    sbx.commands.close_stdin(h.pid)
+    assert h.wait().stdout == "one\ntwo\n"
+
     # And killed.
     h = sbx.commands.run("sleep 600", background=True)
     assert sbx.commands.kill(h.pid) is True
@@ -302,6 +308,16 @@ def test_code_interpreter(e2b_env: Daemon, mpl_template: str) -> None:
         assert ex.logs.stdout == ["sum 21\n"]
         assert seen == ["sum 21\n"]
         assert ex.error is None
+
+        # Printed output streams while the code runs.
+        arrivals: List[float] = []
+        s.run_code(
+            "import time\nprint('early')\ntime.sleep(2)\nprint('late')",
+            on_stdout=lambda m: arrivals.append(time.monotonic()),
+        )
+        done = time.monotonic()
+        assert len(arrivals) >= 2, arrivals
+        assert done - arrivals[0] >= 1.5, "the first line came only at the end"
 
         # An exception comes back as an error, not a raise.
         ex = s.run_code("1 / 0")

@@ -226,13 +226,31 @@ impl Runtime {
 
     /// Sends one request line and reads the reply, under the caller's lock.
     fn call(&self, p: &mut Proc, msg: &Value, deadline: Option<Instant>) -> Result<Value, LineError> {
+        self.call_streamed(p, msg, deadline, &mut |_, _| {})
+    }
+
+    /// As `call`, handing the output lines a streamed eval sends before its
+    /// reply to `output` (stream name, text).
+    fn call_streamed(
+        &self,
+        p: &mut Proc,
+        msg: &Value,
+        deadline: Option<Instant>,
+        output: &mut dyn FnMut(&str, &str),
+    ) -> Result<Value, LineError> {
         let mut line = msg.to_string();
         line.push('\n');
         if sys::write_all(p.to.as_raw_fd(), line.as_bytes(), deadline).is_err() {
             return Err(LineError::Closed);
         }
-        let reply = p.from.read_line(deadline)?;
-        Ok(serde_json::from_slice(&reply).unwrap_or(Value::Null))
+        loop {
+            let reply = p.from.read_line(deadline)?;
+            let v: Value = serde_json::from_slice(&reply).unwrap_or(Value::Null);
+            match (v.get("out").and_then(Value::as_str), v.get("text").and_then(Value::as_str)) {
+                (Some(stream), Some(text)) => output(stream, text),
+                _ => return Ok(v),
+            }
+        }
     }
 
     /// Drops a broken interpreter and starts a new one in the background.
@@ -245,7 +263,9 @@ impl Runtime {
         self.start_background();
     }
 
-    pub fn eval(self: &Arc<Self>, req: &EvalRequest) -> EvalResult {
+    /// Evaluates `req`; with `req.stream`, printed output goes to `output`
+    /// (stream name, text) while the code runs.
+    pub fn eval_streamed(self: &Arc<Self>, req: &EvalRequest, output: &mut dyn FnMut(&str, &str)) -> EvalResult {
         let timeout_ms = req.timeout_ms;
         if self.kind.is_empty() {
             return eval_error(2, "this image has no warm runtime");
@@ -275,9 +295,10 @@ impl Runtime {
             "env": req.env,
             "cwd": req.cwd,
             "drop_context": req.drop_context,
+            "stream": req.stream,
         });
         let deadline = (timeout_ms > 0).then(|| Instant::now() + timeout + KILL_GRACE);
-        match self.call(p, &msg, deadline) {
+        match self.call_streamed(p, &msg, deadline, output) {
             Ok(v) => EvalResult {
                 result: str_field(&v, "result"),
                 error: str_field(&v, "error"),

@@ -4,8 +4,8 @@ use crate::exec::{self, ExecHandle};
 use crate::runtime::Runtime;
 use crate::{files, log, procs, reinit, sys, watch};
 use forkd_agent_protocol::v1::{
-    Ack, AgentError, Pong, ProcInputDone, Request, Response, agent_error::Kind, request::Body as Req,
-    response::Body as Resp,
+    Ack, AgentError, EvalOutput, Pong, ProcInputDone, Request, Response, agent_error::Kind, eval_output,
+    request::Body as Req, response::Body as Resp,
 };
 use forkd_agent_protocol::{FrameDecoder, MAGIC, encode_frame};
 use std::collections::HashMap;
@@ -318,7 +318,11 @@ impl Agent {
             }
             Req::Eval(e) => {
                 self.register(id, Running::Eval);
-                let r = self.runtime.eval(&e);
+                let r = self.runtime.eval_streamed(&e, &mut |stream, text| {
+                    let stream =
+                        if stream == "stderr" { eval_output::Stream::Stderr } else { eval_output::Stream::Stdout };
+                    self.send(id, Resp::EvalOutput(EvalOutput { stream: stream as i32, text: text.to_string() }));
+                });
                 self.unregister(id);
                 Ok(Resp::EvalResult(r))
             }

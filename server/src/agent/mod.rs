@@ -293,6 +293,37 @@ impl AgentClient {
         }
     }
 
+    /// Evaluates with `req.stream` set: what the code prints goes to
+    /// `output` as it comes (dropped when `output` is full: a slow reader
+    /// must not stall the channel), then the result. The evaluation is not
+    /// cancelled when this future is dropped.
+    pub async fn eval_streamed(
+        &self,
+        mut req: pb::EvalRequest,
+        timeout: Duration,
+        output: &mpsc::Sender<pb::EvalOutput>,
+    ) -> Result<pb::EvalResult, AgentError> {
+        req.stream = true;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (_, mut rx) = tokio::time::timeout_at(deadline, self.send(request::Body::Eval(req)))
+            .await
+            .map_err(|_| AgentError::Timeout("eval".into()))??;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) => return Err(AgentError::Timeout("eval".into())),
+                Ok(None) => return Err(self.closed()),
+                Ok(Some(response::Body::EvalOutput(o))) => {
+                    let _ = output.try_send(o);
+                }
+                Ok(Some(response::Body::EvalResult(r))) => return Ok(r),
+                Ok(Some(response::Body::Error(e))) => {
+                    return Err(AgentError::Guest { kind: e.kind, message: guest_text(&e.message) });
+                }
+                Ok(Some(_)) => return Err(AgentError::Unexpected("eval")),
+            }
+        }
+    }
+
     /// Starts a command; its output arrives on the returned stream.
     pub async fn exec(&self, req: pb::ExecRequest) -> Result<ExecStream, AgentError> {
         // The guest kills the command at its timeout; a guest that does not

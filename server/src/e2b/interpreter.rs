@@ -4,7 +4,7 @@
 //! with their representations — a matplotlib figure as PNG —, an error
 //! with name, value and traceback, the execution count, the end), and
 //! `/contexts` creates, lists, restarts and removes separate namespaces.
-//! Output arrives when the code has finished, not while it runs.
+//! What Python prints streams out a line at a time while the code runs.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,6 +17,7 @@ use forkd_agent_protocol::v1 as pb;
 use http::{HeaderValue, Method, StatusCode, header};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::process::Target;
@@ -196,16 +197,70 @@ async fn execute(t: Target<'_>, contexts: &Contexts, b: ExecuteBody) -> Result<R
         env,
         cwd: ctx.cwd.clone(),
         drop_context: false,
+        stream: true,
     };
     sb.touch();
-    let r = sb.agent.eval(req, EXEC_TIMEOUT + Duration::from_secs(10)).await.map_err(Error::from)?;
-    let count = contexts.with(t.sandbox, |l| {
-        l.iter_mut().find(|c| c.id == ctx.id).map(|c| {
-            c.executions += 1;
-            c.executions
+    let count = contexts
+        .with(t.sandbox, |l| {
+            l.iter_mut().find(|c| c.id == ctx.id).map(|c| {
+                c.executions += 1;
+                c.executions
+            })
         })
+        .unwrap_or(1);
+    // Printed output goes out as it comes; the rest when the code is done.
+    // A client that goes away stops reading, not the code.
+    let (lines_tx, lines_rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(64);
+    tokio::spawn(async move {
+        let (out_tx, mut out_rx) = mpsc::channel::<pb::EvalOutput>(256);
+        let send = |v: Value| {
+            let tx = lines_tx.clone();
+            async move {
+                let _ = tx.send(Ok(ndjson_line(&v))).await;
+            }
+        };
+        let eval = sb.agent.eval_streamed(req, EXEC_TIMEOUT + Duration::from_secs(10), &out_tx);
+        tokio::pin!(eval);
+        let result = loop {
+            tokio::select! {
+                r = &mut eval => break r,
+                Some(o) = out_rx.recv() => send(output_line(&o)).await,
+            }
+        };
+        while let Ok(o) = out_rx.try_recv() {
+            send(output_line(&o)).await;
+        }
+        let rest = match result {
+            Ok(r) => lines(&r, count),
+            Err(e) => {
+                let msg = Error::from(e).to_string();
+                vec![
+                    json!({ "type": "error", "name": "RuntimeError", "value": msg, "traceback": msg }),
+                    json!({ "type": "end_of_execution" }),
+                ]
+            }
+        };
+        for v in rest {
+            send(v).await;
+        }
     });
-    Ok(ndjson(lines(&r, count.unwrap_or(1))))
+    let mut r = Response::new(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(lines_rx)));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    Ok(r)
+}
+
+/// A streamed piece of printed output as the SDK's line.
+fn output_line(o: &pb::EvalOutput) -> Value {
+    let kind = if o.stream == pb::eval_output::Stream::Stderr as i32 { "stderr" } else { "stdout" };
+    json!({ "type": kind, "text": o.text, "timestamp": now_ns() })
+}
+
+/// One NDJSON line: an object and a newline, never a blank line (the SDK
+/// parses each).
+fn ndjson_line(v: &Value) -> Bytes {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    Bytes::from(b)
 }
 
 fn now_ns() -> u128 {
@@ -244,18 +299,6 @@ fn lines(r: &pb::EvalResult, count: u64) -> Vec<Value> {
     out.push(json!({ "type": "number_of_executions", "execution_count": count }));
     out.push(json!({ "type": "end_of_execution" }));
     out
-}
-
-fn ndjson(lines: Vec<Value>) -> Response {
-    let mut body = Vec::new();
-    for l in lines {
-        // One object per line, never a blank line (the SDK parses each).
-        serde_json::to_writer(&mut body, &l).unwrap_or_default();
-        body.push(b'\n');
-    }
-    let mut r = Response::new(Body::from(body));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
-    r
 }
 
 #[cfg(test)]

@@ -119,6 +119,9 @@ pub async fn handle(e: Arc<E2b>, req: Request) -> Response {
         if req.method() != Method::POST {
             return connect::error(Some(&call), &Status::unimplemented("Connect calls are POSTs"));
         }
+        if service == "process" && method == "StreamInput" {
+            return process::stream_input(t, call, req.into_body()).await;
+        }
         let body = match axum::body::to_bytes(req.into_body(), connect::MAX_MESSAGE + 5).await {
             Ok(b) => b,
             Err(_) => {

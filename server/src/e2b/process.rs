@@ -90,9 +90,7 @@ pub async fn call(t: Target<'_>, method: &str, call: Call, body: &[u8]) -> Resul
             procs::control(&sb, body).await.map_err(gone_is_not_found)?;
             Ok(connect::unary(&call, &pr::UpdateResponse {}))
         }
-        "StreamInput" => {
-            Err(Status::unimplemented("StreamInput (client streaming) is not served; send input with SendInput"))
-        }
+        "StreamInput" => Err(Status::internal("StreamInput reads its body as a stream (e2b::handle)")),
         other => Err(Status::unimplemented(format!("process.Process/{other} does not exist"))),
     }
 }
@@ -251,6 +249,87 @@ fn follow<M: EventMessage>(call: Call, sb: Arc<Sandbox>, pid: u32) -> axum::resp
         }
     });
     connect::stream(&call, rx)
+}
+
+/// `StreamInput` (client streaming): a start message naming the process,
+/// then input messages, each written before the next is read (a process
+/// that does not read its input holds the stream up, for up to
+/// SEND_STDIN_WAIT a message). Answers one empty message when the body ends.
+pub async fn stream_input(t: Target<'_>, call: Call, body: axum::body::Body) -> axum::response::Response {
+    match stream_input_inner(t, call, body).await {
+        Ok(()) => {
+            let mut frames = frame(call.encoding, &pr::StreamInputResponse {}).to_vec();
+            frames.extend_from_slice(&connect::end_frame(None));
+            let (tx, rx) = mpsc::channel(1);
+            let _ = tx.try_send(Bytes::from(frames));
+            connect::stream(&call, rx)
+        }
+        Err(s) => connect::error(Some(&call), &s),
+    }
+}
+
+async fn stream_input_inner(t: Target<'_>, call: Call, body: axum::body::Body) -> Result<(), Status> {
+    use futures::StreamExt;
+    use pr::stream_input_request::Event;
+    if !call.streaming {
+        return Err(Status::invalid_argument("StreamInput is a streaming call (application/connect+json or +proto)"));
+    }
+    let mut chunks = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    let mut target: Option<(Arc<Sandbox>, pb::ProcSelector)> = None;
+    loop {
+        // Every whole envelope in the buffer, in order.
+        while buf.len() >= 5 {
+            let (msg, used) = match connect::split_envelope(&buf) {
+                Ok((flags, payload, _)) => {
+                    if flags & 0x01 != 0 {
+                        return Err(Status::unimplemented("compressed messages are not supported"));
+                    }
+                    (decode::<pr::StreamInputRequest>(call.encoding, payload)?, 5 + payload.len())
+                }
+                // Incomplete: read more.
+                Err(s) if s.code() == tonic::Code::InvalidArgument => break,
+                Err(s) => return Err(s),
+            };
+            let _ = buf.split_to(used);
+            match (msg.event, &target) {
+                (Some(Event::Start(start)), None) => {
+                    let sel = selector(start.process)?;
+                    let (sb, _) = sandboxes::live(t.services, t.principal, t.sandbox).await?;
+                    procs::info(&sb, &sel).await?;
+                    target = Some((sb, sel));
+                }
+                (Some(Event::Start(_)), Some(_)) => return Err(Status::invalid_argument("a second start message")),
+                (Some(Event::Data(d)), Some((sb, sel))) => {
+                    let data = match d.input.and_then(|i| i.input) {
+                        Some(pr::process_input::Input::Stdin(b)) | Some(pr::process_input::Input::Pty(b)) => b,
+                        None => continue,
+                    };
+                    procs::check_stdin(&data)?;
+                    let deadline = Instant::now() + procs::SEND_STDIN_WAIT;
+                    procs::send_input(sb, sel, &data, false, Some(deadline)).await.map_err(gone_is_not_found)?;
+                }
+                (Some(Event::Data(_)), None) => {
+                    return Err(Status::invalid_argument("input before the start message naming the process"));
+                }
+                (Some(Event::Keepalive(_)), _) | (None, _) => {}
+            }
+        }
+        match chunks.next().await {
+            Some(Ok(chunk)) => {
+                if buf.len() + chunk.len() > connect::MAX_MESSAGE + 5 {
+                    return Err(Status::resource_exhausted(format!(
+                        "a message exceeds {} bytes",
+                        connect::MAX_MESSAGE
+                    )));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Some(Err(e)) => return Err(Status::cancelled(format!("reading the request: {e}"))),
+            None if buf.is_empty() => return Ok(()),
+            None => return Err(Status::invalid_argument("the request ends inside a message")),
+        }
+    }
 }
 
 #[cfg(test)]
