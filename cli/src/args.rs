@@ -52,6 +52,7 @@ pub struct GlobalArgs {
     /// Daemon address (http:// or https://).
     #[arg(
         long,
+        alias = "daemon-url",
         env = "FORKD_URL", hide_env_values = true,
         default_value = DEFAULT_URL,
         global = true,
@@ -60,7 +61,14 @@ pub struct GlobalArgs {
     pub url: String,
 
     /// Bearer token sent with every call. Wins over --token-file.
-    #[arg(long, env = "FORKD_TOKEN", global = true, hide_env_values = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        alias = "daemon-token",
+        env = "FORKD_TOKEN",
+        global = true,
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
     pub token: Option<String>,
 
     /// File holding the bearer token (surrounding whitespace is ignored;
@@ -91,10 +99,15 @@ pub enum Command {
         VMM backend and accelerator (with the reason it was chosen).")]
     Version,
 
-    /// Show which daemon this client talks to and what it holds.
-    #[command(long_about = "Show the daemon URL in use, the server version, backend, \
-        accelerator, data directory, and how many sandboxes and ready snapshots it has.")]
-    Where,
+    /// Print the daemon's data directory (with --all: what it holds).
+    #[command(
+        long_about = "Print the data directory of the daemon this client talks to, alone on one \
+            line, so `$(forkd where)/snapshots/TAG` names a snapshot's directory. With --all: the \
+            daemon URL in use, the server version, backend, accelerator, data directory, and how \
+            many sandboxes and ready snapshots it has (--json gives all of it).",
+        after_help = "Examples:\n  ls \"$(forkd where)/snapshots\"\n  forkd where --all"
+    )]
+    Where(WhereArgs),
 
     /// List snapshots.
     #[command(
@@ -146,7 +159,8 @@ pub enum Command {
     #[command(
         long_about = "Write a flat, parentless copy of a snapshot under a new tag, so it \
             no longer depends on its chain.",
-        after_help = "Example:\n  forkd compact py-step3 --to py-flat"
+        after_help = "Example:\n  forkd compact py-step3 --to py-flat",
+        alias = "snapshot-compact"
     )]
     Compact(CompactArgs),
 
@@ -1359,8 +1373,15 @@ pub struct CleanupArgs {
     pub data_dir: PathBuf,
 
     /// Remove what is found (default: only list it).
-    #[arg(long)]
+    #[arg(long, short = 'y')]
     pub yes: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct WhereArgs {
+    /// Show the URL, versions, backend, data directory and counts.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Args, Debug)]
@@ -1609,7 +1630,16 @@ mod tests {
     #[test]
     fn version_and_where() {
         assert!(matches!(ok(&["version"]).command, Command::Version));
-        assert!(matches!(ok(&["where"]).command, Command::Where));
+        assert!(matches!(ok(&["where"]).command, Command::Where(WhereArgs { all: false })));
+        assert!(matches!(ok(&["where", "--all"]).command, Command::Where(WhereArgs { all: true })));
+    }
+
+    #[test]
+    fn the_reference_spellings_are_accepted() {
+        let c = ok(&["--daemon-url", "http://h:1", "--daemon-token", "t0k3n", "where"]);
+        assert_eq!((c.global.url.as_str(), c.global.token.as_deref()), ("http://h:1", Some("t0k3n")));
+        let Command::Cleanup(a) = ok(&["cleanup", "-y"]).command else { panic!() };
+        assert!(a.yes);
     }
 
     #[test]
@@ -1719,6 +1749,9 @@ mod tests {
         usage_error(&["share"]);
         let Command::Compact(a) = ok(&["compact", "x", "--to", "y"]).command else { panic!() };
         assert_eq!((a.tag.as_str(), a.to.as_str()), ("x", "y"));
+        // The reference's spelling.
+        let Command::Compact(a) = ok(&["snapshot-compact", "x", "--to", "y"]).command else { panic!() };
+        assert_eq!(a.to.as_str(), "y");
         usage_error(&["compact", "x"]);
     }
 

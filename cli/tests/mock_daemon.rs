@@ -745,6 +745,10 @@ fn token_is_sent_as_bearer() {
     let d = Daemon::start();
     let o = d.forkd(&["where"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // The data directory alone, for `$(forkd where)/snapshots/TAG`.
+    assert_eq!(stdout(&o), "/var/lib/forkd\n");
+    let o = d.forkd(&["where", "--all"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(stdout(&o).contains("data_dir   /var/lib/forkd"), "{}", stdout(&o));
 
     let o = run(&["where"], &[("FORKD_URL", &d.url)], "");

@@ -44,7 +44,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         command => {
             let conn = Conn::connect(&global).await?;
             match command {
-                Command::Where => system::where_(&conn, json).await,
+                Command::Where(a) => system::where_(&conn, a.all, json).await,
                 Command::Images(a) => snapshots::images(&conn, a, json).await,
                 Command::Snapshot(a) => snapshots::snapshot(&conn, a, json).await,
                 Command::SnapshotInfo(a) => snapshots::info(&conn, a, json).await,

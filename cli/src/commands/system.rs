@@ -39,8 +39,12 @@ pub async fn version(global: &GlobalArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-pub async fn where_(conn: &Conn, as_json: bool) -> anyhow::Result<u8> {
+pub async fn where_(conn: &Conn, all: bool, as_json: bool) -> anyhow::Result<u8> {
     let v = get_version(conn).await?;
+    if !all && !as_json {
+        println!("{}", v.data_dir);
+        return Ok(0);
+    }
     if as_json {
         let mut value = json::version_info(&v);
         value["url"] = json!(conn.url);
