@@ -20,11 +20,24 @@ pub struct Names {
     groups: Vec<(u32, String)>,
 }
 
+/// Most of /etc/passwd or /etc/group read (an image's are a few KiB).
+const MAX_DB_BYTES: u64 = 4 << 20;
+
+/// /etc/passwd or /etc/group, "" when unreadable.
+fn read_db(path: &str) -> String {
+    use std::io::Read;
+    let mut text = String::new();
+    if let Ok(f) = std::fs::File::open(path) {
+        // Invalid UTF-8 leaves `text` empty, as an unreadable file does.
+        let _ = f.take(MAX_DB_BYTES).read_to_string(&mut text);
+    }
+    text
+}
+
 impl Names {
     pub fn load() -> Names {
         let read = |path: &str| -> Vec<(u32, String)> {
-            std::fs::read_to_string(path)
-                .unwrap_or_default()
+            read_db(path)
                 .lines()
                 .filter_map(|l| {
                     let f: Vec<&str> = l.split(':').collect();
@@ -46,8 +59,8 @@ impl Names {
 
 /// `None` for root (or ""), else the account, from the guest's files.
 pub fn resolve(user: &str) -> Result<Option<Account>, AgentError> {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let passwd = read_db("/etc/passwd");
+    let group = read_db("/etc/group");
     resolve_in(user, &passwd, &group)
 }
 

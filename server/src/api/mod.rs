@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod convert;
+pub mod guest_files;
 pub mod image;
 pub mod process;
 pub mod sandbox;

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::Services;
 use super::access::principal;
 use super::convert;
+use super::guest_files::{self, FILE_OP_TIMEOUT, MAX_FILE_BYTES};
 use super::process;
 use super::status::not_yet;
 use crate::agent::ExecEvent;
@@ -31,10 +32,6 @@ pub const DEFAULT_EXEC_OUTPUT_BYTES: u64 = 16 << 20;
 /// Largest `max_output_bytes` a request may ask for, unless the daemon is
 /// started with another.
 pub const MAX_EXEC_OUTPUT_BYTES: u64 = 64 << 20;
-/// Largest file moved through the files API.
-pub const MAX_FILE_BYTES: u64 = 1 << 30;
-const FILE_CHUNK: u32 = 1 << 20;
-const FILE_OP_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn sandbox_id(v: &str) -> Result<SandboxId, Status> {
     Ok(SandboxId::parse(v).map_err(Error::from)?)
@@ -603,25 +600,13 @@ impl SandboxService for Services {
                 st.size
             )));
         }
+        let mut chunks = guest_files::read_chunks(sb, path);
         let out = async_stream(move |tx| async move {
-            let mut offset = 0u64;
-            loop {
-                let req = pb::ReadFileRequest { path: path.clone(), offset, length: FILE_CHUNK };
-                match sb.agent.read_file(req, FILE_OP_TIMEOUT).await {
-                    Ok(d) => {
-                        offset += d.data.len() as u64;
-                        let eof = d.eof || d.data.is_empty();
-                        if !d.data.is_empty() && tx.send(Ok(api::DataChunk { data: d.data })).await.is_err() {
-                            break;
-                        }
-                        if eof {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(Error::from(e)))).await;
-                        break;
-                    }
+            while let Some(chunk) = chunks.recv().await {
+                let msg = chunk.map(|data| api::DataChunk { data }).map_err(Status::from);
+                let failed = msg.is_err();
+                if tx.send(msg).await.is_err() || failed {
+                    break;
                 }
             }
         });
@@ -640,12 +625,10 @@ impl SandboxService for Services {
         let id = self.own_sandbox(&p, &first.id).await?;
         let path = guest_path("path", &first.path)?;
         let sb = self.rt.agent_of(&id).await?;
-        let upload_id = crate::core::ids::nonce();
         let mode = if first.mode == 0 { 0o644 } else { first.mode };
-        let mut offset = 0u64;
+        let mut upload = guest_files::Upload::new(sb, path, mode);
         let mut hasher = Sha256::new();
         let mut pending = Some(first.data);
-        let mut is_first = true;
         loop {
             let data = match pending.take() {
                 Some(d) => d,
@@ -654,47 +637,10 @@ impl SandboxService for Services {
                     None => break,
                 },
             };
-            if offset + data.len() as u64 > MAX_FILE_BYTES {
-                return Err(Status::resource_exhausted(format!("file exceeds the {MAX_FILE_BYTES}-byte limit")));
-            }
-            for chunk in data.chunks(FILE_CHUNK as usize) {
-                hasher.update(chunk);
-                sb.agent
-                    .write_file(
-                        pb::WriteFileRequest {
-                            path: path.clone(),
-                            offset,
-                            data: chunk.to_vec(),
-                            first: is_first,
-                            last: false,
-                            mode,
-                            upload_id: upload_id.clone(),
-                        },
-                        FILE_OP_TIMEOUT,
-                    )
-                    .await
-                    .map_err(Error::from)?;
-                is_first = false;
-                offset += chunk.len() as u64;
-            }
+            hasher.update(&data);
+            upload.push(&data).await?;
         }
-        sb.agent
-            .write_file(
-                pb::WriteFileRequest {
-                    path: path.clone(),
-                    offset,
-                    data: vec![],
-                    first: is_first,
-                    last: true,
-                    mode,
-                    upload_id,
-                },
-                FILE_OP_TIMEOUT,
-            )
-            .await
-            .map_err(Error::from)?;
-        let st = sb.agent.stat(path, FILE_OP_TIMEOUT).await.map_err(Error::from)?;
-        let mut info = file_info(st);
+        let mut info = file_info(upload.finish().await?);
         info.digest = format!("sha256:{}", hex::encode(hasher.finalize()));
         Ok(Response::new(info))
     }

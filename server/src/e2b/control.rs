@@ -66,13 +66,18 @@ pub fn router(state: Arc<E2b>) -> Router {
 /// An error as the SDKs read it.
 pub fn fail(s: &Status) -> Response {
     let status = crate::edge::rest::codes::http_status(s.code());
-    let mut r = json_response(status, &json!({ "code": status.as_u16(), "message": s.message() }));
+    let mut r = error_response(status, s.message());
     // A refusal is final: the Python SDK would retry a 429 or 503.
     r.headers_mut().insert("should-retry", HeaderValue::from_static("false"));
     r
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response {
+/// E2B's error body, `{"code": <HTTP status>, "message"}`.
+pub(super) fn error_response(status: StatusCode, message: &str) -> Response {
+    json_response(status, &json!({ "code": status.as_u16(), "message": message }))
+}
+
+pub(super) fn json_response(status: StatusCode, v: &Value) -> Response {
     let mut r = Response::new(Body::from(serde_json::to_vec(v).unwrap_or_default()));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -89,10 +94,16 @@ fn respond(r: Result<Response, Status>) -> Response {
     r.unwrap_or_else(|s| fail(&s))
 }
 
-fn parse<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T, Status> {
+/// A JSON request body; an empty one is the type's default.
+pub(super) fn parse<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T, Status> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(T::default());
     }
+    parse_json(body)
+}
+
+/// A JSON request body that must be there.
+pub(super) fn parse_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Status> {
     serde_json::from_slice(body).map_err(|e| Status::invalid_argument(format!("request body: {e}")))
 }
 

@@ -4,27 +4,24 @@
 //! `GET /health`. Uploads go through the agent's staged writes, so a file
 //! appears whole or not at all. Errors are JSON `{"code", "message"}`.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use forkd_agent_protocol::v1 as pb;
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use tokio::sync::mpsc;
 use tonic::{Code, Status};
 
 use super::filesystem::path;
 use super::process::Target;
 use super::sandboxes;
-use crate::api::sandbox::MAX_FILE_BYTES;
+use crate::api::guest_files::{self, FILE_OP_TIMEOUT, MAX_FILE_BYTES, Upload};
 use crate::core::Error;
-use crate::core::sandboxes::Sandbox;
 
-const CHUNK: usize = 1 << 20;
-const FILE_OP: Duration = Duration::from_secs(30);
+/// What the SDKs expect for each file written.
+fn entry(st: pb::FileStat) -> serde_json::Value {
+    serde_json::json!({ "name": st.name, "type": "file", "path": st.path })
+}
 
 /// An envd HTTP error as the SDKs read it.
 pub fn error(s: &Status) -> Response {
@@ -40,11 +37,7 @@ pub fn error(s: &Status) -> Response {
         Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    let body = serde_json::json!({ "code": status.as_u16(), "message": s.message() });
-    let mut r = Response::new(Body::from(serde_json::to_vec(&body).unwrap_or_default()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
+    super::control::error_response(status, s.message())
 }
 
 /// `GET /health`: 204 while the sandbox runs, 502 otherwise.
@@ -72,92 +65,19 @@ pub async fn download(t: Target<'_>, uri: &http::Uri) -> Result<Response, Status
     let q = query(uri);
     let p = path(&param(&q, "path").unwrap_or_default())?;
     let (sb, _) = sandboxes::live(t.services, t.principal, t.sandbox).await?;
-    let st = sb.agent.stat(p.clone(), FILE_OP).await.map_err(Error::from)?;
+    let st = sb.agent.stat(p.clone(), FILE_OP_TIMEOUT).await.map_err(Error::from)?;
     if st.is_dir {
         return Err(Status::invalid_argument(format!("{p} is a directory")));
     }
     if st.size > MAX_FILE_BYTES {
         return Err(Status::resource_exhausted(format!("{p} is larger than {MAX_FILE_BYTES} bytes")));
     }
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    tokio::spawn(async move {
-        let mut offset = 0u64;
-        loop {
-            let req = pb::ReadFileRequest { path: p.clone(), offset, length: CHUNK as u32 };
-            match sb.agent.read_file(req, FILE_OP).await {
-                Ok(d) => {
-                    offset += d.data.len() as u64;
-                    let eof = d.eof || d.data.is_empty();
-                    if !d.data.is_empty() && tx.send(Ok(Bytes::from(d.data))).await.is_err() {
-                        return;
-                    }
-                    if eof || offset > MAX_FILE_BYTES {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
-                    return;
-                }
-            }
-        }
-    });
-    let mut r = Response::new(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)));
+    let chunks = guest_files::read_chunks(sb, p);
+    let body = tokio_stream::wrappers::ReceiverStream::new(chunks)
+        .map(|c| c.map(Bytes::from).map_err(|e| std::io::Error::other(e.to_string())));
+    let mut r = Response::new(Body::from_stream(body));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     Ok(r)
-}
-
-/// One file being written through the agent's staging file.
-struct Upload {
-    sb: Arc<Sandbox>,
-    path: String,
-    id: String,
-    offset: u64,
-    pending: Vec<u8>,
-    started: bool,
-}
-
-impl Upload {
-    fn new(sb: Arc<Sandbox>, path: String) -> Upload {
-        Upload { sb, path, id: crate::core::ids::nonce(), offset: 0, pending: vec![], started: false }
-    }
-
-    async fn write(&mut self, last: bool) -> Result<(), Status> {
-        let data = std::mem::take(&mut self.pending);
-        let len = data.len() as u64;
-        let req = pb::WriteFileRequest {
-            path: self.path.clone(),
-            offset: self.offset,
-            data,
-            first: !self.started,
-            last,
-            mode: 0o644,
-            upload_id: self.id.clone(),
-        };
-        self.sb.agent.write_file(req, FILE_OP).await.map_err(Error::from)?;
-        self.started = true;
-        self.offset += len;
-        Ok(())
-    }
-
-    async fn push(&mut self, chunk: &[u8]) -> Result<(), Status> {
-        if self.offset + (self.pending.len() + chunk.len()) as u64 > MAX_FILE_BYTES {
-            return Err(Status::resource_exhausted(format!("{} exceeds {MAX_FILE_BYTES} bytes", self.path)));
-        }
-        self.pending.extend_from_slice(chunk);
-        while self.pending.len() >= CHUNK {
-            let rest = self.pending.split_off(CHUNK);
-            self.write(false).await?;
-            self.pending = rest;
-        }
-        Ok(())
-    }
-
-    async fn finish(mut self) -> Result<serde_json::Value, Status> {
-        self.write(true).await?;
-        let st = self.sb.agent.stat(self.path.clone(), FILE_OP).await.map_err(Error::from)?;
-        Ok(serde_json::json!({ "name": st.name, "type": "file", "path": st.path }))
-    }
 }
 
 /// Copies a body stream into an upload.
@@ -197,20 +117,20 @@ pub async fn upload(t: Target<'_>, uri: &http::Uri, headers: &HeaderMap, body: B
                 (_, Some(f)) if !f.is_empty() => f.to_string(),
                 _ => return Err(Status::invalid_argument("a file part names no destination path")),
             };
-            let mut up = Upload::new(sb.clone(), path(&dest)?);
+            let mut up = Upload::new(sb.clone(), path(&dest)?, 0o644);
             while let Some(chunk) =
                 field.chunk().await.map_err(|e| Status::invalid_argument(format!("multipart: {e}")))?
             {
                 up.push(&chunk).await?;
             }
-            written.push(up.finish().await?);
+            written.push(entry(up.finish().await?));
         }
         if written.is_empty() {
             return Err(Status::invalid_argument("the form has no part named \"file\""));
         }
     } else {
         let dest = path_param.ok_or_else(|| Status::invalid_argument("path is required in the query"))?;
-        let mut up = Upload::new(sb.clone(), path(&dest)?);
+        let mut up = Upload::new(sb.clone(), path(&dest)?, 0o644);
         let gzip = headers
             .get(header::CONTENT_ENCODING)
             .and_then(|v| v.to_str().ok())
@@ -224,7 +144,7 @@ pub async fn upload(t: Target<'_>, uri: &http::Uri, headers: &HeaderMap, body: B
         } else {
             pour(&mut up, body.into_data_stream()).await?;
         }
-        written.push(up.finish().await?);
+        written.push(entry(up.finish().await?));
     }
     let mut r = Response::new(Body::from(serde_json::to_vec(&written).unwrap_or_default()));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -5,7 +5,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use forkd_agent_protocol::v1 as pb;
@@ -19,11 +18,10 @@ use super::connect::{self, Call, decode, frame};
 use super::process::Target;
 use super::sandboxes;
 use super::watchers::Watchers;
+use crate::api::guest_files::FILE_OP_TIMEOUT;
 use crate::api::process as procs;
 use crate::core::Error;
 
-/// How long one file operation may take in the guest.
-const FILE_OP: Duration = Duration::from_secs(30);
 /// Most entries one ListDir returns.
 const MAX_LIST: usize = 10_000;
 /// Deepest ListDir.
@@ -42,20 +40,20 @@ pub async fn call(
         "Stat" => {
             let req: fs::StatRequest = decode(enc, payload)?;
             let (sb, _) = sandboxes::live(t.services, t.principal, t.sandbox).await?;
-            let st = sb.agent.stat(path(&req.path)?, FILE_OP).await.map_err(Error::from)?;
+            let st = sb.agent.stat(path(&req.path)?, FILE_OP_TIMEOUT).await.map_err(Error::from)?;
             Ok(connect::unary(&call, &fs::StatResponse { entry: Some(entry(st)) }))
         }
         "MakeDir" => {
             let req: fs::MakeDirRequest = decode(enc, payload)?;
             let (sb, _) = sandboxes::live(t.services, t.principal, t.sandbox).await?;
-            let st = sb.agent.make_dir(path(&req.path)?, FILE_OP).await.map_err(Error::from)?;
+            let st = sb.agent.make_dir(path(&req.path)?, FILE_OP_TIMEOUT).await.map_err(Error::from)?;
             Ok(connect::unary(&call, &fs::MakeDirResponse { entry: Some(entry(st)) }))
         }
         "Move" => {
             let req: fs::MoveRequest = decode(enc, payload)?;
             let (from, to) = (path(&req.source)?, path(&req.destination)?);
             let (sb, _) = sandboxes::live(t.services, t.principal, t.sandbox).await?;
-            let st = sb.agent.rename(from, to, FILE_OP).await.map_err(Error::from)?;
+            let st = sb.agent.rename(from, to, FILE_OP_TIMEOUT).await.map_err(Error::from)?;
             Ok(connect::unary(&call, &fs::MoveResponse { entry: Some(entry(st)) }))
         }
         "Remove" => {
@@ -65,7 +63,7 @@ pub async fn call(
                 return Err(Status::invalid_argument("refusing to remove /"));
             }
             let (sb, _) = sandboxes::live(t.services, t.principal, t.sandbox).await?;
-            sb.agent.remove(p, true, FILE_OP).await.map_err(Error::from)?;
+            sb.agent.remove(p, true, FILE_OP_TIMEOUT).await.map_err(Error::from)?;
             Ok(connect::unary(&call, &fs::RemoveResponse {}))
         }
         "ListDir" => {
@@ -73,14 +71,14 @@ pub async fn call(
             let depth = req.depth.clamp(1, MAX_DEPTH);
             let (sb, _) = sandboxes::live(t.services, t.principal, t.sandbox).await?;
             let root = path(&req.path)?;
-            let top = sb.agent.stat(root.clone(), FILE_OP).await.map_err(Error::from)?;
+            let top = sb.agent.stat(root.clone(), FILE_OP_TIMEOUT).await.map_err(Error::from)?;
             if !top.is_dir {
                 return Err(Status::invalid_argument(format!("{root} is not a directory")));
             }
             let mut entries = vec![];
             let mut queue = VecDeque::from([(top.path, 1u32)]);
             while let Some((dir, level)) = queue.pop_front() {
-                let listing = sb.agent.list_dir(dir, FILE_OP).await.map_err(Error::from)?;
+                let listing = sb.agent.list_dir(dir, FILE_OP_TIMEOUT).await.map_err(Error::from)?;
                 for st in listing.entries {
                     if entries.len() >= MAX_LIST {
                         return Err(Status::resource_exhausted(format!(

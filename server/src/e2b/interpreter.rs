@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use super::control::{json_response, parse, parse_json};
 use super::process::Target;
 use super::sandboxes;
 use crate::core::Error;
@@ -68,13 +69,6 @@ fn context_json(c: &Context) -> Value {
     json!({ "id": c.id, "language": "python", "cwd": c.cwd })
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response {
-    let mut r = Response::new(Body::from(serde_json::to_vec(v).unwrap_or_default()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
-}
-
 fn check_language(l: &Option<String>) -> Result<(), Status> {
     match l.as_deref() {
         None | Some("") | Some("python") | Some("python3") => Ok(()),
@@ -103,10 +97,6 @@ struct ContextBody {
     cwd: Option<String>,
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Status> {
-    serde_json::from_slice(body).map_err(|e| Status::invalid_argument(format!("request body: {e}")))
-}
-
 /// Serves one interpreter request.
 pub async fn handle(
     t: Target<'_>,
@@ -117,10 +107,9 @@ pub async fn handle(
 ) -> Result<Response, Status> {
     let segments: Vec<&str> = path.trim_end_matches('/').rsplit('/').take(3).collect();
     match (method, segments.as_slice()) {
-        (&Method::POST, ["execute", ..]) => execute(t, contexts, parse(&body)?).await,
+        (&Method::POST, ["execute", ..]) => execute(t, contexts, parse_json(&body)?).await,
         (&Method::POST, ["contexts", ..]) => {
-            let b: ContextBody =
-                if body.iter().all(|b| b.is_ascii_whitespace()) { ContextBody::default() } else { parse(&body)? };
+            let b: ContextBody = parse(&body)?;
             check_language(&b.language)?;
             let cwd = b.cwd.unwrap_or_else(|| HOME.into());
             if !cwd.starts_with('/') || cwd.contains('\0') || cwd.len() > 4096 {
