@@ -352,6 +352,50 @@ pub enum Command {
     #[command(after_help = "Example:\n  forkd ping sb-abc123")]
     Ping(IdArg),
 
+    /// Forward a local TCP port to a port inside a sandbox.
+    #[command(
+        name = "port-forward",
+        long_about = "Listen on a local port and carry each connection to PORT on the \
+            sandbox's loopback, over the daemon (the sandbox needs no network device). \
+            LOCAL defaults to PORT; 0 picks a free one. The first line printed says where \
+            it listens. Runs until interrupted. A connection to a port nobody listens on \
+            in the sandbox is closed and reported on stderr.",
+        after_help = "Examples:\n  forkd port-forward sb-abc123 8000\n  \
+            forkd port-forward sb-abc123 18000:8000\n  forkd port-forward sb-abc123 0:5432 --address 0.0.0.0"
+    )]
+    PortForward(PortForwardArgs),
+
+    /// Print the URL that reaches a port of a sandbox through the daemon.
+    #[command(
+        long_about = "Print the proxy URL of PORT in a sandbox: \
+            {daemon}/v1/sandboxes/{id}/ports/{port}/, which needs the daemon's token like \
+            every route. --share makes (or shows) a link that needs no token, \
+            {daemon}/v1/shared/{token}/: anyone who has it reaches the port, so treat it \
+            like a password. --unshare removes that link.",
+        after_help = "Examples:\n  forkd url sb-abc123 8000\n  forkd url sb-abc123 8000 --share\n  \
+            forkd url sb-abc123 8000 --unshare"
+    )]
+    Url(UrlArgs),
+
+    /// Show one sandbox's resource use (CPU, memory, disk, network).
+    #[command(
+        long_about = "Sample a sandbox's resource use once: the CPU time and share of a core \
+            its VMM used (over a quarter of a second), the VMM's resident and proportional \
+            memory on the host, the guest's own memory use, the disk its work dir takes, \
+            its NIC's bytes, the commands run in it and when it was last used.",
+        after_help = "Examples:\n  forkd metrics sb-abc123\n  forkd metrics sb-abc123 --json"
+    )]
+    Metrics(IdArg),
+
+    /// A live table of sandboxes' resource use.
+    #[command(
+        long_about = "Show every sandbox (or those named) with its CPU use, memory, disk, \
+            network and commands, refreshed every --interval seconds until interrupted. \
+            --once prints one table and exits; --json prints one JSON array per refresh.",
+        after_help = "Examples:\n  forkd top\n  forkd top sb-abc123 --interval 5\n  forkd top --once --json"
+    )]
+    Top(TopArgs),
+
     /// Manage workspaces: named sandboxes that suspend and resume.
     #[command(
         subcommand,
@@ -1251,6 +1295,79 @@ pub struct SignalArgs {
     /// A signal name (TERM, SIGINT, kill) or number (1-64).
     #[arg(value_name = "SIGNAL")]
     pub signal: String,
+}
+
+/// `[LOCAL:]PORT` of `forkd port-forward`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PortMapping {
+    pub local: u16,
+    pub remote: u16,
+}
+
+pub fn parse_port_mapping(s: &str) -> Result<PortMapping, String> {
+    let port = |p: &str, what: &str, zero_ok: bool| -> Result<u16, String> {
+        let n: u16 = p.parse().map_err(|_| format!("{what} {p:?} is not a port number (0-65535)"))?;
+        if n == 0 && !zero_ok {
+            return Err(format!("{what} must be 1-65535"));
+        }
+        Ok(n)
+    };
+    match s.split_once(':') {
+        Some((l, r)) => Ok(PortMapping { local: port(l, "local port", true)?, remote: port(r, "port", false)? }),
+        None => {
+            let r = port(s, "port", false)?;
+            Ok(PortMapping { local: r, remote: r })
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PortForwardArgs {
+    /// Sandbox id (sb-…).
+    #[arg(value_name = "ID")]
+    pub id: SandboxId,
+
+    /// `[LOCAL:]PORT`: the sandbox's PORT on local port LOCAL (default: the same).
+    #[arg(value_name = "[LOCAL:]PORT", value_parser = parse_port_mapping)]
+    pub ports: PortMapping,
+
+    /// Local address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub address: std::net::IpAddr,
+}
+
+#[derive(Args, Debug)]
+pub struct UrlArgs {
+    /// Sandbox id (sb-…).
+    #[arg(value_name = "ID")]
+    pub id: SandboxId,
+
+    /// Port in the sandbox (1-65535).
+    #[arg(value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+
+    /// Make (or show) a link that needs no token.
+    #[arg(long, conflicts_with = "unshare")]
+    pub share: bool,
+
+    /// Remove the port's link.
+    #[arg(long)]
+    pub unshare: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    /// Sandboxes to show (default: all).
+    #[arg(value_name = "ID")]
+    pub ids: Vec<SandboxId>,
+
+    /// Seconds between refreshes.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub interval: u64,
+
+    /// Print one table and exit.
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(Args, Debug)]

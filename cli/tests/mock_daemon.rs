@@ -107,6 +107,50 @@ impl SandboxService for Mock {
     type ExecInteractiveStream = BoxStream<ExecEvent>;
     type ReadFileStream = BoxStream<DataChunk>;
     type WatchEventsStream = BoxStream<Event>;
+    type OpenPortStream = BoxStream<forkd_api::v1::PortOutput>;
+    type WatchSandboxMetricsStream = BoxStream<forkd_api::v1::SandboxMetrics>;
+
+    async fn open_port(
+        &self,
+        _: Request<tonic::Streaming<forkd_api::v1::PortInput>>,
+    ) -> Result<Response<Self::OpenPortStream>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn share_port(
+        &self,
+        _: Request<forkd_api::v1::SharePortRequest>,
+    ) -> Result<Response<forkd_api::v1::PortShare>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn list_port_shares(
+        &self,
+        _: Request<forkd_api::v1::ListPortSharesRequest>,
+    ) -> Result<Response<forkd_api::v1::ListPortSharesResponse>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn unshare_port(
+        &self,
+        _: Request<forkd_api::v1::UnsharePortRequest>,
+    ) -> Result<Response<forkd_api::v1::UnsharePortResponse>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn get_sandbox_metrics(
+        &self,
+        _: Request<forkd_api::v1::GetSandboxMetricsRequest>,
+    ) -> Result<Response<forkd_api::v1::SandboxMetrics>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
+
+    async fn watch_sandbox_metrics(
+        &self,
+        _: Request<forkd_api::v1::WatchSandboxMetricsRequest>,
+    ) -> Result<Response<Self::WatchSandboxMetricsStream>, Status> {
+        Err(Status::unimplemented("mock"))
+    }
 
     async fn create_sandboxes(
         &self,

@@ -54,6 +54,16 @@ struct Args {
     /// Repeatable (comma-separated in the env). Other names get 421.
     #[arg(long, env = "FORKD_ALLOWED_HOST", value_delimiter = ',')]
     allowed_host: Vec<String>,
+    /// A domain whose names `{port}-{sandbox id}.DOMAIN` reach that port of
+    /// that sandbox through the proxy (the whole path is the guest's).
+    /// Point a wildcard DNS record at the daemon; clients still need a token.
+    #[arg(long, env = "FORKD_PROXY_DOMAIN")]
+    proxy_domain: Option<String>,
+    /// Sandboxes reported with a `sandbox` label in /metrics (CPU, memory,
+    /// commands); 0 = none. Capped so the series stay few.
+    #[arg(long, env = "FORKD_SANDBOX_METRICS", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=1000))]
+    sandbox_metrics: u32,
     /// Requests a second each principal may make (bursts of twice that);
     /// more get 429 / RESOURCE_EXHAUSTED. 0 = no limit.
     #[arg(long, env = "FORKD_RATE_LIMIT", default_value_t = 0)]
@@ -222,7 +232,15 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
             Some(Arc::new(principals))
         };
     let auth_mode = if token.is_some() { AuthMode::Token } else { AuthMode::Off };
-    let allowed_hosts = Arc::new(edge::host_check::AllowedHosts::new(args.bind, &args.allowed_host)?);
+    let proxy_domain = match &args.proxy_domain {
+        Some(d) => Some(edge::proxy::check_domain(d).map_err(|e| anyhow::anyhow!("--proxy-domain: {e}"))?),
+        None => None,
+    };
+    let mut allowed = args.allowed_host.clone();
+    if let Some(d) = &proxy_domain {
+        allowed.push(format!("*.{d}"));
+    }
+    let allowed_hosts = Arc::new(edge::host_check::AllowedHosts::new(args.bind, &allowed)?);
     let limits = edge::conn::ConnLimits {
         max_connections: args.max_connections as usize,
         header_timeout: std::time::Duration::from_secs(args.header_timeout_secs),
@@ -352,6 +370,8 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
         tls,
         allowed_hosts,
         limits,
+        proxy_domain,
+        sandbox_metrics: args.sandbox_metrics as usize,
     };
     let services = Services { rt: rt.clone(), data_dir: data_dir.display().to_string(), auth: auth_mode };
     let app = edge::app(services, &cfg).await?;

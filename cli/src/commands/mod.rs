@@ -8,6 +8,8 @@ mod exec;
 mod images;
 mod interactive;
 mod mcp;
+mod metrics;
+mod ports;
 mod processes;
 mod remote;
 mod run;
@@ -62,6 +64,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Command::Kill(a) => sandboxes::kill(&conn, a, json).await,
                 Command::Eval(a) => sandboxes::eval(&conn, a, json).await,
                 Command::Ping(a) => sandboxes::ping(&conn, a, json).await,
+                Command::PortForward(a) => ports::port_forward(&conn, a).await,
+                Command::Url(a) => ports::url(&conn, a, json).await,
+                Command::Metrics(a) => metrics::metrics(&conn, a, json).await,
+                Command::Top(a) => metrics::top(&conn, a, json).await,
                 Command::Exec(a) => exec::exec(&conn, a, json).await,
                 Command::Ps(a) => processes::ps(&conn, a, json).await,
                 Command::Attach(a) => processes::attach(&conn, a).await,

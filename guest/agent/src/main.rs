@@ -14,6 +14,7 @@ mod files;
 mod init;
 mod limits;
 mod log;
+mod ports;
 mod proc;
 mod procs;
 mod reinit;

@@ -2,7 +2,7 @@
 
 use crate::exec::{self, ExecHandle};
 use crate::runtime::Runtime;
-use crate::{files, log, procs, reinit, sys, watch};
+use crate::{files, log, ports, procs, reinit, sys, watch};
 use forkd_agent_protocol::v1::{
     Ack, AgentError, EvalOutput, Pong, ProcInputDone, Request, Response, agent_error::Kind, eval_output,
     request::Body as Req, response::Body as Resp,
@@ -73,6 +73,8 @@ pub enum Running {
     /// A process attach or a file watch: it belongs to the connection that
     /// asked for it and ends with it (or when cancelled).
     Stream(Arc<AtomicBool>),
+    /// A port stream: like a stream, it belongs to its connection.
+    Port(Arc<ports::PortStream>),
 }
 
 /// Most attach and watch streams at once.
@@ -241,6 +243,10 @@ impl Agent {
                 c.store(true, Ordering::SeqCst);
                 Ok(Resp::Ack(Ack {}))
             }
+            Some(Running::Port(p)) => {
+                p.cancel();
+                Ok(Resp::Ack(Ack {}))
+            }
             None => Err(error(Kind::NotFound, format!("no running request {target}"))),
         }
     }
@@ -250,8 +256,10 @@ impl Agent {
     pub fn cancel_streams(&self) {
         if let Ok(g) = self.running.lock() {
             for r in g.values() {
-                if let Running::Stream(c) = r {
-                    c.store(true, Ordering::SeqCst);
+                match r {
+                    Running::Stream(c) => c.store(true, Ordering::SeqCst),
+                    Running::Port(p) => p.cancel(),
+                    _ => {}
                 }
             }
         }
@@ -277,6 +285,49 @@ impl Agent {
         }
     }
 
+    /// Opens a port stream registered for PortSend and Cancel, within the
+    /// limit, and runs it on a thread of its own.
+    fn open_port(self: &Arc<Self>, id: u64, req: forkd_agent_protocol::v1::PortOpenRequest) {
+        let stream = match ports::new_stream(req.window) {
+            Ok(s) => s,
+            Err(e) => return self.reply(id, Err(e)),
+        };
+        {
+            let Ok(mut g) = self.running.lock() else { return };
+            let open = g.values().filter(|r| matches!(r, Running::Port(_))).count();
+            if open >= ports::MAX_PORT_STREAMS {
+                drop(g);
+                let msg = format!("more than {} port connections at once", ports::MAX_PORT_STREAMS);
+                return self.reply(id, Err(error(Kind::TooLarge, msg)));
+            }
+            g.insert(id, Running::Port(stream.clone()));
+        }
+        let me = self.clone();
+        let started = std::thread::Builder::new().name("port".into()).stack_size(STACK).spawn(move || {
+            let r = ports::run(&me, id, req, &stream);
+            me.unregister(id);
+            if let Err(e) = r {
+                me.send(id, Resp::Error(e));
+            }
+        });
+        if let Err(e) = started {
+            self.unregister(id);
+            self.reply(id, Err(io_error("starting a port thread", &e)));
+        }
+    }
+
+    /// Hands data and credit to a port stream; never answered, never blocks.
+    fn port_send(&self, req: forkd_agent_protocol::v1::PortSendRequest) {
+        let stream = match self.running.lock() {
+            Ok(g) => match g.get(&req.target_id) {
+                Some(Running::Port(p)) => p.clone(),
+                _ => return,
+            },
+            Err(_) => return,
+        };
+        stream.accept(req);
+    }
+
     /// Handles one request. Cheap ones are answered on the reader thread;
     /// everything that may block gets its own thread.
     pub fn dispatch(self: &Arc<Self>, req: Request) {
@@ -291,6 +342,8 @@ impl Agent {
                 let r = self.cancel(c.target_id);
                 self.reply(id, r);
             }
+            Req::PortSend(s) => self.port_send(s),
+            Req::PortOpen(o) => self.open_port(id, o),
             other => {
                 let me = self.clone();
                 if let Err(e) = self.pool.run(Box::new(move || me.handle(id, other))) {
@@ -347,7 +400,7 @@ impl Agent {
             Req::ProcSignal(s) => procs::signal(&self, s).map(|_| Resp::Ack(Ack {})),
             Req::ProcResize(r) => procs::resize(&self, r).map(|_| Resp::Ack(Ack {})),
             Req::ProcList(_) => Ok(Resp::ProcTable(self.procs.list())),
-            Req::Ping(_) | Req::Cancel(_) => unreachable!("answered inline"),
+            Req::Ping(_) | Req::Cancel(_) | Req::PortSend(_) | Req::PortOpen(_) => unreachable!("answered inline"),
         };
         self.reply(id, r);
     }

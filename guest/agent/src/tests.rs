@@ -445,3 +445,113 @@ mod processes {
         u64::from_le_bytes(b)
     }
 }
+
+mod port_streams {
+    use super::*;
+    use forkd_agent_protocol::v1::{PortEvent, PortOpenRequest, PortSendRequest};
+    use std::net::TcpListener;
+
+    fn open(c: &mut Client, port: u16, window: u32) -> u64 {
+        let id = c.send(Req::PortOpen(PortOpenRequest { port: port as u32, window }));
+        match c.recv().body.unwrap() {
+            Resp::PortEvent(PortEvent { opened: true, grant, .. }) => assert!(grant > 0),
+            other => panic!("not opened: {other:?}"),
+        }
+        id
+    }
+
+    fn event(c: &mut Client, id: u64) -> PortEvent {
+        loop {
+            let r = c.recv();
+            if r.id != id {
+                continue;
+            }
+            match r.body.unwrap() {
+                Resp::PortEvent(e) => return e,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bytes_flow_both_ways_and_half_close_ends_the_stream() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        // An upper-casing server that answers once its input ends.
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut all = Vec::new();
+            s.read_to_end(&mut all).unwrap();
+            s.write_all(&all.to_ascii_uppercase()).unwrap();
+        });
+        let mut c = Client::start(Runtime::new("", vec![], "/nonexistent"));
+        let id = open(&mut c, port, 1 << 20);
+        c.send(Req::PortSend(PortSendRequest { target_id: id, data: b"hello ".to_vec(), ..Default::default() }));
+        c.send(Req::PortSend(PortSendRequest { target_id: id, data: b"port".to_vec(), eof: true, grant: 0 }));
+        let (mut got, mut granted) = (Vec::new(), 0);
+        loop {
+            let e = event(&mut c, id);
+            got.extend_from_slice(&e.data);
+            granted += e.grant;
+            if e.closed {
+                assert_eq!(e.error, "");
+                break;
+            }
+        }
+        assert_eq!(got, b"HELLO PORT");
+        assert_eq!(granted, 10, "every byte written to the server is granted back");
+    }
+
+    #[test]
+    fn nothing_listening_is_not_found() {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut c = Client::start(Runtime::new("", vec![], "/nonexistent"));
+        match c.call(Req::PortOpen(PortOpenRequest { port: port as u32, window: 4096 })) {
+            Resp::Error(e) => {
+                assert_eq!(e.kind, Kind::NotFound as i32);
+                assert!(e.message.contains("nothing listens"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        match c.call(Req::PortOpen(PortOpenRequest { port: 70000, window: 4096 })) {
+            Resp::Error(e) => assert_eq!(e.kind, Kind::Invalid as i32),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_agent_sends_no_more_than_its_credit() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let _ = s.write_all(&vec![7u8; 1 << 20]);
+        });
+        let mut c = Client::start(Runtime::new("", vec![], "/nonexistent"));
+        let window = 8 * 1024;
+        let id = open(&mut c, port, window);
+        let mut charged = 0u32;
+        c.sock.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+        // Without grants the agent stops at the window.
+        loop {
+            let mut buf = [0u8; 65536];
+            if let Some(r) = c.dec.next_message::<Response>().unwrap() {
+                if let Some(Resp::PortEvent(e)) = r.body {
+                    charged += forkd_agent_protocol::port_charge(e.data.len());
+                }
+                continue;
+            }
+            match c.sock.read(&mut buf) {
+                Ok(n) if n > 0 => c.dec.push(&buf[..n]),
+                _ => break,
+            }
+        }
+        assert!(charged > 0 && charged <= window, "charged {charged} of a {window}-byte window");
+        // A grant lets more through.
+        c.sock.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        c.send(Req::PortSend(PortSendRequest { target_id: id, grant: window, ..Default::default() }));
+        let e = event(&mut c, id);
+        assert!(!e.data.is_empty());
+        c.send(Req::Cancel(CancelRequest { target_id: id }));
+    }
+}

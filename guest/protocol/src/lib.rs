@@ -27,6 +27,16 @@ pub const HEADER: usize = 8;
 /// A drained decoder (one whose `next_message` last returned `Ok(None)`)
 /// always has room for a chunk of at least this size.
 pub const MAX_CHUNK: usize = 1024 * 1024;
+
+/// Least credit one data message on a port stream costs (see PortOpenRequest).
+pub const PORT_MIN_CHARGE: u32 = 1024;
+/// Largest data in one port stream message.
+pub const PORT_MAX_DATA: usize = 64 * 1024;
+
+/// Credit a port stream's data message costs.
+pub fn port_charge(len: usize) -> u32 {
+    (len.min(u32::MAX as usize) as u32).max(PORT_MIN_CHARGE)
+}
 /// Most bytes a decoder ever holds (and allocates): the largest frame still
 /// waiting for its end, plus one chunk pushed after it.
 pub const MAX_BUFFERED: usize = HEADER + MAX_FRAME + MAX_CHUNK;

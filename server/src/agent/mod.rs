@@ -23,6 +23,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{Mutex, mpsc};
 
+pub mod ports;
+
 /// Responses queued per request before the channel's reader waits.
 const QUEUE_PER_REQUEST: usize = 4;
 /// Responses queued for a lossy stream (attach, watch) before it is
@@ -85,6 +87,9 @@ pub enum AgentError {
 struct Waiter {
     tx: mpsc::Sender<response::Body>,
     lagged: Option<Arc<AtomicBool>>,
+    /// A port stream's send credit: grants from the guest are added here
+    /// by the channel's reader itself instead of being queued.
+    credit: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 type Waiters = Arc<std::sync::Mutex<HashMap<u64, Waiter>>>;
@@ -98,6 +103,8 @@ pub struct AgentClient {
     reader: tokio::task::JoinHandle<()>,
     /// Why the channel broke, once it has.
     failure: Failure,
+    /// Commands started through this connection (exec, eval, processes).
+    commands: AtomicU64,
 }
 
 /// Records why the channel broke (the first reason wins, logged once) and
@@ -150,8 +157,19 @@ impl AgentClient {
                     match dec.next_message::<pb::Response>() {
                         Ok(Some(resp)) => {
                             let Some(body) = resp.body else { continue };
-                            let waiter =
-                                reader_waiters.lock().unwrap().get(&resp.id).map(|w| (w.tx.clone(), w.lagged.clone()));
+                            let waiter = reader_waiters
+                                .lock()
+                                .unwrap()
+                                .get(&resp.id)
+                                .map(|w| (w.tx.clone(), w.lagged.clone(), w.credit.clone()));
+                            let (body, waiter) = match waiter {
+                                Some((tx, lagged, Some(credit))) => match ports::take_grant(body, &credit) {
+                                    Some(body) => (body, Some((tx, lagged))),
+                                    None => continue,
+                                },
+                                Some((tx, lagged, None)) => (body, Some((tx, lagged))),
+                                None => (body, None),
+                            };
                             match waiter {
                                 // Waiting here is the backpressure: a slow reader
                                 // of this response stalls the guest, not memory.
@@ -196,6 +214,7 @@ impl AgentClient {
             next_id: AtomicU64::new(rand::random::<u32>() as u64 + 1),
             reader,
             failure,
+            commands: AtomicU64::new(0),
         })
     }
 
@@ -218,7 +237,17 @@ impl AgentClient {
             next_id: AtomicU64::new(1),
             reader: tokio::spawn(async {}),
             failure: Default::default(),
+            commands: AtomicU64::new(0),
         }
+    }
+
+    /// Commands started through this connection (exec, eval, processes).
+    pub fn commands(&self) -> u64 {
+        self.commands.load(Ordering::Relaxed)
+    }
+
+    fn count_command(&self) {
+        self.commands.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Sends a request and returns the receiver of its responses.
@@ -231,13 +260,19 @@ impl AgentClient {
         body: request::Body,
         lagged: Option<Arc<AtomicBool>>,
     ) -> Result<(u64, Responses), AgentError> {
+        let queue = if lagged.is_some() { LOSSY_QUEUE } else { QUEUE_PER_REQUEST };
+        self.send_to(body, Waiter { tx: mpsc::channel(1).0, lagged, credit: None }, queue).await
+    }
+
+    /// Sends a request whose responses go to a waiter shaped like
+    /// `waiter` (its sender is replaced) with a queue of `queue`.
+    async fn send_to(&self, body: request::Body, waiter: Waiter, queue: usize) -> Result<(u64, Responses), AgentError> {
         if let Some(why) = self.failure() {
             return Err(AgentError::Broken(why.to_string()));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let queue = if lagged.is_some() { LOSSY_QUEUE } else { QUEUE_PER_REQUEST };
         let (tx, rx) = mpsc::channel(queue);
-        self.waiters.lock().unwrap().insert(id, Waiter { tx, lagged });
+        self.waiters.lock().unwrap().insert(id, Waiter { tx, ..waiter });
         let frame = encode_frame(&pb::Request { id, body: Some(body) });
         if let Err(e) = write_frame(&self.writer, &frame, &self.failure, &self.waiters).await {
             self.waiters.lock().unwrap().remove(&id);
@@ -287,6 +322,7 @@ impl AgentClient {
     }
 
     pub async fn eval(&self, req: pb::EvalRequest, timeout: Duration) -> Result<pb::EvalResult, AgentError> {
+        self.count_command();
         match self.call(request::Body::Eval(req), "eval", timeout).await? {
             response::Body::EvalResult(r) => Ok(r),
             _ => Err(AgentError::Unexpected("eval")),
@@ -304,6 +340,7 @@ impl AgentClient {
         output: &mpsc::Sender<pb::EvalOutput>,
     ) -> Result<pb::EvalResult, AgentError> {
         req.stream = true;
+        self.count_command();
         let deadline = tokio::time::Instant::now() + timeout;
         let (_, mut rx) = tokio::time::timeout_at(deadline, self.send(request::Body::Eval(req)))
             .await
@@ -326,6 +363,7 @@ impl AgentClient {
 
     /// Starts a command; its output arrives on the returned stream.
     pub async fn exec(&self, req: pb::ExecRequest) -> Result<ExecStream, AgentError> {
+        self.count_command();
         // The guest kills the command at its timeout; a guest that does not
         // say so within the grace period is not waited for any longer.
         let deadline = (req.timeout_ms > 0)
@@ -392,6 +430,7 @@ impl AgentClient {
 
     /// Starts a process of the guest's process table.
     pub async fn proc_start(&self, req: pb::ProcStartRequest, timeout: Duration) -> Result<pb::ProcInfo, AgentError> {
+        self.count_command();
         match self.call(request::Body::ProcStart(req), "proc_start", timeout).await? {
             response::Body::ProcInfo(i) => Ok(i),
             _ => Err(AgentError::Unexpected("proc_start")),

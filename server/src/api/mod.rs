@@ -5,6 +5,8 @@ pub mod access;
 pub mod convert;
 pub mod guest_files;
 pub mod image;
+pub mod metrics;
+pub mod ports;
 pub mod process;
 pub mod sandbox;
 pub mod snapshot;

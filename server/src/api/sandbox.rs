@@ -335,6 +335,46 @@ impl SandboxService for Services {
         Ok(Response::new(out))
     }
 
+    type OpenPortStream = super::ports::PortStream;
+
+    async fn open_port(&self, r: Request<Streaming<api::PortInput>>) -> Result<Response<Self::OpenPortStream>, Status> {
+        Ok(Response::new(self.open_port_stream(r).await?))
+    }
+
+    async fn share_port(&self, r: Request<api::SharePortRequest>) -> Result<Response<api::PortShare>, Status> {
+        Services::share_port(self, r).await
+    }
+
+    async fn list_port_shares(
+        &self,
+        r: Request<api::ListPortSharesRequest>,
+    ) -> Result<Response<api::ListPortSharesResponse>, Status> {
+        Services::list_port_shares(self, r).await
+    }
+
+    async fn unshare_port(
+        &self,
+        r: Request<api::UnsharePortRequest>,
+    ) -> Result<Response<api::UnsharePortResponse>, Status> {
+        Services::unshare_port(self, r).await
+    }
+
+    async fn get_sandbox_metrics(
+        &self,
+        r: Request<api::GetSandboxMetricsRequest>,
+    ) -> Result<Response<api::SandboxMetrics>, Status> {
+        self.sandbox_metrics(r).await
+    }
+
+    type WatchSandboxMetricsStream = super::metrics::MetricsStream;
+
+    async fn watch_sandbox_metrics(
+        &self,
+        r: Request<api::WatchSandboxMetricsRequest>,
+    ) -> Result<Response<Self::WatchSandboxMetricsStream>, Status> {
+        Ok(Response::new(Services::watch_sandbox_metrics(self, r).await?))
+    }
+
     type ExecInteractiveStream = BoxStream<api::ExecEvent>;
 
     async fn exec_interactive(

@@ -12,6 +12,7 @@ pub mod limits;
 pub mod network;
 pub mod operations;
 pub mod pool;
+pub mod ports;
 pub mod reconcile;
 pub mod runtime;
 pub mod sandboxes;

@@ -145,6 +145,8 @@ pub struct Runtime {
     pub(crate) pulls: super::snapshots::remote::PullFlights,
     /// The image store (built-in images live in the guest assets).
     pub images: Arc<crate::images::manage::Images>,
+    /// Links that share a guest port without a token.
+    pub port_shares: super::ports::Shares,
 }
 
 impl Runtime {
@@ -193,6 +195,7 @@ impl Runtime {
         let cache = std::env::var_os("FORKD_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/cache/forkd".into());
         let images = crate::images::manage::Images::new(layout.root(), cache, guest.dir.clone());
         let rt = Arc::new(Runtime {
+            port_shares: Default::default(),
             images,
             layout,
             store,
@@ -255,6 +258,15 @@ impl Runtime {
 
     /// The live sandbox count without waiting (for metric callbacks, which
     /// cannot await): the last known value while the map is being changed.
+    /// Host figures of at most `cap` sandboxes (by id), for labelled
+    /// metrics; empty while the sandbox map is busy.
+    pub fn sandbox_samples_now(&self, cap: usize) -> Vec<(String, super::sandboxes::metrics::HostSample)> {
+        let Ok(m) = self.sandboxes.try_read() else { return vec![] };
+        let mut ids: Vec<&String> = m.keys().collect();
+        ids.sort();
+        ids.into_iter().take(cap).filter_map(|id| Some((id.clone(), m.get(id)?.host_sample()))).collect()
+    }
+
     pub fn live_sandbox_count_now(&self) -> usize {
         use std::sync::atomic::Ordering;
         match self.sandboxes.try_read() {

@@ -37,13 +37,7 @@ pub fn cpu_times(stat: &str) -> Option<(u64, u64)> {
 }
 
 /// A /proc/meminfo field in bytes.
-pub fn meminfo(text: &str, key: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .unwrap_or(0)
-}
+pub use crate::core::sandboxes::metrics::kib_field as meminfo;
 
 /// (total, used) bytes of the guest's root file system.
 async fn disk(sb: &Sandbox) -> (u64, u64) {

@@ -77,7 +77,8 @@ pub fn is_grpc(req: &Request) -> bool {
 }
 
 fn is_open(path: &str) -> bool {
-    path == "/healthz" || path.starts_with("/grpc.health.v1.Health/")
+    // A shared port's token is its own credential (edge::proxy).
+    path == "/healthz" || path.starts_with("/grpc.health.v1.Health/") || path.starts_with(super::proxy::SHARED)
 }
 
 /// Middleware: rejects requests without a known bearer token, and hands

@@ -21,7 +21,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(rt: Arc<Runtime>) -> anyhow::Result<Self> {
+    /// `sandbox_cap`: sandboxes reported with a `sandbox` label (0 = none).
+    pub fn new(rt: Arc<Runtime>, sandbox_cap: usize) -> anyhow::Result<Self> {
         let registry = prometheus::Registry::new();
         let exporter =
             opentelemetry_prometheus::exporter().with_registry(registry.clone()).without_target_info().build()?;
@@ -75,6 +76,9 @@ impl Metrics {
                 }
             })
             .build();
+        if sandbox_cap > 0 {
+            per_sandbox(&meter, &rt, sandbox_cap);
+        }
         let r4 = rt;
         meter
             .u64_observable_gauge("forkd_pool_vmms")
@@ -117,6 +121,30 @@ impl Metrics {
         let mut buf = vec![];
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Series with a `sandbox` label, for at most `cap` sandboxes (by id), so
+/// their number stays bounded whatever runs.
+fn per_sandbox(meter: &opentelemetry::metrics::Meter, rt: &Arc<Runtime>, cap: usize) {
+    type Pick = fn(&crate::core::sandboxes::metrics::HostSample) -> f64;
+    let gauges: [(&'static str, &'static str, Pick); 4] = [
+        ("forkd_sandbox_cpu_seconds", "CPU time the sandbox's VMM has used", |s| s.cpu_time_us as f64 / 1e6),
+        ("forkd_sandbox_vmm_rss_bytes", "Resident memory of the sandbox's VMM", |s| s.rss_bytes as f64),
+        ("forkd_sandbox_vmm_pss_bytes", "Proportional memory of the sandbox's VMM", |s| s.pss_bytes as f64),
+        ("forkd_sandbox_commands", "Commands run in the sandbox (exec, eval, processes)", |s| s.exec_count as f64),
+    ];
+    for (name, help, pick) in gauges {
+        let rt = rt.clone();
+        meter
+            .f64_observable_gauge(name)
+            .with_description(help)
+            .with_callback(move |o| {
+                for (id, s) in rt.sandbox_samples_now(cap) {
+                    o.observe(pick(&s), &[KeyValue::new("sandbox", id)]);
+                }
+            })
+            .build();
     }
 }
 

@@ -8,6 +8,7 @@ pub mod conn;
 pub mod host_check;
 pub mod metrics;
 pub mod principals;
+pub mod proxy;
 pub mod rate_limit;
 pub mod rest;
 pub mod terminal;
@@ -47,6 +48,10 @@ pub struct EdgeConfig {
     /// Origins whose pages may call the daemon (`--cors-origin`); none by default.
     pub cors_origins: Vec<http::HeaderValue>,
     pub limits: conn::ConnLimits,
+    /// `--proxy-domain`: `{port}-{id}.DOMAIN` reaches a guest port.
+    pub proxy_domain: Option<String>,
+    /// `--sandbox-metrics`: sandboxes reported with a label in /metrics.
+    pub sandbox_metrics: usize,
 }
 
 /// Largest gRPC message accepted (file chunks, packed snapshots).
@@ -87,9 +92,11 @@ pub async fn app(services: Services, cfg: &EdgeConfig) -> anyhow::Result<Router>
     let term_services = services.clone();
     let e2b = crate::e2b::E2b::new(services.clone());
     let e2b_sandbox = e2b.clone();
+    let proxy_services = services.clone();
+    let proxy_domain = cfg.proxy_domain.clone();
     let grpc = grpc_router(services).await?;
     let transcoder = Arc::new(rest::Transcoder::new(grpc.clone(), cfg.max_body)?);
-    let metrics = Arc::new(metrics::Metrics::new(rt)?);
+    let metrics = Arc::new(metrics::Metrics::new(rt, cfg.sandbox_metrics)?);
     let m2 = metrics.clone();
     let rest_router = Router::new()
         .route("/healthz", get(|| async { axum::Json(serde_json::json!({ "ok": true })) }))
@@ -113,8 +120,11 @@ pub async fn app(services: Services, cfg: &EdgeConfig) -> anyhow::Result<Router>
         let grpc = grpc.clone();
         let rest = rest_router.clone();
         let e2b = e2b_sandbox.clone();
+        let proxy = proxy::target(&req, proxy_domain.as_deref()).map(|t| (t, proxy_services.clone()));
         async move {
-            if crate::e2b::is_sandbox_traffic(&req) {
+            if let Some((target, services)) = proxy {
+                Ok(proxy::handle(services, target, req).await)
+            } else if crate::e2b::is_sandbox_traffic(&req) {
                 Ok(crate::e2b::handle(e2b, req).await)
             } else if auth::is_grpc(&req) {
                 grpc.oneshot(req).await

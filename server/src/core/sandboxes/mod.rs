@@ -2,6 +2,8 @@
 //! identity, running work inside them, and killing them without leaving
 //! anything behind.
 
+pub mod metrics;
+
 use super::leases::Resource;
 use super::state::SandboxStatus;
 use std::sync::Arc;

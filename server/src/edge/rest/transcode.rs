@@ -137,10 +137,15 @@ impl Transcoder {
             // Input and output interleave: one HTTP request cannot carry that.
             return Err(RestError(
                 Code::Unimplemented,
-                format!(
-                    "{} is bidirectional: use gRPC, or the WebSocket route GET /v1/sandboxes/{{id}}/terminal",
-                    route.rpc.name()
-                ),
+                match route.rpc.name() {
+                    "OpenPort" => {
+                        "OpenPort is bidirectional: use gRPC, or the HTTP proxy /v1/sandboxes/{id}/ports/{port}/"
+                            .to_string()
+                    }
+                    name => format!(
+                        "{name} is bidirectional: use gRPC, or the WebSocket route GET /v1/sandboxes/{{id}}/terminal"
+                    ),
+                },
             ));
         }
         let input = route.rpc.input();

@@ -15,7 +15,395 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file forkd/v1/sandbox.proto.
  */
 export const file_forkd_v1_sandbox: GenFile = /*@__PURE__*/
-  fileDesc("ChZmb3JrZC92MS9zYW5kYm94LnByb3RvEghmb3JrZC52MSLMAwoWQ3JlYXRlU2FuZGJveGVzUmVxdWVzdBIUCgxzbmFwc2hvdF90YWcYASABKAkSDgoBbhgCIAEoDUgAiAEBEhgKEG1lbW9yeV9saW1pdF9taWIYAyABKA0SEQoJY3B1X3F1b3RhGAQgASgBEhIKCnBpZHNfbGltaXQYBSABKA0SDwoHbmV0d29yaxgGIAEoCRINCgVhbGxvdxgHIAMoCRIXCg9wZXJfY2hpbGRfbmV0bnMYCCABKAgSEAoIdHRsX3NlY3MYCSABKA0SGQoRaWRsZV90aW1lb3V0X3NlY3MYCiABKA0SPAoGbGFiZWxzGAsgAygLMiwuZm9ya2QudjEuQ3JlYXRlU2FuZGJveGVzUmVxdWVzdC5MYWJlbHNFbnRyeRIPCgd2b2x1bWVzGAwgAygJEg8KB3ByZXdhcm0YDSABKAgSEQoJbGl2ZV9mb3JrGA4gASgIEhEKCWh1Z2VwYWdlcxgPIAEoCBIZCgxwdWxsX21pc3NpbmcYECABKAhIAYgBARotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgQKAl9uQg8KDV9wdWxsX21pc3NpbmciPwoXQ3JlYXRlU2FuZGJveGVzUmVzcG9uc2USJAoJc2FuZGJveGVzGAEgAygLMhEuZm9ya2QudjEuU2FuZGJveCJTChRMaXN0U2FuZGJveGVzUmVxdWVzdBIUCgxzbmFwc2hvdF90YWcYASABKAkSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkiVgoVTGlzdFNhbmRib3hlc1Jlc3BvbnNlEiQKCXNhbmRib3hlcxgBIAMoCzIRLmZvcmtkLnYxLlNhbmRib3gSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIh8KEUdldFNhbmRib3hSZXF1ZXN0EgoKAmlkGAEgASgJIiIKFERlbGV0ZVNhbmRib3hSZXF1ZXN0EgoKAmlkGAEgASgJIkgKFkRlbGV0ZVNhbmRib3hlc1JlcXVlc3QSCwoDaWRzGAEgAygJEhQKDHNuYXBzaG90X3RhZxgCIAEoCRILCgNhbGwYAyABKAgiKgoXRGVsZXRlU2FuZGJveGVzUmVzcG9uc2USDwoHZGVsZXRlZBgBIAMoCSKHAgoLRXhlY1JlcXVlc3QSCgoCaWQYASABKAkSDAoEYXJncxgCIAMoCRIUCgx0aW1lb3V0X3NlY3MYAyABKA0SKwoDZW52GAQgAygLMh4uZm9ya2QudjEuRXhlY1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAUgASgJEg0KBXN0ZGluGAYgASgMEhgKEG1heF9vdXRwdXRfYnl0ZXMYByABKAQSHgoDcHR5GAggASgLMhEuZm9ya2QudjEuUHR5U2l6ZRILCgN0YWcYCSABKAkSDAoEdXNlchgKIAEoCRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIq0BCgxFeGVjUmVzcG9uc2USDgoGc3Rkb3V0GAEgASgJEg4KBnN0ZGVychgCIAEoCRIRCglleGl0X2NvZGUYAyABKAUSDgoGc2lnbmFsGAQgASgFEhEKCXRpbWVkX291dBgFIAEoCBITCgtkdXJhdGlvbl9tcxgGIAEoARIYChBzdGRvdXRfdHJ1bmNhdGVkGAcgASgIEhgKEHN0ZGVycl90cnVuY2F0ZWQYCCABKAgirAEKCUV4ZWNFdmVudBIQCgZzdGRvdXQYASABKAxIABIQCgZzdGRlcnIYAiABKAxIABImCgRleGl0GAMgASgLMhYuZm9ya2QudjEuRXhlY1Jlc3BvbnNlSAASDQoDcHR5GAQgASgMSAASKAoHc3RhcnRlZBgFIAEoCzIVLmZvcmtkLnYxLlByb2Nlc3NJbmZvSAASEQoHZHJvcHBlZBgGIAEoBEgAQgcKBWV2ZW50IpMBCglFeGVjSW5wdXQSJgoFc3RhcnQYASABKAsyFS5mb3JrZC52MS5FeGVjUmVxdWVzdEgAEg8KBXN0ZGluGAIgASgMSAASDQoDZW9mGAMgASgISAASIwoGcmVzaXplGAQgASgLMhEuZm9ya2QudjEuUHR5U2l6ZUgAEhAKBnNpZ25hbBgFIAEoCUgAQgcKBWlucHV0IiUKB1B0eVNpemUSDAoEcm93cxgBIAEoDRIMCgRjb2xzGAIgASgNIv0BChNTdGFydFByb2Nlc3NSZXF1ZXN0EgoKAmlkGAEgASgJEgwKBGFyZ3MYAiADKAkSMwoDZW52GAMgAygLMiYuZm9ya2QudjEuU3RhcnRQcm9jZXNzUmVxdWVzdC5FbnZFbnRyeRILCgNjd2QYBCABKAkSCwoDdGFnGAUgASgJEh4KA3B0eRgGIAEoCzIRLmZvcmtkLnYxLlB0eVNpemUSDQoFc3RkaW4YByABKAgSFAoMdGltZW91dF9zZWNzGAggASgNEgwKBHVzZXIYCSABKAkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLJAQoLUHJvY2Vzc0luZm8SCwoDcGlkGAEgASgNEgsKA3RhZxgCIAEoCRIMCgRhcmdzGAMgAygJEgsKA2N3ZBgEIAEoCRILCgNwdHkYBSABKAgSEgoKc3RkaW5fb3BlbhgGIAEoCBIXCg9zdGFydGVkX3VuaXhfbXMYByABKAMSFAoMb3V0cHV0X2J5dGVzGAggASgEEg8KB3J1bm5pbmcYCSABKAgSJAoEZXhpdBgKIAEoCzIWLmZvcmtkLnYxLkV4ZWNSZXNwb25zZSIiChRMaXN0UHJvY2Vzc2VzUmVxdWVzdBIKCgJpZBgBIAEoCSJBChVMaXN0UHJvY2Vzc2VzUmVzcG9uc2USKAoJcHJvY2Vzc2VzGAEgAygLMhUuZm9ya2QudjEuUHJvY2Vzc0luZm8iSAoUQXR0YWNoUHJvY2Vzc1JlcXVlc3QSCgoCaWQYASABKAkSDwoHcHJvY2VzcxgCIAEoCRITCgtmcm9tX29mZnNldBgDIAEoBCJDChRTaWduYWxQcm9jZXNzUmVxdWVzdBIKCgJpZBgBIAEoCRIPCgdwcm9jZXNzGAIgASgJEg4KBnNpZ25hbBgDIAEoCSJMChBTZW5kU3RkaW5SZXF1ZXN0EgoKAmlkGAEgASgJEg8KB3Byb2Nlc3MYAiABKAkSDAoEZGF0YRgDIAEoDBINCgVjbG9zZRgEIAEoCCIwChFDbG9zZVN0ZGluUmVxdWVzdBIKCgJpZBgBIAEoCRIPCgdwcm9jZXNzGAIgASgJIlAKEFJlc2l6ZVB0eVJlcXVlc3QSCgoCaWQYASABKAkSDwoHcHJvY2VzcxgCIAEoCRIfCgRzaXplGAMgASgLMhEuZm9ya2QudjEuUHR5U2l6ZSJAChFXYXRjaEZpbGVzUmVxdWVzdBIKCgJpZBgBIAEoCRIMCgRwYXRoGAIgASgJEhEKCXJlY3Vyc2l2ZRgDIAEoCCKhAQoJRmlsZUV2ZW50EiYKBGtpbmQYASABKA4yGC5mb3JrZC52MS5GaWxlRXZlbnQuS2luZBIMCgRwYXRoGAIgASgJEgwKBGZyb20YAyABKAkSDgoGaXNfZGlyGAQgASgIIkAKBEtpbmQSCgoGQ1JFQVRFEAASCQoFV1JJVEUQARIKCgZSRU1PVkUQAhIKCgZSRU5BTUUQAxIJCgVDSE1PRBAEIkMKCkZpbGVFdmVudHMSIwoGZXZlbnRzGAEgAygLMhMuZm9ya2QudjEuRmlsZUV2ZW50EhAKCG92ZXJmbG93GAIgASgIIj0KC0V2YWxSZXF1ZXN0EgoKAmlkGAEgASgJEgwKBGNvZGUYAiABKAkSFAoMdGltZW91dF9zZWNzGAMgASgNImAKDEV2YWxSZXNwb25zZRIOCgZyZXN1bHQYASABKAkSDQoFZXJyb3IYAiABKAkSEQoJZXhpdF9jb2RlGAMgASgFEg4KBnN0ZG91dBgEIAEoCRIOCgZzdGRlcnIYBSABKAkiGQoLUGluZ1JlcXVlc3QSCgoCaWQYASABKAkiWgoMUGluZ1Jlc3BvbnNlEgoKAm9rGAEgASgIEhIKCmxhdGVuY3lfbXMYAiABKAESEwoLdXB0aW1lX3NlY3MYAyABKAESFQoNcnVudGltZV9yZWFkeRgEIAEoCCJ2Cg1CcmFuY2hSZXF1ZXN0EgoKAmlkGAEgASgJEgsKA3RhZxgCIAEoCRIMCgRtb2RlGAMgASgJEgwKBGRpZmYYBCABKAgSFAoMbWVhc3VyZV9kaWZmGAUgASgIEhEKBHdhaXQYBiABKAhIAIgBAUIHCgVfd2FpdCIrCg9SZWFkRmlsZVJlcXVlc3QSCgoCaWQYASABKAkSDAoEcGF0aBgCIAEoCSJIChBXcml0ZUZpbGVSZXF1ZXN0EgoKAmlkGAEgASgJEgwKBHBhdGgYAiABKAkSDAoEZGF0YRgDIAEoDBIMCgRtb2RlGAQgASgNIooBCghGaWxlSW5mbxIMCgRuYW1lGAEgASgJEgwKBHBhdGgYAiABKAkSDAoEc2l6ZRgDIAEoBBIMCgRtb2RlGAQgASgNEg4KBmlzX2RpchgFIAEoCBISCgppc19zeW1saW5rGAYgASgIEhIKCm10aW1lX3VuaXgYByABKAMSDgoGZGlnZXN0GAggASgJIiwKEExpc3RGaWxlc1JlcXVlc3QSCgoCaWQYASABKAkSDAoEcGF0aBgCIAEoCSI4ChFMaXN0RmlsZXNSZXNwb25zZRIjCgdlbnRyaWVzGAEgAygLMhIuZm9ya2QudjEuRmlsZUluZm8iKwoPU3RhdEZpbGVSZXF1ZXN0EgoKAmlkGAEgASgJEgwKBHBhdGgYAiABKAkiQAoRUmVtb3ZlRmlsZVJlcXVlc3QSCgoCaWQYASABKAkSDAoEcGF0aBgCIAEoCRIRCglyZWN1cnNpdmUYAyABKAgiFAoSUmVtb3ZlRmlsZVJlc3BvbnNlIjMKE1JlbmV3U2FuZGJveFJlcXVlc3QSCgoCaWQYASABKAkSEAoIdHRsX3NlY3MYAiABKA0iUQoSV2F0Y2hFdmVudHNSZXF1ZXN0EhIKCnNhbmRib3hfaWQYASABKAkSEQoJd29ya3NwYWNlGAIgASgJEhQKDHNuYXBzaG90X3RhZxgDIAEoCSJ2CgVFdmVudBIMCgRraW5kGAEgASgJEhIKCnNhbmRib3hfaWQYAiABKAkSEQoJd29ya3NwYWNlGAMgASgJEhQKDHNuYXBzaG90X3RhZxgEIAEoCRIOCgZyZWFzb24YBSABKAkSEgoKYXRfdW5peF9tcxgGIAEoAzK3FgoOU2FuZGJveFNlcnZpY2USewoPQ3JlYXRlU2FuZGJveGVzEiAuZm9ya2QudjEuQ3JlYXRlU2FuZGJveGVzUmVxdWVzdBohLmZvcmtkLnYxLkNyZWF0ZVNhbmRib3hlc1Jlc3BvbnNlIiOC0+STAh06ASpiCXNhbmRib3hlcyINL3YxL3NhbmRib3hlcxJyCg1MaXN0U2FuZGJveGVzEh4uZm9ya2QudjEuTGlzdFNhbmRib3hlc1JlcXVlc3QaHy5mb3JrZC52MS5MaXN0U2FuZGJveGVzUmVzcG9uc2UiIILT5JMCGmIJc2FuZGJveGVzEg0vdjEvc2FuZGJveGVzElgKCkdldFNhbmRib3gSGy5mb3JrZC52MS5HZXRTYW5kYm94UmVxdWVzdBoRLmZvcmtkLnYxLlNhbmRib3giGoLT5JMCFBISL3YxL3NhbmRib3hlcy97aWR9Em4KDURlbGV0ZVNhbmRib3gSHi5mb3JrZC52MS5EZWxldGVTYW5kYm94UmVxdWVzdBohLmZvcmtkLnYxLkRlbGV0ZVNhbmRib3hlc1Jlc3BvbnNlIhqC0+STAhQqEi92MS9zYW5kYm94ZXMve2lkfRJ3Cg9EZWxldGVTYW5kYm94ZXMSIC5mb3JrZC52MS5EZWxldGVTYW5kYm94ZXNSZXF1ZXN0GiEuZm9ya2QudjEuRGVsZXRlU2FuZGJveGVzUmVzcG9uc2UiH4LT5JMCGToBKiIUL3YxL3NhbmRib3hlcy9kZWxldGUSWQoERXhlYxIVLmZvcmtkLnYxLkV4ZWNSZXF1ZXN0GhYuZm9ya2QudjEuRXhlY1Jlc3BvbnNlIiKC0+STAhw6ASoiFy92MS9zYW5kYm94ZXMve2lkfS9leGVjEmUKCkV4ZWNTdHJlYW0SFS5mb3JrZC52MS5FeGVjUmVxdWVzdBoTLmZvcmtkLnYxLkV4ZWNFdmVudCIpgtPkkwIjOgEqIh4vdjEvc2FuZGJveGVzL3tpZH0vZXhlYy9zdHJlYW0wARJgCg9FeGVjSW50ZXJhY3RpdmUSEy5mb3JrZC52MS5FeGVjSW5wdXQaEy5mb3JrZC52MS5FeGVjRXZlbnQiH4LT5JMCGToBKiIUL3YxL2V4ZWMvaW50ZXJhY3RpdmUoATABEm0KDFN0YXJ0UHJvY2VzcxIdLmZvcmtkLnYxLlN0YXJ0UHJvY2Vzc1JlcXVlc3QaFS5mb3JrZC52MS5Qcm9jZXNzSW5mbyIngtPkkwIhOgEqIhwvdjEvc2FuZGJveGVzL3tpZH0vcHJvY2Vzc2VzEoEBCg1MaXN0UHJvY2Vzc2VzEh4uZm9ya2QudjEuTGlzdFByb2Nlc3Nlc1JlcXVlc3QaHy5mb3JrZC52MS5MaXN0UHJvY2Vzc2VzUmVzcG9uc2UiL4LT5JMCKWIJcHJvY2Vzc2VzEhwvdjEvc2FuZGJveGVzL3tpZH0vcHJvY2Vzc2VzEn0KDUF0dGFjaFByb2Nlc3MSHi5mb3JrZC52MS5BdHRhY2hQcm9jZXNzUmVxdWVzdBoTLmZvcmtkLnYxLkV4ZWNFdmVudCI1gtPkkwIvEi0vdjEvc2FuZGJveGVzL3tpZH0vcHJvY2Vzc2VzL3twcm9jZXNzfS9hdHRhY2gwARKAAQoNU2lnbmFsUHJvY2VzcxIeLmZvcmtkLnYxLlNpZ25hbFByb2Nlc3NSZXF1ZXN0GhUuZm9ya2QudjEuUHJvY2Vzc0luZm8iOILT5JMCMjoBKiItL3YxL3NhbmRib3hlcy97aWR9L3Byb2Nlc3Nlcy97cHJvY2Vzc30vc2lnbmFsEncKCVNlbmRTdGRpbhIaLmZvcmtkLnYxLlNlbmRTdGRpblJlcXVlc3QaFS5mb3JrZC52MS5Qcm9jZXNzSW5mbyI3gtPkkwIxOgEqIiwvdjEvc2FuZGJveGVzL3tpZH0vcHJvY2Vzc2VzL3twcm9jZXNzfS9zdGRpbhJ/CgpDbG9zZVN0ZGluEhsuZm9ya2QudjEuQ2xvc2VTdGRpblJlcXVlc3QaFS5mb3JrZC52MS5Qcm9jZXNzSW5mbyI9gtPkkwI3OgEqIjIvdjEvc2FuZGJveGVzL3tpZH0vcHJvY2Vzc2VzL3twcm9jZXNzfS9zdGRpbi9jbG9zZRJ4CglSZXNpemVQdHkSGi5mb3JrZC52MS5SZXNpemVQdHlSZXF1ZXN0GhUuZm9ya2QudjEuUHJvY2Vzc0luZm8iOILT5JMCMjoBKiItL3YxL3NhbmRib3hlcy97aWR9L3Byb2Nlc3Nlcy97cHJvY2Vzc30vcmVzaXplEmkKCldhdGNoRmlsZXMSGy5mb3JrZC52MS5XYXRjaEZpbGVzUmVxdWVzdBoULmZvcmtkLnYxLkZpbGVFdmVudHMiJoLT5JMCIBIeL3YxL3NhbmRib3hlcy97aWR9L2ZpbGVzL3dhdGNoMAESWQoERXZhbBIVLmZvcmtkLnYxLkV2YWxSZXF1ZXN0GhYuZm9ya2QudjEuRXZhbFJlc3BvbnNlIiKC0+STAhw6ASoiFy92MS9zYW5kYm94ZXMve2lkfS9ldmFsEnQKBFBpbmcSFS5mb3JrZC52MS5QaW5nUmVxdWVzdBoWLmZvcmtkLnYxLlBpbmdSZXNwb25zZSI9gtPkkwI3OgEqWhkSFy92MS9zYW5kYm94ZXMve2lkfS9waW5nIhcvdjEvc2FuZGJveGVzL3tpZH0vcGluZxJbCgZCcmFuY2gSFy5mb3JrZC52MS5CcmFuY2hSZXF1ZXN0GhIuZm9ya2QudjEuU25hcHNob3QiJILT5JMCHjoBKiIZL3YxL3NhbmRib3hlcy97aWR9L2JyYW5jaBJmCghSZWFkRmlsZRIZLmZvcmtkLnYxLlJlYWRGaWxlUmVxdWVzdBoTLmZvcmtkLnYxLkRhdGFDaHVuayIogtPkkwIiEiAvdjEvc2FuZGJveGVzL3tpZH0vZmlsZXMvY29udGVudDABEmoKCVdyaXRlRmlsZRIaLmZvcmtkLnYxLldyaXRlRmlsZVJlcXVlc3QaEi5mb3JrZC52MS5GaWxlSW5mbyIrgtPkkwIlOgEqGiAvdjEvc2FuZGJveGVzL3tpZH0vZmlsZXMvY29udGVudCgBEm8KCUxpc3RGaWxlcxIaLmZvcmtkLnYxLkxpc3RGaWxlc1JlcXVlc3QaGy5mb3JrZC52MS5MaXN0RmlsZXNSZXNwb25zZSIpgtPkkwIjYgdlbnRyaWVzEhgvdjEvc2FuZGJveGVzL3tpZH0vZmlsZXMSYAoIU3RhdEZpbGUSGS5mb3JrZC52MS5TdGF0RmlsZVJlcXVlc3QaEi5mb3JrZC52MS5GaWxlSW5mbyIlgtPkkwIfEh0vdjEvc2FuZGJveGVzL3tpZH0vZmlsZXMvc3RhdBJpCgpSZW1vdmVGaWxlEhsuZm9ya2QudjEuUmVtb3ZlRmlsZVJlcXVlc3QaHC5mb3JrZC52MS5SZW1vdmVGaWxlUmVzcG9uc2UiIILT5JMCGioYL3YxL3NhbmRib3hlcy97aWR9L2ZpbGVzEmUKDFJlbmV3U2FuZGJveBIdLmZvcmtkLnYxLlJlbmV3U2FuZGJveFJlcXVlc3QaES5mb3JrZC52MS5TYW5kYm94IiOC0+STAh06ASoiGC92MS9zYW5kYm94ZXMve2lkfS9yZW5ldxJSCgtXYXRjaEV2ZW50cxIcLmZvcmtkLnYxLldhdGNoRXZlbnRzUmVxdWVzdBoPLmZvcmtkLnYxLkV2ZW50IhKC0+STAgwSCi92MS9ldmVudHMwAWIGcHJvdG8z", [file_google_api_annotations, file_forkd_v1_common]);
+  fileDesc("ChZmb3JrZC92MS9zYW5kYm94LnByb3RvEghmb3JrZC52MSImCgpQb3J0VGFyZ2V0EgoKAmlkGAEgASgJEgwKBHBvcnQYAiABKA0iWQoJUG9ydElucHV0EiQKBG9wZW4YASABKAsyFC5mb3JrZC52MS5Qb3J0VGFyZ2V0SAASDgoEZGF0YRgCIAEoDEgAEg0KA2VvZhgDIAEoCEgAQgcKBWlucHV0Il0KClBvcnRPdXRwdXQSJgoGb3BlbmVkGAEgASgLMhQuZm9ya2QudjEuUG9ydFRhcmdldEgAEg4KBGRhdGEYAiABKAxIABINCgNlb2YYAyABKAhIAEIICgZvdXRwdXQiLAoQU2hhcmVQb3J0UmVxdWVzdBIKCgJpZBgBIAEoCRIMCgRwb3J0GAIgASgNImAKCVBvcnRTaGFyZRISCgpzYW5kYm94X2lkGAEgASgJEgwKBHBvcnQYAiABKA0SDQoFdG9rZW4YAyABKAkSDAoEcGF0aBgEIAEoCRIUCgxjcmVhdGVkX3VuaXgYBSABKAMiIwoVTGlzdFBvcnRTaGFyZXNSZXF1ZXN0EgoKAmlkGAEgASgJIj0KFkxpc3RQb3J0U2hhcmVzUmVzcG9uc2USIwoGc2hhcmVzGAEgAygLMhMuZm9ya2QudjEuUG9ydFNoYXJlIi4KElVuc2hhcmVQb3J0UmVxdWVzdBIKCgJpZBgBIAEoCRIMCgRwb3J0GAIgASgNIiYKE1Vuc2hhcmVQb3J0UmVzcG9uc2USDwoHcmVtb3ZlZBgBIAEoCCImChhHZXRTYW5kYm94TWV0cmljc1JlcXVlc3QSCgoCaWQYASABKAkiPwoaV2F0Y2hTYW5kYm94TWV0cmljc1JlcXVlc3QSCgoCaWQYASABKAkSFQoNaW50ZXJ2YWxfc2VjcxgCIAEoDSKJAwoOU2FuZGJveE1ldHJpY3MSCgoCaWQYASABKAkSFwoPc2FtcGxlZF91bml4X21zGAIgASgDEhMKC2NwdV90aW1lX3VzGAMgASgEEhMKC2NwdV9wZXJjZW50GAQgASgBEg0KBXZjcHVzGAUgASgNEhUKDXZtbV9yc3NfYnl0ZXMYBiABKAQSFQoNdm1tX3Bzc19ieXRlcxgHIAEoBBIgChhndWVzdF9tZW1vcnlfdG90YWxfYnl0ZXMYCCABKAQSJAocZ3Vlc3RfbWVtb3J5X2F2YWlsYWJsZV9ieXRlcxgJIAEoBBIfChdndWVzdF9tZW1vcnlfdXNlZF9ieXRlcxgKIAEoBBISCgpkaXNrX2J5dGVzGAsgASgEEhQKDG5ldF9yeF9ieXRlcxgMIAEoBBIUCgxuZXRfdHhfYnl0ZXMYDSABKAQSDwoHaGFzX25pYxgOIAEoCBISCgpleGVjX2NvdW50GA8gASgEEh0KFWxhc3RfYWN0aXZpdHlfdW5peF9tcxgQIAEoAyLMAwoWQ3JlYXRlU2FuZGJveGVzUmVxdWVzdBIUCgxzbmFwc2hvdF90YWcYASABKAkSDgoBbhgCIAEoDUgAiAEBEhgKEG1lbW9yeV9saW1pdF9taWIYAyABKA0SEQoJY3B1X3F1b3RhGAQgASgBEhIKCnBpZHNfbGltaXQYBSABKA0SDwoHbmV0d29yaxgGIAEoCRINCgVhbGxvdxgHIAMoCRIXCg9wZXJfY2hpbGRfbmV0bnMYCCABKAgSEAoIdHRsX3NlY3MYCSABKA0SGQoRaWRsZV90aW1lb3V0X3NlY3MYCiABKA0SPAoGbGFiZWxzGAsgAygLMiwuZm9ya2QudjEuQ3JlYXRlU2FuZGJveGVzUmVxdWVzdC5MYWJlbHNFbnRyeRIPCgd2b2x1bWVzGAwgAygJEg8KB3ByZXdhcm0YDSABKAgSEQoJbGl2ZV9mb3JrGA4gASgIEhEKCWh1Z2VwYWdlcxgPIAEoCBIZCgxwdWxsX21pc3NpbmcYECABKAhIAYgBARotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgQKAl9uQg8KDV9wdWxsX21pc3NpbmciPwoXQ3JlYXRlU2FuZGJveGVzUmVzcG9uc2USJAoJc2FuZGJveGVzGAEgAygLMhEuZm9ya2QudjEuU2FuZGJveCJTChRMaXN0U2FuZGJveGVzUmVxdWVzdBIUCgxzbmFwc2hvdF90YWcYASABKAkSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkiVgoVTGlzdFNhbmRib3hlc1Jlc3BvbnNlEiQKCXNhbmRib3hlcxgBIAMoCzIRLmZvcmtkLnYxLlNhbmRib3gSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIh8KEUdldFNhbmRib3hSZXF1ZXN0EgoKAmlkGAEgASgJIiIKFERlbGV0ZVNhbmRib3hSZXF1ZXN0EgoKAmlkGAEgASgJIkgKFkRlbGV0ZVNhbmRib3hlc1JlcXVlc3QSCwoDaWRzGAEgAygJEhQKDHNuYXBzaG90X3RhZxgCIAEoCRILCgNhbGwYAyABKAgiKgoXRGVsZXRlU2FuZGJveGVzUmVzcG9uc2USDwoHZGVsZXRlZBgBIAMoCSKHAgoLRXhlY1JlcXVlc3QSCgoCaWQYASABKAkSDAoEYXJncxgCIAMoCRIUCgx0aW1lb3V0X3NlY3MYAyABKA0SKwoDZW52GAQgAygLMh4uZm9ya2QudjEuRXhlY1JlcXVlc3QuRW52RW50cnkSCwoDY3dkGAUgASgJEg0KBXN0ZGluGAYgASgMEhgKEG1heF9vdXRwdXRfYnl0ZXMYByABKAQSHgoDcHR5GAggASgLMhEuZm9ya2QudjEuUHR5U2l6ZRILCgN0YWcYCSABKAkSDAoEdXNlchgKIAEoCRoqCghFbnZFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIq0BCgxFeGVjUmVzcG9uc2USDgoGc3Rkb3V0GAEgASgJEg4KBnN0ZGVychgCIAEoCRIRCglleGl0X2NvZGUYAyABKAUSDgoGc2lnbmFsGAQgASgFEhEKCXRpbWVkX291dBgFIAEoCBITCgtkdXJhdGlvbl9tcxgGIAEoARIYChBzdGRvdXRfdHJ1bmNhdGVkGAcgASgIEhgKEHN0ZGVycl90cnVuY2F0ZWQYCCABKAgirAEKCUV4ZWNFdmVudBIQCgZzdGRvdXQYASABKAxIABIQCgZzdGRlcnIYAiABKAxIABImCgRleGl0GAMgASgLMhYuZm9ya2QudjEuRXhlY1Jlc3BvbnNlSAASDQoDcHR5GAQgASgMSAASKAoHc3RhcnRlZBgFIAEoCzIVLmZvcmtkLnYxLlByb2Nlc3NJbmZvSAASEQoHZHJvcHBlZBgGIAEoBEgAQgcKBWV2ZW50IpMBCglFeGVjSW5wdXQSJgoFc3RhcnQYASABKAsyFS5mb3JrZC52MS5FeGVjUmVxdWVzdEgAEg8KBXN0ZGluGAIgASgMSAASDQoDZW9mGAMgASgISAASIwoGcmVzaXplGAQgASgLMhEuZm9ya2QudjEuUHR5U2l6ZUgAEhAKBnNpZ25hbBgFIAEoCUgAQgcKBWlucHV0IiUKB1B0eVNpemUSDAoEcm93cxgBIAEoDRIMCgRjb2xzGAIgASgNIv0BChNTdGFydFByb2Nlc3NSZXF1ZXN0EgoKAmlkGAEgASgJEgwKBGFyZ3MYAiADKAkSMwoDZW52GAMgAygLMiYuZm9ya2QudjEuU3RhcnRQcm9jZXNzUmVxdWVzdC5FbnZFbnRyeRILCgNjd2QYBCABKAkSCwoDdGFnGAUgASgJEh4KA3B0eRgGIAEoCzIRLmZvcmtkLnYxLlB0eVNpemUSDQoFc3RkaW4YByABKAgSFAoMdGltZW91dF9zZWNzGAggASgNEgwKBHVzZXIYCSABKAkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLJAQoLUHJvY2Vzc0luZm8SCwoDcGlkGAEgASgNEgsKA3RhZxgCIAEoCRIMCgRhcmdzGAMgAygJEgsKA2N3ZBgEIAEoCRILCgNwdHkYBSABKAgSEgoKc3RkaW5fb3BlbhgGIAEoCBIXCg9zdGFydGVkX3VuaXhfbXMYByABKAMSFAoMb3V0cHV0X2J5dGVzGAggASgEEg8KB3J1bm5pbmcYCSABKAgSJAoEZXhpdBgKIAEoCzIWLmZvcmtkLnYxLkV4ZWNSZXNwb25zZSIiChRMaXN0UHJvY2Vzc2VzUmVxdWVzdBIKCgJpZBgBIAEoCSJBChVMaXN0UHJvY2Vzc2VzUmVzcG9uc2USKAoJcHJvY2Vzc2VzGAEgAygLMhUuZm9ya2QudjEuUHJvY2Vzc0luZm8iSAoUQXR0YWNoUHJvY2Vzc1JlcXVlc3QSCgoCaWQYASABKAkSDwoHcHJvY2VzcxgCIAEoCRITCgtmcm9tX29mZnNldBgDIAEoBCJDChRTaWduYWxQcm9jZXNzUmVxdWVzdBIKCgJpZBgBIAEoCRIPCgdwcm9jZXNzGAIgASgJEg4KBnNpZ25hbBgDIAEoCSJMChBTZW5kU3RkaW5SZXF1ZXN0EgoKAmlkGAEgASgJEg8KB3Byb2Nlc3MYAiABKAkSDAoEZGF0YRgDIAEoDBINCgVjbG9zZRgEIAEoCCIwChFDbG9zZVN0ZGluUmVxdWVzdBIKCgJpZBgBIAEoCRIPCgdwcm9jZXNzGAIgASgJIlAKEFJlc2l6ZVB0eVJlcXVlc3QSCgoCaWQYASABKAkSDwoHcHJvY2VzcxgCIAEoCRIfCgRzaXplGAMgASgLMhEuZm9ya2QudjEuUHR5U2l6ZSJAChFXYXRjaEZpbGVzUmVxdWVzdBIKCgJpZBgBIAEoCRIMCgRwYXRoGAIgASgJEhEKCXJlY3Vyc2l2ZRgDIAEoCCKhAQoJRmlsZUV2ZW50EiYKBGtpbmQYASABKA4yGC5mb3JrZC52MS5GaWxlRXZlbnQuS2luZBIMCgRwYXRoGAIgASgJEgwKBGZyb20YAyABKAkSDgoGaXNfZGlyGAQgASgIIkAKBEtpbmQSCgoGQ1JFQVRFEAASCQoFV1JJVEUQARIKCgZSRU1PVkUQAhIKCgZSRU5BTUUQAxIJCgVDSE1PRBAEIkMKCkZpbGVFdmVudHMSIwoGZXZlbnRzGAEgAygLMhMuZm9ya2QudjEuRmlsZUV2ZW50EhAKCG92ZXJmbG93GAIgASgIIj0KC0V2YWxSZXF1ZXN0EgoKAmlkGAEgASgJEgwKBGNvZGUYAiABKAkSFAoMdGltZW91dF9zZWNzGAMgASgNImAKDEV2YWxSZXNwb25zZRIOCgZyZXN1bHQYASABKAkSDQoFZXJyb3IYAiABKAkSEQoJZXhpdF9jb2RlGAMgASgFEg4KBnN0ZG91dBgEIAEoCRIOCgZzdGRlcnIYBSABKAkiGQoLUGluZ1JlcXVlc3QSCgoCaWQYASABKAkiWgoMUGluZ1Jlc3BvbnNlEgoKAm9rGAEgASgIEhIKCmxhdGVuY3lfbXMYAiABKAESEwoLdXB0aW1lX3NlY3MYAyABKAESFQoNcnVudGltZV9yZWFkeRgEIAEoCCJ2Cg1CcmFuY2hSZXF1ZXN0EgoKAmlkGAEgASgJEgsKA3RhZxgCIAEoCRIMCgRtb2RlGAMgASgJEgwKBGRpZmYYBCABKAgSFAoMbWVhc3VyZV9kaWZmGAUgASgIEhEKBHdhaXQYBiABKAhIAIgBAUIHCgVfd2FpdCIrCg9SZWFkRmlsZVJlcXVlc3QSCgoCaWQYASABKAkSDAoEcGF0aBgCIAEoCSJIChBXcml0ZUZpbGVSZXF1ZXN0EgoKAmlkGAEgASgJEgwKBHBhdGgYAiABKAkSDAoEZGF0YRgDIAEoDBIMCgRtb2RlGAQgASgNIooBCghGaWxlSW5mbxIMCgRuYW1lGAEgASgJEgwKBHBhdGgYAiABKAkSDAoEc2l6ZRgDIAEoBBIMCgRtb2RlGAQgASgNEg4KBmlzX2RpchgFIAEoCBISCgppc19zeW1saW5rGAYgASgIEhIKCm10aW1lX3VuaXgYByABKAMSDgoGZGlnZXN0GAggASgJIiwKEExpc3RGaWxlc1JlcXVlc3QSCgoCaWQYASABKAkSDAoEcGF0aBgCIAEoCSI4ChFMaXN0RmlsZXNSZXNwb25zZRIjCgdlbnRyaWVzGAEgAygLMhIuZm9ya2QudjEuRmlsZUluZm8iKwoPU3RhdEZpbGVSZXF1ZXN0EgoKAmlkGAEgASgJEgwKBHBhdGgYAiABKAkiQAoRUmVtb3ZlRmlsZVJlcXVlc3QSCgoCaWQYASABKAkSDAoEcGF0aBgCIAEoCRIRCglyZWN1cnNpdmUYAyABKAgiFAoSUmVtb3ZlRmlsZVJlc3BvbnNlIjMKE1JlbmV3U2FuZGJveFJlcXVlc3QSCgoCaWQYASABKAkSEAoIdHRsX3NlY3MYAiABKA0iUQoSV2F0Y2hFdmVudHNSZXF1ZXN0EhIKCnNhbmRib3hfaWQYASABKAkSEQoJd29ya3NwYWNlGAIgASgJEhQKDHNuYXBzaG90X3RhZxgDIAEoCSJ2CgVFdmVudBIMCgRraW5kGAEgASgJEhIKCnNhbmRib3hfaWQYAiABKAkSEQoJd29ya3NwYWNlGAMgASgJEhQKDHNuYXBzaG90X3RhZxgEIAEoCRIOCgZyZWFzb24YBSABKAkSEgoKYXRfdW5peF9tcxgGIAEoAzLiGwoOU2FuZGJveFNlcnZpY2USewoPQ3JlYXRlU2FuZGJveGVzEiAuZm9ya2QudjEuQ3JlYXRlU2FuZGJveGVzUmVxdWVzdBohLmZvcmtkLnYxLkNyZWF0ZVNhbmRib3hlc1Jlc3BvbnNlIiOC0+STAh06ASpiCXNhbmRib3hlcyINL3YxL3NhbmRib3hlcxJyCg1MaXN0U2FuZGJveGVzEh4uZm9ya2QudjEuTGlzdFNhbmRib3hlc1JlcXVlc3QaHy5mb3JrZC52MS5MaXN0U2FuZGJveGVzUmVzcG9uc2UiIILT5JMCGmIJc2FuZGJveGVzEg0vdjEvc2FuZGJveGVzElgKCkdldFNhbmRib3gSGy5mb3JrZC52MS5HZXRTYW5kYm94UmVxdWVzdBoRLmZvcmtkLnYxLlNhbmRib3giGoLT5JMCFBISL3YxL3NhbmRib3hlcy97aWR9Em4KDURlbGV0ZVNhbmRib3gSHi5mb3JrZC52MS5EZWxldGVTYW5kYm94UmVxdWVzdBohLmZvcmtkLnYxLkRlbGV0ZVNhbmRib3hlc1Jlc3BvbnNlIhqC0+STAhQqEi92MS9zYW5kYm94ZXMve2lkfRJ3Cg9EZWxldGVTYW5kYm94ZXMSIC5mb3JrZC52MS5EZWxldGVTYW5kYm94ZXNSZXF1ZXN0GiEuZm9ya2QudjEuRGVsZXRlU2FuZGJveGVzUmVzcG9uc2UiH4LT5JMCGToBKiIUL3YxL3NhbmRib3hlcy9kZWxldGUSWQoERXhlYxIVLmZvcmtkLnYxLkV4ZWNSZXF1ZXN0GhYuZm9ya2QudjEuRXhlY1Jlc3BvbnNlIiKC0+STAhw6ASoiFy92MS9zYW5kYm94ZXMve2lkfS9leGVjEmUKCkV4ZWNTdHJlYW0SFS5mb3JrZC52MS5FeGVjUmVxdWVzdBoTLmZvcmtkLnYxLkV4ZWNFdmVudCIpgtPkkwIjOgEqIh4vdjEvc2FuZGJveGVzL3tpZH0vZXhlYy9zdHJlYW0wARJgCg9FeGVjSW50ZXJhY3RpdmUSEy5mb3JrZC52MS5FeGVjSW5wdXQaEy5mb3JrZC52MS5FeGVjRXZlbnQiH4LT5JMCGToBKiIUL3YxL2V4ZWMvaW50ZXJhY3RpdmUoATABEm0KDFN0YXJ0UHJvY2VzcxIdLmZvcmtkLnYxLlN0YXJ0UHJvY2Vzc1JlcXVlc3QaFS5mb3JrZC52MS5Qcm9jZXNzSW5mbyIngtPkkwIhOgEqIhwvdjEvc2FuZGJveGVzL3tpZH0vcHJvY2Vzc2VzEoEBCg1MaXN0UHJvY2Vzc2VzEh4uZm9ya2QudjEuTGlzdFByb2Nlc3Nlc1JlcXVlc3QaHy5mb3JrZC52MS5MaXN0UHJvY2Vzc2VzUmVzcG9uc2UiL4LT5JMCKWIJcHJvY2Vzc2VzEhwvdjEvc2FuZGJveGVzL3tpZH0vcHJvY2Vzc2VzEn0KDUF0dGFjaFByb2Nlc3MSHi5mb3JrZC52MS5BdHRhY2hQcm9jZXNzUmVxdWVzdBoTLmZvcmtkLnYxLkV4ZWNFdmVudCI1gtPkkwIvEi0vdjEvc2FuZGJveGVzL3tpZH0vcHJvY2Vzc2VzL3twcm9jZXNzfS9hdHRhY2gwARKAAQoNU2lnbmFsUHJvY2VzcxIeLmZvcmtkLnYxLlNpZ25hbFByb2Nlc3NSZXF1ZXN0GhUuZm9ya2QudjEuUHJvY2Vzc0luZm8iOILT5JMCMjoBKiItL3YxL3NhbmRib3hlcy97aWR9L3Byb2Nlc3Nlcy97cHJvY2Vzc30vc2lnbmFsEncKCVNlbmRTdGRpbhIaLmZvcmtkLnYxLlNlbmRTdGRpblJlcXVlc3QaFS5mb3JrZC52MS5Qcm9jZXNzSW5mbyI3gtPkkwIxOgEqIiwvdjEvc2FuZGJveGVzL3tpZH0vcHJvY2Vzc2VzL3twcm9jZXNzfS9zdGRpbhJ/CgpDbG9zZVN0ZGluEhsuZm9ya2QudjEuQ2xvc2VTdGRpblJlcXVlc3QaFS5mb3JrZC52MS5Qcm9jZXNzSW5mbyI9gtPkkwI3OgEqIjIvdjEvc2FuZGJveGVzL3tpZH0vcHJvY2Vzc2VzL3twcm9jZXNzfS9zdGRpbi9jbG9zZRJ4CglSZXNpemVQdHkSGi5mb3JrZC52MS5SZXNpemVQdHlSZXF1ZXN0GhUuZm9ya2QudjEuUHJvY2Vzc0luZm8iOILT5JMCMjoBKiItL3YxL3NhbmRib3hlcy97aWR9L3Byb2Nlc3Nlcy97cHJvY2Vzc30vcmVzaXplEmkKCldhdGNoRmlsZXMSGy5mb3JrZC52MS5XYXRjaEZpbGVzUmVxdWVzdBoULmZvcmtkLnYxLkZpbGVFdmVudHMiJoLT5JMCIBIeL3YxL3NhbmRib3hlcy97aWR9L2ZpbGVzL3dhdGNoMAESWQoERXZhbBIVLmZvcmtkLnYxLkV2YWxSZXF1ZXN0GhYuZm9ya2QudjEuRXZhbFJlc3BvbnNlIiKC0+STAhw6ASoiFy92MS9zYW5kYm94ZXMve2lkfS9ldmFsEnQKBFBpbmcSFS5mb3JrZC52MS5QaW5nUmVxdWVzdBoWLmZvcmtkLnYxLlBpbmdSZXNwb25zZSI9gtPkkwI3OgEqWhkSFy92MS9zYW5kYm94ZXMve2lkfS9waW5nIhcvdjEvc2FuZGJveGVzL3tpZH0vcGluZxJbCgZCcmFuY2gSFy5mb3JrZC52MS5CcmFuY2hSZXF1ZXN0GhIuZm9ya2QudjEuU25hcHNob3QiJILT5JMCHjoBKiIZL3YxL3NhbmRib3hlcy97aWR9L2JyYW5jaBJmCghSZWFkRmlsZRIZLmZvcmtkLnYxLlJlYWRGaWxlUmVxdWVzdBoTLmZvcmtkLnYxLkRhdGFDaHVuayIogtPkkwIiEiAvdjEvc2FuZGJveGVzL3tpZH0vZmlsZXMvY29udGVudDABEmoKCVdyaXRlRmlsZRIaLmZvcmtkLnYxLldyaXRlRmlsZVJlcXVlc3QaEi5mb3JrZC52MS5GaWxlSW5mbyIrgtPkkwIlOgEqGiAvdjEvc2FuZGJveGVzL3tpZH0vZmlsZXMvY29udGVudCgBEm8KCUxpc3RGaWxlcxIaLmZvcmtkLnYxLkxpc3RGaWxlc1JlcXVlc3QaGy5mb3JrZC52MS5MaXN0RmlsZXNSZXNwb25zZSIpgtPkkwIjYgdlbnRyaWVzEhgvdjEvc2FuZGJveGVzL3tpZH0vZmlsZXMSYAoIU3RhdEZpbGUSGS5mb3JrZC52MS5TdGF0RmlsZVJlcXVlc3QaEi5mb3JrZC52MS5GaWxlSW5mbyIlgtPkkwIfEh0vdjEvc2FuZGJveGVzL3tpZH0vZmlsZXMvc3RhdBJpCgpSZW1vdmVGaWxlEhsuZm9ya2QudjEuUmVtb3ZlRmlsZVJlcXVlc3QaHC5mb3JrZC52MS5SZW1vdmVGaWxlUmVzcG9uc2UiIILT5JMCGioYL3YxL3NhbmRib3hlcy97aWR9L2ZpbGVzEmUKDFJlbmV3U2FuZGJveBIdLmZvcmtkLnYxLlJlbmV3U2FuZGJveFJlcXVlc3QaES5mb3JrZC52MS5TYW5kYm94IiOC0+STAh06ASoiGC92MS9zYW5kYm94ZXMve2lkfS9yZW5ldxJSCgtXYXRjaEV2ZW50cxIcLmZvcmtkLnYxLldhdGNoRXZlbnRzUmVxdWVzdBoPLmZvcmtkLnYxLkV2ZW50IhKC0+STAgwSCi92MS9ldmVudHMwARJUCghPcGVuUG9ydBITLmZvcmtkLnYxLlBvcnRJbnB1dBoULmZvcmtkLnYxLlBvcnRPdXRwdXQiGYLT5JMCEzoBKiIOL3YxL3BvcnRzL29wZW4oATABEmIKCVNoYXJlUG9ydBIaLmZvcmtkLnYxLlNoYXJlUG9ydFJlcXVlc3QaEy5mb3JrZC52MS5Qb3J0U2hhcmUiJILT5JMCHjoBKiIZL3YxL3NhbmRib3hlcy97aWR9L3NoYXJlcxJ+Cg5MaXN0UG9ydFNoYXJlcxIfLmZvcmtkLnYxLkxpc3RQb3J0U2hhcmVzUmVxdWVzdBogLmZvcmtkLnYxLkxpc3RQb3J0U2hhcmVzUmVzcG9uc2UiKYLT5JMCI2IGc2hhcmVzEhkvdjEvc2FuZGJveGVzL3tpZH0vc2hhcmVzEnQKC1Vuc2hhcmVQb3J0EhwuZm9ya2QudjEuVW5zaGFyZVBvcnRSZXF1ZXN0Gh0uZm9ya2QudjEuVW5zaGFyZVBvcnRSZXNwb25zZSIogtPkkwIiKiAvdjEvc2FuZGJveGVzL3tpZH0vc2hhcmVzL3twb3J0fRJ1ChFHZXRTYW5kYm94TWV0cmljcxIiLmZvcmtkLnYxLkdldFNhbmRib3hNZXRyaWNzUmVxdWVzdBoYLmZvcmtkLnYxLlNhbmRib3hNZXRyaWNzIiKC0+STAhwSGi92MS9zYW5kYm94ZXMve2lkfS9tZXRyaWNzEoEBChNXYXRjaFNhbmRib3hNZXRyaWNzEiQuZm9ya2QudjEuV2F0Y2hTYW5kYm94TWV0cmljc1JlcXVlc3QaGC5mb3JrZC52MS5TYW5kYm94TWV0cmljcyIogtPkkwIiEiAvdjEvc2FuZGJveGVzL3tpZH0vbWV0cmljcy93YXRjaDABYgZwcm90bzM", [file_google_api_annotations, file_forkd_v1_common]);
+
+/**
+ * @generated from message forkd.v1.PortTarget
+ */
+export type PortTarget = Message<"forkd.v1.PortTarget"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * 1–65535.
+   *
+   * @generated from field: uint32 port = 2;
+   */
+  port: number;
+};
+
+/**
+ * Describes the message forkd.v1.PortTarget.
+ * Use `create(PortTargetSchema)` to create a new message.
+ */
+export const PortTargetSchema: GenMessage<PortTarget> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 0);
+
+/**
+ * @generated from message forkd.v1.PortInput
+ */
+export type PortInput = Message<"forkd.v1.PortInput"> & {
+  /**
+   * @generated from oneof forkd.v1.PortInput.input
+   */
+  input: {
+    /**
+     * First message only.
+     *
+     * @generated from field: forkd.v1.PortTarget open = 1;
+     */
+    value: PortTarget;
+    case: "open";
+  } | {
+    /**
+     * @generated from field: bytes data = 2;
+     */
+    value: Uint8Array;
+    case: "data";
+  } | {
+    /**
+     * The client will send no more (the guest side sees end of input).
+     *
+     * @generated from field: bool eof = 3;
+     */
+    value: boolean;
+    case: "eof";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message forkd.v1.PortInput.
+ * Use `create(PortInputSchema)` to create a new message.
+ */
+export const PortInputSchema: GenMessage<PortInput> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 1);
+
+/**
+ * @generated from message forkd.v1.PortOutput
+ */
+export type PortOutput = Message<"forkd.v1.PortOutput"> & {
+  /**
+   * @generated from oneof forkd.v1.PortOutput.output
+   */
+  output: {
+    /**
+     * Connected to the port.
+     *
+     * @generated from field: forkd.v1.PortTarget opened = 1;
+     */
+    value: PortTarget;
+    case: "opened";
+  } | {
+    /**
+     * @generated from field: bytes data = 2;
+     */
+    value: Uint8Array;
+    case: "data";
+  } | {
+    /**
+     * The server in the guest will send no more; the stream ends next.
+     *
+     * @generated from field: bool eof = 3;
+     */
+    value: boolean;
+    case: "eof";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message forkd.v1.PortOutput.
+ * Use `create(PortOutputSchema)` to create a new message.
+ */
+export const PortOutputSchema: GenMessage<PortOutput> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 2);
+
+/**
+ * @generated from message forkd.v1.SharePortRequest
+ */
+export type SharePortRequest = Message<"forkd.v1.SharePortRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: uint32 port = 2;
+   */
+  port: number;
+};
+
+/**
+ * Describes the message forkd.v1.SharePortRequest.
+ * Use `create(SharePortRequestSchema)` to create a new message.
+ */
+export const SharePortRequestSchema: GenMessage<SharePortRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 3);
+
+/**
+ * @generated from message forkd.v1.PortShare
+ */
+export type PortShare = Message<"forkd.v1.PortShare"> & {
+  /**
+   * @generated from field: string sandbox_id = 1;
+   */
+  sandboxId: string;
+
+  /**
+   * @generated from field: uint32 port = 2;
+   */
+  port: number;
+
+  /**
+   * 43 URL-safe characters (256 random bits). Whoever has it can reach the
+   * port: treat it like a password.
+   *
+   * @generated from field: string token = 3;
+   */
+  token: string;
+
+  /**
+   * The link, relative to the daemon's URL: /v1/shared/{token}/
+   *
+   * @generated from field: string path = 4;
+   */
+  path: string;
+
+  /**
+   * @generated from field: int64 created_unix = 5;
+   */
+  createdUnix: bigint;
+};
+
+/**
+ * Describes the message forkd.v1.PortShare.
+ * Use `create(PortShareSchema)` to create a new message.
+ */
+export const PortShareSchema: GenMessage<PortShare> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 4);
+
+/**
+ * @generated from message forkd.v1.ListPortSharesRequest
+ */
+export type ListPortSharesRequest = Message<"forkd.v1.ListPortSharesRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message forkd.v1.ListPortSharesRequest.
+ * Use `create(ListPortSharesRequestSchema)` to create a new message.
+ */
+export const ListPortSharesRequestSchema: GenMessage<ListPortSharesRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 5);
+
+/**
+ * @generated from message forkd.v1.ListPortSharesResponse
+ */
+export type ListPortSharesResponse = Message<"forkd.v1.ListPortSharesResponse"> & {
+  /**
+   * @generated from field: repeated forkd.v1.PortShare shares = 1;
+   */
+  shares: PortShare[];
+};
+
+/**
+ * Describes the message forkd.v1.ListPortSharesResponse.
+ * Use `create(ListPortSharesResponseSchema)` to create a new message.
+ */
+export const ListPortSharesResponseSchema: GenMessage<ListPortSharesResponse> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 6);
+
+/**
+ * @generated from message forkd.v1.UnsharePortRequest
+ */
+export type UnsharePortRequest = Message<"forkd.v1.UnsharePortRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: uint32 port = 2;
+   */
+  port: number;
+};
+
+/**
+ * Describes the message forkd.v1.UnsharePortRequest.
+ * Use `create(UnsharePortRequestSchema)` to create a new message.
+ */
+export const UnsharePortRequestSchema: GenMessage<UnsharePortRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 7);
+
+/**
+ * @generated from message forkd.v1.UnsharePortResponse
+ */
+export type UnsharePortResponse = Message<"forkd.v1.UnsharePortResponse"> & {
+  /**
+   * @generated from field: bool removed = 1;
+   */
+  removed: boolean;
+};
+
+/**
+ * Describes the message forkd.v1.UnsharePortResponse.
+ * Use `create(UnsharePortResponseSchema)` to create a new message.
+ */
+export const UnsharePortResponseSchema: GenMessage<UnsharePortResponse> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 8);
+
+/**
+ * @generated from message forkd.v1.GetSandboxMetricsRequest
+ */
+export type GetSandboxMetricsRequest = Message<"forkd.v1.GetSandboxMetricsRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message forkd.v1.GetSandboxMetricsRequest.
+ * Use `create(GetSandboxMetricsRequestSchema)` to create a new message.
+ */
+export const GetSandboxMetricsRequestSchema: GenMessage<GetSandboxMetricsRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 9);
+
+/**
+ * @generated from message forkd.v1.WatchSandboxMetricsRequest
+ */
+export type WatchSandboxMetricsRequest = Message<"forkd.v1.WatchSandboxMetricsRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * Seconds between samples, 1–3600; 5 when 0.
+   *
+   * @generated from field: uint32 interval_secs = 2;
+   */
+  intervalSecs: number;
+};
+
+/**
+ * Describes the message forkd.v1.WatchSandboxMetricsRequest.
+ * Use `create(WatchSandboxMetricsRequestSchema)` to create a new message.
+ */
+export const WatchSandboxMetricsRequestSchema: GenMessage<WatchSandboxMetricsRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 10);
+
+/**
+ * @generated from message forkd.v1.SandboxMetrics
+ */
+export type SandboxMetrics = Message<"forkd.v1.SandboxMetrics"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: int64 sampled_unix_ms = 2;
+   */
+  sampledUnixMs: bigint;
+
+  /**
+   * CPU time the sandbox's VMM process has used (vCPUs and devices), µs.
+   *
+   * @generated from field: uint64 cpu_time_us = 3;
+   */
+  cpuTimeUs: bigint;
+
+  /**
+   * CPU use since the previous sample of a watch (over the last 250 ms for
+   * Get), in percent of one core.
+   *
+   * @generated from field: double cpu_percent = 4;
+   */
+  cpuPercent: number;
+
+  /**
+   * @generated from field: uint32 vcpus = 5;
+   */
+  vcpus: number;
+
+  /**
+   * The VMM's resident and proportional set sizes on the host.
+   *
+   * @generated from field: uint64 vmm_rss_bytes = 6;
+   */
+  vmmRssBytes: bigint;
+
+  /**
+   * @generated from field: uint64 vmm_pss_bytes = 7;
+   */
+  vmmPssBytes: bigint;
+
+  /**
+   * The guest's own view (/proc/meminfo); 0 when the agent did not answer.
+   *
+   * @generated from field: uint64 guest_memory_total_bytes = 8;
+   */
+  guestMemoryTotalBytes: bigint;
+
+  /**
+   * @generated from field: uint64 guest_memory_available_bytes = 9;
+   */
+  guestMemoryAvailableBytes: bigint;
+
+  /**
+   * @generated from field: uint64 guest_memory_used_bytes = 10;
+   */
+  guestMemoryUsedBytes: bigint;
+
+  /**
+   * Host disk its work dir takes (blocks allocated: its overlay, its own
+   * disks, logs).
+   *
+   * @generated from field: uint64 disk_bytes = 11;
+   */
+  diskBytes: bigint;
+
+  /**
+   * Bytes the guest received and sent on its NIC (0 without one).
+   *
+   * @generated from field: uint64 net_rx_bytes = 12;
+   */
+  netRxBytes: bigint;
+
+  /**
+   * @generated from field: uint64 net_tx_bytes = 13;
+   */
+  netTxBytes: bigint;
+
+  /**
+   * @generated from field: bool has_nic = 14;
+   */
+  hasNic: boolean;
+
+  /**
+   * Commands run in it (exec, eval, processes).
+   *
+   * @generated from field: uint64 exec_count = 15;
+   */
+  execCount: bigint;
+
+  /**
+   * @generated from field: int64 last_activity_unix_ms = 16;
+   */
+  lastActivityUnixMs: bigint;
+};
+
+/**
+ * Describes the message forkd.v1.SandboxMetrics.
+ * Use `create(SandboxMetricsSchema)` to create a new message.
+ */
+export const SandboxMetricsSchema: GenMessage<SandboxMetrics> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_sandbox, 11);
 
 /**
  * @generated from message forkd.v1.CreateSandboxesRequest
@@ -134,7 +522,7 @@ export type CreateSandboxesRequest = Message<"forkd.v1.CreateSandboxesRequest"> 
  * Use `create(CreateSandboxesRequestSchema)` to create a new message.
  */
 export const CreateSandboxesRequestSchema: GenMessage<CreateSandboxesRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 0);
+  messageDesc(file_forkd_v1_sandbox, 12);
 
 /**
  * @generated from message forkd.v1.CreateSandboxesResponse
@@ -151,7 +539,7 @@ export type CreateSandboxesResponse = Message<"forkd.v1.CreateSandboxesResponse"
  * Use `create(CreateSandboxesResponseSchema)` to create a new message.
  */
 export const CreateSandboxesResponseSchema: GenMessage<CreateSandboxesResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 1);
+  messageDesc(file_forkd_v1_sandbox, 13);
 
 /**
  * @generated from message forkd.v1.ListSandboxesRequest
@@ -180,7 +568,7 @@ export type ListSandboxesRequest = Message<"forkd.v1.ListSandboxesRequest"> & {
  * Use `create(ListSandboxesRequestSchema)` to create a new message.
  */
 export const ListSandboxesRequestSchema: GenMessage<ListSandboxesRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 2);
+  messageDesc(file_forkd_v1_sandbox, 14);
 
 /**
  * @generated from message forkd.v1.ListSandboxesResponse
@@ -202,7 +590,7 @@ export type ListSandboxesResponse = Message<"forkd.v1.ListSandboxesResponse"> & 
  * Use `create(ListSandboxesResponseSchema)` to create a new message.
  */
 export const ListSandboxesResponseSchema: GenMessage<ListSandboxesResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 3);
+  messageDesc(file_forkd_v1_sandbox, 15);
 
 /**
  * @generated from message forkd.v1.GetSandboxRequest
@@ -219,7 +607,7 @@ export type GetSandboxRequest = Message<"forkd.v1.GetSandboxRequest"> & {
  * Use `create(GetSandboxRequestSchema)` to create a new message.
  */
 export const GetSandboxRequestSchema: GenMessage<GetSandboxRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 4);
+  messageDesc(file_forkd_v1_sandbox, 16);
 
 /**
  * @generated from message forkd.v1.DeleteSandboxRequest
@@ -236,7 +624,7 @@ export type DeleteSandboxRequest = Message<"forkd.v1.DeleteSandboxRequest"> & {
  * Use `create(DeleteSandboxRequestSchema)` to create a new message.
  */
 export const DeleteSandboxRequestSchema: GenMessage<DeleteSandboxRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 5);
+  messageDesc(file_forkd_v1_sandbox, 17);
 
 /**
  * @generated from message forkd.v1.DeleteSandboxesRequest
@@ -263,7 +651,7 @@ export type DeleteSandboxesRequest = Message<"forkd.v1.DeleteSandboxesRequest"> 
  * Use `create(DeleteSandboxesRequestSchema)` to create a new message.
  */
 export const DeleteSandboxesRequestSchema: GenMessage<DeleteSandboxesRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 6);
+  messageDesc(file_forkd_v1_sandbox, 18);
 
 /**
  * @generated from message forkd.v1.DeleteSandboxesResponse
@@ -280,7 +668,7 @@ export type DeleteSandboxesResponse = Message<"forkd.v1.DeleteSandboxesResponse"
  * Use `create(DeleteSandboxesResponseSchema)` to create a new message.
  */
 export const DeleteSandboxesResponseSchema: GenMessage<DeleteSandboxesResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 7);
+  messageDesc(file_forkd_v1_sandbox, 19);
 
 /**
  * @generated from message forkd.v1.ExecRequest
@@ -360,7 +748,7 @@ export type ExecRequest = Message<"forkd.v1.ExecRequest"> & {
  * Use `create(ExecRequestSchema)` to create a new message.
  */
 export const ExecRequestSchema: GenMessage<ExecRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 8);
+  messageDesc(file_forkd_v1_sandbox, 20);
 
 /**
  * @generated from message forkd.v1.ExecResponse
@@ -416,7 +804,7 @@ export type ExecResponse = Message<"forkd.v1.ExecResponse"> & {
  * Use `create(ExecResponseSchema)` to create a new message.
  */
 export const ExecResponseSchema: GenMessage<ExecResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 9);
+  messageDesc(file_forkd_v1_sandbox, 21);
 
 /**
  * @generated from message forkd.v1.ExecEvent
@@ -476,7 +864,7 @@ export type ExecEvent = Message<"forkd.v1.ExecEvent"> & {
  * Use `create(ExecEventSchema)` to create a new message.
  */
 export const ExecEventSchema: GenMessage<ExecEvent> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 10);
+  messageDesc(file_forkd_v1_sandbox, 22);
 
 /**
  * @generated from message forkd.v1.ExecInput
@@ -529,7 +917,7 @@ export type ExecInput = Message<"forkd.v1.ExecInput"> & {
  * Use `create(ExecInputSchema)` to create a new message.
  */
 export const ExecInputSchema: GenMessage<ExecInput> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 11);
+  messageDesc(file_forkd_v1_sandbox, 23);
 
 /**
  * @generated from message forkd.v1.PtySize
@@ -553,7 +941,7 @@ export type PtySize = Message<"forkd.v1.PtySize"> & {
  * Use `create(PtySizeSchema)` to create a new message.
  */
 export const PtySizeSchema: GenMessage<PtySize> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 12);
+  messageDesc(file_forkd_v1_sandbox, 24);
 
 /**
  * @generated from message forkd.v1.StartProcessRequest
@@ -621,7 +1009,7 @@ export type StartProcessRequest = Message<"forkd.v1.StartProcessRequest"> & {
  * Use `create(StartProcessRequestSchema)` to create a new message.
  */
 export const StartProcessRequestSchema: GenMessage<StartProcessRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 13);
+  messageDesc(file_forkd_v1_sandbox, 25);
 
 /**
  * @generated from message forkd.v1.ProcessInfo
@@ -687,7 +1075,7 @@ export type ProcessInfo = Message<"forkd.v1.ProcessInfo"> & {
  * Use `create(ProcessInfoSchema)` to create a new message.
  */
 export const ProcessInfoSchema: GenMessage<ProcessInfo> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 14);
+  messageDesc(file_forkd_v1_sandbox, 26);
 
 /**
  * @generated from message forkd.v1.ListProcessesRequest
@@ -704,7 +1092,7 @@ export type ListProcessesRequest = Message<"forkd.v1.ListProcessesRequest"> & {
  * Use `create(ListProcessesRequestSchema)` to create a new message.
  */
 export const ListProcessesRequestSchema: GenMessage<ListProcessesRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 15);
+  messageDesc(file_forkd_v1_sandbox, 27);
 
 /**
  * @generated from message forkd.v1.ListProcessesResponse
@@ -721,7 +1109,7 @@ export type ListProcessesResponse = Message<"forkd.v1.ListProcessesResponse"> & 
  * Use `create(ListProcessesResponseSchema)` to create a new message.
  */
 export const ListProcessesResponseSchema: GenMessage<ListProcessesResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 16);
+  messageDesc(file_forkd_v1_sandbox, 28);
 
 /**
  * @generated from message forkd.v1.AttachProcessRequest
@@ -753,7 +1141,7 @@ export type AttachProcessRequest = Message<"forkd.v1.AttachProcessRequest"> & {
  * Use `create(AttachProcessRequestSchema)` to create a new message.
  */
 export const AttachProcessRequestSchema: GenMessage<AttachProcessRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 17);
+  messageDesc(file_forkd_v1_sandbox, 29);
 
 /**
  * @generated from message forkd.v1.SignalProcessRequest
@@ -782,7 +1170,7 @@ export type SignalProcessRequest = Message<"forkd.v1.SignalProcessRequest"> & {
  * Use `create(SignalProcessRequestSchema)` to create a new message.
  */
 export const SignalProcessRequestSchema: GenMessage<SignalProcessRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 18);
+  messageDesc(file_forkd_v1_sandbox, 30);
 
 /**
  * @generated from message forkd.v1.SendStdinRequest
@@ -816,7 +1204,7 @@ export type SendStdinRequest = Message<"forkd.v1.SendStdinRequest"> & {
  * Use `create(SendStdinRequestSchema)` to create a new message.
  */
 export const SendStdinRequestSchema: GenMessage<SendStdinRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 19);
+  messageDesc(file_forkd_v1_sandbox, 31);
 
 /**
  * @generated from message forkd.v1.CloseStdinRequest
@@ -838,7 +1226,7 @@ export type CloseStdinRequest = Message<"forkd.v1.CloseStdinRequest"> & {
  * Use `create(CloseStdinRequestSchema)` to create a new message.
  */
 export const CloseStdinRequestSchema: GenMessage<CloseStdinRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 20);
+  messageDesc(file_forkd_v1_sandbox, 32);
 
 /**
  * @generated from message forkd.v1.ResizePtyRequest
@@ -865,7 +1253,7 @@ export type ResizePtyRequest = Message<"forkd.v1.ResizePtyRequest"> & {
  * Use `create(ResizePtyRequestSchema)` to create a new message.
  */
 export const ResizePtyRequestSchema: GenMessage<ResizePtyRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 21);
+  messageDesc(file_forkd_v1_sandbox, 33);
 
 /**
  * @generated from message forkd.v1.WatchFilesRequest
@@ -896,7 +1284,7 @@ export type WatchFilesRequest = Message<"forkd.v1.WatchFilesRequest"> & {
  * Use `create(WatchFilesRequestSchema)` to create a new message.
  */
 export const WatchFilesRequestSchema: GenMessage<WatchFilesRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 22);
+  messageDesc(file_forkd_v1_sandbox, 34);
 
 /**
  * @generated from message forkd.v1.FileEvent
@@ -930,7 +1318,7 @@ export type FileEvent = Message<"forkd.v1.FileEvent"> & {
  * Use `create(FileEventSchema)` to create a new message.
  */
 export const FileEventSchema: GenMessage<FileEvent> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 23);
+  messageDesc(file_forkd_v1_sandbox, 35);
 
 /**
  * @generated from enum forkd.v1.FileEvent.Kind
@@ -966,7 +1354,7 @@ export enum FileEvent_Kind {
  * Describes the enum forkd.v1.FileEvent.Kind.
  */
 export const FileEvent_KindSchema: GenEnum<FileEvent_Kind> = /*@__PURE__*/
-  enumDesc(file_forkd_v1_sandbox, 23, 0);
+  enumDesc(file_forkd_v1_sandbox, 35, 0);
 
 /**
  * Events in the order they happened. `overflow`: events were lost before
@@ -992,7 +1380,7 @@ export type FileEvents = Message<"forkd.v1.FileEvents"> & {
  * Use `create(FileEventsSchema)` to create a new message.
  */
 export const FileEventsSchema: GenMessage<FileEvents> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 24);
+  messageDesc(file_forkd_v1_sandbox, 36);
 
 /**
  * @generated from message forkd.v1.EvalRequest
@@ -1019,7 +1407,7 @@ export type EvalRequest = Message<"forkd.v1.EvalRequest"> & {
  * Use `create(EvalRequestSchema)` to create a new message.
  */
 export const EvalRequestSchema: GenMessage<EvalRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 25);
+  messageDesc(file_forkd_v1_sandbox, 37);
 
 /**
  * @generated from message forkd.v1.EvalResponse
@@ -1056,7 +1444,7 @@ export type EvalResponse = Message<"forkd.v1.EvalResponse"> & {
  * Use `create(EvalResponseSchema)` to create a new message.
  */
 export const EvalResponseSchema: GenMessage<EvalResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 26);
+  messageDesc(file_forkd_v1_sandbox, 38);
 
 /**
  * @generated from message forkd.v1.PingRequest
@@ -1073,7 +1461,7 @@ export type PingRequest = Message<"forkd.v1.PingRequest"> & {
  * Use `create(PingRequestSchema)` to create a new message.
  */
 export const PingRequestSchema: GenMessage<PingRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 27);
+  messageDesc(file_forkd_v1_sandbox, 39);
 
 /**
  * @generated from message forkd.v1.PingResponse
@@ -1105,7 +1493,7 @@ export type PingResponse = Message<"forkd.v1.PingResponse"> & {
  * Use `create(PingResponseSchema)` to create a new message.
  */
 export const PingResponseSchema: GenMessage<PingResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 28);
+  messageDesc(file_forkd_v1_sandbox, 40);
 
 /**
  * @generated from message forkd.v1.BranchRequest
@@ -1157,7 +1545,7 @@ export type BranchRequest = Message<"forkd.v1.BranchRequest"> & {
  * Use `create(BranchRequestSchema)` to create a new message.
  */
 export const BranchRequestSchema: GenMessage<BranchRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 29);
+  messageDesc(file_forkd_v1_sandbox, 41);
 
 /**
  * @generated from message forkd.v1.ReadFileRequest
@@ -1179,7 +1567,7 @@ export type ReadFileRequest = Message<"forkd.v1.ReadFileRequest"> & {
  * Use `create(ReadFileRequestSchema)` to create a new message.
  */
 export const ReadFileRequestSchema: GenMessage<ReadFileRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 30);
+  messageDesc(file_forkd_v1_sandbox, 42);
 
 /**
  * @generated from message forkd.v1.WriteFileRequest
@@ -1211,7 +1599,7 @@ export type WriteFileRequest = Message<"forkd.v1.WriteFileRequest"> & {
  * Use `create(WriteFileRequestSchema)` to create a new message.
  */
 export const WriteFileRequestSchema: GenMessage<WriteFileRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 31);
+  messageDesc(file_forkd_v1_sandbox, 43);
 
 /**
  * @generated from message forkd.v1.FileInfo
@@ -1265,7 +1653,7 @@ export type FileInfo = Message<"forkd.v1.FileInfo"> & {
  * Use `create(FileInfoSchema)` to create a new message.
  */
 export const FileInfoSchema: GenMessage<FileInfo> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 32);
+  messageDesc(file_forkd_v1_sandbox, 44);
 
 /**
  * @generated from message forkd.v1.ListFilesRequest
@@ -1287,7 +1675,7 @@ export type ListFilesRequest = Message<"forkd.v1.ListFilesRequest"> & {
  * Use `create(ListFilesRequestSchema)` to create a new message.
  */
 export const ListFilesRequestSchema: GenMessage<ListFilesRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 33);
+  messageDesc(file_forkd_v1_sandbox, 45);
 
 /**
  * @generated from message forkd.v1.ListFilesResponse
@@ -1304,7 +1692,7 @@ export type ListFilesResponse = Message<"forkd.v1.ListFilesResponse"> & {
  * Use `create(ListFilesResponseSchema)` to create a new message.
  */
 export const ListFilesResponseSchema: GenMessage<ListFilesResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 34);
+  messageDesc(file_forkd_v1_sandbox, 46);
 
 /**
  * @generated from message forkd.v1.StatFileRequest
@@ -1326,7 +1714,7 @@ export type StatFileRequest = Message<"forkd.v1.StatFileRequest"> & {
  * Use `create(StatFileRequestSchema)` to create a new message.
  */
 export const StatFileRequestSchema: GenMessage<StatFileRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 35);
+  messageDesc(file_forkd_v1_sandbox, 47);
 
 /**
  * @generated from message forkd.v1.RemoveFileRequest
@@ -1353,7 +1741,7 @@ export type RemoveFileRequest = Message<"forkd.v1.RemoveFileRequest"> & {
  * Use `create(RemoveFileRequestSchema)` to create a new message.
  */
 export const RemoveFileRequestSchema: GenMessage<RemoveFileRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 36);
+  messageDesc(file_forkd_v1_sandbox, 48);
 
 /**
  * @generated from message forkd.v1.RemoveFileResponse
@@ -1366,7 +1754,7 @@ export type RemoveFileResponse = Message<"forkd.v1.RemoveFileResponse"> & {
  * Use `create(RemoveFileResponseSchema)` to create a new message.
  */
 export const RemoveFileResponseSchema: GenMessage<RemoveFileResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 37);
+  messageDesc(file_forkd_v1_sandbox, 49);
 
 /**
  * @generated from message forkd.v1.RenewSandboxRequest
@@ -1388,7 +1776,7 @@ export type RenewSandboxRequest = Message<"forkd.v1.RenewSandboxRequest"> & {
  * Use `create(RenewSandboxRequestSchema)` to create a new message.
  */
 export const RenewSandboxRequestSchema: GenMessage<RenewSandboxRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 38);
+  messageDesc(file_forkd_v1_sandbox, 50);
 
 /**
  * @generated from message forkd.v1.WatchEventsRequest
@@ -1415,7 +1803,7 @@ export type WatchEventsRequest = Message<"forkd.v1.WatchEventsRequest"> & {
  * Use `create(WatchEventsRequestSchema)` to create a new message.
  */
 export const WatchEventsRequestSchema: GenMessage<WatchEventsRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 39);
+  messageDesc(file_forkd_v1_sandbox, 51);
 
 /**
  * A lifecycle event.
@@ -1463,7 +1851,7 @@ export type Event = Message<"forkd.v1.Event"> & {
  * Use `create(EventSchema)` to create a new message.
  */
 export const EventSchema: GenMessage<Event> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_sandbox, 40);
+  messageDesc(file_forkd_v1_sandbox, 52);
 
 /**
  * SandboxService forks copy-on-write children from a ready snapshot and runs
@@ -1733,6 +2121,73 @@ export const SandboxService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchEventsRequestSchema;
     output: typeof EventSchema;
+  },
+  /**
+   * A TCP connection to a port on the sandbox's loopback, carried over the
+   * agent channel (so it works with network "none" too). The first message
+   * names the sandbox and port; later ones carry bytes and the end of the
+   * client's side. Answers `opened`, then bytes, then `eof`; nothing
+   * listening is FAILED_PRECONDITION. gRPC only; over HTTP use the proxy
+   * route /v1/sandboxes/{id}/ports/{port}/ (docs/ports.md).
+   *
+   * @generated from rpc forkd.v1.SandboxService.OpenPort
+   */
+  openPort: {
+    methodKind: "bidi_streaming";
+    input: typeof PortInputSchema;
+    output: typeof PortOutputSchema;
+  },
+  /**
+   * Makes one port reachable without a token, through an unguessable
+   * link /v1/shared/{token}/ (for sharing a preview). Off by default;
+   * sharing again answers the same link.
+   *
+   * @generated from rpc forkd.v1.SandboxService.SharePort
+   */
+  sharePort: {
+    methodKind: "unary";
+    input: typeof SharePortRequestSchema;
+    output: typeof PortShareSchema;
+  },
+  /**
+   * @generated from rpc forkd.v1.SandboxService.ListPortShares
+   */
+  listPortShares: {
+    methodKind: "unary";
+    input: typeof ListPortSharesRequestSchema;
+    output: typeof ListPortSharesResponseSchema;
+  },
+  /**
+   * Ends a port's link; the same port shared later gets a new token.
+   *
+   * @generated from rpc forkd.v1.SandboxService.UnsharePort
+   */
+  unsharePort: {
+    methodKind: "unary";
+    input: typeof UnsharePortRequestSchema;
+    output: typeof UnsharePortResponseSchema;
+  },
+  /**
+   * One sample of the sandbox's resource use: host side (VMM CPU time and
+   * memory, work dir disk, network bytes) and guest side (its memory).
+   *
+   * @generated from rpc forkd.v1.SandboxService.GetSandboxMetrics
+   */
+  getSandboxMetrics: {
+    methodKind: "unary";
+    input: typeof GetSandboxMetricsRequestSchema;
+    output: typeof SandboxMetricsSchema;
+  },
+  /**
+   * A sample every `interval_secs` until the client goes away or the
+   * sandbox ends (NDJSON over REST).
+   *
+   * @generated from rpc forkd.v1.SandboxService.WatchSandboxMetrics
+   */
+  watchSandboxMetrics: {
+    methodKind: "server_streaming";
+    input: typeof WatchSandboxMetricsRequestSchema;
+    output: typeof SandboxMetricsSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_forkd_v1_sandbox, 0);

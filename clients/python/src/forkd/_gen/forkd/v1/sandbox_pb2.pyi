@@ -9,6 +9,132 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PortTarget(_message.Message):
+    __slots__ = ("id", "port")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    port: int
+    def __init__(self, id: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class PortInput(_message.Message):
+    __slots__ = ("open", "data", "eof")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    open: PortTarget
+    data: bytes
+    eof: bool
+    def __init__(self, open: _Optional[_Union[PortTarget, _Mapping]] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ...) -> None: ...
+
+class PortOutput(_message.Message):
+    __slots__ = ("opened", "data", "eof")
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    opened: PortTarget
+    data: bytes
+    eof: bool
+    def __init__(self, opened: _Optional[_Union[PortTarget, _Mapping]] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ...) -> None: ...
+
+class SharePortRequest(_message.Message):
+    __slots__ = ("id", "port")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    port: int
+    def __init__(self, id: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class PortShare(_message.Message):
+    __slots__ = ("sandbox_id", "port", "token", "path", "created_unix")
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    port: int
+    token: str
+    path: str
+    created_unix: int
+    def __init__(self, sandbox_id: _Optional[str] = ..., port: _Optional[int] = ..., token: _Optional[str] = ..., path: _Optional[str] = ..., created_unix: _Optional[int] = ...) -> None: ...
+
+class ListPortSharesRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListPortSharesResponse(_message.Message):
+    __slots__ = ("shares",)
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[PortShare]
+    def __init__(self, shares: _Optional[_Iterable[_Union[PortShare, _Mapping]]] = ...) -> None: ...
+
+class UnsharePortRequest(_message.Message):
+    __slots__ = ("id", "port")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    port: int
+    def __init__(self, id: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class UnsharePortResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: bool
+    def __init__(self, removed: _Optional[bool] = ...) -> None: ...
+
+class GetSandboxMetricsRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class WatchSandboxMetricsRequest(_message.Message):
+    __slots__ = ("id", "interval_secs")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_SECS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    interval_secs: int
+    def __init__(self, id: _Optional[str] = ..., interval_secs: _Optional[int] = ...) -> None: ...
+
+class SandboxMetrics(_message.Message):
+    __slots__ = ("id", "sampled_unix_ms", "cpu_time_us", "cpu_percent", "vcpus", "vmm_rss_bytes", "vmm_pss_bytes", "guest_memory_total_bytes", "guest_memory_available_bytes", "guest_memory_used_bytes", "disk_bytes", "net_rx_bytes", "net_tx_bytes", "has_nic", "exec_count", "last_activity_unix_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    CPU_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    VCPUS_FIELD_NUMBER: _ClassVar[int]
+    VMM_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VMM_PSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GUEST_MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GUEST_MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GUEST_MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NET_RX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NET_TX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HAS_NIC_FIELD_NUMBER: _ClassVar[int]
+    EXEC_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIVITY_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    sampled_unix_ms: int
+    cpu_time_us: int
+    cpu_percent: float
+    vcpus: int
+    vmm_rss_bytes: int
+    vmm_pss_bytes: int
+    guest_memory_total_bytes: int
+    guest_memory_available_bytes: int
+    guest_memory_used_bytes: int
+    disk_bytes: int
+    net_rx_bytes: int
+    net_tx_bytes: int
+    has_nic: bool
+    exec_count: int
+    last_activity_unix_ms: int
+    def __init__(self, id: _Optional[str] = ..., sampled_unix_ms: _Optional[int] = ..., cpu_time_us: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., vcpus: _Optional[int] = ..., vmm_rss_bytes: _Optional[int] = ..., vmm_pss_bytes: _Optional[int] = ..., guest_memory_total_bytes: _Optional[int] = ..., guest_memory_available_bytes: _Optional[int] = ..., guest_memory_used_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., net_rx_bytes: _Optional[int] = ..., net_tx_bytes: _Optional[int] = ..., has_nic: _Optional[bool] = ..., exec_count: _Optional[int] = ..., last_activity_unix_ms: _Optional[int] = ...) -> None: ...
+
 class CreateSandboxesRequest(_message.Message):
     __slots__ = ("snapshot_tag", "n", "memory_limit_mib", "cpu_quota", "pids_limit", "network", "allow", "per_child_netns", "ttl_secs", "idle_timeout_secs", "labels", "volumes", "prewarm", "live_fork", "hugepages", "pull_missing")
     class LabelsEntry(_message.Message):

@@ -169,6 +169,36 @@ class SandboxServiceStub:
                 request_serializer=forkd_dot_v1_dot_sandbox__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=forkd_dot_v1_dot_sandbox__pb2.Event.FromString,
                 _registered_method=True)
+        self.OpenPort = channel.stream_stream(
+                '/forkd.v1.SandboxService/OpenPort',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.PortInput.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.PortOutput.FromString,
+                _registered_method=True)
+        self.SharePort = channel.unary_unary(
+                '/forkd.v1.SandboxService/SharePort',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.SharePortRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.PortShare.FromString,
+                _registered_method=True)
+        self.ListPortShares = channel.unary_unary(
+                '/forkd.v1.SandboxService/ListPortShares',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.ListPortSharesRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.ListPortSharesResponse.FromString,
+                _registered_method=True)
+        self.UnsharePort = channel.unary_unary(
+                '/forkd.v1.SandboxService/UnsharePort',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.UnsharePortRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.UnsharePortResponse.FromString,
+                _registered_method=True)
+        self.GetSandboxMetrics = channel.unary_unary(
+                '/forkd.v1.SandboxService/GetSandboxMetrics',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.GetSandboxMetricsRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.SandboxMetrics.FromString,
+                _registered_method=True)
+        self.WatchSandboxMetrics = channel.unary_stream(
+                '/forkd.v1.SandboxService/WatchSandboxMetrics',
+                request_serializer=forkd_dot_v1_dot_sandbox__pb2.WatchSandboxMetricsRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_sandbox__pb2.SandboxMetrics.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -368,6 +398,56 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenPort(self, request_iterator, context):
+        """A TCP connection to a port on the sandbox's loopback, carried over the
+        agent channel (so it works with network "none" too). The first message
+        names the sandbox and port; later ones carry bytes and the end of the
+        client's side. Answers `opened`, then bytes, then `eof`; nothing
+        listening is FAILED_PRECONDITION. gRPC only; over HTTP use the proxy
+        route /v1/sandboxes/{id}/ports/{port}/ (docs/ports.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SharePort(self, request, context):
+        """Makes one port reachable without a token, through an unguessable
+        link /v1/shared/{token}/ (for sharing a preview). Off by default;
+        sharing again answers the same link.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPortShares(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnsharePort(self, request, context):
+        """Ends a port's link; the same port shared later gets a new token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSandboxMetrics(self, request, context):
+        """One sample of the sandbox's resource use: host side (VMM CPU time and
+        memory, work dir disk, network bytes) and guest side (its memory).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchSandboxMetrics(self, request, context):
+        """A sample every `interval_secs` until the client goes away or the
+        sandbox ends (NDJSON over REST).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -500,6 +580,36 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=forkd_dot_v1_dot_sandbox__pb2.WatchEventsRequest.FromString,
                     response_serializer=forkd_dot_v1_dot_sandbox__pb2.Event.SerializeToString,
+            ),
+            'OpenPort': grpc.stream_stream_rpc_method_handler(
+                    servicer.OpenPort,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.PortInput.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.PortOutput.SerializeToString,
+            ),
+            'SharePort': grpc.unary_unary_rpc_method_handler(
+                    servicer.SharePort,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.SharePortRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.PortShare.SerializeToString,
+            ),
+            'ListPortShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPortShares,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.ListPortSharesRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.ListPortSharesResponse.SerializeToString,
+            ),
+            'UnsharePort': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnsharePort,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.UnsharePortRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.UnsharePortResponse.SerializeToString,
+            ),
+            'GetSandboxMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSandboxMetrics,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.GetSandboxMetricsRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.SandboxMetrics.SerializeToString,
+            ),
+            'WatchSandboxMetrics': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSandboxMetrics,
+                    request_deserializer=forkd_dot_v1_dot_sandbox__pb2.WatchSandboxMetricsRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_sandbox__pb2.SandboxMetrics.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1208,6 +1318,168 @@ class SandboxService:
             '/forkd.v1.SandboxService/WatchEvents',
             forkd_dot_v1_dot_sandbox__pb2.WatchEventsRequest.SerializeToString,
             forkd_dot_v1_dot_sandbox__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenPort(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/forkd.v1.SandboxService/OpenPort',
+            forkd_dot_v1_dot_sandbox__pb2.PortInput.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.PortOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SharePort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SandboxService/SharePort',
+            forkd_dot_v1_dot_sandbox__pb2.SharePortRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.PortShare.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPortShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SandboxService/ListPortShares',
+            forkd_dot_v1_dot_sandbox__pb2.ListPortSharesRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.ListPortSharesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnsharePort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SandboxService/UnsharePort',
+            forkd_dot_v1_dot_sandbox__pb2.UnsharePortRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.UnsharePortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSandboxMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SandboxService/GetSandboxMetrics',
+            forkd_dot_v1_dot_sandbox__pb2.GetSandboxMetricsRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.SandboxMetrics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSandboxMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/forkd.v1.SandboxService/WatchSandboxMetrics',
+            forkd_dot_v1_dot_sandbox__pb2.WatchSandboxMetricsRequest.SerializeToString,
+            forkd_dot_v1_dot_sandbox__pb2.SandboxMetrics.FromString,
             options,
             channel_credentials,
             insecure,
