@@ -911,17 +911,30 @@ pub struct SnapshotArgs {
         long,
         value_name = "python|minimal|IMAGE|PATH",
         value_parser = parse_image,
-        required_unless_present = "from_sandbox",
+        required_unless_present_any = ["from_sandbox", "rootfs"],
         conflicts_with = "from_sandbox"
     )]
     pub image: Option<String>,
+
+    /// The reference's spelling of --image PATH: a root file system image file.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["from_sandbox", "image"])]
+    pub rootfs: Option<String>,
+
+    /// The reference's guest kernel: only the daemon's own may be named
+    /// (forkd boots every guest with its kernel).
+    #[arg(long, value_name = "PATH", conflicts_with = "from_sandbox")]
+    pub kernel: Option<String>,
+
+    /// Least seconds the guest warms up before the snapshot is taken.
+    #[arg(long, value_name = "SECS", conflicts_with = "from_sandbox")]
+    pub boot_wait_secs: Option<u32>,
 
     /// vCPUs of the VM (daemon default: 1).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "from_sandbox")]
     pub vcpus: Option<u32>,
 
     /// Guest memory in MiB (daemon default: 256).
-    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "from_sandbox")]
+    #[arg(long, visible_alias = "mem-size-mib", value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "from_sandbox")]
     pub mem_mib: Option<u32>,
 
     /// Python code run in the warm interpreter before the snapshot is taken.

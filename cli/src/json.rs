@@ -39,7 +39,15 @@ pub fn snapshot(s: &Snapshot) -> Value {
         "created_at_unix": s.created_at_unix,
         "branched_from": s.branched_from,
         "pause_ms": s.pause_ms,
+        "pause_ms_exact": s.pause_ms_exact,
         "dirty_bytes": s.dirty_bytes,
+        "dir": s.dir,
+        "bootable": s.bootable,
+        "warning": s.warning,
+        "diff_ms": s.diff_ms,
+        "diff_physical_bytes": s.diff_physical_bytes,
+        "diff_logical_bytes": s.diff_logical_bytes,
+        "vmstate_bytes": s.vmstate_bytes,
         "backend": s.backend,
         "accel": s.accel,
         "volumes": s.volumes,
@@ -78,6 +86,10 @@ pub fn sandbox(s: &Sandbox) -> Value {
         "accel": s.accel,
         "last_active_unix": s.last_active_unix,
         "owner": s.owner,
+        "guest_addr": s.guest_addr,
+        "netns": s.netns,
+        "has_branched": s.has_branched,
+        "branch_count": s.branch_count,
     })
 }
 
@@ -161,7 +173,8 @@ mod tests {
             logical_size_bytes: 1 << 40,
             physical_size_bytes: 12_345,
             created_at_unix: 1_700_000_000,
-            pause_ms: 1.5,
+            pause_ms: 2,
+            pause_ms_exact: 1.5,
             chain_depth: 2,
             labels: [("b".into(), "2".into()), ("a".into(), "1".into())].into(),
             ..Default::default()
@@ -170,7 +183,8 @@ mod tests {
         assert_eq!(v["logical_size_bytes"].as_u64(), Some(1 << 40));
         assert_eq!(v["physical_size_bytes"].as_u64(), Some(12_345));
         assert_eq!(v["created_at_unix"].as_i64(), Some(1_700_000_000));
-        assert_eq!(v["pause_ms"].as_f64(), Some(1.5));
+        assert_eq!(v["pause_ms"].as_u64(), Some(2));
+        assert_eq!(v["pause_ms_exact"].as_f64(), Some(1.5));
         assert_eq!(v["chain_depth"].as_u64(), Some(2));
         assert!(v["ancestors"].is_array());
         assert_eq!(v["labels"]["a"], "1");
@@ -191,8 +205,8 @@ mod tests {
     fn every_snapshot_field_is_present() {
         // Field count of forkd.v1.Snapshot; a new field must be added here.
         let v = snapshot(&Snapshot::default());
-        assert_eq!(v.as_object().unwrap().len(), 30);
-        assert_eq!(sandbox(&Sandbox::default()).as_object().unwrap().len(), 23);
+        assert_eq!(v.as_object().unwrap().len(), 38);
+        assert_eq!(sandbox(&Sandbox::default()).as_object().unwrap().len(), 27);
         assert_eq!(workspace(&Workspace::default()).as_object().unwrap().len(), 17);
         assert_eq!(version_info(&VersionInfo::default()).as_object().unwrap().len(), 11);
     }

@@ -288,7 +288,7 @@ async fn operations_cut_off_at_random_moments_finish_or_roll_back() {
     // never half-way, and resumes either way.
     let mut ws = d.workspaces().await;
     post_ok(&d, "/v1/workspaces", json!({ "name": "w", "snapshot_tag": "m" })).await;
-    let suspend = || api::SuspendWorkspaceRequest { name: "w".into() };
+    let suspend = || api::SuspendWorkspaceRequest { name: "w".into(), diff: None };
     let (suspend_time, r) = timed(ws.suspend_workspace(suspend())).await;
     r.unwrap();
     post_ok(&d, "/v1/workspaces/w/resume", json!({})).await;

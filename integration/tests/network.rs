@@ -127,7 +127,7 @@ async fn nat_allows_only_the_allow_list() {
         json!({ "snapshot_tag": "net", "network": "nat", "allow": ["198.19.0.2/33"] }),
         json!({ "snapshot_tag": "net", "network": "none", "allow": ["198.19.0.2"] }),
         json!({ "snapshot_tag": "net", "network": "bridge" }),
-        json!({ "snapshot_tag": "net", "per_child_netns": true }),
+        json!({ "snapshot_tag": "net", "network": "none", "per_child_netns": true }),
     ] {
         let r = d.post("/v1/sandboxes", body.clone()).send().await.unwrap();
         assert_eq!(r.status(), 400, "{body}");

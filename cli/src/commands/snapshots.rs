@@ -65,12 +65,17 @@ pub async fn snapshot(conn: &Conn, args: SnapshotArgs, as_json: bool) -> anyhow:
 
 async fn create(conn: &Conn, args: SnapshotArgs, as_json: bool) -> anyhow::Result<u8> {
     // clap enforces both when --from-sandbox is absent.
-    let (Some(tag), Some(image)) = (args.tag, args.image) else {
-        return Err(CliError::usage("--tag and --image are required").into());
+    let Some(tag) = args.tag.filter(|_| args.image.is_some() || args.rootfs.is_some()) else {
+        return Err(CliError::usage("--tag and --image (or --rootfs) are required").into());
     };
     let req = CreateSnapshotRequest {
         tag: tag.to_string(),
-        image,
+        image: args.image.unwrap_or_default(),
+        kernel: args.kernel.unwrap_or_default(),
+        boot_wait_secs: args.boot_wait_secs.unwrap_or(0),
+        rootfs: args.rootfs.unwrap_or_default(),
+        rw: None,
+        tap: String::new(),
         vcpus: args.vcpus.unwrap_or(0),
         mem_mib: args.mem_mib.unwrap_or(0),
         warm_timeout_secs: args.warm_timeout.unwrap_or(0),
@@ -102,6 +107,8 @@ async fn branch(conn: &Conn, args: SnapshotArgs, as_json: bool) -> anyhow::Resul
         diff: false,
         measure_diff: args.measure,
         wait: Some(!args.no_wait),
+        live: false,
+        parent_tag: String::new(),
     };
     let progress = Progress::start(format!("branching {id}"));
     let result = conn.call(conn.sandboxes().branch(req)).await;
@@ -137,7 +144,7 @@ async fn branch(conn: &Conn, args: SnapshotArgs, as_json: bool) -> anyhow::Resul
             ("kind", snap.kind.clone()),
             ("parent_tag", snap.parent_tag.clone()),
             ("branched_from", snap.branched_from.clone()),
-            ("pause_ms", format!("{:.2}", snap.pause_ms)),
+            ("pause_ms", format!("{:.2}", snap.pause_ms_exact)),
             ("dirty_bytes", format!("{} ({})", snap.dirty_bytes, human_bytes(snap.dirty_bytes))),
         ]))?;
     }
@@ -254,7 +261,7 @@ fn info_lines(s: &Snapshot, now: i64) -> Vec<(&'static str, String)> {
         ("parent_memory_digest", s.parent_memory_digest.clone()),
         ("created", timestamp(s.created_at_unix, now)),
         ("branched_from", s.branched_from.clone()),
-        ("pause_ms", ms(s.pause_ms)),
+        ("pause_ms", ms(s.pause_ms_exact)),
         ("dirty_bytes", if s.dirty_bytes > 0 { size(s.dirty_bytes) } else { NONE.into() }),
         ("warm_ms", ms(s.warm_ms)),
         ("volumes", list(&s.volumes)),

@@ -25,7 +25,7 @@ pub async fn run(conn: &Conn, command: WorkspaceCommand, as_json: bool) -> anyho
             // Suspending writes a snapshot of guest memory; that can take a
             // few seconds, so show that something is happening.
             let progress = Progress::start(format!("suspending {}", a.name));
-            let req = SuspendWorkspaceRequest { name: a.name.to_string() };
+            let req = SuspendWorkspaceRequest { name: a.name.to_string(), diff: None };
             let result = conn.call(conn.workspaces().suspend_workspace(req)).await;
             progress.finish();
             result?
@@ -63,6 +63,7 @@ pub async fn run(conn: &Conn, command: WorkspaceCommand, as_json: bool) -> anyho
 async fn create(conn: &Conn, a: WorkspaceCreateArgs) -> anyhow::Result<Workspace> {
     let r = a.resources;
     let req = CreateWorkspaceRequest {
+        per_child_netns: false,
         name: a.name.to_string(),
         snapshot_tag: a.tag.to_string(),
         memory_limit_mib: r.memory_limit_mib.unwrap_or(0),

@@ -45,7 +45,7 @@ def test_typed_errors(daemon: Daemon) -> None:
             await c.snapshots.create("../etc", wait=False)
         with pytest.raises(forkd.NotFoundError, match='snapshot "nope"'):
             await c.workspaces.create("w1", "nope")
-        with pytest.raises(forkd.UnimplementedError, match="live_fork"):
+        with pytest.raises(forkd.ConflictError, match="live_fork"):
             await c.fork("py", live_fork=True)
         with pytest.raises(forkd.ConflictError, match="--remote"):
             await c.snapshots.push("py")
@@ -59,7 +59,7 @@ def test_typed_errors(daemon: Daemon) -> None:
         with pytest.raises(forkd.NotFoundError):
             async with c.sandbox("nope"):
                 pass  # pragma: no cover
-        with pytest.raises(forkd.UnimplementedError, match="live_fork"):
+        with pytest.raises(forkd.ConflictError, match="live_fork"):
             await c.fork("nope", live_fork=True)
         with pytest.raises(forkd.NotFoundError):
             await forkd.aio.Sandbox(c, forkd.types.SandboxInfo(id="sb-aaaaaaaaaaaa")).renew(60)

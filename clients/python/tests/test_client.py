@@ -77,13 +77,12 @@ def test_bad_tag_is_invalid_argument(client: forkd.Client) -> None:
         client.snapshots.delete("..")
 
 
-def test_unimplemented_rpc(client: forkd.Client) -> None:
-    with pytest.raises(forkd.UnimplementedError, match="live_fork") as ei:
+def test_what_the_backend_cannot_do_names_what_is_missing(client: forkd.Client) -> None:
+    with pytest.raises(forkd.ConflictError, match="live_fork needs a VMM") as ei:
         client.fork("py", live_fork=True)
-    assert ei.value.code_name == "UNIMPLEMENTED"
-    # It is also a NotImplementedError, for callers that feature-test generically.
-    with pytest.raises(NotImplementedError):
-        client.fork("py", live_fork=True)
+    assert ei.value.code_name == "FAILED_PRECONDITION"
+    with pytest.raises(forkd.ConflictError, match="hugepages"):
+        client.fork("py", hugepages=True)
 
 
 def test_remote_needs_a_configured_remote(client: forkd.Client) -> None:
@@ -135,7 +134,7 @@ def test_fork_of_missing_snapshot_is_not_found(client: forkd.Client) -> None:
 def test_fork_options_reach_the_daemon(client: forkd.Client) -> None:
     # The daemon refuses these options before looking the snapshot up,
     # naming them: proof that each keyword became its request field.
-    with pytest.raises(forkd.UnimplementedError, match="live_fork"):
+    with pytest.raises(forkd.ConflictError, match="live_fork"):
         client.fork("nope", live_fork=True)
     with pytest.raises(forkd.InvalidArgumentError, match="network"):
         client.fork("nope", network="bogus")

@@ -28,6 +28,17 @@ const CODE_NAMES: Record<Code, string> = {
   [Code.Unauthenticated]: "UNAUTHENTICATED",
 };
 
+/** The canonical name of `code` ("NOT_FOUND"), as REST error bodies carry it. */
+export function codeName(code: Code): string {
+  return CODE_NAMES[code];
+}
+
+/** The code of a canonical name ("NOT_FOUND"); undefined for an unknown name. */
+export function codeOfName(name: string): Code | undefined {
+  for (const [code, n] of Object.entries(CODE_NAMES)) if (n === name) return Number(code) as Code;
+  return undefined;
+}
+
 /** Base class of every error the forkd client throws. */
 export class ForkdError extends Error {
   /** The gRPC status code; undefined for errors raised by the client itself. */

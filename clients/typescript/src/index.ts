@@ -1,5 +1,6 @@
 // @forkd/client: fork copy-on-write microVM sandboxes from warmed snapshots,
 // run commands and Python in them, move files, branch and kill — over gRPC.
+// `Controller` offers the reference forkd SDK's controller API over `Client`.
 
 export {
   Client,
@@ -31,6 +32,17 @@ export type {
   StartProcessOptions,
   WorkspaceOptions,
 } from "./client.js";
+export { Controller, ControllerError } from "./controller.js";
+export type {
+  ControllerBranchOptions,
+  ControllerEvalResult,
+  ControllerExecResult,
+  ControllerOptions,
+  ControllerPingResult,
+  ControllerSandboxInfo,
+  ControllerSnapshotInfo,
+  ControllerSpawnOptions,
+} from "./controller.js";
 export {
   AuthenticationError,
   CommandError,
@@ -44,6 +56,8 @@ export {
   SnapshotFailedError,
   UnavailableError,
   UnimplementedError,
+  codeName,
+  codeOfName,
   errorClass,
   toForkdError,
 } from "./errors.js";

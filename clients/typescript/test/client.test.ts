@@ -101,11 +101,11 @@ describe("against a daemon", () => {
     await assert.rejects(c.snapshots.get("../etc"), /invalid tag/);
   });
 
-  it("maps UNIMPLEMENTED", async () => {
+  it("names what the backend cannot do (FAILED_PRECONDITION)", async () => {
     await assert.rejects(c.fork("py", { liveFork: true }), (e: unknown) => {
-      assert.ok(e instanceof UnimplementedError);
-      assert.equal(e.codeName, "UNIMPLEMENTED");
-      assert.match(e.message, /live_fork/);
+      assert.ok(e instanceof ConflictError);
+      assert.equal(e.codeName, "FAILED_PRECONDITION");
+      assert.match(e.message, /live_fork needs a VMM/);
       return true;
     });
   });
@@ -158,7 +158,7 @@ describe("against a daemon", () => {
   it("sends fork options to the daemon", async () => {
     // The daemon refuses these before looking the snapshot up, naming them:
     // proof that each option became its request field.
-    await assert.rejects(c.fork("nope", { liveFork: true }), (e: unknown) => e instanceof UnimplementedError && /live_fork/.test(e.message));
+    await assert.rejects(c.fork("nope", { liveFork: true }), (e: unknown) => e instanceof ConflictError && /live_fork/.test(e.message));
     await assert.rejects(c.fork("nope", { network: "bogus" }), (e: unknown) => e instanceof InvalidArgumentError && /network/.test(e.message));
     await assert.rejects(c.fork("py", { n: 0 }), RangeError);
   });

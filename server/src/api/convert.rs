@@ -27,8 +27,16 @@ pub fn snapshot(v: &SnapshotView) -> api::Snapshot {
         parent_memory_digest: r.parent_memory_digest.clone(),
         created_at_unix: r.created_at_unix,
         branched_from: r.branched_from.clone(),
-        pause_ms: r.pause_ms,
+        pause_ms_exact: r.pause_ms,
+        pause_ms: r.pause_ms.ceil() as u64,
         dirty_bytes: r.dirty_bytes,
+        dir: v.files.dir.clone(),
+        bootable: v.bootable,
+        warning: String::new(),
+        diff_ms: r.diff_ms,
+        diff_physical_bytes: if r.branched_from.is_empty() { 0 } else { r.dirty_bytes },
+        diff_logical_bytes: if r.branched_from.is_empty() { 0 } else { r.mem_mib as u64 * 1024 * 1024 },
+        vmstate_bytes: v.files.vmstate_bytes,
         backend: r.backend.clone(),
         accel: r.accel.clone(),
         volumes: r.volumes.clone(),
@@ -43,6 +51,10 @@ pub fn snapshot(v: &SnapshotView) -> api::Snapshot {
 }
 
 pub fn sandbox(r: &SandboxRecord, last_active: i64) -> api::Sandbox {
+    sandbox_with_branches(r, last_active, 0)
+}
+
+pub fn sandbox_with_branches(r: &SandboxRecord, last_active: i64, branches: u32) -> api::Sandbox {
     let s = &r.settings;
     api::Sandbox {
         id: r.id.to_string(),
@@ -68,9 +80,17 @@ pub fn sandbox(r: &SandboxRecord, last_active: i64) -> api::Sandbox {
         accel: r.accel.clone(),
         last_active_unix: last_active,
         owner: r.owner.clone(),
+        guest_addr: r
+            .net
+            .as_ref()
+            .map(|n| n.guest_cidr.split('/').next().unwrap_or_default().to_string())
+            .unwrap_or_default(),
+        netns: r.net.as_ref().map(|n| n.netns.clone()).unwrap_or_default(),
+        has_branched: branches > 0,
+        branch_count: branches,
     }
 }
 
 pub fn live_sandbox(sb: &Sandbox) -> api::Sandbox {
-    sandbox(&sb.snapshot(), sb.last_active())
+    sandbox_with_branches(&sb.snapshot(), sb.last_active(), sb.branch_count())
 }

@@ -15,7 +15,6 @@ use super::access::principal;
 use super::convert;
 use super::guest_files::{self, FILE_OP_TIMEOUT, MAX_FILE_BYTES};
 use super::process;
-use super::status::not_yet;
 use crate::agent::ExecEvent;
 use crate::core::Error;
 use crate::core::branch::{BranchMode, BranchRequest};
@@ -32,6 +31,21 @@ pub const DEFAULT_EXEC_OUTPUT_BYTES: u64 = 16 << 20;
 /// Largest `max_output_bytes` a request may ask for, unless the daemon is
 /// started with another.
 pub const MAX_EXEC_OUTPUT_BYTES: u64 = 64 << 20;
+
+/// The network a request asks for: `per_child_netns` alone is network
+/// "nat" with no allow-list (a private namespace per child, no egress).
+pub(crate) fn network_of(network: &str, per_child_netns: bool) -> Result<String, Status> {
+    match (network, per_child_netns) {
+        ("", true) | ("nat", _) => Ok("nat".into()),
+        ("", false) => Ok("none".into()),
+        (other, true) => Err(Error::invalid(
+            "per_child_netns",
+            format!("a namespace per child comes with network \"nat\", not {other:?}"),
+        )
+        .into()),
+        (other, false) => Ok(other.to_string()),
+    }
+}
 
 fn sandbox_id(v: &str) -> Result<SandboxId, Status> {
     Ok(SandboxId::parse(v).map_err(Error::from)?)
@@ -159,15 +173,22 @@ impl SandboxService for Services {
         let tag = Tag::parse_field(&r.snapshot_tag, "snapshot_tag").map_err(Error::from)?;
         crate::core::sandboxes::check_n(r.n.unwrap_or(1))?;
         if r.hugepages {
-            return Err(not_yet("hugepages"));
+            return Err(Error::FailedPrecondition(
+                "hugepages: children map the snapshot's memory file privately from the page cache, which huge \
+                 pages cannot back; omit it"
+                    .into(),
+            )
+            .into());
         }
         if r.live_fork {
-            return Err(Status::unimplemented("live_fork is not supported by the QEMU backend: fork from a snapshot"));
+            return Err(Error::FailedPrecondition(format!(
+                "live_fork needs a VMM that clones a running VM's memory; this daemon's backend ({}) forks from \
+                 snapshots: branch the running sandbox (POST /v1/sandboxes/{{id}}/branch) and fork from the branch",
+                self.rt.backend.name()
+            ))
+            .into());
         }
-        let network = if r.network.is_empty() { "none".to_string() } else { r.network.clone() };
-        if r.per_child_netns && network != "nat" {
-            return Err(Error::invalid("per_child_netns", "a namespace per child comes with network \"nat\"").into());
-        }
+        let network = network_of(&r.network, r.per_child_netns)?;
         let settings = SandboxSettings {
             network,
             allow: r.allow.clone(),
@@ -603,7 +624,19 @@ impl SandboxService for Services {
         let r = r.into_inner();
         let id = self.own_sandbox(&p, &r.id).await?;
         let tag = if r.tag.is_empty() { None } else { Some(Tag::parse(&r.tag).map_err(Error::from)?) };
-        let mode = BranchMode::parse(&r.mode, r.diff)?;
+        let mode = BranchMode::parse(&r.mode, r.live)?;
+        if !r.parent_tag.is_empty() {
+            let parent = Tag::parse_field(&r.parent_tag, "parent_tag").map_err(Error::from)?;
+            let source = self.rt.sandbox(&id).await?.snapshot().snapshot_tag;
+            if source != parent {
+                return Err(Error::FailedPrecondition(format!(
+                    "parent_tag: sandbox {id} was forked from {:?}, not {:?}",
+                    source.as_str(),
+                    parent.as_str()
+                ))
+                .into());
+            }
+        }
         let req = BranchRequest { id, tag, mode, measure_only: r.measure_diff, wait: r.wait.unwrap_or(true) };
         let rec = self.owned("branch", |rt| async move { rt.branch(req).await }).await?;
         if r.measure_diff {
@@ -612,6 +645,8 @@ impl SandboxService for Services {
                 ancestors: vec![],
                 dependents: vec![],
                 live_sandboxes: 0,
+                files: Default::default(),
+                bootable: false,
             });
             // Nothing was stored: the answer names no snapshot.
             measured.tag = String::new();

@@ -36,9 +36,11 @@ impl SnapshotService for Services {
         let t = tag("tag", &r.tag)?;
         crate::edge::audit::acted_on(format!("snapshot {t}"));
         let volumes = crate::core::volumes::parse_all(&r.volumes, &self.rt.config.volume_root)?;
+        let (image, warning) = self.reference_boot_fields(&r)?;
         let req = CreateSnapshot {
             tag: t.clone(),
-            image: if r.image.is_empty() { "python".into() } else { r.image },
+            image,
+            min_warm: Duration::from_secs(r.boot_wait_secs as u64),
             vcpus: if r.vcpus == 0 { 1 } else { r.vcpus },
             mem_mib: if r.mem_mib == 0 { 256 } else { r.mem_mib },
             warm_timeout: Duration::from_secs(if r.warm_timeout_secs == 0 { 300 } else { r.warm_timeout_secs as u64 }),
@@ -58,7 +60,9 @@ impl SnapshotService for Services {
             }
         }
         let view = self.rt.snapshot_view(&t).await?;
-        Ok(Response::new(self.snapshot_for(&p, view).await))
+        let mut out = self.snapshot_for(&p, view).await;
+        out.warning = warning;
+        Ok(Response::new(out))
     }
 
     async fn list_snapshots(
@@ -343,5 +347,77 @@ impl Services {
             }
         }
         Ok(true)
+    }
+}
+
+impl Services {
+    /// The image of the daemon's guest images a `rootfs` path names (a
+    /// request never boots an arbitrary host file).
+    fn store_image_at(&self, rootfs: &str) -> Result<String, Status> {
+        if !rootfs.starts_with('/') {
+            return Ok(rootfs.to_string());
+        }
+        let images = std::fs::canonicalize(self.rt.guest.dir.join("images")).ok();
+        let path = std::fs::canonicalize(rootfs).ok();
+        let name = path.as_ref().filter(|p| p.parent() == images.as_deref()).and_then(|p| {
+            let ext = p.extension()?.to_str()?;
+            matches!(ext, "ext4" | "erofs").then(|| p.file_stem()?.to_str().map(str::to_string))?
+        });
+        name.ok_or_else(|| {
+            Error::invalid(
+                "rootfs",
+                format!(
+                    "{rootfs:?} is not one of the daemon's images ({}); put the file system in the image store \
+                     (`forkd image import`, `forkd image build`, docs/images.md) and name it in `image`",
+                    self.rt.guest.dir.join("images").display()
+                ),
+            )
+            .into()
+        })
+    }
+
+    /// The reference's boot fields (`rootfs`, `kernel`, `rw`, `tap`) taken
+    /// with their nearest meaning here: answers the image to boot and a
+    /// warning for what was accepted but has no effect.
+    fn reference_boot_fields(&self, r: &api::CreateSnapshotRequest) -> Result<(String, String), Status> {
+        let image = match (r.image.as_str(), r.rootfs.as_str()) {
+            (i, f) if !i.is_empty() && !f.is_empty() && i != f => {
+                return Err(Error::invalid("rootfs", format!("{f:?} and image {i:?} name different images")).into());
+            }
+            ("", "") => "python".to_string(),
+            ("", f) => self.store_image_at(f)?,
+            (i, _) => i.to_string(),
+        };
+        if !r.kernel.is_empty() {
+            let ours = self.rt.guest.kernel();
+            let same = std::fs::canonicalize(&r.kernel)
+                .ok()
+                .zip(std::fs::canonicalize(&ours).ok())
+                .is_some_and(|(a, b)| a == b);
+            if !same {
+                return Err(Error::FailedPrecondition(format!(
+                    "kernel: forkd boots every guest with its own kernel ({}); omit `kernel` and name the root file \
+                     system in `image` (or `rootfs`), or import it first with `forkd image import`",
+                    ours.display()
+                ))
+                .into());
+            }
+        }
+        if r.rw == Some(false) {
+            return Err(Error::invalid(
+                "rw",
+                "false: each child writes to its own overlay over the read-only image; omit `rw` (or pass true)",
+            )
+            .into());
+        }
+        let warning = if r.tap.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "tap {:?} ignored: forkd gives each child a network of its own instead (fork with network \"nat\")",
+                r.tap
+            )
+        };
+        Ok((image, warning))
     }
 }

@@ -50,7 +50,7 @@ impl WorkspaceService for Services {
         let settings = SandboxSettings {
             memory_limit_mib: r.memory_limit_mib,
             cpu_quota: r.cpu_quota,
-            network: if r.network.is_empty() { "none".into() } else { r.network },
+            network: super::sandbox::network_of(&r.network, r.per_child_netns)?,
             labels: r.labels.into_iter().collect(),
             ttl_secs: r.ttl_secs,
             idle_timeout_secs: r.idle_timeout_secs,
@@ -88,6 +88,14 @@ impl WorkspaceService for Services {
         r: Request<api::SuspendWorkspaceRequest>,
     ) -> Result<Response<api::Workspace>, Status> {
         let n = name(&r.get_ref().name)?;
+        if r.get_ref().diff == Some(true) {
+            return Err(Error::FailedPrecondition(
+                "diff: a workspace's state is always a flat snapshot here (each suspend drops the previous \
+                 state, so chains never grow); omit `diff` or pass false"
+                    .into(),
+            )
+            .into());
+        }
         self.own_workspace(&principal(&r), &n)?;
         let rec = self.owned("suspend workspace", |rt| async move { rt.suspend_workspace(&n).await }).await?;
         Ok(Response::new(workspace(&rec)))

@@ -63,6 +63,9 @@ pub struct SnapshotRecord {
     pub pause_ms: f64,
     #[serde(default)]
     pub dirty_bytes: u64,
+    /// Branches: milliseconds spent writing the captured memory.
+    #[serde(default)]
+    pub diff_ms: f64,
     pub backend: String,
     pub accel: String,
     #[serde(default)]
@@ -481,6 +484,7 @@ mod tests {
             branched_from: String::new(),
             pause_ms: 0.0,
             dirty_bytes: 0,
+            diff_ms: 0.0,
             backend: "qemu".into(),
             accel: "tcg".into(),
             volumes: vec![],

@@ -153,6 +153,7 @@ impl ForkdMcp {
             labels: p.labels,
             // Polled below, so a long boot never holds one call open.
             wait: false,
+            ..Default::default()
         };
         let mut snap = unary(&self.conn, self.conn.snapshots().create_snapshot(req)).await?;
         let give_up = Instant::now() + Duration::from_secs(u64::from(p.wait_timeout_secs));
@@ -180,6 +181,7 @@ impl ForkdMcp {
             diff: false,
             measure_diff: false,
             wait: Some(true),
+            ..Default::default()
         };
         let mut snap = unary(&self.conn, self.conn.sandboxes().branch(req)).await?;
         // The daemon answers once the snapshot is ready; an older one may

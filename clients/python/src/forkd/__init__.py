@@ -8,7 +8,8 @@ snapshots, run commands and Python in them, move files, branch and kill.
         for sb in sandboxes:
             print(sb.exec(["hostname"]).stdout)
 
-The asyncio flavour is :mod:`forkd.aio`.
+The asyncio flavour is :mod:`forkd.aio`; :class:`Controller` offers the
+reference forkd SDK's controller API (dicts in, dicts out) over this client.
 """
 
 from .client import (
@@ -24,6 +25,7 @@ from .client import (
     Snapshots,
     Workspaces,
 )
+from .controller import Controller, ControllerError
 from .errors import (
     AuthenticationError,
     CommandError,
@@ -58,6 +60,8 @@ __all__ = [
     "EvalResult",
     "ProcessInfo",
     "FileEvent",
+    "Controller",
+    "ControllerError",
     "ForkdError",
     "NotFoundError",
     "AuthenticationError",

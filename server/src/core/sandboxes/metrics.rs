@@ -4,7 +4,6 @@
 //! never wait on the guest; the guest's are asked of the agent with a short
 //! deadline and left at zero when it does not answer.
 
-use std::path::Path;
 use std::time::Duration;
 
 use forkd_agent_protocol::v1 as pb;
@@ -13,8 +12,6 @@ use super::Sandbox;
 
 /// How long the guest may take to report its memory.
 const GUEST_READ: Duration = Duration::from_secs(2);
-/// Most directory entries counted in a work dir (it holds a handful).
-const MAX_DISK_ENTRIES: usize = 10_000;
 
 /// What the host sees of one sandbox.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -81,30 +78,6 @@ pub fn net_dev(text: &str, iface: &str) -> Option<(u64, u64)> {
     Some((*v.first()?, *v.get(8)?))
 }
 
-/// Bytes of disk a directory tree takes (allocated blocks, so sparse
-/// files count as what they hold).
-pub fn disk_usage(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let mut todo = vec![dir.to_path_buf()];
-    let mut seen = 0;
-    while let Some(d) = todo.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            seen += 1;
-            if seen > MAX_DISK_ENTRIES {
-                return total;
-            }
-            let Ok(md) = e.metadata() else { continue };
-            total += md.blocks() * 512;
-            if md.is_dir() {
-                todo.push(e.path());
-            }
-        }
-    }
-    total
-}
-
 impl Sandbox {
     /// What the host sees now (no guest round trip, no disk walk).
     pub fn host_sample(&self) -> HostSample {
@@ -143,7 +116,7 @@ impl Sandbox {
     /// A full sample: host figures, the guest's memory and the work dir's disk.
     pub async fn sample(&self) -> Sample {
         let dir = self.dir.0.clone();
-        let disk = tokio::task::spawn_blocking(move || disk_usage(&dir));
+        let disk = tokio::task::spawn_blocking(move || crate::memory::layout::disk_usage(&dir));
         let guest = self.guest_memory().await;
         Sample {
             at_ms: crate::core::now_unix_ms(),
@@ -170,8 +143,5 @@ mod tests {
         assert!(cpu_time_us(me).is_some());
         let (rss, pss) = rss_pss(me);
         assert!(rss > 0 && pss > 0);
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("f"), vec![1u8; 64 * 1024]).unwrap();
-        assert!(disk_usage(d.path()) >= 64 * 1024);
     }
 }

@@ -39,6 +39,8 @@ pub struct Sandbox {
     /// an intentional kill as an unexpected exit.
     pub(crate) killing: AtomicBool,
     last_active_ms: AtomicI64,
+    /// Branches taken from it since the daemon started.
+    branches: std::sync::atomic::AtomicU32,
 }
 
 impl Sandbox {
@@ -48,6 +50,15 @@ impl Sandbox {
 
     pub(crate) fn touch(&self) {
         self.last_active_ms.store(now_unix_ms(), Ordering::Relaxed);
+    }
+
+    /// Branches taken from it since the daemon started.
+    pub fn branch_count(&self) -> u32 {
+        self.branches.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_branch(&self) {
+        self.branches.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Unix second of the last request that used the sandbox.
@@ -452,6 +463,7 @@ impl Runtime {
             control: Mutex::new(control),
             killing: AtomicBool::new(false),
             last_active_ms: AtomicI64::new(now_unix_ms()),
+            branches: Default::default(),
         });
         if let Some(child) = child {
             self.watch_exit(sb.clone(), child);
@@ -762,6 +774,7 @@ impl Runtime {
             control: Mutex::new(Box::new(crate::vmm::GoneControl)),
             killing: AtomicBool::new(true),
             last_active_ms: AtomicI64::new(now_unix_ms()),
+            branches: Default::default(),
         })
     }
 
@@ -779,6 +792,7 @@ impl Runtime {
             control: Mutex::new(vm.control),
             killing: AtomicBool::new(false),
             last_active_ms: AtomicI64::new(now_unix_ms()),
+            branches: Default::default(),
         }))
     }
 }

@@ -27,12 +27,15 @@ pub enum BranchMode {
 }
 
 impl BranchMode {
-    pub fn parse(mode: &str, legacy_diff: bool) -> Result<Self> {
+    /// `live` (the reference's live branch) is the lowest-pause branch
+    /// forkd has: a diff branch, whose source runs again as soon as its
+    /// memory is captured.
+    pub fn parse(mode: &str, live: bool) -> Result<Self> {
         match mode {
-            "" if legacy_diff => Ok(BranchMode::Diff),
-            "" | "diff" => Ok(BranchMode::Diff),
+            "full" if live => Err(Error::invalid("live", "a live branch is a diff branch, not mode \"full\"")),
+            "" | "diff" | "live" => Ok(BranchMode::Diff),
             "full" => Ok(BranchMode::Full),
-            other => Err(Error::invalid("mode", format!("{other:?}: use \"diff\" or \"full\""))),
+            other => Err(Error::invalid("mode", format!("{other:?}: use \"diff\", \"full\" or \"live\""))),
         }
     }
 }
@@ -121,6 +124,7 @@ impl Runtime {
             branched_from: req.id.to_string(),
             pause_ms: 0.0,
             dirty_bytes: 0,
+            diff_ms: 0.0,
             backend: parent.backend.clone(),
             accel: parent.accel.clone(),
             volumes: if source.drives.is_empty() { parent.volumes.clone() } else { source.settings.volumes.clone() },
@@ -196,11 +200,13 @@ impl Runtime {
         };
         rec.pause_ms = pause.as_secs_f64() * 1000.0;
         rec.dirty_bytes = n as u64;
+        sb.count_branch();
         let rt = self.clone();
         let parent_dir = self.layout.snapshot_dir(&parent_tag);
         let mode = req.mode;
         let staging2 = staging.clone();
         let finish = tokio::task::spawn_blocking(move || -> Result<SnapshotRecord> {
+            let writing = std::time::Instant::now();
             let data = buf.as_slice(n);
             let mem = staging2.join("mem");
             layer::clone_or_copy(&parent_dir.join("mem"), &mem)
@@ -225,6 +231,7 @@ impl Runtime {
                 crate::core::snapshots::write_vm_json(&staging2, spec)?;
             }
             rec.physical_size_bytes = layout::disk_usage(&staging2);
+            rec.diff_ms = writing.elapsed().as_secs_f64() * 1000.0;
             Ok(rec)
         });
         let finish = async move {

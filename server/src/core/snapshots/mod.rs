@@ -43,6 +43,9 @@ pub struct CreateSnapshot {
     pub vcpus: u32,
     pub mem_mib: u32,
     pub warm_timeout: Duration,
+    /// Least time from boot before the snapshot is taken (the reference's
+    /// boot_wait_secs): userspace warms up at least this long.
+    pub min_warm: Duration,
     pub warm_eval: String,
     pub labels: std::collections::BTreeMap<String, String>,
     pub volumes: Vec<super::volumes::VolumeSpec>,
@@ -56,6 +59,18 @@ pub struct SnapshotView {
     pub ancestors: Vec<String>,
     pub dependents: Vec<String>,
     pub live_sandboxes: u32,
+    /// Where its files are, and what they hold.
+    pub files: SnapshotFiles,
+    /// Ready, with every ancestor ready: children can be forked now.
+    pub bootable: bool,
+}
+
+/// A snapshot's directory and the sizes of its parts.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotFiles {
+    pub dir: String,
+    /// The saved device and CPU state.
+    pub vmstate_bytes: u64,
 }
 
 impl Runtime {
@@ -118,6 +133,7 @@ impl Runtime {
             branched_from: String::new(),
             pause_ms: 0.0,
             dirty_bytes: 0,
+            diff_ms: 0.0,
             backend: self.backend.name().into(),
             accel: self.accel.accel.as_str().into(),
             volumes: req.volumes.iter().map(|v| v.to_spec_string()).collect(),
@@ -273,6 +289,9 @@ impl Runtime {
                     return Err(Error::InvalidArgument(format!("warm_eval failed: {}", r.error)));
                 }
             }
+            if let Some(left) = req.min_warm.checked_sub(started.elapsed()) {
+                tokio::time::sleep(left).await;
+            }
             rec.warm_ms = started.elapsed().as_secs_f64() * 1000.0;
             vm.control.pause().await?;
             vm.control.save_state(&staging.join("state")).await?;
@@ -319,7 +338,13 @@ impl Runtime {
         ancestors.reverse();
         let dependents = self.store.snapshot_children(record.tag.as_str())?;
         let live_sandboxes = self.sandboxes_of(record.tag.as_str()).await.len() as u32;
-        Ok(SnapshotView { record, ancestors, dependents, live_sandboxes })
+        let ready = |r: &SnapshotRecord| r.status == SnapshotStatus::Ready;
+        let bootable =
+            ready(&record) && ancestors.iter().all(|a| matches!(self.store.get_snapshot(a), Ok(Some(r)) if ready(&r)));
+        let dir = self.layout.snapshot_dir(&record.tag);
+        let size = |name: &str| std::fs::metadata(dir.join(name)).map(|m| m.len()).unwrap_or(0);
+        let files = SnapshotFiles { vmstate_bytes: size("state"), dir: dir.display().to_string() };
+        Ok(SnapshotView { record, ancestors, dependents, live_sandboxes, files, bootable })
     }
 
     pub async fn list_snapshot_views(&self) -> Result<Vec<SnapshotView>> {

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file forkd/v1/common.proto.
  */
 export const file_forkd_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("ChVmb3JrZC92MS9jb21tb24ucHJvdG8SCGZvcmtkLnYxIqUFCghTbmFwc2hvdBILCgN0YWcYASABKAkSDgoGc3RhdHVzGAIgASgJEhUKDXN0YXR1c19yZWFzb24YAyABKAkSDQoFaW1hZ2UYBCABKAkSDQoFdmNwdXMYBSABKA0SDwoHbWVtX21pYhgGIAEoDRIMCgRraW5kGAcgASgJEhIKCnBhcmVudF90YWcYCCABKAkSEQoJYW5jZXN0b3JzGAkgAygJEhIKCmRlcGVuZGVudHMYCiADKAkSEwoLY2hhaW5fZGVwdGgYCyABKA0SGgoSbG9naWNhbF9zaXplX2J5dGVzGAwgASgEEhsKE3BoeXNpY2FsX3NpemVfYnl0ZXMYDSABKAQSFQoNbWVtb3J5X2RpZ2VzdBgOIAEoCRIUCgxzdGF0ZV9kaWdlc3QYDyABKAkSHAoUcGFyZW50X21lbW9yeV9kaWdlc3QYECABKAkSFwoPY3JlYXRlZF9hdF91bml4GBEgASgDEhUKDWJyYW5jaGVkX2Zyb20YEiABKAkSEAoIcGF1c2VfbXMYEyABKAESEwoLZGlydHlfYnl0ZXMYFCABKAQSDwoHYmFja2VuZBgVIAEoCRINCgVhY2NlbBgWIAEoCRIPCgd2b2x1bWVzGBcgAygJEi4KBmxhYmVscxgYIAMoCzIeLmZvcmtkLnYxLlNuYXBzaG90LkxhYmVsc0VudHJ5EhYKDmxpdmVfc2FuZGJveGVzGBkgASgNEg8KB3dhcm1fbXMYGiABKAESDwoHcnVudGltZRgbIAEoCRIUCgx2b2x1bWVfc2xvdHMYHCABKA0SDQoFb3duZXIYHSABKAkSDgoGc2hhcmVkGB4gASgIGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEijgQKB1NhbmRib3gSCgoCaWQYASABKAkSFAoMc25hcHNob3RfdGFnGAIgASgJEgsKA3BpZBgDIAEoDRIXCg9jcmVhdGVkX2F0X3VuaXgYBCABKAMSDgoGc3RhdHVzGAUgASgJEhUKDXN0YXR1c19yZWFzb24YBiABKAkSEAoIaG9zdG5hbWUYByABKAkSGAoQbWVtb3J5X2xpbWl0X21pYhgIIAEoDRIRCgljcHVfcXVvdGEYCSABKAESEgoKcGlkc19saW1pdBgKIAEoDRIPCgduZXR3b3JrGAsgASgJEg0KBWFsbG93GAwgAygJEg8KB3ZvbHVtZXMYDSADKAkSLQoGbGFiZWxzGA4gAygLMh0uZm9ya2QudjEuU2FuZGJveC5MYWJlbHNFbnRyeRIQCgh0dGxfc2VjcxgPIAEoDRIZChFpZGxlX3RpbWVvdXRfc2VjcxgQIAEoDRIXCg9leHBpcmVzX2F0X3VuaXgYESABKAMSEAoIc3Bhd25fbXMYEiABKAESEQoJd29ya3NwYWNlGBMgASgJEg8KB2JhY2tlbmQYFCABKAkSDQoFYWNjZWwYFSABKAkSGAoQbGFzdF9hY3RpdmVfdW5peBgWIAEoAxINCgVvd25lchgXIAEoCRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIsEDCglXb3Jrc3BhY2USDAoEbmFtZRgBIAEoCRIOCgZzdGF0dXMYAiABKAkSFQoNc3RhdHVzX3JlYXNvbhgDIAEoCRIXCg9saXZlX3NhbmRib3hfaWQYBCABKAkSGwoTc291cmNlX3NuYXBzaG90X3RhZxgFIAEoCRIRCglzdGF0ZV90YWcYBiABKAkSGAoQbWVtb3J5X2xpbWl0X21pYhgHIAEoDRIRCgljcHVfcXVvdGEYCCABKAESDwoHbmV0d29yaxgJIAEoCRIPCgd2b2x1bWVzGAogAygJEi8KBmxhYmVscxgLIAMoCzIfLmZvcmtkLnYxLldvcmtzcGFjZS5MYWJlbHNFbnRyeRIQCgh0dGxfc2VjcxgMIAEoDRIZChFpZGxlX3RpbWVvdXRfc2VjcxgNIAEoDRIXCg9jcmVhdGVkX2F0X3VuaXgYDiABKAMSFwoPdXBkYXRlZF9hdF91bml4GA8gASgDEhkKEXN1c3BlbmRlZF9hdF91bml4GBAgASgDEg0KBW93bmVyGBEgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiGQoJRGF0YUNodW5rEgwKBGRhdGEYASABKAxiBnByb3RvMw");
+  fileDesc("ChVmb3JrZC92MS9jb21tb24ucHJvdG8SCGZvcmtkLnYxIs4GCghTbmFwc2hvdBILCgN0YWcYASABKAkSDgoGc3RhdHVzGAIgASgJEhUKDXN0YXR1c19yZWFzb24YAyABKAkSDQoFaW1hZ2UYBCABKAkSDQoFdmNwdXMYBSABKA0SDwoHbWVtX21pYhgGIAEoDRIMCgRraW5kGAcgASgJEhIKCnBhcmVudF90YWcYCCABKAkSEQoJYW5jZXN0b3JzGAkgAygJEhIKCmRlcGVuZGVudHMYCiADKAkSEwoLY2hhaW5fZGVwdGgYCyABKA0SGgoSbG9naWNhbF9zaXplX2J5dGVzGAwgASgEEhsKE3BoeXNpY2FsX3NpemVfYnl0ZXMYDSABKAQSFQoNbWVtb3J5X2RpZ2VzdBgOIAEoCRIUCgxzdGF0ZV9kaWdlc3QYDyABKAkSHAoUcGFyZW50X21lbW9yeV9kaWdlc3QYECABKAkSFwoPY3JlYXRlZF9hdF91bml4GBEgASgDEhUKDWJyYW5jaGVkX2Zyb20YEiABKAkSFgoOcGF1c2VfbXNfZXhhY3QYEyABKAESEwoLZGlydHlfYnl0ZXMYFCABKAQSDwoHYmFja2VuZBgVIAEoCRINCgVhY2NlbBgWIAEoCRIPCgd2b2x1bWVzGBcgAygJEi4KBmxhYmVscxgYIAMoCzIeLmZvcmtkLnYxLlNuYXBzaG90LkxhYmVsc0VudHJ5EhYKDmxpdmVfc2FuZGJveGVzGBkgASgNEg8KB3dhcm1fbXMYGiABKAESDwoHcnVudGltZRgbIAEoCRIUCgx2b2x1bWVfc2xvdHMYHCABKA0SDQoFb3duZXIYHSABKAkSDgoGc2hhcmVkGB4gASgIEgsKA2RpchgfIAEoCRIQCghib290YWJsZRggIAEoCBIPCgd3YXJuaW5nGCEgASgJEg8KB2RpZmZfbXMYIiABKAESGwoTZGlmZl9waHlzaWNhbF9ieXRlcxgjIAEoBBIaChJkaWZmX2xvZ2ljYWxfYnl0ZXMYJCABKAQSFQoNdm1zdGF0ZV9ieXRlcxglIAEoBBIQCghwYXVzZV9tcxgmIAEoBBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIt0ECgdTYW5kYm94EgoKAmlkGAEgASgJEhQKDHNuYXBzaG90X3RhZxgCIAEoCRILCgNwaWQYAyABKA0SFwoPY3JlYXRlZF9hdF91bml4GAQgASgDEg4KBnN0YXR1cxgFIAEoCRIVCg1zdGF0dXNfcmVhc29uGAYgASgJEhAKCGhvc3RuYW1lGAcgASgJEhgKEG1lbW9yeV9saW1pdF9taWIYCCABKA0SEQoJY3B1X3F1b3RhGAkgASgBEhIKCnBpZHNfbGltaXQYCiABKA0SDwoHbmV0d29yaxgLIAEoCRINCgVhbGxvdxgMIAMoCRIPCgd2b2x1bWVzGA0gAygJEi0KBmxhYmVscxgOIAMoCzIdLmZvcmtkLnYxLlNhbmRib3guTGFiZWxzRW50cnkSEAoIdHRsX3NlY3MYDyABKA0SGQoRaWRsZV90aW1lb3V0X3NlY3MYECABKA0SFwoPZXhwaXJlc19hdF91bml4GBEgASgDEhAKCHNwYXduX21zGBIgASgBEhEKCXdvcmtzcGFjZRgTIAEoCRIPCgdiYWNrZW5kGBQgASgJEg0KBWFjY2VsGBUgASgJEhgKEGxhc3RfYWN0aXZlX3VuaXgYFiABKAMSDQoFb3duZXIYFyABKAkSEgoKZ3Vlc3RfYWRkchgYIAEoCRINCgVuZXRucxgZIAEoCRIUCgxoYXNfYnJhbmNoZWQYGiABKAgSFAoMYnJhbmNoX2NvdW50GBsgASgNGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiwQMKCVdvcmtzcGFjZRIMCgRuYW1lGAEgASgJEg4KBnN0YXR1cxgCIAEoCRIVCg1zdGF0dXNfcmVhc29uGAMgASgJEhcKD2xpdmVfc2FuZGJveF9pZBgEIAEoCRIbChNzb3VyY2Vfc25hcHNob3RfdGFnGAUgASgJEhEKCXN0YXRlX3RhZxgGIAEoCRIYChBtZW1vcnlfbGltaXRfbWliGAcgASgNEhEKCWNwdV9xdW90YRgIIAEoARIPCgduZXR3b3JrGAkgASgJEg8KB3ZvbHVtZXMYCiADKAkSLwoGbGFiZWxzGAsgAygLMh8uZm9ya2QudjEuV29ya3NwYWNlLkxhYmVsc0VudHJ5EhAKCHR0bF9zZWNzGAwgASgNEhkKEWlkbGVfdGltZW91dF9zZWNzGA0gASgNEhcKD2NyZWF0ZWRfYXRfdW5peBgOIAEoAxIXCg91cGRhdGVkX2F0X3VuaXgYDyABKAMSGQoRc3VzcGVuZGVkX2F0X3VuaXgYECABKAMSDQoFb3duZXIYESABKAkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIZCglEYXRhQ2h1bmsSDAoEZGF0YRgBIAEoDGIGcHJvdG8z");
 
 /**
  * A snapshot: a paused VM that children are forked from. Immutable once
@@ -136,11 +136,12 @@ export type Snapshot = Message<"forkd.v1.Snapshot"> & {
   branchedFrom: string;
 
   /**
-   * How long the source was paused while branching, in milliseconds.
+   * How long the source was paused while branching, in milliseconds, to
+   * the microsecond (`pause_ms` is the same rounded up to a whole one).
    *
-   * @generated from field: double pause_ms = 19;
+   * @generated from field: double pause_ms_exact = 19;
    */
-  pauseMs: number;
+  pauseMsExact: number;
 
   /**
    * Bytes of guest memory the source had written since its snapshot.
@@ -215,6 +216,64 @@ export type Snapshot = Message<"forkd.v1.Snapshot"> & {
    * @generated from field: bool shared = 30;
    */
   shared: boolean;
+
+  /**
+   * Where its files are on the daemon's host (the data dir's snapshots/TAG).
+   *
+   * @generated from field: string dir = 31;
+   */
+  dir: string;
+
+  /**
+   * Children can be forked from it now: ready, with its whole chain ready.
+   *
+   * @generated from field: bool bootable = 32;
+   */
+  bootable: boolean;
+
+  /**
+   * Something the caller should know that did not stop the request (a
+   * field accepted with another meaning here, …); "" when nothing.
+   *
+   * @generated from field: string warning = 33;
+   */
+  warning: string;
+
+  /**
+   * Branches: milliseconds spent writing the captured memory after the
+   * source resumed (the source does not wait for it).
+   *
+   * @generated from field: double diff_ms = 34;
+   */
+  diffMs: number;
+
+  /**
+   * Branches: bytes of guest memory the branch captured (what the source
+   * wrote since its snapshot, as dirty_bytes) and the guest RAM they are a
+   * part of; 0 for snapshots that are not branches.
+   *
+   * @generated from field: uint64 diff_physical_bytes = 35;
+   */
+  diffPhysicalBytes: bigint;
+
+  /**
+   * @generated from field: uint64 diff_logical_bytes = 36;
+   */
+  diffLogicalBytes: bigint;
+
+  /**
+   * Bytes of the saved device and CPU state.
+   *
+   * @generated from field: uint64 vmstate_bytes = 37;
+   */
+  vmstateBytes: bigint;
+
+  /**
+   * pause_ms_exact rounded up to a whole millisecond.
+   *
+   * @generated from field: uint64 pause_ms = 38;
+   */
+  pauseMs: bigint;
 };
 
 /**
@@ -362,6 +421,32 @@ export type Sandbox = Message<"forkd.v1.Sandbox"> & {
    * @generated from field: string owner = 23;
    */
   owner: string;
+
+  /**
+   * The guest's address on its NIC (network "nat"), "" without one.
+   *
+   * @generated from field: string guest_addr = 24;
+   */
+  guestAddr: string;
+
+  /**
+   * The network namespace its NIC lives in, "" without one.
+   *
+   * @generated from field: string netns = 25;
+   */
+  netns: string;
+
+  /**
+   * Branches taken from it since the daemon started (and whether any was).
+   *
+   * @generated from field: bool has_branched = 26;
+   */
+  hasBranched: boolean;
+
+  /**
+   * @generated from field: uint32 branch_count = 27;
+   */
+  branchCount: number;
 };
 
 /**

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Snapshot(_message.Message):
-    __slots__ = ("tag", "status", "status_reason", "image", "vcpus", "mem_mib", "kind", "parent_tag", "ancestors", "dependents", "chain_depth", "logical_size_bytes", "physical_size_bytes", "memory_digest", "state_digest", "parent_memory_digest", "created_at_unix", "branched_from", "pause_ms", "dirty_bytes", "backend", "accel", "volumes", "labels", "live_sandboxes", "warm_ms", "runtime", "volume_slots", "owner", "shared")
+    __slots__ = ("tag", "status", "status_reason", "image", "vcpus", "mem_mib", "kind", "parent_tag", "ancestors", "dependents", "chain_depth", "logical_size_bytes", "physical_size_bytes", "memory_digest", "state_digest", "parent_memory_digest", "created_at_unix", "branched_from", "pause_ms_exact", "dirty_bytes", "backend", "accel", "volumes", "labels", "live_sandboxes", "warm_ms", "runtime", "volume_slots", "owner", "shared", "dir", "bootable", "warning", "diff_ms", "diff_physical_bytes", "diff_logical_bytes", "vmstate_bytes", "pause_ms")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -33,7 +33,7 @@ class Snapshot(_message.Message):
     PARENT_MEMORY_DIGEST_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
     BRANCHED_FROM_FIELD_NUMBER: _ClassVar[int]
-    PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_MS_EXACT_FIELD_NUMBER: _ClassVar[int]
     DIRTY_BYTES_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     ACCEL_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,14 @@ class Snapshot(_message.Message):
     VOLUME_SLOTS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
+    DIR_FIELD_NUMBER: _ClassVar[int]
+    BOOTABLE_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
+    DIFF_MS_FIELD_NUMBER: _ClassVar[int]
+    DIFF_PHYSICAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DIFF_LOGICAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VMSTATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
     tag: str
     status: str
     status_reason: str
@@ -63,7 +71,7 @@ class Snapshot(_message.Message):
     parent_memory_digest: str
     created_at_unix: int
     branched_from: str
-    pause_ms: float
+    pause_ms_exact: float
     dirty_bytes: int
     backend: str
     accel: str
@@ -75,10 +83,18 @@ class Snapshot(_message.Message):
     volume_slots: int
     owner: str
     shared: bool
-    def __init__(self, tag: _Optional[str] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., image: _Optional[str] = ..., vcpus: _Optional[int] = ..., mem_mib: _Optional[int] = ..., kind: _Optional[str] = ..., parent_tag: _Optional[str] = ..., ancestors: _Optional[_Iterable[str]] = ..., dependents: _Optional[_Iterable[str]] = ..., chain_depth: _Optional[int] = ..., logical_size_bytes: _Optional[int] = ..., physical_size_bytes: _Optional[int] = ..., memory_digest: _Optional[str] = ..., state_digest: _Optional[str] = ..., parent_memory_digest: _Optional[str] = ..., created_at_unix: _Optional[int] = ..., branched_from: _Optional[str] = ..., pause_ms: _Optional[float] = ..., dirty_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., accel: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., live_sandboxes: _Optional[int] = ..., warm_ms: _Optional[float] = ..., runtime: _Optional[str] = ..., volume_slots: _Optional[int] = ..., owner: _Optional[str] = ..., shared: _Optional[bool] = ...) -> None: ...
+    dir: str
+    bootable: bool
+    warning: str
+    diff_ms: float
+    diff_physical_bytes: int
+    diff_logical_bytes: int
+    vmstate_bytes: int
+    pause_ms: int
+    def __init__(self, tag: _Optional[str] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., image: _Optional[str] = ..., vcpus: _Optional[int] = ..., mem_mib: _Optional[int] = ..., kind: _Optional[str] = ..., parent_tag: _Optional[str] = ..., ancestors: _Optional[_Iterable[str]] = ..., dependents: _Optional[_Iterable[str]] = ..., chain_depth: _Optional[int] = ..., logical_size_bytes: _Optional[int] = ..., physical_size_bytes: _Optional[int] = ..., memory_digest: _Optional[str] = ..., state_digest: _Optional[str] = ..., parent_memory_digest: _Optional[str] = ..., created_at_unix: _Optional[int] = ..., branched_from: _Optional[str] = ..., pause_ms_exact: _Optional[float] = ..., dirty_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., accel: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., live_sandboxes: _Optional[int] = ..., warm_ms: _Optional[float] = ..., runtime: _Optional[str] = ..., volume_slots: _Optional[int] = ..., owner: _Optional[str] = ..., shared: _Optional[bool] = ..., dir: _Optional[str] = ..., bootable: _Optional[bool] = ..., warning: _Optional[str] = ..., diff_ms: _Optional[float] = ..., diff_physical_bytes: _Optional[int] = ..., diff_logical_bytes: _Optional[int] = ..., vmstate_bytes: _Optional[int] = ..., pause_ms: _Optional[int] = ...) -> None: ...
 
 class Sandbox(_message.Message):
-    __slots__ = ("id", "snapshot_tag", "pid", "created_at_unix", "status", "status_reason", "hostname", "memory_limit_mib", "cpu_quota", "pids_limit", "network", "allow", "volumes", "labels", "ttl_secs", "idle_timeout_secs", "expires_at_unix", "spawn_ms", "workspace", "backend", "accel", "last_active_unix", "owner")
+    __slots__ = ("id", "snapshot_tag", "pid", "created_at_unix", "status", "status_reason", "hostname", "memory_limit_mib", "cpu_quota", "pids_limit", "network", "allow", "volumes", "labels", "ttl_secs", "idle_timeout_secs", "expires_at_unix", "spawn_ms", "workspace", "backend", "accel", "last_active_unix", "owner", "guest_addr", "netns", "has_branched", "branch_count")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +125,10 @@ class Sandbox(_message.Message):
     ACCEL_FIELD_NUMBER: _ClassVar[int]
     LAST_ACTIVE_UNIX_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    GUEST_ADDR_FIELD_NUMBER: _ClassVar[int]
+    NETNS_FIELD_NUMBER: _ClassVar[int]
+    HAS_BRANCHED_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_COUNT_FIELD_NUMBER: _ClassVar[int]
     id: str
     snapshot_tag: str
     pid: int
@@ -132,7 +152,11 @@ class Sandbox(_message.Message):
     accel: str
     last_active_unix: int
     owner: str
-    def __init__(self, id: _Optional[str] = ..., snapshot_tag: _Optional[str] = ..., pid: _Optional[int] = ..., created_at_unix: _Optional[int] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., hostname: _Optional[str] = ..., memory_limit_mib: _Optional[int] = ..., cpu_quota: _Optional[float] = ..., pids_limit: _Optional[int] = ..., network: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_secs: _Optional[int] = ..., idle_timeout_secs: _Optional[int] = ..., expires_at_unix: _Optional[int] = ..., spawn_ms: _Optional[float] = ..., workspace: _Optional[str] = ..., backend: _Optional[str] = ..., accel: _Optional[str] = ..., last_active_unix: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
+    guest_addr: str
+    netns: str
+    has_branched: bool
+    branch_count: int
+    def __init__(self, id: _Optional[str] = ..., snapshot_tag: _Optional[str] = ..., pid: _Optional[int] = ..., created_at_unix: _Optional[int] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., hostname: _Optional[str] = ..., memory_limit_mib: _Optional[int] = ..., cpu_quota: _Optional[float] = ..., pids_limit: _Optional[int] = ..., network: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_secs: _Optional[int] = ..., idle_timeout_secs: _Optional[int] = ..., expires_at_unix: _Optional[int] = ..., spawn_ms: _Optional[float] = ..., workspace: _Optional[str] = ..., backend: _Optional[str] = ..., accel: _Optional[str] = ..., last_active_unix: _Optional[int] = ..., owner: _Optional[str] = ..., guest_addr: _Optional[str] = ..., netns: _Optional[str] = ..., has_branched: _Optional[bool] = ..., branch_count: _Optional[int] = ...) -> None: ...
 
 class Workspace(_message.Message):
     __slots__ = ("name", "status", "status_reason", "live_sandbox_id", "source_snapshot_tag", "state_tag", "memory_limit_mib", "cpu_quota", "network", "volumes", "labels", "ttl_secs", "idle_timeout_secs", "created_at_unix", "updated_at_unix", "suspended_at_unix", "owner")

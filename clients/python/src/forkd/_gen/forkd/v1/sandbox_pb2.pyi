@@ -518,20 +518,24 @@ class PingResponse(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., latency_ms: _Optional[float] = ..., uptime_secs: _Optional[float] = ..., runtime_ready: _Optional[bool] = ...) -> None: ...
 
 class BranchRequest(_message.Message):
-    __slots__ = ("id", "tag", "mode", "diff", "measure_diff", "wait")
+    __slots__ = ("id", "tag", "mode", "diff", "measure_diff", "wait", "live", "parent_tag")
     ID_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     DIFF_FIELD_NUMBER: _ClassVar[int]
     MEASURE_DIFF_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    PARENT_TAG_FIELD_NUMBER: _ClassVar[int]
     id: str
     tag: str
     mode: str
     diff: bool
     measure_diff: bool
     wait: bool
-    def __init__(self, id: _Optional[str] = ..., tag: _Optional[str] = ..., mode: _Optional[str] = ..., diff: _Optional[bool] = ..., measure_diff: _Optional[bool] = ..., wait: _Optional[bool] = ...) -> None: ...
+    live: bool
+    parent_tag: str
+    def __init__(self, id: _Optional[str] = ..., tag: _Optional[str] = ..., mode: _Optional[str] = ..., diff: _Optional[bool] = ..., measure_diff: _Optional[bool] = ..., wait: _Optional[bool] = ..., live: _Optional[bool] = ..., parent_tag: _Optional[str] = ...) -> None: ...
 
 class ReadFileRequest(_message.Message):
     __slots__ = ("id", "path")

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateSnapshotRequest(_message.Message):
-    __slots__ = ("tag", "image", "vcpus", "mem_mib", "warm_timeout_secs", "warm_eval", "volumes", "labels", "wait")
+    __slots__ = ("tag", "image", "vcpus", "mem_mib", "warm_timeout_secs", "warm_eval", "volumes", "labels", "wait", "rootfs", "kernel", "rw", "tap", "boot_wait_secs")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,11 @@ class CreateSnapshotRequest(_message.Message):
     VOLUMES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
+    ROOTFS_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_FIELD_NUMBER: _ClassVar[int]
+    RW_FIELD_NUMBER: _ClassVar[int]
+    TAP_FIELD_NUMBER: _ClassVar[int]
+    BOOT_WAIT_SECS_FIELD_NUMBER: _ClassVar[int]
     tag: str
     image: str
     vcpus: int
@@ -35,7 +40,12 @@ class CreateSnapshotRequest(_message.Message):
     volumes: _containers.RepeatedScalarFieldContainer[str]
     labels: _containers.ScalarMap[str, str]
     wait: bool
-    def __init__(self, tag: _Optional[str] = ..., image: _Optional[str] = ..., vcpus: _Optional[int] = ..., mem_mib: _Optional[int] = ..., warm_timeout_secs: _Optional[int] = ..., warm_eval: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., wait: _Optional[bool] = ...) -> None: ...
+    rootfs: str
+    kernel: str
+    rw: bool
+    tap: str
+    boot_wait_secs: int
+    def __init__(self, tag: _Optional[str] = ..., image: _Optional[str] = ..., vcpus: _Optional[int] = ..., mem_mib: _Optional[int] = ..., warm_timeout_secs: _Optional[int] = ..., warm_eval: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., wait: _Optional[bool] = ..., rootfs: _Optional[str] = ..., kernel: _Optional[str] = ..., rw: _Optional[bool] = ..., tap: _Optional[str] = ..., boot_wait_secs: _Optional[int] = ...) -> None: ...
 
 class ListSnapshotsRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "status")

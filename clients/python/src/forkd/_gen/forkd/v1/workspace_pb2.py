@@ -26,7 +26,7 @@ from forkd._gen.google.api import annotations_pb2 as google_dot_api_dot_annotati
 from forkd._gen.forkd.v1 import common_pb2 as forkd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66orkd/v1/workspace.proto\x12\x08\x66orkd.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x15\x66orkd/v1/common.proto\"\xa5\x02\n\x16\x43reateWorkspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0csnapshot_tag\x18\x02 \x01(\t\x12\x18\n\x10memory_limit_mib\x18\x03 \x01(\r\x12\x11\n\tcpu_quota\x18\x04 \x01(\x01\x12\x0f\n\x07network\x18\x05 \x01(\t\x12\x0f\n\x07volumes\x18\x06 \x03(\t\x12<\n\x06labels\x18\x07 \x03(\x0b\x32,.forkd.v1.CreateWorkspaceRequest.LabelsEntry\x12\x10\n\x08ttl_secs\x18\x08 \x01(\r\x12\x19\n\x11idle_timeout_secs\x18\t \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\x13GetWorkspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x15ListWorkspacesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x16ListWorkspacesResponse\x12\'\n\nworkspaces\x18\x01 \x03(\x0b\x32\x13.forkd.v1.Workspace\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x17SuspendWorkspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x16ResumeWorkspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x16\x44\x65leteWorkspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x17\x44\x65leteWorkspaceResponse\x12\x19\n\x11\x64\x65leted_snapshots\x18\x01 \x03(\t2\xb3\x05\n\x10WorkspaceService\x12\x63\n\x0f\x43reateWorkspace\x12 .forkd.v1.CreateWorkspaceRequest\x1a\x13.forkd.v1.Workspace\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/workspaces:\x01*\x12\x61\n\x0cGetWorkspace\x12\x1d.forkd.v1.GetWorkspaceRequest\x1a\x13.forkd.v1.Workspace\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/workspaces/{name}\x12w\n\x0eListWorkspaces\x12\x1f.forkd.v1.ListWorkspacesRequest\x1a .forkd.v1.ListWorkspacesResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x0e/v1/workspacesb\nworkspaces\x12t\n\x10SuspendWorkspace\x12!.forkd.v1.SuspendWorkspaceRequest\x1a\x13.forkd.v1.Workspace\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/workspaces/{name}/suspend:\x01*\x12q\n\x0fResumeWorkspace\x12 .forkd.v1.ResumeWorkspaceRequest\x1a\x13.forkd.v1.Workspace\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/workspaces/{name}/resume:\x01*\x12u\n\x0f\x44\x65leteWorkspace\x12 .forkd.v1.DeleteWorkspaceRequest\x1a!.forkd.v1.DeleteWorkspaceResponse\"\x1d\x82\xd3\xe4\x93\x02\x17*\x15/v1/workspaces/{name}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66orkd/v1/workspace.proto\x12\x08\x66orkd.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x15\x66orkd/v1/common.proto\"\xbe\x02\n\x16\x43reateWorkspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0csnapshot_tag\x18\x02 \x01(\t\x12\x18\n\x10memory_limit_mib\x18\x03 \x01(\r\x12\x11\n\tcpu_quota\x18\x04 \x01(\x01\x12\x0f\n\x07network\x18\x05 \x01(\t\x12\x0f\n\x07volumes\x18\x06 \x03(\t\x12<\n\x06labels\x18\x07 \x03(\x0b\x32,.forkd.v1.CreateWorkspaceRequest.LabelsEntry\x12\x10\n\x08ttl_secs\x18\x08 \x01(\r\x12\x19\n\x11idle_timeout_secs\x18\t \x01(\r\x12\x17\n\x0fper_child_netns\x18\n \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\x13GetWorkspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x15ListWorkspacesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x16ListWorkspacesResponse\x12\'\n\nworkspaces\x18\x01 \x03(\x0b\x32\x13.forkd.v1.Workspace\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"C\n\x17SuspendWorkspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\x04\x64iff\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x07\n\x05_diff\"&\n\x16ResumeWorkspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x16\x44\x65leteWorkspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x17\x44\x65leteWorkspaceResponse\x12\x19\n\x11\x64\x65leted_snapshots\x18\x01 \x03(\t2\xb3\x05\n\x10WorkspaceService\x12\x63\n\x0f\x43reateWorkspace\x12 .forkd.v1.CreateWorkspaceRequest\x1a\x13.forkd.v1.Workspace\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/workspaces:\x01*\x12\x61\n\x0cGetWorkspace\x12\x1d.forkd.v1.GetWorkspaceRequest\x1a\x13.forkd.v1.Workspace\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/workspaces/{name}\x12w\n\x0eListWorkspaces\x12\x1f.forkd.v1.ListWorkspacesRequest\x1a .forkd.v1.ListWorkspacesResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x0e/v1/workspacesb\nworkspaces\x12t\n\x10SuspendWorkspace\x12!.forkd.v1.SuspendWorkspaceRequest\x1a\x13.forkd.v1.Workspace\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/workspaces/{name}/suspend:\x01*\x12q\n\x0fResumeWorkspace\x12 .forkd.v1.ResumeWorkspaceRequest\x1a\x13.forkd.v1.Workspace\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/workspaces/{name}/resume:\x01*\x12u\n\x0f\x44\x65leteWorkspace\x12 .forkd.v1.DeleteWorkspaceRequest\x1a!.forkd.v1.DeleteWorkspaceResponse\"\x1d\x82\xd3\xe4\x93\x02\x17*\x15/v1/workspaces/{name}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,23 +48,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKSPACESERVICE'].methods_by_name['DeleteWorkspace']._loaded_options = None
   _globals['_WORKSPACESERVICE'].methods_by_name['DeleteWorkspace']._serialized_options = b'\202\323\344\223\002\027*\025/v1/workspaces/{name}'
   _globals['_CREATEWORKSPACEREQUEST']._serialized_start=92
-  _globals['_CREATEWORKSPACEREQUEST']._serialized_end=385
-  _globals['_CREATEWORKSPACEREQUEST_LABELSENTRY']._serialized_start=340
-  _globals['_CREATEWORKSPACEREQUEST_LABELSENTRY']._serialized_end=385
-  _globals['_GETWORKSPACEREQUEST']._serialized_start=387
-  _globals['_GETWORKSPACEREQUEST']._serialized_end=422
-  _globals['_LISTWORKSPACESREQUEST']._serialized_start=424
-  _globals['_LISTWORKSPACESREQUEST']._serialized_end=486
-  _globals['_LISTWORKSPACESRESPONSE']._serialized_start=488
-  _globals['_LISTWORKSPACESRESPONSE']._serialized_end=578
-  _globals['_SUSPENDWORKSPACEREQUEST']._serialized_start=580
-  _globals['_SUSPENDWORKSPACEREQUEST']._serialized_end=619
-  _globals['_RESUMEWORKSPACEREQUEST']._serialized_start=621
-  _globals['_RESUMEWORKSPACEREQUEST']._serialized_end=659
-  _globals['_DELETEWORKSPACEREQUEST']._serialized_start=661
-  _globals['_DELETEWORKSPACEREQUEST']._serialized_end=699
-  _globals['_DELETEWORKSPACERESPONSE']._serialized_start=701
-  _globals['_DELETEWORKSPACERESPONSE']._serialized_end=753
-  _globals['_WORKSPACESERVICE']._serialized_start=756
-  _globals['_WORKSPACESERVICE']._serialized_end=1447
+  _globals['_CREATEWORKSPACEREQUEST']._serialized_end=410
+  _globals['_CREATEWORKSPACEREQUEST_LABELSENTRY']._serialized_start=365
+  _globals['_CREATEWORKSPACEREQUEST_LABELSENTRY']._serialized_end=410
+  _globals['_GETWORKSPACEREQUEST']._serialized_start=412
+  _globals['_GETWORKSPACEREQUEST']._serialized_end=447
+  _globals['_LISTWORKSPACESREQUEST']._serialized_start=449
+  _globals['_LISTWORKSPACESREQUEST']._serialized_end=511
+  _globals['_LISTWORKSPACESRESPONSE']._serialized_start=513
+  _globals['_LISTWORKSPACESRESPONSE']._serialized_end=603
+  _globals['_SUSPENDWORKSPACEREQUEST']._serialized_start=605
+  _globals['_SUSPENDWORKSPACEREQUEST']._serialized_end=672
+  _globals['_RESUMEWORKSPACEREQUEST']._serialized_start=674
+  _globals['_RESUMEWORKSPACEREQUEST']._serialized_end=712
+  _globals['_DELETEWORKSPACEREQUEST']._serialized_start=714
+  _globals['_DELETEWORKSPACEREQUEST']._serialized_end=752
+  _globals['_DELETEWORKSPACERESPONSE']._serialized_start=754
+  _globals['_DELETEWORKSPACERESPONSE']._serialized_end=806
+  _globals['_WORKSPACESERVICE']._serialized_start=809
+  _globals['_WORKSPACESERVICE']._serialized_end=1500
 # @@protoc_insertion_point(module_scope)

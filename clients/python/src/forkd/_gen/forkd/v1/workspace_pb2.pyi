@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateWorkspaceRequest(_message.Message):
-    __slots__ = ("name", "snapshot_tag", "memory_limit_mib", "cpu_quota", "network", "volumes", "labels", "ttl_secs", "idle_timeout_secs")
+    __slots__ = ("name", "snapshot_tag", "memory_limit_mib", "cpu_quota", "network", "volumes", "labels", "ttl_secs", "idle_timeout_secs", "per_child_netns")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class CreateWorkspaceRequest(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TTL_SECS_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_SECS_FIELD_NUMBER: _ClassVar[int]
+    PER_CHILD_NETNS_FIELD_NUMBER: _ClassVar[int]
     name: str
     snapshot_tag: str
     memory_limit_mib: int
@@ -35,7 +36,8 @@ class CreateWorkspaceRequest(_message.Message):
     labels: _containers.ScalarMap[str, str]
     ttl_secs: int
     idle_timeout_secs: int
-    def __init__(self, name: _Optional[str] = ..., snapshot_tag: _Optional[str] = ..., memory_limit_mib: _Optional[int] = ..., cpu_quota: _Optional[float] = ..., network: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_secs: _Optional[int] = ..., idle_timeout_secs: _Optional[int] = ...) -> None: ...
+    per_child_netns: bool
+    def __init__(self, name: _Optional[str] = ..., snapshot_tag: _Optional[str] = ..., memory_limit_mib: _Optional[int] = ..., cpu_quota: _Optional[float] = ..., network: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_secs: _Optional[int] = ..., idle_timeout_secs: _Optional[int] = ..., per_child_netns: _Optional[bool] = ...) -> None: ...
 
 class GetWorkspaceRequest(_message.Message):
     __slots__ = ("name",)
@@ -60,10 +62,12 @@ class ListWorkspacesResponse(_message.Message):
     def __init__(self, workspaces: _Optional[_Iterable[_Union[_common_pb2.Workspace, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class SuspendWorkspaceRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "diff")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    DIFF_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    diff: bool
+    def __init__(self, name: _Optional[str] = ..., diff: _Optional[bool] = ...) -> None: ...
 
 class ResumeWorkspaceRequest(_message.Message):
     __slots__ = ("name",)

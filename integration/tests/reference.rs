@@ -1,0 +1,144 @@
+//! Requests written the way the reference forkd's users write them (its
+//! documented REST fields), replayed against a real daemon with real VMs:
+//! each is taken with its nearest meaning here, or refused with an error
+//! that names the field and what to do instead; the reference's response
+//! fields are there next to ours.
+
+mod common;
+
+use common::*;
+use forkd_integration::{Daemon, Options, guest_dir};
+use serde_json::{Value, json};
+
+async fn call(d: &Daemon, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
+    let r = d.http().request(method, format!("{}{path}", d.http_url())).json(&body).send().await.unwrap();
+    let s = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (s, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_requests_work_or_say_what_to_do() {
+    let _serial = serial().await;
+    let d = Daemon::start(Options::default());
+    let post = reqwest::Method::POST;
+    let kernel = guest_dir().join("vmlinux").display().to_string();
+    let rootfs = guest_dir().join("images/minimal.ext4").display().to_string();
+
+    // The reference's snapshot request: kernel + rootfs + rw + tap + boot_wait_secs.
+    let (s, v) = call(
+        &d,
+        post.clone(),
+        "/v1/snapshots",
+        json!({ "tag": "ref", "kernel": kernel, "rootfs": rootfs, "rw": true, "tap": "forkd-tap0",
+                "boot_wait_secs": 2, "wait": true }),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["status"], "ready", "{v}");
+    assert!(v["warning"].as_str().unwrap().contains("tap \"forkd-tap0\" ignored"), "{v}");
+    assert!(v["warm_ms"].as_f64().unwrap() >= 2000.0, "boot_wait_secs is a least warm-up: {v}");
+    assert_eq!(v["dir"], d.data_dir.join("snapshots/ref").display().to_string().as_str(), "{v}");
+    assert_eq!(v["bootable"], true);
+    assert!(v["vmstate_bytes"].as_u64().unwrap() > 0, "{v}");
+    let info: Value = d.get("/v1/snapshots/ref/info").send().await.unwrap().json().await.unwrap();
+    assert!(info["vmstate_bytes"].as_u64().unwrap() > 0 && info["pause_ms"].is_u64(), "{info}");
+
+    // What has no meaning here is refused, naming the field and the way out.
+    for (body, status, field, hint) in [
+        (json!({ "tag": "k2", "kernel": "/boot/vmlinuz-other", "rootfs": rootfs }), 409, "kernel", "omit `kernel`"),
+        (json!({ "tag": "k3", "rootfs": rootfs, "rw": false }), 400, "rw", "omit `rw`"),
+        (json!({ "tag": "k4", "rootfs": rootfs, "image": "python" }), 400, "rootfs", "different images"),
+        (json!({ "tag": "k5", "rootfs": "/etc/passwd" }), 400, "rootfs", "image store"),
+    ] {
+        let (s, v) = call(&d, post.clone(), "/v1/snapshots", body.clone()).await;
+        assert_eq!(s, status, "{body}: {v}");
+        let msg = v["error"].as_str().unwrap();
+        assert!(msg.contains(field) && msg.contains(hint), "{body}: {msg}");
+        assert_eq!(
+            d.get(&format!("/v1/snapshots/{}", body["tag"].as_str().unwrap())).send().await.unwrap().status(),
+            404
+        );
+    }
+
+    // Spawn: per_child_netns alone is a private namespace per child without egress.
+    let (s, v) =
+        call(&d, post.clone(), "/v1/sandboxes", json!({ "snapshot_tag": "ref", "n": 1, "per_child_netns": true }))
+            .await;
+    assert_eq!(s, 200, "{v}");
+    let child = &v[0];
+    assert_eq!(child["network"], "nat", "{child}");
+    assert!(child["netns"].as_str().unwrap().starts_with("forkd-"), "{child}");
+    assert!(child["guest_addr"].as_str().unwrap().starts_with("198.18."), "{child}");
+    assert_eq!(child["allow"], json!([]), "no egress: {child}");
+    for (field, hint) in [("live_fork", "branch the running sandbox"), ("hugepages", "huge")] {
+        let (s, v) = call(&d, post.clone(), "/v1/sandboxes", json!({ "snapshot_tag": "ref", field: true })).await;
+        assert_eq!(s, 409, "{field}: {v}");
+        assert_eq!(v["code"], "FAILED_PRECONDITION", "{field}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(hint), "{field}: {v}");
+    }
+
+    // Branch: live + parent_tag, not waited for; the snapshot becomes ready.
+    let id = fork(&d, "ref", 1).await.remove(0);
+    let (s, v) = call(
+        &d,
+        post.clone(),
+        &format!("/v1/sandboxes/{id}/branch"),
+        json!({ "tag": "b-live", "live": true, "parent_tag": "ref", "wait": false }),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["kind"], "diff", "a live branch is forkd's lowest-pause (diff) branch: {v}");
+    assert!(v["pause_ms"].is_u64(), "pause_ms is a whole number of ms: {v}");
+    wait_ready(&d, "b-live").await;
+    let b: Value = d.get("/v1/snapshots/b-live").send().await.unwrap().json().await.unwrap();
+    assert!(b["diff_ms"].as_f64().unwrap() > 0.0 && b["diff_logical_bytes"].as_u64().unwrap() == 256 << 20, "{b}");
+    assert_eq!(b["diff_physical_bytes"], b["dirty_bytes"]);
+    let src: Value = d.get(&format!("/v1/sandboxes/{id}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!((src["has_branched"].as_bool(), src["branch_count"].as_u64()), (Some(true), Some(1)), "{src}");
+    let (s, v) = call(&d, post.clone(), &format!("/v1/sandboxes/{id}/branch"), json!({ "mode": "live" })).await;
+    assert_eq!(s, 200, "mode \"live\" as well: {v}");
+    let (s, v) =
+        call(&d, post.clone(), &format!("/v1/sandboxes/{id}/branch"), json!({ "tag": "b2", "parent_tag": "other" }))
+            .await;
+    assert_eq!(s, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("was forked from \"ref\""), "{v}");
+
+    // Workspaces: per_child_netns on create; suspend's diff says what it does here.
+    let (s, v) = call(
+        &d,
+        post.clone(),
+        "/v1/workspaces",
+        json!({ "name": "w", "snapshot_tag": "ref", "per_child_netns": true }),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["network"], "nat", "{v}");
+    let (s, v) = call(&d, post.clone(), "/v1/workspaces/w/suspend", json!({ "diff": true })).await;
+    assert_eq!(s, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("flat snapshot"), "{v}");
+    let (s, v) = call(&d, post.clone(), "/v1/workspaces/w/suspend", json!({ "diff": false })).await;
+    assert_eq!(s, 200, "{v}");
+
+    // The CLI's reference forms of the snapshot verb.
+    let (code, out, err) = cli_output(
+        &d,
+        &[
+            "snapshot",
+            "--tag",
+            "cli-ref",
+            "--rootfs",
+            &rootfs,
+            "--kernel",
+            &kernel,
+            "--mem-size-mib",
+            "192",
+            "--boot-wait-secs",
+            "1",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let snap: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((snap["status"].as_str(), snap["mem_mib"].as_u64()), (Some("ready"), Some(192)), "{snap}");
+}
