@@ -436,6 +436,31 @@ pub enum Command {
     )]
     Doctor(DoctorArgs),
 
+    /// forkd's main job end to end: preflight, start what is missing, bake, fork, time it.
+    #[command(
+        long_about = "Run forkd's main job on a machine where it is built (scripts/quickstart.sh does \
+            the host setup and the build first): check the host as `forkd doctor` does, list the \
+            steps still missing (start the daemon next to this binary, bake a warmed python \
+            snapshot) and run them once confirmed (--yes: without asking), fork N children, have \
+            each say its hostname and a fresh UUID, print the timings and what to try next. The \
+            children are killed at the end unless --keep.",
+        after_help = "Examples:\n  forkd quickstart\n  forkd quickstart --yes -n 3\n  forkd quickstart --yes --keep"
+    )]
+    Quickstart(QuickstartArgs),
+
+    /// Probe userfaultfd write-protection on a memfd (no daemon needed).
+    #[command(
+        name = "wp-bench",
+        long_about = "Time the write-protect copy a branch can use to capture a running guest's \
+            memory without stopping it, on a memfd of --region-mib: fill it, arm \
+            UFFDIO_WRITEPROTECT over all of it (the only pause), copy every page in the \
+            background while a fault handler copies first any page a writer touches \
+            (--dirty-pages of them), then check that the copy in --snapshot is the memory as \
+            armed. Needs Linux 5.19+ and root (or vm.unprivileged_userfaultfd=1).",
+        after_help = "Examples:\n  forkd wp-bench\n  forkd wp-bench --region-mib 256 --dirty-pages 1000 --json"
+    )]
+    WpBench(WpBenchArgs),
+
     /// Find forkd resources no live VMM owns; remove them with --yes.
     #[command(
         long_about = "List work dirs (and their sockets) and staging dirs under the data \
@@ -1160,6 +1185,7 @@ pub struct ForkArgs {
     #[arg(
         short = 'n',
         long = "count",
+        alias = "n",
         value_name = "N",
         default_value_t = 1,
         value_parser = clap::value_parser!(u32).range(1..=1000)
@@ -1207,6 +1233,16 @@ pub struct ForkArgs {
     /// Print only the new ids, one per line.
     #[arg(long, short = 'q', conflicts_with = "json")]
     pub quiet: bool,
+
+    /// The reference's fork test: wait this long after the fork, report
+    /// how many children are alive (each answers a ping), then kill them.
+    #[arg(long, value_name = "SECS")]
+    pub settle_secs: Option<u64>,
+
+    /// With --settle-secs: leave the children running instead of killing
+    /// them (a child's work dir goes with it when it is killed).
+    #[arg(long, requires = "settle_secs")]
+    pub keep_workdir: bool,
 }
 
 #[derive(Args, Debug)]
@@ -1494,6 +1530,50 @@ impl DoctorArgs {
             if own.join("vmlinux").exists() { own } else { PathBuf::from("/var/lib/forkd/guest") }
         })
     }
+}
+
+#[derive(Args, Debug)]
+pub struct WpBenchArgs {
+    /// Region size in MiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub region_mib: u64,
+
+    /// Where the copy is written.
+    #[arg(long, default_value = "/tmp/forkd-wp-bench.snapshot", value_name = "PATH")]
+    pub snapshot: PathBuf,
+
+    /// Pages a writer changes while the copy runs (each is copied by the
+    /// fault handler before its write goes through).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub dirty_pages: u64,
+
+    /// Keep the copy afterwards.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct QuickstartArgs {
+    /// Run the missing steps without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+
+    /// Children to fork (1-1000).
+    #[arg(short = 'n', long = "count", alias = "n", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub n: u32,
+
+    /// Snapshot to bake (if missing) and fork from.
+    #[arg(long, short = 't', default_value = "python")]
+    pub tag: Tag,
+
+    /// Leave the children running.
+    #[arg(long)]
+    pub keep: bool,
+
+    /// The daemon's data dir (for the preflight, and a daemon started here).
+    #[arg(long, env = "FORKD_DATA_DIR", default_value = "/var/lib/forkd", value_name = "DIR")]
+    pub data_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]

@@ -67,6 +67,7 @@ async fn the_reference_requests_work_or_say_what_to_do() {
             .await;
     assert_eq!(s, 200, "{v}");
     let child = &v[0];
+    let child_ns = child["netns"].as_str().unwrap().to_string();
     assert_eq!(child["network"], "nat", "{child}");
     assert!(child["netns"].as_str().unwrap().starts_with("forkd-"), "{child}");
     assert!(child["guest_addr"].as_str().unwrap().starts_with("198.18."), "{child}");
@@ -141,4 +142,46 @@ async fn the_reference_requests_work_or_say_what_to_do() {
     assert_eq!(code, 0, "{err}");
     let snap: Value = serde_json::from_str(&out).unwrap();
     assert_eq!((snap["status"].as_str(), snap["mem_mib"].as_u64()), (Some("ready"), Some(192)), "{snap}");
+
+    // `spawn --n N --settle-secs S`: fork, settle, report the alive count, shut down.
+    let before = list(&d).await.len();
+    let (code, out, err) = cli_output(&d, &["spawn", "--tag", "ref", "--n", "2", "--settle-secs", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("alive after 1 s: 2/2 (shut down)"), "{out}");
+    assert_eq!(list(&d).await.len(), before, "the children were shut down");
+    let (code, out, err) =
+        cli_output(&d, &["spawn", "--tag", "ref", "--n", "1", "--settle-secs", "0", "--keep-workdir", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let kept: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((kept["alive"].as_u64(), kept["kept"].as_bool()), (Some(1), Some(true)), "{kept}");
+    assert_eq!(list(&d).await.len(), before + 1, "--keep-workdir leaves the child running");
+
+    // `quickstart --yes -n 2`: preflight, bake what is missing, fork, each child speaks, kill.
+    let (code, out, err) = cli_output(&d, &["quickstart", "--yes", "-n", "2", "--tag", "qs"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("bake a warmed python snapshot") && out.contains("forked 2 in"), "{out}");
+    assert!(out.contains("2/2 answered"), "{out}");
+    let (code, out, _) = cli_output(&d, &["quickstart", "--yes", "-n", "1", "--tag", "qs"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains("Missing:"), "nothing left to set up the second time: {out}");
+
+    // `wp-bench`: the write-protect copy probe, with writes racing the copy.
+    let (code, out, err) = cli_output(&d, &["wp-bench", "--region-mib", "8", "--dirty-pages", "200", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let wp: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(wp["consistent"], true, "{wp}");
+    assert_eq!(wp["pages"], 2048);
+    assert_eq!(
+        wp["pages_captured_by_fault"].as_u64().unwrap() + wp["pages_captured_by_bulk"].as_u64().unwrap(),
+        2048,
+        "{wp}"
+    );
+
+    // Networks are host resources: leave none behind for the tests after this one.
+    let r = d.delete("/v1/workspaces/w").send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let (s, v) = call(&d, post, "/v1/sandboxes/delete", json!({ "all": true })).await;
+    assert_eq!(s, 200, "{v}");
+    let leaks = settled_leaks(&d.data_dir, &Default::default(), std::time::Duration::from_secs(20)).await;
+    assert!(leaks.iter().all(|l| !l.contains(&child_ns)), "{leaks:?}");
 }

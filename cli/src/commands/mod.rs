@@ -11,6 +11,7 @@ mod mcp;
 mod metrics;
 mod ports;
 mod processes;
+mod quickstart;
 mod remote;
 mod run;
 mod sandboxes;
@@ -19,6 +20,7 @@ mod system;
 mod transfer;
 mod volume;
 mod workspaces;
+mod wp_bench;
 
 use clap::CommandFactory;
 
@@ -40,7 +42,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         // Both work without a daemon (and check it themselves).
         Command::Doctor(a) => doctor::run(&global, a).await,
         Command::Cleanup(a) => cleanup::run(&global, a).await,
+        // Starts the daemon itself when it is not running.
+        Command::Quickstart(a) => quickstart::run(&global, a).await,
         Command::VolumeCreate(a) => volume::create(a),
+        // A host probe: needs no daemon.
+        Command::WpBench(a) => wp_bench::run(a, json),
         // Only prints settings: needs no connection.
         Command::E2b(c) => e2b::run(&global, c, json),
         command => {
@@ -85,6 +91,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 | Command::VolumeCreate(_)
                 | Command::E2b(_)
                 | Command::Doctor(_)
+                | Command::Quickstart(_)
+                | Command::WpBench(_)
                 | Command::Cleanup(_) => unreachable!("handled above"),
             }
         }

@@ -40,6 +40,9 @@ pub async fn fork(conn: &Conn, args: ForkArgs, as_json: bool) -> anyhow::Result<
         hugepages: args.hugepages,
     };
     let resp = conn.call(conn.sandboxes().create_sandboxes(req)).await?;
+    if let Some(secs) = args.settle_secs {
+        return settle(conn, &resp.sandboxes, secs, args.keep_workdir, as_json).await;
+    }
     if as_json {
         emit_json(&sandbox_array(&resp.sandboxes))?;
     } else if args.quiet {
@@ -60,6 +63,34 @@ pub async fn fork(conn: &Conn, args: ForkArgs, as_json: bool) -> anyhow::Result<
         ))?;
     }
     Ok(0)
+}
+
+/// `fork --settle-secs`: waits, counts the children that answer a ping,
+/// reports, and kills them unless `keep`. Exits 1 when any died.
+async fn settle(conn: &Conn, kids: &[Sandbox], secs: u64, keep: bool, as_json: bool) -> anyhow::Result<u8> {
+    eprintln!("forkd: forked {} children; settling {secs} s", kids.len());
+    tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+    let mut alive = Vec::new();
+    for s in kids {
+        let ping = conn.sandboxes().ping(PingRequest { id: s.id.clone() }).await;
+        if ping.is_ok() {
+            alive.push(s.id.clone());
+        }
+    }
+    let ids: Vec<String> = kids.iter().map(|s| s.id.clone()).collect();
+    if !keep {
+        let req = DeleteSandboxesRequest { ids: ids.clone(), ..Default::default() };
+        conn.call(conn.sandboxes().delete_sandboxes(req)).await?;
+    }
+    if as_json {
+        emit_json(&serde_json::json!({
+            "forked": ids.len(), "alive": alive.len(), "settle_secs": secs, "ids": ids, "kept": keep,
+        }))?;
+    } else {
+        let end = if keep { "left running" } else { "shut down" };
+        emit(&format!("alive after {secs} s: {}/{} ({end})\n", alive.len(), ids.len()))?;
+    }
+    Ok(if alive.len() == ids.len() { 0 } else { 1 })
 }
 
 fn sandbox_array(sandboxes: &[Sandbox]) -> Value {
