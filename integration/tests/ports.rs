@@ -134,7 +134,12 @@ async fn guest_ports_through_the_proxy_port_forward_and_open_port() {
     let tmp = tempfile::tempdir_in("/tmp").unwrap();
     let d = Daemon::start(Options {
         token: Some(TEST_TOKEN.into()),
-        extra_args: vec!["--tokens-file".into(), tokens_file(tmp.path()).display().to_string()],
+        extra_args: vec![
+            "--tokens-file".into(),
+            tokens_file(tmp.path()).display().to_string(),
+            "--proxy-domain".into(),
+            "preview.test".into(),
+        ],
         ..Default::default()
     });
     bake(&d, "web").await;
@@ -165,6 +170,16 @@ async fn guest_ports_through_the_proxy_port_forward_and_open_port() {
         .unwrap();
     assert_eq!(r.status(), 308);
     assert_eq!(r.headers()["location"], format!("{base}/").as_str());
+    // By host name under --proxy-domain: the whole path is the guest's.
+    let r = d
+        .http()
+        .get(format!("{}/hello.txt", d.http_url()))
+        .header("host", format!("8000-{id}.preview.test"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "hello-from-the-guest\n");
     // No token, no proxy.
     assert_eq!(d.anon().get(format!("{}{base}/hello.txt", d.http_url())).send().await.unwrap().status(), 401);
 

@@ -11,7 +11,7 @@ import { after, before, describe, it } from "node:test";
 import { Code } from "@connectrpc/connect";
 
 import { Client, Controller, ControllerError, ForkdError, type ControllerSandboxInfo, type SnapshotInfo } from "../src/index.js";
-import { Daemon, E2E, E2E_TAG } from "./daemon.js";
+import { Daemon, E2E, E2E_TAG, bakeE2E } from "./daemon.js";
 
 const GHOST = "sb-aaaaaaaaaaaa"; // well formed, never issued
 
@@ -135,8 +135,7 @@ describe("Controller e2e", { skip: E2E ? false : "needs microVMs: set FORKD_E2E=
   before(async () => {
     d = await Daemon.start();
     c = d.client();
-    const timeoutMs = Number(process.env.FORKD_E2E_TIMEOUT ?? "900") * 1000;
-    snap = await c.snapshots.create(E2E_TAG, { image: process.env.FORKD_E2E_IMAGE ?? "python", timeoutMs });
+    snap = await bakeE2E(d);
   });
   after(async () => {
     await d?.stop();

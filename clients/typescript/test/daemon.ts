@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
-import { Client, type ClientOptions } from "../src/index.js";
+import { Client, type ClientOptions, type SnapshotInfo } from "../src/index.js";
 
 /** Passes the daemon's token checks (>= 16 bytes, not a placeholder). */
 export const TOKEN = "tKq2r9VfX81mWz4LcN7pHs0dJy5uBe3a";
@@ -99,4 +99,10 @@ export class Daemon {
     closeSync(this.logFd);
     rmSync(this.tmp, { recursive: true, force: true });
   }
+}
+
+/** Bakes the end-to-end suites' snapshot on `d` (FORKD_E2E_IMAGE, default python). */
+export async function bakeE2E(d: Daemon, tag: string = E2E_TAG): Promise<SnapshotInfo> {
+  const timeoutMs = Number(process.env.FORKD_E2E_TIMEOUT ?? "900") * 1000;
+  return d.client().snapshots.create(tag, { image: process.env.FORKD_E2E_IMAGE ?? "python", timeoutMs });
 }

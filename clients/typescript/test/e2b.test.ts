@@ -15,7 +15,7 @@ import {
   type FilesystemEvent,
 } from "e2b";
 
-import { Daemon, E2E } from "./daemon.js";
+import { Daemon, E2E, bakeE2E } from "./daemon.js";
 
 const TEMPLATE = "e2b-ts";
 const text = (b: Uint8Array) => new TextDecoder().decode(b);
@@ -33,8 +33,7 @@ describe("e2b sdk", { skip: E2E ? false : "needs microVMs: set FORKD_E2E=1" }, (
 
   before(async () => {
     d = await Daemon.start();
-    const timeoutMs = Number(process.env.FORKD_E2E_TIMEOUT ?? "900") * 1000;
-    await d.client().snapshots.create(TEMPLATE, { image: process.env.FORKD_E2E_IMAGE ?? "python", timeoutMs });
+    await bakeE2E(d, TEMPLATE);
     process.env.E2B_API_URL = `${d.url}/e2b`;
     process.env.E2B_SANDBOX_URL = d.url;
     process.env.E2B_API_KEY = d.token;

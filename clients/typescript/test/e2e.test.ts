@@ -15,7 +15,7 @@ import {
   type ProcessChunk,
   type SnapshotInfo,
 } from "../src/index.js";
-import { Daemon, E2E, E2E_TAG } from "./daemon.js";
+import { Daemon, E2E, E2E_TAG, bakeE2E } from "./daemon.js";
 
 const text = (b: Uint8Array) => new TextDecoder().decode(b);
 
@@ -54,8 +54,7 @@ describe("e2e", { skip: E2E ? false : "needs microVMs: set FORKD_E2E=1" }, () =>
   before(async () => {
     d = await Daemon.start();
     c = d.client();
-    const timeoutMs = Number(process.env.FORKD_E2E_TIMEOUT ?? "900") * 1000;
-    snap = await c.snapshots.create(E2E_TAG, { image: process.env.FORKD_E2E_IMAGE ?? "python", timeoutMs });
+    snap = await bakeE2E(d);
   });
   after(async () => {
     await d?.stop();

@@ -651,18 +651,22 @@ impl ExecStream {
     }
 }
 
+/// A client and the raw guest end of its channel, for tests that play a
+/// (misbehaving) guest.
+#[cfg(test)]
+pub(crate) async fn test_pair() -> (AgentClient, tokio::net::UnixStream, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    let client = AgentClient::connect(&sock, Duration::from_secs(2)).await.unwrap();
+    let (guest, _) = listener.accept().await.unwrap();
+    (client, guest, dir)
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_pair as pair;
     use super::*;
-
-    async fn pair() -> (AgentClient, tokio::net::UnixStream, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("agent.sock");
-        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-        let client = AgentClient::connect(&sock, Duration::from_secs(2)).await.unwrap();
-        let (guest, _) = listener.accept().await.unwrap();
-        (client, guest, dir)
-    }
 
     #[tokio::test]
     async fn malformed_frames_past_the_budget_break_the_channel() {

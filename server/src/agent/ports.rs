@@ -213,15 +213,7 @@ mod tests {
     use forkd_agent_protocol::FrameDecoder;
     use tokio::net::UnixStream;
 
-    /// A client and the raw guest end of its channel.
-    async fn pair() -> (AgentClient, UnixStream, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("agent.sock");
-        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-        let client = AgentClient::connect(&sock, Duration::from_secs(2)).await.unwrap();
-        let (guest, _) = listener.accept().await.unwrap();
-        (client, guest, dir)
-    }
+    use crate::agent::test_pair as pair;
 
     async fn next_request(guest: &mut UnixStream, dec: &mut FrameDecoder) -> pb::Request {
         let mut buf = [0u8; 65536];
