@@ -163,7 +163,7 @@ branch_full() { # SANDBOX TAG
     -H "authorization: Bearer $(cat "$work/a/token")" -H 'content-type: application/json' \
     -d "{\"tag\":\"$2\",\"mode\":\"full\"}")
   code=${out##*$'\n'}
-  [ "$code" = 200 ] || die "branch $1 -> $2 (full) answered $code: ${out%$'\n'*}"
+  [ "$code" = 201 ] || die "branch $1 -> $2 (full) answered $code: ${out%$'\n'*}"
 }
 
 declare -A logical

@@ -190,8 +190,10 @@ impl Daemon {
         self.auth(self.anon().post(format!("{}{path}", self.http_url())).json(&body))
     }
 
+    /// A DELETE that asks for the answer's body (`Prefer:
+    /// return=representation`): 200 with what was deleted instead of 204.
     pub fn delete(&self, path: &str) -> reqwest::RequestBuilder {
-        self.auth(self.anon().delete(format!("{}{path}", self.http_url())))
+        self.auth(self.anon().delete(format!("{}{path}", self.http_url()))).header("prefer", "return=representation")
     }
 
     fn auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {

@@ -73,7 +73,7 @@ async fn forks_over_the_sandbox_count_or_host_memory_are_refused() {
     let before = forkd_cgroups();
     let d = Daemon::start(Options { extra_args: vec!["--max-sandboxes".into(), "2".into()], ..Default::default() });
     let r = d.post("/v1/snapshots", json!({ "tag": "m", "image": "minimal" })).send().await.unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 202, "accepted: the snapshot is being written");
     wait_ready(&d, "m").await;
 
     let e = refused(&d, "/v1/sandboxes", json!({ "snapshot_tag": "m", "n": 3 })).await;
@@ -124,7 +124,7 @@ async fn forks_over_the_sandbox_count_or_host_memory_are_refused() {
     let (a, b) = tokio::join!(two(), two());
     let mut statuses = [a.0, b.0];
     statuses.sort();
-    assert_eq!(statuses, [200, 429], "{a:?} {b:?}");
+    assert_eq!(statuses, [201, 429], "{a:?} {b:?}");
     let refusal = if a.0 == 429 { &a.1 } else { &b.1 };
     assert!(refusal.contains("at most 2 (--max-sandboxes)"), "{refusal}");
     assert_eq!(list(&d).await.len(), 2);
@@ -146,7 +146,7 @@ async fn snapshot_writes_under_the_disk_floor_or_over_the_quota_are_refused() {
     // A snapshot made while there is room.
     let d = Daemon::start(Options { data_dir: Some(moved.clone()), ..Default::default() });
     let r = d.post("/v1/snapshots", json!({ "tag": "m", "image": "minimal" })).send().await.unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 202, "accepted: the snapshot is being written");
     wait_ready(&d, "m").await;
     drop(d);
 

@@ -25,7 +25,7 @@ async fn info(d: &Daemon, tag: &str) -> Value {
 async fn branch_chains_compaction_and_deletion() {
     let d = Daemon::start(Options::default());
     let r = d.post("/v1/snapshots", json!({ "tag": "base", "image": "python" })).send().await.unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 202);
     wait_ready(&d, "base").await;
 
     // A child writes a file and sets a name in its interpreter, then branches.

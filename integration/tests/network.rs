@@ -141,7 +141,7 @@ async fn nat_allows_only_the_allow_list() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     let nat: Value = r.json().await.unwrap();
     let id = nat[0]["id"].as_str().unwrap().to_string();
     assert_eq!(nat[0]["network"], "nat");
@@ -175,7 +175,7 @@ async fn nat_allows_only_the_allow_list() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     let wide: Value = r.json().await.unwrap();
     let wid = wide[0]["id"].as_str().unwrap().to_string();
     let wns = format!("forkd-{}", &wid[3..]);

@@ -34,7 +34,7 @@ async fn the_reference_requests_work_or_say_what_to_do() {
                 "boot_wait_secs": 2, "wait": true }),
     )
     .await;
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(s, 201, "created (and waited for): {v}");
     assert_eq!(v["status"], "ready", "{v}");
     assert!(v["warning"].as_str().unwrap().contains("tap \"forkd-tap0\" ignored"), "{v}");
     assert!(v["warm_ms"].as_f64().unwrap() >= 2000.0, "boot_wait_secs is a least warm-up: {v}");
@@ -65,7 +65,7 @@ async fn the_reference_requests_work_or_say_what_to_do() {
     let (s, v) =
         call(&d, post.clone(), "/v1/sandboxes", json!({ "snapshot_tag": "ref", "n": 1, "per_child_netns": true }))
             .await;
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(s, 201, "{v}");
     let child = &v[0];
     let child_ns = child["netns"].as_str().unwrap().to_string();
     assert_eq!(child["network"], "nat", "{child}");
@@ -88,7 +88,7 @@ async fn the_reference_requests_work_or_say_what_to_do() {
         json!({ "tag": "b-live", "live": true, "parent_tag": "ref", "wait": false }),
     )
     .await;
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(s, 202, "accepted: the layer is still being written: {v}");
     assert_eq!(v["kind"], "diff", "a live branch is forkd's lowest-pause (diff) branch: {v}");
     assert!(v["pause_ms"].is_u64(), "pause_ms is a whole number of ms: {v}");
     wait_ready(&d, "b-live").await;
@@ -98,7 +98,7 @@ async fn the_reference_requests_work_or_say_what_to_do() {
     let src: Value = d.get(&format!("/v1/sandboxes/{id}")).send().await.unwrap().json().await.unwrap();
     assert_eq!((src["has_branched"].as_bool(), src["branch_count"].as_u64()), (Some(true), Some(1)), "{src}");
     let (s, v) = call(&d, post.clone(), &format!("/v1/sandboxes/{id}/branch"), json!({ "mode": "live" })).await;
-    assert_eq!(s, 200, "mode \"live\" as well: {v}");
+    assert_eq!(s, 201, "mode \"live\" as well: {v}");
     let (s, v) =
         call(&d, post.clone(), &format!("/v1/sandboxes/{id}/branch"), json!({ "tag": "b2", "parent_tag": "other" }))
             .await;
@@ -113,7 +113,7 @@ async fn the_reference_requests_work_or_say_what_to_do() {
         json!({ "name": "w", "snapshot_tag": "ref", "per_child_netns": true }),
     )
     .await;
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(s, 201, "{v}");
     assert_eq!(v["network"], "nat", "{v}");
     let (s, v) = call(&d, post.clone(), "/v1/workspaces/w/suspend", json!({ "diff": true })).await;
     assert_eq!(s, 409, "{v}");
@@ -176,6 +176,17 @@ async fn the_reference_requests_work_or_say_what_to_do() {
         2048,
         "{wp}"
     );
+
+    // Status codes: a delete is 204 without a body (200 with it on request);
+    // deleting a sandbox that is not there is 404.
+    let kept_id = kept["ids"][0].as_str().unwrap().to_string();
+    let r = d.http().delete(format!("{}/v1/sandboxes/{kept_id}", d.http_url())).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(r.text().await.unwrap().is_empty());
+    let r = d.http().delete(format!("{}/v1/sandboxes/{kept_id}", d.http_url())).send().await.unwrap();
+    assert_eq!(r.status(), 404, "already gone");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["code"], "NOT_FOUND", "{v}");
 
     // Networks are host resources: leave none behind for the tests after this one.
     let r = d.delete("/v1/workspaces/w").send().await.unwrap();

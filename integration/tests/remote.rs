@@ -191,7 +191,7 @@ async fn file_remotes_share_pulls_refuse_corruption_and_stay_the_operators() {
     let b = Daemon::start(remote_opts(&remote, vec![]));
 
     let (status, _) = post(&a, "/v1/snapshots", json!({ "tag": "m", "image": "minimal" })).await;
-    assert_eq!(status, 200);
+    assert_eq!(status, 202);
     wait_ready(&a, "m").await;
     let child = fork(&a, "m", 1).await.remove(0);
     assert_eq!(sh(&a, &child, "echo layered > /root/l; sync").await["exit_code"], 0);

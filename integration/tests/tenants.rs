@@ -54,7 +54,7 @@ impl As {
 
     async fn fork(&self, tag: &str, n: u32) -> Vec<String> {
         let (s, v) = self.post("/v1/sandboxes", json!({ "snapshot_tag": tag, "n": n })).await;
-        assert_eq!(s, 200, "fork {tag}: {v}");
+        assert_eq!(s, 201, "fork {tag}: {v}");
         v.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect()
     }
 
@@ -176,7 +176,7 @@ async fn tenants_see_and_drive_only_their_own() {
         }
     }
     let (s, v) = a.delete(&format!("/v1/sandboxes/{sb}")).await;
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(s, 204, "{v}");
     assert_eq!(b.ids("/v1/sandboxes", "id").await, vec![sb.clone()], "b's sandbox survived a's delete");
     let (s, v) = a.post("/v1/sandboxes/delete", json!({ "all": true })).await;
     assert_eq!(s, 200, "{v}");
@@ -212,7 +212,7 @@ async fn tenants_see_and_drive_only_their_own() {
 
     // Workspaces.
     let (s, v) = b.post("/v1/workspaces", json!({ "name": "wb", "snapshot_tag": "base" })).await;
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(s, 201, "{v}");
     let missing_ws = a.get("/v1/workspaces/nosuch").await;
     assert_hidden("b's workspace", a.get("/v1/workspaces/wb").await, &missing_ws);
     assert_hidden("suspend b's workspace", a.post("/v1/workspaces/wb/suspend", json!({})).await, &missing_ws);

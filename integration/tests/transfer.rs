@@ -67,7 +67,7 @@ async fn snapshots_travel_between_hosts_in_archives() {
 
     // On A: m ← b1 ← b2, each branch a diff with a file of its own.
     let r = a.post("/v1/snapshots", json!({ "tag": "m", "image": "minimal" })).send().await.unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 202);
     wait_ready(&a, "m").await;
     let c1 = fork(&a, "m", 1).await.remove(0);
     assert_eq!(

@@ -64,7 +64,7 @@ async fn python_snapshot_children_are_real_and_distinct() {
 
     // Bake: returns at once with "writing"; forking from it now is refused.
     let r = d.post("/v1/snapshots", json!({ "tag": "py", "image": "python" })).send().await.unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 202, "accepted: the snapshot is being written");
     let created: Value = r.json().await.unwrap();
     assert_eq!(created["status"], "writing");
     let r = d.post("/v1/sandboxes", json!({ "snapshot_tag": "py", "n": 1 })).send().await.unwrap();

@@ -123,14 +123,14 @@ async fn read_write_volumes_persist_and_read_only_ones_are_shared() {
 
     // The next sandbox sees what the first one wrote.
     let r = fork(&d, "rwvol", 1).await;
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 201);
     let second = r.json::<Value>().await.unwrap()[0]["id"].as_str().unwrap().to_string();
     assert_eq!(sh(&d, &second, "cat /data/note").await["stdout"], "persisted\n");
     d.delete(&format!("/v1/sandboxes/{second}")).send().await.unwrap();
 
     // Three children share the read-only volume and cannot write it.
     let r = fork(&d, "rovol", 3).await;
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 201);
     let kids: Vec<String> = r
         .json::<Value>()
         .await
@@ -154,7 +154,7 @@ async fn fork_with(d: &Daemon, tag: &str, n: u32, volumes: &[String]) -> reqwest
 }
 
 async fn ids_of(r: reqwest::Response) -> Vec<String> {
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 201);
     let v: Value = r.json().await.unwrap();
     v.as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap().to_string()).collect()
 }

@@ -55,8 +55,10 @@ def test_unknown_sandbox_is_a_404(ctl: Controller, daemon: Daemon) -> None:
         assert e.body == {"error": e.message, "code": "NOT_FOUND"}
         assert e.url.startswith(f"{daemon.url}/v1/sandboxes/{GHOST}")
         assert GHOST in str(e) and "HTTP 404" in str(e)
-    # As in the REST API, killing a sandbox that is not there succeeds.
-    assert ctl.kill_sandbox(GHOST) is None
+    # As in the REST API, killing a sandbox that is not there is a 404.
+    with pytest.raises(ControllerError) as ei:
+        ctl.kill_sandbox(GHOST)
+    assert (ei.value.status, ei.value.method) == (404, "DELETE")
 
 
 def test_daemon_refusals_keep_their_status(ctl: Controller, daemon: Daemon) -> None:

@@ -300,8 +300,16 @@ export class Controller {
   }
 
   /** Kills a sandbox. Killing one that is already gone succeeds. */
+  /** Kills a sandbox; one that is not there is a 404, as in the REST API. */
   async killSandbox(sandboxId: string): Promise<void> {
-    await this.call("DELETE", `/v1/sandboxes/${seg(sandboxId)}`, () => this.handle(sandboxId).kill());
+    const path = `/v1/sandboxes/${seg(sandboxId)}`;
+    const killed = await this.call("DELETE", path, () => {
+      this.handle(sandboxId); // checks the id
+      return this.client.sandboxes.kill({ ids: [sandboxId] });
+    });
+    if (killed.length === 0) {
+      throw ControllerError.of(Code.NotFound, `sandbox ${sandboxId} not found`, this.baseUrl + path, "DELETE");
+    }
   }
 
   /**

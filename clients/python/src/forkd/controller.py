@@ -216,9 +216,15 @@ class Controller:
             return _sandbox(self._client.sandboxes.get(sandbox_id).info)
 
     def kill_sandbox(self, sandbox_id: str) -> None:
-        """Kills a sandbox. Killing one that is already gone succeeds."""
-        with self._call("DELETE", f"/v1/sandboxes/{_seg(sandbox_id)}"):
-            self._handle(sandbox_id).kill()
+        """Kills a sandbox; one that is not there is a 404, as in the REST API."""
+        path = f"/v1/sandboxes/{_seg(sandbox_id)}"
+        with self._call("DELETE", path):
+            self._handle(sandbox_id)  # checks the id
+            killed = self._client.sandboxes.kill([sandbox_id])
+        if not killed:
+            raise ControllerError._of(
+                grpc.StatusCode.NOT_FOUND, f"sandbox {sandbox_id} not found", self.base_url + path, "DELETE"
+            )
 
     def branch_sandbox(
         self,

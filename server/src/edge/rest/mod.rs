@@ -6,6 +6,7 @@
 pub mod codes;
 pub mod grpc_frames;
 pub mod routes;
+pub mod success;
 pub mod transcode;
 
 pub use transcode::Transcoder;

@@ -156,6 +156,7 @@ impl Transcoder {
             req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let wants_raw =
             req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains(OCTET));
+        let wants_body = super::success::wants_representation(req.headers());
         let raw_upload = route.rpc.is_client_streaming() && content_type.starts_with(OCTET) && has_bytes_data(&input);
         if !raw_upload
             && let Some(len) =
@@ -183,7 +184,7 @@ impl Transcoder {
             let mut first = DynamicMessage::new(input.clone());
             apply_query_and_path(&mut first, &input, &query, vars)?;
             let frames = raw_body_frames(first, input.clone(), req.into_body());
-            return self.dispatch(route, Body::from_stream(frames), wants_raw, principal).await;
+            return self.dispatch(route, Body::from_stream(frames), wants_raw, wants_body, principal).await;
         }
         if !content_type.is_empty() {
             check_content_type(&content_type, false)?;
@@ -191,7 +192,8 @@ impl Transcoder {
         let body = axum::body::to_bytes(req.into_body(), self.max_body).await.map_err(|_| too_large(self.max_body))?;
         check_content_type(&content_type, body.is_empty())?;
         let msg = request_message(route, vars, &query, &body)?;
-        self.dispatch(route, Body::from(grpc_frames::encode(&msg.encode_to_vec())), wants_raw, principal).await
+        let body = Body::from(grpc_frames::encode(&msg.encode_to_vec()));
+        self.dispatch(route, body, wants_raw, wants_body, principal).await
     }
 
     /// Sends an encoded gRPC request body through the in-process gRPC
@@ -201,6 +203,7 @@ impl Transcoder {
         route: &Route,
         grpc_body: Body,
         wants_raw: bool,
+        wants_body: bool,
         principal: Option<std::sync::Arc<crate::core::tenants::Principal>>,
     ) -> Result<Resp, RestError> {
         let svc = route.rpc.parent_service();
@@ -230,13 +233,22 @@ impl Transcoder {
             let bytes = first.ok_or_else(|| RestError(Code::Internal, "empty gRPC response".into()))?;
             let out = DynamicMessage::decode(output, bytes).map_err(|e| RestError(Code::Internal, e.to_string()))?;
             let mut json = to_json(&out);
+            let (status, with_body) = super::success::answer(route, &json, wants_body);
+            if status == StatusCode::NOT_FOUND {
+                return Err(RestError(Code::NotFound, format!("{}: nothing by that name to delete", route.rpc.name())));
+            }
+            if !with_body {
+                let mut r = Resp::new(Body::empty());
+                *r.status_mut() = status;
+                return Ok(r);
+            }
             if !route.response_body.is_empty() {
                 json = json
                     .get_mut(&route.response_body)
                     .map(serde_json::Value::take)
                     .unwrap_or(serde_json::Value::Array(vec![]));
             }
-            return Ok(json_response(StatusCode::OK, &json));
+            return Ok(json_response(status, &json));
         }
 
         // Server streaming: hold the headers until the first message or the
