@@ -176,7 +176,7 @@ async fn tenants_see_and_drive_only_their_own() {
         }
     }
     let (s, v) = a.delete(&format!("/v1/sandboxes/{sb}")).await;
-    assert_eq!(s, 204, "{v}");
+    assert_eq!(s, 404, "b's sandbox is not there for a, as a missing one: {v}");
     assert_eq!(b.ids("/v1/sandboxes", "id").await, vec![sb.clone()], "b's sandbox survived a's delete");
     let (s, v) = a.post("/v1/sandboxes/delete", json!({ "all": true })).await;
     assert_eq!(s, 200, "{v}");

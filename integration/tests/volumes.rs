@@ -95,7 +95,7 @@ async fn read_write_volumes_persist_and_read_only_ones_are_shared() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 202);
     let r = d
         .post(
             "/v1/snapshots",
@@ -104,7 +104,7 @@ async fn read_write_volumes_persist_and_read_only_ones_are_shared() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 202);
     wait_ready(&d, "rwvol").await;
     wait_ready(&d, "rovol").await;
 
@@ -112,7 +112,7 @@ async fn read_write_volumes_persist_and_read_only_ones_are_shared() {
     let r = fork(&d, "rwvol", 1).await;
     let status = r.status();
     let body = r.json::<Value>().await.unwrap();
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(status, 201, "{body}");
     let first = body[0]["id"].as_str().unwrap().to_string();
     assert_eq!(sh(&d, &first, "echo persisted > /data/note && cat /data/note").await["stdout"], "persisted\n");
     let r = fork(&d, "rwvol", 1).await;
