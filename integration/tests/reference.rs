@@ -97,6 +97,8 @@ async fn the_reference_requests_work_or_say_what_to_do() {
     assert_eq!(b["diff_physical_bytes"], b["dirty_bytes"]);
     let src: Value = d.get(&format!("/v1/sandboxes/{id}")).send().await.unwrap().json().await.unwrap();
     assert_eq!((src["has_branched"].as_bool(), src["branch_count"].as_u64()), (Some(true), Some(1)), "{src}");
+    let listed = list(&d).await.into_iter().find(|s| s["id"] == id.as_str()).unwrap();
+    assert_eq!(listed["branch_count"], 1, "listings carry the count too: {listed}");
     let (s, v) = call(&d, post.clone(), &format!("/v1/sandboxes/{id}/branch"), json!({ "mode": "live" })).await;
     assert_eq!(s, 201, "mode \"live\" as well: {v}");
     let (s, v) =

@@ -4,11 +4,10 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use forkd_api::v1::{GetSandboxMetricsRequest, ListSandboxesRequest, SandboxMetrics};
+use forkd_api::v1::{GetSandboxMetricsRequest, SandboxMetrics};
 use futures::stream::{self, StreamExt};
 use serde_json::{Value, json};
 
-use super::collect_pages;
 use crate::args::{IdArg, TopArgs};
 use crate::client::Conn;
 use crate::output::{emit, emit_json, human_bytes, key_values, now_unix};
@@ -92,18 +91,12 @@ pub async fn metrics(conn: &Conn, args: IdArg, as_json: bool) -> anyhow::Result<
 /// Samples the named sandboxes, or all; those that end meanwhile are left out.
 async fn sample(conn: &Conn, ids: &[String]) -> anyhow::Result<Vec<SandboxMetrics>> {
     let ids: Vec<String> = if ids.is_empty() {
-        collect_pages(|page_token| {
-            let req = ListSandboxesRequest { snapshot_tag: String::new(), page_size: 0, page_token };
-            async move {
-                let resp = conn.call(conn.sandboxes().list_sandboxes(req)).await?;
-                Ok((resp.sandboxes, resp.next_page_token))
-            }
-        })
-        .await?
-        .into_iter()
-        .filter(|s| s.status == "running")
-        .map(|s| s.id)
-        .collect()
+        super::sandboxes::list_all(conn, "")
+            .await?
+            .into_iter()
+            .filter(|s| s.status == "running")
+            .map(|s| s.id)
+            .collect()
     } else {
         ids.to_vec()
     };

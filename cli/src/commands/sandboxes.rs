@@ -101,16 +101,21 @@ fn pid(pid: u32) -> String {
     if pid == 0 { String::new() } else { pid.to_string() }
 }
 
-pub async fn ls(conn: &Conn, args: LsArgs, as_json: bool) -> anyhow::Result<u8> {
-    let tag = args.tag.map(|t| t.to_string()).unwrap_or_default();
-    let sandboxes = collect_pages(|page_token| {
-        let req = ListSandboxesRequest { snapshot_tag: tag.clone(), page_size: 0, page_token };
+/// Every sandbox the caller sees (children of `tag` when not empty), all pages.
+pub(super) async fn list_all(conn: &Conn, tag: &str) -> anyhow::Result<Vec<Sandbox>> {
+    collect_pages(|page_token| {
+        let req = ListSandboxesRequest { snapshot_tag: tag.to_string(), page_size: 0, page_token };
         async move {
             let resp = conn.call(conn.sandboxes().list_sandboxes(req)).await?;
             Ok((resp.sandboxes, resp.next_page_token))
         }
     })
-    .await?;
+    .await
+}
+
+pub async fn ls(conn: &Conn, args: LsArgs, as_json: bool) -> anyhow::Result<u8> {
+    let tag = args.tag.map(|t| t.to_string()).unwrap_or_default();
+    let sandboxes = list_all(conn, &tag).await?;
     if as_json {
         emit_json(&sandbox_array(&sandboxes))?;
         return Ok(0);

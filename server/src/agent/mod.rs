@@ -92,6 +92,14 @@ struct Waiter {
     credit: Option<Arc<tokio::sync::Semaphore>>,
 }
 
+/// How one request's responses are to be delivered: a `Waiter` before its
+/// queue exists.
+struct Delivery {
+    lagged: Option<Arc<AtomicBool>>,
+    credit: Option<Arc<tokio::sync::Semaphore>>,
+    queue: usize,
+}
+
 type Waiters = Arc<std::sync::Mutex<HashMap<u64, Waiter>>>;
 type Failure = Arc<std::sync::OnceLock<String>>;
 
@@ -261,18 +269,18 @@ impl AgentClient {
         lagged: Option<Arc<AtomicBool>>,
     ) -> Result<(u64, Responses), AgentError> {
         let queue = if lagged.is_some() { LOSSY_QUEUE } else { QUEUE_PER_REQUEST };
-        self.send_to(body, Waiter { tx: mpsc::channel(1).0, lagged, credit: None }, queue).await
+        self.send_to(body, Delivery { lagged, credit: None, queue }).await
     }
 
-    /// Sends a request whose responses go to a waiter shaped like
-    /// `waiter` (its sender is replaced) with a queue of `queue`.
-    async fn send_to(&self, body: request::Body, waiter: Waiter, queue: usize) -> Result<(u64, Responses), AgentError> {
+    /// Sends a request whose responses are delivered as `delivery` says.
+    async fn send_to(&self, body: request::Body, delivery: Delivery) -> Result<(u64, Responses), AgentError> {
         if let Some(why) = self.failure() {
             return Err(AgentError::Broken(why.to_string()));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(queue);
-        self.waiters.lock().unwrap().insert(id, Waiter { tx, ..waiter });
+        let (tx, rx) = mpsc::channel(delivery.queue);
+        let waiter = Waiter { tx, lagged: delivery.lagged, credit: delivery.credit };
+        self.waiters.lock().unwrap().insert(id, waiter);
         let frame = encode_frame(&pb::Request { id, body: Some(body) });
         if let Err(e) = write_frame(&self.writer, &frame, &self.failure, &self.waiters).await {
             self.waiters.lock().unwrap().remove(&id);

@@ -19,7 +19,7 @@ use forkd_agent_protocol::{PORT_MAX_DATA, PORT_MIN_CHARGE, encode_frame, port_ch
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::Semaphore;
 
-use super::{AgentClient, AgentError, CancelOnDrop, Failure, Responses, Waiter, Waiters, guest_text, write_frame};
+use super::{AgentClient, AgentError, CancelOnDrop, Delivery, Failure, Responses, Waiters, guest_text, write_frame};
 
 /// Credit the guest starts with (and most it may have outstanding).
 pub const HOST_WINDOW: u32 = 256 * 1024;
@@ -75,10 +75,9 @@ impl AgentClient {
     pub async fn open_port(&self, port: u16, timeout: Duration) -> Result<DuplexStream, AgentError> {
         let credit = Arc::new(Semaphore::new(0));
         let lagged = Arc::new(AtomicBool::new(false));
-        let waiter =
-            Waiter { tx: tokio::sync::mpsc::channel(1).0, lagged: Some(lagged.clone()), credit: Some(credit.clone()) };
+        let delivery = Delivery { lagged: Some(lagged.clone()), credit: Some(credit.clone()), queue: QUEUE };
         let open = pb::PortOpenRequest { port: port as u32, window: HOST_WINDOW };
-        let (id, mut rx) = tokio::time::timeout(timeout, self.send_to(request::Body::PortOpen(open), waiter, QUEUE))
+        let (id, mut rx) = tokio::time::timeout(timeout, self.send_to(request::Body::PortOpen(open), delivery))
             .await
             .map_err(|_| AgentError::Timeout("port open".into()))??;
         let mut cancel = self.cancel_on_drop(id);

@@ -51,10 +51,6 @@ pub fn snapshot(v: &SnapshotView) -> api::Snapshot {
 }
 
 pub fn sandbox(r: &SandboxRecord, last_active: i64) -> api::Sandbox {
-    sandbox_with_branches(r, last_active, 0)
-}
-
-pub fn sandbox_with_branches(r: &SandboxRecord, last_active: i64, branches: u32) -> api::Sandbox {
     let s = &r.settings;
     api::Sandbox {
         id: r.id.to_string(),
@@ -86,11 +82,11 @@ pub fn sandbox_with_branches(r: &SandboxRecord, last_active: i64, branches: u32)
             .map(|n| n.guest_cidr.split('/').next().unwrap_or_default().to_string())
             .unwrap_or_default(),
         netns: r.net.as_ref().map(|n| n.netns.clone()).unwrap_or_default(),
-        has_branched: branches > 0,
-        branch_count: branches,
+        has_branched: r.branch_count > 0,
+        branch_count: r.branch_count,
     }
 }
 
 pub fn live_sandbox(sb: &Sandbox) -> api::Sandbox {
-    sandbox_with_branches(&sb.snapshot(), sb.last_active(), sb.branch_count())
+    sandbox(&sb.snapshot(), sb.last_active())
 }

@@ -9,7 +9,7 @@ use super::Services;
 use super::access::principal;
 use crate::core::Error;
 use crate::core::sandboxes::Sandbox;
-use crate::core::sandboxes::metrics::Sample;
+use crate::core::sandboxes::metrics::{Sample, cpu_time_us};
 
 /// The window a single sample measures CPU use over.
 const CPU_WINDOW: Duration = Duration::from_millis(250);
@@ -61,11 +61,10 @@ impl Services {
         let p = principal(&r);
         let id = self.own_sandbox(&p, &r.get_ref().id).await?;
         let sb = self.rt.sandbox(&id).await?;
-        let (t0, cpu0) = (crate::core::now_unix_ms(), sb.host_sample().cpu_time_us);
+        let (t0, cpu0) = (crate::core::now_unix_ms(), cpu_time_us(sb.pid).unwrap_or(0));
         tokio::time::sleep(CPU_WINDOW).await;
-        let cpu1 = sb.host_sample().cpu_time_us;
-        let pct = cpu_percent(cpu0, cpu1, crate::core::now_unix_ms() - t0);
         let s = sb.sample().await;
+        let pct = cpu_percent(cpu0, s.host.cpu_time_us, s.at_ms - t0);
         Ok(Response::new(to_proto(&sb, self.vcpus_of(&sb), &s, pct)))
     }
 

@@ -170,6 +170,9 @@ pub struct SandboxRecord {
     /// The principal it belongs to ("" = admins only).
     #[serde(default)]
     pub owner: String,
+    /// Branches taken from it.
+    #[serde(default)]
+    pub branch_count: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -9,6 +9,7 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 
 use crate::core::Runtime;
+use crate::core::sandboxes::metrics::HostSample;
 
 pub struct Metrics {
     /// gRPC methods served (`package.Service.Method`): the only `rpc`
@@ -124,10 +125,38 @@ impl Metrics {
     }
 }
 
+type Samples = Arc<Vec<(String, HostSample)>>;
+
+/// The host samples one scrape reads: its four per-sandbox gauges are
+/// observed back to back, and each VMM's /proc files are read once for all.
+struct ScrapeSamples {
+    rt: Arc<Runtime>,
+    cap: usize,
+    last: std::sync::Mutex<Option<(std::time::Instant, Samples)>>,
+}
+
+impl ScrapeSamples {
+    /// Samples newer than this are the same scrape's.
+    const FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn get(&self) -> Samples {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, s)) = last.as_ref()
+            && at.elapsed() < Self::FRESH
+        {
+            return s.clone();
+        }
+        let s: Samples = Arc::new(self.rt.sandbox_samples_now(self.cap));
+        *last = Some((std::time::Instant::now(), s.clone()));
+        s
+    }
+}
+
 /// Series with a `sandbox` label, for at most `cap` sandboxes (by id), so
 /// their number stays bounded whatever runs.
 fn per_sandbox(meter: &opentelemetry::metrics::Meter, rt: &Arc<Runtime>, cap: usize) {
-    type Pick = fn(&crate::core::sandboxes::metrics::HostSample) -> f64;
+    type Pick = fn(&HostSample) -> f64;
+    let samples = Arc::new(ScrapeSamples { rt: rt.clone(), cap, last: Default::default() });
     let gauges: [(&'static str, &'static str, Pick); 4] = [
         ("forkd_sandbox_cpu_seconds", "CPU time the sandbox's VMM has used", |s| s.cpu_time_us as f64 / 1e6),
         ("forkd_sandbox_vmm_rss_bytes", "Resident memory of the sandbox's VMM", |s| s.rss_bytes as f64),
@@ -135,13 +164,13 @@ fn per_sandbox(meter: &opentelemetry::metrics::Meter, rt: &Arc<Runtime>, cap: us
         ("forkd_sandbox_commands", "Commands run in the sandbox (exec, eval, processes)", |s| s.exec_count as f64),
     ];
     for (name, help, pick) in gauges {
-        let rt = rt.clone();
+        let samples = samples.clone();
         meter
             .f64_observable_gauge(name)
             .with_description(help)
             .with_callback(move |o| {
-                for (id, s) in rt.sandbox_samples_now(cap) {
-                    o.observe(pick(&s), &[KeyValue::new("sandbox", id)]);
+                for (id, s) in samples.get().iter() {
+                    o.observe(pick(s), &[KeyValue::new("sandbox", id.clone())]);
                 }
             })
             .build();

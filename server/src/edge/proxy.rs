@@ -119,10 +119,6 @@ fn error(status: StatusCode, code: Code, msg: impl AsRef<str>) -> Response {
     (status, axum::Json(codes::error_body(code, msg.as_ref()))).into_response()
 }
 
-fn status_response(s: tonic::Status) -> Response {
-    error(codes::http_status(s.code()), s.code(), s.message())
-}
-
 /// Serves one proxied request.
 pub async fn handle(services: Services, target: Target, req: Request) -> Response {
     let (id, port, prefix, rest, strip_credentials) = match target {
@@ -131,11 +127,11 @@ pub async fn handle(services: Services, target: Target, req: Request) -> Respons
                 req.extensions().get::<Arc<Principal>>().cloned().unwrap_or_else(|| Arc::new(Principal::admin()));
             let id = match services.own_sandbox(&principal, &id).await {
                 Ok(id) => id,
-                Err(s) => return status_response(s),
+                Err(s) => return codes::status_response(&s),
             };
             let port = match GuestPort::parse("port", &port) {
                 Ok(p) => p,
-                Err(e) => return status_response(e.into()),
+                Err(e) => return codes::status_response(&e.into()),
             };
             (id, port, prefix, rest, true)
         }
@@ -163,7 +159,7 @@ pub async fn handle(services: Services, target: Target, req: Request) -> Respons
         Err(OpenError::NotListening(m)) => {
             return error(StatusCode::BAD_GATEWAY, Code::Unavailable, format!("sandbox {id}: {m}"));
         }
-        Err(OpenError::Other(e)) => return status_response(e.into()),
+        Err(OpenError::Other(e)) => return codes::status_response(&e.into()),
     };
     forward(io, port, &prefix, &rest, strip_credentials, req).await
 }

@@ -62,11 +62,6 @@ fn parse_query(raw: Option<&str>) -> Result<Query, Error> {
     Ok(q)
 }
 
-fn error_response(s: Status) -> Response {
-    let code = s.code();
-    (codes::http_status(code), axum::Json(codes::error_body(code, s.message()))).into_response()
-}
-
 /// Validates, starts or finds the process, then upgrades.
 pub async fn handle(services: Services, Path(id): Path<String>, RawQuery(raw): RawQuery, req: Request) -> Response {
     let principal = req.extensions().get::<Arc<Principal>>().cloned().unwrap_or_else(|| Arc::new(Principal::admin()));
@@ -75,14 +70,17 @@ pub async fn handle(services: Services, Path(id): Path<String>, RawQuery(raw): R
         match <WebSocketUpgrade as axum::extract::FromRequestParts<()>>::from_request_parts(&mut parts, &()).await {
             Ok(u) => u,
             Err(e) => {
-                return error_response(Status::invalid_argument(format!("not a WebSocket upgrade: {}", e.body_text())));
+                return codes::status_response(&Status::invalid_argument(format!(
+                    "not a WebSocket upgrade: {}",
+                    e.body_text()
+                )));
             }
         };
     match prepare(&services, &principal, &id, raw.as_deref()).await {
         Ok((sb, sel)) => {
             upgrade.max_message_size(MAX_MESSAGE).on_upgrade(move |socket| serve(socket, sb, sel)).into_response()
         }
-        Err(s) => error_response(s),
+        Err(s) => codes::status_response(&s),
     }
 }
 

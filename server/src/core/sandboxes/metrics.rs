@@ -114,16 +114,14 @@ impl Sandbox {
     }
 
     /// A full sample: host figures, the guest's memory and the work dir's disk.
+    /// `at_ms` is when the host figures were read (first: the guest may
+    /// take its time to answer).
     pub async fn sample(&self) -> Sample {
+        let (at_ms, host) = (crate::core::now_unix_ms(), self.host_sample());
         let dir = self.dir.0.clone();
         let disk = tokio::task::spawn_blocking(move || crate::memory::layout::disk_usage(&dir));
         let guest = self.guest_memory().await;
-        Sample {
-            at_ms: crate::core::now_unix_ms(),
-            host: self.host_sample(),
-            guest,
-            disk_bytes: disk.await.unwrap_or(0),
-        }
+        Sample { at_ms, host, guest, disk_bytes: disk.await.unwrap_or(0) }
     }
 }
 

@@ -39,8 +39,6 @@ pub struct Sandbox {
     /// an intentional kill as an unexpected exit.
     pub(crate) killing: AtomicBool,
     last_active_ms: AtomicI64,
-    /// Branches taken from it since the daemon started.
-    branches: std::sync::atomic::AtomicU32,
 }
 
 impl Sandbox {
@@ -50,15 +48,6 @@ impl Sandbox {
 
     pub(crate) fn touch(&self) {
         self.last_active_ms.store(now_unix_ms(), Ordering::Relaxed);
-    }
-
-    /// Branches taken from it since the daemon started.
-    pub fn branch_count(&self) -> u32 {
-        self.branches.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn count_branch(&self) {
-        self.branches.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Unix second of the last request that used the sandbox.
@@ -372,6 +361,7 @@ impl Runtime {
             net: net.clone(),
             drives: spec.drives.clone(),
             owner: owner.to_string(),
+            branch_count: 0,
         };
         self.store.ledger_add("vmm", &process::ledger_key(vm.pid, vm.start_time), id.as_str())?;
         let row_lease = self.lease(Resource::SandboxRow(id.to_string()));
@@ -463,7 +453,6 @@ impl Runtime {
             control: Mutex::new(control),
             killing: AtomicBool::new(false),
             last_active_ms: AtomicI64::new(now_unix_ms()),
-            branches: Default::default(),
         });
         if let Some(child) = child {
             self.watch_exit(sb.clone(), child);
@@ -774,7 +763,6 @@ impl Runtime {
             control: Mutex::new(Box::new(crate::vmm::GoneControl)),
             killing: AtomicBool::new(true),
             last_active_ms: AtomicI64::new(now_unix_ms()),
-            branches: Default::default(),
         })
     }
 
@@ -792,7 +780,6 @@ impl Runtime {
             control: Mutex::new(vm.control),
             killing: AtomicBool::new(false),
             last_active_ms: AtomicI64::new(now_unix_ms()),
-            branches: Default::default(),
         }))
     }
 }

@@ -200,7 +200,12 @@ impl Runtime {
         };
         rec.pause_ms = pause.as_secs_f64() * 1000.0;
         rec.dirty_bytes = n as u64;
-        sb.count_branch();
+        let counted = {
+            let mut r = sb.record.lock().unwrap_or_else(|p| p.into_inner());
+            r.branch_count += 1;
+            r.clone()
+        };
+        self.store.put_sandbox(&counted)?;
         let rt = self.clone();
         let parent_dir = self.layout.snapshot_dir(&parent_tag);
         let mode = req.mode;

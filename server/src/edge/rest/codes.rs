@@ -27,6 +27,12 @@ pub fn error_body(code: Code, message: &str) -> serde_json::Value {
     serde_json::json!({ "error": message, "code": name(code) })
 }
 
+/// A status as a REST answer: its HTTP status and the JSON error body.
+pub fn status_response(s: &tonic::Status) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (http_status(s.code()), axum::Json(error_body(s.code(), s.message()))).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -437,7 +437,7 @@ export type Sandbox = Message<"forkd.v1.Sandbox"> & {
   netns: string;
 
   /**
-   * Branches taken from it since the daemon started (and whether any was).
+   * Branches taken from it (and whether any was).
    *
    * @generated from field: bool has_branched = 26;
    */
