@@ -9,7 +9,9 @@
 #
 # The daemon binary is $FORKD_SERVER_BIN, else $CARGO_TARGET_DIR/debug or
 # target/debug (built with cargo when missing); the `forkd` CLI, which the
-# MCP tests run as `forkd mcp`, is $FORKD_CLI_BIN, found the same way.
+# MCP tests run as `forkd mcp`, is $FORKD_CLI_BIN, found the same way. The
+# reference's own MCP server (PyPI forkd-mcp) goes into a second venv,
+# $FORKD_CACHE_DIR/reference-mcp-venv, and is passed on as $FORKD_REFERENCE_MCP.
 # FORKD_E2E=1 adds the tests
 # that fork real microVMs (guest assets from scripts/build-guest.sh; the
 # snapshot image is $FORKD_E2E_IMAGE, default python).
@@ -22,6 +24,7 @@ root=$PWD
 
 cache_dir="${FORKD_CACHE_DIR:-/var/cache/forkd}"
 venv="$cache_dir/venv"
+reference_venv="$cache_dir/reference-mcp-venv"
 failed=()
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -73,6 +76,19 @@ fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps ./clients/python \
   && "$venv/bin/python" -m pip install --quiet --disable-pip-version-check ./clients/python \
   || { echo "test-clients.sh: pip install ./clients/python failed" >&2; exit 1; }
+
+step "reference MCP server ($reference_venv)"
+# tests/test_reference_mcp.py drives the published reference MCP server
+# (PyPI forkd-mcp, another project of the same name) against this daemon.
+# It needs mcp<2 while the venv above pins mcp 2.x, so it gets a venv of its
+# own; the versions are pinned because the test checks that release's tools.
+if [ ! -x "$reference_venv/bin/python" ]; then
+  python3 -m venv "$reference_venv" || { echo "test-clients.sh: cannot create $reference_venv" >&2; exit 1; }
+fi
+"$reference_venv/bin/python" -m pip install --quiet --disable-pip-version-check "forkd-mcp==0.2.1" "mcp==1.30.0" "httpx==0.29.0" \
+  || { echo "test-clients.sh: pip install forkd-mcp failed" >&2; exit 1; }
+export FORKD_REFERENCE_MCP="$reference_venv/bin/forkd-mcp"
+echo "$FORKD_REFERENCE_MCP"
 
 step "typescript environment (npm ci)"
 (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error) \

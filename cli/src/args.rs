@@ -198,20 +198,27 @@ pub enum Command {
         long_about = "Push a snapshot and the chain of ancestors it is a layer over to the object \
             store the daemon was started with (--remote on forkd-server). Blobs are named by their \
             sha256: only what the remote lacks is uploaded, so pushing a branch after its parent \
-            sends just the branch's layer, and a second push sends nothing. Admins only.",
-        after_help = "Examples:\n  forkd push py\n  forkd push py-branch --json"
+            sends just the branch's layer, and a second push sends nothing. Admins only.\n\n\
+            With a URL instead, the snapshot is packed (as `forkd pack`) into a temporary file \
+            and uploaded to that URL with one HTTP PUT, e.g. a presigned object-store URL.",
+        after_help = "Examples:\n  forkd push py\n  forkd push py-branch --json\n  \
+            forkd push --tag py 'https://bucket.example/py.tar.zst?X-Amz-Signature=...'"
     )]
-    Push(TagArg),
+    Push(PushArgs),
 
     /// Download a snapshot (and what this host lacks of its chain) from the remote.
     #[command(
         long_about = "Pull a snapshot from the daemon's remote object store. Ancestors this host \
             already has are kept; the rest is downloaded into staging, every size and digest is \
             checked, and only then do the snapshots appear. Forks of a tag that is not here pull \
-            it by themselves when the daemon has a remote (see forkd fork --no-pull-missing).",
-        after_help = "Examples:\n  forkd pull py-branch\n  forkd pull py --json"
+            it by themselves when the daemon has a remote (see forkd fork --no-pull-missing).\n\n\
+            With an http(s):// URL instead, the archive there (made by `forkd pack`) is \
+            downloaded into a temporary file and unpacked as `forkd unpack` does; OWNER/NAME \
+            is HUB/OWNER/NAME.forkd-snapshot.tar.zst with --hub.",
+        after_help = "Examples:\n  forkd pull py-branch\n  forkd pull py --json\n  \
+            forkd pull https://hub.example/py.forkd-snapshot.tar.zst --tag py2 --force"
     )]
-    Pull(TagArg),
+    Pull(PullArgs),
 
     /// The daemon's remote object store.
     #[command(subcommand)]
@@ -777,6 +784,17 @@ pub struct ParentBuildArgs {
     /// With a path: accept device nodes and FIFOs in layers.
     #[arg(long)]
     pub allow_devices: bool,
+
+    /// Names the image after FILE (`-o py.ext4` is image `py`, which
+    /// `forkd snapshot --rootfs py.ext4` then finds): images live in the
+    /// daemon's store, not in files of the client.
+    #[arg(long, short = 'o', value_name = "FILE", conflicts_with_all = ["name", "from"])]
+    pub output: Option<PathBuf>,
+
+    /// Accepted for the reference's command line; images are sized to their
+    /// contents (each child writes to its own overlay), so it has no effect.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..))]
+    pub size_mib: Option<u32>,
 }
 
 impl ParentBuildArgs {
@@ -813,12 +831,27 @@ pub struct RunArgs {
     pub image: String,
 
     /// A Debian package to add to the image first (cached build). Repeatable.
-    #[arg(long = "apt", value_name = "PKG", value_parser = parse_package)]
+    #[arg(long = "apt", visible_alias = "extra", value_name = "PKG", value_parser = parse_package)]
     pub apt: Vec<String>,
 
     /// A pip requirement to add to the image first (cached build). Repeatable.
     #[arg(long = "pip", value_name = "PKG", value_parser = parse_package)]
     pub pip: Vec<String>,
+
+    /// Guest kernel: only the daemon's own is accepted (its snapshot is
+    /// refused with any other).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Accepted for the reference's command line and ignored: each sandbox
+    /// gets a network of its own.
+    #[arg(long, value_name = "NAME")]
+    pub tap: Option<String>,
+
+    /// Accepted for the reference's command line and ignored: images are
+    /// cached by the daemon.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
 
     /// Snapshot to bake or reuse instead of run-<hash>.
     #[arg(long, short = 't', value_name = "TAG")]
@@ -1055,12 +1088,24 @@ pub struct ShareArgs {
 #[derive(Args, Debug)]
 pub struct PackArgs {
     /// Snapshot to pack.
-    #[arg(value_name = "TAG")]
-    pub tag: Tag,
+    #[arg(value_name = "TAG", required_unless_present = "tag_flag", conflicts_with = "tag_flag")]
+    pub tag: Option<Tag>,
 
-    /// Archive to write (.tar.zst).
-    #[arg(short = 'o', long, value_name = "FILE")]
-    pub output: PathBuf,
+    /// The snapshot, as a flag (the reference's spelling).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tag_flag: Option<Tag>,
+
+    /// Archive to write (.tar.zst); default ./TAG.forkd-snapshot.tar.zst.
+    #[arg(short = 'o', long, visible_alias = "out", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// A description recorded in the archive's manifest (shown by unpack).
+    #[arg(long, value_name = "TEXT", value_parser = parse_note)]
+    pub description: Option<String>,
+
+    /// The upstream image the snapshot came from, recorded in the manifest.
+    #[arg(long, value_name = "IMAGE", value_parser = parse_note)]
+    pub base_image: Option<String>,
 
     /// One flat image of the snapshot, without its ancestors.
     #[arg(long, conflicts_with = "layer_only")]
@@ -1078,8 +1123,55 @@ pub struct UnpackArgs {
     pub file: PathBuf,
 
     /// Tag for the archive's snapshot here (its ancestors keep their tags).
-    #[arg(long = "as", value_name = "NEWTAG")]
+    #[arg(long = "as", visible_alias = "tag", value_name = "NEWTAG")]
     pub as_tag: Option<Tag>,
+
+    /// Replace a snapshot of the same tag: it is deleted (refused while
+    /// sandboxes or branches use it) just before the archive is imported.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    /// TAG, or TAG URL; with --tag, just URL. A URL (http:// or https://,
+    /// e.g. a presigned PUT URL) gets the archive `forkd pack` writes, by
+    /// HTTP PUT; without one the snapshot goes to the daemon's remote.
+    #[arg(value_name = "TAG|URL", num_args = 0..=2)]
+    pub targets: Vec<String>,
+
+    /// The snapshot, as a flag (the reference's spelling).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tag: Option<Tag>,
+
+    /// With a URL: a description recorded in the archive's manifest.
+    #[arg(long, value_name = "TEXT", value_parser = parse_note)]
+    pub description: Option<String>,
+
+    /// With a URL: the upstream image, recorded in the archive's manifest.
+    #[arg(long, value_name = "IMAGE", value_parser = parse_note)]
+    pub base_image: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// A snapshot tag of the daemon's remote, or the http(s):// URL of an
+    /// archive made by `forkd pack` (downloaded, then unpacked).
+    #[arg(value_name = "TAG|URL")]
+    pub target: String,
+
+    /// With a URL: the tag the archive's snapshot gets here.
+    #[arg(long = "tag", visible_alias = "as", value_name = "NEWTAG")]
+    pub as_tag: Option<Tag>,
+
+    /// With a URL: replace a snapshot of the same tag (as `unpack --force`).
+    #[arg(long)]
+    pub force: bool,
+
+    /// With an OWNER/NAME target: the base URL the archive is fetched from
+    /// (HUB/OWNER/NAME.forkd-snapshot.tar.zst). There is no default hub.
+    #[arg(long, value_name = "URL", env = "FORKD_HUB_URL")]
+    pub hub: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -1750,6 +1842,17 @@ pub fn parse_image_ref(s: &str) -> Result<String, String> {
 }
 
 /// Any non-empty text without control characters.
+/// A manifest note (--description, --base-image): one line, at most 1024 bytes.
+pub fn parse_note(s: &str) -> Result<String, String> {
+    if s.len() > 1024 {
+        return Err(format!("at most 1024 bytes, not {}", s.len()));
+    }
+    if s.chars().any(char::is_control) {
+        return Err("one line without control characters".into());
+    }
+    Ok(s.to_string())
+}
+
 pub fn parse_nonempty(s: &str) -> Result<String, String> {
     if s.trim().is_empty() {
         return Err("must not be empty".into());

@@ -306,7 +306,7 @@ impl SandboxService for Mock {
 
     async fn ping(&self, req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
         authorize(&req)?;
-        Ok(Response::new(PingResponse { ok: true, latency_ms: 0.5, uptime_secs: 3.0, runtime_ready: true }))
+        Ok(Response::new(PingResponse { ok: true, pong: true, latency_ms: 0.5, uptime_secs: 3.0, runtime_ready: true }))
     }
 
     async fn branch(&self, _: Request<forkd_api::v1::BranchRequest>) -> Result<Response<Snapshot>, Status> {
@@ -369,7 +369,7 @@ impl SnapshotService for Mock {
         if r.tag == "taken" {
             return Err(Status::already_exists("snapshot \"taken\" already exists"));
         }
-        assert!(!r.wait, "the client polls instead of waiting");
+        assert_eq!(r.wait, Some(false), "the client polls instead of waiting");
         let mut s = snap(&r.tag, "writing");
         s.image = r.image.clone();
         s.labels = r.labels.clone();

@@ -69,6 +69,24 @@ impl S3Server {
         .collect()
     }
 
+    /// A presigned URL for one `method` ("get_object" or "put_object") of
+    /// `bucket/key`, made by boto3 from the server's own environment (the
+    /// way an object store hands out upload and download links).
+    pub fn presign(&self, method: &str, bucket: &str, key: &str) -> String {
+        let python = moto_bin().with_file_name("python");
+        let script = "import boto3, sys\n\
+            c = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='testing', \
+            aws_secret_access_key='testing', region_name='us-east-1')\n\
+            print(c.generate_presigned_url(sys.argv[2], Params={'Bucket': sys.argv[3], 'Key': sys.argv[4]}, \
+            ExpiresIn=3600))";
+        let out = Command::new(&python)
+            .args(["-c", script, &format!("http://{}", self.addr), method, bucket, key])
+            .output()
+            .expect("run the S3 server's python");
+        assert!(out.status.success(), "presign: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
     /// Every object of `bucket` as (key, size, last-modified), from
     /// ListObjectsV2 (its XML read just enough for this).
     pub async fn objects(&self, bucket: &str) -> Vec<(String, u64, String)> {

@@ -704,7 +704,7 @@ async fn unimplemented_rpcs_say_so() {
     let e = d
         .snapshots()
         .await
-        .export_snapshot(api::ExportSnapshotRequest { tag: "x".into(), layer_only: false, flat: false })
+        .export_snapshot(api::ExportSnapshotRequest { tag: "x".into(), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);

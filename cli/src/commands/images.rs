@@ -797,7 +797,7 @@ pub async fn from_image(conn: &Conn, args: FromImageArgs, as_json: bool) -> anyh
         vcpus: args.vcpus.unwrap_or(0),
         mem_mib: args.mem_mib.unwrap_or(0),
         // Polled instead, as `forkd snapshot` does.
-        wait: false,
+        wait: Some(false),
         ..Default::default()
     };
     let snap = conn.call(conn.snapshots().create_snapshot(req)).await?;
@@ -806,6 +806,26 @@ pub async fn from_image(conn: &Conn, args: FromImageArgs, as_json: bool) -> anyh
 
 pub async fn parent(conn: &Conn, cmd: ParentCommand, as_json: bool) -> anyhow::Result<u8> {
     let ParentCommand::Build(args) = cmd;
+    if let Some(mib) = args.size_mib {
+        eprintln!(
+            "forkd: --size-mib {mib} ignored: images are sized to their contents, and each child writes to an overlay of its own"
+        );
+    }
+    // `-o FILE` names the image after the file: the image itself stays in
+    // the daemon's store, where `forkd snapshot --rootfs NAME.ext4` finds it.
+    let named = match &args.output {
+        Some(file) => {
+            let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+            let name = parse_image_name(stem)
+                .map_err(|e| CliError::new(USAGE, format!("-o {}: the image name {e}", file.display())))?;
+            eprintln!(
+                "forkd: -o {}: the image is kept in the daemon's store as {name} (forkd snapshot --rootfs {name}.ext4)",
+                file.display()
+            );
+            Some(name)
+        }
+        None => args.name.clone(),
+    };
     let path = Path::new(&args.image);
     let import_only = args.reference.is_some() || args.allow_devices;
     if import_only && !path.exists() {
@@ -832,10 +852,10 @@ pub async fn parent(conn: &Conn, cmd: ParentCommand, as_json: bool) -> anyhow::R
             eprintln!("base {}, {}", describe(&base, &args.image), found.as_str());
         }
         let from = snapshot_ref(&base);
-        let name = args.name.clone().unwrap_or_else(|| build_name("parent", &from, &steps));
+        let name = named.clone().unwrap_or_else(|| build_name("parent", &from, &steps));
         return show(&build(conn, &name, &from, &steps).await?, "built", &name, as_json);
     }
-    let name = args.name.as_deref().unwrap_or("");
+    let name = named.as_deref().unwrap_or("");
     if path.exists() {
         return show(&import(conn, path, name, &opts).await?, "imported", name, as_json);
     }

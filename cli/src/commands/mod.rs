@@ -5,6 +5,7 @@ mod cleanup;
 mod doctor;
 mod e2b;
 mod exec;
+mod http_archive;
 mod images;
 mod interactive;
 mod mcp;

@@ -155,7 +155,7 @@ pub async fn run(global: &GlobalArgs, a: QuickstartArgs) -> anyhow::Result<u8> {
                 let req = CreateSnapshotRequest {
                     tag: a.tag.to_string(),
                     image: "python".into(),
-                    wait: false,
+                    wait: Some(false),
                     ..Default::default()
                 };
                 let snap = c.call(c.snapshots().create_snapshot(req)).await?;

@@ -185,6 +185,15 @@ pub async fn run(conn: &Conn, args: RunArgs, as_json: bool) -> anyhow::Result<u8
 }
 
 async fn phases(conn: &Conn, args: &RunArgs, signals: &mut Interrupts, t: &mut Timings) -> anyhow::Result<u8> {
+    if let Some(tap) = &args.tap {
+        eprintln!("forkd: --tap {tap} ignored: each sandbox gets a network of its own (forkd fork --network nat)");
+    }
+    if let Some(dir) = &args.cache {
+        eprintln!("forkd: --cache {} ignored: images and snapshots are cached by the daemon", dir.display());
+    }
+    // A relative kernel path means the caller's; the daemon only takes its
+    // own kernel, which it recognises by path.
+    let kernel = args.kernel.as_ref().map(|k| std::fs::canonicalize(k).unwrap_or_else(|_| k.clone()));
     let at = Instant::now();
     let (image, found) = signals.guard(images::obtain(conn, &args.image, &ImportOpts::default())).await?;
     t.add("image", Some(at.elapsed()), format!("{}, {}", images::describe(&image, &args.image), found.as_str()));
@@ -205,9 +214,14 @@ async fn phases(conn: &Conn, args: &RunArgs, signals: &mut Interrupts, t: &mut T
 
     let at = Instant::now();
     let (mem_mib, vcpus) = (args.mem_mib.unwrap_or(0), args.vcpus.unwrap_or(0));
-    let key = cache_key(&image, mem_mib, vcpus);
+    let mut key = cache_key(&image, mem_mib, vcpus);
+    if let Some(k) = &kernel {
+        // Baked with the kernel named, so the daemon has checked it is its own.
+        key.push_str(&format!(" kernel={}", k.display()));
+    }
     let tag = args.tag.as_ref().map_or_else(|| cache_tag(&key), ToString::to_string);
-    let (snap, reused) = signals.guard(bake(conn, &tag, &key, &image, mem_mib, vcpus)).await?;
+    let vm = BakeVm { mem_mib, vcpus, kernel: kernel.as_deref() };
+    let (snap, reused) = signals.guard(bake(conn, &tag, &key, &image, vm)).await?;
     t.add("bake", Some(at.elapsed()), format!("{} {}", snap.tag, if reused { "reused" } else { "baked" }));
 
     let at = Instant::now();
@@ -287,14 +301,14 @@ fn check_ours(snap: &Snapshot, key: &str) -> Result<(), CliError> {
 /// The ready snapshot `tag` for `key`, and whether it was there already:
 /// reused when ready, waited for while another run bakes it, baked (again,
 /// when it failed) otherwise.
-async fn bake(
-    conn: &Conn,
-    tag: &str,
-    key: &str,
-    image: &Image,
+/// The VM a run snapshot is baked with.
+struct BakeVm<'a> {
     mem_mib: u32,
     vcpus: u32,
-) -> anyhow::Result<(Snapshot, bool)> {
+    kernel: Option<&'a std::path::Path>,
+}
+
+async fn bake(conn: &Conn, tag: &str, key: &str, image: &Image, vm: BakeVm<'_>) -> anyhow::Result<(Snapshot, bool)> {
     let label = format!("snapshot {tag}");
     let mut last_conflict = None;
     // A second round finds the snapshot another run created meanwhile.
@@ -329,10 +343,11 @@ async fn bake(
         let req = CreateSnapshotRequest {
             tag: tag.into(),
             image: images::snapshot_ref(image),
-            vcpus,
-            mem_mib,
+            vcpus: vm.vcpus,
+            mem_mib: vm.mem_mib,
+            kernel: vm.kernel.map(|k| k.display().to_string()).unwrap_or_default(),
             labels: [(RUN_LABEL.to_string(), key.to_string())].into(),
-            wait: false,
+            wait: Some(false),
             ..Default::default()
         };
         match conn.call(conn.snapshots().create_snapshot(req)).await {

@@ -84,7 +84,7 @@ async fn create(conn: &Conn, args: SnapshotArgs, as_json: bool) -> anyhow::Resul
         labels: args.labels.into_iter().collect(),
         // Polled below instead, so progress can be shown and a dropped
         // connection does not lose track of the snapshot.
-        wait: false,
+        wait: Some(false),
     };
     let snap = conn.call(conn.snapshots().create_snapshot(req)).await?;
     if args.no_wait {
@@ -103,9 +103,16 @@ async fn branch(conn: &Conn, args: SnapshotArgs, as_json: bool) -> anyhow::Resul
     let req = BranchRequest {
         id: id.to_string(),
         tag: args.tag.map(|t| t.to_string()).unwrap_or_default(),
-        mode: if args.full { "full" } else { "diff" }.to_string(),
-        diff: false,
-        measure_diff: args.measure,
+        mode: if args.measure {
+            "measure"
+        } else if args.full {
+            "full"
+        } else {
+            "diff"
+        }
+        .to_string(),
+        diff: None,
+        measure_diff: false,
         wait: Some(!args.no_wait),
         live: false,
         parent_tag: String::new(),

@@ -3,10 +3,11 @@
 //! daemon on another host. Progress shows bytes and rate on a terminal.
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use forkd_api::v1::{ExportSnapshotRequest, ImportSnapshotRequest};
+use forkd_api::names::Tag;
+use forkd_api::v1::{DeleteSnapshotRequest, ExportSnapshotRequest, ImportSnapshotRequest};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,7 +22,7 @@ use crate::output::{emit, emit_json};
 const UPLOAD_CHUNK: usize = 256 << 10;
 
 /// A byte counter with rate on a terminal; nothing otherwise.
-fn bar(label: String, len: Option<u64>) -> Option<ProgressBar> {
+pub fn bar(label: String, len: Option<u64>) -> Option<ProgressBar> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
@@ -38,18 +39,73 @@ fn mb_per_s(bytes: u64, secs: f64) -> f64 {
     if secs > 0.0 { bytes as f64 / (1 << 20) as f64 / secs } else { 0.0 }
 }
 
+/// What `pack_to` wrote.
+pub struct Packed {
+    pub bytes: u64,
+    pub sha256: String,
+    pub secs: f64,
+}
+
+/// Notes recorded in an archive's manifest.
+#[derive(Default)]
+pub struct Notes {
+    pub description: String,
+    pub base_image: String,
+}
+
+/// `./TAG.forkd-snapshot.tar.zst`, the reference's default archive name.
+pub fn default_archive(tag: &Tag) -> PathBuf {
+    PathBuf::from(format!("{}.forkd-snapshot.tar.zst", tag.as_str()))
+}
+
 pub async fn pack(conn: &Conn, args: PackArgs, as_json: bool) -> anyhow::Result<u8> {
-    let req = ExportSnapshotRequest { tag: args.tag.to_string(), layer_only: args.layer_only, flat: args.flat };
+    let tag = args.tag.or(args.tag_flag).ok_or_else(|| CliError::usage("name the snapshot: TAG or --tag TAG"))?;
+    let output = args.output.unwrap_or_else(|| default_archive(&tag));
+    let notes =
+        Notes { description: args.description.unwrap_or_default(), base_image: args.base_image.unwrap_or_default() };
+    let req = ExportSnapshotRequest {
+        tag: tag.to_string(),
+        layer_only: args.layer_only,
+        flat: args.flat,
+        description: notes.description,
+        base_image: notes.base_image,
+    };
+    let p = pack_to(conn, req, &output).await?;
+    if as_json {
+        emit_json(&serde_json::json!({
+            "tag": tag.as_str(),
+            "file": output,
+            "bytes": p.bytes,
+            "sha256": p.sha256,
+            "seconds": p.secs,
+            "mib_per_s": mb_per_s(p.bytes, p.secs),
+        }))?;
+    } else {
+        emit(&format!(
+            "packed {} into {} ({:.1} MiB in {:.1}s, {})\n",
+            tag,
+            output.display(),
+            p.bytes as f64 / (1 << 20) as f64,
+            p.secs,
+            p.sha256
+        ))?;
+    }
+    Ok(0)
+}
+
+/// Streams the export `req` asks for into `output`, written beside its
+/// name and renamed once complete: never half a file under the name asked
+/// for.
+pub async fn pack_to(conn: &Conn, req: ExportSnapshotRequest, output: &Path) -> Result<Packed, CliError> {
+    let tag = req.tag.clone();
     let started = Instant::now();
     let mut stream = conn.call(conn.snapshots().export_snapshot(req)).await?;
-    // Written beside its name and renamed once complete: never half a file
-    // under the name asked for.
-    let name = args.output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "archive".into());
-    let partial = args.output.with_file_name(format!(".{name}.partial.{}", std::process::id()));
+    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "archive".into());
+    let partial = output.with_file_name(format!(".{name}.partial.{}", std::process::id()));
     let mut out = tokio::fs::File::create(&partial)
         .await
         .map_err(|e| CliError::usage(format!("cannot write {}: {e}", partial.display())))?;
-    let progress = bar(format!("packing {}", args.tag), None);
+    let progress = bar(format!("packing {tag}"), None);
     let mut h = Sha256::new();
     let mut bytes = 0u64;
     let result: Result<(), CliError> = async {
@@ -72,58 +128,101 @@ pub async fn pack(conn: &Conn, args: PackArgs, as_json: bool) -> anyhow::Result<
     }
     if let Err(e) = result {
         let _ = std::fs::remove_file(&partial);
-        return Err(e.into());
+        return Err(e);
     }
-    std::fs::rename(&partial, &args.output).map_err(|e| {
+    std::fs::rename(&partial, output).map_err(|e| {
         let _ = std::fs::remove_file(&partial);
-        CliError::new(crate::exit::FAILURE, format!("rename into {}: {e}", args.output.display()))
+        CliError::new(crate::exit::FAILURE, format!("rename into {}: {e}", output.display()))
     })?;
-    let secs = started.elapsed().as_secs_f64();
-    let sha256 = format!("sha256:{}", hex::encode(h.finalize()));
+    Ok(Packed { bytes, sha256: format!("sha256:{}", hex::encode(h.finalize())), secs: started.elapsed().as_secs_f64() })
+}
+
+pub async fn unpack(conn: &Conn, args: UnpackArgs, as_json: bool) -> anyhow::Result<u8> {
+    let started = Instant::now();
+    let (snap, notes, len) = unpack_file(conn, &args.file, args.as_tag.as_ref(), args.force).await?;
+    report_unpacked(&snap, &notes, &args.file.display().to_string(), len, started.elapsed().as_secs_f64(), as_json)
+}
+
+/// Prints an unpacked snapshot, with the notes its manifest carried.
+pub fn report_unpacked(
+    snap: &forkd_api::v1::Snapshot,
+    notes: &Notes,
+    from: &str,
+    len: u64,
+    secs: f64,
+    as_json: bool,
+) -> anyhow::Result<u8> {
     if as_json {
-        emit_json(&serde_json::json!({
-            "tag": args.tag.as_str(),
-            "file": args.output,
-            "bytes": bytes,
-            "sha256": sha256,
-            "seconds": secs,
-            "mib_per_s": mb_per_s(bytes, secs),
-        }))?;
+        let mut v = json::snapshot(snap);
+        v["archive_bytes"] = len.into();
+        v["seconds"] = secs.into();
+        v["mib_per_s"] = mb_per_s(len, secs).into();
+        v["description"] = notes.description.clone().into();
+        v["base_image"] = notes.base_image.clone().into();
+        emit_json(&v)?;
     } else {
-        emit(&format!(
-            "packed {} into {} ({:.1} MiB in {:.1}s, {})\n",
-            args.tag,
-            args.output.display(),
-            bytes as f64 / (1 << 20) as f64,
-            secs,
-            sha256
-        ))?;
+        let mut text = format!(
+            "unpacked {from} as snapshot {} ({:.1} MiB in {:.1}s)\n",
+            snap.tag,
+            len as f64 / (1 << 20) as f64,
+            secs
+        );
+        for (what, note) in [("description", &notes.description), ("base image", &notes.base_image)] {
+            if !note.is_empty() {
+                text.push_str(&format!("  {what}: {note}\n"));
+            }
+        }
+        emit(&text)?;
     }
     Ok(0)
 }
 
-pub async fn unpack(conn: &Conn, args: UnpackArgs, as_json: bool) -> anyhow::Result<u8> {
-    let mut file = tokio::fs::File::open(&args.file)
+/// Imports the archive at `file`: its snapshot under `as_tag` when given;
+/// with `force`, a snapshot of that tag is deleted first. Answers the
+/// snapshot, the manifest's notes and the archive's size.
+pub async fn unpack_file(
+    conn: &Conn,
+    file: &Path,
+    as_tag: Option<&Tag>,
+    force: bool,
+) -> Result<(forkd_api::v1::Snapshot, Notes, u64), CliError> {
+    let open = || async {
+        tokio::fs::File::open(file).await.map_err(|e| CliError::usage(format!("cannot read {}: {e}", file.display())))
+    };
+    // The manifest comes first in the archive: read here for its tag and
+    // notes (the daemon checks it again, with everything else).
+    let manifest = forkd_server::memory::pack::read::open(open().await?)
         .await
-        .map_err(|e| CliError::usage(format!("cannot read {}: {e}", args.file.display())))?;
-    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-    let started = Instant::now();
-    let progress = bar(format!("unpacking {}", display_name(&args.file)), Some(len));
-    let tag = args.as_tag.as_ref().map(|t| t.to_string()).unwrap_or_default();
+        .map_err(|e| CliError::usage(format!("{}: not an archive of `forkd pack`: {e}", file.display())))?
+        .manifest;
+    let notes = Notes { description: manifest.description, base_image: manifest.base_image };
+    let tag = as_tag.cloned().unwrap_or(manifest.tag);
+    if force {
+        let req = DeleteSnapshotRequest { tag: tag.to_string(), cascade: false, force: false };
+        match conn.call(conn.snapshots().delete_snapshot(req)).await {
+            Ok(_) => eprintln!("forkd: replaced snapshot {tag} (--force)"),
+            Err(e) if e.code == crate::exit::NOT_FOUND => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let mut input = open().await?;
+    let len = input.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let progress = bar(format!("unpacking {}", display_name(file)), Some(len));
+    let first_tag = as_tag.map(|t| t.to_string()).unwrap_or_default();
     // The file is read as the daemon takes it (a bounded channel).
     let (tx, rx) = tokio::sync::mpsc::channel::<ImportSnapshotRequest>(4);
     let reader_bar = progress.clone();
-    let path = args.file.clone();
+    let path = file.to_path_buf();
     let reader = tokio::spawn(async move {
         let mut first = true;
         loop {
             let mut buf = vec![0u8; UPLOAD_CHUNK];
-            let n = file.read(&mut buf).await.map_err(|e| format!("{}: {e}", path.display()))?;
+            let n = input.read(&mut buf).await.map_err(|e| format!("{}: {e}", path.display()))?;
             if n == 0 && !first {
                 return Ok::<(), String>(());
             }
             buf.truncate(n);
-            let msg = ImportSnapshotRequest { tag: if first { tag.clone() } else { String::new() }, data: buf };
+            let msg = ImportSnapshotRequest { tag: if first { first_tag.clone() } else { String::new() }, data: buf };
             first = false;
             if tx.send(msg).await.is_err() {
                 return Ok(()); // the call ended; its status says why
@@ -141,26 +240,9 @@ pub async fn unpack(conn: &Conn, args: UnpackArgs, as_json: bool) -> anyhow::Res
         b.finish_and_clear();
     }
     if let Ok(Err(e)) = reader.await {
-        return Err(CliError::usage(e).into());
+        return Err(CliError::usage(e));
     }
-    let snap = result?;
-    let secs = started.elapsed().as_secs_f64();
-    if as_json {
-        let mut v = json::snapshot(&snap);
-        v["archive_bytes"] = len.into();
-        v["seconds"] = secs.into();
-        v["mib_per_s"] = mb_per_s(len, secs).into();
-        emit_json(&v)?;
-    } else {
-        emit(&format!(
-            "unpacked {} as snapshot {} ({:.1} MiB in {:.1}s)\n",
-            args.file.display(),
-            snap.tag,
-            len as f64 / (1 << 20) as f64,
-            secs
-        ))?;
-    }
-    Ok(0)
+    Ok((result?, notes, len))
 }
 
 fn display_name(p: &Path) -> String {

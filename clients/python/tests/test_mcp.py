@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,12 +22,12 @@ from typing import Any, AsyncIterator, Optional
 
 import pytest
 from mcp import ClientSession
-from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
 import forkd
 
 from .conftest import E2E_TAG, REPO, TOKEN, Daemon
+from .mcp_stdio import run_bounded, stdio_session, text_of
 
 #: The tools `forkd mcp` must offer, by these exact names.
 TOOLS = {
@@ -76,31 +75,12 @@ async def mcp_session(daemon: Daemon, token: Optional[str] = TOKEN) -> AsyncIter
     env = {"FORKD_URL": daemon.url}
     if token is not None:
         env["FORKD_TOKEN"] = token
-    params = StdioServerParameters(command=str(cli_bin()), args=["mcp"], env=env)
-    # The server's stderr goes to a file shown when a test fails.
-    with tempfile.TemporaryFile("w+") as errlog:
-        try:
-            async with stdio_client(params, errlog=errlog) as (read, write):
-                async with ClientSession(read, write) as session:
-                    init = await session.initialize()
-                    assert init.server_info.name == "forkd"
-                    yield session
-        except BaseException:
-            errlog.seek(0)
-            print("forkd mcp stderr:\n" + errlog.read())
-            raise
+    async with stdio_session(str(cli_bin()), ["mcp"], env, "forkd mcp") as session:
+        yield session
 
 
 def run(coro: Any) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, SESSION_TIMEOUT)
-
-    return asyncio.run(bounded())
-
-
-def text_of(result: Any) -> str:
-    assert result.content, result
-    return result.content[0].text
+    return run_bounded(coro, SESSION_TIMEOUT)
 
 
 async def call(session: ClientSession, tool: str, **arguments: Any) -> dict:

@@ -17,7 +17,7 @@ use super::guest_files::{self, FILE_OP_TIMEOUT, MAX_FILE_BYTES};
 use super::process;
 use crate::agent::ExecEvent;
 use crate::core::Error;
-use crate::core::branch::{BranchMode, BranchRequest};
+use crate::core::branch::{BranchRequest, requested};
 use crate::core::sandboxes::CreateSandboxes;
 use crate::core::store::SandboxSettings;
 
@@ -613,6 +613,7 @@ impl SandboxService for Services {
         let (p, took) = self.rt.ping(&id).await?;
         Ok(Response::new(api::PingResponse {
             ok: true,
+            pong: true,
             latency_ms: took.as_secs_f64() * 1000.0,
             uptime_secs: p.uptime_secs,
             runtime_ready: p.runtime_ready,
@@ -624,7 +625,7 @@ impl SandboxService for Services {
         let r = r.into_inner();
         let id = self.own_sandbox(&p, &r.id).await?;
         let tag = if r.tag.is_empty() { None } else { Some(Tag::parse(&r.tag).map_err(Error::from)?) };
-        let mode = BranchMode::parse(&r.mode, r.live)?;
+        let (mode, measure_only) = requested(&r.mode, r.live, r.diff, r.measure_diff)?;
         if !r.parent_tag.is_empty() {
             let parent = Tag::parse_field(&r.parent_tag, "parent_tag").map_err(Error::from)?;
             let source = self.rt.sandbox(&id).await?.snapshot().snapshot_tag;
@@ -637,9 +638,9 @@ impl SandboxService for Services {
                 .into());
             }
         }
-        let req = BranchRequest { id, tag, mode, measure_only: r.measure_diff, wait: r.wait.unwrap_or(true) };
+        let req = BranchRequest { id, tag, mode, measure_only, wait: r.wait.unwrap_or(true) };
         let rec = self.owned("branch", |rt| async move { rt.branch(req).await }).await?;
-        if r.measure_diff {
+        if measure_only {
             let mut measured = convert::snapshot(&crate::core::snapshots::SnapshotView {
                 record: rec,
                 ancestors: vec![],

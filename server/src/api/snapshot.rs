@@ -37,6 +37,11 @@ impl SnapshotService for Services {
         crate::edge::audit::acted_on(format!("snapshot {t}"));
         let volumes = crate::core::volumes::parse_all(&r.volumes, &self.rt.config.volume_root)?;
         let (image, warning) = self.reference_boot_fields(&r)?;
+        // The reference's create returns the snapshot taken; so does one
+        // asked in its form, unless it says otherwise.
+        let reference_form =
+            !r.rootfs.is_empty() || !r.kernel.is_empty() || r.rw.is_some() || !r.tap.is_empty() || r.boot_wait_secs > 0;
+        let wait = r.wait.unwrap_or(reference_form);
         let req = CreateSnapshot {
             tag: t.clone(),
             image,
@@ -50,7 +55,7 @@ impl SnapshotService for Services {
             owner: p.owner(),
         };
         self.owned("snapshot", |rt| async move { rt.create_snapshot(req).await }).await?;
-        if r.wait {
+        if wait {
             loop {
                 let rec = self.rt.get_snapshot(&t)?;
                 if rec.status != SnapshotStatus::Writing {
@@ -188,7 +193,14 @@ impl SnapshotService for Services {
             (false, true) => ExportMode::Flat,
             (false, false) => ExportMode::Chain,
         };
-        let plan = self.rt.export_plan(&t, mode).await?;
+        for (field, note) in [("description", &r.description), ("base_image", &r.base_image)] {
+            if let Some(e) = pack::manifest::note_error(note) {
+                return Err(Error::invalid(field, e).into());
+            }
+        }
+        let mut plan = self.rt.export_plan(&t, mode).await?;
+        plan.manifest.description = r.description;
+        plan.manifest.base_image = r.base_image;
         let manifest = serde_json::to_vec_pretty(&plan.manifest).map_err(|e| Error::internal("manifest", e))?;
         // The archive is written into one end of a bounded pipe and streamed
         // from the other: a slow client slows the writer, and a client that
@@ -355,7 +367,11 @@ impl Services {
     /// request never boots an arbitrary host file).
     fn store_image_at(&self, rootfs: &str) -> Result<String, Status> {
         if !rootfs.starts_with('/') {
-            return Ok(rootfs.to_string());
+            // A bare `NAME.ext4` is image NAME: what `forkd parent build -o
+            // NAME.ext4` made (the file itself lives in the daemon's store).
+            let file = rootfs.strip_prefix("./").unwrap_or(rootfs);
+            let name = file.strip_suffix(".ext4").or_else(|| file.strip_suffix(".erofs")).unwrap_or(file);
+            return Ok(name.to_string());
         }
         let images = std::fs::canonicalize(self.rt.guest.dir.join("images")).ok();
         let path = std::fs::canonicalize(rootfs).ok();
@@ -403,21 +419,22 @@ impl Services {
                 .into());
             }
         }
+        let mut warnings = vec![];
         if r.rw == Some(false) {
-            return Err(Error::invalid(
-                "rw",
-                "false: each child writes to its own overlay over the read-only image; omit `rw` (or pass true)",
-            )
-            .into());
+            // The reference mounts an .ext4 root read-write whatever `rw`
+            // says; every image here is written through a child's overlay.
+            warnings.push(
+                "rw false has no effect: the image is never written, each child writes to its own overlay over it"
+                    .to_string(),
+            );
         }
-        let warning = if r.tap.is_empty() {
-            String::new()
-        } else {
-            format!(
+        if !r.tap.is_empty() {
+            warnings.push(format!(
                 "tap {:?} ignored: forkd gives each child a network of its own instead (fork with network \"nat\")",
                 r.tap
-            )
-        };
+            ));
+        }
+        let warning = warnings.join("; ");
         Ok((image, warning))
     }
 }

@@ -152,7 +152,7 @@ impl ForkdMcp {
             volumes: Vec::new(),
             labels: p.labels,
             // Polled below, so a long boot never holds one call open.
-            wait: false,
+            wait: Some(false),
             ..Default::default()
         };
         let mut snap = unary(&self.conn, self.conn.snapshots().create_snapshot(req)).await?;
@@ -178,8 +178,6 @@ impl ForkdMcp {
                 BranchMode::Full => "full",
             }
             .to_string(),
-            diff: false,
-            measure_diff: false,
             wait: Some(true),
             ..Default::default()
         };

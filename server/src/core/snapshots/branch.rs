@@ -40,6 +40,37 @@ impl BranchMode {
     }
 }
 
+/// A branch request's mode and whether it only measures, from its fields
+/// (forkd's `mode` and `live`, the reference's `diff` and `measure_diff`).
+pub fn requested(mode: &str, live: bool, diff: Option<bool>, measure_diff: bool) -> Result<(BranchMode, bool)> {
+    if let (Some(d), false) = (diff, mode.is_empty()) {
+        return Err(Error::invalid("diff", format!("{d} and mode {mode:?}: give one of them")));
+    }
+    let mode = match diff {
+        Some(true) => "diff",
+        Some(false) => "full",
+        None => mode,
+    };
+    if mode == "measure" {
+        if live || measure_diff {
+            return Err(Error::invalid("mode", "\"measure\" takes no branch: drop `live` and `measure_diff`"));
+        }
+        return Ok((BranchMode::Diff, true));
+    }
+    let parsed = BranchMode::parse(mode, live)?;
+    if measure_diff {
+        if live || !matches!(mode, "" | "full") {
+            return Err(Error::invalid(
+                "measure_diff",
+                "it measures a full branch, so it does not go with a diff or live one (mode \"measure\" measures \
+                 without branching)",
+            ));
+        }
+        return Ok((BranchMode::Full, false));
+    }
+    Ok((parsed, false))
+}
+
 pub struct BranchRequest {
     pub id: SandboxId,
     pub tag: Option<Tag>,
@@ -463,6 +494,39 @@ impl Drop for ResumeOnDrop {
                     tracing::warn!(sandbox = %sb.id, "resume after an interrupted branch: {e}");
                 }
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_name_a_mode_in_forkd_s_or_the_reference_s_words() {
+        let ok = |mode, live, diff, measure| requested(mode, live, diff, measure).unwrap();
+        assert!(matches!(ok("", false, None, false), (BranchMode::Diff, false)), "forkd's default");
+        assert!(matches!(ok("live", false, None, false), (BranchMode::Diff, false)));
+        assert!(matches!(ok("", true, None, false), (BranchMode::Diff, false)));
+        assert!(matches!(ok("", false, Some(true), false), (BranchMode::Diff, false)));
+        assert!(matches!(ok("", false, Some(false), false), (BranchMode::Full, false)));
+        assert!(matches!(ok("full", false, None, true), (BranchMode::Full, false)));
+        assert!(matches!(ok("", false, None, true), (BranchMode::Full, false)), "the reference's measured branch");
+        assert!(matches!(ok("measure", false, None, false), (BranchMode::Diff, true)), "measure only");
+        for (mode, live, diff, measure, field) in [
+            ("full", false, Some(true), false, "diff"),
+            ("diff", false, Some(false), false, "diff"),
+            ("diff", false, None, true, "measure_diff"),
+            ("live", false, None, true, "measure_diff"),
+            ("", true, None, true, "measure_diff"),
+            ("", false, Some(true), true, "measure_diff"),
+            ("measure", true, None, false, "mode"),
+            ("measure", false, None, true, "mode"),
+            ("full", true, None, false, "live"),
+            ("fast", false, None, false, "mode"),
+        ] {
+            let e = requested(mode, live, diff, measure).unwrap_err().to_string();
+            assert!(e.contains(field), "{mode:?} live={live} diff={diff:?} measure={measure}: {e}");
         }
     }
 }

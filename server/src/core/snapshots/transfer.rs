@@ -60,7 +60,19 @@ fn guest_digests(guest_dir: &Path, image: &str) -> Result<GuestDigests> {
     Ok(GuestDigests {
         kernel: get("/kernel/sha256").ok_or_else(|| missing("the kernel"))?,
         initramfs: get("/initramfs/sha256").ok_or_else(|| missing("the initramfs"))?,
-        image: get(&format!("/images/{image}/sha256")).ok_or_else(|| missing(&format!("image {image:?}")))?,
+        image: match get(&format!("/images/{image}/sha256")) {
+            Some(d) => d,
+            // Archives name their image by the guest manifest's digest, which
+            // only the daemon's own images have.
+            None if image.starts_with("sha256:") => {
+                return Err(Error::FailedPrecondition(format!(
+                    "the snapshot runs image {image} of the image store; archives carry snapshots of the \
+                     daemon's own guest images only: make the image on the other host (forkd image pull, \
+                     import or build: the same inputs give the same image) and bake the snapshot there"
+                )));
+            }
+            None => return Err(missing(&format!("image {image:?}"))),
+        },
     })
 }
 
@@ -192,7 +204,15 @@ impl Runtime {
             }
             Ok((entries, sources))
         })?;
-        let manifest = Manifest { format: FORMAT.into(), tag: top.tag.clone(), snapshots: entries, guest, requires };
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            tag: top.tag.clone(),
+            snapshots: entries,
+            guest,
+            requires,
+            description: String::new(),
+            base_image: String::new(),
+        };
         manifest
             .validate()
             .map_err(|e| Error::Internal(format!("the export of {:?} is not valid: {e}", tag.as_str())))?;

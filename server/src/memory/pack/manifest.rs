@@ -85,6 +85,27 @@ pub struct Manifest {
     pub guest: GuestDigests,
     #[serde(default)]
     pub requires: Option<Requires>,
+    /// What the packer said the snapshot is, for whoever unpacks it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// The upstream image the snapshot was made from, as the packer named it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub base_image: String,
+}
+
+/// Longest manifest note (description, base image), in bytes.
+pub const MAX_NOTE: usize = 1024;
+
+/// Why `note` cannot go into a manifest, if it cannot: notes are one line
+/// of at most [`MAX_NOTE`] bytes, since unpackers print them.
+pub fn note_error(note: &str) -> Option<String> {
+    if note.len() > MAX_NOTE {
+        Some(format!("{} bytes (at most {MAX_NOTE})", note.len()))
+    } else if note.chars().any(char::is_control) {
+        Some("control characters (one line of text only)".into())
+    } else {
+        None
+    }
 }
 
 /// Whether `d` is a "sha256:" digest of 64 hex digits.
@@ -109,6 +130,11 @@ impl Manifest {
         }
         if self.snapshots.is_empty() || self.snapshots.len() > MAX_SNAPSHOTS {
             return bad(format!("{} snapshots (1..={MAX_SNAPSHOTS} allowed)", self.snapshots.len()));
+        }
+        for (what, note) in [("description", &self.description), ("base_image", &self.base_image)] {
+            if let Some(e) = note_error(note) {
+                return bad(format!("{what} has {e}"));
+            }
         }
         for d in [&self.guest.kernel, &self.guest.initramfs, &self.guest.image] {
             if !is_digest(d) {
@@ -205,5 +231,20 @@ impl Manifest {
     /// Bytes the archive's files hold (before compression).
     pub fn total_bytes(&self) -> u64 {
         self.files().map(|f| f.size).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notes_are_one_bounded_line() {
+        assert_eq!(note_error(""), None);
+        assert_eq!(note_error("python:3.12-slim — warmed numpy"), None);
+        assert!(note_error("two\nlines").unwrap().contains("control"));
+        assert!(note_error("\u{1b}[31mred").unwrap().contains("control"));
+        assert_eq!(note_error(&"x".repeat(MAX_NOTE)), None);
+        assert!(note_error(&"x".repeat(MAX_NOTE + 1)).unwrap().contains("at most 1024"));
     }
 }

@@ -506,16 +506,18 @@ class PingRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class PingResponse(_message.Message):
-    __slots__ = ("ok", "latency_ms", "uptime_secs", "runtime_ready")
+    __slots__ = ("ok", "latency_ms", "uptime_secs", "runtime_ready", "pong")
     OK_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECS_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_READY_FIELD_NUMBER: _ClassVar[int]
+    PONG_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     latency_ms: float
     uptime_secs: float
     runtime_ready: bool
-    def __init__(self, ok: _Optional[bool] = ..., latency_ms: _Optional[float] = ..., uptime_secs: _Optional[float] = ..., runtime_ready: _Optional[bool] = ...) -> None: ...
+    pong: bool
+    def __init__(self, ok: _Optional[bool] = ..., latency_ms: _Optional[float] = ..., uptime_secs: _Optional[float] = ..., runtime_ready: _Optional[bool] = ..., pong: _Optional[bool] = ...) -> None: ...
 
 class BranchRequest(_message.Message):
     __slots__ = ("id", "tag", "mode", "diff", "measure_diff", "wait", "live", "parent_tag")

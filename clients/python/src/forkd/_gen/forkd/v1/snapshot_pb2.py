@@ -26,7 +26,7 @@ from forkd._gen.google.api import annotations_pb2 as google_dot_api_dot_annotati
 from forkd._gen.forkd.v1 import common_pb2 as forkd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66orkd/v1/snapshot.proto\x12\x08\x66orkd.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x15\x66orkd/v1/common.proto\"\xe9\x02\n\x15\x43reateSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\r\n\x05vcpus\x18\x03 \x01(\r\x12\x0f\n\x07mem_mib\x18\x04 \x01(\r\x12\x19\n\x11warm_timeout_secs\x18\x05 \x01(\r\x12\x11\n\twarm_eval\x18\x06 \x01(\t\x12\x0f\n\x07volumes\x18\x07 \x03(\t\x12;\n\x06labels\x18\x08 \x03(\x0b\x32+.forkd.v1.CreateSnapshotRequest.LabelsEntry\x12\x0c\n\x04wait\x18\t \x01(\x08\x12\x0e\n\x06rootfs\x18\n \x01(\t\x12\x0e\n\x06kernel\x18\x0b \x01(\t\x12\x0f\n\x02rw\x18\x0c \x01(\x08H\x00\x88\x01\x01\x12\x0b\n\x03tap\x18\r \x01(\t\x12\x16\n\x0e\x62oot_wait_secs\x18\x0e \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x05\n\x03_rw\"M\n\x14ListSnapshotsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\"W\n\x15ListSnapshotsResponse\x12%\n\tsnapshots\x18\x01 \x03(\x0b\x32\x12.forkd.v1.Snapshot\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x12GetSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\"D\n\x15\x44\x65leteSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61scade\x18\x02 \x01(\x08\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\";\n\x16\x44\x65leteSnapshotResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x03(\t\x12\x10\n\x08orphaned\x18\x02 \x03(\t\"1\n\x16\x43ompactSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\"Z\n\x15\x44\x65riveSnapshotRequest\x12\x10\n\x08\x66rom_tag\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0c\n\x04\x65xec\x18\x03 \x03(\t\x12\x14\n\x0ctimeout_secs\x18\x04 \x01(\r\"F\n\x15\x45xportSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x12\n\nlayer_only\x18\x02 \x01(\x08\x12\x0c\n\x04\x66lat\x18\x03 \x01(\x08\"2\n\x15ImportSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"2\n\x13PushSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0e\n\x06remote\x18\x02 \x01(\t\"\xa1\x01\n\x14PushSnapshotResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x16\n\x0euploaded_blobs\x18\x03 \x01(\r\x12\x15\n\rpresent_blobs\x18\x04 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x18\n\x10manifest_written\x18\x06 \x01(\x08\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\"2\n\x13PullSnapshotRequest\x12\x0e\n\x06remote\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\"\x1c\n\x1aListRemoteSnapshotsRequest\"J\n\x0eRemoteSnapshot\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x13\n\x0bpushed_unix\x18\x02 \x01(\x03\x12\x16\n\x0emanifest_bytes\x18\x03 \x01(\x04\"W\n\x1bListRemoteSnapshotsResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12+\n\tsnapshots\x18\x02 \x03(\x0b\x32\x18.forkd.v1.RemoteSnapshot\"3\n\x14ShareSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0e\n\x06shared\x18\x02 \x01(\x08\x32\xd2\n\n\x0fSnapshotService\x12_\n\x0e\x43reateSnapshot\x12\x1f.forkd.v1.CreateSnapshotRequest\x1a\x12.forkd.v1.Snapshot\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/snapshots:\x01*\x12r\n\rListSnapshots\x12\x1e.forkd.v1.ListSnapshotsRequest\x1a\x1f.forkd.v1.ListSnapshotsResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\r/v1/snapshotsb\tsnapshots\x12x\n\x0bGetSnapshot\x12\x1c.forkd.v1.GetSnapshotRequest\x1a\x12.forkd.v1.Snapshot\"7\x82\xd3\xe4\x93\x02\x31\x12\x18/v1/snapshots/{tag}/infoZ\x15\x12\x13/v1/snapshots/{tag}\x12p\n\x0e\x44\x65leteSnapshot\x12\x1f.forkd.v1.DeleteSnapshotRequest\x1a .forkd.v1.DeleteSnapshotResponse\"\x1b\x82\xd3\xe4\x93\x02\x15*\x13/v1/snapshots/{tag}\x12o\n\x0f\x43ompactSnapshot\x12 .forkd.v1.CompactSnapshotRequest\x1a\x12.forkd.v1.Snapshot\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/snapshots/{tag}/compact:\x01*\x12q\n\x0e\x44\x65riveSnapshot\x12\x1f.forkd.v1.DeriveSnapshotRequest\x1a\x12.forkd.v1.Snapshot\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1/snapshots/{from_tag}/derive:\x01*\x12i\n\rShareSnapshot\x12\x1e.forkd.v1.ShareSnapshotRequest\x1a\x12.forkd.v1.Snapshot\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/snapshots/{tag}/share:\x01*\x12l\n\x0e\x45xportSnapshot\x12\x1f.forkd.v1.ExportSnapshotRequest\x1a\x13.forkd.v1.DataChunk\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/snapshots/{tag}/export0\x01\x12h\n\x0eImportSnapshot\x12\x1f.forkd.v1.ImportSnapshotRequest\x1a\x12.forkd.v1.Snapshot\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/snapshots/import:\x01*(\x01\x12r\n\x0cPushSnapshot\x12\x1d.forkd.v1.PushSnapshotRequest\x1a\x1e.forkd.v1.PushSnapshotResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/snapshots/{tag}/push:\x01*\x12`\n\x0cPullSnapshot\x12\x1d.forkd.v1.PullSnapshotRequest\x1a\x12.forkd.v1.Snapshot\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/v1/snapshots/pull:\x01*\x12\x80\x01\n\x13ListRemoteSnapshots\x12$.forkd.v1.ListRemoteSnapshotsRequest\x1a%.forkd.v1.ListRemoteSnapshotsResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/remote/snapshotsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66orkd/v1/snapshot.proto\x12\x08\x66orkd.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x15\x66orkd/v1/common.proto\"\xf7\x02\n\x15\x43reateSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\r\n\x05vcpus\x18\x03 \x01(\r\x12\x0f\n\x07mem_mib\x18\x04 \x01(\r\x12\x19\n\x11warm_timeout_secs\x18\x05 \x01(\r\x12\x11\n\twarm_eval\x18\x06 \x01(\t\x12\x0f\n\x07volumes\x18\x07 \x03(\t\x12;\n\x06labels\x18\x08 \x03(\x0b\x32+.forkd.v1.CreateSnapshotRequest.LabelsEntry\x12\x11\n\x04wait\x18\t \x01(\x08H\x00\x88\x01\x01\x12\x0e\n\x06rootfs\x18\n \x01(\t\x12\x0e\n\x06kernel\x18\x0b \x01(\t\x12\x0f\n\x02rw\x18\x0c \x01(\x08H\x01\x88\x01\x01\x12\x0b\n\x03tap\x18\r \x01(\t\x12\x16\n\x0e\x62oot_wait_secs\x18\x0e \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_waitB\x05\n\x03_rw\"M\n\x14ListSnapshotsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\"W\n\x15ListSnapshotsResponse\x12%\n\tsnapshots\x18\x01 \x03(\x0b\x32\x12.forkd.v1.Snapshot\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x12GetSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\"D\n\x15\x44\x65leteSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61scade\x18\x02 \x01(\x08\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\";\n\x16\x44\x65leteSnapshotResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x03(\t\x12\x10\n\x08orphaned\x18\x02 \x03(\t\"1\n\x16\x43ompactSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\"Z\n\x15\x44\x65riveSnapshotRequest\x12\x10\n\x08\x66rom_tag\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0c\n\x04\x65xec\x18\x03 \x03(\t\x12\x14\n\x0ctimeout_secs\x18\x04 \x01(\r\"o\n\x15\x45xportSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x12\n\nlayer_only\x18\x02 \x01(\x08\x12\x0c\n\x04\x66lat\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x12\n\nbase_image\x18\x05 \x01(\t\"2\n\x15ImportSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"2\n\x13PushSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0e\n\x06remote\x18\x02 \x01(\t\"\xa1\x01\n\x14PushSnapshotResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x16\n\x0euploaded_blobs\x18\x03 \x01(\r\x12\x15\n\rpresent_blobs\x18\x04 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x18\n\x10manifest_written\x18\x06 \x01(\x08\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\"2\n\x13PullSnapshotRequest\x12\x0e\n\x06remote\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\"\x1c\n\x1aListRemoteSnapshotsRequest\"J\n\x0eRemoteSnapshot\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x13\n\x0bpushed_unix\x18\x02 \x01(\x03\x12\x16\n\x0emanifest_bytes\x18\x03 \x01(\x04\"W\n\x1bListRemoteSnapshotsResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12+\n\tsnapshots\x18\x02 \x03(\x0b\x32\x18.forkd.v1.RemoteSnapshot\"3\n\x14ShareSnapshotRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0e\n\x06shared\x18\x02 \x01(\x08\x32\xd2\n\n\x0fSnapshotService\x12_\n\x0e\x43reateSnapshot\x12\x1f.forkd.v1.CreateSnapshotRequest\x1a\x12.forkd.v1.Snapshot\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/snapshots:\x01*\x12r\n\rListSnapshots\x12\x1e.forkd.v1.ListSnapshotsRequest\x1a\x1f.forkd.v1.ListSnapshotsResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\r/v1/snapshotsb\tsnapshots\x12x\n\x0bGetSnapshot\x12\x1c.forkd.v1.GetSnapshotRequest\x1a\x12.forkd.v1.Snapshot\"7\x82\xd3\xe4\x93\x02\x31\x12\x18/v1/snapshots/{tag}/infoZ\x15\x12\x13/v1/snapshots/{tag}\x12p\n\x0e\x44\x65leteSnapshot\x12\x1f.forkd.v1.DeleteSnapshotRequest\x1a .forkd.v1.DeleteSnapshotResponse\"\x1b\x82\xd3\xe4\x93\x02\x15*\x13/v1/snapshots/{tag}\x12o\n\x0f\x43ompactSnapshot\x12 .forkd.v1.CompactSnapshotRequest\x1a\x12.forkd.v1.Snapshot\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/snapshots/{tag}/compact:\x01*\x12q\n\x0e\x44\x65riveSnapshot\x12\x1f.forkd.v1.DeriveSnapshotRequest\x1a\x12.forkd.v1.Snapshot\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1/snapshots/{from_tag}/derive:\x01*\x12i\n\rShareSnapshot\x12\x1e.forkd.v1.ShareSnapshotRequest\x1a\x12.forkd.v1.Snapshot\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/snapshots/{tag}/share:\x01*\x12l\n\x0e\x45xportSnapshot\x12\x1f.forkd.v1.ExportSnapshotRequest\x1a\x13.forkd.v1.DataChunk\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/snapshots/{tag}/export0\x01\x12h\n\x0eImportSnapshot\x12\x1f.forkd.v1.ImportSnapshotRequest\x1a\x12.forkd.v1.Snapshot\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/snapshots/import:\x01*(\x01\x12r\n\x0cPushSnapshot\x12\x1d.forkd.v1.PushSnapshotRequest\x1a\x1e.forkd.v1.PushSnapshotResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/snapshots/{tag}/push:\x01*\x12`\n\x0cPullSnapshot\x12\x1d.forkd.v1.PullSnapshotRequest\x1a\x12.forkd.v1.Snapshot\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/v1/snapshots/pull:\x01*\x12\x80\x01\n\x13ListRemoteSnapshots\x12$.forkd.v1.ListRemoteSnapshotsRequest\x1a%.forkd.v1.ListRemoteSnapshotsResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/remote/snapshotsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -60,41 +60,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SNAPSHOTSERVICE'].methods_by_name['ListRemoteSnapshots']._loaded_options = None
   _globals['_SNAPSHOTSERVICE'].methods_by_name['ListRemoteSnapshots']._serialized_options = b'\202\323\344\223\002\026\022\024/v1/remote/snapshots'
   _globals['_CREATESNAPSHOTREQUEST']._serialized_start=91
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=452
-  _globals['_CREATESNAPSHOTREQUEST_LABELSENTRY']._serialized_start=400
-  _globals['_CREATESNAPSHOTREQUEST_LABELSENTRY']._serialized_end=445
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=454
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=531
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=533
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=620
-  _globals['_GETSNAPSHOTREQUEST']._serialized_start=622
-  _globals['_GETSNAPSHOTREQUEST']._serialized_end=655
-  _globals['_DELETESNAPSHOTREQUEST']._serialized_start=657
-  _globals['_DELETESNAPSHOTREQUEST']._serialized_end=725
-  _globals['_DELETESNAPSHOTRESPONSE']._serialized_start=727
-  _globals['_DELETESNAPSHOTRESPONSE']._serialized_end=786
-  _globals['_COMPACTSNAPSHOTREQUEST']._serialized_start=788
-  _globals['_COMPACTSNAPSHOTREQUEST']._serialized_end=837
-  _globals['_DERIVESNAPSHOTREQUEST']._serialized_start=839
-  _globals['_DERIVESNAPSHOTREQUEST']._serialized_end=929
-  _globals['_EXPORTSNAPSHOTREQUEST']._serialized_start=931
-  _globals['_EXPORTSNAPSHOTREQUEST']._serialized_end=1001
-  _globals['_IMPORTSNAPSHOTREQUEST']._serialized_start=1003
-  _globals['_IMPORTSNAPSHOTREQUEST']._serialized_end=1053
-  _globals['_PUSHSNAPSHOTREQUEST']._serialized_start=1055
-  _globals['_PUSHSNAPSHOTREQUEST']._serialized_end=1105
-  _globals['_PUSHSNAPSHOTRESPONSE']._serialized_start=1108
-  _globals['_PUSHSNAPSHOTRESPONSE']._serialized_end=1269
-  _globals['_PULLSNAPSHOTREQUEST']._serialized_start=1271
-  _globals['_PULLSNAPSHOTREQUEST']._serialized_end=1321
-  _globals['_LISTREMOTESNAPSHOTSREQUEST']._serialized_start=1323
-  _globals['_LISTREMOTESNAPSHOTSREQUEST']._serialized_end=1351
-  _globals['_REMOTESNAPSHOT']._serialized_start=1353
-  _globals['_REMOTESNAPSHOT']._serialized_end=1427
-  _globals['_LISTREMOTESNAPSHOTSRESPONSE']._serialized_start=1429
-  _globals['_LISTREMOTESNAPSHOTSRESPONSE']._serialized_end=1516
-  _globals['_SHARESNAPSHOTREQUEST']._serialized_start=1518
-  _globals['_SHARESNAPSHOTREQUEST']._serialized_end=1569
-  _globals['_SNAPSHOTSERVICE']._serialized_start=1572
-  _globals['_SNAPSHOTSERVICE']._serialized_end=2934
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=466
+  _globals['_CREATESNAPSHOTREQUEST_LABELSENTRY']._serialized_start=405
+  _globals['_CREATESNAPSHOTREQUEST_LABELSENTRY']._serialized_end=450
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=468
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=545
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=547
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=634
+  _globals['_GETSNAPSHOTREQUEST']._serialized_start=636
+  _globals['_GETSNAPSHOTREQUEST']._serialized_end=669
+  _globals['_DELETESNAPSHOTREQUEST']._serialized_start=671
+  _globals['_DELETESNAPSHOTREQUEST']._serialized_end=739
+  _globals['_DELETESNAPSHOTRESPONSE']._serialized_start=741
+  _globals['_DELETESNAPSHOTRESPONSE']._serialized_end=800
+  _globals['_COMPACTSNAPSHOTREQUEST']._serialized_start=802
+  _globals['_COMPACTSNAPSHOTREQUEST']._serialized_end=851
+  _globals['_DERIVESNAPSHOTREQUEST']._serialized_start=853
+  _globals['_DERIVESNAPSHOTREQUEST']._serialized_end=943
+  _globals['_EXPORTSNAPSHOTREQUEST']._serialized_start=945
+  _globals['_EXPORTSNAPSHOTREQUEST']._serialized_end=1056
+  _globals['_IMPORTSNAPSHOTREQUEST']._serialized_start=1058
+  _globals['_IMPORTSNAPSHOTREQUEST']._serialized_end=1108
+  _globals['_PUSHSNAPSHOTREQUEST']._serialized_start=1110
+  _globals['_PUSHSNAPSHOTREQUEST']._serialized_end=1160
+  _globals['_PUSHSNAPSHOTRESPONSE']._serialized_start=1163
+  _globals['_PUSHSNAPSHOTRESPONSE']._serialized_end=1324
+  _globals['_PULLSNAPSHOTREQUEST']._serialized_start=1326
+  _globals['_PULLSNAPSHOTREQUEST']._serialized_end=1376
+  _globals['_LISTREMOTESNAPSHOTSREQUEST']._serialized_start=1378
+  _globals['_LISTREMOTESNAPSHOTSREQUEST']._serialized_end=1406
+  _globals['_REMOTESNAPSHOT']._serialized_start=1408
+  _globals['_REMOTESNAPSHOT']._serialized_end=1482
+  _globals['_LISTREMOTESNAPSHOTSRESPONSE']._serialized_start=1484
+  _globals['_LISTREMOTESNAPSHOTSRESPONSE']._serialized_end=1571
+  _globals['_SHARESNAPSHOTREQUEST']._serialized_start=1573
+  _globals['_SHARESNAPSHOTREQUEST']._serialized_end=1624
+  _globals['_SNAPSHOTSERVICE']._serialized_start=1627
+  _globals['_SNAPSHOTSERVICE']._serialized_end=2989
 # @@protoc_insertion_point(module_scope)

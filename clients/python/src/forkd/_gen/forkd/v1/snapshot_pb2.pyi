@@ -110,14 +110,18 @@ class DeriveSnapshotRequest(_message.Message):
     def __init__(self, from_tag: _Optional[str] = ..., tag: _Optional[str] = ..., exec: _Optional[_Iterable[str]] = ..., timeout_secs: _Optional[int] = ...) -> None: ...
 
 class ExportSnapshotRequest(_message.Message):
-    __slots__ = ("tag", "layer_only", "flat")
+    __slots__ = ("tag", "layer_only", "flat", "description", "base_image")
     TAG_FIELD_NUMBER: _ClassVar[int]
     LAYER_ONLY_FIELD_NUMBER: _ClassVar[int]
     FLAT_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    BASE_IMAGE_FIELD_NUMBER: _ClassVar[int]
     tag: str
     layer_only: bool
     flat: bool
-    def __init__(self, tag: _Optional[str] = ..., layer_only: _Optional[bool] = ..., flat: _Optional[bool] = ...) -> None: ...
+    description: str
+    base_image: str
+    def __init__(self, tag: _Optional[str] = ..., layer_only: _Optional[bool] = ..., flat: _Optional[bool] = ..., description: _Optional[str] = ..., base_image: _Optional[str] = ...) -> None: ...
 
 class ImportSnapshotRequest(_message.Message):
     __slots__ = ("tag", "data")
