@@ -40,7 +40,8 @@ if [ "$need_update" = 1 ] || [ ! -f "$stamp" ] || [ -n "$(find "$stamp" -mmin +7
   mkdir -p "$(dirname "$stamp")" && touch "$stamp"
 fi
 
-want_base=(mmdebstrap e2fsprogs cpio zstd xz-utils busybox-static iproute2 nftables ca-certificates tmux)
+# fonts-dejavu-core: the labels of `forkd bench --plot` charts.
+want_base=(mmdebstrap e2fsprogs cpio zstd xz-utils busybox-static iproute2 nftables ca-certificates tmux fonts-dejavu-core)
 missing=()
 for p in "${want_base[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -224,6 +224,10 @@ pub enum Command {
     #[command(subcommand)]
     Remote(RemoteCommand),
 
+    /// Hot pools: children kept ready for forks.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+
     /// Derive a snapshot by running a command in a child of another.
     #[command(
         long_about = "Fork a transient sandbox from --from, run a command in it, save the \
@@ -947,6 +951,13 @@ pub struct BenchArgs {
     /// Bare restores started at once (match the daemon's --spawn-concurrency).
     #[arg(long, default_value_t = 8)]
     pub bare_concurrency: usize,
+    /// Also print where a spawn's time goes, cold and from a hot pool.
+    #[arg(long)]
+    pub phases: bool,
+    /// Draw the latency distributions (spawns per child, cold and pooled;
+    /// exec round trips, at rest and during a refill) into this PNG.
+    #[arg(long, value_name = "FILE.png")]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -1299,9 +1310,9 @@ pub struct ForkArgs {
     #[arg(long)]
     pub per_child_netns: bool,
 
-    /// Afterwards keep N VMM processes of this snapshot started and waiting,
-    /// so later forks from it only load state (emptied when the snapshot is
-    /// deleted or the daemon stops).
+    /// Afterwards fill the snapshot's hot pool with N children, restored and
+    /// re-initialized ahead of time, so later forks only apply their identity
+    /// (filled once; emptied when the snapshot is deleted or the daemon stops).
     #[arg(long)]
     pub prewarm: bool,
 
@@ -1546,6 +1557,39 @@ pub enum RemoteCommand {
     /// List the snapshots the remote holds.
     #[command(visible_alias = "list", after_help = "Examples:\n  forkd remote ls\n  forkd remote ls --json")]
     Ls,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCommand {
+    /// List the hot pools: per snapshot, children ready, being made, kept.
+    #[command(
+        visible_alias = "list",
+        long_about = "List the hot pools of the snapshots you may fork from: children restored, \
+            re-initialized once and paused, which forks take first. READY can be taken now, FILLING \
+            are being made, TARGET is what the daemon keeps (forkd-server --pool TAG=N; 0 for a pool \
+            a fork's --prewarm filled once).",
+        after_help = "Examples:\n  forkd pool ls\n  forkd pool ls --json"
+    )]
+    Ls,
+    /// Keep N hot children of a snapshot ready (0 empties its pool).
+    #[command(
+        long_about = "Set how many hot children of a ready snapshot the daemon keeps, as \
+            forkd-server --pool TAG=N does (until the daemon restarts). The pool fills in the \
+            background, one child at a time at the lowest CPU weight; forks take from it first. 0 \
+            empties it. Admins only.",
+        after_help = "Examples:\n  forkd pool set py 8\n  forkd pool set py 0"
+    )]
+    Set(PoolSetArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PoolSetArgs {
+    /// Snapshot tag.
+    #[arg(value_name = "TAG")]
+    pub tag: Tag,
+    /// Children to keep ready (0..=64).
+    #[arg(value_name = "N", value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub target: u32,
 }
 
 #[derive(Subcommand, Debug)]

@@ -13,10 +13,11 @@ use forkd_api::v1::{
     AttachProcessRequest, CloseStdinRequest, CreateSandboxesRequest, CreateSandboxesResponse, DataChunk,
     DeleteSandboxRequest, DeleteSandboxesRequest, DeleteSandboxesResponse, EvalRequest, EvalResponse, Event, ExecEvent,
     ExecInput, ExecRequest, ExecResponse, FileEvents, FileInfo, GetSandboxRequest, GetVersionRequest, ListFilesRequest,
-    ListFilesResponse, ListProcessesRequest, ListProcessesResponse, ListSandboxesRequest, ListSandboxesResponse,
-    PingRequest, PingResponse, ProcessInfo, ReadFileRequest, RemoveFileRequest, RemoveFileResponse, ResizePtyRequest,
-    Sandbox, SendStdinRequest, SignalProcessRequest, Snapshot, StartProcessRequest, StatFileRequest, VersionInfo,
-    WatchEventsRequest, WatchFilesRequest, WriteFileRequest, exec_event,
+    ListFilesResponse, ListPoolsRequest, ListPoolsResponse, ListProcessesRequest, ListProcessesResponse,
+    ListSandboxesRequest, ListSandboxesResponse, PingRequest, PingResponse, Pool, ProcessInfo, ReadFileRequest,
+    RemoveFileRequest, RemoveFileResponse, ResizePtyRequest, Sandbox, SendStdinRequest, SetPoolRequest,
+    SignalProcessRequest, Snapshot, StartProcessRequest, StatFileRequest, VersionInfo, WatchEventsRequest,
+    WatchFilesRequest, WriteFileRequest, exec_event,
     sandbox_service_server::{SandboxService, SandboxServiceServer},
     system_service_server::{SystemService, SystemServiceServer},
 };
@@ -492,6 +493,15 @@ impl SnapshotService for Mock {
     ) -> Result<Response<ListRemoteSnapshotsResponse>, Status> {
         Err(Status::failed_precondition("this daemon has no remote: start it with --remote URL"))
     }
+
+    async fn set_pool(&self, r: Request<SetPoolRequest>) -> Result<Response<Pool>, Status> {
+        let r = r.into_inner();
+        Ok(Response::new(Pool { tag: r.tag, ready: 0, filling: 1, target: r.target }))
+    }
+
+    async fn list_pools(&self, _: Request<ListPoolsRequest>) -> Result<Response<ListPoolsResponse>, Status> {
+        Ok(Response::new(ListPoolsResponse { pools: vec![Pool { tag: "py".into(), ready: 2, filling: 1, target: 3 }] }))
+    }
 }
 
 /// A full digest of one repeated byte.
@@ -837,6 +847,18 @@ fn json_output_keeps_numbers() {
     assert_eq!(v.as_array().unwrap().len(), 2);
     assert_eq!(v[1]["pid"], 101);
     assert_eq!(v[0]["memory_limit_mib"], 512);
+
+    let o = d.forkd(&["pool", "ls", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v, serde_json::json!([{ "tag": "py", "ready": 2, "filling": 1, "target": 3 }]));
+    let o = d.forkd(&["pool", "set", "py", "4", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["target"].as_u64(), v["filling"].as_u64()), (Some(4), Some(1)), "{v}");
+    let o = d.forkd(&["pool", "set", "py", "65"]);
+    assert_eq!(code(&o), 2, "at most 64");
+    let o = d.forkd(&["pool", "ls"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("READY") && out.lines().nth(1).unwrap().split_whitespace().eq(["py", "2", "1", "3"]), "{out}");
 }
 
 #[test]

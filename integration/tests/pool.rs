@@ -1,13 +1,15 @@
-//! Pools (`prewarm`): VMMs started ahead of time serve later spawns with a
-//! full identity re-init; the reconciler leaves them alone; deleting the
-//! snapshot, stopping the daemon or a crash and restart leave none behind.
+//! Hot pools (`prewarm`, `--pool TAG=N`): children restored, re-initialized
+//! and paused ahead of time serve later spawns with a full identity
+//! re-init; a configured pool is refilled after forks, at the lowest CPU
+//! weight; the reconciler leaves them alone; deleting the snapshot, stopping
+//! the daemon or a crash and restart leave none behind.
 
 mod common;
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
-use common::{fork, fork_with, sh, wait_ready};
+use common::{cgroup_file, cli_output, fork, fork_with, list, serial, sh, wait_ready};
 use forkd_integration::support::forkd_cgroups;
 use forkd_integration::{Daemon, Options, memory_cgroup_of, vmms_under};
 use serde_json::json;
@@ -54,6 +56,7 @@ async fn settle_vmms(d: &Daemon, want: usize) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_vmms_serve_spawns_and_never_leak() {
+    let _serial = serial().await;
     let data = tempfile::Builder::new().prefix("forkd-pool-").tempdir_in("/tmp").unwrap();
     let opts = Options { data_dir: Some(data.path().to_path_buf()), ..Default::default() };
     let mut d = Daemon::start(opts.clone());
@@ -138,5 +141,110 @@ async fn pooled_vmms_serve_spawns_and_never_leak() {
     assert_eq!(vmms_under(&d.data_dir).len(), 2, "pooled VMM stopped with the daemon");
     let d = Daemon::start(opts);
     d.post("/v1/sandboxes/delete", json!({ "all": true })).send().await.unwrap();
+    assert_eq!(settle_vmms(&d, 0).await, 0);
+}
+
+/// Whether sandbox `id`'s cgroup has the lowest CPU weight (cgroup v2
+/// cpu.weight 1, v1 cpu.shares 2) rather than a sandbox's (100, 1024).
+fn in_background(id: &str) -> bool {
+    let read = |f: &str| cgroup_file(id, "cpu", f).map(|w| w.trim().to_string());
+    match (read("cpu.weight"), read("cpu.shares")) {
+        (Some(w), _) => {
+            assert!(w == "1" || w == "100", "cpu.weight of {id}: {w}");
+            w == "1"
+        }
+        (None, Some(s)) => {
+            assert!(s == "2" || s == "1024", "cpu.shares of {id}: {s}");
+            s == "2"
+        }
+        (None, None) => panic!("sandbox {id} has no cpu cgroup"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_pool_is_kept_full_listed_and_yields_the_cpu() {
+    let _serial = serial().await;
+    let opts = Options { extra_args: vec!["--pool".into(), "p=2".into()], ..Default::default() };
+    let d = Daemon::start(opts);
+    // The snapshot is made after the daemon started: its pool fills at its
+    // first fork and is topped up after every fork.
+    d.post("/v1/snapshots", json!({ "tag": "p", "image": "minimal" })).send().await.unwrap();
+    wait_ready(&d, "p").await;
+    let first = fork(&d, "p", 1).await;
+    wait_pool(&d, "p", 2).await;
+    let pooled: Vec<String> = sandbox_dirs(&d).into_iter().filter(|n| !first.contains(n)).collect();
+    assert_eq!(pooled.len(), 2, "{pooled:?}");
+    for id in &pooled {
+        assert!(in_background(id), "a pooled child waits at the lowest CPU weight");
+    }
+    let pools: serde_json::Value = d.get("/v1/pools").send().await.unwrap().json().await.unwrap();
+    assert_eq!(pools, json!([{ "tag": "p", "ready": 2, "filling": 0, "target": 2 }]));
+    let (code, out, err) = cli_output(&d, &["pool", "ls", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap(), pools);
+    assert_eq!(list(&d).await.len(), 1, "pooled children are not sandboxes of anyone's yet");
+
+    // A fork of two takes both, at a sandbox's CPU weight; the pool refills.
+    let next = fork(&d, "p", 2).await;
+    assert!(pooled.iter().all(|p| next.contains(p)), "pooled {pooled:?} not used by {next:?}");
+    for id in &next {
+        assert!(!in_background(id), "a taken child has a sandbox's weight");
+        assert_eq!(sh(&d, id, "hostname").await["stdout"], format!("{id}\n"));
+    }
+    wait_pool(&d, "p", 2).await;
+
+    // Deleting the snapshot drains its pool; nothing is left.
+    d.post("/v1/sandboxes/delete", json!({ "all": true })).send().await.unwrap();
+    let r = d.delete("/v1/snapshots/p").send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(settle_vmms(&d, 0).await, 0);
+    let pools: serde_json::Value = d.get("/v1/pools").send().await.unwrap().json().await.unwrap();
+    assert_eq!(pools, json!([]), "the pool of a snapshot that is gone is not listed");
+    assert!(sandbox_dirs(&d).is_empty(), "{:?}", sandbox_dirs(&d));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forkd_bench_reports_every_row_next_to_its_baseline() {
+    let _serial = serial().await;
+    let d = Daemon::start(Options::default());
+    d.post("/v1/snapshots", json!({ "tag": "b", "image": "minimal" })).send().await.unwrap();
+    wait_ready(&d, "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("bench.png");
+    let png_arg = png.display().to_string();
+    let args = ["bench", "--tag", "b", "--fanout", "2", "--execs", "3", "--phases", "--plot", &png_arg];
+    let (code, out, err) = cli_output(&d, &args);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for row in [
+        "spawn(1), to answering",
+        "spawn(1) from a pool",
+        "bare pre-started restore",
+        "pooled ratio",
+        "fan-out 2 from a hot pool",
+        "pooled fan-out 2 ratio to bare",
+        "exec p99 while a pool of 4 refills",
+        "refill p99 ratio",
+        "identity re-init (one round trip)",
+    ] {
+        assert!(out.contains(row), "no row {row:?} in\n{out}");
+    }
+    let image = std::fs::read(&png).unwrap();
+    assert_eq!(&image[..4], b"\x89PNG", "--plot wrote a PNG");
+
+    let (code, out, err) = cli_output(&d, &["bench", "--tag", "b", "--fanout", "2", "--execs", "3", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for key in ["spawn1_ms", "pooled_spawn1_ms", "bare_pooled_ms", "exec_p99_at_rest_ms", "exec_p99_during_refill_ms"] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
+    }
+    assert!(v["pool_fanout"]["forkd_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["phases"]["cold"]["restore_ms"].as_f64().unwrap() > 0.0, "{v}");
+    let pooled_restore = v["phases"]["pooled"]["restore_ms"].as_f64().unwrap();
+    assert!(pooled_restore < 1.0, "a pooled child is not restored on the fork's path: {v}");
+    assert!(v["fanout"][0]["bare_ms"].as_f64().unwrap() > 0.0, "{v}");
+    // The bench leaves no sandbox and no pool behind.
+    assert!(list(&d).await.is_empty());
+    let pools: serde_json::Value = d.get("/v1/pools").send().await.unwrap().json().await.unwrap();
+    assert!(pools.as_array().unwrap().iter().all(|p| p["ready"] == 0), "{pools}");
     assert_eq!(settle_vmms(&d, 0).await, 0);
 }

@@ -106,6 +106,7 @@ async fn boot_probe(qemu: &Path, guest: &GuestAssets, data_dir: &Path, confineme
             memory_bytes: (spec.mem_mib + crate::core::limits::BAKE_EXTRA_MIB) as u64 * 1024 * 1024,
             cpu_quota: 0.0,
             pids_max: crate::core::limits::VMM_THREAD_HEADROOM,
+            background: false,
         };
         if let Err(e) = cg.create(&cgroup_name, &limits) {
             tracing::warn!("KVM probe: creating cgroup {cgroup_name}: {e}");

@@ -13,11 +13,19 @@ use forkd_server::vmm::{Backend, VmDir, VmProcess, VmSpec, process};
 use futures::stream::{self, StreamExt};
 use serde_json::json;
 
+use super::bench_plot::Series;
 use crate::args::BenchArgs;
 use crate::client::Conn;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// The 99th percentile (nearest rank) of `v`; 0 when empty.
+fn p99(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len().max(1)) - 1).copied().unwrap_or(0.0)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -77,27 +85,29 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
     conn.call(sb.delete_sandbox(api::DeleteSandboxRequest { id: id.clone() })).await?;
     let cleanup1 = ms(t.elapsed());
 
-    // spawn(1) served from a pool, next to a bare pre-started restore.
-    progress("spawn(1) from a pool");
+    // spawn(1) served from a hot pool, next to a bare pre-started restore.
+    progress("spawn(1) from a hot pool");
     let mut pooled = vec![];
+    let mut pooled_samples = vec![];
     for _ in 0..POOL_ROUNDS {
-        let warm = api::CreateSandboxesRequest {
-            snapshot_tag: a.tag.to_string(),
-            n: Some(1),
-            prewarm: true,
-            ..Default::default()
-        };
-        let kid = conn.call(sb.create_sandboxes(warm)).await?.sandboxes;
-        conn.call(sb.delete_sandbox(api::DeleteSandboxRequest { id: kid[0].id.clone() })).await?;
-        // The pool refills in the background; give its VMM time to settle.
-        tokio::time::sleep(POOL_SETTLE).await;
-        let req = api::CreateSandboxesRequest { snapshot_tag: a.tag.to_string(), n: Some(1), ..Default::default() };
-        let t = Instant::now();
-        let kid = conn.call(sb.create_sandboxes(req)).await?.sandboxes;
-        pooled.push(ms(t.elapsed()));
-        conn.call(sb.delete_sandbox(api::DeleteSandboxRequest { id: kid[0].id.clone() })).await?;
+        let (t, kids) = from_pool(conn, &a.tag, 1).await?;
+        pooled.push(t);
+        delete_all(conn, &kids).await?;
     }
+    pooled_samples.extend(&pooled);
     let pooled_ms = median(pooled);
+    let pool_n = a.fanout.first().copied().unwrap_or(10);
+    progress(&format!("fan-out {pool_n} from a hot pool"));
+    let (pool_fanout_ms, kids) = from_pool(conn, &a.tag, pool_n).await?;
+    let pool_phases = Phases::of(&kids);
+    let pool_spawns: Vec<f64> = kids.iter().map(|k| k.spawn_ms).collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pool_pss: u64 = kids.iter().filter_map(|k| process::pss_bytes(k.pid)).sum();
+    delete_all(conn, &kids).await?;
+    let pool_pss_mib = pool_pss as f64 / pool_n as f64 / 1048576.0;
+    progress("exec round trips while a pool refills");
+    let refill_samples = exec_under_refill(conn, &a.tag).await?;
+    let refill = refill_samples.as_ref().map(|(rest, busy)| (p99(rest), p99(busy), busy.len()));
     let bare_pooled_ms = if a.no_bare {
         None
     } else {
@@ -106,6 +116,8 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
     };
 
     let mut rows = vec![];
+    let mut cold_phases = None;
+    let mut cold_spawns = vec![];
     for &n in &a.fanout {
         progress(&format!("fan-out {n} through forkd"));
         let t = Instant::now();
@@ -118,6 +130,10 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
             .await?
             .sandboxes;
         let forkd_ms = ms(t.elapsed());
+        if n == pool_n {
+            cold_phases = Some(Phases::of(&kids));
+            cold_spawns = kids.iter().map(|k| k.spawn_ms).collect();
+        }
         // Let the children settle before measuring what they cost at rest.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let pss: u64 = kids.iter().filter_map(|k| process::pss_bytes(k.pid)).sum();
@@ -145,6 +161,20 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
         });
     }
 
+    if let Some(path) = &a.plot {
+        let mut series = vec![
+            Series { name: format!("spawn, cold fan-out {pool_n}, per child"), ms: cold_spawns.clone() },
+            Series { name: format!("spawn, fan-out {pool_n} from a hot pool, per child"), ms: pool_spawns.clone() },
+            Series { name: "spawn(1) from a hot pool".into(), ms: pooled_samples.clone() },
+            Series { name: "exec `true`".into(), ms: execs.clone() },
+        ];
+        if let Some((_, busy)) = &refill_samples {
+            series.push(Series { name: "exec `true` while a pool refills".into(), ms: busy.clone() });
+        }
+        let title = format!("forkd bench: snapshot {} ({}, {})", a.tag, snap.backend, snap.accel);
+        super::bench_plot::draw(path, &title, &series)?;
+        progress(&format!("plot written to {}", path.display()));
+    }
     if json_out {
         let out = json!({
             "snapshot": a.tag.to_string(),
@@ -155,6 +185,14 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
             "cleanup1_ms": cleanup1,
             "pooled_spawn1_ms": pooled_ms,
             "bare_pooled_ms": bare_pooled_ms,
+            "pool_fanout": { "n": pool_n, "forkd_ms": pool_fanout_ms, "pss_mib_per_child": pool_pss_mib },
+            "phases": {
+                "cold": cold_phases.as_ref().map(Phases::json),
+                "pooled": pool_phases.json(),
+            },
+            "exec_p99_at_rest_ms": refill.as_ref().map(|r| r.0),
+            "exec_p99_during_refill_ms": refill.as_ref().map(|r| r.1),
+            "execs_during_refill": refill.as_ref().map(|r| r.2),
             "fanout": rows.iter().map(|r| json!({
                 "n": r.n, "forkd_ms": r.forkd_ms, "bare_ms": r.bare_ms,
                 "ratio": r.bare_ms.map(|b| r.forkd_ms / b),
@@ -177,6 +215,24 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
         t.add_row(vec![format!("bare pre-started restore, median of {POOL_ROUNDS}"), format!("{b:.1}")]);
         t.add_row(vec!["pooled ratio".to_string(), format!("{:.2}", pooled_ms / b)]);
     }
+    t.add_row(vec![format!("fan-out {pool_n} from a hot pool"), format!("{pool_fanout_ms:.1}")]);
+    if let Some(b) = rows.iter().find(|r| r.n == pool_n).and_then(|r| r.bare_ms) {
+        t.add_row(vec![format!("pooled fan-out {pool_n} ratio to bare"), format!("{:.2}", pool_fanout_ms / b)]);
+    }
+    t.add_row(vec![format!("PSS per pooled child (fan-out {pool_n}), MiB"), format!("{pool_pss_mib:.1}")]);
+    match &refill {
+        Some((rest, busy, n)) => {
+            t.add_row(vec![format!("exec p99 at rest, {REFILL_EXECS} round trips"), format!("{rest:.1}")]);
+            t.add_row(vec![
+                format!("exec p99 while a pool of {REFILL_POOL} refills, {n} round trips"),
+                format!("{busy:.1}"),
+            ]);
+            t.add_row(vec!["refill p99 ratio".to_string(), format!("{:.2}", busy / rest)]);
+        }
+        None => {
+            t.add_row(vec!["exec p99 while a pool refills".to_string(), "- (SetPool needs an admin)".into()]);
+        }
+    }
     println!("snapshot {} ({}, {})\n{t}", a.tag, snap.backend, snap.accel);
     let mut f = Table::new();
     f.load_preset(UTF8_FULL_CONDENSED);
@@ -193,11 +249,148 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
         ]);
     }
     println!("{f}");
+    if a.phases {
+        let mut p = Table::new();
+        p.load_preset(UTF8_FULL_CONDENSED);
+        p.set_header(vec![format!("spawn phase, median ms (fan-out {pool_n})"), "cold".into(), "hot pool".into()]);
+        let cold = cold_phases.unwrap_or_default();
+        for (i, name) in Phases::NAMES.iter().enumerate() {
+            p.add_row(vec![name.to_string(), format!("{:.1}", cold.steps[i]), format!("{:.1}", pool_phases.steps[i])]);
+        }
+        println!("{p}");
+    }
     Ok(0)
+}
+
+/// Median time of each spawn phase over a fork's children, from their
+/// records (each phase's own share, not cumulative).
+#[derive(Default)]
+struct Phases {
+    steps: [f64; 5],
+}
+
+impl Phases {
+    const NAMES: [&'static str; 5] = [
+        "prepare (cgroup, network)",
+        "restore (VMM and state; none when pooled)",
+        "limits, connect and resume",
+        "identity re-init (one round trip)",
+        "volume mounts and record",
+    ];
+
+    fn of(kids: &[api::Sandbox]) -> Phases {
+        let mut cols: [Vec<f64>; 5] = Default::default();
+        for k in kids {
+            let p = k.spawn_phases.unwrap_or_default();
+            let marks = [0.0, p.prepared_ms, p.restored_ms, p.resumed_ms, p.reinit_ms, k.spawn_ms];
+            for (i, col) in cols.iter_mut().enumerate() {
+                col.push((marks[i + 1] - marks[i]).max(0.0));
+            }
+        }
+        Phases { steps: cols.map(median) }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "prepare_ms": self.steps[0], "restore_ms": self.steps[1], "resume_ms": self.steps[2],
+            "reinit_ms": self.steps[3], "answer_ms": self.steps[4],
+        })
+    }
 }
 
 const POOL_ROUNDS: usize = 5;
 const POOL_SETTLE: Duration = Duration::from_secs(1);
+/// Longest wait for a pool to fill.
+const POOL_FILL: Duration = Duration::from_secs(600);
+
+/// Ready children in the pool of `tag`.
+async fn pool_ready(conn: &Conn, tag: &str) -> anyhow::Result<u32> {
+    let pools = conn.call(conn.snapshots().list_pools(api::ListPoolsRequest {})).await?.pools;
+    Ok(pools.iter().find(|p| p.tag == tag).map_or(0, |p| p.ready))
+}
+
+async fn delete_all(conn: &Conn, kids: &[api::Sandbox]) -> anyhow::Result<()> {
+    let ids = kids.iter().map(|k| k.id.clone()).collect();
+    conn.call(conn.sandboxes().delete_sandboxes(api::DeleteSandboxesRequest { ids, ..Default::default() })).await?;
+    Ok(())
+}
+
+/// Times a fork of `n` taken from a hot pool: a prewarmed fork of `n` fills
+/// the pool, its children go, and the timed fork waits until all `n` are
+/// ready. Returns the ms and the children.
+async fn from_pool(conn: &Conn, tag: &forkd_api::names::Tag, n: u32) -> anyhow::Result<(f64, Vec<api::Sandbox>)> {
+    let mut sb = conn.sandboxes();
+    let warm =
+        api::CreateSandboxesRequest { snapshot_tag: tag.to_string(), n: Some(n), prewarm: true, ..Default::default() };
+    let kids = conn.call(sb.create_sandboxes(warm)).await?.sandboxes;
+    delete_all(conn, &kids).await?;
+    let deadline = Instant::now() + POOL_FILL;
+    while pool_ready(conn, tag.as_str()).await? < n {
+        if Instant::now() > deadline {
+            bail!("the pool of {tag} did not reach {n} children in {POOL_FILL:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let the last child's fill finish settling before timing.
+    tokio::time::sleep(POOL_SETTLE).await;
+    let req = api::CreateSandboxesRequest { snapshot_tag: tag.to_string(), n: Some(n), ..Default::default() };
+    let t = Instant::now();
+    let kids = conn.call(sb.create_sandboxes(req)).await?.sandboxes;
+    Ok((ms(t.elapsed()), kids))
+}
+
+/// `rounds` exec round trips of `true` in sandbox `id`, in ms.
+async fn exec_times(conn: &Conn, id: &str, rounds: u32) -> anyhow::Result<Vec<f64>> {
+    let mut sb = conn.sandboxes();
+    let mut out = vec![];
+    for _ in 0..rounds.max(1) {
+        let req = api::ExecRequest { id: id.to_string(), args: vec!["true".into()], ..Default::default() };
+        let t = Instant::now();
+        conn.call(sb.exec(req)).await?;
+        out.push(ms(t.elapsed()));
+    }
+    Ok(out)
+}
+
+/// Exec round trips timed for the refill comparison, at rest.
+const REFILL_EXECS: u32 = 100;
+/// Children the refill makes.
+const REFILL_POOL: u32 = 4;
+
+/// Exec round trips of one child at rest, then while a pool of REFILL_POOL
+/// refills (timed until the pool is full), in ms. SetPool is for admins:
+/// None when refused.
+async fn exec_under_refill(conn: &Conn, tag: &forkd_api::names::Tag) -> anyhow::Result<Option<(Vec<f64>, Vec<f64>)>> {
+    let mut sb = conn.sandboxes();
+    let req = api::CreateSandboxesRequest { snapshot_tag: tag.to_string(), n: Some(1), ..Default::default() };
+    let kid = conn.call(sb.create_sandboxes(req)).await?.sandboxes;
+    let id = kid[0].id.clone();
+    let result = async {
+        exec_times(conn, &id, 10).await?; // warm the child's exec path
+        let rest = exec_times(conn, &id, REFILL_EXECS).await?;
+        let set = api::SetPoolRequest { tag: tag.to_string(), target: REFILL_POOL };
+        match conn.call(conn.snapshots().set_pool(set)).await {
+            Ok(_) => {}
+            Err(e) if e.code == crate::exit::AUTH => return anyhow::Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let deadline = Instant::now() + POOL_FILL;
+        let mut busy = vec![];
+        loop {
+            busy.extend(exec_times(conn, &id, 10).await?);
+            let pools = conn.call(conn.snapshots().list_pools(api::ListPoolsRequest {})).await?.pools;
+            let full = pools.iter().any(|p| p.tag == tag.as_str() && p.ready >= REFILL_POOL && p.filling == 0);
+            if full || Instant::now() > deadline {
+                break;
+            }
+        }
+        anyhow::Ok(Some((rest, busy)))
+    }
+    .await;
+    let _ = conn.call(conn.snapshots().set_pool(api::SetPoolRequest { tag: tag.to_string(), target: 0 })).await;
+    delete_all(conn, &kid).await?;
+    result
+}
 
 /// The snapshot's VM configuration, read from its files.
 fn snapshot_spec(data_dir: &str, tag: &str) -> anyhow::Result<(VmSpec, PathBuf)> {
@@ -235,7 +428,7 @@ async fn bare_pooled(data_dir: &str, tag: &str, accel: &str) -> anyhow::Result<f
     for i in 0..POOL_ROUNDS {
         let dir = VmDir(root.join(format!("pool{i}")));
         std::fs::create_dir_all(dir.path())?;
-        let waiting = backend.prestart(&spec, &dir).await?;
+        let waiting = backend.prestart(&spec, &dir, false).await?;
         tokio::time::sleep(POOL_SETTLE).await;
         let t = Instant::now();
         let mut vm = match waiting.load(&state).await {

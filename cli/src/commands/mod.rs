@@ -1,6 +1,7 @@
 //! One module per area of the API; `run` picks the command.
 
 mod bench;
+mod bench_plot;
 mod cleanup;
 mod doctor;
 mod e2b;
@@ -65,6 +66,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Command::Push(a) => remote::push(&conn, a, json).await,
                 Command::Pull(a) => remote::pull(&conn, a, json).await,
                 Command::Remote(c) => remote::run(&conn, c, json).await,
+                Command::Pool(c) => snapshots::pools(&conn, c, json).await,
                 Command::SnapshotDiff(a) => snapshots::derive(&conn, a, json).await,
                 Command::Fork(a) => sandboxes::fork(&conn, a, json).await,
                 Command::Ls(a) => sandboxes::ls(&conn, a, json).await,

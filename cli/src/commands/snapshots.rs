@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use forkd_api::v1::{
     BranchRequest, CompactSnapshotRequest, CreateSnapshotRequest, DeleteSnapshotRequest, DeriveSnapshotRequest,
-    GetSnapshotRequest, ListSnapshotsRequest, ShareSnapshotRequest, Snapshot,
+    GetSnapshotRequest, ListPoolsRequest, ListSnapshotsRequest, SetPoolRequest, ShareSnapshotRequest, Snapshot,
 };
 use serde_json::Value;
 
 use super::collect_pages;
-use crate::args::{CompactArgs, ImagesArgs, RmiArgs, ShareArgs, SnapshotArgs, SnapshotDiffArgs, TagArg};
+use crate::args::{CompactArgs, ImagesArgs, PoolCommand, RmiArgs, ShareArgs, SnapshotArgs, SnapshotDiffArgs, TagArg};
 use crate::client::Conn;
 use crate::exit::{CliError, FAILURE, USAGE};
 use crate::json;
@@ -367,6 +367,38 @@ pub async fn derive(conn: &Conn, args: SnapshotDiffArgs, as_json: bool) -> anyho
     let result = conn.call(conn.snapshots().derive_snapshot(req)).await;
     progress.finish();
     settle_and_show(conn, result?, &format!("snapshot {}", args.tag), as_json).await
+}
+
+pub async fn pools(conn: &Conn, cmd: PoolCommand, as_json: bool) -> anyhow::Result<u8> {
+    if let PoolCommand::Set(a) = cmd {
+        let req = SetPoolRequest { tag: a.tag.to_string(), target: a.target };
+        let p = conn.call(conn.snapshots().set_pool(req)).await?;
+        if as_json {
+            emit_json(
+                &serde_json::json!({ "tag": p.tag, "ready": p.ready, "filling": p.filling, "target": p.target }),
+            )?;
+        } else {
+            emit(&format!("pool of {}: keeps {}, {} ready, {} being made\n", p.tag, p.target, p.ready, p.filling))?;
+        }
+        return Ok(0);
+    }
+    let r = conn.call(conn.snapshots().list_pools(ListPoolsRequest {})).await?;
+    if as_json {
+        let items: Vec<_> = r
+            .pools
+            .iter()
+            .map(|p| serde_json::json!({ "tag": p.tag, "ready": p.ready, "filling": p.filling, "target": p.target }))
+            .collect();
+        emit_json(&serde_json::Value::Array(items))?;
+    } else {
+        emit(&table(
+            &["TAG", "READY", "FILLING", "TARGET"],
+            r.pools
+                .iter()
+                .map(|p| vec![p.tag.clone(), p.ready.to_string(), p.filling.to_string(), p.target.to_string()]),
+        ))?;
+    }
+    Ok(0)
 }
 
 #[cfg(test)]

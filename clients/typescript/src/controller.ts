@@ -276,7 +276,7 @@ export class Controller {
     if (options.prewarm) {
       return refuse(
         "prewarm (faulting in guest pages for a faster first branch) has no counterpart here: drop it, " +
-          "diff branches write only the pages a sandbox wrote; to keep started VMMs waiting for the " +
+          "diff branches write only the pages a sandbox wrote; to keep children ready for the " +
           "next fork use new Client().fork(tag, { n, prewarm: true })",
       );
     }

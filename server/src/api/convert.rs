@@ -84,6 +84,13 @@ pub fn sandbox(r: &SandboxRecord, last_active: i64) -> api::Sandbox {
         netns: r.net.as_ref().map(|n| n.netns.clone()).unwrap_or_default(),
         has_branched: r.branch_count > 0,
         branch_count: r.branch_count,
+        spawn_phases: Some(api::SpawnPhases {
+            prepared_ms: r.spawn_phases.prepared_ms,
+            restored_ms: r.spawn_phases.restored_ms,
+            resumed_ms: r.spawn_phases.resumed_ms,
+            reinit_ms: r.spawn_phases.reinit_ms,
+            pooled: r.spawn_phases.pooled,
+        }),
     }
 }
 

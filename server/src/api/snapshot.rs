@@ -70,6 +70,39 @@ impl SnapshotService for Services {
         Ok(Response::new(out))
     }
 
+    async fn list_pools(&self, r: Request<api::ListPoolsRequest>) -> Result<Response<api::ListPoolsResponse>, Status> {
+        let p = principal(&r);
+        let mut pools = vec![];
+        for (tag, ready, filling, target) in self.rt.pool_list() {
+            let visible =
+                matches!(self.rt.store.get_snapshot(&tag), Ok(Some(s)) if p.may_use_snapshot(&s.owner, s.shared));
+            if visible {
+                pools.push(api::Pool { tag, ready: ready as u32, filling: filling as u32, target: target as u32 });
+            }
+        }
+        Ok(Response::new(api::ListPoolsResponse { pools }))
+    }
+
+    async fn set_pool(&self, r: Request<api::SetPoolRequest>) -> Result<Response<api::Pool>, Status> {
+        let p = principal(&r);
+        let r = r.into_inner();
+        let t = tag("tag", &r.tag)?;
+        if !p.is_admin() {
+            return Err(Error::PermissionDenied("only an admin may size a pool".into()).into());
+        }
+        let max = crate::core::pool::MAX_PER_SNAPSHOT;
+        if r.target as usize > max {
+            return Err(Error::invalid("target", format!("{} is outside 0..={max}", r.target)).into());
+        }
+        let (ready, filling) = self.rt.set_pool(&t, r.target as usize).await?;
+        Ok(Response::new(api::Pool {
+            tag: t.to_string(),
+            ready: ready as u32,
+            filling: filling as u32,
+            target: r.target,
+        }))
+    }
+
     async fn list_snapshots(
         &self,
         r: Request<api::ListSnapshotsRequest>,

@@ -73,6 +73,7 @@ pub fn cgroup_limits(s: &SandboxSettings) -> cgroup::Limits {
         memory_bytes: s.memory_limit_mib as u64 * 1024 * 1024,
         cpu_quota: s.cpu_quota,
         pids_max: if s.pids_limit > 0 { s.pids_limit.saturating_add(VMM_THREAD_HEADROOM) } else { 0 },
+        background: false,
     }
 }
 
@@ -184,16 +185,24 @@ impl Runtime {
     /// for its fork (`forkd/<id>`, which the fork then takes over with the
     /// sandbox's limits) or a snapshot bake (`forkd/bake-<nonce>`). It gets
     /// `memory_mib` (0 = no limit) and the VMM's thread headroom as its pids
-    /// limit; ledgered for `owner` before it exists. None when the host has
-    /// no cgroup hierarchy (the VMM then runs as a sandbox without limits
-    /// does); an error when it has one and the cgroup cannot be made.
-    pub(crate) fn helper_cgroup(&self, name: String, owner: &str, memory_mib: u32) -> Result<Option<String>> {
+    /// limit, and the lowest CPU weight when `background`; ledgered for
+    /// `owner` before it exists. None when the host has no cgroup hierarchy
+    /// (the VMM then runs as a sandbox without limits does); an error when it
+    /// has one and the cgroup cannot be made.
+    pub(crate) fn helper_cgroup(
+        &self,
+        name: String,
+        owner: &str,
+        memory_mib: u32,
+        background: bool,
+    ) -> Result<Option<String>> {
         let Some(cg) = Cgroups::host() else { return Ok(None) };
         self.store.ledger_add("cgroup", &name, owner)?;
         let limits = cgroup::Limits {
             memory_bytes: memory_mib as u64 * 1024 * 1024,
             cpu_quota: 0.0,
             pids_max: VMM_THREAD_HEADROOM,
+            background,
         };
         if let Err(e) = cg.create(&name, &limits) {
             self.remove_cgroup(&name);

@@ -111,6 +111,9 @@ pub struct RuntimeConfig {
     pub remote: Option<Arc<crate::remote::Remote>>,
     /// Whether a fork of a tag that is not here pulls it from the remote.
     pub pull_missing: bool,
+    /// Pooled children wait paused (no CPU; a slower take) rather than
+    /// running idle (see core::pool).
+    pub pool_paused: bool,
 }
 
 pub struct Runtime {

@@ -173,6 +173,19 @@ pub struct SandboxRecord {
     /// Branches taken from it.
     #[serde(default)]
     pub branch_count: u32,
+    /// Where its spawn's time went.
+    #[serde(default)]
+    pub spawn_phases: SpawnPhases,
+}
+
+/// A spawn's phases, cumulative ms from the request (see the proto).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpawnPhases {
+    pub prepared_ms: f64,
+    pub restored_ms: f64,
+    pub resumed_ms: f64,
+    pub reinit_ms: f64,
+    pub pooled: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

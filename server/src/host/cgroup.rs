@@ -48,7 +48,14 @@ pub struct Limits {
     /// CPUs worth of time (0.5 = half of one CPU).
     pub cpu_quota: f64,
     pub pids_max: u32,
+    /// CPU only when nothing else wants it (the lowest weight): for work
+    /// done ahead of time, such as filling a pool.
+    pub background: bool,
 }
+
+/// cgroup v2 cpu.weight and v1 cpu.shares of background and normal groups.
+const WEIGHT: (u32, u32) = (1, 100);
+const SHARES: (u32, u32) = (2, 1024);
 
 /// The host's cgroup hierarchies as forkd uses them.
 #[derive(Debug, Clone)]
@@ -255,6 +262,9 @@ impl Cgroups {
                 if let Some(p) = file("pids", "pids.max") {
                     write(&p, &if l.pids_max > 0 { l.pids_max.to_string() } else { "max".into() })?;
                 }
+                if let Some(p) = file("cpu", "cpu.weight").filter(|p| p.exists()) {
+                    write(&p, &if l.background { WEIGHT.0 } else { WEIGHT.1 }.to_string())?;
+                }
             }
             Version::V1 => {
                 if let Some(p) = file("memory", "memory.limit_in_bytes") {
@@ -278,6 +288,9 @@ impl Cgroups {
                         write(&per, &CPU_PERIOD_US.to_string())?;
                     }
                     write(&p, &cpu_quota_us(l.cpu_quota).map(|q| q.to_string()).unwrap_or_else(|| "-1".into()))?;
+                }
+                if let Some(p) = file("cpu", "cpu.shares").filter(|p| p.exists()) {
+                    write(&p, &if l.background { SHARES.0 } else { SHARES.1 }.to_string())?;
                 }
                 if let Some(p) = file("pids", "pids.max") {
                     write(&p, &if l.pids_max > 0 { l.pids_max.to_string() } else { "max".into() })?;

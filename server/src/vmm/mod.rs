@@ -181,7 +181,11 @@ pub trait Backend: Send + Sync + 'static {
     async fn restore(&self, spec: &VmSpec, state: &Path, dir: &VmDir, net: &NetAttach) -> Result<VmProcess, VmmError>;
     /// Starts a child's VMM that waits for its state (no network attached):
     /// `restore` split in two, so the process start is off the spawn path.
-    async fn prestart(&self, spec: &VmSpec, dir: &VmDir) -> Result<Box<dyn PendingVm>, VmmError>;
+    /// `background`: the process starts at the lowest scheduling priority
+    /// (nice 19), for work done ahead of time. Its threads keep it: once the
+    /// process is in a cgroup of its own, a nice value only weighs its
+    /// threads against each other.
+    async fn prestart(&self, spec: &VmSpec, dir: &VmDir, background: bool) -> Result<Box<dyn PendingVm>, VmmError>;
     /// Reopens control of a VMM started by an earlier daemon.
     async fn attach(&self, pid: u32, start_time: u64, dir: &VmDir) -> Result<VmProcess, VmmError>;
 }

@@ -192,7 +192,7 @@ class Controller:
             raise _no_counterpart(
                 url,
                 "prewarm (faulting in guest pages for a faster first branch) has no counterpart here: drop it, "
-                "diff branches write only the pages a sandbox wrote; to keep started VMMs waiting for the "
+                "diff branches write only the pages a sandbox wrote; to keep children ready for the "
                 "next fork use forkd.Client().fork(tag, n, prewarm=True)",
             )
         opts: Dict[str, Any] = {}

@@ -23,8 +23,31 @@ use crate::vmm::{VmControl, VmDir, VmProcess, process};
 
 /// Most children one CreateSandboxes call may fork.
 pub const MAX_CHILDREN: u32 = 1000;
-const AGENT_CONNECT: Duration = Duration::from_secs(10);
-const REINIT_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const AGENT_CONNECT: Duration = Duration::from_secs(10);
+pub(crate) const REINIT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A child's identity as the agent applies it: its id and hostname, fresh
+/// host entropy (the guest reseeds its RNG and its interpreter from it),
+/// the host's wall clock, its address and its pids limit.
+pub(crate) fn identity(id: &SandboxId, net: Option<&crate::host::net::SandboxNet>, pids_max: u32) -> pb::ReinitRequest {
+    let mut entropy = vec![0u8; 64];
+    rand::fill(&mut entropy[..]);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+    pb::ReinitRequest {
+        sandbox_id: id.to_string(),
+        hostname: id.to_string(),
+        entropy,
+        unix_nanos: now,
+        network: net.map(|n| pb::NetworkConfig {
+            interface: "eth0".into(),
+            address_cidr: n.guest_cidr.clone(),
+            gateway: n.gateway.clone(),
+            nameservers: vec![],
+        }),
+        pids_max,
+    }
+}
 
 /// A live child VM.
 pub struct Sandbox {
@@ -170,7 +193,11 @@ impl Runtime {
         }
         let (admitted, _quota) = {
             let live = self.sandboxes.read().await;
-            let running = live.values().filter(|s| s.counts_as_live()).count();
+            // Pooled children are children too; those this fork will take
+            // are counted once, as asked for.
+            let pooled_here = self.pools.sizes().get(snap.tag.as_str()).copied().unwrap_or(0).min(req.n as usize);
+            let running =
+                live.values().filter(|s| s.counts_as_live()).count() + self.pools.count().saturating_sub(pooled_here);
             let held: Vec<super::tenants::Held> = live
                 .values()
                 .filter(|s| s.counts_as_live())
@@ -251,10 +278,13 @@ impl Runtime {
         if from_pool > 0 {
             tracing::debug!(tag = %snap.tag, from_pool, n = req.n, "children served from the pool");
         }
+        // A configured pool is topped up after every fork of its snapshot.
+        self.refill_pool(&req.tag);
         if req.prewarm {
             let (rt, tag, n) = (self.clone(), req.tag.clone(), req.n as usize);
+            let concurrency = self.config.admission.spawn_concurrency;
             tokio::spawn(async move {
-                if let Err(e) = rt.fill_pool(&tag, n).await {
+                if let Err(e) = rt.fill_pool(&tag, n, concurrency).await {
                     tracing::warn!(tag = %tag, "prewarm: {e}");
                 }
             });
@@ -326,20 +356,20 @@ impl Runtime {
             None => crate::vmm::NetAttach::Isolated,
         };
         let prepared_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let restored = match pooled {
-            Some(p) => {
-                let key = process::ledger_key(p.vm.pid(), p.vm.start_time());
-                let r = p.vm.load(state).await;
-                if r.is_err() {
-                    let _ = self.store.ledger_remove("vmm", &key);
-                }
-                r
-            }
-            None => self.backend.restore(spec, state, &dir, &attach).await,
+        // A pooled child is restored, re-initialized once and waiting, its
+        // agent connected: what is left is its identity (and to resume it
+        // when it waits paused).
+        let (vm, pooled_agent) = match pooled {
+            Some(p) => (p.vm, Some((p.agent, p.paused))),
+            None => (self.backend.restore(spec, state, &dir, &attach).await?, None),
         };
-        let vm = restored?;
         let vmm_lease = self.lease(Resource::Vmm { pid: vm.pid, start: vm.start_time });
-        let restored_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let mut phases = super::store::SpawnPhases {
+            prepared_ms,
+            restored_ms: started.elapsed().as_secs_f64() * 1000.0,
+            pooled: pooled_agent.is_some(),
+            ..Default::default()
+        };
         let hostname = id.as_str().to_string();
         let expires_at_unix = deadline_unix(settings.ttl_secs);
         let record = SandboxRecord {
@@ -350,7 +380,7 @@ impl Runtime {
             created_at_unix: now_unix(),
             status: SandboxStatus::Starting,
             status_reason: String::new(),
-            hostname: hostname.clone(),
+            hostname,
             settings,
             workspace: workspace.to_string(),
             spawn_ms: 0.0,
@@ -362,44 +392,26 @@ impl Runtime {
             drives: spec.drives.clone(),
             owner: owner.to_string(),
             branch_count: 0,
+            spawn_phases: phases,
         };
         self.store.ledger_add("vmm", &process::ledger_key(vm.pid, vm.start_time), id.as_str())?;
         let row_lease = self.lease(Resource::SandboxRow(id.to_string()));
         self.store.put_sandbox(&record)?;
         let VmProcess { pid, start_time, control, child, .. } = vm;
         let pids_max = record.settings.pids_limit;
-        let mut marks = [0f64; 3];
         let setup = async {
             spawning.attach(pid)?;
-            let agent = AgentClient::connect(&dir.agent_socket(), AGENT_CONNECT).await?;
+            let (agent, paused) = match pooled_agent {
+                Some(a) => a,
+                None => (AgentClient::connect(&dir.agent_socket(), AGENT_CONNECT).await?, true),
+            };
             let mut control = control;
-            control.resume().await?;
-            marks[0] = started.elapsed().as_secs_f64() * 1000.0;
-            let mut entropy = vec![0u8; 64];
-            rand::fill(&mut entropy[..]);
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as i64)
-                .unwrap_or(0);
-            agent
-                .reinit(
-                    pb::ReinitRequest {
-                        sandbox_id: id.to_string(),
-                        hostname: hostname.clone(),
-                        entropy,
-                        unix_nanos: now,
-                        network: net.as_ref().map(|n| pb::NetworkConfig {
-                            interface: "eth0".into(),
-                            address_cidr: n.guest_cidr.clone(),
-                            gateway: n.gateway.clone(),
-                            nameservers: vec![],
-                        }),
-                        pids_max,
-                    },
-                    REINIT_TIMEOUT,
-                )
-                .await?;
-            marks[1] = started.elapsed().as_secs_f64() * 1000.0;
+            if paused {
+                control.resume().await?;
+            }
+            phases.resumed_ms = started.elapsed().as_secs_f64() * 1000.0;
+            agent.reinit(identity(&id, net.as_ref(), pids_max), REINIT_TIMEOUT).await?;
+            phases.reinit_ms = started.elapsed().as_secs_f64() * 1000.0;
             for m in mounts {
                 agent
                     .mount(
@@ -427,21 +439,13 @@ impl Runtime {
         let mut record = record;
         record.status = SandboxStatus::Running;
         record.spawn_ms = started.elapsed().as_secs_f64() * 1000.0;
+        record.spawn_phases = phases;
         self.store.put_sandbox(&record)?;
         // The record owns the VMM, its row, its network and its dir now.
         for lease in [Some(vmm_lease), Some(row_lease), net_lease, Some(dir_lease)].into_iter().flatten() {
             lease.commit();
         }
-        // Where a spawn's time goes, cumulative ms from the start.
-        tracing::debug!(
-            id = %id,
-            prepared = prepared_ms,
-            restored = restored_ms,
-            resumed = marks[0],
-            reinit = marks[1],
-            total = started.elapsed().as_secs_f64() * 1000.0,
-            "spawn phases"
-        );
+        tracing::debug!(id = %id, ?phases, total = record.spawn_ms, "spawn phases");
         spawning.finish();
         let sb = Arc::new(Sandbox {
             id: id.clone(),

@@ -201,7 +201,7 @@ impl Runtime {
         };
         let cgroup_name =
             crate::host::cgroup::sandbox_name(&format!("{}{}", super::limits::BAKE_CGROUP_PREFIX, ids::nonce()));
-        let cgroup = self.helper_cgroup(cgroup_name, rec.tag.as_str(), memory_mib)?;
+        let cgroup = self.helper_cgroup(cgroup_name, rec.tag.as_str(), memory_mib, false)?;
         let result = self.bake_in(rec, &boot_spec, &dir, staging, req, cgroup.as_deref()).await;
         if let Some(name) = &cgroup {
             self.remove_cgroup(name);

@@ -182,6 +182,7 @@ impl QemuBackend {
         dir: &VmDir,
         start: Start,
         net: &NetAttach,
+        background: bool,
     ) -> Result<(Started, Qmp), VmmError> {
         let (plan, wiring, lease) = self.prepare(spec, dir, start, net)?;
         let args = args::build(spec, dir, start, &wiring);
@@ -198,7 +199,13 @@ impl QemuBackend {
         // SAFETY: `Plan::enter` only makes raw system calls on data prepared
         // before the fork.
         unsafe {
-            cmd.pre_exec(move || plan.enter());
+            cmd.pre_exec(move || {
+                if background {
+                    // Threads QEMU starts inherit it.
+                    libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+                }
+                plan.enter()
+            });
         }
         let child = cmd.spawn().map_err(|e| VmmError::Spawn(format!("{}: {e}", self.binary.display())))?;
         let pid = child.id().ok_or_else(|| VmmError::Spawn("no pid".into()))?;
@@ -306,12 +313,12 @@ impl Backend for QemuBackend {
     }
 
     async fn boot(&self, spec: &VmSpec, dir: &VmDir) -> Result<VmProcess, VmmError> {
-        let (started, qmp) = self.spawn(spec, dir, Start::Boot, &NetAttach::Isolated).await?;
+        let (started, qmp) = self.spawn(spec, dir, Start::Boot, &NetAttach::Isolated, false).await?;
         Ok(started.into_process(dir, qmp))
     }
 
     async fn restore(&self, spec: &VmSpec, state: &Path, dir: &VmDir, net: &NetAttach) -> Result<VmProcess, VmmError> {
-        let (started, mut qmp) = self.spawn(spec, dir, Start::Restore, net).await?;
+        let (started, mut qmp) = self.spawn(spec, dir, Start::Restore, net, false).await?;
         if let Err(e) = load_state(&mut qmp, state, dir).await {
             started.kill().await;
             return Err(e);
@@ -319,8 +326,8 @@ impl Backend for QemuBackend {
         Ok(started.into_process(dir, qmp))
     }
 
-    async fn prestart(&self, spec: &VmSpec, dir: &VmDir) -> Result<Box<dyn PendingVm>, VmmError> {
-        let (started, qmp) = self.spawn(spec, dir, Start::Restore, &NetAttach::Isolated).await?;
+    async fn prestart(&self, spec: &VmSpec, dir: &VmDir, background: bool) -> Result<Box<dyn PendingVm>, VmmError> {
+        let (started, qmp) = self.spawn(spec, dir, Start::Restore, &NetAttach::Isolated, background).await?;
         Ok(Box::new(Waiting { started, qmp, dir: dir.clone() }))
     }
 

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file forkd/v1/common.proto.
  */
 export const file_forkd_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("ChVmb3JrZC92MS9jb21tb24ucHJvdG8SCGZvcmtkLnYxIs4GCghTbmFwc2hvdBILCgN0YWcYASABKAkSDgoGc3RhdHVzGAIgASgJEhUKDXN0YXR1c19yZWFzb24YAyABKAkSDQoFaW1hZ2UYBCABKAkSDQoFdmNwdXMYBSABKA0SDwoHbWVtX21pYhgGIAEoDRIMCgRraW5kGAcgASgJEhIKCnBhcmVudF90YWcYCCABKAkSEQoJYW5jZXN0b3JzGAkgAygJEhIKCmRlcGVuZGVudHMYCiADKAkSEwoLY2hhaW5fZGVwdGgYCyABKA0SGgoSbG9naWNhbF9zaXplX2J5dGVzGAwgASgEEhsKE3BoeXNpY2FsX3NpemVfYnl0ZXMYDSABKAQSFQoNbWVtb3J5X2RpZ2VzdBgOIAEoCRIUCgxzdGF0ZV9kaWdlc3QYDyABKAkSHAoUcGFyZW50X21lbW9yeV9kaWdlc3QYECABKAkSFwoPY3JlYXRlZF9hdF91bml4GBEgASgDEhUKDWJyYW5jaGVkX2Zyb20YEiABKAkSFgoOcGF1c2VfbXNfZXhhY3QYEyABKAESEwoLZGlydHlfYnl0ZXMYFCABKAQSDwoHYmFja2VuZBgVIAEoCRINCgVhY2NlbBgWIAEoCRIPCgd2b2x1bWVzGBcgAygJEi4KBmxhYmVscxgYIAMoCzIeLmZvcmtkLnYxLlNuYXBzaG90LkxhYmVsc0VudHJ5EhYKDmxpdmVfc2FuZGJveGVzGBkgASgNEg8KB3dhcm1fbXMYGiABKAESDwoHcnVudGltZRgbIAEoCRIUCgx2b2x1bWVfc2xvdHMYHCABKA0SDQoFb3duZXIYHSABKAkSDgoGc2hhcmVkGB4gASgIEgsKA2RpchgfIAEoCRIQCghib290YWJsZRggIAEoCBIPCgd3YXJuaW5nGCEgASgJEg8KB2RpZmZfbXMYIiABKAESGwoTZGlmZl9waHlzaWNhbF9ieXRlcxgjIAEoBBIaChJkaWZmX2xvZ2ljYWxfYnl0ZXMYJCABKAQSFQoNdm1zdGF0ZV9ieXRlcxglIAEoBBIQCghwYXVzZV9tcxgmIAEoBBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIt0ECgdTYW5kYm94EgoKAmlkGAEgASgJEhQKDHNuYXBzaG90X3RhZxgCIAEoCRILCgNwaWQYAyABKA0SFwoPY3JlYXRlZF9hdF91bml4GAQgASgDEg4KBnN0YXR1cxgFIAEoCRIVCg1zdGF0dXNfcmVhc29uGAYgASgJEhAKCGhvc3RuYW1lGAcgASgJEhgKEG1lbW9yeV9saW1pdF9taWIYCCABKA0SEQoJY3B1X3F1b3RhGAkgASgBEhIKCnBpZHNfbGltaXQYCiABKA0SDwoHbmV0d29yaxgLIAEoCRINCgVhbGxvdxgMIAMoCRIPCgd2b2x1bWVzGA0gAygJEi0KBmxhYmVscxgOIAMoCzIdLmZvcmtkLnYxLlNhbmRib3guTGFiZWxzRW50cnkSEAoIdHRsX3NlY3MYDyABKA0SGQoRaWRsZV90aW1lb3V0X3NlY3MYECABKA0SFwoPZXhwaXJlc19hdF91bml4GBEgASgDEhAKCHNwYXduX21zGBIgASgBEhEKCXdvcmtzcGFjZRgTIAEoCRIPCgdiYWNrZW5kGBQgASgJEg0KBWFjY2VsGBUgASgJEhgKEGxhc3RfYWN0aXZlX3VuaXgYFiABKAMSDQoFb3duZXIYFyABKAkSEgoKZ3Vlc3RfYWRkchgYIAEoCRINCgVuZXRucxgZIAEoCRIUCgxoYXNfYnJhbmNoZWQYGiABKAgSFAoMYnJhbmNoX2NvdW50GBsgASgNGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiwQMKCVdvcmtzcGFjZRIMCgRuYW1lGAEgASgJEg4KBnN0YXR1cxgCIAEoCRIVCg1zdGF0dXNfcmVhc29uGAMgASgJEhcKD2xpdmVfc2FuZGJveF9pZBgEIAEoCRIbChNzb3VyY2Vfc25hcHNob3RfdGFnGAUgASgJEhEKCXN0YXRlX3RhZxgGIAEoCRIYChBtZW1vcnlfbGltaXRfbWliGAcgASgNEhEKCWNwdV9xdW90YRgIIAEoARIPCgduZXR3b3JrGAkgASgJEg8KB3ZvbHVtZXMYCiADKAkSLwoGbGFiZWxzGAsgAygLMh8uZm9ya2QudjEuV29ya3NwYWNlLkxhYmVsc0VudHJ5EhAKCHR0bF9zZWNzGAwgASgNEhkKEWlkbGVfdGltZW91dF9zZWNzGA0gASgNEhcKD2NyZWF0ZWRfYXRfdW5peBgOIAEoAxIXCg91cGRhdGVkX2F0X3VuaXgYDyABKAMSGQoRc3VzcGVuZGVkX2F0X3VuaXgYECABKAMSDQoFb3duZXIYESABKAkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIZCglEYXRhQ2h1bmsSDAoEZGF0YRgBIAEoDGIGcHJvdG8z");
+  fileDesc("ChVmb3JrZC92MS9jb21tb24ucHJvdG8SCGZvcmtkLnYxIs4GCghTbmFwc2hvdBILCgN0YWcYASABKAkSDgoGc3RhdHVzGAIgASgJEhUKDXN0YXR1c19yZWFzb24YAyABKAkSDQoFaW1hZ2UYBCABKAkSDQoFdmNwdXMYBSABKA0SDwoHbWVtX21pYhgGIAEoDRIMCgRraW5kGAcgASgJEhIKCnBhcmVudF90YWcYCCABKAkSEQoJYW5jZXN0b3JzGAkgAygJEhIKCmRlcGVuZGVudHMYCiADKAkSEwoLY2hhaW5fZGVwdGgYCyABKA0SGgoSbG9naWNhbF9zaXplX2J5dGVzGAwgASgEEhsKE3BoeXNpY2FsX3NpemVfYnl0ZXMYDSABKAQSFQoNbWVtb3J5X2RpZ2VzdBgOIAEoCRIUCgxzdGF0ZV9kaWdlc3QYDyABKAkSHAoUcGFyZW50X21lbW9yeV9kaWdlc3QYECABKAkSFwoPY3JlYXRlZF9hdF91bml4GBEgASgDEhUKDWJyYW5jaGVkX2Zyb20YEiABKAkSFgoOcGF1c2VfbXNfZXhhY3QYEyABKAESEwoLZGlydHlfYnl0ZXMYFCABKAQSDwoHYmFja2VuZBgVIAEoCRINCgVhY2NlbBgWIAEoCRIPCgd2b2x1bWVzGBcgAygJEi4KBmxhYmVscxgYIAMoCzIeLmZvcmtkLnYxLlNuYXBzaG90LkxhYmVsc0VudHJ5EhYKDmxpdmVfc2FuZGJveGVzGBkgASgNEg8KB3dhcm1fbXMYGiABKAESDwoHcnVudGltZRgbIAEoCRIUCgx2b2x1bWVfc2xvdHMYHCABKA0SDQoFb3duZXIYHSABKAkSDgoGc2hhcmVkGB4gASgIEgsKA2RpchgfIAEoCRIQCghib290YWJsZRggIAEoCBIPCgd3YXJuaW5nGCEgASgJEg8KB2RpZmZfbXMYIiABKAESGwoTZGlmZl9waHlzaWNhbF9ieXRlcxgjIAEoBBIaChJkaWZmX2xvZ2ljYWxfYnl0ZXMYJCABKAQSFQoNdm1zdGF0ZV9ieXRlcxglIAEoBBIQCghwYXVzZV9tcxgmIAEoBBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIooFCgdTYW5kYm94EgoKAmlkGAEgASgJEhQKDHNuYXBzaG90X3RhZxgCIAEoCRILCgNwaWQYAyABKA0SFwoPY3JlYXRlZF9hdF91bml4GAQgASgDEg4KBnN0YXR1cxgFIAEoCRIVCg1zdGF0dXNfcmVhc29uGAYgASgJEhAKCGhvc3RuYW1lGAcgASgJEhgKEG1lbW9yeV9saW1pdF9taWIYCCABKA0SEQoJY3B1X3F1b3RhGAkgASgBEhIKCnBpZHNfbGltaXQYCiABKA0SDwoHbmV0d29yaxgLIAEoCRINCgVhbGxvdxgMIAMoCRIPCgd2b2x1bWVzGA0gAygJEi0KBmxhYmVscxgOIAMoCzIdLmZvcmtkLnYxLlNhbmRib3guTGFiZWxzRW50cnkSEAoIdHRsX3NlY3MYDyABKA0SGQoRaWRsZV90aW1lb3V0X3NlY3MYECABKA0SFwoPZXhwaXJlc19hdF91bml4GBEgASgDEhAKCHNwYXduX21zGBIgASgBEhEKCXdvcmtzcGFjZRgTIAEoCRIPCgdiYWNrZW5kGBQgASgJEg0KBWFjY2VsGBUgASgJEhgKEGxhc3RfYWN0aXZlX3VuaXgYFiABKAMSDQoFb3duZXIYFyABKAkSEgoKZ3Vlc3RfYWRkchgYIAEoCRINCgVuZXRucxgZIAEoCRIUCgxoYXNfYnJhbmNoZWQYGiABKAgSFAoMYnJhbmNoX2NvdW50GBsgASgNEisKDHNwYXduX3BoYXNlcxgcIAEoCzIVLmZvcmtkLnYxLlNwYXduUGhhc2VzGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEibgoLU3Bhd25QaGFzZXMSEwoLcHJlcGFyZWRfbXMYASABKAESEwoLcmVzdG9yZWRfbXMYAiABKAESEgoKcmVzdW1lZF9tcxgDIAEoARIRCglyZWluaXRfbXMYBCABKAESDgoGcG9vbGVkGAUgASgIIsEDCglXb3Jrc3BhY2USDAoEbmFtZRgBIAEoCRIOCgZzdGF0dXMYAiABKAkSFQoNc3RhdHVzX3JlYXNvbhgDIAEoCRIXCg9saXZlX3NhbmRib3hfaWQYBCABKAkSGwoTc291cmNlX3NuYXBzaG90X3RhZxgFIAEoCRIRCglzdGF0ZV90YWcYBiABKAkSGAoQbWVtb3J5X2xpbWl0X21pYhgHIAEoDRIRCgljcHVfcXVvdGEYCCABKAESDwoHbmV0d29yaxgJIAEoCRIPCgd2b2x1bWVzGAogAygJEi8KBmxhYmVscxgLIAMoCzIfLmZvcmtkLnYxLldvcmtzcGFjZS5MYWJlbHNFbnRyeRIQCgh0dGxfc2VjcxgMIAEoDRIZChFpZGxlX3RpbWVvdXRfc2VjcxgNIAEoDRIXCg9jcmVhdGVkX2F0X3VuaXgYDiABKAMSFwoPdXBkYXRlZF9hdF91bml4GA8gASgDEhkKEXN1c3BlbmRlZF9hdF91bml4GBAgASgDEg0KBW93bmVyGBEgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiGQoJRGF0YUNodW5rEgwKBGRhdGEYASABKAxiBnByb3RvMw");
 
 /**
  * A snapshot: a paused VM that children are forked from. Immutable once
@@ -447,6 +447,13 @@ export type Sandbox = Message<"forkd.v1.Sandbox"> & {
    * @generated from field: uint32 branch_count = 27;
    */
   branchCount: number;
+
+  /**
+   * Where its spawn's time went.
+   *
+   * @generated from field: forkd.v1.SpawnPhases spawn_phases = 28;
+   */
+  spawnPhases?: SpawnPhases | undefined;
 };
 
 /**
@@ -455,6 +462,57 @@ export type Sandbox = Message<"forkd.v1.Sandbox"> & {
  */
 export const SandboxSchema: GenMessage<Sandbox> = /*@__PURE__*/
   messageDesc(file_forkd_v1_common, 1);
+
+/**
+ * A spawn's phases, each in milliseconds from the spawn request to its end
+ * (cumulative), for `forkd bench --phases`.
+ *
+ * @generated from message forkd.v1.SpawnPhases
+ */
+export type SpawnPhases = Message<"forkd.v1.SpawnPhases"> & {
+  /**
+   * Start permit, cgroup and network ready.
+   *
+   * @generated from field: double prepared_ms = 1;
+   */
+  preparedMs: number;
+
+  /**
+   * The VMM restored with the snapshot's state (or taken from a pool).
+   *
+   * @generated from field: double restored_ms = 2;
+   */
+  restoredMs: number;
+
+  /**
+   * Agent connected and vCPUs running.
+   *
+   * @generated from field: double resumed_ms = 3;
+   */
+  resumedMs: number;
+
+  /**
+   * Identity applied: the agent's re-init answered.
+   *
+   * @generated from field: double reinit_ms = 4;
+   */
+  reinitMs: number;
+
+  /**
+   * Taken from a hot pool (restored, connected and re-initialized once
+   * ahead of time).
+   *
+   * @generated from field: bool pooled = 5;
+   */
+  pooled: boolean;
+};
+
+/**
+ * Describes the message forkd.v1.SpawnPhases.
+ * Use `create(SpawnPhasesSchema)` to create a new message.
+ */
+export const SpawnPhasesSchema: GenMessage<SpawnPhases> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_common, 2);
 
 /**
  * A long-lived named sandbox that can be suspended and resumed.
@@ -559,7 +617,7 @@ export type Workspace = Message<"forkd.v1.Workspace"> & {
  * Use `create(WorkspaceSchema)` to create a new message.
  */
 export const WorkspaceSchema: GenMessage<Workspace> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_common, 2);
+  messageDesc(file_forkd_v1_common, 3);
 
 /**
  * A piece of a byte stream (file content, packed snapshot).
@@ -578,5 +636,5 @@ export type DataChunk = Message<"forkd.v1.DataChunk"> & {
  * Use `create(DataChunkSchema)` to create a new message.
  */
 export const DataChunkSchema: GenMessage<DataChunk> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_common, 3);
+  messageDesc(file_forkd_v1_common, 4);
 

@@ -485,10 +485,11 @@ export type CreateSandboxesRequest = Message<"forkd.v1.CreateSandboxesRequest"> 
   volumes: string[];
 
   /**
-   * Afterwards keep `n` VMM processes of this snapshot started and waiting
-   * (a pool), so later spawns from it only load state, resume and re-init.
-   * Children with network "nat" or volumes of their own are not served from
-   * the pool. It is emptied when the snapshot is deleted or the daemon stops.
+   * Afterwards fill the snapshot's hot pool with `n` children (restored and
+   * re-initialized once, then waiting), so later spawns from it only apply
+   * their identity; filled once, not refilled (see SetPool). Children with
+   * network "nat" or volumes of their own are not served from the pool. It
+   * is emptied when the snapshot is deleted or the daemon stops.
    *
    * @generated from field: bool prewarm = 13;
    */

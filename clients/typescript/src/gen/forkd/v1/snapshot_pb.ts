@@ -15,7 +15,100 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file forkd/v1/snapshot.proto.
  */
 export const file_forkd_v1_snapshot: GenFile = /*@__PURE__*/
-  fileDesc("Chdmb3JrZC92MS9zbmFwc2hvdC5wcm90bxIIZm9ya2QudjEi9wIKFUNyZWF0ZVNuYXBzaG90UmVxdWVzdBILCgN0YWcYASABKAkSDQoFaW1hZ2UYAiABKAkSDQoFdmNwdXMYAyABKA0SDwoHbWVtX21pYhgEIAEoDRIZChF3YXJtX3RpbWVvdXRfc2VjcxgFIAEoDRIRCgl3YXJtX2V2YWwYBiABKAkSDwoHdm9sdW1lcxgHIAMoCRI7CgZsYWJlbHMYCCADKAsyKy5mb3JrZC52MS5DcmVhdGVTbmFwc2hvdFJlcXVlc3QuTGFiZWxzRW50cnkSEQoEd2FpdBgJIAEoCEgAiAEBEg4KBnJvb3RmcxgKIAEoCRIOCgZrZXJuZWwYCyABKAkSDwoCcncYDCABKAhIAYgBARILCgN0YXAYDSABKAkSFgoOYm9vdF93YWl0X3NlY3MYDiABKA0aLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIHCgVfd2FpdEIFCgNfcnciTQoUTGlzdFNuYXBzaG90c1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgNEhIKCnBhZ2VfdG9rZW4YAiABKAkSDgoGc3RhdHVzGAMgASgJIlcKFUxpc3RTbmFwc2hvdHNSZXNwb25zZRIlCglzbmFwc2hvdHMYASADKAsyEi5mb3JrZC52MS5TbmFwc2hvdBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiIQoSR2V0U25hcHNob3RSZXF1ZXN0EgsKA3RhZxgBIAEoCSJEChVEZWxldGVTbmFwc2hvdFJlcXVlc3QSCwoDdGFnGAEgASgJEg8KB2Nhc2NhZGUYAiABKAgSDQoFZm9yY2UYAyABKAgiOwoWRGVsZXRlU25hcHNob3RSZXNwb25zZRIPCgdkZWxldGVkGAEgAygJEhAKCG9ycGhhbmVkGAIgAygJIjEKFkNvbXBhY3RTbmFwc2hvdFJlcXVlc3QSCwoDdGFnGAEgASgJEgoKAnRvGAIgASgJIloKFURlcml2ZVNuYXBzaG90UmVxdWVzdBIQCghmcm9tX3RhZxgBIAEoCRILCgN0YWcYAiABKAkSDAoEZXhlYxgDIAMoCRIUCgx0aW1lb3V0X3NlY3MYBCABKA0ibwoVRXhwb3J0U25hcHNob3RSZXF1ZXN0EgsKA3RhZxgBIAEoCRISCgpsYXllcl9vbmx5GAIgASgIEgwKBGZsYXQYAyABKAgSEwoLZGVzY3JpcHRpb24YBCABKAkSEgoKYmFzZV9pbWFnZRgFIAEoCSIyChVJbXBvcnRTbmFwc2hvdFJlcXVlc3QSCwoDdGFnGAEgASgJEgwKBGRhdGEYAiABKAwiMgoTUHVzaFNuYXBzaG90UmVxdWVzdBILCgN0YWcYASABKAkSDgoGcmVtb3RlGAIgASgJIqEBChRQdXNoU25hcHNob3RSZXNwb25zZRILCgN1cmwYASABKAkSDQoFYnl0ZXMYAiABKAQSFgoOdXBsb2FkZWRfYmxvYnMYAyABKA0SFQoNcHJlc2VudF9ibG9icxgEIAEoDRITCgt0b3RhbF9ieXRlcxgFIAEoBBIYChBtYW5pZmVzdF93cml0dGVuGAYgASgIEg8KB3NlY29uZHMYByABKAEiMgoTUHVsbFNuYXBzaG90UmVxdWVzdBIOCgZyZW1vdGUYASABKAkSCwoDdGFnGAIgASgJIhwKGkxpc3RSZW1vdGVTbmFwc2hvdHNSZXF1ZXN0IkoKDlJlbW90ZVNuYXBzaG90EgsKA3RhZxgBIAEoCRITCgtwdXNoZWRfdW5peBgCIAEoAxIWCg5tYW5pZmVzdF9ieXRlcxgDIAEoBCJXChtMaXN0UmVtb3RlU25hcHNob3RzUmVzcG9uc2USCwoDdXJsGAEgASgJEisKCXNuYXBzaG90cxgCIAMoCzIYLmZvcmtkLnYxLlJlbW90ZVNuYXBzaG90IjMKFFNoYXJlU25hcHNob3RSZXF1ZXN0EgsKA3RhZxgBIAEoCRIOCgZzaGFyZWQYAiABKAgy0goKD1NuYXBzaG90U2VydmljZRJfCg5DcmVhdGVTbmFwc2hvdBIfLmZvcmtkLnYxLkNyZWF0ZVNuYXBzaG90UmVxdWVzdBoSLmZvcmtkLnYxLlNuYXBzaG90IhiC0+STAhI6ASoiDS92MS9zbmFwc2hvdHMScgoNTGlzdFNuYXBzaG90cxIeLmZvcmtkLnYxLkxpc3RTbmFwc2hvdHNSZXF1ZXN0Gh8uZm9ya2QudjEuTGlzdFNuYXBzaG90c1Jlc3BvbnNlIiCC0+STAhpiCXNuYXBzaG90cxINL3YxL3NuYXBzaG90cxJ4CgtHZXRTbmFwc2hvdBIcLmZvcmtkLnYxLkdldFNuYXBzaG90UmVxdWVzdBoSLmZvcmtkLnYxLlNuYXBzaG90IjeC0+STAjFaFRITL3YxL3NuYXBzaG90cy97dGFnfRIYL3YxL3NuYXBzaG90cy97dGFnfS9pbmZvEnAKDkRlbGV0ZVNuYXBzaG90Eh8uZm9ya2QudjEuRGVsZXRlU25hcHNob3RSZXF1ZXN0GiAuZm9ya2QudjEuRGVsZXRlU25hcHNob3RSZXNwb25zZSIbgtPkkwIVKhMvdjEvc25hcHNob3RzL3t0YWd9Em8KD0NvbXBhY3RTbmFwc2hvdBIgLmZvcmtkLnYxLkNvbXBhY3RTbmFwc2hvdFJlcXVlc3QaEi5mb3JrZC52MS5TbmFwc2hvdCImgtPkkwIgOgEqIhsvdjEvc25hcHNob3RzL3t0YWd9L2NvbXBhY3QScQoORGVyaXZlU25hcHNob3QSHy5mb3JrZC52MS5EZXJpdmVTbmFwc2hvdFJlcXVlc3QaEi5mb3JrZC52MS5TbmFwc2hvdCIqgtPkkwIkOgEqIh8vdjEvc25hcHNob3RzL3tmcm9tX3RhZ30vZGVyaXZlEmkKDVNoYXJlU25hcHNob3QSHi5mb3JrZC52MS5TaGFyZVNuYXBzaG90UmVxdWVzdBoSLmZvcmtkLnYxLlNuYXBzaG90IiSC0+STAh46ASoiGS92MS9zbmFwc2hvdHMve3RhZ30vc2hhcmUSbAoORXhwb3J0U25hcHNob3QSHy5mb3JrZC52MS5FeHBvcnRTbmFwc2hvdFJlcXVlc3QaEy5mb3JrZC52MS5EYXRhQ2h1bmsiIoLT5JMCHBIaL3YxL3NuYXBzaG90cy97dGFnfS9leHBvcnQwARJoCg5JbXBvcnRTbmFwc2hvdBIfLmZvcmtkLnYxLkltcG9ydFNuYXBzaG90UmVxdWVzdBoSLmZvcmtkLnYxLlNuYXBzaG90Ih+C0+STAhk6ASoiFC92MS9zbmFwc2hvdHMvaW1wb3J0KAEScgoMUHVzaFNuYXBzaG90Eh0uZm9ya2QudjEuUHVzaFNuYXBzaG90UmVxdWVzdBoeLmZvcmtkLnYxLlB1c2hTbmFwc2hvdFJlc3BvbnNlIiOC0+STAh06ASoiGC92MS9zbmFwc2hvdHMve3RhZ30vcHVzaBJgCgxQdWxsU25hcHNob3QSHS5mb3JrZC52MS5QdWxsU25hcHNob3RSZXF1ZXN0GhIuZm9ya2QudjEuU25hcHNob3QiHYLT5JMCFzoBKiISL3YxL3NuYXBzaG90cy9wdWxsEoABChNMaXN0UmVtb3RlU25hcHNob3RzEiQuZm9ya2QudjEuTGlzdFJlbW90ZVNuYXBzaG90c1JlcXVlc3QaJS5mb3JrZC52MS5MaXN0UmVtb3RlU25hcHNob3RzUmVzcG9uc2UiHILT5JMCFhIUL3YxL3JlbW90ZS9zbmFwc2hvdHNiBnByb3RvMw", [file_google_api_annotations, file_forkd_v1_common]);
+  fileDesc("Chdmb3JrZC92MS9zbmFwc2hvdC5wcm90bxIIZm9ya2QudjEiEgoQTGlzdFBvb2xzUmVxdWVzdCItCg5TZXRQb29sUmVxdWVzdBILCgN0YWcYASABKAkSDgoGdGFyZ2V0GAIgASgNIkMKBFBvb2wSCwoDdGFnGAEgASgJEg0KBXJlYWR5GAIgASgNEg8KB2ZpbGxpbmcYAyABKA0SDgoGdGFyZ2V0GAQgASgNIjIKEUxpc3RQb29sc1Jlc3BvbnNlEh0KBXBvb2xzGAEgAygLMg4uZm9ya2QudjEuUG9vbCL3AgoVQ3JlYXRlU25hcHNob3RSZXF1ZXN0EgsKA3RhZxgBIAEoCRINCgVpbWFnZRgCIAEoCRINCgV2Y3B1cxgDIAEoDRIPCgdtZW1fbWliGAQgASgNEhkKEXdhcm1fdGltZW91dF9zZWNzGAUgASgNEhEKCXdhcm1fZXZhbBgGIAEoCRIPCgd2b2x1bWVzGAcgAygJEjsKBmxhYmVscxgIIAMoCzIrLmZvcmtkLnYxLkNyZWF0ZVNuYXBzaG90UmVxdWVzdC5MYWJlbHNFbnRyeRIRCgR3YWl0GAkgASgISACIAQESDgoGcm9vdGZzGAogASgJEg4KBmtlcm5lbBgLIAEoCRIPCgJydxgMIAEoCEgBiAEBEgsKA3RhcBgNIAEoCRIWCg5ib290X3dhaXRfc2VjcxgOIAEoDRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgcKBV93YWl0QgUKA19ydyJNChRMaXN0U25hcHNob3RzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKA0SEgoKcGFnZV90b2tlbhgCIAEoCRIOCgZzdGF0dXMYAyABKAkiVwoVTGlzdFNuYXBzaG90c1Jlc3BvbnNlEiUKCXNuYXBzaG90cxgBIAMoCzISLmZvcmtkLnYxLlNuYXBzaG90EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIhChJHZXRTbmFwc2hvdFJlcXVlc3QSCwoDdGFnGAEgASgJIkQKFURlbGV0ZVNuYXBzaG90UmVxdWVzdBILCgN0YWcYASABKAkSDwoHY2FzY2FkZRgCIAEoCBINCgVmb3JjZRgDIAEoCCI7ChZEZWxldGVTbmFwc2hvdFJlc3BvbnNlEg8KB2RlbGV0ZWQYASADKAkSEAoIb3JwaGFuZWQYAiADKAkiMQoWQ29tcGFjdFNuYXBzaG90UmVxdWVzdBILCgN0YWcYASABKAkSCgoCdG8YAiABKAkiWgoVRGVyaXZlU25hcHNob3RSZXF1ZXN0EhAKCGZyb21fdGFnGAEgASgJEgsKA3RhZxgCIAEoCRIMCgRleGVjGAMgAygJEhQKDHRpbWVvdXRfc2VjcxgEIAEoDSJvChVFeHBvcnRTbmFwc2hvdFJlcXVlc3QSCwoDdGFnGAEgASgJEhIKCmxheWVyX29ubHkYAiABKAgSDAoEZmxhdBgDIAEoCBITCgtkZXNjcmlwdGlvbhgEIAEoCRISCgpiYXNlX2ltYWdlGAUgASgJIjIKFUltcG9ydFNuYXBzaG90UmVxdWVzdBILCgN0YWcYASABKAkSDAoEZGF0YRgCIAEoDCIyChNQdXNoU25hcHNob3RSZXF1ZXN0EgsKA3RhZxgBIAEoCRIOCgZyZW1vdGUYAiABKAkioQEKFFB1c2hTbmFwc2hvdFJlc3BvbnNlEgsKA3VybBgBIAEoCRINCgVieXRlcxgCIAEoBBIWCg51cGxvYWRlZF9ibG9icxgDIAEoDRIVCg1wcmVzZW50X2Jsb2JzGAQgASgNEhMKC3RvdGFsX2J5dGVzGAUgASgEEhgKEG1hbmlmZXN0X3dyaXR0ZW4YBiABKAgSDwoHc2Vjb25kcxgHIAEoASIyChNQdWxsU25hcHNob3RSZXF1ZXN0Eg4KBnJlbW90ZRgBIAEoCRILCgN0YWcYAiABKAkiHAoaTGlzdFJlbW90ZVNuYXBzaG90c1JlcXVlc3QiSgoOUmVtb3RlU25hcHNob3QSCwoDdGFnGAEgASgJEhMKC3B1c2hlZF91bml4GAIgASgDEhYKDm1hbmlmZXN0X2J5dGVzGAMgASgEIlcKG0xpc3RSZW1vdGVTbmFwc2hvdHNSZXNwb25zZRILCgN1cmwYASABKAkSKwoJc25hcHNob3RzGAIgAygLMhguZm9ya2QudjEuUmVtb3RlU25hcHNob3QiMwoUU2hhcmVTbmFwc2hvdFJlcXVlc3QSCwoDdGFnGAEgASgJEg4KBnNoYXJlZBgCIAEoCDKDDAoPU25hcHNob3RTZXJ2aWNlEl8KDkNyZWF0ZVNuYXBzaG90Eh8uZm9ya2QudjEuQ3JlYXRlU25hcHNob3RSZXF1ZXN0GhIuZm9ya2QudjEuU25hcHNob3QiGILT5JMCEjoBKiINL3YxL3NuYXBzaG90cxJyCg1MaXN0U25hcHNob3RzEh4uZm9ya2QudjEuTGlzdFNuYXBzaG90c1JlcXVlc3QaHy5mb3JrZC52MS5MaXN0U25hcHNob3RzUmVzcG9uc2UiIILT5JMCGmIJc25hcHNob3RzEg0vdjEvc25hcHNob3RzEngKC0dldFNuYXBzaG90EhwuZm9ya2QudjEuR2V0U25hcHNob3RSZXF1ZXN0GhIuZm9ya2QudjEuU25hcHNob3QiN4LT5JMCMVoVEhMvdjEvc25hcHNob3RzL3t0YWd9EhgvdjEvc25hcHNob3RzL3t0YWd9L2luZm8ScAoORGVsZXRlU25hcHNob3QSHy5mb3JrZC52MS5EZWxldGVTbmFwc2hvdFJlcXVlc3QaIC5mb3JrZC52MS5EZWxldGVTbmFwc2hvdFJlc3BvbnNlIhuC0+STAhUqEy92MS9zbmFwc2hvdHMve3RhZ30SbwoPQ29tcGFjdFNuYXBzaG90EiAuZm9ya2QudjEuQ29tcGFjdFNuYXBzaG90UmVxdWVzdBoSLmZvcmtkLnYxLlNuYXBzaG90IiaC0+STAiA6ASoiGy92MS9zbmFwc2hvdHMve3RhZ30vY29tcGFjdBJxCg5EZXJpdmVTbmFwc2hvdBIfLmZvcmtkLnYxLkRlcml2ZVNuYXBzaG90UmVxdWVzdBoSLmZvcmtkLnYxLlNuYXBzaG90IiqC0+STAiQ6ASoiHy92MS9zbmFwc2hvdHMve2Zyb21fdGFnfS9kZXJpdmUSaQoNU2hhcmVTbmFwc2hvdBIeLmZvcmtkLnYxLlNoYXJlU25hcHNob3RSZXF1ZXN0GhIuZm9ya2QudjEuU25hcHNob3QiJILT5JMCHjoBKiIZL3YxL3NuYXBzaG90cy97dGFnfS9zaGFyZRJsCg5FeHBvcnRTbmFwc2hvdBIfLmZvcmtkLnYxLkV4cG9ydFNuYXBzaG90UmVxdWVzdBoTLmZvcmtkLnYxLkRhdGFDaHVuayIigtPkkwIcEhovdjEvc25hcHNob3RzL3t0YWd9L2V4cG9ydDABEmgKDkltcG9ydFNuYXBzaG90Eh8uZm9ya2QudjEuSW1wb3J0U25hcHNob3RSZXF1ZXN0GhIuZm9ya2QudjEuU25hcHNob3QiH4LT5JMCGToBKiIUL3YxL3NuYXBzaG90cy9pbXBvcnQoARJyCgxQdXNoU25hcHNob3QSHS5mb3JrZC52MS5QdXNoU25hcHNob3RSZXF1ZXN0Gh4uZm9ya2QudjEuUHVzaFNuYXBzaG90UmVzcG9uc2UiI4LT5JMCHToBKiIYL3YxL3NuYXBzaG90cy97dGFnfS9wdXNoEmAKDFB1bGxTbmFwc2hvdBIdLmZvcmtkLnYxLlB1bGxTbmFwc2hvdFJlcXVlc3QaEi5mb3JrZC52MS5TbmFwc2hvdCIdgtPkkwIXOgEqIhIvdjEvc25hcHNob3RzL3B1bGwSgAEKE0xpc3RSZW1vdGVTbmFwc2hvdHMSJC5mb3JrZC52MS5MaXN0UmVtb3RlU25hcHNob3RzUmVxdWVzdBolLmZvcmtkLnYxLkxpc3RSZW1vdGVTbmFwc2hvdHNSZXNwb25zZSIcgtPkkwIWEhQvdjEvcmVtb3RlL3NuYXBzaG90cxJeCglMaXN0UG9vbHMSGi5mb3JrZC52MS5MaXN0UG9vbHNSZXF1ZXN0GhsuZm9ya2QudjEuTGlzdFBvb2xzUmVzcG9uc2UiGILT5JMCEmIFcG9vbHMSCS92MS9wb29scxJPCgdTZXRQb29sEhguZm9ya2QudjEuU2V0UG9vbFJlcXVlc3QaDi5mb3JrZC52MS5Qb29sIhqC0+STAhQ6ASoaDy92MS9wb29scy97dGFnfWIGcHJvdG8z", [file_google_api_annotations, file_forkd_v1_common]);
+
+/**
+ * @generated from message forkd.v1.ListPoolsRequest
+ */
+export type ListPoolsRequest = Message<"forkd.v1.ListPoolsRequest"> & {
+};
+
+/**
+ * Describes the message forkd.v1.ListPoolsRequest.
+ * Use `create(ListPoolsRequestSchema)` to create a new message.
+ */
+export const ListPoolsRequestSchema: GenMessage<ListPoolsRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_snapshot, 0);
+
+/**
+ * @generated from message forkd.v1.SetPoolRequest
+ */
+export type SetPoolRequest = Message<"forkd.v1.SetPoolRequest"> & {
+  /**
+   * @generated from field: string tag = 1;
+   */
+  tag: string;
+
+  /**
+   * 0..=64.
+   *
+   * @generated from field: uint32 target = 2;
+   */
+  target: number;
+};
+
+/**
+ * Describes the message forkd.v1.SetPoolRequest.
+ * Use `create(SetPoolRequestSchema)` to create a new message.
+ */
+export const SetPoolRequestSchema: GenMessage<SetPoolRequest> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_snapshot, 1);
+
+/**
+ * @generated from message forkd.v1.Pool
+ */
+export type Pool = Message<"forkd.v1.Pool"> & {
+  /**
+   * @generated from field: string tag = 1;
+   */
+  tag: string;
+
+  /**
+   * Children ready to be taken.
+   *
+   * @generated from field: uint32 ready = 2;
+   */
+  ready: number;
+
+  /**
+   * Children being made.
+   *
+   * @generated from field: uint32 filling = 3;
+   */
+  filling: number;
+
+  /**
+   * How many the daemon keeps (--pool TAG=N); 0 for a pool filled once by
+   * a fork's prewarm.
+   *
+   * @generated from field: uint32 target = 4;
+   */
+  target: number;
+};
+
+/**
+ * Describes the message forkd.v1.Pool.
+ * Use `create(PoolSchema)` to create a new message.
+ */
+export const PoolSchema: GenMessage<Pool> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_snapshot, 2);
+
+/**
+ * @generated from message forkd.v1.ListPoolsResponse
+ */
+export type ListPoolsResponse = Message<"forkd.v1.ListPoolsResponse"> & {
+  /**
+   * @generated from field: repeated forkd.v1.Pool pools = 1;
+   */
+  pools: Pool[];
+};
+
+/**
+ * Describes the message forkd.v1.ListPoolsResponse.
+ * Use `create(ListPoolsResponseSchema)` to create a new message.
+ */
+export const ListPoolsResponseSchema: GenMessage<ListPoolsResponse> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_snapshot, 3);
 
 /**
  * @generated from message forkd.v1.CreateSnapshotRequest
@@ -130,7 +223,7 @@ export type CreateSnapshotRequest = Message<"forkd.v1.CreateSnapshotRequest"> & 
  * Use `create(CreateSnapshotRequestSchema)` to create a new message.
  */
 export const CreateSnapshotRequestSchema: GenMessage<CreateSnapshotRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 0);
+  messageDesc(file_forkd_v1_snapshot, 4);
 
 /**
  * @generated from message forkd.v1.ListSnapshotsRequest
@@ -159,7 +252,7 @@ export type ListSnapshotsRequest = Message<"forkd.v1.ListSnapshotsRequest"> & {
  * Use `create(ListSnapshotsRequestSchema)` to create a new message.
  */
 export const ListSnapshotsRequestSchema: GenMessage<ListSnapshotsRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 1);
+  messageDesc(file_forkd_v1_snapshot, 5);
 
 /**
  * @generated from message forkd.v1.ListSnapshotsResponse
@@ -181,7 +274,7 @@ export type ListSnapshotsResponse = Message<"forkd.v1.ListSnapshotsResponse"> & 
  * Use `create(ListSnapshotsResponseSchema)` to create a new message.
  */
 export const ListSnapshotsResponseSchema: GenMessage<ListSnapshotsResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 2);
+  messageDesc(file_forkd_v1_snapshot, 6);
 
 /**
  * @generated from message forkd.v1.GetSnapshotRequest
@@ -198,7 +291,7 @@ export type GetSnapshotRequest = Message<"forkd.v1.GetSnapshotRequest"> & {
  * Use `create(GetSnapshotRequestSchema)` to create a new message.
  */
 export const GetSnapshotRequestSchema: GenMessage<GetSnapshotRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 3);
+  messageDesc(file_forkd_v1_snapshot, 7);
 
 /**
  * @generated from message forkd.v1.DeleteSnapshotRequest
@@ -225,7 +318,7 @@ export type DeleteSnapshotRequest = Message<"forkd.v1.DeleteSnapshotRequest"> & 
  * Use `create(DeleteSnapshotRequestSchema)` to create a new message.
  */
 export const DeleteSnapshotRequestSchema: GenMessage<DeleteSnapshotRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 4);
+  messageDesc(file_forkd_v1_snapshot, 8);
 
 /**
  * @generated from message forkd.v1.DeleteSnapshotResponse
@@ -251,7 +344,7 @@ export type DeleteSnapshotResponse = Message<"forkd.v1.DeleteSnapshotResponse"> 
  * Use `create(DeleteSnapshotResponseSchema)` to create a new message.
  */
 export const DeleteSnapshotResponseSchema: GenMessage<DeleteSnapshotResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 5);
+  messageDesc(file_forkd_v1_snapshot, 9);
 
 /**
  * @generated from message forkd.v1.CompactSnapshotRequest
@@ -275,7 +368,7 @@ export type CompactSnapshotRequest = Message<"forkd.v1.CompactSnapshotRequest"> 
  * Use `create(CompactSnapshotRequestSchema)` to create a new message.
  */
 export const CompactSnapshotRequestSchema: GenMessage<CompactSnapshotRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 6);
+  messageDesc(file_forkd_v1_snapshot, 10);
 
 /**
  * @generated from message forkd.v1.DeriveSnapshotRequest
@@ -309,7 +402,7 @@ export type DeriveSnapshotRequest = Message<"forkd.v1.DeriveSnapshotRequest"> & 
  * Use `create(DeriveSnapshotRequestSchema)` to create a new message.
  */
 export const DeriveSnapshotRequestSchema: GenMessage<DeriveSnapshotRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 7);
+  messageDesc(file_forkd_v1_snapshot, 11);
 
 /**
  * @generated from message forkd.v1.ExportSnapshotRequest
@@ -355,7 +448,7 @@ export type ExportSnapshotRequest = Message<"forkd.v1.ExportSnapshotRequest"> & 
  * Use `create(ExportSnapshotRequestSchema)` to create a new message.
  */
 export const ExportSnapshotRequestSchema: GenMessage<ExportSnapshotRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 8);
+  messageDesc(file_forkd_v1_snapshot, 12);
 
 /**
  * @generated from message forkd.v1.ImportSnapshotRequest
@@ -382,7 +475,7 @@ export type ImportSnapshotRequest = Message<"forkd.v1.ImportSnapshotRequest"> & 
  * Use `create(ImportSnapshotRequestSchema)` to create a new message.
  */
 export const ImportSnapshotRequestSchema: GenMessage<ImportSnapshotRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 9);
+  messageDesc(file_forkd_v1_snapshot, 13);
 
 /**
  * @generated from message forkd.v1.PushSnapshotRequest
@@ -407,7 +500,7 @@ export type PushSnapshotRequest = Message<"forkd.v1.PushSnapshotRequest"> & {
  * Use `create(PushSnapshotRequestSchema)` to create a new message.
  */
 export const PushSnapshotRequestSchema: GenMessage<PushSnapshotRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 10);
+  messageDesc(file_forkd_v1_snapshot, 14);
 
 /**
  * @generated from message forkd.v1.PushSnapshotResponse
@@ -464,7 +557,7 @@ export type PushSnapshotResponse = Message<"forkd.v1.PushSnapshotResponse"> & {
  * Use `create(PushSnapshotResponseSchema)` to create a new message.
  */
 export const PushSnapshotResponseSchema: GenMessage<PushSnapshotResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 11);
+  messageDesc(file_forkd_v1_snapshot, 15);
 
 /**
  * @generated from message forkd.v1.PullSnapshotRequest
@@ -488,7 +581,7 @@ export type PullSnapshotRequest = Message<"forkd.v1.PullSnapshotRequest"> & {
  * Use `create(PullSnapshotRequestSchema)` to create a new message.
  */
 export const PullSnapshotRequestSchema: GenMessage<PullSnapshotRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 12);
+  messageDesc(file_forkd_v1_snapshot, 16);
 
 /**
  * @generated from message forkd.v1.ListRemoteSnapshotsRequest
@@ -501,7 +594,7 @@ export type ListRemoteSnapshotsRequest = Message<"forkd.v1.ListRemoteSnapshotsRe
  * Use `create(ListRemoteSnapshotsRequestSchema)` to create a new message.
  */
 export const ListRemoteSnapshotsRequestSchema: GenMessage<ListRemoteSnapshotsRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 13);
+  messageDesc(file_forkd_v1_snapshot, 17);
 
 /**
  * @generated from message forkd.v1.RemoteSnapshot
@@ -530,7 +623,7 @@ export type RemoteSnapshot = Message<"forkd.v1.RemoteSnapshot"> & {
  * Use `create(RemoteSnapshotSchema)` to create a new message.
  */
 export const RemoteSnapshotSchema: GenMessage<RemoteSnapshot> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 14);
+  messageDesc(file_forkd_v1_snapshot, 18);
 
 /**
  * @generated from message forkd.v1.ListRemoteSnapshotsResponse
@@ -552,7 +645,7 @@ export type ListRemoteSnapshotsResponse = Message<"forkd.v1.ListRemoteSnapshotsR
  * Use `create(ListRemoteSnapshotsResponseSchema)` to create a new message.
  */
 export const ListRemoteSnapshotsResponseSchema: GenMessage<ListRemoteSnapshotsResponse> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 15);
+  messageDesc(file_forkd_v1_snapshot, 19);
 
 /**
  * @generated from message forkd.v1.ShareSnapshotRequest
@@ -576,7 +669,7 @@ export type ShareSnapshotRequest = Message<"forkd.v1.ShareSnapshotRequest"> & {
  * Use `create(ShareSnapshotRequestSchema)` to create a new message.
  */
 export const ShareSnapshotRequestSchema: GenMessage<ShareSnapshotRequest> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_snapshot, 16);
+  messageDesc(file_forkd_v1_snapshot, 20);
 
 /**
  * SnapshotService owns the snapshot store: booting and warming base
@@ -718,6 +811,30 @@ export const SnapshotService: GenService<{
     methodKind: "unary";
     input: typeof ListRemoteSnapshotsRequestSchema;
     output: typeof ListRemoteSnapshotsResponseSchema;
+  },
+  /**
+   * Hot pools: children of a snapshot kept restored, re-initialized once
+   * and paused, which forks take first (forkd-server --pool TAG=N, or a
+   * fork with prewarm). Only pools of snapshots the caller may fork from.
+   *
+   * @generated from rpc forkd.v1.SnapshotService.ListPools
+   */
+  listPools: {
+    methodKind: "unary";
+    input: typeof ListPoolsRequestSchema;
+    output: typeof ListPoolsResponseSchema;
+  },
+  /**
+   * Sets how many hot children of a ready snapshot the daemon keeps, as
+   * --pool TAG=N does, and starts filling (in the background, one at a time,
+   * at the lowest CPU weight); 0 empties the pool. Admins only.
+   *
+   * @generated from rpc forkd.v1.SnapshotService.SetPool
+   */
+  setPool: {
+    methodKind: "unary";
+    input: typeof SetPoolRequestSchema;
+    output: typeof PoolSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_forkd_v1_snapshot, 0);

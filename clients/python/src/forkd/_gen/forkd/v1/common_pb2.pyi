@@ -2,7 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -94,7 +94,7 @@ class Snapshot(_message.Message):
     def __init__(self, tag: _Optional[str] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., image: _Optional[str] = ..., vcpus: _Optional[int] = ..., mem_mib: _Optional[int] = ..., kind: _Optional[str] = ..., parent_tag: _Optional[str] = ..., ancestors: _Optional[_Iterable[str]] = ..., dependents: _Optional[_Iterable[str]] = ..., chain_depth: _Optional[int] = ..., logical_size_bytes: _Optional[int] = ..., physical_size_bytes: _Optional[int] = ..., memory_digest: _Optional[str] = ..., state_digest: _Optional[str] = ..., parent_memory_digest: _Optional[str] = ..., created_at_unix: _Optional[int] = ..., branched_from: _Optional[str] = ..., pause_ms_exact: _Optional[float] = ..., dirty_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., accel: _Optional[str] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., live_sandboxes: _Optional[int] = ..., warm_ms: _Optional[float] = ..., runtime: _Optional[str] = ..., volume_slots: _Optional[int] = ..., owner: _Optional[str] = ..., shared: _Optional[bool] = ..., dir: _Optional[str] = ..., bootable: _Optional[bool] = ..., warning: _Optional[str] = ..., diff_ms: _Optional[float] = ..., diff_physical_bytes: _Optional[int] = ..., diff_logical_bytes: _Optional[int] = ..., vmstate_bytes: _Optional[int] = ..., pause_ms: _Optional[int] = ...) -> None: ...
 
 class Sandbox(_message.Message):
-    __slots__ = ("id", "snapshot_tag", "pid", "created_at_unix", "status", "status_reason", "hostname", "memory_limit_mib", "cpu_quota", "pids_limit", "network", "allow", "volumes", "labels", "ttl_secs", "idle_timeout_secs", "expires_at_unix", "spawn_ms", "workspace", "backend", "accel", "last_active_unix", "owner", "guest_addr", "netns", "has_branched", "branch_count")
+    __slots__ = ("id", "snapshot_tag", "pid", "created_at_unix", "status", "status_reason", "hostname", "memory_limit_mib", "cpu_quota", "pids_limit", "network", "allow", "volumes", "labels", "ttl_secs", "idle_timeout_secs", "expires_at_unix", "spawn_ms", "workspace", "backend", "accel", "last_active_unix", "owner", "guest_addr", "netns", "has_branched", "branch_count", "spawn_phases")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class Sandbox(_message.Message):
     NETNS_FIELD_NUMBER: _ClassVar[int]
     HAS_BRANCHED_FIELD_NUMBER: _ClassVar[int]
     BRANCH_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SPAWN_PHASES_FIELD_NUMBER: _ClassVar[int]
     id: str
     snapshot_tag: str
     pid: int
@@ -156,7 +157,22 @@ class Sandbox(_message.Message):
     netns: str
     has_branched: bool
     branch_count: int
-    def __init__(self, id: _Optional[str] = ..., snapshot_tag: _Optional[str] = ..., pid: _Optional[int] = ..., created_at_unix: _Optional[int] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., hostname: _Optional[str] = ..., memory_limit_mib: _Optional[int] = ..., cpu_quota: _Optional[float] = ..., pids_limit: _Optional[int] = ..., network: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_secs: _Optional[int] = ..., idle_timeout_secs: _Optional[int] = ..., expires_at_unix: _Optional[int] = ..., spawn_ms: _Optional[float] = ..., workspace: _Optional[str] = ..., backend: _Optional[str] = ..., accel: _Optional[str] = ..., last_active_unix: _Optional[int] = ..., owner: _Optional[str] = ..., guest_addr: _Optional[str] = ..., netns: _Optional[str] = ..., has_branched: _Optional[bool] = ..., branch_count: _Optional[int] = ...) -> None: ...
+    spawn_phases: SpawnPhases
+    def __init__(self, id: _Optional[str] = ..., snapshot_tag: _Optional[str] = ..., pid: _Optional[int] = ..., created_at_unix: _Optional[int] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., hostname: _Optional[str] = ..., memory_limit_mib: _Optional[int] = ..., cpu_quota: _Optional[float] = ..., pids_limit: _Optional[int] = ..., network: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_secs: _Optional[int] = ..., idle_timeout_secs: _Optional[int] = ..., expires_at_unix: _Optional[int] = ..., spawn_ms: _Optional[float] = ..., workspace: _Optional[str] = ..., backend: _Optional[str] = ..., accel: _Optional[str] = ..., last_active_unix: _Optional[int] = ..., owner: _Optional[str] = ..., guest_addr: _Optional[str] = ..., netns: _Optional[str] = ..., has_branched: _Optional[bool] = ..., branch_count: _Optional[int] = ..., spawn_phases: _Optional[_Union[SpawnPhases, _Mapping]] = ...) -> None: ...
+
+class SpawnPhases(_message.Message):
+    __slots__ = ("prepared_ms", "restored_ms", "resumed_ms", "reinit_ms", "pooled")
+    PREPARED_MS_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_MS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_MS_FIELD_NUMBER: _ClassVar[int]
+    REINIT_MS_FIELD_NUMBER: _ClassVar[int]
+    POOLED_FIELD_NUMBER: _ClassVar[int]
+    prepared_ms: float
+    restored_ms: float
+    resumed_ms: float
+    reinit_ms: float
+    pooled: bool
+    def __init__(self, prepared_ms: _Optional[float] = ..., restored_ms: _Optional[float] = ..., resumed_ms: _Optional[float] = ..., reinit_ms: _Optional[float] = ..., pooled: _Optional[bool] = ...) -> None: ...
 
 class Workspace(_message.Message):
     __slots__ = ("name", "status", "status_reason", "live_sandbox_id", "source_snapshot_tag", "state_tag", "memory_limit_mib", "cpu_quota", "network", "volumes", "labels", "ttl_secs", "idle_timeout_secs", "created_at_unix", "updated_at_unix", "suspended_at_unix", "owner")

@@ -8,6 +8,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ListPoolsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SetPoolRequest(_message.Message):
+    __slots__ = ("tag", "target")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    tag: str
+    target: int
+    def __init__(self, tag: _Optional[str] = ..., target: _Optional[int] = ...) -> None: ...
+
+class Pool(_message.Message):
+    __slots__ = ("tag", "ready", "filling", "target")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    FILLING_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    tag: str
+    ready: int
+    filling: int
+    target: int
+    def __init__(self, tag: _Optional[str] = ..., ready: _Optional[int] = ..., filling: _Optional[int] = ..., target: _Optional[int] = ...) -> None: ...
+
+class ListPoolsResponse(_message.Message):
+    __slots__ = ("pools",)
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    pools: _containers.RepeatedCompositeFieldContainer[Pool]
+    def __init__(self, pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ...) -> None: ...
+
 class CreateSnapshotRequest(_message.Message):
     __slots__ = ("tag", "image", "vcpus", "mem_mib", "warm_timeout_secs", "warm_eval", "volumes", "labels", "wait", "rootfs", "kernel", "rw", "tap", "boot_wait_secs")
     class LabelsEntry(_message.Message):

@@ -98,6 +98,16 @@ class SnapshotServiceStub:
                 request_serializer=forkd_dot_v1_dot_snapshot__pb2.ListRemoteSnapshotsRequest.SerializeToString,
                 response_deserializer=forkd_dot_v1_dot_snapshot__pb2.ListRemoteSnapshotsResponse.FromString,
                 _registered_method=True)
+        self.ListPools = channel.unary_unary(
+                '/forkd.v1.SnapshotService/ListPools',
+                request_serializer=forkd_dot_v1_dot_snapshot__pb2.ListPoolsRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_snapshot__pb2.ListPoolsResponse.FromString,
+                _registered_method=True)
+        self.SetPool = channel.unary_unary(
+                '/forkd.v1.SnapshotService/SetPool',
+                request_serializer=forkd_dot_v1_dot_snapshot__pb2.SetPoolRequest.SerializeToString,
+                response_deserializer=forkd_dot_v1_dot_snapshot__pb2.Pool.FromString,
+                _registered_method=True)
 
 
 class SnapshotServiceServicer:
@@ -203,6 +213,24 @@ class SnapshotServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPools(self, request, context):
+        """Hot pools: children of a snapshot kept restored, re-initialized once
+        and paused, which forks take first (forkd-server --pool TAG=N, or a
+        fork with prewarm). Only pools of snapshots the caller may fork from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPool(self, request, context):
+        """Sets how many hot children of a ready snapshot the daemon keeps, as
+        --pool TAG=N does, and starts filling (in the background, one at a time,
+        at the lowest CPU weight); 0 empties the pool. Admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SnapshotServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -265,6 +293,16 @@ def add_SnapshotServiceServicer_to_server(servicer, server):
                     servicer.ListRemoteSnapshots,
                     request_deserializer=forkd_dot_v1_dot_snapshot__pb2.ListRemoteSnapshotsRequest.FromString,
                     response_serializer=forkd_dot_v1_dot_snapshot__pb2.ListRemoteSnapshotsResponse.SerializeToString,
+            ),
+            'ListPools': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPools,
+                    request_deserializer=forkd_dot_v1_dot_snapshot__pb2.ListPoolsRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_snapshot__pb2.ListPoolsResponse.SerializeToString,
+            ),
+            'SetPool': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPool,
+                    request_deserializer=forkd_dot_v1_dot_snapshot__pb2.SetPoolRequest.FromString,
+                    response_serializer=forkd_dot_v1_dot_snapshot__pb2.Pool.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -594,6 +632,60 @@ class SnapshotService:
             '/forkd.v1.SnapshotService/ListRemoteSnapshots',
             forkd_dot_v1_dot_snapshot__pb2.ListRemoteSnapshotsRequest.SerializeToString,
             forkd_dot_v1_dot_snapshot__pb2.ListRemoteSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SnapshotService/ListPools',
+            forkd_dot_v1_dot_snapshot__pb2.ListPoolsRequest.SerializeToString,
+            forkd_dot_v1_dot_snapshot__pb2.ListPoolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/forkd.v1.SnapshotService/SetPool',
+            forkd_dot_v1_dot_snapshot__pb2.SetPoolRequest.SerializeToString,
+            forkd_dot_v1_dot_snapshot__pb2.Pool.FromString,
             options,
             channel_credentials,
             insecure,
