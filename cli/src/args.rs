@@ -1886,15 +1886,12 @@ pub fn parse_image_ref(s: &str) -> Result<String, String> {
 }
 
 /// Any non-empty text without control characters.
-/// A manifest note (--description, --base-image): one line, at most 1024 bytes.
+/// A manifest note (--description, --base-image), by the manifest's own rule.
 pub fn parse_note(s: &str) -> Result<String, String> {
-    if s.len() > 1024 {
-        return Err(format!("at most 1024 bytes, not {}", s.len()));
+    match forkd_server::memory::pack::manifest::note_error(s) {
+        Some(e) => Err(format!("it has {e}")),
+        None => Ok(s.to_string()),
     }
-    if s.chars().any(char::is_control) {
-        return Err("one line without control characters".into());
-    }
-    Ok(s.to_string())
 }
 
 pub fn parse_nonempty(s: &str) -> Result<String, String> {

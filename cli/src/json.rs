@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use forkd_api::v1::{
-    DeleteSandboxesResponse, DeleteSnapshotResponse, DeleteWorkspaceResponse, EvalResponse, PingResponse, Sandbox,
-    Snapshot, VersionInfo, Workspace,
+    DeleteSandboxesResponse, DeleteSnapshotResponse, DeleteWorkspaceResponse, EvalResponse, PingResponse, Pool,
+    Sandbox, Snapshot, VersionInfo, Workspace,
 };
 use serde_json::{Value, json};
 
@@ -160,6 +160,10 @@ pub fn ping(r: &PingResponse) -> Value {
         "uptime_secs": r.uptime_secs,
         "runtime_ready": r.runtime_ready,
     })
+}
+
+pub fn pool(p: &Pool) -> Value {
+    json!({ "tag": p.tag, "ready": p.ready, "filling": p.filling, "target": p.target })
 }
 
 #[cfg(test)]

@@ -88,14 +88,12 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
     // spawn(1) served from a hot pool, next to a bare pre-started restore.
     progress("spawn(1) from a hot pool");
     let mut pooled = vec![];
-    let mut pooled_samples = vec![];
     for _ in 0..POOL_ROUNDS {
         let (t, kids) = from_pool(conn, &a.tag, 1).await?;
         pooled.push(t);
         delete_all(conn, &kids).await?;
     }
-    pooled_samples.extend(&pooled);
-    let pooled_ms = median(pooled);
+    let pooled_ms = median(pooled.clone());
     let pool_n = a.fanout.first().copied().unwrap_or(10);
     progress(&format!("fan-out {pool_n} from a hot pool"));
     let (pool_fanout_ms, kids) = from_pool(conn, &a.tag, pool_n).await?;
@@ -163,9 +161,9 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
 
     if let Some(path) = &a.plot {
         let mut series = vec![
-            Series { name: format!("spawn, cold fan-out {pool_n}, per child"), ms: cold_spawns.clone() },
-            Series { name: format!("spawn, fan-out {pool_n} from a hot pool, per child"), ms: pool_spawns.clone() },
-            Series { name: "spawn(1) from a hot pool".into(), ms: pooled_samples.clone() },
+            Series { name: format!("spawn, cold fan-out {pool_n}, per child"), ms: cold_spawns },
+            Series { name: format!("spawn, fan-out {pool_n} from a hot pool, per child"), ms: pool_spawns },
+            Series { name: "spawn(1) from a hot pool".into(), ms: pooled },
             Series { name: "exec `true`".into(), ms: execs.clone() },
         ];
         if let Some((_, busy)) = &refill_samples {
@@ -303,10 +301,10 @@ const POOL_SETTLE: Duration = Duration::from_secs(1);
 /// Longest wait for a pool to fill.
 const POOL_FILL: Duration = Duration::from_secs(600);
 
-/// Ready children in the pool of `tag`.
-async fn pool_ready(conn: &Conn, tag: &str) -> anyhow::Result<u32> {
+/// The pool of `tag` (empty when it has none).
+async fn pool_of(conn: &Conn, tag: &str) -> anyhow::Result<api::Pool> {
     let pools = conn.call(conn.snapshots().list_pools(api::ListPoolsRequest {})).await?.pools;
-    Ok(pools.iter().find(|p| p.tag == tag).map_or(0, |p| p.ready))
+    Ok(pools.into_iter().find(|p| p.tag == tag).unwrap_or_default())
 }
 
 async fn delete_all(conn: &Conn, kids: &[api::Sandbox]) -> anyhow::Result<()> {
@@ -325,7 +323,7 @@ async fn from_pool(conn: &Conn, tag: &forkd_api::names::Tag, n: u32) -> anyhow::
     let kids = conn.call(sb.create_sandboxes(warm)).await?.sandboxes;
     delete_all(conn, &kids).await?;
     let deadline = Instant::now() + POOL_FILL;
-    while pool_ready(conn, tag.as_str()).await? < n {
+    while pool_of(conn, tag.as_str()).await?.ready < n {
         if Instant::now() > deadline {
             bail!("the pool of {tag} did not reach {n} children in {POOL_FILL:?}");
         }
@@ -378,8 +376,8 @@ async fn exec_under_refill(conn: &Conn, tag: &forkd_api::names::Tag) -> anyhow::
         let mut busy = vec![];
         loop {
             busy.extend(exec_times(conn, &id, 10).await?);
-            let pools = conn.call(conn.snapshots().list_pools(api::ListPoolsRequest {})).await?.pools;
-            let full = pools.iter().any(|p| p.tag == tag.as_str() && p.ready >= REFILL_POOL && p.filling == 0);
+            let pool = pool_of(conn, tag.as_str()).await?;
+            let full = pool.ready >= REFILL_POOL && pool.filling == 0;
             if full || Instant::now() > deadline {
                 break;
             }

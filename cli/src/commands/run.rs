@@ -298,9 +298,6 @@ fn check_ours(snap: &Snapshot, key: &str) -> Result<(), CliError> {
     }
 }
 
-/// The ready snapshot `tag` for `key`, and whether it was there already:
-/// reused when ready, waited for while another run bakes it, baked (again,
-/// when it failed) otherwise.
 /// The VM a run snapshot is baked with.
 struct BakeVm<'a> {
     mem_mib: u32,
@@ -308,6 +305,9 @@ struct BakeVm<'a> {
     kernel: Option<&'a std::path::Path>,
 }
 
+/// The ready snapshot `tag` for `key`, and whether it was there already:
+/// reused when ready, waited for while another run bakes it, baked (again,
+/// when it failed) otherwise.
 async fn bake(conn: &Conn, tag: &str, key: &str, image: &Image, vm: BakeVm<'_>) -> anyhow::Result<(Snapshot, bool)> {
     let label = format!("snapshot {tag}");
     let mut last_conflict = None;

@@ -374,9 +374,7 @@ pub async fn pools(conn: &Conn, cmd: PoolCommand, as_json: bool) -> anyhow::Resu
         let req = SetPoolRequest { tag: a.tag.to_string(), target: a.target };
         let p = conn.call(conn.snapshots().set_pool(req)).await?;
         if as_json {
-            emit_json(
-                &serde_json::json!({ "tag": p.tag, "ready": p.ready, "filling": p.filling, "target": p.target }),
-            )?;
+            emit_json(&json::pool(&p))?;
         } else {
             emit(&format!("pool of {}: keeps {}, {} ready, {} being made\n", p.tag, p.target, p.ready, p.filling))?;
         }
@@ -384,12 +382,7 @@ pub async fn pools(conn: &Conn, cmd: PoolCommand, as_json: bool) -> anyhow::Resu
     }
     let r = conn.call(conn.snapshots().list_pools(ListPoolsRequest {})).await?;
     if as_json {
-        let items: Vec<_> = r
-            .pools
-            .iter()
-            .map(|p| serde_json::json!({ "tag": p.tag, "ready": p.ready, "filling": p.filling, "target": p.target }))
-            .collect();
-        emit_json(&serde_json::Value::Array(items))?;
+        emit_json(&Value::Array(r.pools.iter().map(json::pool).collect()))?;
     } else {
         emit(&table(
             &["TAG", "READY", "FILLING", "TARGET"],

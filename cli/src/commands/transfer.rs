@@ -61,14 +61,12 @@ pub fn default_archive(tag: &Tag) -> PathBuf {
 pub async fn pack(conn: &Conn, args: PackArgs, as_json: bool) -> anyhow::Result<u8> {
     let tag = args.tag.or(args.tag_flag).ok_or_else(|| CliError::usage("name the snapshot: TAG or --tag TAG"))?;
     let output = args.output.unwrap_or_else(|| default_archive(&tag));
-    let notes =
-        Notes { description: args.description.unwrap_or_default(), base_image: args.base_image.unwrap_or_default() };
     let req = ExportSnapshotRequest {
         tag: tag.to_string(),
         layer_only: args.layer_only,
         flat: args.flat,
-        description: notes.description,
-        base_image: notes.base_image,
+        description: args.description.unwrap_or_default(),
+        base_image: args.base_image.unwrap_or_default(),
     };
     let p = pack_to(conn, req, &output).await?;
     if as_json {

@@ -97,3 +97,7 @@ pub fn sandbox(r: &SandboxRecord, last_active: i64) -> api::Sandbox {
 pub fn live_sandbox(sb: &Sandbox) -> api::Sandbox {
     sandbox(&sb.snapshot(), sb.last_active())
 }
+
+pub fn pool(i: crate::core::pool::PoolInfo) -> api::Pool {
+    api::Pool { tag: i.tag, ready: i.ready as u32, filling: i.filling as u32, target: i.target as u32 }
+}

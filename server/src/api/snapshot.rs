@@ -72,14 +72,15 @@ impl SnapshotService for Services {
 
     async fn list_pools(&self, r: Request<api::ListPoolsRequest>) -> Result<Response<api::ListPoolsResponse>, Status> {
         let p = principal(&r);
-        let mut pools = vec![];
-        for (tag, ready, filling, target) in self.rt.pool_list() {
-            let visible =
-                matches!(self.rt.store.get_snapshot(&tag), Ok(Some(s)) if p.may_use_snapshot(&s.owner, s.shared));
-            if visible {
-                pools.push(api::Pool { tag, ready: ready as u32, filling: filling as u32, target: target as u32 });
-            }
-        }
+        let pools = self
+            .rt
+            .pool_list()
+            .into_iter()
+            .filter(
+                |i| matches!(self.rt.store.get_snapshot(&i.tag), Ok(Some(s)) if p.may_use_snapshot(&s.owner, s.shared)),
+            )
+            .map(convert::pool)
+            .collect();
         Ok(Response::new(api::ListPoolsResponse { pools }))
     }
 
@@ -94,13 +95,7 @@ impl SnapshotService for Services {
         if r.target as usize > max {
             return Err(Error::invalid("target", format!("{} is outside 0..={max}", r.target)).into());
         }
-        let (ready, filling) = self.rt.set_pool(&t, r.target as usize).await?;
-        Ok(Response::new(api::Pool {
-            tag: t.to_string(),
-            ready: ready as u32,
-            filling: filling as u32,
-            target: r.target,
-        }))
+        Ok(Response::new(convert::pool(self.rt.set_pool(&t, r.target as usize).await?)))
     }
 
     async fn list_snapshots(

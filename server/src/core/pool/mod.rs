@@ -1,7 +1,7 @@
 //! Hot pools: children of one snapshot made ahead of time — restored,
 //! re-initialized once (so the kernel and interpreter code a re-init runs
-//! is already paged in and warm), then paused, their agent connected. A
-//! fork that takes one resumes it and gives it its identity in one agent
+//! is already paged in and warm), then left waiting with their agent
+//! connected. A fork that takes one gives it its identity in one agent
 //! round trip: no process start, no state load, no connect.
 //!
 //! Pooled children wait running idle by default (`--pool-idle running`),
@@ -49,7 +49,17 @@ pub struct Pooled {
     pub paused: bool,
 }
 
-/// Pre-started VMMs by snapshot tag.
+/// One snapshot's pool: children ready, children being made, and how many
+/// it keeps (0: none configured).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolInfo {
+    pub tag: String,
+    pub ready: usize,
+    pub filling: usize,
+    pub target: usize,
+}
+
+/// Hot children by snapshot tag.
 #[derive(Default)]
 pub struct Pools {
     by_tag: Mutex<HashMap<String, Vec<Pooled>>>,
@@ -103,6 +113,21 @@ impl Pools {
         self.by_tag.lock().unwrap().iter().map(|(t, v)| (t.clone(), v.len())).collect()
     }
 
+    /// Pooled children of `tag` ready to be taken.
+    pub fn ready(&self, tag: &str) -> usize {
+        self.by_tag.lock().unwrap().get(tag).map_or(0, Vec::len)
+    }
+
+    /// The pool of `tag` as ListPools and SetPool report it.
+    fn info(&self, tag: &str) -> PoolInfo {
+        PoolInfo {
+            tag: tag.to_string(),
+            ready: self.ready(tag),
+            filling: self.filling.lock().unwrap().get(tag).copied().unwrap_or(0),
+            target: self.target(tag),
+        }
+    }
+
     /// Pooled children of every snapshot, those on their way in or out too.
     pub fn count(&self) -> usize {
         self.by_tag.lock().unwrap().values().map(Vec::len).sum::<usize>() + self.in_transit.lock().unwrap().len()
@@ -118,22 +143,14 @@ impl Pools {
         self.targets.lock().unwrap().get(tag).copied().unwrap_or(0)
     }
 
-    /// Every pool: tag, ready children, children being made, target.
-    pub fn list(&self) -> Vec<(String, usize, usize, usize)> {
-        let ready = self.sizes();
-        let filling = self.filling.lock().unwrap().clone();
-        let targets = self.targets.lock().unwrap().clone();
-        let mut tags: Vec<String> = ready.keys().chain(filling.keys()).chain(targets.keys()).cloned().collect();
+    /// Every pool that has children, is making some or has a target.
+    pub fn list(&self) -> Vec<PoolInfo> {
+        let mut tags: Vec<String> = self.by_tag.lock().unwrap().keys().cloned().collect();
+        tags.extend(self.filling.lock().unwrap().keys().cloned());
+        tags.extend(self.targets.lock().unwrap().keys().cloned());
         tags.sort();
         tags.dedup();
-        tags.into_iter()
-            .map(|t| {
-                let get = |m: &HashMap<String, usize>| m.get(&t).copied().unwrap_or(0);
-                let (r, f, n) = (get(&ready), get(&filling), get(&targets));
-                (t, r, f, n)
-            })
-            .filter(|(_, r, f, n)| r + f + n > 0)
-            .collect()
+        tags.iter().map(|t| self.info(t)).filter(|p| p.ready + p.filling + p.target > 0).collect()
     }
 
     /// The epoch of `tag`'s pool.
@@ -174,7 +191,7 @@ impl Runtime {
         // yet are not made, those being made are not pooled.
         let epoch = self.pools.epoch(tag.as_str());
         let missing = {
-            let have = self.pools.sizes().get(tag.as_str()).copied().unwrap_or(0);
+            let have = self.pools.ready(tag.as_str());
             let mut filling = self.pools.filling.lock().unwrap();
             let busy = filling.entry(tag.to_string()).or_default();
             let missing = target.saturating_sub(have + *busy);
@@ -198,8 +215,7 @@ impl Runtime {
 
     /// Sets the pool of the ready snapshot `tag` to `n` children (SetPool):
     /// fills it in the background as a refill does, or empties it for 0.
-    /// Answers the children ready and being made.
-    pub async fn set_pool(self: &Arc<Self>, tag: &Tag, n: usize) -> Result<(usize, usize)> {
+    pub async fn set_pool(self: &Arc<Self>, tag: &Tag, n: usize) -> Result<PoolInfo> {
         let snap = self.get_snapshot(tag)?;
         if snap.status != super::store::SnapshotStatus::Ready {
             return Err(Error::FailedPrecondition(format!(
@@ -211,8 +227,7 @@ impl Runtime {
         self.pools.set_target(tag.as_str(), n);
         self.discard_all(self.pools.trim(tag.as_str(), n)).await;
         self.refill_pool(tag);
-        let filling = self.pools.filling.lock().unwrap().get(tag.as_str()).copied().unwrap_or(0);
-        Ok((self.pools.sizes().get(tag.as_str()).copied().unwrap_or(0), filling))
+        Ok(self.pools.info(tag.as_str()))
     }
 
     /// Keeps `n` hot children of `tag` from now on (--pool TAG=N), filling
@@ -220,27 +235,31 @@ impl Runtime {
     /// its first fork.
     pub fn keep_pool(self: &Arc<Self>, tag: &Tag, n: usize) {
         self.pools.set_target(tag.as_str(), n);
-        let (rt, tag) = (self.clone(), tag.clone());
-        let concurrency = self.config.admission.spawn_concurrency;
-        tokio::spawn(async move {
-            match rt.fill_pool(&tag, n, concurrency).await {
-                Ok(made) => tracing::info!(tag = %tag, made, "pool filled"),
-                Err(e) => tracing::warn!(tag = %tag, "filling the pool: {e}"),
-            }
-        });
+        self.fill_pool_in_background(tag, n, self.config.admission.spawn_concurrency, "filling the pool");
     }
 
     /// Refills the configured pool of `tag` in the background, one child at
     /// a time so that forks and commands keep the host.
     pub fn refill_pool(self: &Arc<Self>, tag: &Tag) {
         let target = self.pools.target(tag.as_str());
-        if target == 0 {
-            return;
+        if target > 0 {
+            self.fill_pool_in_background(tag, target, 1, "refilling the pool");
         }
+    }
+
+    /// `fill_pool` in a task of its own; `what` names it in the log.
+    pub(crate) fn fill_pool_in_background(
+        self: &Arc<Self>,
+        tag: &Tag,
+        n: usize,
+        concurrency: usize,
+        what: &'static str,
+    ) {
         let (rt, tag) = (self.clone(), tag.clone());
         tokio::spawn(async move {
-            if let Err(e) = rt.fill_pool(&tag, target, 1).await {
-                tracing::warn!(tag = %tag, "refilling the pool: {e}");
+            match rt.fill_pool(&tag, n, concurrency).await {
+                Ok(made) => tracing::debug!(tag = %tag, made, "{what}: done"),
+                Err(e) => tracing::warn!(tag = %tag, "{what}: {e}"),
             }
         });
     }
@@ -304,8 +323,9 @@ impl Runtime {
         {
             return Err(self.forget_pooled(&id, &dir, pid, start, e).await);
         }
-        // Restored and re-initialized once, then paused: the fork that takes
-        // it runs the re-init again on code the child has already run.
+        // Restored and re-initialized once, then left waiting (paused with
+        // --pool-idle paused): the fork that takes it runs the re-init again
+        // on code the child has already run.
         let state = self.layout.snapshot_dir(tag).join("state");
         let hot = async {
             let mut vm = pending.load(&state).await?;
@@ -355,20 +375,23 @@ impl Runtime {
     /// traces; answers why it failed.
     async fn forget_pooled(&self, id: &SandboxId, dir: &VmDir, pid: u32, start: u64, why: Error) -> Error {
         process::kill(pid, start, std::time::Duration::from_secs(5)).await;
-        let _ = self.store.ledger_remove("vmm", &process::ledger_key(pid, start));
-        self.remove_limits(id.as_str());
-        self.remove_workdir(dir);
+        self.clear_pooled_traces(id, dir, pid, start);
         why
     }
 
     /// Kills a pooled child and removes its traces.
     pub(crate) async fn discard_pooled(&self, p: Pooled) {
-        let key = process::ledger_key(p.vm.pid, p.vm.start_time);
         drop(p.agent);
         process::kill_and_reap(p.vm.pid, p.vm.start_time, p.vm.child).await;
-        let _ = self.store.ledger_remove("vmm", &key);
-        self.remove_limits(p.id.as_str());
-        self.remove_workdir(&p.dir);
+        self.clear_pooled_traces(&p.id, &p.dir, p.vm.pid, p.vm.start_time);
+    }
+
+    /// What a pooled child leaves once its VMM is gone: its ledger row,
+    /// cgroup and work dir.
+    fn clear_pooled_traces(&self, id: &SandboxId, dir: &VmDir, pid: u32, start: u64) {
+        let _ = self.store.ledger_remove("vmm", &process::ledger_key(pid, start));
+        self.remove_limits(id.as_str());
+        self.remove_workdir(dir);
     }
 
     /// Pooled children per snapshot tag.
@@ -376,8 +399,8 @@ impl Runtime {
         self.pools.sizes()
     }
 
-    /// Every pool: tag, ready children, children being made, target.
-    pub fn pool_list(&self) -> Vec<(String, usize, usize, usize)> {
+    /// Every pool that has children, is making some or has a target.
+    pub fn pool_list(&self) -> Vec<PoolInfo> {
         self.pools.list()
     }
 

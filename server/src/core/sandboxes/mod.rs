@@ -195,7 +195,7 @@ impl Runtime {
             let live = self.sandboxes.read().await;
             // Pooled children are children too; those this fork will take
             // are counted once, as asked for.
-            let pooled_here = self.pools.sizes().get(snap.tag.as_str()).copied().unwrap_or(0).min(req.n as usize);
+            let pooled_here = self.pools.ready(snap.tag.as_str()).min(req.n as usize);
             let running =
                 live.values().filter(|s| s.counts_as_live()).count() + self.pools.count().saturating_sub(pooled_here);
             let held: Vec<super::tenants::Held> = live
@@ -281,13 +281,7 @@ impl Runtime {
         // A configured pool is topped up after every fork of its snapshot.
         self.refill_pool(&req.tag);
         if req.prewarm {
-            let (rt, tag, n) = (self.clone(), req.tag.clone(), req.n as usize);
-            let concurrency = self.config.admission.spawn_concurrency;
-            tokio::spawn(async move {
-                if let Err(e) = rt.fill_pool(&tag, n, concurrency).await {
-                    tracing::warn!(tag = %tag, "prewarm: {e}");
-                }
-            });
+            self.fill_pool_in_background(&req.tag, req.n as usize, self.config.admission.spawn_concurrency, "prewarm");
         }
         let mut map = self.sandboxes.write().await;
         let mut out = vec![];
