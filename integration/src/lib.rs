@@ -257,6 +257,31 @@ impl Drop for Daemon {
         self.stop();
         // Whatever VMs this daemon's data dir still has must not outlive the test.
         kill_vmms_under(&self.data_dir);
+        // Nor its network namespaces (host-wide names): a test that fails
+        // half-way must not make the next test see them as its leaks.
+        delete_netns_of(&self.data_dir);
+    }
+}
+
+/// Deletes the network namespaces the ledger of `data_dir` still holds.
+fn delete_netns_of(data_dir: &Path) {
+    // No panics here: this runs while a failed test unwinds.
+    let db = data_dir.join("forkd.db");
+    if !db.exists() {
+        return;
+    }
+    let Ok(c) = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else { return };
+    let names: Vec<String> = match c.prepare("SELECT key FROM ledger WHERE kind = 'netns'") {
+        Ok(mut st) => match st.query_map([], |r| r.get(0)) {
+            Ok(rows) => rows.flatten().collect(),
+            Err(_) => return,
+        },
+        Err(_) => return,
+    };
+    for name in names {
+        if name.starts_with("forkd-") {
+            let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+        }
     }
 }
 

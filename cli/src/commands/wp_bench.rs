@@ -213,6 +213,9 @@ pub fn run(a: WpBenchArgs, as_json: bool) -> anyhow::Result<u8> {
         if copier.copy(page)? {
             by_bulk += 1;
         }
+        // Lifting the protection wakes a writer the fault handler holds on
+        // this page, so the handler's copy must have finished first.
+        copier.wait_copied(page);
         protect(uffd.as_raw_fd(), base + (page * PAGE) as u64, PAGE as u64, false)?;
     }
     let bulk = t.elapsed();
