@@ -951,6 +951,10 @@ pub struct BenchArgs {
     /// Bare restores started at once (match the daemon's --spawn-concurrency).
     #[arg(long, default_value_t = 8)]
     pub bare_concurrency: usize,
+    /// Times each fan-out runs, forkd then bare, pair by pair: the table
+    /// shows the medians and the median of the pairs' ratios.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
     /// Also print where a spawn's time goes, cold and from a hot pool.
     #[arg(long)]
     pub phases: bool,
@@ -1590,6 +1594,12 @@ pub struct PoolSetArgs {
     /// Children to keep ready (0..=64).
     #[arg(value_name = "N", value_parser = clap::value_parser!(u32).range(0..=64))]
     pub target: u32,
+    /// The network the children are made with, for forks with that
+    /// network: none, or nat (namespace and address made ahead of time, no
+    /// egress until a fork installs its allow-list). Changing it empties
+    /// the pool.
+    #[arg(long, value_parser = ["none", "nat"], default_value = "none")]
+    pub network: String,
 }
 
 #[derive(Subcommand, Debug)]

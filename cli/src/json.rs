@@ -163,7 +163,7 @@ pub fn ping(r: &PingResponse) -> Value {
 }
 
 pub fn pool(p: &Pool) -> Value {
-    json!({ "tag": p.tag, "ready": p.ready, "filling": p.filling, "target": p.target })
+    json!({ "tag": p.tag, "ready": p.ready, "filling": p.filling, "target": p.target, "network": p.network })
 }
 
 #[cfg(test)]

@@ -496,11 +496,13 @@ impl SnapshotService for Mock {
 
     async fn set_pool(&self, r: Request<SetPoolRequest>) -> Result<Response<Pool>, Status> {
         let r = r.into_inner();
-        Ok(Response::new(Pool { tag: r.tag, ready: 0, filling: 1, target: r.target }))
+        Ok(Response::new(Pool { tag: r.tag, ready: 0, filling: 1, target: r.target, network: r.network }))
     }
 
     async fn list_pools(&self, _: Request<ListPoolsRequest>) -> Result<Response<ListPoolsResponse>, Status> {
-        Ok(Response::new(ListPoolsResponse { pools: vec![Pool { tag: "py".into(), ready: 2, filling: 1, target: 3 }] }))
+        Ok(Response::new(ListPoolsResponse {
+            pools: vec![Pool { tag: "py".into(), ready: 2, filling: 1, target: 3, network: "none".into() }],
+        }))
     }
 }
 
@@ -850,15 +852,22 @@ fn json_output_keeps_numbers() {
 
     let o = d.forkd(&["pool", "ls", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v, serde_json::json!([{ "tag": "py", "ready": 2, "filling": 1, "target": 3 }]));
+    assert_eq!(v, serde_json::json!([{ "tag": "py", "ready": 2, "filling": 1, "target": 3, "network": "none" }]));
     let o = d.forkd(&["pool", "set", "py", "4", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!((v["target"].as_u64(), v["filling"].as_u64()), (Some(4), Some(1)), "{v}");
+    assert_eq!(v["network"], "none", "the default: {v}");
+    let o = d.forkd(&["pool", "set", "py", "2", "--network", "nat", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["network"], "nat", "{v}");
+    let o = d.forkd(&["pool", "set", "py", "2", "--network", "bridge"]);
+    assert_eq!(code(&o), 2, "none or nat");
     let o = d.forkd(&["pool", "set", "py", "65"]);
     assert_eq!(code(&o), 2, "at most 64");
     let o = d.forkd(&["pool", "ls"]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("READY") && out.lines().nth(1).unwrap().split_whitespace().eq(["py", "2", "1", "3"]), "{out}");
+    let row = out.lines().nth(1).unwrap();
+    assert!(out.contains("NETWORK") && row.split_whitespace().eq(["py", "none", "2", "1", "3"]), "{out}");
 }
 
 #[test]

@@ -75,6 +75,7 @@ pub const TEST_TOKEN: &str = "tKq2r9VfX81mWz4LcN7pHs0dJy5uBe3a";
 
 impl Daemon {
     pub fn start(opts: Options) -> Self {
+        support::netns_before_tests();
         let (tmp, data_dir) = match &opts.data_dir {
             Some(d) => (None, d.clone()),
             None => {
@@ -188,6 +189,10 @@ impl Daemon {
 
     pub fn post(&self, path: &str, body: serde_json::Value) -> reqwest::RequestBuilder {
         self.auth(self.anon().post(format!("{}{path}", self.http_url())).json(&body))
+    }
+
+    pub fn put(&self, path: &str, body: serde_json::Value) -> reqwest::RequestBuilder {
+        self.auth(self.anon().put(format!("{}{path}", self.http_url())).json(&body))
     }
 
     /// A DELETE that asks for the answer's body (`Prefer:

@@ -221,5 +221,93 @@ async fn nat_allows_only_the_allow_list() {
     assert!(!netns_exists(&ns), "namespace {ns} left behind");
     let links = String::from_utf8(Command::new("ip").args(["-o", "link"]).output().unwrap().stdout).unwrap();
     assert!(!links.contains(&format!("fkh{}", &id[3..])), "host link left behind");
+
+    nat_pool(&d).await;
+    d.post("/v1/sandboxes/delete", json!({ "all": true })).send().await.unwrap();
+    let r = d.put("/v1/pools/net", json!({ "target": 0 })).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir("/var/run/netns").unwrap().flatten().any(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name.starts_with("forkd-") && !forkd_integration::support::netns_before_tests().contains(&name)
+    }) {
+        assert!(Instant::now() < deadline, "an emptied nat pool left namespaces behind");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(peer);
+}
+
+/// The pool of "net" from GET /v1/pools.
+async fn pool(d: &Daemon) -> Value {
+    let pools: Value = d.get("/v1/pools").send().await.unwrap().json().await.unwrap();
+    pools.as_array().unwrap().iter().find(|p| p["tag"] == "net").cloned().unwrap_or(Value::Null)
+}
+
+async fn wait_pool_ready(d: &Daemon, n: u64, network: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let p = pool(d).await;
+        if p["ready"] == n && p["filling"] == 0 && p["network"] == network {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pool of net: {p}, expected {n} ready ({network})");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Forks one "nat" child with `allow`: (id, taken from the pool).
+async fn fork_nat(d: &Daemon, allow: &str) -> (String, bool) {
+    let body = json!({ "snapshot_tag": "net", "n": 1, "network": "nat", "allow": [allow] });
+    let r = d.post("/v1/sandboxes", body).send().await.unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let v: Value = r.json().await.unwrap();
+    (v[0]["id"].as_str().unwrap().to_string(), v[0]["spawn_phases"]["pooled"] == true)
+}
+
+/// A nat pool: children made with their namespace, tap and address and no
+/// egress; each fork that takes one installs its own allow-list.
+async fn nat_pool(d: &Daemon) {
+    for (body, status) in
+        [(json!({ "target": 2, "network": "bridge" }), 400), (json!({ "target": 2, "network": "nat" }), 200)]
+    {
+        let r = d.put("/v1/pools/net", body.clone()).send().await.unwrap();
+        assert_eq!(r.status(), status, "{body}: {}", r.text().await.unwrap());
+    }
+    wait_pool_ready(d, 2, "nat").await;
+    // Two namespaces wait, each the one of the id its child will serve as.
+    let waiting: Vec<String> = std::fs::read_dir("/var/run/netns")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("forkd-") && !forkd_integration::support::netns_before_tests().contains(n))
+        .collect();
+    assert_eq!(waiting.len(), 2, "{waiting:?}");
+
+    // A fork without a network does not take a nat child.
+    let r = d.post("/v1/sandboxes", json!({ "snapshot_tag": "net", "n": 1 })).send().await.unwrap();
+    let none: Value = r.json().await.unwrap();
+    assert_eq!(none[0]["spawn_phases"]["pooled"], false, "{none}");
+
+    let (a, pooled) = fork_nat(d, "198.19.0.2/32:8080").await;
+    assert!(pooled, "a nat fork takes a nat pool's child");
+    assert!(waiting.contains(&format!("forkd-{}", &a[3..])), "its namespace was made with it");
+    let (b, pooled) = fork_nat(d, "198.19.0.2/32:8081").await;
+    assert!(pooled);
+    // Each child has its own fork's rules, not the pool's and not its sibling's.
+    for (id, open, shut) in [(&a, 8080, 8081), (&b, 8081, 8080)] {
+        let ok = fetch(d, id, &format!("http://198.19.0.2:{open}/")).await;
+        assert_eq!(ok["exit_code"], 0, "{id} to :{open}: {ok}");
+        let no = fetch(d, id, &format!("http://198.19.0.2:{shut}/")).await;
+        assert_ne!(no["exit_code"], 0, "{id} to :{shut}: {no}");
+    }
+    // Refilled with nat children; switching the pool to "none" replaces them.
+    wait_pool_ready(d, 2, "nat").await;
+    let r = d.put("/v1/pools/net", json!({ "target": 1, "network": "none" })).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    wait_pool_ready(d, 1, "none").await;
+    let r = d.post("/v1/sandboxes", json!({ "snapshot_tag": "net", "n": 1 })).send().await.unwrap();
+    let none: Value = r.json().await.unwrap();
+    assert_eq!(none[0]["spawn_phases"]["pooled"], true, "{none}");
+    let (_, pooled) = fork_nat(d, "198.19.0.2/32:8080").await;
+    assert!(!pooled, "a none pool serves no nat fork");
 }

@@ -178,7 +178,7 @@ async fn a_configured_pool_is_kept_full_listed_and_yields_the_cpu() {
         assert!(in_background(id), "a pooled child waits at the lowest CPU weight");
     }
     let pools: serde_json::Value = d.get("/v1/pools").send().await.unwrap().json().await.unwrap();
-    assert_eq!(pools, json!([{ "tag": "p", "ready": 2, "filling": 0, "target": 2 }]));
+    assert_eq!(pools, json!([{ "tag": "p", "ready": 2, "filling": 0, "target": 2, "network": "none" }]));
     let (code, out, err) = cli_output(&d, &["pool", "ls", "--json"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap(), pools);
@@ -225,13 +225,19 @@ async fn forkd_bench_reports_every_row_next_to_its_baseline() {
         "exec p99 while a pool of 4 refills",
         "refill p99 ratio",
         "identity re-init (one round trip)",
+        "in the guest: entropy",
+        "guest pages the child wrote (its own)",
+        "TCG translated code",
+        "without TCG code",
+        "KSM:",
     ] {
         assert!(out.contains(row), "no row {row:?} in\n{out}");
     }
     let image = std::fs::read(&png).unwrap();
     assert_eq!(&image[..4], b"\x89PNG", "--plot wrote a PNG");
 
-    let (code, out, err) = cli_output(&d, &["bench", "--tag", "b", "--fanout", "2", "--execs", "3", "--json"]);
+    let (code, out, err) =
+        cli_output(&d, &["bench", "--tag", "b", "--fanout", "2", "--execs", "3", "--rounds", "2", "--json"]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     for key in ["spawn1_ms", "pooled_spawn1_ms", "bare_pooled_ms", "exec_p99_at_rest_ms", "exec_p99_during_refill_ms"] {
@@ -242,6 +248,20 @@ async fn forkd_bench_reports_every_row_next_to_its_baseline() {
     let pooled_restore = v["phases"]["pooled"]["restore_ms"].as_f64().unwrap();
     assert!(pooled_restore < 1.0, "a pooled child is not restored on the fork's path: {v}");
     assert!(v["fanout"][0]["bare_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["fanout"][0]["ratio"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(v["fanout"][0]["rounds"], 2, "{v}");
+    // Where the time and the memory go: the guest's own re-init steps
+    // (the entropy step always runs), the bare restore's phases, and PSS
+    // split between guest memory and the VMM's own.
+    assert!(v["phases"]["cold"]["guest_steps"]["entropy_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["phases"]["bare"]["first_answer_ms"].as_f64().unwrap() > 0.0, "{v}");
+    for side in ["cold", "pooled", "bare"] {
+        let split = &v["pss_split"][side];
+        assert!(split["guest_shared_mib"].as_f64().unwrap() > 0.0, "{side}: {v}");
+        assert!(split["vmm_mib"].as_f64().unwrap() > 0.0, "{side}: {v}");
+    }
+    let tcg_code = v["pss_split"]["cold"]["tcg_code_mib"].as_f64().unwrap();
+    assert_eq!(tcg_code > 0.0, v["accel"] == "tcg", "translated code exactly under TCG: {v}");
     // The bench leaves no sandbox and no pool behind.
     assert!(list(&d).await.is_empty());
     let pools: serde_json::Value = d.get("/v1/pools").send().await.unwrap().json().await.unwrap();

@@ -107,10 +107,12 @@ struct Args {
     #[arg(long, env = "FORKD_SPAWN_CONCURRENCY", default_value_t = 8)]
     spawn_concurrency: usize,
     /// Keep N hot children of snapshot TAG ready (restored, re-initialized
-    /// and paused): forks take them first and they are replaced in the
-    /// background. Repeatable (comma-separated in the env); N at most 64.
-    #[arg(long = "pool", env = "FORKD_POOL", value_name = "TAG=N", value_delimiter = ',', value_parser = parse_pool)]
-    pools: Vec<(forkd_api::names::Tag, usize)>,
+    /// and waiting): forks take them first and they are replaced in the
+    /// background. TAG=N:nat keeps children with their network made (for
+    /// forks with network "nat"). Repeatable (comma-separated in the env);
+    /// N at most 64.
+    #[arg(long = "pool", env = "FORKD_POOL", value_name = "TAG=N[:nat]", value_delimiter = ',', value_parser = parse_pool)]
+    pools: Vec<(forkd_api::names::Tag, usize, bool)>,
     /// How pooled children wait: running idle (the fastest take; under TCG
     /// about 0.7 % of a core each) or paused (no CPU at all; a take also
     /// resumes the vCPUs, and measured slower).
@@ -342,8 +344,8 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
         },
     )
     .await?;
-    for (tag, n) in &args.pools {
-        rt.keep_pool(tag, *n);
+    for (tag, n, nat) in &args.pools {
+        rt.keep_pool(tag, *n, *nat);
     }
     let audit = match &args.audit_log {
         Some(p) => Some(Arc::new(AuditLog::open(p).with_context(|| format!("open --audit-log {}", p.display()))?)),
@@ -413,14 +415,16 @@ async fn serve(args: Args, caps: forkd_server::host::caps::CapsReport) -> anyhow
 }
 
 /// `--pool TAG=N`.
-fn parse_pool(s: &str) -> Result<(forkd_api::names::Tag, usize), String> {
-    let (tag, n) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected TAG=N"))?;
+fn parse_pool(s: &str) -> Result<(forkd_api::names::Tag, usize, bool), String> {
+    let (tag, rest) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected TAG=N or TAG=N:nat"))?;
     let tag = forkd_api::names::Tag::parse(tag).map_err(|e| format!("{tag:?}: {e}"))?;
+    let (n, network) = rest.split_once(':').unwrap_or((rest, "none"));
     let n: usize = n.parse().map_err(|_| format!("{n:?}: expected a count"))?;
     if n == 0 || n > forkd_server::core::pool::MAX_PER_SNAPSHOT {
         return Err(format!("{n}: a pool keeps 1..={} children", forkd_server::core::pool::MAX_PER_SNAPSHOT));
     }
-    Ok((tag, n))
+    let nat = forkd_server::core::pool::pool_network(network).map_err(|e| e.to_string())?;
+    Ok((tag, n, nat))
 }
 
 /// `--pool-idle`.

@@ -36,12 +36,96 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Where a child's PSS goes, averaged over children, in MiB.
+#[derive(Default, Clone, Copy)]
+struct PssSplit {
+    guest_shared: f64,
+    guest_private: f64,
+    tcg_code: f64,
+    vmm: f64,
+    ksm: f64,
+}
+
+impl PssSplit {
+    fn of(pids: &[u32]) -> PssSplit {
+        let parts: Vec<process::PssParts> = pids.iter().filter_map(|&p| process::pss_parts(p)).collect();
+        let n = parts.len().max(1) as f64 * 1048576.0;
+        let avg = |f: fn(&process::PssParts) -> u64| parts.iter().map(f).sum::<u64>() as f64 / n;
+        PssSplit {
+            guest_shared: avg(|p| p.guest_shared),
+            guest_private: avg(|p| p.guest_private),
+            tcg_code: avg(|p| p.tcg_code),
+            vmm: avg(|p| p.vmm),
+            ksm: avg(|p| p.ksm),
+        }
+    }
+
+    const ROWS: [&'static str; 6] = [
+        "guest memory shared with the snapshot",
+        "guest pages the child wrote (its own)",
+        "TCG translated code (none under KVM)",
+        "the VMM's own (QEMU code, heap, devices)",
+        "total",
+        "of which KSM merged",
+    ];
+
+    fn row(&self, i: usize) -> f64 {
+        match i {
+            0 => self.guest_shared,
+            1 => self.guest_private,
+            2 => self.tcg_code,
+            3 => self.vmm,
+            4 => self.guest_shared + self.guest_private + self.tcg_code + self.vmm,
+            _ => self.ksm,
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "guest_shared_mib": self.guest_shared, "guest_private_mib": self.guest_private,
+            "tcg_code_mib": self.tcg_code, "vmm_mib": self.vmm, "ksm_mib": self.ksm,
+        })
+    }
+}
+
+/// The median CPU time, in ms, the VMMs `pids` used so far (all threads:
+/// QEMU's start, the state load, and the guest's run and its translation
+/// under TCG).
+fn cpu_ms_per_child(pids: &[u32]) -> [f64; 2] {
+    let split: Vec<(u64, u64)> = pids.iter().filter_map(|&p| process::cpu_split_ns(p)).collect();
+    [median(split.iter().map(|s| s.0 as f64 / 1e6).collect()), median(split.iter().map(|s| s.1 as f64 / 1e6).collect())]
+}
+
+/// Longest wait for KSM to scan the children before their memory is read.
+const KSM_WAIT: Duration = Duration::from_secs(120);
+
+/// When KSM runs, waits until it has scanned everything twice (a page is
+/// merged on the scan after the one that saw it unchanged), so that the
+/// PSS read next shows its effect. False when it does not run.
+async fn settle_ksm() -> bool {
+    let scans = || std::fs::read_to_string("/sys/kernel/mm/ksm/full_scans").ok()?.trim().parse::<u64>().ok();
+    let (Some((true, _)), Some(start)) = (ksm_state(), scans()) else { return false };
+    let deadline = Instant::now() + KSM_WAIT;
+    while scans().is_some_and(|n| n < start + 2) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    true
+}
+
+/// KSM's state on this host: (running, pages shared now).
+fn ksm_state() -> Option<(bool, u64)> {
+    let read = |f: &str| std::fs::read_to_string(format!("/sys/kernel/mm/ksm/{f}")).ok()?.trim().parse::<u64>().ok();
+    Some((read("run")? == 1, read("pages_sharing")?))
+}
+
 struct FanOut {
     n: u32,
     forkd_ms: f64,
     cleanup_ms: f64,
     pss_mib: f64,
     bare_ms: Option<f64>,
+    /// Median of the rounds' forkd / bare ratios.
+    ratio: Option<f64>,
     bare_pss_mib: Option<f64>,
 }
 
@@ -101,6 +185,7 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
     let pool_spawns: Vec<f64> = kids.iter().map(|k| k.spawn_ms).collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pool_pss: u64 = kids.iter().filter_map(|k| process::pss_bytes(k.pid)).sum();
+    let pool_split = PssSplit::of(&kids.iter().map(|k| k.pid).collect::<Vec<_>>());
     delete_all(conn, &kids).await?;
     let pool_pss_mib = pool_pss as f64 / pool_n as f64 / 1048576.0;
     progress("exec round trips while a pool refills");
@@ -116,46 +201,74 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
     let mut rows = vec![];
     let mut cold_phases = None;
     let mut cold_spawns = vec![];
+    let mut bare_phases = None;
+    let mut cold_split = None;
+    let mut cold_cpu = None;
+    let mut bare_cpu = None;
+    let mut bare_split = None;
     for &n in &a.fanout {
-        progress(&format!("fan-out {n} through forkd"));
-        let t = Instant::now();
-        let kids = conn
-            .call(sb.create_sandboxes(api::CreateSandboxesRequest {
-                snapshot_tag: a.tag.to_string(),
-                n: Some(n),
+        // Rounds alternate forkd and bare so that both see the same host;
+        // the first round's children give the phases and the memory split.
+        let (mut forkd_ms, mut bare_ms, mut ratios) = (vec![], vec![], vec![]);
+        let (mut cleanup_ms, mut pss_mib, mut bare_pss_mib) = (vec![], vec![], vec![]);
+        for round in 0..a.rounds {
+            let of = if a.rounds > 1 { format!(" (round {} of {})", round + 1, a.rounds) } else { String::new() };
+            progress(&format!("fan-out {n} through forkd{of}"));
+            let t = Instant::now();
+            let kids = conn
+                .call(sb.create_sandboxes(api::CreateSandboxesRequest {
+                    snapshot_tag: a.tag.to_string(),
+                    n: Some(n),
+                    ..Default::default()
+                }))
+                .await?
+                .sandboxes;
+            forkd_ms.push(ms(t.elapsed()));
+            let first = round == 0 && n == pool_n;
+            if first {
+                cold_cpu = Some(cpu_ms_per_child(&kids.iter().map(|k| k.pid).collect::<Vec<_>>()));
+                cold_phases = Some(Phases::of(&kids));
+                cold_spawns = kids.iter().map(|k| k.spawn_ms).collect();
+            }
+            // Let the children settle before measuring what they cost at rest.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if first && settle_ksm().await {
+                progress("waited for KSM to scan the children twice");
+            }
+            let pss: u64 = kids.iter().filter_map(|k| process::pss_bytes(k.pid)).sum();
+            pss_mib.push(pss as f64 / n as f64 / 1048576.0);
+            if first {
+                cold_split = Some(PssSplit::of(&kids.iter().map(|k| k.pid).collect::<Vec<_>>()));
+            }
+            let t = Instant::now();
+            conn.call(sb.delete_sandboxes(api::DeleteSandboxesRequest {
+                ids: kids.iter().map(|k| k.id.clone()).collect(),
                 ..Default::default()
             }))
-            .await?
-            .sandboxes;
-        let forkd_ms = ms(t.elapsed());
-        if n == pool_n {
-            cold_phases = Some(Phases::of(&kids));
-            cold_spawns = kids.iter().map(|k| k.spawn_ms).collect();
+            .await?;
+            cleanup_ms.push(ms(t.elapsed()));
+            if !a.no_bare {
+                progress(&format!("fan-out {n} as bare restores{of}"));
+                let bare = bare_fanout(&version.data_dir, a.tag.as_ref(), n, a.bare_concurrency, &snap.accel).await?;
+                if first {
+                    bare_cpu = Some(bare.cpu_ms);
+                    bare_phases = Some(bare.phases);
+                    bare_split = Some(bare.pss);
+                }
+                ratios.push(forkd_ms[forkd_ms.len() - 1] / bare.ms);
+                bare_ms.push(bare.ms);
+                bare_pss_mib.push(bare.pss_mib);
+            }
         }
-        // Let the children settle before measuring what they cost at rest.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let pss: u64 = kids.iter().filter_map(|k| process::pss_bytes(k.pid)).sum();
-        let t = Instant::now();
-        conn.call(sb.delete_sandboxes(api::DeleteSandboxesRequest {
-            ids: kids.iter().map(|k| k.id.clone()).collect(),
-            ..Default::default()
-        }))
-        .await?;
-        let cleanup_ms = ms(t.elapsed());
-        let (bare_ms, bare_pss_mib) = if a.no_bare {
-            (None, None)
-        } else {
-            progress(&format!("fan-out {n} as bare restores"));
-            let (t, pss) = bare_fanout(&version.data_dir, a.tag.as_ref(), n, a.bare_concurrency, &snap.accel).await?;
-            (Some(t), Some(pss))
-        };
+        let some_median = |v: Vec<f64>| (!v.is_empty()).then(|| median(v));
         rows.push(FanOut {
             n,
-            forkd_ms,
-            cleanup_ms,
-            pss_mib: pss as f64 / n as f64 / 1048576.0,
-            bare_ms,
-            bare_pss_mib,
+            forkd_ms: median(forkd_ms),
+            cleanup_ms: median(cleanup_ms),
+            pss_mib: median(pss_mib),
+            bare_ms: some_median(bare_ms),
+            ratio: some_median(ratios),
+            bare_pss_mib: some_median(bare_pss_mib),
         });
     }
 
@@ -187,13 +300,25 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
             "phases": {
                 "cold": cold_phases.as_ref().map(Phases::json),
                 "pooled": pool_phases.json(),
+                "bare": bare_phases.map(|b| json!({ "restore_ms": b[0], "resume_ms": b[1], "first_answer_ms": b[2] })),
+                "vmm_cpu_ms_per_child": {
+                    "cold": cold_cpu.map(|c| json!({ "vcpu": c[0], "other": c[1] })),
+                    "bare": bare_cpu.map(|c| json!({ "vcpu": c[0], "other": c[1] })),
+                },
             },
+            "pss_split": {
+                "n": pool_n,
+                "cold": cold_split.as_ref().map(PssSplit::json),
+                "pooled": pool_split.json(),
+                "bare": bare_split.as_ref().map(PssSplit::json),
+            },
+            "ksm": ksm_state().map(|(on, sharing)| json!({ "running": on, "pages_sharing": sharing })),
             "exec_p99_at_rest_ms": refill.as_ref().map(|r| r.0),
             "exec_p99_during_refill_ms": refill.as_ref().map(|r| r.1),
             "execs_during_refill": refill.as_ref().map(|r| r.2),
             "fanout": rows.iter().map(|r| json!({
                 "n": r.n, "forkd_ms": r.forkd_ms, "bare_ms": r.bare_ms,
-                "ratio": r.bare_ms.map(|b| r.forkd_ms / b),
+                "ratio": r.ratio, "rounds": a.rounds,
                 "cleanup_ms": r.cleanup_ms, "pss_mib_per_child": r.pss_mib,
                 "bare_pss_mib_per_child": r.bare_pss_mib,
             })).collect::<Vec<_>>(),
@@ -234,26 +359,107 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
     println!("snapshot {} ({}, {})\n{t}", a.tag, snap.backend, snap.accel);
     let mut f = Table::new();
     f.load_preset(UTF8_FULL_CONDENSED);
-    f.set_header(vec!["fan-out", "forkd ms", "bare ms", "ratio", "cleanup ms", "PSS/child MiB", "bare PSS/child MiB"]);
+    let rounds = if a.rounds > 1 { format!(", median of {}", a.rounds) } else { String::new() };
+    f.set_header(vec![
+        "fan-out".to_string(),
+        format!("forkd ms{rounds}"),
+        format!("bare ms{rounds}"),
+        "ratio".into(),
+        "cleanup ms".into(),
+        "PSS/child MiB".into(),
+        "bare PSS/child MiB".into(),
+    ]);
     for r in &rows {
         f.add_row(vec![
             r.n.to_string(),
             format!("{:.0}", r.forkd_ms),
             r.bare_ms.map(|b| format!("{b:.0}")).unwrap_or("-".into()),
-            r.bare_ms.map(|b| format!("{:.2}", r.forkd_ms / b)).unwrap_or("-".into()),
+            r.ratio.map(|q| format!("{q:.2}")).unwrap_or("-".into()),
             format!("{:.0}", r.cleanup_ms),
             format!("{:.1}", r.pss_mib),
             r.bare_pss_mib.map(|p| format!("{p:.1}")).unwrap_or("-".into()),
         ]);
     }
     println!("{f}");
+    let mut m = Table::new();
+    m.load_preset(UTF8_FULL_CONDENSED);
+    m.set_header(vec![
+        format!("PSS per child, MiB (fan-out {pool_n})"),
+        "cold".into(),
+        "hot pool".into(),
+        "bare".into(),
+    ]);
+    let cell = |s: Option<&PssSplit>, i: usize| s.map(|s| format!("{:.1}", s.row(i))).unwrap_or("-".into());
+    for (i, name) in PssSplit::ROWS.iter().enumerate() {
+        m.add_row(vec![
+            name.to_string(),
+            cell(cold_split.as_ref(), i),
+            cell(Some(&pool_split), i),
+            cell(bare_split.as_ref(), i),
+        ]);
+    }
+    println!("{m}");
+    if let (Some(c), Some(b)) = (&cold_split, &bare_split) {
+        println!(
+            "PSS per cold child / bare: {:.2} in all, {:.2} without TCG code (what a KVM host has)",
+            c.row(4) / b.row(4),
+            (c.row(4) - c.tcg_code) / (b.row(4) - b.tcg_code)
+        );
+    }
+    match ksm_state() {
+        Some((true, sharing)) => {
+            println!("KSM: running ({sharing} pages shared host-wide); the split above was read after two full scans")
+        }
+        Some((false, _)) => println!("KSM: off (echo 1 > /sys/kernel/mm/ksm/run to merge identical guest pages)"),
+        None => println!("KSM: not available on this kernel"),
+    }
     if a.phases {
         let mut p = Table::new();
         p.load_preset(UTF8_FULL_CONDENSED);
-        p.set_header(vec![format!("spawn phase, median ms (fan-out {pool_n})"), "cold".into(), "hot pool".into()]);
+        p.set_header(vec![
+            format!("spawn phase, median ms (fan-out {pool_n})"),
+            "cold".into(),
+            "hot pool".into(),
+            "bare".into(),
+        ]);
         let cold = cold_phases.unwrap_or_default();
+        // A bare restore has no prepare step and no record; its first
+        // answer is a ping where forkd's is the identity re-init.
+        let bare = |i: usize| match (bare_phases, i) {
+            (Some(b), 1..=3) => format!("{:.1}", b[i - 1]),
+            (Some(_), _) => "-".into(),
+            (None, _) => "".into(),
+        };
         for (i, name) in Phases::NAMES.iter().enumerate() {
-            p.add_row(vec![name.to_string(), format!("{:.1}", cold.steps[i]), format!("{:.1}", pool_phases.steps[i])]);
+            p.add_row(vec![
+                name.to_string(),
+                format!("{:.1}", cold.steps[i]),
+                format!("{:.1}", pool_phases.steps[i]),
+                bare(i),
+            ]);
+            if i == 3 {
+                // Inside the re-init: the guest's own steps; the rest of
+                // the phase is the channel and the guest waking up.
+                for (j, step) in Phases::GUEST.iter().enumerate() {
+                    p.add_row(vec![
+                        format!("  in the guest: {step}"),
+                        format!("{:.1}", cold.guest[j]),
+                        format!("{:.1}", pool_phases.guest[j]),
+                        "-".into(),
+                    ]);
+                }
+            }
+        }
+        for (i, what) in ["VMM CPU per child until ready: vCPU", "VMM CPU per child until ready: QEMU's other threads"]
+            .iter()
+            .enumerate()
+        {
+            p.add_row(vec![
+                what.to_string(),
+                cold_cpu.map(|c| format!("{:.1}", c[i])).unwrap_or("-".into()),
+                "-".into(),
+                bare_cpu.map(|c| format!("{:.1}", c[i])).unwrap_or("-".into()),
+            ]);
         }
         println!("{p}");
     }
@@ -265,6 +471,9 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
 #[derive(Default)]
 struct Phases {
     steps: [f64; 5],
+    /// Inside the re-init, the guest's own steps (clock, entropy,
+    /// hostname, reseed, network, pids).
+    guest: [f64; 6],
 }
 
 impl Phases {
@@ -276,22 +485,32 @@ impl Phases {
         "volume mounts and record",
     ];
 
+    const GUEST: [&'static str; 6] = ["clock", "entropy", "hostname", "reseed", "network", "pids"];
+
     fn of(kids: &[api::Sandbox]) -> Phases {
         let mut cols: [Vec<f64>; 5] = Default::default();
+        let mut guest: [Vec<f64>; 6] = Default::default();
         for k in kids {
             let p = k.spawn_phases.unwrap_or_default();
             let marks = [0.0, p.prepared_ms, p.restored_ms, p.resumed_ms, p.reinit_ms, k.spawn_ms];
             for (i, col) in cols.iter_mut().enumerate() {
                 col.push((marks[i + 1] - marks[i]).max(0.0));
             }
+            let g = p.guest_steps.unwrap_or_default();
+            let steps = [g.clock_ms, g.entropy_ms, g.hostname_ms, g.reseed_ms, g.network_ms, g.pids_ms];
+            for (col, v) in guest.iter_mut().zip(steps) {
+                col.push(v);
+            }
         }
-        Phases { steps: cols.map(median) }
+        Phases { steps: cols.map(median), guest: guest.map(median) }
     }
 
     fn json(&self) -> serde_json::Value {
+        let guest: serde_json::Map<String, serde_json::Value> =
+            Self::GUEST.iter().zip(self.guest).map(|(n, v)| (format!("{n}_ms"), json!(v))).collect();
         json!({
             "prepare_ms": self.steps[0], "restore_ms": self.steps[1], "resume_ms": self.steps[2],
-            "reinit_ms": self.steps[3], "answer_ms": self.steps[4],
+            "reinit_ms": self.steps[3], "answer_ms": self.steps[4], "guest_steps": guest,
         })
     }
 }
@@ -366,7 +585,7 @@ async fn exec_under_refill(conn: &Conn, tag: &forkd_api::names::Tag) -> anyhow::
     let result = async {
         exec_times(conn, &id, 10).await?; // warm the child's exec path
         let rest = exec_times(conn, &id, REFILL_EXECS).await?;
-        let set = api::SetPoolRequest { tag: tag.to_string(), target: REFILL_POOL };
+        let set = api::SetPoolRequest { tag: tag.to_string(), target: REFILL_POOL, ..Default::default() };
         match conn.call(conn.snapshots().set_pool(set)).await {
             Ok(_) => {}
             Err(e) if e.code == crate::exit::AUTH => return anyhow::Ok(None),
@@ -385,7 +604,9 @@ async fn exec_under_refill(conn: &Conn, tag: &forkd_api::names::Tag) -> anyhow::
         anyhow::Ok(Some((rest, busy)))
     }
     .await;
-    let _ = conn.call(conn.snapshots().set_pool(api::SetPoolRequest { tag: tag.to_string(), target: 0 })).await;
+    let _ = conn
+        .call(conn.snapshots().set_pool(api::SetPoolRequest { tag: tag.to_string(), target: 0, ..Default::default() }))
+        .await;
     delete_all(conn, &kid).await?;
     result
 }
@@ -407,12 +628,14 @@ fn backend_for(accel: &str) -> anyhow::Result<QemuBackend> {
 }
 
 /// What a bare restore does after loading state: open the agent's channel,
-/// resume the vCPUs, and wait for the agent's first answer.
-async fn resume_and_ping(vm: &mut VmProcess, dir: &VmDir) -> anyhow::Result<()> {
+/// resume the vCPUs, and wait for the agent's first answer. Returns the
+/// instants at which the vCPUs ran and the agent answered.
+async fn resume_and_ping(vm: &mut VmProcess, dir: &VmDir) -> anyhow::Result<(Instant, Instant)> {
     let agent = AgentClient::connect(&dir.agent_socket(), Duration::from_secs(10)).await?;
     vm.control.resume().await?;
+    let resumed = Instant::now();
     agent.ping(Duration::from_secs(30)).await?;
-    Ok(())
+    Ok((resumed, Instant::now()))
 }
 
 /// A bare pre-started restore, timed from "load state" to the first ping
@@ -426,7 +649,7 @@ async fn bare_pooled(data_dir: &str, tag: &str, accel: &str) -> anyhow::Result<f
     for i in 0..POOL_ROUNDS {
         let dir = VmDir(root.join(format!("pool{i}")));
         std::fs::create_dir_all(dir.path())?;
-        let waiting = backend.prestart(&spec, &dir, false).await?;
+        let waiting = backend.prestart(&spec, &dir, &Default::default(), &Default::default()).await?;
         tokio::time::sleep(POOL_SETTLE).await;
         let t = Instant::now();
         let mut vm = match waiting.load(&state).await {
@@ -448,44 +671,70 @@ async fn bare_pooled(data_dir: &str, tag: &str, accel: &str) -> anyhow::Result<f
     result.map(|_| median(times))
 }
 
+/// One bare fan-out: its time, PSS per child, and the median of each
+/// child's phases (restore, connect and resume, first answer).
+struct BareFanOut {
+    ms: f64,
+    /// CPU each VMM used until its agent answered, median: vCPU threads,
+    /// then the others.
+    cpu_ms: [f64; 2],
+    pss_mib: f64,
+    pss: PssSplit,
+    phases: [f64; 3],
+}
+
 /// Restores `n` children of the snapshot straight from its files with the
 /// QEMU backend (no daemon, no identity re-init) and times until every agent
-/// answers a ping. Returns (ms, PSS MiB per child).
-async fn bare_fanout(data_dir: &str, tag: &str, n: u32, concurrency: usize, accel: &str) -> anyhow::Result<(f64, f64)> {
+/// answers a ping.
+async fn bare_fanout(data_dir: &str, tag: &str, n: u32, concurrency: usize, accel: &str) -> anyhow::Result<BareFanOut> {
+    type Restored = (u32, u64, Option<tokio::process::Child>, [f64; 3]);
     let (spec, state) = snapshot_spec(data_dir, tag)?;
     let backend = backend_for(accel)?;
     let root = tempfile_dir()?;
     let t = Instant::now();
-    let results: Vec<anyhow::Result<(u32, u64, Option<tokio::process::Child>)>> = stream::iter(0..n)
+    let results: Vec<anyhow::Result<Restored>> = stream::iter(0..n)
         .map(|i| {
             let dir = VmDir(root.join(format!("vm{i}")));
             let (backend, spec, state) = (&backend, &spec, &state);
             async move {
+                let started = Instant::now();
                 std::fs::create_dir_all(dir.path())?;
-                let mut vm = backend.restore(spec, state, &dir, &forkd_server::vmm::NetAttach::Isolated).await?;
-                resume_and_ping(&mut vm, &dir).await?;
-                Ok((vm.pid, vm.start_time, vm.child.take()))
+                let mut vm = backend
+                    .restore(spec, state, &dir, &forkd_server::vmm::NetAttach::Isolated, &Default::default())
+                    .await?;
+                let restored = Instant::now();
+                let (resumed, answered) = resume_and_ping(&mut vm, &dir).await?;
+                let phases = [ms(restored - started), ms(resumed - restored), ms(answered - resumed)];
+                Ok((vm.pid, vm.start_time, vm.child.take(), phases))
             }
         })
         .buffer_unordered(concurrency.max(1))
         .collect()
         .await;
     let elapsed = ms(t.elapsed());
+    let pids: Vec<u32> = results.iter().filter_map(|r| r.as_ref().ok().map(|r| r.0)).collect();
+    let cpu_ms = cpu_ms_per_child(&pids);
     tokio::time::sleep(Duration::from_secs(1)).await;
+    settle_ksm().await;
     let mut pss = 0u64;
     let mut first_err = None;
     let mut procs = vec![];
+    let mut phases: [Vec<f64>; 3] = Default::default();
     for r in results {
         match r {
-            Ok((pid, start, child)) => {
+            Ok((pid, start, child, p)) => {
                 pss += process::pss_bytes(pid).unwrap_or(0);
                 procs.push((pid, start, child));
+                for (col, v) in phases.iter_mut().zip(p) {
+                    col.push(v);
+                }
             }
             Err(e) => {
                 first_err.get_or_insert(e);
             }
         }
     }
+    let split = PssSplit::of(&procs.iter().map(|p| p.0).collect::<Vec<_>>());
     for (pid, start, child) in procs {
         process::kill_and_reap(pid, start, child).await;
     }
@@ -493,7 +742,13 @@ async fn bare_fanout(data_dir: &str, tag: &str, n: u32, concurrency: usize, acce
     if let Some(e) = first_err {
         return Err(e.context("bare restore"));
     }
-    Ok((elapsed, pss as f64 / n as f64 / 1048576.0))
+    Ok(BareFanOut {
+        ms: elapsed,
+        cpu_ms,
+        pss_mib: pss as f64 / n as f64 / 1048576.0,
+        pss: split,
+        phases: phases.map(median),
+    })
 }
 
 fn tempfile_dir() -> anyhow::Result<PathBuf> {

@@ -371,12 +371,15 @@ pub async fn derive(conn: &Conn, args: SnapshotDiffArgs, as_json: bool) -> anyho
 
 pub async fn pools(conn: &Conn, cmd: PoolCommand, as_json: bool) -> anyhow::Result<u8> {
     if let PoolCommand::Set(a) = cmd {
-        let req = SetPoolRequest { tag: a.tag.to_string(), target: a.target };
+        let req = SetPoolRequest { tag: a.tag.to_string(), target: a.target, network: a.network };
         let p = conn.call(conn.snapshots().set_pool(req)).await?;
         if as_json {
             emit_json(&json::pool(&p))?;
         } else {
-            emit(&format!("pool of {}: keeps {}, {} ready, {} being made\n", p.tag, p.target, p.ready, p.filling))?;
+            emit(&format!(
+                "pool of {} (network {}): keeps {}, {} ready, {} being made\n",
+                p.tag, p.network, p.target, p.ready, p.filling
+            ))?;
         }
         return Ok(0);
     }
@@ -385,10 +388,10 @@ pub async fn pools(conn: &Conn, cmd: PoolCommand, as_json: bool) -> anyhow::Resu
         emit_json(&Value::Array(r.pools.iter().map(json::pool).collect()))?;
     } else {
         emit(&table(
-            &["TAG", "READY", "FILLING", "TARGET"],
-            r.pools
-                .iter()
-                .map(|p| vec![p.tag.clone(), p.ready.to_string(), p.filling.to_string(), p.target.to_string()]),
+            &["TAG", "NETWORK", "READY", "FILLING", "TARGET"],
+            r.pools.iter().map(|p| {
+                vec![p.tag.clone(), p.network.clone(), p.ready.to_string(), p.filling.to_string(), p.target.to_string()]
+            }),
         ))?;
     }
     Ok(0)

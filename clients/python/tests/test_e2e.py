@@ -202,3 +202,27 @@ def test_workspace_life_cycle(e2e_client: forkd.Client, e2e_snapshot) -> None:
         e2e_client.workspaces.get(name)
     # The source snapshot is never deleted with a workspace.
     assert e2e_client.snapshots.get(E2E_TAG).status == "ready"
+
+
+def test_hot_pool(e2e_daemon: Daemon, e2e_client: forkd.Client, e2e_snapshot) -> None:
+    pool = e2e_client.snapshots.set_pool(E2E_TAG, 1)
+    assert (pool.tag, pool.target, pool.network) == (E2E_TAG, 1, "none")
+    deadline = time.monotonic() + 120
+    while [p.ready for p in e2e_client.snapshots.pools() if p.tag == E2E_TAG] != [1]:
+        assert time.monotonic() < deadline, e2e_client.snapshots.pools()
+        time.sleep(0.2)
+    try:
+        with e2e_client.fork(E2E_TAG) as sandboxes:
+            assert sandboxes[0].info.spawn_phases.pooled
+            assert sandboxes[0].exec(["hostname"]).stdout.strip() == sandboxes[0].info.hostname
+    finally:
+        pool = e2e_client.snapshots.set_pool(E2E_TAG, 0)
+    assert pool.target == 0
+
+    async def main() -> None:
+        async with forkd.aio.Client(e2e_daemon.url, token=e2e_daemon.token) as c:
+            with pytest.raises(forkd.InvalidArgumentError):
+                await c.snapshots.set_pool(E2E_TAG, 1, network="bridge")
+            assert all(p.target == 0 for p in await c.snapshots.pools())
+
+    asyncio.run(main())

@@ -37,6 +37,7 @@ import type {
   ProcessInfo,
   ProcessRef,
   PtySize,
+  PoolInfo,
   PushResult,
   RemoteSnapshot,
   SnapshotInfo,
@@ -633,6 +634,18 @@ export class Snapshots {
   /** The snapshots the daemon's remote holds. */
   async listRemote(): Promise<RemoteSnapshot[]> {
     return (await call(this.c.rpc.snap.listRemoteSnapshots({}, this.c.opts()))).snapshots;
+  }
+
+  /** Hot pools of the snapshots you may fork from: children ready, being
+   * made, kept, and their network. */
+  async pools(): Promise<PoolInfo[]> {
+    return (await call(this.c.rpc.snap.listPools({}, this.c.opts()))).pools;
+  }
+
+  /** Keeps `target` hot children of `tag` (0 empties the pool), made with
+   * `network` "none" (the default) or "nat". Admins only. */
+  setPool(tag: string, target: number, options: { network?: "none" | "nat" } = {}): Promise<PoolInfo> {
+    return call(this.c.rpc.snap.setPool({ tag, target, network: options.network ?? "none" }, this.c.opts()));
   }
 }
 

@@ -10,6 +10,7 @@ export type {
   DeleteSnapshotResponse as DeleteSnapshotResult,
   PushSnapshotResponse as PushResult,
   RemoteSnapshot,
+  Pool as PoolInfo,
 } from "./gen/forkd/v1/snapshot_pb.js";
 export type { VersionInfo } from "./gen/forkd/v1/system_pb.js";
 export type { DeleteWorkspaceResponse as DeleteWorkspaceResult } from "./gen/forkd/v1/workspace_pb.js";

@@ -85,6 +85,26 @@ describe("e2e", { skip: E2E ? false : "needs microVMs: set FORKD_E2E=1" }, () =>
     for (const id of ids) await assert.rejects(c.sandboxes.get(id), NotFoundError);
   });
 
+  it("keeps a hot pool that forks take from", async () => {
+    const pool = await c.snapshots.setPool(E2E_TAG, 1);
+    assert.deepEqual([pool.tag, pool.target, pool.network], [E2E_TAG, 1, "none"]);
+    const deadline = Date.now() + 120_000;
+    while ((await c.snapshots.pools()).find((p) => p.tag === E2E_TAG)?.ready !== 1) {
+      assert.ok(Date.now() < deadline, "the pool did not fill");
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    try {
+      await c.withSandbox(E2E_TAG, async (sb) => {
+        assert.equal(sb.info.spawnPhases?.pooled, true);
+        assert.equal((await sb.exec(["hostname"])).stdout.trim(), sb.info.hostname);
+      });
+    } finally {
+      await c.snapshots.setPool(E2E_TAG, 0);
+    }
+    await assert.rejects(c.snapshots.setPool(E2E_TAG, 1, { network: "bridge" as "nat" }), InvalidArgumentError);
+    assert.ok((await c.snapshots.pools()).every((p) => p.target === 0));
+  });
+
   it("runs commands with env, cwd, stdin and timeouts", async () => {
     await c.withSandbox(E2E_TAG, async (sb) => {
       const r = await sb.exec("echo out; echo err >&2; exit 7");

@@ -20,6 +20,9 @@ pub const EXEC_GROUP: &str = "/sys/fs/cgroup/forkd-exec";
 /// `cgroup.procs` of the exec cgroup once it is set up.
 static PROCS: Mutex<Option<String>> = Mutex::new(None);
 
+/// The limit and runtime pid last applied; None until the group exists.
+static APPLIED: Mutex<Option<(u32, i32)>> = Mutex::new(None);
+
 /// Where new processes are to be placed (None: stay where the agent is).
 pub fn exec_procs() -> Option<String> {
     PROCS.lock().ok().and_then(|g| g.clone())
@@ -33,6 +36,16 @@ pub fn apply_pids_max(max: u32, extra_pid: i32) -> io::Result<()> {
             log::info("pids limit ignored: not running as PID 1");
         }
         return Ok(());
+    }
+    // What this agent last applied (its memory, so a restored child knows
+    // what its template did): nothing to do when it is asked again — every
+    // cgroup file touched costs milliseconds on a freshly restored emulated
+    // CPU, on the spawn path.
+    let wanted = (max, extra_pid);
+    match APPLIED.lock().ok().and_then(|g| *g) {
+        Some(last) if last == wanted => return Ok(()),
+        None if max == 0 => return Ok(()),
+        _ => {}
     }
     let exists = Path::new(EXEC_GROUP).is_dir();
     if max == 0 && !exists {
@@ -64,6 +77,9 @@ pub fn apply_pids_max(max: u32, extra_pid: i32) -> io::Result<()> {
     }
     if let Ok(mut g) = PROCS.lock() {
         *g = Some(procs);
+    }
+    if let Ok(mut g) = APPLIED.lock() {
+        *g = Some(wanted);
     }
     log::info(&format!("pids.max {max} for started processes"));
     Ok(())

@@ -18,14 +18,18 @@ const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
 pub fn reinit(agent: &Arc<Agent>, req: ReinitRequest) -> Result<ReinitDone, AgentError> {
     let mut done = ReinitDone::default();
+    let mut step = Steps(Instant::now(), &mut done.step_micros);
     if req.unix_nanos > 0 {
         done.clock_step_nanos = set_clock(req.unix_nanos).map_err(|e| io_error("clock_settime", &e))?;
+        step.mark("clock");
     }
     if !req.entropy.is_empty() {
         add_entropy(&req.entropy).map_err(|e| io_error("seeding the kernel RNG", &e))?;
+        step.mark("entropy");
     }
     if !req.hostname.is_empty() {
         set_hostname(&req.hostname)?;
+        step.mark("hostname");
     }
     if !req.sandbox_id.is_empty()
         && let Ok(mut id) = agent.sandbox_id.lock()
@@ -36,13 +40,28 @@ pub fn reinit(agent: &Arc<Agent>, req: ReinitRequest) -> Result<ReinitDone, Agen
     let mut seed = [0u8; 32];
     if sys::getrandom(&mut seed).is_ok() {
         done.runtime_reseeded = agent.runtime.reseed(&seed);
+        step.mark("reseed");
     }
     if let Some(net) = req.network.as_ref().filter(|n| !n.address_cidr.is_empty()) {
         configure_network(net)?;
+        step.mark("network");
     }
     crate::limits::apply_pids_max(req.pids_max, agent.runtime.pid())
         .map_err(|e| io_error("setting up the guest pids limit", &e))?;
+    step.mark("pids");
     Ok(done)
+}
+
+/// Times consecutive steps into a name → microseconds map.
+struct Steps<'a>(Instant, &'a mut std::collections::HashMap<String, u32>);
+
+impl Steps<'_> {
+    fn mark(&mut self, name: &str) {
+        let now = Instant::now();
+        let us = now.duration_since(self.0).as_micros().min(u32::MAX as u128) as u32;
+        self.1.insert(name.to_string(), us);
+        self.0 = now;
+    }
 }
 
 /// Writes the sandbox id where guest programs can read it. Done after the

@@ -103,6 +103,22 @@ struct Delivery {
 type Waiters = Arc<std::sync::Mutex<HashMap<u64, Waiter>>>;
 type Failure = Arc<std::sync::OnceLock<String>>;
 
+/// A re-init on its way: its answer, awaited with `done`.
+pub struct PendingReinit {
+    rx: Responses,
+    timeout: Duration,
+}
+
+impl PendingReinit {
+    /// Waits for the agent's answer on `agent`, the client that sent it.
+    pub async fn done(self, agent: &AgentClient) -> Result<pb::ReinitDone, AgentError> {
+        match agent.answer(self.rx, "reinit", self.timeout).await? {
+            response::Body::ReinitDone(d) => Ok(d),
+            _ => Err(AgentError::Unexpected("reinit")),
+        }
+    }
+}
+
 /// A connection to one guest agent. Cheap to share behind an `Arc`.
 pub struct AgentClient {
     writer: Arc<Mutex<OwnedWriteHalf>>,
@@ -295,8 +311,18 @@ impl AgentClient {
         what: &'static str,
         timeout: Duration,
     ) -> Result<response::Body, AgentError> {
-        let (_, mut rx) =
+        let (_, rx) =
             tokio::time::timeout(timeout, self.send(body)).await.map_err(|_| AgentError::Timeout(what.into()))??;
+        self.answer(rx, what, timeout).await
+    }
+
+    /// The one answer to a request sent with `send`.
+    async fn answer(
+        &self,
+        mut rx: Responses,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Result<response::Body, AgentError> {
         match tokio::time::timeout(timeout, rx.recv()).await {
             Err(_) => Err(AgentError::Timeout(what.into())),
             Ok(None) => Err(self.closed()),
@@ -323,10 +349,17 @@ impl AgentClient {
     }
 
     pub async fn reinit(&self, req: pb::ReinitRequest, timeout: Duration) -> Result<pb::ReinitDone, AgentError> {
-        match self.call(request::Body::Reinit(req), "reinit", timeout).await? {
-            response::Body::ReinitDone(d) => Ok(d),
-            _ => Err(AgentError::Unexpected("reinit")),
-        }
+        self.send_reinit(req, timeout).await?.done(self).await
+    }
+
+    /// Queues a re-init on the channel without waiting for its answer. Sent
+    /// while the vCPUs are still stopped, it is the first thing the agent
+    /// reads when they resume: no round trip between resume and re-init.
+    pub async fn send_reinit(&self, req: pb::ReinitRequest, timeout: Duration) -> Result<PendingReinit, AgentError> {
+        let (_, rx) = tokio::time::timeout(timeout, self.send(request::Body::Reinit(req)))
+            .await
+            .map_err(|_| AgentError::Timeout("reinit".into()))??;
+        Ok(PendingReinit { rx, timeout })
     }
 
     pub async fn eval(&self, req: pb::EvalRequest, timeout: Duration) -> Result<pb::EvalResult, AgentError> {

@@ -90,7 +90,19 @@ pub fn sandbox(r: &SandboxRecord, last_active: i64) -> api::Sandbox {
             resumed_ms: r.spawn_phases.resumed_ms,
             reinit_ms: r.spawn_phases.reinit_ms,
             pooled: r.spawn_phases.pooled,
+            guest_steps: Some(guest_steps(&r.spawn_phases.guest_steps)),
         }),
+    }
+}
+
+fn guest_steps(g: &crate::core::store::GuestSteps) -> api::GuestReinitSteps {
+    api::GuestReinitSteps {
+        clock_ms: g.clock_ms,
+        entropy_ms: g.entropy_ms,
+        hostname_ms: g.hostname_ms,
+        reseed_ms: g.reseed_ms,
+        network_ms: g.network_ms,
+        pids_ms: g.pids_ms,
     }
 }
 
@@ -99,5 +111,11 @@ pub fn live_sandbox(sb: &Sandbox) -> api::Sandbox {
 }
 
 pub fn pool(i: crate::core::pool::PoolInfo) -> api::Pool {
-    api::Pool { tag: i.tag, ready: i.ready as u32, filling: i.filling as u32, target: i.target as u32 }
+    api::Pool {
+        tag: i.tag,
+        ready: i.ready as u32,
+        filling: i.filling as u32,
+        target: i.target as u32,
+        network: i.network,
+    }
 }

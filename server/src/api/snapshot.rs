@@ -95,7 +95,7 @@ impl SnapshotService for Services {
         if r.target as usize > max {
             return Err(Error::invalid("target", format!("{} is outside 0..={max}", r.target)).into());
         }
-        Ok(Response::new(convert::pool(self.rt.set_pool(&t, r.target as usize).await?)))
+        Ok(Response::new(convert::pool(self.rt.set_pool(&t, r.target as usize, &r.network).await?)))
     }
 
     async fn list_snapshots(

@@ -101,6 +101,15 @@ pub(crate) struct SpawnGuard<'a> {
 }
 
 impl SpawnGuard<'_> {
+    /// Where the sandbox's VMM starts: already inside its cgroup.
+    pub(crate) fn placement(&self) -> crate::vmm::Placement {
+        let cgroup_procs = match Cgroups::host() {
+            Some(cg) if self.has_cgroup => cg.procs_files(&cgroup::sandbox_name(&self.id)).unwrap_or_default(),
+            _ => vec![],
+        };
+        crate::vmm::Placement { background: false, cgroup_procs }
+    }
+
     /// Moves the freshly started (still paused) VMM into the sandbox's
     /// cgroup and checks it holds no capability.
     pub(crate) fn attach(&self, pid: u32) -> Result<()> {

@@ -186,6 +186,35 @@ pub struct SpawnPhases {
     pub resumed_ms: f64,
     pub reinit_ms: f64,
     pub pooled: bool,
+    #[serde(default)]
+    pub guest_steps: GuestSteps,
+}
+
+/// Ms each re-init step took in the guest, as the guest reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct GuestSteps {
+    pub clock_ms: f64,
+    pub entropy_ms: f64,
+    pub hostname_ms: f64,
+    pub reseed_ms: f64,
+    pub network_ms: f64,
+    pub pids_ms: f64,
+}
+
+impl GuestSteps {
+    /// Reads the agent's step timings. Guest-reported: only the known
+    /// names are kept and each is capped at `cap_ms`.
+    pub fn from_micros(steps: &std::collections::HashMap<String, u32>, cap_ms: f64) -> GuestSteps {
+        let ms = |name: &str| steps.get(name).map(|&us| (us as f64 / 1000.0).min(cap_ms)).unwrap_or(0.0);
+        GuestSteps {
+            clock_ms: ms("clock"),
+            entropy_ms: ms("entropy"),
+            hostname_ms: ms("hostname"),
+            reseed_ms: ms("reseed"),
+            network_ms: ms("network"),
+            pids_ms: ms("pids"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

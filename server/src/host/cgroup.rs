@@ -300,12 +300,25 @@ impl Cgroups {
         Ok(())
     }
 
-    /// Moves process `pid` (all its threads) into `name`.
+    /// Moves process `pid` (all its threads) into `name`, in each
+    /// hierarchy it is not in yet (a move costs a global lock even when it
+    /// changes nothing).
     pub fn add_pid(&self, name: &str, pid: u32) -> io::Result<()> {
         for d in self.dirs(name)? {
-            write(&d.join("cgroup.procs"), &pid.to_string())?;
+            let procs = d.join("cgroup.procs");
+            let member = std::fs::read_to_string(&procs)
+                .is_ok_and(|s| s.split_whitespace().any(|p| p.parse::<u32>().ok() == Some(pid)));
+            if !member {
+                write(&procs, &pid.to_string())?;
+            }
         }
         Ok(())
+    }
+
+    /// The `cgroup.procs` files of `name`, one per hierarchy: what a
+    /// process writes to join it.
+    pub fn procs_files(&self, name: &str) -> io::Result<Vec<PathBuf>> {
+        Ok(self.dirs(name)?.into_iter().map(|d| d.join("cgroup.procs")).collect())
     }
 
     /// Processes in `name` (union over hierarchies).

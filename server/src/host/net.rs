@@ -293,7 +293,7 @@ pub fn setup(id: &SandboxId, slot: u32, allow: &[AllowRule], deny: &[AllowRule])
         e(&["ip", "addr", "add", &format!("{}/30", net.gateway), "dev", &net.tap])?;
         e(&["ip", "link", "set", &net.tap, "up"])?;
         e(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
-        run_input(&["ip", "netns", "exec", ns, "nft", "-f", "-"], &ruleset(allow, deny, &net.tap, inner))?;
+        apply_rules(&net, allow, deny)?;
         // The host routes between sandbox namespaces and other links.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .map_err(|e| NetError::Command { cmd: "enable ip_forward".into(), msg: e.to_string() })?;
@@ -306,6 +306,13 @@ pub fn setup(id: &SandboxId, slot: u32, allow: &[AllowRule], deny: &[AllowRule])
             Err(e)
         }
     }
+}
+
+/// Replaces the egress rules of `net`'s namespace, in one transaction:
+/// the old rules stay in force until the new ones are in.
+pub fn apply_rules(net: &SandboxNet, allow: &[AllowRule], deny: &[AllowRule]) -> Result<(), NetError> {
+    let rules = format!("flush ruleset\n{}", ruleset(allow, deny, &net.tap, "uplink"));
+    run_input(&["ip", "netns", "exec", &net.netns, "nft", "-f", "-"], &rules)
 }
 
 /// Removes a sandbox's namespace (its tap and rules go with it) and the

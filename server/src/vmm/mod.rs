@@ -78,6 +78,22 @@ pub struct VmSpec {
     pub nic: bool,
 }
 
+/// Where a VMM process runs from its first instruction, set before it
+/// executes QEMU.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Placement {
+    /// The lowest scheduling priority (nice 19), for work done ahead of
+    /// time. Its threads keep it: once the process is in a cgroup of its
+    /// own, a nice value only weighs its threads against each other.
+    pub background: bool,
+    /// `cgroup.procs` files (one per hierarchy) the process joins before
+    /// exec: it starts inside its cgroup, so no migration — a global lock
+    /// and an RCU grace period per hierarchy on cgroup v1 — is on the spawn
+    /// path, and everything it allocates is charged there. Best effort: the
+    /// caller still checks and places it.
+    pub cgroup_procs: Vec<PathBuf>,
+}
+
 /// What a VM's NIC is plugged into (not part of the snapshot: a child may
 /// differ from its parent here).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -178,14 +194,23 @@ pub trait Backend: Send + Sync + 'static {
     async fn boot(&self, spec: &VmSpec, dir: &VmDir) -> Result<VmProcess, VmmError>;
     /// Starts a child from `state`, RAM mapped private from `spec.mem_file`.
     /// The child is left paused; call `resume` once its identity is set.
-    async fn restore(&self, spec: &VmSpec, state: &Path, dir: &VmDir, net: &NetAttach) -> Result<VmProcess, VmmError>;
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        state: &Path,
+        dir: &VmDir,
+        net: &NetAttach,
+        place: &Placement,
+    ) -> Result<VmProcess, VmmError>;
     /// Starts a child's VMM that waits for its state (no network attached):
     /// `restore` split in two, so the process start is off the spawn path.
-    /// `background`: the process starts at the lowest scheduling priority
-    /// (nice 19), for work done ahead of time. Its threads keep it: once the
-    /// process is in a cgroup of its own, a nice value only weighs its
-    /// threads against each other.
-    async fn prestart(&self, spec: &VmSpec, dir: &VmDir, background: bool) -> Result<Box<dyn PendingVm>, VmmError>;
+    async fn prestart(
+        &self,
+        spec: &VmSpec,
+        dir: &VmDir,
+        net: &NetAttach,
+        place: &Placement,
+    ) -> Result<Box<dyn PendingVm>, VmmError>;
     /// Reopens control of a VMM started by an earlier daemon.
     async fn attach(&self, pid: u32, start_time: u64, dir: &VmDir) -> Result<VmProcess, VmmError>;
 }

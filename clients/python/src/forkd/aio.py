@@ -57,6 +57,7 @@ from .types import (
     FileEvent,
     FileInfo,
     PingResult,
+    PoolInfo,
     ProcessInfo,
     PushResult,
     RemoteSnapshot,
@@ -308,6 +309,16 @@ class Snapshots:
     async def list_remote(self) -> List[RemoteSnapshot]:
         resp = await self._c._rpc(self._c._snap.ListRemoteSnapshots, snapshot_pb2.ListRemoteSnapshotsRequest())
         return list(resp.snapshots)
+
+    async def pools(self) -> List[PoolInfo]:
+        """Hot pools of the snapshots you may fork from."""
+        return list((await self._c._rpc(self._c._snap.ListPools, snapshot_pb2.ListPoolsRequest())).pools)
+
+    async def set_pool(self, tag: str, target: int, *, network: str = "none") -> PoolInfo:
+        """Keeps ``target`` hot children of ``tag`` (0 empties the pool),
+        made with ``network`` "none" or "nat". Admins only."""
+        req = snapshot_pb2.SetPoolRequest(tag=tag, target=target, network=network)
+        return await self._c._rpc(self._c._snap.SetPool, req)
 
 
 class Sandboxes:

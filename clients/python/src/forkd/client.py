@@ -32,6 +32,7 @@ from .types import (
     FileInfo,
     PingResult,
     ProcessInfo,
+    PoolInfo,
     PushResult,
     RemoteSnapshot,
     SandboxInfo,
@@ -265,6 +266,17 @@ class Snapshots:
         """The snapshots the daemon's remote holds."""
         resp = self._c._rpc(self._c._snap.ListRemoteSnapshots, snapshot_pb2.ListRemoteSnapshotsRequest())
         return list(resp.snapshots)
+
+    def pools(self) -> List[PoolInfo]:
+        """Hot pools of the snapshots you may fork from: children ready,
+        being made, kept, and their network."""
+        return list(self._c._rpc(self._c._snap.ListPools, snapshot_pb2.ListPoolsRequest()).pools)
+
+    def set_pool(self, tag: str, target: int, *, network: str = "none") -> PoolInfo:
+        """Keeps ``target`` hot children of ``tag`` (0 empties the pool),
+        made with ``network`` "none" or "nat". Admins only."""
+        req = snapshot_pb2.SetPoolRequest(tag=tag, target=target, network=network)
+        return self._c._rpc(self._c._snap.SetPool, req)
 
 
 class Sandboxes:

@@ -26,6 +26,7 @@ __all__ = [
     "DeleteSnapshotResult",
     "PushResult",
     "RemoteSnapshot",
+    "PoolInfo",
     "ExecResult",
     "EvalResult",
     "ProcessInfo",
@@ -42,6 +43,7 @@ PingResult = sandbox_pb2.PingResponse
 DeleteSnapshotResult = snapshot_pb2.DeleteSnapshotResponse
 PushResult = snapshot_pb2.PushSnapshotResponse
 RemoteSnapshot = snapshot_pb2.RemoteSnapshot
+PoolInfo = snapshot_pb2.Pool
 DeleteWorkspaceResult = workspace_pb2.DeleteWorkspaceResponse
 
 

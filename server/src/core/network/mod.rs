@@ -41,6 +41,25 @@ impl Runtime {
             return Ok(None);
         }
         let allow = net::parse_allow(&settings.allow).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        self.net_create(id, allow).await.map(Some)
+    }
+
+    /// Gives a network made ahead of time (a pooled child's, made with no
+    /// egress at all) the egress rules of the fork that takes it.
+    pub(crate) async fn net_take(&self, n: &SandboxNet, settings: &SandboxSettings) -> Result<()> {
+        let allow = net::parse_allow(&settings.allow).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let deny = self.egress_deny();
+        net::check_allow(&allow, &deny).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let n = n.clone();
+        tokio::task::spawn_blocking(move || net::apply_rules(&n, &allow, &deny))
+            .await
+            .map_err(|e| Error::internal("network rules", e))?
+            .map_err(|e| Error::Internal(format!("network rules: {e}")))
+    }
+
+    /// Creates a namespace, tap and egress rules (`allow` on top of the
+    /// deny-list) for `id`; recorded in the ledger before anything exists.
+    pub(crate) async fn net_create(&self, id: &SandboxId, allow: Vec<net::AllowRule>) -> Result<SandboxNet> {
         let deny = self.egress_deny();
         net::check_allow(&allow, &deny).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let slot = self.net_slots.take()?;
@@ -51,7 +70,7 @@ impl Runtime {
             .await
             .map_err(|e| Error::internal("network setup", e))?;
         match result {
-            Ok(n) => Ok(Some(n)),
+            Ok(n) => Ok(n),
             Err(e) => {
                 let _ = self.store.ledger_remove("netns", &name);
                 self.net_slots.free(slot);

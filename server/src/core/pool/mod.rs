@@ -19,8 +19,14 @@
 //! `forkd/<id>` with the default limits of a sandbox of its size, and counts
 //! against the daemon's sandbox limit. It has no sandbox record, so after a
 //! daemon restart it is reaped as an orphan. Only children with the
-//! snapshot's own disks and no network of their own are served from a pool
-//! (a pooled child has its devices fixed already).
+//! snapshot's own disks are served from a pool (a pooled child has its
+//! devices fixed already).
+//!
+//! A pool is for network "none" or for "nat" (`--pool TAG=N:nat`, SetPool's
+//! `network`). A nat pool's children have their namespace, veth, tap and
+//! address made ahead of time, with no egress at all while they wait; the
+//! fork that takes one installs its own allow-list in one nftables
+//! transaction.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -33,6 +39,7 @@ use super::sandboxes::{AGENT_CONNECT, REINIT_TIMEOUT, identity};
 use super::{Error, Result, ids};
 use crate::agent::AgentClient;
 use crate::host::cgroup;
+use crate::host::net::SandboxNet;
 use crate::vmm::{VmDir, VmProcess, VmSpec, process};
 
 /// Most pooled VMMs kept for one snapshot.
@@ -47,6 +54,8 @@ pub struct Pooled {
     pub vm: VmProcess,
     pub agent: AgentClient,
     pub paused: bool,
+    /// A nat pool's network, made with the child (ledgered under its id).
+    pub net: Option<SandboxNet>,
 }
 
 /// One snapshot's pool: children ready, children being made, and how many
@@ -57,6 +66,8 @@ pub struct PoolInfo {
     pub ready: usize,
     pub filling: usize,
     pub target: usize,
+    /// "nat" or "none": the network its children are made with.
+    pub network: String,
 }
 
 /// Hot children by snapshot tag.
@@ -74,18 +85,21 @@ pub struct Pools {
     /// Ids being started into the pool or taken out of it and not yet
     /// registered as spawning: owned all the same.
     in_transit: Mutex<HashSet<String>>,
+    /// Tags whose pool is for network "nat".
+    nat: Mutex<HashSet<String>>,
 }
 
 impl Pools {
-    /// Takes up to `n` VMMs started with exactly `spec`.
-    pub fn take(&self, tag: &str, spec: &VmSpec, n: usize) -> Vec<Pooled> {
+    /// Takes up to `n` VMMs started with exactly `spec`, with a network of
+    /// their own or not (`nat`).
+    pub fn take(&self, tag: &str, spec: &VmSpec, n: usize, nat: bool) -> Vec<Pooled> {
         let mut map = self.by_tag.lock().unwrap();
         let Some(list) = map.get_mut(tag) else { return vec![] };
         let mut out = vec![];
         let mut i = 0;
         let mut transit = self.in_transit.lock().unwrap();
         while i < list.len() && out.len() < n {
-            if list[i].spec == *spec {
+            if list[i].spec == *spec && list[i].net.is_some() == nat {
                 let p = list.swap_remove(i);
                 transit.insert(p.id.to_string());
                 out.push(p);
@@ -125,7 +139,20 @@ impl Pools {
             ready: self.ready(tag),
             filling: self.filling.lock().unwrap().get(tag).copied().unwrap_or(0),
             target: self.target(tag),
+            network: if self.is_nat(tag) { "nat" } else { "none" }.into(),
         }
+    }
+
+    /// Whether the pool of `tag` is for network "nat".
+    pub fn is_nat(&self, tag: &str) -> bool {
+        self.nat.lock().unwrap().contains(tag)
+    }
+
+    /// Makes the pool of `tag` one for `nat` or not; true when that changed
+    /// (the children it has are then of the wrong kind).
+    fn set_network(&self, tag: &str, nat: bool) -> bool {
+        let mut set = self.nat.lock().unwrap();
+        if nat { set.insert(tag.to_string()) } else { set.remove(tag) }
     }
 
     /// Pooled children of every snapshot, those on their way in or out too.
@@ -215,7 +242,7 @@ impl Runtime {
 
     /// Sets the pool of the ready snapshot `tag` to `n` children (SetPool):
     /// fills it in the background as a refill does, or empties it for 0.
-    pub async fn set_pool(self: &Arc<Self>, tag: &Tag, n: usize) -> Result<PoolInfo> {
+    pub async fn set_pool(self: &Arc<Self>, tag: &Tag, n: usize, network: &str) -> Result<PoolInfo> {
         let snap = self.get_snapshot(tag)?;
         if snap.status != super::store::SnapshotStatus::Ready {
             return Err(Error::FailedPrecondition(format!(
@@ -224,8 +251,17 @@ impl Runtime {
                 snap.status.as_str()
             )));
         }
+        let nat = pool_network(network)?;
+        if nat && !snap.vm_spec()?.nic {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {:?} was made without a network device: it cannot have a nat pool",
+                tag.as_str()
+            )));
+        }
         self.pools.set_target(tag.as_str(), n);
-        self.discard_all(self.pools.trim(tag.as_str(), n)).await;
+        // Children of the other network kind serve no fork of this pool.
+        let keep = if self.pools.set_network(tag.as_str(), nat) { 0 } else { n };
+        self.discard_all(self.pools.trim(tag.as_str(), keep)).await;
         self.refill_pool(tag);
         Ok(self.pools.info(tag.as_str()))
     }
@@ -233,8 +269,9 @@ impl Runtime {
     /// Keeps `n` hot children of `tag` from now on (--pool TAG=N), filling
     /// the pool now in the background. A snapshot not there yet fills at
     /// its first fork.
-    pub fn keep_pool(self: &Arc<Self>, tag: &Tag, n: usize) {
+    pub fn keep_pool(self: &Arc<Self>, tag: &Tag, n: usize, nat: bool) {
         self.pools.set_target(tag.as_str(), n);
+        self.pools.set_network(tag.as_str(), nat);
         self.fill_pool_in_background(tag, n, self.config.admission.spawn_concurrency, "filling the pool");
     }
 
@@ -302,14 +339,50 @@ impl Runtime {
                 return Err(e);
             }
         };
-        // Until QEMU is in that cgroup it runs in the daemon's, so it starts
-        // at nice 19 — only where it then has a cgroup of its own with the
-        // cpu controller, in which its nice value no longer matters.
-        let background =
-            cgroup.is_some() && crate::host::cgroup::Cgroups::host().is_some_and(|c| c.controllers().contains(&"cpu"));
-        let pending = match self.backend.prestart(spec, &dir, background).await {
+        // QEMU joins that cgroup before it executes. It also starts at nice
+        // 19 — only where its cgroup has the cpu controller, in which its
+        // nice value no longer matters once a fork takes it — so that a
+        // failed join still leaves it in the background.
+        let hosts = crate::host::cgroup::Cgroups::host();
+        let place = crate::vmm::Placement {
+            background: cgroup.is_some() && hosts.is_some_and(|c| c.controllers().contains(&"cpu")),
+            cgroup_procs: match (&cgroup, hosts) {
+                (Some(name), Some(cg)) => cg.procs_files(name).unwrap_or_default(),
+                _ => vec![],
+            },
+        };
+        // A nat pool's child gets its namespace now, with no egress until
+        // a fork gives it its allow-list.
+        let net = if self.pools.is_nat(tag.as_str()) {
+            let made = if spec.nic {
+                self.net_create(&id, vec![]).await
+            } else {
+                Err(Error::FailedPrecondition(format!(
+                    "snapshot {:?} was made without a network device: it cannot have a nat pool",
+                    tag.as_str()
+                )))
+            };
+            match made {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    self.remove_limits(id.as_str());
+                    self.remove_workdir(&dir);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        let attach = match &net {
+            Some(n) => crate::vmm::NetAttach::Tap { netns: crate::host::net::netns_path(&n.netns), tap: n.tap.clone() },
+            None => crate::vmm::NetAttach::Isolated,
+        };
+        let pending = match self.backend.prestart(spec, &dir, &attach, &place).await {
             Ok(vm) => vm,
             Err(e) => {
+                if let Some(n) = &net {
+                    self.net_teardown(n).await;
+                }
                 self.remove_limits(id.as_str());
                 self.remove_workdir(&dir);
                 return Err(e.into());
@@ -321,7 +394,7 @@ impl Runtime {
         if let Some(name) = &cgroup
             && let Err(e) = self.enter_cgroup(name, pid)
         {
-            return Err(self.forget_pooled(&id, &dir, pid, start, e).await);
+            return Err(self.forget_pooled(&id, &dir, pid, start, net.as_ref(), e).await);
         }
         // Restored and re-initialized once, then left waiting (paused with
         // --pool-idle paused): the fork that takes it runs the re-init again
@@ -330,8 +403,9 @@ impl Runtime {
         let hot = async {
             let mut vm = pending.load(&state).await?;
             let agent = AgentClient::connect(&dir.agent_socket(), AGENT_CONNECT).await?;
+            let reinit = agent.send_reinit(identity(&id, net.as_ref(), 0), REINIT_TIMEOUT).await?;
             vm.control.resume().await?;
-            agent.reinit(identity(&id, None, 0), REINIT_TIMEOUT).await?;
+            reinit.done(&agent).await?;
             if self.config.pool_paused {
                 vm.control.pause().await?;
             }
@@ -339,10 +413,10 @@ impl Runtime {
         };
         let (vm, agent) = match hot.await {
             Ok(v) => v,
-            Err(e) => return Err(self.forget_pooled(&id, &dir, pid, start, e).await),
+            Err(e) => return Err(self.forget_pooled(&id, &dir, pid, start, net.as_ref(), e).await),
         };
-        let pooled =
-            Pooled { id: id.clone(), dir: dir.clone(), spec: spec.clone(), vm, agent, paused: self.config.pool_paused };
+        let paused = self.config.pool_paused;
+        let pooled = Pooled { id: id.clone(), dir: dir.clone(), spec: spec.clone(), vm, agent, paused, net };
         // The snapshot may have started going away meanwhile. Checked and
         // pushed under the pool's lock: a deletion marks the tag busy before
         // it drains the pool under that lock, so either it sees this VMM or
@@ -373,9 +447,17 @@ impl Runtime {
 
     /// Kills a child that failed on its way into the pool and removes its
     /// traces; answers why it failed.
-    async fn forget_pooled(&self, id: &SandboxId, dir: &VmDir, pid: u32, start: u64, why: Error) -> Error {
+    async fn forget_pooled(
+        &self,
+        id: &SandboxId,
+        dir: &VmDir,
+        pid: u32,
+        start: u64,
+        net: Option<&SandboxNet>,
+        why: Error,
+    ) -> Error {
         process::kill(pid, start, std::time::Duration::from_secs(5)).await;
-        self.clear_pooled_traces(id, dir, pid, start);
+        self.clear_pooled_traces(id, dir, pid, start, net).await;
         why
     }
 
@@ -383,15 +465,18 @@ impl Runtime {
     pub(crate) async fn discard_pooled(&self, p: Pooled) {
         drop(p.agent);
         process::kill_and_reap(p.vm.pid, p.vm.start_time, p.vm.child).await;
-        self.clear_pooled_traces(&p.id, &p.dir, p.vm.pid, p.vm.start_time);
+        self.clear_pooled_traces(&p.id, &p.dir, p.vm.pid, p.vm.start_time, p.net.as_ref()).await;
     }
 
     /// What a pooled child leaves once its VMM is gone: its ledger row,
-    /// cgroup and work dir.
-    fn clear_pooled_traces(&self, id: &SandboxId, dir: &VmDir, pid: u32, start: u64) {
+    /// cgroup, work dir and network.
+    async fn clear_pooled_traces(&self, id: &SandboxId, dir: &VmDir, pid: u32, start: u64, net: Option<&SandboxNet>) {
         let _ = self.store.ledger_remove("vmm", &process::ledger_key(pid, start));
         self.remove_limits(id.as_str());
         self.remove_workdir(dir);
+        if let Some(n) = net {
+            self.net_teardown(n).await;
+        }
     }
 
     /// Pooled children per snapshot tag.
@@ -418,5 +503,15 @@ impl Runtime {
         let n = doomed.len();
         futures::future::join_all(doomed.into_iter().map(|p| self.discard_pooled(p))).await;
         n
+    }
+}
+
+/// Reads a pool's network: "" and "none" for children without a network of
+/// their own, "nat" for children with one; anything else is refused.
+pub fn pool_network(network: &str) -> Result<bool> {
+    match network {
+        "" | "none" => Ok(false),
+        "nat" => Ok(true),
+        other => Err(Error::invalid("network", format!("{other:?}: a pool is for \"none\" or \"nat\""))),
     }
 }

@@ -224,12 +224,9 @@ impl Runtime {
         settings_with_volumes.volumes = plugged.volumes.iter().map(|v| v.to_spec_string()).collect();
         let req = CreateSandboxes { settings: settings_with_volumes, ..req };
         let mounts = plugged.mounts;
-        // Pooled VMMs have no network of their own and the snapshot's disks.
-        let mut pooled = if req.settings.network == "nat" {
-            vec![]
-        } else {
-            self.pools.take(snap.tag.as_str(), &spec, req.n as usize)
-        };
+        // Pooled VMMs have the snapshot's disks, and a network made ahead
+        // of time when their pool is for "nat".
+        let mut pooled = self.pools.take(snap.tag.as_str(), &spec, req.n as usize, req.settings.network == "nat");
         let from_pool = pooled.len();
         let slots: Vec<Option<super::pool::Pooled>> = (0..req.n).map(|_| pooled.pop()).collect();
         let plan = SpawnPlan {
@@ -343,7 +340,21 @@ impl Runtime {
                 "snapshot {tag:?} was made without a network device; bake a new snapshot to use network \"nat\""
             )));
         }
-        let net = self.net_setup(&id, &settings).await?;
+        let mut pooled = pooled;
+        let net = match pooled.as_mut().and_then(|p| p.net.take()) {
+            // Made with the pooled child, without egress: this fork's rules.
+            Some(n) => match self.net_take(&n, &settings).await {
+                Ok(()) => Some(n),
+                Err(e) => {
+                    if let Some(mut p) = pooled {
+                        p.net = Some(n);
+                        self.discard_pooled(p).await;
+                    }
+                    return Err(e);
+                }
+            },
+            None => self.net_setup(&id, &settings).await?,
+        };
         let net_lease = net.clone().map(|n| self.lease(Resource::Net(n)));
         let attach = match &net {
             Some(n) => crate::vmm::NetAttach::Tap { netns: crate::host::net::netns_path(&n.netns), tap: n.tap.clone() },
@@ -355,7 +366,7 @@ impl Runtime {
         // when it waits paused).
         let (vm, pooled_agent) = match pooled {
             Some(p) => (p.vm, Some((p.agent, p.paused))),
-            None => (self.backend.restore(spec, state, &dir, &attach).await?, None),
+            None => (self.backend.restore(spec, state, &dir, &attach, &spawning.placement()).await?, None),
         };
         let vmm_lease = self.lease(Resource::Vmm { pid: vm.pid, start: vm.start_time });
         let mut phases = super::store::SpawnPhases {
@@ -400,12 +411,16 @@ impl Runtime {
                 None => (AgentClient::connect(&dir.agent_socket(), AGENT_CONNECT).await?, true),
             };
             let mut control = control;
+            // Queued before the vCPUs run: the agent's first read is its identity.
+            let reinit = agent.send_reinit(identity(&id, net.as_ref(), pids_max), REINIT_TIMEOUT).await?;
             if paused {
                 control.resume().await?;
             }
             phases.resumed_ms = started.elapsed().as_secs_f64() * 1000.0;
-            agent.reinit(identity(&id, net.as_ref(), pids_max), REINIT_TIMEOUT).await?;
+            let done = reinit.done(&agent).await?;
             phases.reinit_ms = started.elapsed().as_secs_f64() * 1000.0;
+            phases.guest_steps =
+                super::store::GuestSteps::from_micros(&done.step_micros, REINIT_TIMEOUT.as_secs_f64() * 1000.0);
             for m in mounts {
                 agent
                     .mount(

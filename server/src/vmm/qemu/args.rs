@@ -59,6 +59,10 @@ pub fn build(spec: &VmSpec, dir: &VmDir, start: Start, wiring: &Wiring) -> Vec<S
     let mut a: Vec<String> = vec![
         "-sandbox".into(),
         SANDBOX.into(),
+        // Thread names ("CPU 0/TCG", "CPU 0/KVM") tell the guest's CPU time
+        // from the VMM's own in /proc and in `top -H`.
+        "-name".into(),
+        "forkd,debug-threads=on".into(),
         "-nodefaults".into(),
         "-no-user-config".into(),
         "-nographic".into(),

@@ -18,7 +18,8 @@ use self::qmp::Qmp;
 use crate::host::paths::Root;
 use crate::vmm::jail::{self, JailConfig, Needs, Plan, UidLease, Uids};
 use crate::vmm::{
-    Accel, Backend, Drive, NetAttach, PendingVm, VmControl, VmDir, VmProcess, VmSpec, VmmError, console, process,
+    Accel, Backend, Drive, NetAttach, PendingVm, Placement, VmControl, VmDir, VmProcess, VmSpec, VmmError, console,
+    process,
 };
 
 /// How long QEMU gets to create its control socket, and to load state.
@@ -182,9 +183,15 @@ impl QemuBackend {
         dir: &VmDir,
         start: Start,
         net: &NetAttach,
-        background: bool,
+        place: &Placement,
     ) -> Result<(Started, Qmp), VmmError> {
         let (plan, wiring, lease) = self.prepare(spec, dir, start, net)?;
+        let background = place.background;
+        let cgroup_procs: Vec<std::ffi::CString> = place
+            .cgroup_procs
+            .iter()
+            .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok())
+            .collect();
         let args = args::build(spec, dir, start, &wiring);
         let stderr = std::fs::File::create(dir.path().join("vmm.stderr"))?;
         let mut cmd = tokio::process::Command::new(&self.binary);
@@ -200,6 +207,14 @@ impl QemuBackend {
         // before the fork.
         unsafe {
             cmd.pre_exec(move || {
+                // Before the jail drops privileges: "0" is the writer itself.
+                for procs in &cgroup_procs {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd >= 0 {
+                        libc::write(fd, b"0".as_ptr().cast(), 1);
+                        libc::close(fd);
+                    }
+                }
                 if background {
                     // Threads QEMU starts inherit it.
                     libc::setpriority(libc::PRIO_PROCESS, 0, 19);
@@ -313,12 +328,19 @@ impl Backend for QemuBackend {
     }
 
     async fn boot(&self, spec: &VmSpec, dir: &VmDir) -> Result<VmProcess, VmmError> {
-        let (started, qmp) = self.spawn(spec, dir, Start::Boot, &NetAttach::Isolated, false).await?;
+        let (started, qmp) = self.spawn(spec, dir, Start::Boot, &NetAttach::Isolated, &Placement::default()).await?;
         Ok(started.into_process(dir, qmp))
     }
 
-    async fn restore(&self, spec: &VmSpec, state: &Path, dir: &VmDir, net: &NetAttach) -> Result<VmProcess, VmmError> {
-        let (started, mut qmp) = self.spawn(spec, dir, Start::Restore, net, false).await?;
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        state: &Path,
+        dir: &VmDir,
+        net: &NetAttach,
+        place: &Placement,
+    ) -> Result<VmProcess, VmmError> {
+        let (started, mut qmp) = self.spawn(spec, dir, Start::Restore, net, place).await?;
         if let Err(e) = load_state(&mut qmp, state, dir).await {
             started.kill().await;
             return Err(e);
@@ -326,8 +348,14 @@ impl Backend for QemuBackend {
         Ok(started.into_process(dir, qmp))
     }
 
-    async fn prestart(&self, spec: &VmSpec, dir: &VmDir, background: bool) -> Result<Box<dyn PendingVm>, VmmError> {
-        let (started, qmp) = self.spawn(spec, dir, Start::Restore, &NetAttach::Isolated, background).await?;
+    async fn prestart(
+        &self,
+        spec: &VmSpec,
+        dir: &VmDir,
+        net: &NetAttach,
+        place: &Placement,
+    ) -> Result<Box<dyn PendingVm>, VmmError> {
+        let (started, qmp) = self.spawn(spec, dir, Start::Restore, net, place).await?;
         Ok(Box::new(Waiting { started, qmp, dir: dir.clone() }))
     }
 

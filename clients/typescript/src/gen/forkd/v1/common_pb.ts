@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file forkd/v1/common.proto.
  */
 export const file_forkd_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("ChVmb3JrZC92MS9jb21tb24ucHJvdG8SCGZvcmtkLnYxIs4GCghTbmFwc2hvdBILCgN0YWcYASABKAkSDgoGc3RhdHVzGAIgASgJEhUKDXN0YXR1c19yZWFzb24YAyABKAkSDQoFaW1hZ2UYBCABKAkSDQoFdmNwdXMYBSABKA0SDwoHbWVtX21pYhgGIAEoDRIMCgRraW5kGAcgASgJEhIKCnBhcmVudF90YWcYCCABKAkSEQoJYW5jZXN0b3JzGAkgAygJEhIKCmRlcGVuZGVudHMYCiADKAkSEwoLY2hhaW5fZGVwdGgYCyABKA0SGgoSbG9naWNhbF9zaXplX2J5dGVzGAwgASgEEhsKE3BoeXNpY2FsX3NpemVfYnl0ZXMYDSABKAQSFQoNbWVtb3J5X2RpZ2VzdBgOIAEoCRIUCgxzdGF0ZV9kaWdlc3QYDyABKAkSHAoUcGFyZW50X21lbW9yeV9kaWdlc3QYECABKAkSFwoPY3JlYXRlZF9hdF91bml4GBEgASgDEhUKDWJyYW5jaGVkX2Zyb20YEiABKAkSFgoOcGF1c2VfbXNfZXhhY3QYEyABKAESEwoLZGlydHlfYnl0ZXMYFCABKAQSDwoHYmFja2VuZBgVIAEoCRINCgVhY2NlbBgWIAEoCRIPCgd2b2x1bWVzGBcgAygJEi4KBmxhYmVscxgYIAMoCzIeLmZvcmtkLnYxLlNuYXBzaG90LkxhYmVsc0VudHJ5EhYKDmxpdmVfc2FuZGJveGVzGBkgASgNEg8KB3dhcm1fbXMYGiABKAESDwoHcnVudGltZRgbIAEoCRIUCgx2b2x1bWVfc2xvdHMYHCABKA0SDQoFb3duZXIYHSABKAkSDgoGc2hhcmVkGB4gASgIEgsKA2RpchgfIAEoCRIQCghib290YWJsZRggIAEoCBIPCgd3YXJuaW5nGCEgASgJEg8KB2RpZmZfbXMYIiABKAESGwoTZGlmZl9waHlzaWNhbF9ieXRlcxgjIAEoBBIaChJkaWZmX2xvZ2ljYWxfYnl0ZXMYJCABKAQSFQoNdm1zdGF0ZV9ieXRlcxglIAEoBBIQCghwYXVzZV9tcxgmIAEoBBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIooFCgdTYW5kYm94EgoKAmlkGAEgASgJEhQKDHNuYXBzaG90X3RhZxgCIAEoCRILCgNwaWQYAyABKA0SFwoPY3JlYXRlZF9hdF91bml4GAQgASgDEg4KBnN0YXR1cxgFIAEoCRIVCg1zdGF0dXNfcmVhc29uGAYgASgJEhAKCGhvc3RuYW1lGAcgASgJEhgKEG1lbW9yeV9saW1pdF9taWIYCCABKA0SEQoJY3B1X3F1b3RhGAkgASgBEhIKCnBpZHNfbGltaXQYCiABKA0SDwoHbmV0d29yaxgLIAEoCRINCgVhbGxvdxgMIAMoCRIPCgd2b2x1bWVzGA0gAygJEi0KBmxhYmVscxgOIAMoCzIdLmZvcmtkLnYxLlNhbmRib3guTGFiZWxzRW50cnkSEAoIdHRsX3NlY3MYDyABKA0SGQoRaWRsZV90aW1lb3V0X3NlY3MYECABKA0SFwoPZXhwaXJlc19hdF91bml4GBEgASgDEhAKCHNwYXduX21zGBIgASgBEhEKCXdvcmtzcGFjZRgTIAEoCRIPCgdiYWNrZW5kGBQgASgJEg0KBWFjY2VsGBUgASgJEhgKEGxhc3RfYWN0aXZlX3VuaXgYFiABKAMSDQoFb3duZXIYFyABKAkSEgoKZ3Vlc3RfYWRkchgYIAEoCRINCgVuZXRucxgZIAEoCRIUCgxoYXNfYnJhbmNoZWQYGiABKAgSFAoMYnJhbmNoX2NvdW50GBsgASgNEisKDHNwYXduX3BoYXNlcxgcIAEoCzIVLmZvcmtkLnYxLlNwYXduUGhhc2VzGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEibgoLU3Bhd25QaGFzZXMSEwoLcHJlcGFyZWRfbXMYASABKAESEwoLcmVzdG9yZWRfbXMYAiABKAESEgoKcmVzdW1lZF9tcxgDIAEoARIRCglyZWluaXRfbXMYBCABKAESDgoGcG9vbGVkGAUgASgIIsEDCglXb3Jrc3BhY2USDAoEbmFtZRgBIAEoCRIOCgZzdGF0dXMYAiABKAkSFQoNc3RhdHVzX3JlYXNvbhgDIAEoCRIXCg9saXZlX3NhbmRib3hfaWQYBCABKAkSGwoTc291cmNlX3NuYXBzaG90X3RhZxgFIAEoCRIRCglzdGF0ZV90YWcYBiABKAkSGAoQbWVtb3J5X2xpbWl0X21pYhgHIAEoDRIRCgljcHVfcXVvdGEYCCABKAESDwoHbmV0d29yaxgJIAEoCRIPCgd2b2x1bWVzGAogAygJEi8KBmxhYmVscxgLIAMoCzIfLmZvcmtkLnYxLldvcmtzcGFjZS5MYWJlbHNFbnRyeRIQCgh0dGxfc2VjcxgMIAEoDRIZChFpZGxlX3RpbWVvdXRfc2VjcxgNIAEoDRIXCg9jcmVhdGVkX2F0X3VuaXgYDiABKAMSFwoPdXBkYXRlZF9hdF91bml4GA8gASgDEhkKEXN1c3BlbmRlZF9hdF91bml4GBAgASgDEg0KBW93bmVyGBEgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiGQoJRGF0YUNodW5rEgwKBGRhdGEYASABKAxiBnByb3RvMw");
+  fileDesc("ChVmb3JrZC92MS9jb21tb24ucHJvdG8SCGZvcmtkLnYxIs4GCghTbmFwc2hvdBILCgN0YWcYASABKAkSDgoGc3RhdHVzGAIgASgJEhUKDXN0YXR1c19yZWFzb24YAyABKAkSDQoFaW1hZ2UYBCABKAkSDQoFdmNwdXMYBSABKA0SDwoHbWVtX21pYhgGIAEoDRIMCgRraW5kGAcgASgJEhIKCnBhcmVudF90YWcYCCABKAkSEQoJYW5jZXN0b3JzGAkgAygJEhIKCmRlcGVuZGVudHMYCiADKAkSEwoLY2hhaW5fZGVwdGgYCyABKA0SGgoSbG9naWNhbF9zaXplX2J5dGVzGAwgASgEEhsKE3BoeXNpY2FsX3NpemVfYnl0ZXMYDSABKAQSFQoNbWVtb3J5X2RpZ2VzdBgOIAEoCRIUCgxzdGF0ZV9kaWdlc3QYDyABKAkSHAoUcGFyZW50X21lbW9yeV9kaWdlc3QYECABKAkSFwoPY3JlYXRlZF9hdF91bml4GBEgASgDEhUKDWJyYW5jaGVkX2Zyb20YEiABKAkSFgoOcGF1c2VfbXNfZXhhY3QYEyABKAESEwoLZGlydHlfYnl0ZXMYFCABKAQSDwoHYmFja2VuZBgVIAEoCRINCgVhY2NlbBgWIAEoCRIPCgd2b2x1bWVzGBcgAygJEi4KBmxhYmVscxgYIAMoCzIeLmZvcmtkLnYxLlNuYXBzaG90LkxhYmVsc0VudHJ5EhYKDmxpdmVfc2FuZGJveGVzGBkgASgNEg8KB3dhcm1fbXMYGiABKAESDwoHcnVudGltZRgbIAEoCRIUCgx2b2x1bWVfc2xvdHMYHCABKA0SDQoFb3duZXIYHSABKAkSDgoGc2hhcmVkGB4gASgIEgsKA2RpchgfIAEoCRIQCghib290YWJsZRggIAEoCBIPCgd3YXJuaW5nGCEgASgJEg8KB2RpZmZfbXMYIiABKAESGwoTZGlmZl9waHlzaWNhbF9ieXRlcxgjIAEoBBIaChJkaWZmX2xvZ2ljYWxfYnl0ZXMYJCABKAQSFQoNdm1zdGF0ZV9ieXRlcxglIAEoBBIQCghwYXVzZV9tcxgmIAEoBBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIooFCgdTYW5kYm94EgoKAmlkGAEgASgJEhQKDHNuYXBzaG90X3RhZxgCIAEoCRILCgNwaWQYAyABKA0SFwoPY3JlYXRlZF9hdF91bml4GAQgASgDEg4KBnN0YXR1cxgFIAEoCRIVCg1zdGF0dXNfcmVhc29uGAYgASgJEhAKCGhvc3RuYW1lGAcgASgJEhgKEG1lbW9yeV9saW1pdF9taWIYCCABKA0SEQoJY3B1X3F1b3RhGAkgASgBEhIKCnBpZHNfbGltaXQYCiABKA0SDwoHbmV0d29yaxgLIAEoCRINCgVhbGxvdxgMIAMoCRIPCgd2b2x1bWVzGA0gAygJEi0KBmxhYmVscxgOIAMoCzIdLmZvcmtkLnYxLlNhbmRib3guTGFiZWxzRW50cnkSEAoIdHRsX3NlY3MYDyABKA0SGQoRaWRsZV90aW1lb3V0X3NlY3MYECABKA0SFwoPZXhwaXJlc19hdF91bml4GBEgASgDEhAKCHNwYXduX21zGBIgASgBEhEKCXdvcmtzcGFjZRgTIAEoCRIPCgdiYWNrZW5kGBQgASgJEg0KBWFjY2VsGBUgASgJEhgKEGxhc3RfYWN0aXZlX3VuaXgYFiABKAMSDQoFb3duZXIYFyABKAkSEgoKZ3Vlc3RfYWRkchgYIAEoCRINCgVuZXRucxgZIAEoCRIUCgxoYXNfYnJhbmNoZWQYGiABKAgSFAoMYnJhbmNoX2NvdW50GBsgASgNEisKDHNwYXduX3BoYXNlcxgcIAEoCzIVLmZvcmtkLnYxLlNwYXduUGhhc2VzGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEinwEKC1NwYXduUGhhc2VzEhMKC3ByZXBhcmVkX21zGAEgASgBEhMKC3Jlc3RvcmVkX21zGAIgASgBEhIKCnJlc3VtZWRfbXMYAyABKAESEQoJcmVpbml0X21zGAQgASgBEg4KBnBvb2xlZBgFIAEoCBIvCgtndWVzdF9zdGVwcxgGIAEoCzIaLmZvcmtkLnYxLkd1ZXN0UmVpbml0U3RlcHMihQEKEEd1ZXN0UmVpbml0U3RlcHMSEAoIY2xvY2tfbXMYASABKAESEgoKZW50cm9weV9tcxgCIAEoARITCgtob3N0bmFtZV9tcxgDIAEoARIRCglyZXNlZWRfbXMYBCABKAESEgoKbmV0d29ya19tcxgFIAEoARIPCgdwaWRzX21zGAYgASgBIsEDCglXb3Jrc3BhY2USDAoEbmFtZRgBIAEoCRIOCgZzdGF0dXMYAiABKAkSFQoNc3RhdHVzX3JlYXNvbhgDIAEoCRIXCg9saXZlX3NhbmRib3hfaWQYBCABKAkSGwoTc291cmNlX3NuYXBzaG90X3RhZxgFIAEoCRIRCglzdGF0ZV90YWcYBiABKAkSGAoQbWVtb3J5X2xpbWl0X21pYhgHIAEoDRIRCgljcHVfcXVvdGEYCCABKAESDwoHbmV0d29yaxgJIAEoCRIPCgd2b2x1bWVzGAogAygJEi8KBmxhYmVscxgLIAMoCzIfLmZvcmtkLnYxLldvcmtzcGFjZS5MYWJlbHNFbnRyeRIQCgh0dGxfc2VjcxgMIAEoDRIZChFpZGxlX3RpbWVvdXRfc2VjcxgNIAEoDRIXCg9jcmVhdGVkX2F0X3VuaXgYDiABKAMSFwoPdXBkYXRlZF9hdF91bml4GA8gASgDEhkKEXN1c3BlbmRlZF9hdF91bml4GBAgASgDEg0KBW93bmVyGBEgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiGQoJRGF0YUNodW5rEgwKBGRhdGEYASABKAxiBnByb3RvMw");
 
 /**
  * A snapshot: a paused VM that children are forked from. Immutable once
@@ -505,6 +505,13 @@ export type SpawnPhases = Message<"forkd.v1.SpawnPhases"> & {
    * @generated from field: bool pooled = 5;
    */
   pooled: boolean;
+
+  /**
+   * Where the re-init's time went inside the guest.
+   *
+   * @generated from field: forkd.v1.GuestReinitSteps guest_steps = 6;
+   */
+  guestSteps?: GuestReinitSteps | undefined;
 };
 
 /**
@@ -513,6 +520,62 @@ export type SpawnPhases = Message<"forkd.v1.SpawnPhases"> & {
  */
 export const SpawnPhasesSchema: GenMessage<SpawnPhases> = /*@__PURE__*/
   messageDesc(file_forkd_v1_common, 2);
+
+/**
+ * Milliseconds each identity step of a re-init took inside the guest, as
+ * its agent reports them: a diagnostic the daemon never acts on. The rest
+ * of the re-init phase is the channel and the guest waking up.
+ *
+ * @generated from message forkd.v1.GuestReinitSteps
+ */
+export type GuestReinitSteps = Message<"forkd.v1.GuestReinitSteps"> & {
+  /**
+   * Setting the wall clock.
+   *
+   * @generated from field: double clock_ms = 1;
+   */
+  clockMs: number;
+
+  /**
+   * Mixing in host entropy and reseeding the kernel's generator.
+   *
+   * @generated from field: double entropy_ms = 2;
+   */
+  entropyMs: number;
+
+  /**
+   * @generated from field: double hostname_ms = 3;
+   */
+  hostnameMs: number;
+
+  /**
+   * Scheduling the interpreter's reseed (applied before its next run).
+   *
+   * @generated from field: double reseed_ms = 4;
+   */
+  reseedMs: number;
+
+  /**
+   * Addressing the network interface (network "nat" only).
+   *
+   * @generated from field: double network_ms = 5;
+   */
+  networkMs: number;
+
+  /**
+   * The pids limit inside the guest.
+   *
+   * @generated from field: double pids_ms = 6;
+   */
+  pidsMs: number;
+};
+
+/**
+ * Describes the message forkd.v1.GuestReinitSteps.
+ * Use `create(GuestReinitStepsSchema)` to create a new message.
+ */
+export const GuestReinitStepsSchema: GenMessage<GuestReinitSteps> = /*@__PURE__*/
+  messageDesc(file_forkd_v1_common, 3);
 
 /**
  * A long-lived named sandbox that can be suspended and resumed.
@@ -617,7 +680,7 @@ export type Workspace = Message<"forkd.v1.Workspace"> & {
  * Use `create(WorkspaceSchema)` to create a new message.
  */
 export const WorkspaceSchema: GenMessage<Workspace> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_common, 3);
+  messageDesc(file_forkd_v1_common, 4);
 
 /**
  * A piece of a byte stream (file content, packed snapshot).
@@ -636,5 +699,5 @@ export type DataChunk = Message<"forkd.v1.DataChunk"> & {
  * Use `create(DataChunkSchema)` to create a new message.
  */
 export const DataChunkSchema: GenMessage<DataChunk> = /*@__PURE__*/
-  messageDesc(file_forkd_v1_common, 4);
+  messageDesc(file_forkd_v1_common, 5);
 

@@ -161,18 +161,36 @@ class Sandbox(_message.Message):
     def __init__(self, id: _Optional[str] = ..., snapshot_tag: _Optional[str] = ..., pid: _Optional[int] = ..., created_at_unix: _Optional[int] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., hostname: _Optional[str] = ..., memory_limit_mib: _Optional[int] = ..., cpu_quota: _Optional[float] = ..., pids_limit: _Optional[int] = ..., network: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., volumes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ttl_secs: _Optional[int] = ..., idle_timeout_secs: _Optional[int] = ..., expires_at_unix: _Optional[int] = ..., spawn_ms: _Optional[float] = ..., workspace: _Optional[str] = ..., backend: _Optional[str] = ..., accel: _Optional[str] = ..., last_active_unix: _Optional[int] = ..., owner: _Optional[str] = ..., guest_addr: _Optional[str] = ..., netns: _Optional[str] = ..., has_branched: _Optional[bool] = ..., branch_count: _Optional[int] = ..., spawn_phases: _Optional[_Union[SpawnPhases, _Mapping]] = ...) -> None: ...
 
 class SpawnPhases(_message.Message):
-    __slots__ = ("prepared_ms", "restored_ms", "resumed_ms", "reinit_ms", "pooled")
+    __slots__ = ("prepared_ms", "restored_ms", "resumed_ms", "reinit_ms", "pooled", "guest_steps")
     PREPARED_MS_FIELD_NUMBER: _ClassVar[int]
     RESTORED_MS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_MS_FIELD_NUMBER: _ClassVar[int]
     REINIT_MS_FIELD_NUMBER: _ClassVar[int]
     POOLED_FIELD_NUMBER: _ClassVar[int]
+    GUEST_STEPS_FIELD_NUMBER: _ClassVar[int]
     prepared_ms: float
     restored_ms: float
     resumed_ms: float
     reinit_ms: float
     pooled: bool
-    def __init__(self, prepared_ms: _Optional[float] = ..., restored_ms: _Optional[float] = ..., resumed_ms: _Optional[float] = ..., reinit_ms: _Optional[float] = ..., pooled: _Optional[bool] = ...) -> None: ...
+    guest_steps: GuestReinitSteps
+    def __init__(self, prepared_ms: _Optional[float] = ..., restored_ms: _Optional[float] = ..., resumed_ms: _Optional[float] = ..., reinit_ms: _Optional[float] = ..., pooled: _Optional[bool] = ..., guest_steps: _Optional[_Union[GuestReinitSteps, _Mapping]] = ...) -> None: ...
+
+class GuestReinitSteps(_message.Message):
+    __slots__ = ("clock_ms", "entropy_ms", "hostname_ms", "reseed_ms", "network_ms", "pids_ms")
+    CLOCK_MS_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_MS_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_MS_FIELD_NUMBER: _ClassVar[int]
+    RESEED_MS_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_MS_FIELD_NUMBER: _ClassVar[int]
+    PIDS_MS_FIELD_NUMBER: _ClassVar[int]
+    clock_ms: float
+    entropy_ms: float
+    hostname_ms: float
+    reseed_ms: float
+    network_ms: float
+    pids_ms: float
+    def __init__(self, clock_ms: _Optional[float] = ..., entropy_ms: _Optional[float] = ..., hostname_ms: _Optional[float] = ..., reseed_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., pids_ms: _Optional[float] = ...) -> None: ...
 
 class Workspace(_message.Message):
     __slots__ = ("name", "status", "status_reason", "live_sandbox_id", "source_snapshot_tag", "state_tag", "memory_limit_mib", "cpu_quota", "network", "volumes", "labels", "ttl_secs", "idle_timeout_secs", "created_at_unix", "updated_at_unix", "suspended_at_unix", "owner")

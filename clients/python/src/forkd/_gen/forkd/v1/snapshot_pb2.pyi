@@ -13,24 +13,28 @@ class ListPoolsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SetPoolRequest(_message.Message):
-    __slots__ = ("tag", "target")
+    __slots__ = ("tag", "target", "network")
     TAG_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     tag: str
     target: int
-    def __init__(self, tag: _Optional[str] = ..., target: _Optional[int] = ...) -> None: ...
+    network: str
+    def __init__(self, tag: _Optional[str] = ..., target: _Optional[int] = ..., network: _Optional[str] = ...) -> None: ...
 
 class Pool(_message.Message):
-    __slots__ = ("tag", "ready", "filling", "target")
+    __slots__ = ("tag", "ready", "filling", "target", "network")
     TAG_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     FILLING_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     tag: str
     ready: int
     filling: int
     target: int
-    def __init__(self, tag: _Optional[str] = ..., ready: _Optional[int] = ..., filling: _Optional[int] = ..., target: _Optional[int] = ...) -> None: ...
+    network: str
+    def __init__(self, tag: _Optional[str] = ..., ready: _Optional[int] = ..., filling: _Optional[int] = ..., target: _Optional[int] = ..., network: _Optional[str] = ...) -> None: ...
 
 class ListPoolsResponse(_message.Message):
     __slots__ = ("pools",)

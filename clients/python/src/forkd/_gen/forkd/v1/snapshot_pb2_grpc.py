@@ -215,16 +215,17 @@ class SnapshotServiceServicer:
 
     def ListPools(self, request, context):
         """Hot pools: children of a snapshot kept restored, re-initialized once
-        and paused, which forks take first (forkd-server --pool TAG=N, or a
-        fork with prewarm). Only pools of snapshots the caller may fork from.
+        and waiting (running idle, or paused with --pool-idle paused), which
+        forks take first (forkd-server --pool TAG=N[:nat], or a fork with
+        prewarm). Only pools of snapshots the caller may fork from.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SetPool(self, request, context):
-        """Sets how many hot children of a ready snapshot the daemon keeps, as
-        --pool TAG=N does, and starts filling (in the background, one at a time,
+        """Sets how many hot children of a ready snapshot the daemon keeps, and
+        with which network, as --pool TAG=N[:nat] does, and starts filling (in the background, one at a time,
         at the lowest CPU weight); 0 empties the pool. Admins only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
