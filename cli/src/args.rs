@@ -425,12 +425,16 @@ pub enum Command {
     /// Measure spawn, exec, fan-out, cleanup and memory per child, next to
     /// bare VMM restores of the same snapshot (run on the daemon's host).
     #[command(
-        long_about = "Measure forkd against bare VMM restores, in one run. Steps: spawn(1), \
-            exec round trip (`true`), fan-out of n children for each --fanout value (time \
-            until all answer), PSS per idle child, cleanup. The same fan-outs are then \
-            done as bare QEMU restores of the same snapshot files (no daemon, no identity \
-            re-init) and the ratio is reported. Must run on the daemon's host, as root.",
-        after_help = "Example:\n  forkd bench --tag py --fanout 10,30,100"
+        long_about = "Measure forkd against bare VMM restores, in one run. Steps: spawn(1) \
+            cold and from a hot pool, exec round trips (at rest and while a pool refills), \
+            a fan-out of n children for each --fanout value (time until all answer), cold \
+            and from a hot pool (pools hold at most 64), PSS per idle child and where it \
+            goes, cleanup. Each cold fan-out alternates with bare QEMU restores of the same \
+            snapshot files (no daemon, no identity re-init), --rounds times, and the \
+            ratios are reported. --phases shows where a spawn's time goes, cold, pooled \
+            and bare. Must run on the daemon's host, as root; it needs an admin token for \
+            the refill row.",
+        after_help = "Example:\n  forkd bench --tag py --fanout 10,30,100 --phases --plot bench.png"
     )]
     Bench(BenchArgs),
 

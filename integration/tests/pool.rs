@@ -222,6 +222,7 @@ async fn forkd_bench_reports_every_row_next_to_its_baseline() {
         "pooled ratio",
         "fan-out 2 from a hot pool",
         "pooled fan-out 2 ratio to bare",
+        "from a pool ms",
         "exec p99 while a pool of 4 refills",
         "refill p99 ratio",
         "identity re-init (one round trip)",
@@ -237,7 +238,7 @@ async fn forkd_bench_reports_every_row_next_to_its_baseline() {
     assert_eq!(&image[..4], b"\x89PNG", "--plot wrote a PNG");
 
     let (code, out, err) =
-        cli_output(&d, &["bench", "--tag", "b", "--fanout", "2", "--execs", "3", "--rounds", "2", "--json"]);
+        cli_output(&d, &["bench", "--tag", "b", "--fanout", "2,3", "--execs", "3", "--rounds", "2", "--json"]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     for key in ["spawn1_ms", "pooled_spawn1_ms", "bare_pooled_ms", "exec_p99_at_rest_ms", "exec_p99_during_refill_ms"] {
@@ -250,6 +251,12 @@ async fn forkd_bench_reports_every_row_next_to_its_baseline() {
     assert!(v["fanout"][0]["bare_ms"].as_f64().unwrap() > 0.0, "{v}");
     assert!(v["fanout"][0]["ratio"].as_f64().unwrap() > 0.0, "{v}");
     assert_eq!(v["fanout"][0]["rounds"], 2, "{v}");
+    // Every fan-out size is also taken from a hot pool (the second one by
+    // a pool of its own size).
+    for row in 0..2 {
+        assert!(v["fanout"][row]["pooled_ms"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["fanout"][row]["pooled_ratio"].as_f64().unwrap() > 0.0, "{v}");
+    }
     // Where the time and the memory go: the guest's own re-init steps
     // (the entropy step always runs), the bare restore's phases, and PSS
     // split between guest memory and the VMM's own.

@@ -126,6 +126,9 @@ struct FanOut {
     bare_ms: Option<f64>,
     /// Median of the rounds' forkd / bare ratios.
     ratio: Option<f64>,
+    /// The same fan-out taken from a hot pool (None past the largest pool,
+    /// or when the host refused a pool that size).
+    pooled_ms: Option<f64>,
     bare_pss_mib: Option<f64>,
 }
 
@@ -260,8 +263,26 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
                 bare_pss_mib.push(bare.pss_mib);
             }
         }
+        let pooled_ms = if n == pool_n {
+            Some(pool_fanout_ms)
+        } else if n as usize <= forkd_server::core::pool::MAX_PER_SNAPSHOT {
+            progress(&format!("fan-out {n} from a hot pool"));
+            match from_pool(conn, &a.tag, n).await {
+                Ok((t, kids)) => {
+                    delete_all(conn, &kids).await?;
+                    Some(t)
+                }
+                Err(e) => {
+                    progress(&format!("fan-out {n} from a hot pool: {e:#}"));
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let some_median = |v: Vec<f64>| (!v.is_empty()).then(|| median(v));
         rows.push(FanOut {
+            pooled_ms,
             n,
             forkd_ms: median(forkd_ms),
             cleanup_ms: median(cleanup_ms),
@@ -319,6 +340,7 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
             "fanout": rows.iter().map(|r| json!({
                 "n": r.n, "forkd_ms": r.forkd_ms, "bare_ms": r.bare_ms,
                 "ratio": r.ratio, "rounds": a.rounds,
+                "pooled_ms": r.pooled_ms, "pooled_ratio": r.pooled_ms.zip(r.bare_ms).map(|(p, b)| p / b),
                 "cleanup_ms": r.cleanup_ms, "pss_mib_per_child": r.pss_mib,
                 "bare_pss_mib_per_child": r.bare_pss_mib,
             })).collect::<Vec<_>>(),
@@ -365,6 +387,8 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
         format!("forkd ms{rounds}"),
         format!("bare ms{rounds}"),
         "ratio".into(),
+        "from a pool ms".into(),
+        "pool ratio".into(),
         "cleanup ms".into(),
         "PSS/child MiB".into(),
         "bare PSS/child MiB".into(),
@@ -375,6 +399,8 @@ pub async fn run(conn: &Conn, a: BenchArgs, json_out: bool) -> anyhow::Result<u8
             format!("{:.0}", r.forkd_ms),
             r.bare_ms.map(|b| format!("{b:.0}")).unwrap_or("-".into()),
             r.ratio.map(|q| format!("{q:.2}")).unwrap_or("-".into()),
+            r.pooled_ms.map(|p| format!("{p:.0}")).unwrap_or("-".into()),
+            r.pooled_ms.zip(r.bare_ms).map(|(p, b)| format!("{:.2}", p / b)).unwrap_or("-".into()),
             format!("{:.0}", r.cleanup_ms),
             format!("{:.1}", r.pss_mib),
             r.bare_pss_mib.map(|p| format!("{p:.1}")).unwrap_or("-".into()),
